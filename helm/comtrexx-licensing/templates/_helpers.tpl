@@ -1,0 +1,169 @@
+{{/*
+Chart name.
+*/}}
+{{- define "comtrexx-licensing.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name (at most 63 characters, the DNS label limit).
+*/}}
+{{- define "comtrexx-licensing.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "comtrexx-licensing.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels (immutable in a Deployment: keep them minimal).
+*/}}
+{{- define "comtrexx-licensing.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "comtrexx-licensing.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Standard labels.
+*/}}
+{{- define "comtrexx-licensing.labels" -}}
+helm.sh/chart: {{ include "comtrexx-licensing.chart" . }}
+{{ include "comtrexx-licensing.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "comtrexx-licensing.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/component: licensing
+app.kubernetes.io/part-of: comtrexx
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Image tag (defaults to the appVersion).
+*/}}
+{{- define "comtrexx-licensing.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{/*
+Image reference: repository@digest when a digest is given, else repository:tag.
+*/}}
+{{- define "comtrexx-licensing.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (include "comtrexx-licensing.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Service account name.
+*/}}
+{{- define "comtrexx-licensing.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "comtrexx-licensing.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret the chart creates for inline secret values.
+*/}}
+{{- define "comtrexx-licensing.secretName" -}}
+{{- include "comtrexx-licensing.fullname" . }}
+{{- end }}
+
+{{/*
+Whether the chart's own Secret has any content ("true" or "").
+*/}}
+{{- define "comtrexx-licensing.createSecret" -}}
+{{- $v := .Values }}
+{{- if or (and $v.redis.password (not $v.redis.existingSecret)) (and $v.vendorPublicKey.value (not $v.vendorPublicKey.existingSecret)) (and $v.license.enabled $v.license.content (not $v.license.existingSecret)) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the TLS Secret (existing or created by the chart).
+*/}}
+{{- define "comtrexx-licensing.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "comtrexx-licensing.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
+Seconds the preStop hook sleeps (null = drainTimeoutSeconds).
+*/}}
+{{- define "comtrexx-licensing.preStopSleepSeconds" -}}
+{{- if kindIs "invalid" .Values.preStopSleepSeconds }}
+{{- .Values.drainTimeoutSeconds | int }}
+{{- else }}
+{{- .Values.preStopSleepSeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+Effective probe mode: grpc or tcp.
+*/}}
+{{- define "comtrexx-licensing.probeMode" -}}
+{{- if eq .Values.probes.mode "auto" }}
+{{- ternary "tcp" "grpc" .Values.tls.enabled }}
+{{- else }}
+{{- .Values.probes.mode }}
+{{- end }}
+{{- end }}
+
+{{/*
+Probe handler for one probe; argument: dict "root" $ "probe" <probe values>.
+*/}}
+{{- define "comtrexx-licensing.probeHandler" -}}
+{{- $root := .root }}
+{{- if eq (include "comtrexx-licensing.probeMode" $root) "grpc" }}
+grpc:
+  port: {{ $root.Values.containerPorts.grpc }}
+  service: {{ .probe.service | quote }}
+{{- else }}
+tcpSocket:
+  port: grpc
+{{- end }}
+{{- end }}
+
+{{/*
+OTEL_RESOURCE_ATTRIBUTES: pod identity plus otel.resourceAttributes.
+*/}}
+{{- define "comtrexx-licensing.otelResourceAttributes" -}}
+{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "service.instance.id=$(POD_NAME)" }}
+{{- range $k, $v := .Values.otel.resourceAttributes }}
+{{- $attrs = append $attrs (printf "%s=%v" $k $v) }}
+{{- end }}
+{{- join "," $attrs }}
+{{- end }}
+
+{{/*
+Checks of values that the schema cannot express.
+*/}}
+{{- define "comtrexx-licensing.validate" -}}
+{{- $v := .Values }}
+{{- if not $v.serialNumber }}
+{{- fail "serialNumber is required: set it to the PBX serial number (--set serialNumber=...)" }}
+{{- end }}
+{{- if not $v.redis.url }}
+{{- fail "redis.url is required (e.g. redis://redis:6379/0): all replicas share their state through Redis" }}
+{{- end }}
+{{- if and $v.license.enabled (not $v.license.content) (not $v.license.existingSecret) }}
+{{- fail "license.enabled needs license.content or license.existingSecret" }}
+{{- end }}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) (not (and $v.tls.cert $v.tls.key)) }}
+{{- fail "tls.enabled needs tls.cert and tls.key, or tls.existingSecret" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Checks the deployment files: Dockerfile, Helm chart, rendered manifests.
+#
+#   scripts/install-tools.sh    # once
+#   scripts/check-deploy.sh
+#
+# 1. hadolint on the Dockerfile
+# 2. values.schema.json is a valid draft-07 schema; every value is documented in the
+#    chart README
+# 3. helm lint --strict with the default values and with each helm/ci-values-*.yaml
+# 4. rendering with the pure defaults fails with a clear message (serialNumber is required)
+# 5. helm template for each profile (defaults + serialNumber, helm/ci-values-all.yaml,
+#    helm/ci-values-existing-secrets.yaml), then
+#    - kubernetes-validate --strict against each version in KUBE_VERSIONS, where a resource
+#      without a schema counts as a failure,
+#    - the ServiceMonitor (a CRD kubernetes-validate does not know) validated separately
+#      with the prometheus-operator models (scripts/validate-crds.mjs),
+#    - the container gets every LICENSING_* setting the service reads.
+#
+# Works offline once the tools are installed. Exits non-zero on any failure.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CHART="${ROOT}/helm/comtrexx-licensing"
+# Oldest supported version (Chart.yaml kubeVersion) and a current one.
+KUBE_VERSIONS="${KUBE_VERSIONS:-1.30.0 1.34.0}"
+# shellcheck source=tools-env.sh
+source "${ROOT}/scripts/tools-env.sh"
+PY="${ROOT}/.tools/venv/bin/python"
+
+for tool in hadolint helm kubernetes-validate node; do
+  command -v "${tool}" >/dev/null 2>&1 || {
+    echo "error: ${tool} not found; run scripts/install-tools.sh first" >&2
+    exit 2
+  }
+done
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "${WORK}"' EXIT
+
+failures=()
+pass() { printf '  ok    %s\n' "$1"; }
+fail() { printf '  FAIL  %s\n' "$1"; failures+=("$1"); }
+section() { printf '\n== %s\n' "$1"; }
+
+# run NAME CMD...: runs CMD, shows its output only when it fails.
+run() {
+  local name="$1"; shift
+  if "$@" >"${WORK}/out" 2>&1; then
+    pass "${name}"
+  else
+    sed 's/^/        /' "${WORK}/out"
+    fail "${name}"
+  fi
+}
+
+section "Dockerfile"
+run "hadolint Dockerfile" hadolint --config "${ROOT}/.hadolint.yaml" "${ROOT}/Dockerfile"
+
+section "chart metadata"
+run "values.schema.json is a valid draft-07 schema" "${PY}" - "${CHART}/values.schema.json" <<'PY'
+import json, sys
+import jsonschema
+schema = json.load(open(sys.argv[1]))
+assert schema.get("$schema") == "http://json-schema.org/draft-07/schema#", "not a draft-07 schema"
+jsonschema.Draft7Validator.check_schema(schema)
+PY
+run "every value is documented in the chart README" "${PY}" - "${CHART}/values.yaml" "${CHART}/README.md" <<'PY'
+import sys, yaml
+values = yaml.safe_load(open(sys.argv[1]))
+readme = open(sys.argv[2]).read()
+# Maps whose keys are free-form (labels, selectors, ...) count as leaves.
+FREE = {"podAnnotations", "podLabels", "nodeSelector", "affinity", "resources",
+        "podSecurityContext", "securityContext", "annotations", "labels", "behavior",
+        "clientPodLabels", "clientNamespaceSelector", "namespaceSelector", "podSelector",
+        "resourceAttributes"}
+def leaves(d, prefix=""):
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in FREE:
+            yield from leaves(v, path + ".")
+        else:
+            yield path
+missing = [p for p in leaves(values) if f"`{p}`" not in readme]
+if missing:
+    sys.exit("not in README.md: " + ", ".join(missing))
+PY
+
+section "helm lint --strict"
+run "helm lint (default values)" helm lint --strict "${CHART}"
+for f in "${ROOT}"/helm/ci-values-*.yaml; do
+  run "helm lint (-f ${f#"${ROOT}/"})" helm lint --strict "${CHART}" -f "${f}"
+done
+
+section "required values"
+if helm template t "${CHART}" >"${WORK}/out" 2>&1; then
+  fail "rendering without serialNumber must fail"
+elif grep -q "serialNumber is required" "${WORK}/out"; then
+  pass "rendering without serialNumber fails with a clear message"
+else
+  sed 's/^/        /' "${WORK}/out"
+  fail "rendering without serialNumber fails, but without the expected message"
+fi
+
+# Every setting of the service; the chart must give each one to the container in the
+# all-on profile (ConfigMap via envFrom, or env).
+SETTINGS="LICENSING_LISTEN_ADDR LICENSING_METRICS_ADDR LICENSING_REDIS_URL
+LICENSING_REDIS_PASSWORD LICENSING_REDIS_TIMEOUT_MS LICENSING_SERIAL_NUMBER LICENSING_EDITION
+LICENSING_TRYOUT__DAYS LICENSING_TRYOUT__SEATS LICENSING_LICENSE_FILE
+LICENSING_VENDOR_PUBLIC_KEY LICENSING_LOG__FORMAT LICENSING_LOG__LEVEL
+LICENSING_DRAIN_TIMEOUT_MS LICENSING_MIRROR__STALE_AFTER_MS
+LICENSING_MIRROR__RESYNC_INTERVAL_MS LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE
+OTEL_EXPORTER_OTLP_ENDPOINT OTEL_SERVICE_NAME"
+
+# check_profile NAME HELM-ARGS...
+check_profile() {
+  local name="$1"; shift
+  local dir="${WORK}/${name}"
+  mkdir -p "${dir}"
+  section "profile ${name}"
+  if ! helm template t "${CHART}" --namespace pbx "$@" >"${dir}/all.yaml" 2>"${dir}/err"; then
+    sed 's/^/        /' "${dir}/err"
+    fail "${name}: helm template"
+    return
+  fi
+  pass "${name}: helm template"
+
+  # Split: kinds with a Kubernetes schema vs. CRD kinds (ServiceMonitor).
+  if ! "${PY}" - "${dir}" <<'PY' >"${dir}/split.log" 2>&1; then
+import json, sys, yaml
+d = sys.argv[1]
+docs = [x for x in yaml.safe_load_all(open(f"{d}/all.yaml")) if x]
+crd_groups = ("monitoring.coreos.com/",)
+core = [x for x in docs if not x["apiVersion"].startswith(crd_groups)]
+crds = [x for x in docs if x["apiVersion"].startswith(crd_groups)]
+with open(f"{d}/core.yaml", "w") as f:
+    yaml.safe_dump_all(core, f, sort_keys=False)
+json.dump(crds, open(f"{d}/crds.json", "w"))
+print(f"{len(core)} core resources: " + ", ".join(sorted(x["kind"] for x in core)))
+print(f"{len(crds)} CRD resources: " + ", ".join(sorted(x["kind"] for x in crds)))
+PY
+    sed 's/^/        /' "${dir}/split.log"
+    fail "${name}: parse rendered manifests"
+    return
+  fi
+  sed 's/^/        /' "${dir}/split.log"
+
+  local v
+  for v in ${KUBE_VERSIONS}; do
+    kubernetes-validate --strict -k "${v}" "${dir}/core.yaml" >"${dir}/kv.log" 2>&1
+    local rc=$?
+    # A resource without a schema is only a warning for kubernetes-validate: count it as
+    # a failure here, since every kind in core.yaml must be known.
+    if [ "${rc}" -eq 0 ] && ! grep -qE '^(WARN|ERROR|FATAL)' "${dir}/kv.log"; then
+      pass "${name}: kubernetes-validate --strict -k ${v} ($(grep -c '^INFO' "${dir}/kv.log") resources)"
+    else
+      grep -vE '^INFO' "${dir}/kv.log" | sed 's/^/        /'
+      fail "${name}: kubernetes-validate --strict -k ${v}"
+    fi
+  done
+
+  if [ "$("${PY}" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "${dir}/crds.json")" -gt 0 ]; then
+    run "${name}: ServiceMonitor against the prometheus-operator schema" \
+      node "${ROOT}/scripts/validate-crds.mjs" "${dir}/crds.json"
+  fi
+
+  if [ "${name}" = "all-on" ]; then
+    local missing=()
+    local s
+    for s in ${SETTINGS}; do
+      grep -qE "(^|[[:space:]])(- name: )?${s}:?([[:space:]]|$)" "${dir}/all.yaml" || missing+=("${s}")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+      pass "${name}: every service setting reaches the container"
+    else
+      fail "${name}: settings not given to the container: ${missing[*]}"
+    fi
+  fi
+}
+
+check_profile defaults --set serialNumber=CI-DEFAULTS
+check_profile all-on -f "${ROOT}/helm/ci-values-all.yaml"
+check_profile existing-secrets -f "${ROOT}/helm/ci-values-existing-secrets.yaml"
+
+echo
+if [ "${#failures[@]}" -eq 0 ]; then
+  echo "check-deploy: all checks passed"
+  exit 0
+fi
+echo "check-deploy: ${#failures[@]} check(s) failed:"
+printf '  - %s\n' "${failures[@]}"
+exit 1

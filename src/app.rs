@@ -1,0 +1,126 @@
+//! Wiring: builds the store, mirror and service from the configuration, and runs
+//! them with the gRPC server until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::domain::{Clock, LicensingError};
+use crate::mirror::{Mirror, Verifier};
+use crate::server::{self, ServerOptions};
+use crate::service::{Licensing, Settings};
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+
+/// A replica's parts.
+pub struct App {
+    pub licensing: Arc<Licensing>,
+    pub store: Arc<dyn Store>,
+    pub mirror: Arc<Mirror>,
+    options: ServerOptions,
+}
+
+impl App {
+    /// Builds the parts; connects to nothing yet (Redis may be down at start).
+    pub fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let store: Arc<dyn Store> = match &config.redis {
+            Some(redis) => Arc::new(
+                RedisStore::new(&redis.url, &config.serial_number, redis.timeout)
+                    .context("open redis_url")?,
+            ),
+            None => Arc::new(MemoryStore::new(clock.clone())),
+        };
+        let verifier = Verifier {
+            key: config.vendor_public_key,
+            serial: config.serial_number.clone(),
+            edition: config.edition,
+        };
+        let mirror = Arc::new(Mirror::new(verifier, config.mirror));
+        let settings = Settings {
+            serial: config.serial_number.clone(),
+            edition: config.edition,
+            tryout: config.tryout,
+            over_capacity_grace: config.over_capacity_grace,
+            license_file: config.license_file.clone(),
+            vendor_key: config.vendor_public_key,
+        };
+        let licensing = Arc::new(Licensing::new(
+            store.clone(),
+            mirror.clone(),
+            clock,
+            settings,
+        ));
+        let tls = match &config.tls {
+            Some((cert, key)) => Some((
+                std::fs::read(cert)
+                    .with_context(|| format!("read tls.cert_file {}", cert.display()))?,
+                std::fs::read(key)
+                    .with_context(|| format!("read tls.key_file {}", key.display()))?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            licensing,
+            store,
+            mirror,
+            options: ServerOptions {
+                drain_timeout: config.drain_timeout,
+                tls,
+            },
+        })
+    }
+
+    /// Runs the mirror, the start-up reconcile and the server until `shutdown`.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mirror_task = tokio::spawn(self.mirror.clone().run(self.store.clone(), stopped()));
+        let reconcile_task = tokio::spawn(startup_reconcile(self.licensing.clone(), stopped()));
+        let result = server::run(listener, self.licensing.clone(), self.options, shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = mirror_task.await;
+        let _ = reconcile_task.await;
+        result
+    }
+}
+
+/// Applies the license source once at start, retrying while the store is unreachable.
+async fn startup_reconcile(licensing: Arc<Licensing>, stopped: impl Future<Output = ()>) {
+    if licensing.settings().license_file.is_none() {
+        return;
+    }
+    tokio::pin!(stopped);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match licensing.reconcile().await {
+            Ok(_) => return,
+            Err(LicensingError::Unavailable(error)) => {
+                tracing::warn!(%error, "start-up reconcile waits for the seat store");
+            }
+            Err(error) => {
+                tracing::error!(%error, "start-up reconcile failed");
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut stopped => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

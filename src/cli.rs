@@ -1,0 +1,182 @@
+//! The command line: `serve` (the default), `config`, and the development
+//! licensing tools (`dev keygen`, `dev sign-license`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
+
+use crate::config::RawConfig;
+use crate::domain::license::{encode_public_key, encode_signing_key, parse_signing_key};
+use crate::domain::{Edition, Entitlement, Feature, LicensePayload, SignedLicense};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "comtrexx-licensing",
+    version,
+    about = "Licensing service of the COMtrexx PBX stack"
+)]
+pub struct Cli {
+    /// TOML configuration file (also LICENSING_CONFIG).
+    #[arg(long, global = true, env = "LICENSING_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Print the effective configuration, secrets redacted, and check it.
+    Config,
+    /// Development licensing tools: NOT for production licenses.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Make an Ed25519 key pair for signing development licenses.
+    Keygen {
+        /// Where to write the secret key (base64).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a development license file.
+    SignLicense {
+        /// The secret key file from `dev keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        serial: String,
+        #[arg(long, default_value = "vm")]
+        edition: String,
+        /// FEATURE=QUANTITY or FEATURE=QUANTITY@RFC3339-EXPIRY, repeatable,
+        /// e.g. user=10, call_assist=5@2027-12-31T00:00:00Z.
+        #[arg(long = "entitlement", required = true)]
+        entitlements: Vec<String>,
+        /// When the license was issued (default: now).
+        #[arg(long)]
+        issued_at: Option<DateTime<Utc>>,
+        /// Where to write the signed license (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `config`: prints the effective configuration and whether it validates.
+pub fn print_config(file: Option<&Path>) -> anyhow::Result<()> {
+    let raw = RawConfig::load(file)?;
+    print!("{}", raw.redacted_toml());
+    raw.validate()?;
+    Ok(())
+}
+
+pub fn run_dev(command: DevCommand) -> anyhow::Result<()> {
+    match command {
+        DevCommand::Keygen { out } => {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            write_secret(&out, &encode_signing_key(&key))?;
+            eprintln!(
+                "development signing key written to {} (keep it private)",
+                out.display()
+            );
+            println!("{}", encode_public_key(&key.verifying_key()));
+            Ok(())
+        }
+        DevCommand::SignLicense {
+            key,
+            serial,
+            edition,
+            entitlements,
+            issued_at,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&key)
+                .with_context(|| format!("read key file {}", key.display()))?;
+            let key = parse_signing_key(&text).map_err(anyhow::Error::msg)?;
+            let edition: Edition = edition.parse()?;
+            let payload = LicensePayload {
+                serial_number: serial,
+                edition,
+                issued_at: issued_at.unwrap_or_else(Utc::now),
+                entitlements: entitlements
+                    .iter()
+                    .map(|e| parse_entitlement(e))
+                    .collect::<anyhow::Result<_>>()?,
+                nonce: None,
+            };
+            let signed = SignedLicense::sign(&payload, &key);
+            std::fs::write(&out, signed.to_json() + "\n")
+                .with_context(|| format!("write license {}", out.display()))?;
+            eprintln!("development license written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn parse_entitlement(raw: &str) -> anyhow::Result<Entitlement> {
+    let Some((feature, rest)) = raw.split_once('=') else {
+        bail!("entitlement {raw:?} is not FEATURE=QUANTITY[@EXPIRY]");
+    };
+    let (quantity, expires_at) = match rest.split_once('@') {
+        Some((q, e)) => (
+            q,
+            Some(
+                e.parse::<DateTime<Utc>>()
+                    .with_context(|| format!("expiry {e:?}"))?,
+            ),
+        ),
+        None => (rest, None),
+    };
+    Ok(Entitlement {
+        feature: feature.parse::<Feature>()?,
+        quantity: quantity
+            .parse()
+            .with_context(|| format!("quantity {quantity:?}"))?,
+        expires_at,
+    })
+}
+
+#[cfg(unix)]
+fn write_secret(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write key file {}", path.display()))?;
+    writeln!(file, "{content}")?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn write_secret(path: &Path, content: &str) -> anyhow::Result<()> {
+    std::fs::write(path, format!("{content}\n"))
+        .with_context(|| format!("write key file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entitlement_syntax() {
+        let e = parse_entitlement("user=10").unwrap();
+        assert_eq!(
+            (e.feature, e.quantity, e.expires_at),
+            (Feature::User, 10, None)
+        );
+        let e = parse_entitlement("call_assist=2@2027-01-01T00:00:00Z").unwrap();
+        assert!(e.expires_at.is_some());
+        assert!(parse_entitlement("user").is_err());
+        assert!(parse_entitlement("fax=1").is_err());
+        assert!(parse_entitlement("user=-1").is_err());
+    }
+}

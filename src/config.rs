@@ -1,0 +1,492 @@
+//! Layered, validated configuration: built-in defaults < TOML file (`--config` or
+//! `LICENSING_CONFIG`) < `LICENSING_*` environment variables (nested keys with
+//! `__`, e.g. `LICENSING_TRYOUT__DAYS`). The raw form rejects unknown keys; the
+//! validated form is what the service uses, and every error names its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::license::parse_public_key;
+use crate::domain::{Edition, SerialNumber, TryoutPolicy};
+use crate::mirror::MirrorConfig;
+
+/// The placeholder serial number for local runs without configuration.
+pub const DEV_SERIAL: &str = "DEV-0000000000";
+
+/// The configuration as written, before validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen_addr: String,
+    /// Empty disables the Prometheus endpoint.
+    pub metrics_addr: String,
+    pub redis_url: Option<String>,
+    pub redis_password: Option<String>,
+    pub redis_timeout_ms: u64,
+    pub serial_number: String,
+    pub edition: String,
+    pub tryout: RawTryout,
+    pub license_file: Option<PathBuf>,
+    pub vendor_public_key: Option<String>,
+    pub over_capacity_grace_days: u32,
+    pub drain_timeout_ms: u64,
+    pub log: RawLog,
+    pub mirror: RawMirror,
+    pub tls: RawTls,
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTryout {
+    pub days: u32,
+    pub seats: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: String,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMirror {
+    pub stale_after_ms: u64,
+    pub resync_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: "0.0.0.0:50051".into(),
+            metrics_addr: "0.0.0.0:9090".into(),
+            redis_url: None,
+            redis_password: None,
+            redis_timeout_ms: 250,
+            serial_number: DEV_SERIAL.into(),
+            edition: "vm".into(),
+            tryout: RawTryout::default(),
+            license_file: None,
+            vendor_public_key: None,
+            over_capacity_grace_days: 14,
+            drain_timeout_ms: 10_000,
+            log: RawLog::default(),
+            mirror: RawMirror::default(),
+            tls: RawTls::default(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl Default for RawTryout {
+    fn default() -> Self {
+        let p = TryoutPolicy::default();
+        Self {
+            days: p.days,
+            seats: p.seats,
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for RawMirror {
+    fn default() -> Self {
+        let m = MirrorConfig::default();
+        Self {
+            stale_after_ms: m.stale_after.as_millis() as u64,
+            resync_interval_ms: m.resync_interval.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub timeout: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    /// `None`: the embedded in-memory store.
+    pub redis: Option<RedisConfig>,
+    pub serial_number: SerialNumber,
+    pub edition: Edition,
+    pub tryout: TryoutPolicy,
+    pub license_file: Option<PathBuf>,
+    pub vendor_public_key: Option<VerifyingKey>,
+    pub over_capacity_grace: chrono::Duration,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub mirror: MirrorConfig,
+    /// Certificate and key (PEM) for serving gRPC over TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub otlp_endpoint: Option<String>,
+    /// Whether the serial number is the development placeholder.
+    pub serial_is_placeholder: bool,
+}
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl RawConfig {
+    /// The layered sources. `file` comes from `--config` or `LICENSING_CONFIG`.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("LICENSING_").split("__").ignore(&["config"]))
+    }
+
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::figment(file)
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    /// The configuration as TOML with secrets redacted (`config` subcommand).
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.redis_url = copy
+            .redis_url
+            .as_deref()
+            .map(crate::store::redis::redact_url);
+        if copy.redis_password.is_some() {
+            copy.redis_password = Some("***".into());
+        }
+        toml_string(&copy)
+    }
+
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let listen_addr = self
+            .listen_addr
+            .parse()
+            .map_err(|e| invalid("listen_addr", format!("{:?}: {e}", self.listen_addr)))?;
+        let metrics_addr =
+            if self.metrics_addr.is_empty() {
+                None
+            } else {
+                Some(self.metrics_addr.parse().map_err(|e| {
+                    invalid("metrics_addr", format!("{:?}: {e}", self.metrics_addr))
+                })?)
+            };
+        if !(1..=60_000).contains(&self.redis_timeout_ms) {
+            return Err(invalid("redis_timeout_ms", "must be 1 to 60000"));
+        }
+        let redis = match self.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(invalid(
+                        "redis_url",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
+                }
+                let url = match &self.redis_password {
+                    Some(password) => {
+                        with_password(url, password).map_err(|m| invalid("redis_password", m))?
+                    }
+                    None => url.to_owned(),
+                };
+                Some(RedisConfig {
+                    url,
+                    timeout: Duration::from_millis(self.redis_timeout_ms),
+                })
+            }
+        };
+        let serial_number = SerialNumber::parse(&self.serial_number)
+            .map_err(|e| invalid("serial_number", e.message))?;
+        let edition: Edition = self
+            .edition
+            .parse()
+            .map_err(|e: crate::domain::InvalidInput| invalid("edition", e.message))?;
+        if !(1..=365).contains(&self.tryout.days) {
+            return Err(invalid("tryout.days", "must be 1 to 365"));
+        }
+        if !(1..=1000).contains(&self.tryout.seats) {
+            return Err(invalid("tryout.seats", "must be 1 to 1000"));
+        }
+        let vendor_public_key = self
+            .vendor_public_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .map(parse_public_key)
+            .transpose()
+            .map_err(|m| invalid("vendor_public_key", m))?;
+        if self.license_file.is_some() && vendor_public_key.is_none() {
+            return Err(invalid(
+                "vendor_public_key",
+                "is required when license_file is set (the license is verified with it)",
+            ));
+        }
+        if self.over_capacity_grace_days > 365 {
+            return Err(invalid("over_capacity_grace_days", "must be 0 to 365"));
+        }
+        if !(0..=600_000).contains(&self.drain_timeout_ms) {
+            return Err(invalid("drain_timeout_ms", "must be 0 to 600000"));
+        }
+        let log_format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?} is not text or json"),
+                ));
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a level or filter (e.g. info, debug, comtrexx_licensing=debug)",
+                    self.log.level
+                ),
+            ));
+        }
+        if self.mirror.stale_after_ms < 100 {
+            return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
+        }
+        if self.mirror.resync_interval_ms < 1000 {
+            return Err(invalid(
+                "mirror.resync_interval_ms",
+                "must be at least 1000",
+            ));
+        }
+        let tls = match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("tls.key_file", "is required with tls.cert_file"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls.cert_file", "is required with tls.key_file"));
+            }
+        };
+        Ok(Config {
+            listen_addr,
+            metrics_addr,
+            redis,
+            serial_is_placeholder: serial_number.as_str() == DEV_SERIAL,
+            serial_number,
+            edition,
+            tryout: TryoutPolicy {
+                days: self.tryout.days,
+                seats: self.tryout.seats,
+            },
+            license_file: self.license_file.clone(),
+            vendor_public_key,
+            over_capacity_grace: chrono::Duration::days(i64::from(self.over_capacity_grace_days)),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            log_format,
+            log_level: self.log.level.clone(),
+            mirror: MirrorConfig {
+                stale_after: Duration::from_millis(self.mirror.stale_after_ms),
+                resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
+                ..MirrorConfig::default()
+            },
+            tls,
+            otlp_endpoint: self
+                .otlp_endpoint
+                .clone()
+                .filter(|e| !e.is_empty())
+                .or_else(|| {
+                    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                        .ok()
+                        .filter(|e| !e.is_empty())
+                }),
+        })
+    }
+}
+
+/// Puts a password into a redis URL (`redis://[user]:password@host`).
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("redis_url has no scheme")?;
+    let (user, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (auth.split(':').next().unwrap_or(""), host),
+        None => ("", rest),
+    };
+    if password.contains(['@', '/', ':']) {
+        return Err("must not contain '@', '/' or ':' (URL syntax)".into());
+    }
+    Ok(format!("{scheme}://{user}:{password}@{host}"))
+}
+
+fn toml_string(raw: &RawConfig) -> String {
+    toml::to_string_pretty(raw).expect("config serializes as TOML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_validate() {
+        let c = RawConfig::default().validate().unwrap();
+        assert_eq!(c.listen_addr.port(), 50051);
+        assert!(c.redis.is_none());
+        assert!(c.serial_is_placeholder);
+        assert_eq!(c.tryout, TryoutPolicy { days: 14, seats: 3 });
+        assert_eq!(c.edition, Edition::Vm);
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "licensing.toml",
+                "serial_number = \"FILE-1\"\nedition = \"business\"\n[tryout]\ndays = 10\n",
+            )?;
+            jail.set_env("LICENSING_TRYOUT__DAYS", "7");
+            jail.set_env("LICENSING_REDIS_URL", "redis://127.0.0.1:6379");
+            jail.set_env("LICENSING_CONFIG", "licensing.toml");
+            let raw = RawConfig::load(Some(Path::new("licensing.toml"))).unwrap();
+            let c = raw.validate().unwrap();
+            assert_eq!(c.serial_number.as_str(), "FILE-1");
+            assert_eq!(c.edition, Edition::Business);
+            assert_eq!(c.tryout.days, 7);
+            assert_eq!(c.redis.unwrap().timeout, Duration::from_millis(250));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "serial_numbr = \"x\"\n")?;
+            let err = RawConfig::load(Some(Path::new("c.toml"))).unwrap_err();
+            assert!(err.to_string().contains("serial_numbr"), "{err}");
+            jail.clear_env();
+            jail.set_env("LICENSING_TRYOUT__WEEKS", "2");
+            let err = RawConfig::load(None).unwrap_err();
+            assert!(err.to_string().contains("weeks"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: Vec<(Box<dyn Fn(&mut RawConfig)>, &str)> = vec![
+            (
+                Box::new(|c| c.listen_addr = "nowhere".into()),
+                "listen_addr",
+            ),
+            (Box::new(|c| c.redis_timeout_ms = 0), "redis_timeout_ms"),
+            (
+                Box::new(|c| c.redis_url = Some("http://x".into())),
+                "redis_url",
+            ),
+            (
+                Box::new(|c| c.serial_number = "a b".into()),
+                "serial_number",
+            ),
+            (Box::new(|c| c.edition = "pro".into()), "edition"),
+            (Box::new(|c| c.tryout.days = 0), "tryout.days"),
+            (Box::new(|c| c.tryout.seats = 0), "tryout.seats"),
+            (
+                Box::new(|c| c.vendor_public_key = Some("AAAA".into())),
+                "vendor_public_key",
+            ),
+            (
+                Box::new(|c| c.license_file = Some("l.json".into())),
+                "vendor_public_key",
+            ),
+            (Box::new(|c| c.log.format = "xml".into()), "log.format"),
+            (Box::new(|c| c.log.level = "loud=,=".into()), "log.level"),
+            (
+                Box::new(|c| c.tls.cert_file = Some("c.pem".into())),
+                "tls.key_file",
+            ),
+        ];
+        for (mutate, key) in cases {
+            let mut raw = RawConfig::default();
+            mutate(&mut raw);
+            match raw.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("expected an error for {key}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_their_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("LICENSING_TRYOUT__DAYS", "fourteen");
+            let err = RawConfig::load(None).unwrap_err();
+            assert!(
+                err.to_string().to_lowercase().contains("tryout.days"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let raw = RawConfig {
+            redis_url: Some("redis://:hunter2@redis:6379".into()),
+            redis_password: Some("hunter3".into()),
+            ..RawConfig::default()
+        };
+        let text = raw.redacted_toml();
+        assert!(
+            !text.contains("hunter2") && !text.contains("hunter3"),
+            "{text}"
+        );
+        assert!(text.contains("[tryout]"), "{text}");
+        let c = raw.validate().unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://:hunter3@redis:6379");
+    }
+}

@@ -1,0 +1,71 @@
+//! The domain's errors. Callers branch on the variant; `grpc::status` maps each one
+//! to exactly one gRPC status code.
+
+use std::fmt;
+
+use super::ids::Feature;
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidInput {
+    /// The request field at fault, e.g. `user_id`.
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for InvalidInput {}
+
+/// Why an operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LicensingError {
+    #[error("invalid {0}")]
+    InvalidInput(#[from] InvalidInput),
+
+    #[error("no free {feature} seat: capacity {capacity}, in use {in_use}")]
+    NoFreeSeat {
+        feature: Feature,
+        capacity: u32,
+        in_use: u32,
+    },
+
+    /// The operation does not fit the current state (tryout not available, PBX not
+    /// activated, ...). `reason` is a stable machine-readable word.
+    #[error("{message}")]
+    FailedPrecondition {
+        reason: &'static str,
+        message: String,
+    },
+
+    /// The seat store could not be reached (or did not answer in time); nothing
+    /// was written.
+    #[error("seat store unavailable: {0}")]
+    Unavailable(String),
+
+    /// Something that must not happen did (corrupt stored data, a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl LicensingError {
+    pub fn precondition(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::FailedPrecondition {
+            reason,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Seats and the two decisions of the hot path: is this seat licensed
+//! (`check_seat`), and from which pool may a new seat come (`plan_assign`).
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::LicensingError;
+use super::ids::{Edition, Feature, UserId};
+use super::license::{LicensePayload, SignedLicense};
+use super::tryout::{self, TryoutPolicy, TryoutRecord, TryoutState};
+
+/// Where a seat comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeatSource {
+    Purchased,
+    Tryout,
+}
+
+impl SeatSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeatSource::Purchased => "purchased",
+            SeatSource::Tryout => "tryout",
+        }
+    }
+}
+
+/// One user holding one unit of a feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seat {
+    pub user_id: UserId,
+    pub feature: Feature,
+    pub source: SeatSource,
+    pub assigned_at: DateTime<Utc>,
+    /// Set when a capacity drop left this seat beyond the purchased quantity; it
+    /// stays licensed until the over-capacity grace after this instant.
+    pub over_capacity_since: Option<DateTime<Utc>>,
+}
+
+/// A license document that verified, with when it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLicense {
+    pub signed: SignedLicense,
+    pub payload: LicensePayload,
+    pub applied_at: DateTime<Utc>,
+}
+
+impl AppliedLicense {
+    /// Identifies the document: its signature is unique to its exact bytes.
+    pub fn id(&self) -> &str {
+        &self.signed.signature
+    }
+}
+
+/// Why a seat is or is not licensed (the API's `SeatReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeatReason {
+    Assigned,
+    NotAssigned,
+    TryoutOver,
+    NotActivated,
+    OverCapacity,
+    LicenseLapsed,
+}
+
+/// The answer to "is this user licensed for this feature?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeatCheck {
+    pub licensed: bool,
+    pub source: Option<SeatSource>,
+    pub reason: SeatReason,
+    /// When this answer stops holding; `None` when open-ended.
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+/// From which pool a new seat may come, with the capacity the store enforces
+/// atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignPlan {
+    /// A purchased seat. `license_id` names the document the capacity comes from:
+    /// the store refuses the write if another document was applied meanwhile.
+    Purchased { capacity: u32, license_id: String },
+    /// A tryout test seat (feature `user` only).
+    Tryout { capacity: u32 },
+}
+
+impl AssignPlan {
+    pub fn source(&self) -> SeatSource {
+        match self {
+            AssignPlan::Purchased { .. } => SeatSource::Purchased,
+            AssignPlan::Tryout { .. } => SeatSource::Tryout,
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        match self {
+            AssignPlan::Purchased { capacity, .. } | AssignPlan::Tryout { capacity } => *capacity,
+        }
+    }
+}
+
+/// Everything the seat decisions need to know about this PBX's licenses.
+#[derive(Debug, Clone, Copy)]
+pub struct Licenses<'a> {
+    pub edition: Edition,
+    pub license: Option<&'a AppliedLicense>,
+    pub tryout: Option<&'a TryoutRecord>,
+    pub tryout_policy: TryoutPolicy,
+    /// How long an over-capacity seat stays licensed.
+    pub over_capacity_grace: Duration,
+}
+
+impl Licenses<'_> {
+    /// Business/Advanced need a current `system_activation` entitlement; VM needs
+    /// only a trusted document.
+    pub fn system_activated(&self, now: DateTime<Utc>) -> bool {
+        let Some(license) = self.license else {
+            return false;
+        };
+        !self.edition.needs_system_activation()
+            || license
+                .payload
+                .entitlement(Feature::SystemActivation)
+                .is_some_and(|e| e.quantity >= 1 && e.is_current(now))
+    }
+
+    pub fn tryout_state(&self, now: DateTime<Utc>) -> TryoutState {
+        tryout::state(self.edition, self.tryout, now)
+    }
+
+    /// Decides whether `seat` (the user's seat of the feature, if any) is licensed.
+    pub fn check_seat(&self, seat: Option<&Seat>, now: DateTime<Utc>) -> SeatCheck {
+        let Some(seat) = seat else {
+            return not_licensed(None, SeatReason::NotAssigned);
+        };
+        match seat.source {
+            SeatSource::Tryout => match (self.tryout_state(now), self.tryout) {
+                (TryoutState::Active, Some(TryoutRecord::Started { ends_at, .. })) => SeatCheck {
+                    licensed: true,
+                    source: Some(SeatSource::Tryout),
+                    reason: SeatReason::Assigned,
+                    valid_until: Some(*ends_at),
+                },
+                _ => not_licensed(Some(SeatSource::Tryout), SeatReason::TryoutOver),
+            },
+            SeatSource::Purchased => self.check_purchased(seat, now),
+        }
+    }
+
+    fn check_purchased(&self, seat: &Seat, now: DateTime<Utc>) -> SeatCheck {
+        let purchased = Some(SeatSource::Purchased);
+        let Some(license) = self.license else {
+            return not_licensed(purchased, SeatReason::NotActivated);
+        };
+        if !self.system_activated(now) {
+            return not_licensed(purchased, SeatReason::NotActivated);
+        }
+        let Some(entitlement) = license
+            .payload
+            .entitlement(seat.feature)
+            .filter(|e| e.is_current(now))
+        else {
+            return not_licensed(purchased, SeatReason::LicenseLapsed);
+        };
+        let mut valid_until = entitlement.expires_at;
+        if let Some(since) = seat.over_capacity_since {
+            let deadline = since + self.over_capacity_grace;
+            if now >= deadline {
+                return not_licensed(purchased, SeatReason::OverCapacity);
+            }
+            valid_until = Some(valid_until.map_or(deadline, |v| v.min(deadline)));
+        }
+        SeatCheck {
+            licensed: true,
+            source: purchased,
+            reason: SeatReason::Assigned,
+            valid_until,
+        }
+    }
+
+    /// Chooses the pool a new seat of `feature` comes from. `in_use` counts the
+    /// purchased seats of a feature (for the error message only).
+    pub fn plan_assign(
+        &self,
+        feature: Feature,
+        now: DateTime<Utc>,
+        in_use: impl Fn(Feature) -> u32,
+    ) -> Result<AssignPlan, LicensingError> {
+        if !feature.is_seat() {
+            return Err(super::error::InvalidInput::new(
+                "feature",
+                format!("{feature} is not a seat feature"),
+            )
+            .into());
+        }
+        let activated = self.system_activated(now);
+        if let Some(license) = self.license.filter(|_| activated) {
+            if let Some(e) = license
+                .payload
+                .entitlement(feature)
+                .filter(|e| e.is_current(now) && e.quantity > 0)
+            {
+                return Ok(AssignPlan::Purchased {
+                    capacity: e.quantity,
+                    license_id: license.id().to_owned(),
+                });
+            }
+        }
+        if feature == Feature::User && self.tryout_state(now) == TryoutState::Active {
+            return Ok(AssignPlan::Tryout {
+                capacity: self.tryout_policy.seats,
+            });
+        }
+        if self.license.is_some() && activated {
+            return Err(LicensingError::NoFreeSeat {
+                feature,
+                capacity: 0,
+                in_use: in_use(feature),
+            });
+        }
+        if self.license.is_some() {
+            return Err(LicensingError::precondition(
+                "NOT_ACTIVATED",
+                format!(
+                    "edition {} needs a system_activation license before seats can be assigned",
+                    self.edition
+                ),
+            ));
+        }
+        Err(LicensingError::precondition(
+            "NOT_ACTIVATED",
+            "the PBX is not activated and no tryout is active: apply a license or start the tryout",
+        ))
+    }
+}
+
+fn not_licensed(source: Option<SeatSource>, reason: SeatReason) -> SeatCheck {
+    SeatCheck {
+        licensed: false,
+        source,
+        reason,
+        valid_until: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::license::tests::{key, payload};
+    use crate::domain::license::{Entitlement, LicensePayload};
+
+    fn t0() -> DateTime<Utc> {
+        "2026-03-01T10:00:00Z".parse().unwrap()
+    }
+
+    fn applied(p: LicensePayload) -> AppliedLicense {
+        AppliedLicense {
+            signed: SignedLicense::sign(&p, &key(1)),
+            payload: p,
+            applied_at: t0(),
+        }
+    }
+
+    fn seat(feature: Feature, source: SeatSource) -> Seat {
+        Seat {
+            user_id: UserId::parse("alice").unwrap(),
+            feature,
+            source,
+            assigned_at: t0(),
+            over_capacity_since: None,
+        }
+    }
+
+    fn ctx<'a>(
+        edition: Edition,
+        license: Option<&'a AppliedLicense>,
+        tryout: Option<&'a TryoutRecord>,
+    ) -> Licenses<'a> {
+        Licenses {
+            edition,
+            license,
+            tryout,
+            tryout_policy: TryoutPolicy::default(),
+            over_capacity_grace: Duration::days(14),
+        }
+    }
+
+    #[test]
+    fn no_seat_is_not_assigned() {
+        let c = ctx(Edition::Vm, None, None).check_seat(None, t0());
+        assert_eq!(
+            (c.licensed, c.reason, c.source),
+            (false, SeatReason::NotAssigned, None)
+        );
+    }
+
+    #[test]
+    fn purchased_seat_is_assigned_and_expires() {
+        let mut p = payload("S", 5);
+        let end = t0() + Duration::days(30);
+        p.entitlements[0].expires_at = Some(end);
+        let lic = applied(p);
+        let c = ctx(Edition::Vm, Some(&lic), None);
+        let s = seat(Feature::User, SeatSource::Purchased);
+        let ok = c.check_seat(Some(&s), t0());
+        assert_eq!(
+            (ok.licensed, ok.reason, ok.valid_until),
+            (true, SeatReason::Assigned, Some(end))
+        );
+        let lapsed = c.check_seat(Some(&s), end);
+        assert_eq!(
+            (lapsed.licensed, lapsed.reason),
+            (false, SeatReason::LicenseLapsed)
+        );
+        // A feature the document no longer grants has lapsed too.
+        let ca = c.check_seat(
+            Some(&seat(Feature::CallAssist, SeatSource::Purchased)),
+            t0(),
+        );
+        assert_eq!(ca.reason, SeatReason::LicenseLapsed);
+    }
+
+    #[test]
+    fn business_needs_system_activation() {
+        let mut p = payload("S", 5);
+        p.edition = Edition::Business;
+        let without = applied(p.clone());
+        let s = seat(Feature::User, SeatSource::Purchased);
+        let c = ctx(Edition::Business, Some(&without), None);
+        assert_eq!(
+            c.check_seat(Some(&s), t0()).reason,
+            SeatReason::NotActivated
+        );
+        assert!(matches!(
+            c.plan_assign(Feature::User, t0(), |_| 0),
+            Err(LicensingError::FailedPrecondition {
+                reason: "NOT_ACTIVATED",
+                ..
+            })
+        ));
+        p.entitlements.push(Entitlement {
+            feature: Feature::SystemActivation,
+            quantity: 1,
+            expires_at: None,
+        });
+        let with = applied(p);
+        let c = ctx(Edition::Business, Some(&with), None);
+        assert!(c.check_seat(Some(&s), t0()).licensed);
+        assert!(matches!(
+            c.plan_assign(Feature::User, t0(), |_| 0),
+            Ok(AssignPlan::Purchased { capacity: 5, .. })
+        ));
+        // Without any document the seat is not activated either.
+        let none = ctx(Edition::Vm, None, None);
+        assert_eq!(
+            none.check_seat(Some(&s), t0()).reason,
+            SeatReason::NotActivated
+        );
+    }
+
+    #[test]
+    fn tryout_seat_follows_the_tryout() {
+        let r = tryout::start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap();
+        let c = ctx(Edition::Vm, None, Some(&r));
+        let s = seat(Feature::User, SeatSource::Tryout);
+        let ok = c.check_seat(Some(&s), t0());
+        assert_eq!(ok.valid_until, Some(t0() + Duration::days(14)));
+        assert!(ok.licensed);
+        let over = c.check_seat(Some(&s), t0() + Duration::days(14));
+        assert_eq!(
+            (over.licensed, over.reason, over.source),
+            (false, SeatReason::TryoutOver, Some(SeatSource::Tryout))
+        );
+        let ended = tryout::end(Edition::Vm, Some(&r), t0()).unwrap().unwrap();
+        let c = ctx(Edition::Vm, None, Some(&ended));
+        assert_eq!(c.check_seat(Some(&s), t0()).reason, SeatReason::TryoutOver);
+    }
+
+    #[test]
+    fn over_capacity_seat_has_grace() {
+        let lic = applied(payload("S", 1));
+        let c = ctx(Edition::Vm, Some(&lic), None);
+        let mut s = seat(Feature::User, SeatSource::Purchased);
+        s.over_capacity_since = Some(t0());
+        let during = c.check_seat(Some(&s), t0() + Duration::days(13));
+        assert!(during.licensed);
+        assert_eq!(during.valid_until, Some(t0() + Duration::days(14)));
+        let after = c.check_seat(Some(&s), t0() + Duration::days(14));
+        assert_eq!(
+            (after.licensed, after.reason),
+            (false, SeatReason::OverCapacity)
+        );
+    }
+
+    #[test]
+    fn plans() {
+        let r = tryout::start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap();
+        // Tryout active, nothing purchased: test seats for users only.
+        let c = ctx(Edition::Vm, None, Some(&r));
+        assert_eq!(
+            c.plan_assign(Feature::User, t0(), |_| 0).unwrap(),
+            AssignPlan::Tryout { capacity: 3 }
+        );
+        assert!(matches!(
+            c.plan_assign(Feature::CallAssist, t0(), |_| 0),
+            Err(LicensingError::FailedPrecondition { .. })
+        ));
+        // Not activated, no tryout.
+        let c = ctx(Edition::Vm, None, None);
+        assert!(matches!(
+            c.plan_assign(Feature::User, t0(), |_| 0),
+            Err(LicensingError::FailedPrecondition { .. })
+        ));
+        // Activated, feature not purchased: no free seat with its counts.
+        let lic = applied(payload("S", 4));
+        let c = ctx(Edition::Vm, Some(&lic), None);
+        assert!(matches!(
+            c.plan_assign(Feature::CallAssist, t0(), |_| 2),
+            Err(LicensingError::NoFreeSeat {
+                capacity: 0,
+                in_use: 2,
+                ..
+            })
+        ));
+        assert_eq!(
+            c.plan_assign(Feature::User, t0(), |_| 0).unwrap(),
+            AssignPlan::Purchased {
+                capacity: 4,
+                license_id: lic.id().to_owned()
+            }
+        );
+        assert!(matches!(
+            c.plan_assign(Feature::SystemActivation, t0(), |_| 0),
+            Err(LicensingError::InvalidInput(_))
+        ));
+    }
+}

@@ -1,0 +1,180 @@
+//! Conversions between generated protobuf types and domain types. Request
+//! validation happens here (bad input becomes `INVALID_ARGUMENT` before the
+//! domain is called).
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+
+use super::pb;
+use crate::domain::{
+    Edition, Feature, InvalidInput, ReconcileOutcome, Seat, SeatCheck, SeatReason, SeatSource,
+    TryoutState, TryoutView, UserId,
+};
+use crate::service::{ActivationState, CheckAnswer, EntitlementUse, Overview};
+
+/// A validated (user, feature) pair from `CheckSeat`, `AssignSeat`, `ReleaseSeat`.
+#[derive(Debug, Clone)]
+pub struct SeatRequest {
+    pub user_id: UserId,
+    pub feature: Feature,
+}
+
+impl SeatRequest {
+    fn parse(user_id: &str, feature: &str) -> Result<Self, InvalidInput> {
+        Ok(Self {
+            user_id: UserId::parse(user_id)?,
+            feature: Feature::parse_seat(feature)?,
+        })
+    }
+}
+
+impl TryFrom<&pb::CheckSeatRequest> for SeatRequest {
+    type Error = InvalidInput;
+    fn try_from(r: &pb::CheckSeatRequest) -> Result<Self, Self::Error> {
+        Self::parse(&r.user_id, &r.feature)
+    }
+}
+
+impl TryFrom<&pb::AssignSeatRequest> for SeatRequest {
+    type Error = InvalidInput;
+    fn try_from(r: &pb::AssignSeatRequest) -> Result<Self, Self::Error> {
+        Self::parse(&r.user_id, &r.feature)
+    }
+}
+
+impl TryFrom<&pb::ReleaseSeatRequest> for SeatRequest {
+    type Error = InvalidInput;
+    fn try_from(r: &pb::ReleaseSeatRequest) -> Result<Self, Self::Error> {
+        Self::parse(&r.user_id, &r.feature)
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
+    t.map(timestamp)
+}
+
+pub fn seat_source(s: SeatSource) -> pb::SeatSource {
+    match s {
+        SeatSource::Purchased => pb::SeatSource::Purchased,
+        SeatSource::Tryout => pb::SeatSource::Tryout,
+    }
+}
+
+pub fn seat_reason(r: SeatReason) -> pb::SeatReason {
+    match r {
+        SeatReason::Assigned => pb::SeatReason::Assigned,
+        SeatReason::NotAssigned => pb::SeatReason::NotAssigned,
+        SeatReason::TryoutOver => pb::SeatReason::TryoutOver,
+        SeatReason::NotActivated => pb::SeatReason::NotActivated,
+        SeatReason::OverCapacity => pb::SeatReason::OverCapacity,
+        SeatReason::LicenseLapsed => pb::SeatReason::LicenseLapsed,
+    }
+}
+
+pub fn tryout_state(s: TryoutState) -> pb::TryoutState {
+    match s {
+        TryoutState::Available => pb::TryoutState::Available,
+        TryoutState::Active => pb::TryoutState::Active,
+        TryoutState::Expired => pb::TryoutState::Expired,
+        TryoutState::Ended => pb::TryoutState::Ended,
+        TryoutState::Unavailable => pb::TryoutState::Unavailable,
+    }
+}
+
+pub fn edition(e: Edition) -> pb::Edition {
+    match e {
+        Edition::Vm => pb::Edition::Vm,
+        Edition::Business => pb::Edition::Business,
+        Edition::Advanced => pb::Edition::Advanced,
+    }
+}
+
+pub fn reconcile_outcome(o: Option<ReconcileOutcome>) -> pb::ReconcileOutcome {
+    match o {
+        None => pb::ReconcileOutcome::Unspecified,
+        Some(ReconcileOutcome::Updated) => pb::ReconcileOutcome::Updated,
+        Some(ReconcileOutcome::Unchanged) => pb::ReconcileOutcome::Unchanged,
+        Some(ReconcileOutcome::Unreachable) => pb::ReconcileOutcome::Unreachable,
+        Some(ReconcileOutcome::Rejected) => pb::ReconcileOutcome::Rejected,
+    }
+}
+
+pub fn seat(s: &Seat) -> pb::Seat {
+    pb::Seat {
+        user_id: s.user_id.to_string(),
+        feature: s.feature.to_string(),
+        source: seat_source(s.source).into(),
+        assigned_at: Some(timestamp(s.assigned_at)),
+        over_capacity: s.over_capacity_since.is_some(),
+    }
+}
+
+pub fn check_response(a: &CheckAnswer) -> pb::CheckSeatResponse {
+    let SeatCheck {
+        licensed,
+        source,
+        reason,
+        valid_until,
+    } = &a.check;
+    pb::CheckSeatResponse {
+        licensed: *licensed,
+        source: source
+            .map_or(pb::SeatSource::Unspecified, seat_source)
+            .into(),
+        reason: seat_reason(*reason).into(),
+        valid_until: opt_timestamp(*valid_until),
+        stale: a.stale,
+    }
+}
+
+pub fn tryout_status(v: &TryoutView) -> pb::TryoutStatus {
+    pb::TryoutStatus {
+        state: tryout_state(v.state).into(),
+        started_at: opt_timestamp(v.started_at),
+        ends_at: opt_timestamp(v.ends_at),
+        days_remaining: v.days_remaining,
+        test_seats_total: v.seats_total,
+        test_seats_used: v.seats_used,
+    }
+}
+
+pub fn entitlement(e: &EntitlementUse) -> pb::Entitlement {
+    pb::Entitlement {
+        feature: e.entitlement.feature.to_string(),
+        quantity: e.entitlement.quantity,
+        in_use: e.in_use,
+        expires_at: opt_timestamp(e.entitlement.expires_at),
+    }
+}
+
+pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
+    pb::GetLicenseOverviewResponse {
+        serial_number: o.serial.to_string(),
+        edition: edition(o.edition).into(),
+        activation_state: match o.activation {
+            ActivationState::NotInitialized => pb::ActivationState::NotInitialized,
+            ActivationState::Active => pb::ActivationState::Active,
+        }
+        .into(),
+        entitlements: o.entitlements.iter().map(entitlement).collect(),
+        tryout: Some(tryout_status(&o.tryout)),
+        last_reconciled_at: opt_timestamp(o.reconcile.last_success_at),
+        last_reconcile_outcome: reconcile_outcome(o.reconcile.last_outcome).into(),
+        grace_ends_at: None,
+        license_source: o.license_source.clone(),
+        last_reconcile_error: o
+            .reconcile
+            .last_error
+            .clone()
+            .or_else(|| o.license_problem.clone())
+            .unwrap_or_default(),
+        system_activated: o.system_activated,
+    }
+}

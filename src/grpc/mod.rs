@@ -1,0 +1,22 @@
+//! The gRPC adapter: generated types, conversions, the error table and the
+//! handlers. The only module that knows tonic and prost types; it turns requests
+//! into domain calls and domain results into responses.
+
+pub mod convert;
+pub mod handlers;
+pub mod status;
+
+/// Generated from `proto/comtrexx/licensing/v1/licensing.proto`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("comtrexx.licensing.v1");
+}
+
+/// The encoded descriptor set, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/licensing_descriptor.bin"));
+
+/// The service's full name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "comtrexx.licensing.v1.LicensingService";
+
+pub use handlers::LicensingApi;

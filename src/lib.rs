@@ -1,0 +1,70 @@
+//! comtrexx-licensing: the licensing service of a COMtrexx PBX stack.
+//!
+//! - [`domain`]: editions, features, seats, the tryout state machine, signed
+//!   licenses and the seat decisions; free of I/O.
+//! - [`store`]: the `Store` trait with the Redis and embedded in-memory stores.
+//! - [`mirror`]: each replica's in-memory copy of the store, followed through the
+//!   store's change feed; the hot path reads it.
+//! - [`service`]: the application service (validate, decide, write, read).
+//! - [`grpc`]: the gRPC adapter: generated types, conversions, error table, handlers.
+//! - [`server`]: the tonic server with health and reflection on a bound listener.
+//! - [`app`]: wiring of the parts from the configuration, and their tasks.
+//! - [`config`]: layered, validated configuration (defaults, TOML, environment).
+//! - [`cli`]: the command line, including the development licensing tools.
+//! - [`telemetry`]: logging.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod mirror;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Logs what this replica runs with, and warns where a setting needs attention.
+pub fn log_startup(config: &config::Config, store: String) {
+    tracing::info!(
+        serial_number = %config.serial_number,
+        edition = %config.edition,
+        %store,
+        "starting comtrexx-licensing {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    if config.redis.is_none() {
+        tracing::warn!(
+            "no redis_url configured: using the embedded in-memory store; all seats and the tryout record are lost on restart"
+        );
+    }
+    if config.serial_is_placeholder {
+        tracing::warn!(
+            "serial_number not configured: using the development placeholder {}",
+            config::DEV_SERIAL
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! Entry point: parse the command line, load the configuration, start logging,
+//! bind the listener and hand over to `App::run`.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use comtrexx_licensing::app::App;
+use comtrexx_licensing::cli::{self, Cli, Command};
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::SystemClock;
+use comtrexx_licensing::{shutdown_signal, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => cli::print_config(cli.config.as_deref()),
+        Command::Dev(dev) => cli::run_dev(dev),
+        Command::Serve => {
+            let config = RawConfig::load(cli.config.as_deref())?.validate()?;
+            telemetry::init(&config);
+            let app = App::build(&config, Arc::new(SystemClock))?;
+            comtrexx_licensing::log_startup(&config, app.store.describe());
+            let listener = tokio::net::TcpListener::bind(config.listen_addr)
+                .await
+                .with_context(|| format!("bind listen_addr {}", config.listen_addr))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving gRPC");
+            app.run(listener, shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The gRPC server: `LicensingService`, health and reflection on an already-bound
+//! listener, until a shutdown future resolves (so tests run it on port 0).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
+use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
+use crate::service::Licensing;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub drain_timeout: Duration,
+    /// PEM certificate and key for TLS; plaintext when `None`.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+            tls: None,
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
+/// are taken and in-flight calls get up to `drain_timeout` to finish.
+pub async fn run(
+    listener: TcpListener,
+    licensing: Arc<Licensing>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // "" (the whole server) is SERVING from the start; readiness must not depend
+    // on Redis, because CheckSeat keeps answering from memory while it is down.
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl 1.8 and many tools still speak only v1alpha.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let mut builder = Server::builder()
+        // Call handling sends small, latency-sensitive requests.
+        .tcp_nodelay(true)
+        // Notice dead peers (a PBX that vanished) instead of keeping streams forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some((cert, key)) = &options.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let router = builder
+        .add_service(LicensingServiceServer::new(LicensingApi::new(licensing)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
+    let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = stop_signal.await;
+    });
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return Ok(result?),
+        () = shutdown => {}
+    }
+    tracing::info!(
+        drain_timeout_ms = options.drain_timeout.as_millis() as u64,
+        "shutting down: draining in-flight calls"
+    );
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let _ = stop_accepting.send(());
+    match tokio::time::timeout(options.drain_timeout, &mut serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("drain timeout passed; closing the calls still running"),
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! The embedded in-memory store: the default for one-command local runs and a
+//! reference for the Redis store's semantics. Its state is lost on restart.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::{
+    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
+    StoredLicense,
+};
+use crate::domain::{
+    AssignPlan, Clock, Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId,
+};
+
+/// How many changes the feed keeps for mirrors that fall behind.
+const FEED_LEN: usize = 10_000;
+
+pub struct MemoryStore {
+    // One lock for all data: every operation is a few map operations, and one lock
+    // makes each of them atomic, as a Lua script is in Redis. Never held across an await.
+    inner: Mutex<Inner>,
+    // Tells waiting `changes` calls that the version moved.
+    version_tx: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
+}
+
+struct Inner {
+    /// `None` until initialized (or after `wipe`, to test repair).
+    epoch: Option<String>,
+    version: u64,
+    seats: BTreeMap<(Feature, UserId), Seat>,
+    license: Option<StoredLicense>,
+    tryout: Option<TryoutRecord>,
+    reconcile: ReconcileStatus,
+    feed: VecDeque<Change>,
+}
+
+impl MemoryStore {
+    /// A new, initialized, empty store.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        let (version_tx, _) = watch::channel(0);
+        Self {
+            inner: Mutex::new(Inner {
+                epoch: Some(new_epoch()),
+                version: 0,
+                seats: BTreeMap::new(),
+                license: None,
+                tryout: None,
+                reconcile: ReconcileStatus::default(),
+                feed: VecDeque::new(),
+            }),
+            version_tx,
+            clock,
+        }
+    }
+
+    /// Loses all data, as a Redis restarted without persistence does. For tests
+    /// of the repair path.
+    pub fn wipe(&self) {
+        let mut inner = self.inner.lock();
+        inner.epoch = None;
+        inner.version = 0;
+        inner.seats.clear();
+        inner.license = None;
+        inner.tryout = None;
+        inner.reconcile = ReconcileStatus::default();
+        inner.feed.clear();
+        drop(inner);
+        self.version_tx.send_replace(0);
+    }
+
+    fn record(&self, inner: &mut Inner, kind: ChangeKind) -> Change {
+        inner.version += 1;
+        let change = Change {
+            version: inner.version,
+            kind,
+        };
+        inner.feed.push_back(change.clone());
+        if inner.feed.len() > FEED_LEN {
+            inner.feed.pop_front();
+        }
+        self.version_tx.send_replace(inner.version);
+        change
+    }
+}
+
+pub(crate) fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let inner = self.inner.lock();
+        Ok(Snapshot {
+            position: inner.epoch.as_ref().map(|epoch| Position {
+                epoch: epoch.clone(),
+                version: inner.version,
+            }),
+            seats: inner.seats.values().cloned().collect(),
+            license: inner.license.clone(),
+            tryout: inner.tryout.clone(),
+            reconcile: inner.reconcile.clone(),
+        })
+    }
+
+    async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError> {
+        let mut rx = self.version_tx.subscribe();
+        rx.mark_unchanged();
+        for attempt in 0..2 {
+            {
+                let inner = self.inner.lock();
+                if inner.epoch.as_deref() != Some(since.epoch.as_str())
+                    || since.version > inner.version
+                {
+                    return Ok(Changes::Resync);
+                }
+                if since.version < inner.version {
+                    let first = inner.feed.front().map_or(u64::MAX, |c| c.version);
+                    if first > since.version + 1 {
+                        return Ok(Changes::Resync);
+                    }
+                    let events = inner
+                        .feed
+                        .iter()
+                        .filter(|c| c.version > since.version)
+                        .cloned()
+                        .collect();
+                    return Ok(Changes::Events(events));
+                }
+            }
+            if attempt == 0 {
+                // Nothing new yet: wait for the version to move, or time out.
+                let _ = tokio::time::timeout(wait, rx.changed()).await;
+            }
+        }
+        Ok(Changes::Events(Vec::new()))
+    }
+
+    async fn assign_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+        plan: &AssignPlan,
+    ) -> Result<AssignOutcome, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        let key = (feature, user.clone());
+        let existing = inner.seats.get(&key).cloned();
+        match (&existing, plan) {
+            (Some(seat), _) if seat.source == SeatSource::Purchased => {
+                return Ok(AssignOutcome::Existing(seat.clone()));
+            }
+            (Some(seat), AssignPlan::Tryout { .. }) => {
+                return Ok(AssignOutcome::Existing(seat.clone()));
+            }
+            _ => {}
+        }
+        if let AssignPlan::Purchased { license_id, .. } = plan {
+            if inner.license.as_ref().map(|l| l.id()) != Some(license_id.as_str()) {
+                return Ok(AssignOutcome::LicenseChanged);
+            }
+        }
+        let source = plan.source();
+        let in_use = inner
+            .seats
+            .values()
+            .filter(|s| s.feature == feature && s.source == source)
+            .count();
+        let in_use = u32::try_from(in_use).unwrap_or(u32::MAX);
+        if in_use >= plan.capacity() {
+            return Ok(AssignOutcome::Exhausted {
+                capacity: plan.capacity(),
+                in_use,
+            });
+        }
+        let seat = Seat {
+            user_id: user.clone(),
+            feature,
+            source,
+            assigned_at: self.clock.now(),
+            over_capacity_since: None,
+        };
+        inner.seats.insert(key, seat.clone());
+        Ok(AssignOutcome::Created(
+            self.record(&mut inner, ChangeKind::SeatAssigned(seat)),
+        ))
+    }
+
+    async fn release_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+    ) -> Result<Option<Change>, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        if inner.seats.remove(&(feature, user.clone())).is_none() {
+            return Ok(None);
+        }
+        let kind = ChangeKind::SeatReleased {
+            feature,
+            user_id: user.clone(),
+        };
+        Ok(Some(self.record(&mut inner, kind)))
+    }
+
+    async fn list_seats(
+        &self,
+        feature: Option<Feature>,
+        after: Option<&SeatKey>,
+        limit: usize,
+    ) -> Result<Vec<Seat>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.inner.lock();
+        let start = match after {
+            Some(k) => Bound::Excluded((k.feature, k.user_id.clone())),
+            None => Bound::Unbounded,
+        };
+        Ok(inner
+            .seats
+            .range((start, Bound::Unbounded))
+            .map(|(_, s)| s)
+            .filter(|s| feature.is_none_or(|f| s.feature == f))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn compare_and_set_tryout(
+        &self,
+        expected: Option<&TryoutRecord>,
+        new: &TryoutRecord,
+    ) -> Result<Option<Change>, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        if inner.tryout.as_ref() != expected {
+            return Ok(None);
+        }
+        inner.tryout = Some(new.clone());
+        Ok(Some(self.record(
+            &mut inner,
+            ChangeKind::TryoutChanged(new.clone()),
+        )))
+    }
+
+    async fn apply_license(
+        &self,
+        expected_id: Option<&str>,
+        license: &StoredLicense,
+        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        if inner.license.as_ref().map(StoredLicense::id) != expected_id {
+            return Ok(None);
+        }
+        if let Some((expected, _)) = tryout {
+            if inner.tryout.as_ref() != expected {
+                return Ok(None);
+            }
+        }
+        inner.license = Some(license.clone());
+        let mut changes =
+            vec![self.record(&mut inner, ChangeKind::LicenseApplied(license.clone()))];
+        if let Some((_, new)) = tryout {
+            inner.tryout = Some(new.clone());
+            changes.push(self.record(&mut inner, ChangeKind::TryoutChanged(new.clone())));
+        }
+        Ok(Some(changes))
+    }
+
+    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        inner.reconcile = status.clone();
+        Ok(self.record(&mut inner, ChangeKind::ReconcileRecorded(status.clone())))
+    }
+
+    async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_some() {
+            return Ok(false);
+        }
+        inner.seats = from
+            .seats
+            .iter()
+            .map(|s| ((s.feature, s.user_id.clone()), s.clone()))
+            .collect();
+        inner.license = from.license.clone();
+        inner.tryout = from.tryout.clone();
+        inner.reconcile = from.reconcile.clone();
+        inner.version = from.position.as_ref().map_or(0, |p| p.version);
+        inner.epoch = Some(new_epoch());
+        inner.feed.clear();
+        self.version_tx.send_replace(inner.version);
+        Ok(true)
+    }
+
+    fn describe(&self) -> String {
+        "embedded in-memory store (state is lost on restart)".to_owned()
+    }
+}

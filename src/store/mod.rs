@@ -1,0 +1,183 @@
+//! Where seats, the applied license, the tryout record and the reconcile status
+//! live. Two implementations, held to one conformance suite
+//! (`tests/store_conformance.rs`):
+//!
+//! - [`memory::MemoryStore`]: embedded, for one-command local runs; lost on restart.
+//! - [`redis::RedisStore`]: shared by all replicas; every write is one Lua script.
+//!
+//! Every write bumps a version and appends a [`Change`] to a feed, so each replica's
+//! in-memory mirror (`crate::mirror`) can follow without re-reading everything.
+
+pub mod memory;
+pub mod records;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{
+    AssignPlan, Feature, ReconcileStatus, Seat, SignedLicense, TryoutRecord, UserId,
+};
+
+/// A license document as stored: not trusted until verified again by whoever reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLicense {
+    pub signed: SignedLicense,
+    pub applied_at: DateTime<Utc>,
+}
+
+impl StoredLicense {
+    /// The document's identity (its signature).
+    pub fn id(&self) -> &str {
+        &self.signed.signature
+    }
+}
+
+/// A point in a store's history. The epoch changes when the store's data was lost
+/// (a Redis restarted empty, a FLUSHALL) and re-created; versions only count up
+/// within one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub version: u64,
+}
+
+/// Everything the store holds, read at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// `None` when the store holds no epoch: never initialized, or its data was lost.
+    pub position: Option<Position>,
+    pub seats: Vec<Seat>,
+    pub license: Option<StoredLicense>,
+    pub tryout: Option<TryoutRecord>,
+    pub reconcile: ReconcileStatus,
+}
+
+/// One write, as the change feed reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub version: u64,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    SeatAssigned(Seat),
+    SeatReleased { feature: Feature, user_id: UserId },
+    LicenseApplied(StoredLicense),
+    TryoutChanged(TryoutRecord),
+    ReconcileRecorded(ReconcileStatus),
+}
+
+/// What the feed has after a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// The changes right after the position, in order (possibly none).
+    Events(Vec<Change>),
+    /// The position cannot be continued from (another epoch, a gap, history
+    /// trimmed): read a new snapshot.
+    Resync,
+}
+
+/// What an assignment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignOutcome {
+    /// A new seat was written (`change` is its feed entry).
+    Created(Change),
+    /// The user already held an acceptable seat of the feature: nothing written.
+    Existing(Seat),
+    /// The pool is full.
+    Exhausted { capacity: u32, in_use: u32 },
+    /// The plan was made against another license document than the one stored:
+    /// re-read and plan again.
+    LicenseChanged,
+}
+
+/// Where a seat listing resumes: strictly after this (feature, user).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SeatKey {
+    pub feature: Feature,
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Not reachable, or no answer within the configured timeout. Nothing was
+    /// written, or a retry is safe (every write is idempotent or compare-and-set).
+    #[error("store unreachable: {0}")]
+    Unavailable(String),
+    /// The store has no epoch (never initialized, or its data was lost and not yet
+    /// repaired): writes are refused until the mirror repairs it.
+    #[error("store holds no data epoch (empty or being repaired)")]
+    NotInitialized,
+    /// Stored data that does not parse.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// The seat store shared by all replicas.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A consistent copy of everything.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// The changes after `since`, waiting up to `wait` for at least one.
+    async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError>;
+
+    /// Gives `user` a seat of `feature` from the plan's pool, atomically: the
+    /// capacity check and the write are one step across all replicas. Idempotent:
+    /// a user holding a purchased seat, or a tryout seat under a tryout plan, gets
+    /// it back; a tryout seat is replaced by a purchased one under a purchased plan.
+    async fn assign_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+        plan: &AssignPlan,
+    ) -> Result<AssignOutcome, StoreError>;
+
+    /// Frees the user's seat of `feature`; `None` when there was none.
+    async fn release_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+    ) -> Result<Option<Change>, StoreError>;
+
+    /// Seats ordered by (feature, user id), strictly after `after`, at most `limit`.
+    async fn list_seats(
+        &self,
+        feature: Option<Feature>,
+        after: Option<&SeatKey>,
+        limit: usize,
+    ) -> Result<Vec<Seat>, StoreError>;
+
+    /// Writes `new` only if the stored tryout record equals `expected`; `None`
+    /// when it did not.
+    async fn compare_and_set_tryout(
+        &self,
+        expected: Option<&TryoutRecord>,
+        new: &TryoutRecord,
+    ) -> Result<Option<Change>, StoreError>;
+
+    /// Stores a license document (and, with it, a tryout change) only if the
+    /// stored document is still `expected_id` and the tryout record still the
+    /// expected one; `None` when either changed meanwhile.
+    async fn apply_license(
+        &self,
+        expected_id: Option<&str>,
+        license: &StoredLicense,
+        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
+    ) -> Result<Option<Vec<Change>>, StoreError>;
+
+    /// Records the outcome of a reconcile.
+    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError>;
+
+    /// Re-creates a store that lost its data (no epoch) from a replica's last
+    /// known state, and starts a new epoch. Does nothing and answers `false` when
+    /// the store has an epoch (another replica got there first, or nothing was lost).
+    async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError>;
+
+    /// A short description for logs and the overview (no secrets).
+    fn describe(&self) -> String;
+}

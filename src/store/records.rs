@@ -1,0 +1,164 @@
+//! The stored value format. What is written to Redis is an API between replicas
+//! of different versions, so it gets its own versioned structs (`v` field),
+//! converted explicitly to and from domain types. Add optional fields freely;
+//! anything else needs a new `v`.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{StoreError, StoredLicense};
+use crate::domain::{
+    Feature, ReconcileStatus, Seat, SeatSource, SignedLicense, TryoutRecord, UserId,
+};
+
+/// The only seat format version this code writes.
+pub const SEAT_V1: u32 = 1;
+
+/// A seat's value; the user id and feature are in its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatRecordV1 {
+    pub v: u32,
+    pub source: SeatSource,
+    /// Milliseconds since the Unix epoch (Redis `TIME` in the Redis store).
+    pub assigned_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_capacity_since_ms: Option<i64>,
+}
+
+impl SeatRecordV1 {
+    pub fn from_seat(seat: &Seat) -> Self {
+        Self {
+            v: SEAT_V1,
+            source: seat.source,
+            assigned_at_ms: seat.assigned_at.timestamp_millis(),
+            over_capacity_since_ms: seat.over_capacity_since.map(|t| t.timestamp_millis()),
+        }
+    }
+
+    pub fn into_seat(self, user_id: UserId, feature: Feature) -> Result<Seat, StoreError> {
+        if self.v != SEAT_V1 {
+            return Err(StoreError::Corrupt(format!(
+                "seat format v{} unknown",
+                self.v
+            )));
+        }
+        Ok(Seat {
+            user_id,
+            feature,
+            source: self.source,
+            assigned_at: millis(self.assigned_at_ms)?,
+            over_capacity_since: self.over_capacity_since_ms.map(millis).transpose()?,
+        })
+    }
+
+    pub fn parse(json: &str) -> Result<Self, StoreError> {
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("seat record: {e}")))
+    }
+}
+
+/// The applied license document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseRecordV1 {
+    pub v: u32,
+    pub signed: SignedLicense,
+    pub applied_at: DateTime<Utc>,
+}
+
+impl LicenseRecordV1 {
+    pub fn from_stored(l: &StoredLicense) -> Self {
+        Self {
+            v: 1,
+            signed: l.signed.clone(),
+            applied_at: l.applied_at,
+        }
+    }
+
+    pub fn parse(json: &str) -> Result<StoredLicense, StoreError> {
+        let r: Self = serde_json::from_str(json)
+            .map_err(|e| StoreError::Corrupt(format!("license record: {e}")))?;
+        Ok(StoredLicense {
+            signed: r.signed,
+            applied_at: r.applied_at,
+        })
+    }
+}
+
+/// The tryout record. Serialized deterministically (fixed field order), so
+/// compare-and-set can compare the stored text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TryoutRecordV1 {
+    pub v: u32,
+    pub record: TryoutRecord,
+}
+
+impl TryoutRecordV1 {
+    pub fn encode(record: &TryoutRecord) -> String {
+        serde_json::to_string(&Self {
+            v: 1,
+            record: record.clone(),
+        })
+        .expect("a tryout record always serializes")
+    }
+
+    pub fn parse(json: &str) -> Result<TryoutRecord, StoreError> {
+        serde_json::from_str::<Self>(json)
+            .map(|r| r.record)
+            .map_err(|e| StoreError::Corrupt(format!("tryout record: {e}")))
+    }
+}
+
+/// The last reconcile's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileRecordV1 {
+    pub v: u32,
+    pub status: ReconcileStatus,
+}
+
+impl ReconcileRecordV1 {
+    pub fn encode(status: &ReconcileStatus) -> String {
+        serde_json::to_string(&Self {
+            v: 1,
+            status: status.clone(),
+        })
+        .expect("a reconcile status always serializes")
+    }
+
+    pub fn parse(json: &str) -> Result<ReconcileStatus, StoreError> {
+        serde_json::from_str::<Self>(json)
+            .map(|r| r.status)
+            .map_err(|e| StoreError::Corrupt(format!("reconcile record: {e}")))
+    }
+}
+
+fn millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seat_record_format_is_stable() {
+        let json = r#"{"v":1,"source":"tryout","assigned_at_ms":1767225600000}"#;
+        let seat = SeatRecordV1::parse(json)
+            .unwrap()
+            .into_seat(UserId::parse("u").unwrap(), Feature::User)
+            .unwrap();
+        assert_eq!(seat.source, SeatSource::Tryout);
+        assert_eq!(seat.assigned_at.to_rfc3339(), "2026-01-01T00:00:00+00:00");
+        assert_eq!(
+            serde_json::to_string(&SeatRecordV1::from_seat(&seat)).unwrap(),
+            json
+        );
+        assert!(
+            SeatRecordV1::parse(r#"{"v":2,"source":"tryout","assigned_at_ms":1}"#)
+                .unwrap()
+                .into_seat(UserId::parse("u").unwrap(), Feature::User)
+                .is_err()
+        );
+        assert!(SeatRecordV1::parse("nope").is_err());
+    }
+}

@@ -1,0 +1,700 @@
+//! The Redis store, shared by all replicas.
+//!
+//! Keys (all carry the serial number as hash tag, so every script's keys share one
+//! Redis Cluster slot):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `lic:{S}:epoch` | string | id of the current data epoch; absent = data lost |
+//! | `lic:{S}:version` | string | write counter |
+//! | `lic:{S}:changes` | stream | one entry per write, id `<version>-0` |
+//! | `lic:{S}:seats:<feature>:<source>` | hash | user id → [`SeatRecordV1`] |
+//! | `lic:{S}:seat_index` | sorted set | `<feature>\0<user id>`, for stable paging |
+//! | `lic:{S}:license` | hash | `id` (signature), `record` ([`LicenseRecordV1`]) |
+//! | `lic:{S}:tryout` | string | [`TryoutRecordV1`] |
+//! | `lic:{S}:reconcile` | string | [`ReconcileRecordV1`] |
+//!
+//! Every write is one Lua script (`lua/`), so checks and writes are atomic across
+//! replicas; every call is bounded by the configured timeout.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::memory::new_epoch;
+use super::records::{LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1};
+use super::{
+    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
+    StoredLicense,
+};
+use crate::domain::{
+    AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
+};
+
+/// How many feed entries Redis keeps (approximately) for mirrors that fall behind;
+/// one that falls further behind reads a snapshot instead.
+const FEED_LEN: u64 = 10_000;
+
+const SOURCES: [SeatSource; 2] = [SeatSource::Purchased, SeatSource::Tryout];
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/prelude.lua"),
+                "\n",
+                include_str!(concat!("lua/", $file))
+            ))
+        })
+    };
+}
+
+static ASSIGN: LazyLock<Script> = script!("assign.lua");
+static RELEASE: LazyLock<Script> = script!("release.lua");
+static CAS_TRYOUT: LazyLock<Script> = script!("cas_tryout.lua");
+static APPLY_LICENSE: LazyLock<Script> = script!("apply_license.lua");
+static RECORD_RECONCILE: LazyLock<Script> = script!("record_reconcile.lua");
+static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/snapshot.lua")));
+static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/list.lua")));
+static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
+
+/// The key names of one serial number.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(serial: &SerialNumber) -> Self {
+        Self {
+            prefix: format!("lic:{{{serial}}}:"),
+        }
+    }
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    fn epoch(&self) -> String {
+        self.key("epoch")
+    }
+    fn version(&self) -> String {
+        self.key("version")
+    }
+    fn feed(&self) -> String {
+        self.key("changes")
+    }
+    fn index(&self) -> String {
+        self.key("seat_index")
+    }
+    fn license(&self) -> String {
+        self.key("license")
+    }
+    fn tryout(&self) -> String {
+        self.key("tryout")
+    }
+    fn reconcile(&self) -> String {
+        self.key("reconcile")
+    }
+    fn pool(&self, feature: Feature, source: SeatSource) -> String {
+        self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
+    }
+    /// Every seat pool, feature by feature, purchased before tryout.
+    fn pools(&self) -> Vec<(Feature, SeatSource, String)> {
+        Feature::SEATS
+            .into_iter()
+            .flat_map(|f| SOURCES.into_iter().map(move |s| (f, s)))
+            .map(|(f, s)| (f, s, self.pool(f, s)))
+            .collect()
+    }
+}
+
+pub struct RedisStore {
+    client: Client,
+    // Multiplexed, reconnecting; shared by all request-path calls.
+    conn: ConnectionManager,
+    // A separate connection for the blocking feed read, so XREAD BLOCK never
+    // delays request-path calls. Dropped after an error and made anew.
+    feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
+    keys: Keys,
+    timeout: Duration,
+    url_for_display: String,
+}
+
+impl RedisStore {
+    /// Creates the store without waiting for Redis: the service must start (and
+    /// answer from memory) even while Redis is down.
+    pub fn new(url: &str, serial: &SerialNumber, timeout: Duration) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            client,
+            conn,
+            feed_conn: AsyncMutex::new(None),
+            keys: Keys::new(serial),
+            timeout,
+            url_for_display: redact_url(url),
+        })
+    }
+
+    /// Runs one Redis call bounded by the configured timeout.
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Warns when Redis may evict keys (seat keys would vanish under memory
+    /// pressure). Best effort: managed Redis often forbids CONFIG.
+    pub async fn check_eviction_policy(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<String>, StoreError> = self
+            .bounded(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .query_async(&mut conn),
+            )
+            .await;
+        match reply {
+            Ok(v) => v.get(1).cloned(),
+            Err(_) => None,
+        }
+    }
+
+    fn write_keys(&self) -> [String; 3] {
+        [self.keys.epoch(), self.keys.version(), self.keys.feed()]
+    }
+}
+
+fn classify(e: RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Hides the password of a redis URL for logs and the overview.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+fn text(v: &Value) -> Result<String, StoreError> {
+    redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn strings(v: Value) -> Result<Vec<String>, StoreError> {
+    redis::from_redis_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn version_of(s: &str) -> Result<u64, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("version {s:?} is not a number")))
+}
+
+fn no_epoch(reply: &[String]) -> Result<(), StoreError> {
+    if reply.first().map(String::as_str) == Some("noepoch") {
+        Err(StoreError::NotInitialized)
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_user(raw: &str) -> Result<UserId, StoreError> {
+    UserId::parse(raw).map_err(|e| StoreError::Corrupt(format!("stored user id: {e}")))
+}
+
+fn parse_feature(raw: &str) -> Result<Feature, StoreError> {
+    raw.parse()
+        .map_err(|e| StoreError::Corrupt(format!("stored feature: {e}")))
+}
+
+/// Turns one feed entry into a change.
+fn feed_change(
+    version: u64,
+    map: &std::collections::HashMap<String, Value>,
+) -> Result<Change, StoreError> {
+    let field = |name: &str| -> Result<String, StoreError> {
+        map.get(name)
+            .map(text)
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("feed entry {version} lacks {name}")))
+    };
+    let kind = match field("k")?.as_str() {
+        "seat" => {
+            let (feature, user) = (parse_feature(&field("f")?)?, parse_user(&field("u")?)?);
+            ChangeKind::SeatAssigned(SeatRecordV1::parse(&field("d")?)?.into_seat(user, feature)?)
+        }
+        "release" => ChangeKind::SeatReleased {
+            feature: parse_feature(&field("f")?)?,
+            user_id: parse_user(&field("u")?)?,
+        },
+        "license" => ChangeKind::LicenseApplied(LicenseRecordV1::parse(&field("d")?)?),
+        "tryout" => ChangeKind::TryoutChanged(TryoutRecordV1::parse(&field("d")?)?),
+        "reconcile" => ChangeKind::ReconcileRecorded(ReconcileRecordV1::parse(&field("d")?)?),
+        other => return Err(StoreError::Corrupt(format!("feed entry kind {other:?}"))),
+    };
+    Ok(Change { version, kind })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let pools = self.keys.pools();
+        let mut inv = SNAPSHOT.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.license())
+            .key(self.keys.tryout())
+            .key(self.keys.reconcile());
+        for (_, _, key) in &pools {
+            inv.key(key);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        if reply.len() != 5 + pools.len() {
+            return Err(StoreError::Corrupt(
+                "snapshot reply has the wrong shape".into(),
+            ));
+        }
+        let epoch = text(&reply[0])?;
+        let version = version_of(&text(&reply[1])?)?;
+        let license = match text(&reply[2])? {
+            s if s.is_empty() => None,
+            s => Some(LicenseRecordV1::parse(&s)?),
+        };
+        let tryout = match text(&reply[3])? {
+            s if s.is_empty() => None,
+            s => Some(TryoutRecordV1::parse(&s)?),
+        };
+        let reconcile = match text(&reply[4])? {
+            s if s.is_empty() => ReconcileStatus::default(),
+            s => ReconcileRecordV1::parse(&s)?,
+        };
+        let mut seats = Vec::new();
+        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(5)) {
+            let flat = strings(value)?;
+            for pair in flat.chunks_exact(2) {
+                let user = parse_user(&pair[0])?;
+                seats.push(SeatRecordV1::parse(&pair[1])?.into_seat(user, *feature)?);
+            }
+        }
+        seats.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        Ok(Snapshot {
+            position: (!epoch.is_empty()).then_some(Position { epoch, version }),
+            seats,
+            license,
+            tryout,
+            reconcile,
+        })
+    }
+
+    async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError> {
+        let mut guard = self.feed_conn.lock().await;
+        if guard.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(wait + self.timeout));
+            let conn = self
+                .bounded(
+                    self.client
+                        .get_multiplexed_async_connection_with_config(&config),
+                )
+                .await?;
+            *guard = Some(conn);
+        }
+        let conn = guard.as_mut().expect("connection was just set");
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg("STREAMS")
+            .arg(self.keys.feed())
+            .arg(format!("{}-0", since.version));
+        let read = xread.query_async::<Option<redis::streams::StreamReadReply>>(conn);
+        let reply = match tokio::time::timeout(wait + self.timeout, read).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => {
+                *guard = None;
+                return Err(classify(e));
+            }
+            Err(_) => {
+                *guard = None;
+                return Err(StoreError::Unavailable("feed read timed out".into()));
+            }
+        };
+        let entries = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
+            .unwrap_or_default();
+        // Nothing new, or something odd: confirm the epoch and version are the ones
+        // the caller continues from.
+        let mut conn = self.conn.clone();
+        let (epoch, version): (Option<String>, Option<u64>) = self
+            .bounded(
+                redis::cmd("MGET")
+                    .arg(self.keys.epoch())
+                    .arg(self.keys.version())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if epoch.as_deref() != Some(since.epoch.as_str()) || version.unwrap_or(0) < since.version {
+            return Ok(Changes::Resync);
+        }
+        let mut changes = Vec::with_capacity(entries.len());
+        let mut expected = since.version + 1;
+        for entry in entries {
+            let v = entry
+                .id
+                .split_once('-')
+                .and_then(|(v, _)| v.parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("feed id {:?}", entry.id)))?;
+            if v != expected {
+                // A gap: history was trimmed, or written by something else.
+                return Ok(Changes::Resync);
+            }
+            changes.push(feed_change(v, &entry.map)?);
+            expected += 1;
+        }
+        Ok(Changes::Events(changes))
+    }
+
+    async fn assign_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+        plan: &AssignPlan,
+    ) -> Result<AssignOutcome, StoreError> {
+        let (plan_name, license_id) = match plan {
+            AssignPlan::Purchased { license_id, .. } => ("purchased", license_id.as_str()),
+            AssignPlan::Tryout { .. } => ("tryout", ""),
+        };
+        let mut inv = ASSIGN.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.pool(feature, SeatSource::Purchased))
+            .key(self.keys.pool(feature, SeatSource::Tryout))
+            .key(self.keys.index())
+            .key(self.keys.license())
+            .arg(FEED_LEN)
+            .arg(user.as_str())
+            .arg(feature.as_str())
+            .arg(plan_name)
+            .arg(plan.capacity())
+            .arg(license_id);
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        let seat = |json: &str| SeatRecordV1::parse(json)?.into_seat(user.clone(), feature);
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["existing", json] => Ok(AssignOutcome::Existing(seat(json)?)),
+            ["license_changed"] => Ok(AssignOutcome::LicenseChanged),
+            ["exhausted", cap, used] => Ok(AssignOutcome::Exhausted {
+                capacity: cap.parse().unwrap_or(0),
+                in_use: used.parse().unwrap_or(0),
+            }),
+            ["created", json, v] => Ok(AssignOutcome::Created(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::SeatAssigned(seat(json)?),
+            })),
+            other => Err(StoreError::Corrupt(format!("assign replied {other:?}"))),
+        }
+    }
+
+    async fn release_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+    ) -> Result<Option<Change>, StoreError> {
+        let mut inv = RELEASE.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.pool(feature, SeatSource::Purchased))
+            .key(self.keys.pool(feature, SeatSource::Tryout))
+            .key(self.keys.index())
+            .arg(FEED_LEN)
+            .arg(user.as_str())
+            .arg(feature.as_str());
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["none"] => Ok(None),
+            ["released", v] => Ok(Some(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::SeatReleased {
+                    feature,
+                    user_id: user.clone(),
+                },
+            })),
+            other => Err(StoreError::Corrupt(format!("release replied {other:?}"))),
+        }
+    }
+
+    async fn list_seats(
+        &self,
+        feature: Option<Feature>,
+        after: Option<&SeatKey>,
+        limit: usize,
+    ) -> Result<Vec<Seat>, StoreError> {
+        let member = |f: Feature, u: &str| format!("{}\0{u}", f.as_str());
+        let (min, max) = match (feature, after) {
+            (_, Some(k)) => (
+                format!("({}", member(k.feature, k.user_id.as_str())),
+                feature.map_or("+".to_owned(), |f| format!("({}\u{1}", f.as_str())),
+            ),
+            (Some(f), None) => (
+                format!("[{}\0", f.as_str()),
+                format!("({}\u{1}", f.as_str()),
+            ),
+            (None, None) => ("-".to_owned(), "+".to_owned()),
+        };
+        let mut inv = LIST.prepare_invoke();
+        inv.key(self.keys.index());
+        for f in Feature::SEATS {
+            inv.key(self.keys.pool(f, SeatSource::Purchased))
+                .key(self.keys.pool(f, SeatSource::Tryout));
+        }
+        inv.arg(min).arg(max).arg(limit);
+        for f in Feature::SEATS {
+            inv.arg(f.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let flat = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        flat.chunks_exact(3)
+            .map(|t| {
+                let (f, u) = (parse_feature(&t[0])?, parse_user(&t[1])?);
+                SeatRecordV1::parse(&t[2])?.into_seat(u, f)
+            })
+            .collect()
+    }
+
+    async fn compare_and_set_tryout(
+        &self,
+        expected: Option<&TryoutRecord>,
+        new: &TryoutRecord,
+    ) -> Result<Option<Change>, StoreError> {
+        let mut inv = CAS_TRYOUT.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.tryout())
+            .arg(FEED_LEN)
+            .arg(expected.map(TryoutRecordV1::encode).unwrap_or_default())
+            .arg(TryoutRecordV1::encode(new));
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["conflict"] => Ok(None),
+            ["ok", v] => Ok(Some(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::TryoutChanged(new.clone()),
+            })),
+            other => Err(StoreError::Corrupt(format!(
+                "tryout write replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn apply_license(
+        &self,
+        expected_id: Option<&str>,
+        license: &StoredLicense,
+        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let record = serde_json::to_string(&LicenseRecordV1::from_stored(license))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut inv = APPLY_LICENSE.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.license())
+            .key(self.keys.tryout())
+            .arg(FEED_LEN)
+            .arg(expected_id.unwrap_or(""))
+            .arg(license.id())
+            .arg(record)
+            .arg(
+                tryout
+                    .and_then(|(e, _)| e)
+                    .map(TryoutRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(
+                tryout
+                    .map(|(_, n)| TryoutRecordV1::encode(n))
+                    .unwrap_or_default(),
+            );
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["conflict"] => Ok(None),
+            ["ok", v, rest @ ..] => {
+                let mut changes = vec![Change {
+                    version: version_of(v)?,
+                    kind: ChangeKind::LicenseApplied(license.clone()),
+                }];
+                if let (Some((_, new)), [tv]) = (tryout, rest) {
+                    changes.push(Change {
+                        version: version_of(tv)?,
+                        kind: ChangeKind::TryoutChanged(new.clone()),
+                    });
+                }
+                Ok(Some(changes))
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "license write replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
+        let mut inv = RECORD_RECONCILE.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.reconcile())
+            .arg(FEED_LEN)
+            .arg(ReconcileRecordV1::encode(status));
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["ok", v] => Ok(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::ReconcileRecorded(status.clone()),
+            }),
+            other => Err(StoreError::Corrupt(format!(
+                "reconcile write replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError> {
+        let pools = self.keys.pools();
+        let mut inv = RESTORE.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.feed())
+            .key(self.keys.license())
+            .key(self.keys.tryout())
+            .key(self.keys.reconcile())
+            .key(self.keys.index());
+        for (_, _, key) in &pools {
+            inv.key(key);
+        }
+        let license_record = from
+            .license
+            .as_ref()
+            .map(|l| serde_json::to_string(&LicenseRecordV1::from_stored(l)))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        inv.arg(new_epoch())
+            .arg(from.position.as_ref().map_or(0, |p| p.version))
+            .arg(from.license.as_ref().map(StoredLicense::id).unwrap_or(""))
+            .arg(license_record.unwrap_or_default())
+            .arg(
+                from.tryout
+                    .as_ref()
+                    .map(TryoutRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(ReconcileRecordV1::encode(&from.reconcile));
+        for seat in &from.seats {
+            let Some(index) = pools
+                .iter()
+                .position(|(f, s, _)| *f == seat.feature && *s == seat.source)
+            else {
+                continue;
+            };
+            let record = serde_json::to_string(&SeatRecordV1::from_seat(seat))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            inv.arg(index + 1)
+                .arg(seat.feature.as_str())
+                .arg(seat.user_id.as_str())
+                .arg(record);
+        }
+        let mut conn = self.conn.clone();
+        let restored: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(restored == 1)
+    }
+
+    fn describe(&self) -> String {
+        format!("redis at {}", self.url_for_display)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_serial_hash_tag() {
+        let keys = Keys::new(&SerialNumber::parse("AB12").unwrap());
+        assert_eq!(keys.epoch(), "lic:{AB12}:epoch");
+        assert_eq!(
+            keys.pool(Feature::User, SeatSource::Tryout),
+            "lic:{AB12}:seats:user:tryout"
+        );
+        assert_eq!(keys.pools().len(), 4);
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}
