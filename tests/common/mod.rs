@@ -1,0 +1,302 @@
+//! Shared test harness: a private `redis-server` on a free port, and the real
+//! service on port 0 talking real gRPC.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use comtrexx_licensing::app::App;
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::license::encode_public_key;
+use comtrexx_licensing::domain::{
+    Clock, Edition, Entitlement, Feature, LicensePayload, ManualClock, SignedLicense, SystemClock,
+};
+use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
+use ed25519_dalek::SigningKey;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = LicensingServiceClient<Channel>;
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
+}
+
+/// A `redis-server` of the test's own, without persistence, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut server = Self { port, child: None };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}). The Redis tests need `redis-server` on PATH: \
+                     install it (Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) \
+                     or run scripts/install-tools.sh"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut conn) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not come up on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL): its data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A development vendor key and license files signed with it.
+pub struct Vendor {
+    pub key: SigningKey,
+    pub dir: tempfile::TempDir,
+}
+
+impl Vendor {
+    pub fn new() -> Self {
+        Self {
+            key: SigningKey::from_bytes(&rand::random::<[u8; 32]>()),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn public_key(&self) -> String {
+        encode_public_key(&self.key.verifying_key())
+    }
+
+    pub fn license_path(&self) -> PathBuf {
+        self.dir.path().join("license.json")
+    }
+
+    /// Writes a signed license for `serial` with the given entitlements.
+    pub fn write_license(
+        &self,
+        serial: &str,
+        edition: Edition,
+        issued_at: DateTime<Utc>,
+        entitlements: &[(Feature, u32)],
+    ) {
+        let payload = LicensePayload {
+            serial_number: serial.to_owned(),
+            edition,
+            issued_at,
+            entitlements: entitlements
+                .iter()
+                .map(|(feature, quantity)| Entitlement {
+                    feature: *feature,
+                    quantity: *quantity,
+                    expires_at: None,
+                })
+                .collect(),
+            nonce: None,
+        };
+        write_signed(
+            &self.license_path(),
+            &SignedLicense::sign(&payload, &self.key),
+        );
+    }
+}
+
+pub fn write_signed(path: &Path, signed: &SignedLicense) {
+    std::fs::write(path, signed.to_json()).unwrap();
+}
+
+/// A unique serial number per test, so tests never share keys.
+pub fn serial(tag: &str) -> String {
+    format!("T-{tag}-{:08x}", rand::random::<u32>())
+}
+
+/// The service, running on 127.0.0.1:0 until dropped or shut down.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub app_parts: Option<AppParts>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Handles into the running app, for tests that look inside.
+pub struct AppParts {
+    pub mirror: Arc<comtrexx_licensing::mirror::Mirror>,
+}
+
+impl TestServer {
+    pub async fn start(config: RawConfig) -> Self {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    pub async fn start_with_clock(config: RawConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut config = config;
+        config.listen_addr = "127.0.0.1:0".into();
+        config.metrics_addr = String::new();
+        let config = config.validate().expect("test config is valid");
+        let app = App::build(&config, clock).expect("build app");
+        let parts = AppParts {
+            mirror: app.mirror.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(listener, async {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            app_parts: Some(parts),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_synced().await;
+        server
+    }
+
+    /// Waits until the mirror has read the store once (bounded).
+    async fn wait_synced(&self) {
+        let mirror = &self.app_parts.as_ref().unwrap().mirror;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mirror.read(|s| s.position.is_none()) {
+            if Instant::now() > deadline {
+                return; // store unreachable: tests of that case go on
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        LicensingServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to the test server")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A config for a server on the given Redis (or the memory store when `None`).
+pub fn config(redis: Option<&RedisServer>, serial: &str) -> RawConfig {
+    RawConfig {
+        redis_url: redis.map(RedisServer::url),
+        serial_number: serial.to_owned(),
+        ..RawConfig::default()
+    }
+}
+
+/// A config that trusts `vendor` and reads its license file.
+pub fn licensed_config(redis: Option<&RedisServer>, serial: &str, vendor: &Vendor) -> RawConfig {
+    RawConfig {
+        license_file: Some(vendor.license_path()),
+        vendor_public_key: Some(vendor.public_key()),
+        ..config(redis, serial)
+    }
+}
+
+/// Polls `check` until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn manual_clock() -> ManualClock {
+    ManualClock::new(Utc::now())
+}
