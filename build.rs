@@ -3,7 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/comtrexx/licensing/v1/licensing.proto";
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile([proto], ["proto"])?;
+    // ErrorInfo is compiled in too, only so reflection clients can decode the
+    // error details this service sends; its Rust type comes from tonic-types.
+    let descriptors = protox::compile([proto, "proto/google/rpc/error_details.proto"], ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // Reflection serves this descriptor set, so grpcurl needs no proto files.
     std::fs::write(
@@ -13,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .extern_path(".google.rpc", "::tonic_types")
         .compile_fds(descriptors)?;
     Ok(())
 }
