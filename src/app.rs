@@ -76,10 +76,12 @@ impl App {
         })
     }
 
-    /// Runs the mirror, the start-up reconcile and the server until `shutdown`.
+    /// Runs the mirror, the start-up reconcile, the metrics endpoint (when given a
+    /// listener) and the gRPC server until `shutdown`.
     pub async fn run(
         self,
         listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -91,10 +93,19 @@ impl App {
         };
         let mirror_task = tokio::spawn(self.mirror.clone().run(self.store.clone(), stopped()));
         let reconcile_task = tokio::spawn(startup_reconcile(self.licensing.clone(), stopped()));
+        let metrics_task = metrics_listener.map(|listener| {
+            let registry = crate::metrics::registry(self.licensing.clone());
+            tokio::spawn(crate::metrics::serve(listener, registry, stopped()))
+        });
         let result = server::run(listener, self.licensing.clone(), self.options, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
+        if let Some(task) = metrics_task
+            && let Ok(Err(error)) = task.await
+        {
+            tracing::warn!(%error, "metrics endpoint stopped with an error");
+        }
         result
     }
 }

@@ -368,9 +368,13 @@ fn toml_string(raw: &RawConfig) -> String {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
+
+    type Mutation = Box<dyn Fn(&mut RawConfig)>;
 
     #[test]
     fn defaults_validate() {
@@ -418,7 +422,7 @@ mod tests {
 
     #[test]
     fn invalid_values_name_their_key() {
-        let cases: Vec<(Box<dyn Fn(&mut RawConfig)>, &str)> = vec![
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|c| c.listen_addr = "nowhere".into()),
                 "listen_addr",

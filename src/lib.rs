@@ -11,13 +11,15 @@
 //! - [`app`]: wiring of the parts from the configuration, and their tasks.
 //! - [`config`]: layered, validated configuration (defaults, TOML, environment).
 //! - [`cli`]: the command line, including the development licensing tools.
-//! - [`telemetry`]: logging.
+//! - [`metrics`]: Prometheus `/metrics` and OTLP metrics.
+//! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod metrics;
 pub mod mirror;
 pub mod server;
 pub mod service;

@@ -9,7 +9,7 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::cli::{self, Cli, Command};
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::SystemClock;
-use comtrexx_licensing::{shutdown_signal, telemetry};
+use comtrexx_licensing::{metrics, shutdown_signal, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,14 +19,31 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(dev) => cli::run_dev(dev),
         Command::Serve => {
             let config = RawConfig::load(cli.config.as_deref())?.validate()?;
-            telemetry::init(&config);
+            let telemetry = telemetry::init(&config)?;
             let app = App::build(&config, Arc::new(SystemClock))?;
+            if telemetry.otel_enabled() {
+                metrics::register_otel_gauges(app.licensing.clone());
+            }
             comtrexx_licensing::log_startup(&config, app.store.describe());
             let listener = tokio::net::TcpListener::bind(config.listen_addr)
                 .await
                 .with_context(|| format!("bind listen_addr {}", config.listen_addr))?;
-            tracing::info!(addr = %listener.local_addr()?, "serving gRPC");
-            app.run(listener, shutdown_signal()).await
+            let metrics_listener = match config.metrics_addr {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("bind metrics_addr {addr}"))?,
+                ),
+                None => None,
+            };
+            tracing::info!(
+                addr = %listener.local_addr()?,
+                metrics = ?config.metrics_addr,
+                "serving gRPC"
+            );
+            let result = app.run(listener, metrics_listener, shutdown_signal()).await;
+            telemetry.shutdown();
+            result
         }
     }
 }

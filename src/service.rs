@@ -79,6 +79,9 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
+    /// When activation lapses while the license source stays unreachable; `None`
+    /// when not in grace.
+    pub grace_ends_at: Option<DateTime<Utc>>,
 }
 
 /// What `Reconcile` answers.
@@ -403,6 +406,7 @@ impl Licensing {
             reconcile: state.reconcile.clone(),
             license_source: self.license_source(),
             license_problem: state.license_problem.clone(),
+            grace_ends_at: None,
         })
     }
 
@@ -424,6 +428,7 @@ impl Licensing {
                 Err(error) => (ReconcileOutcome::Rejected, Some(error)),
             },
         };
+        crate::metrics::metrics().reconcile(outcome);
         if let Some(error) = &error {
             tracing::warn!(?outcome, %error, "reconcile applied nothing");
         } else {

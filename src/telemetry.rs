@@ -1,23 +1,134 @@
-//! Logs (text or JSON) through `tracing`.
+//! Logs (text or JSON) through `tracing`; traces and metrics over OTLP when an
+//! OpenTelemetry endpoint is configured (`otlp_endpoint` or
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`), nothing exported otherwise. W3C trace context
+//! from incoming calls becomes the parent of each RPC's span.
 
+use anyhow::Context as _;
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Config, LogFormat};
 
-/// Installs the global subscriber. `RUST_LOG` overrides `log.level` when set.
-pub fn init(config: &Config) {
+/// Keeps the exporters; `shutdown` flushes what is buffered.
+#[derive(Default)]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Telemetry {
+    pub fn otel_enabled(&self) -> bool {
+        self.meter.is_some()
+    }
+
+    pub fn shutdown(self) {
+        if let Some(t) = self.tracer {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.meter {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber (and, with an endpoint, the OTLP exporters).
+/// Must run inside the Tokio runtime. `RUST_LOG` overrides `log.level` when set.
+pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colours only for a person at a terminal, never in collected logs.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match config.log_format {
-        LogFormat::Json => builder
+    // Colours only for a person at a terminal, never in collected logs.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let fmt = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
-        LogFormat::Text => builder.init(),
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+    };
+    let mut telemetry = Telemetry::default();
+    let otel_layer = match &config.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let resource = Resource::builder()
+                .with_service_name(
+                    std::env::var("OTEL_SERVICE_NAME")
+                        .unwrap_or_else(|_| "comtrexx-licensing".into()),
+                )
+                .build();
+            let spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .context("build OTLP span exporter")?;
+            let tracer = SdkTracerProvider::builder()
+                .with_batch_exporter(spans)
+                .with_resource(resource.clone())
+                .build();
+            let metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .context("build OTLP metric exporter")?;
+            let meter = SdkMeterProvider::builder()
+                .with_periodic_exporter(metrics)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(meter.clone());
+            crate::metrics::metrics().enable_otel();
+            let layer =
+                tracing_opentelemetry::layer().with_tracer(tracer.tracer("comtrexx-licensing"));
+            telemetry.tracer = Some(tracer);
+            telemetry.meter = Some(meter);
+            Some(layer)
+        }
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel_layer)
+        .try_init()
+        .context("install the log subscriber")?;
+    Ok(telemetry)
+}
+
+use tracing_subscriber::Layer as _;
+
+/// Reads W3C `traceparent`/`tracestate` from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
     }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Makes the caller's trace (if it sent one) the parent of `span`.
+pub fn set_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    if metadata.get("traceparent").is_none() {
+        return;
+    }
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let _ = span.set_parent(parent);
 }

@@ -195,17 +195,16 @@ impl Licenses<'_> {
             .into());
         }
         let activated = self.system_activated(now);
-        if let Some(license) = self.license.filter(|_| activated) {
-            if let Some(e) = license
+        if let Some(license) = self.license.filter(|_| activated)
+            && let Some(e) = license
                 .payload
                 .entitlement(feature)
                 .filter(|e| e.is_current(now) && e.quantity > 0)
-            {
-                return Ok(AssignPlan::Purchased {
-                    capacity: e.quantity,
-                    license_id: license.id().to_owned(),
-                });
-            }
+        {
+            return Ok(AssignPlan::Purchased {
+                capacity: e.quantity,
+                license_id: license.id().to_owned(),
+            });
         }
         if feature == Feature::User && self.tryout_state(now) == TryoutState::Active {
             return Ok(AssignPlan::Tryout {

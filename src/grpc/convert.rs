@@ -167,7 +167,7 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
         tryout: Some(tryout_status(&o.tryout)),
         last_reconciled_at: opt_timestamp(o.reconcile.last_success_at),
         last_reconcile_outcome: reconcile_outcome(o.reconcile.last_outcome).into(),
-        grace_ends_at: None,
+        grace_ends_at: opt_timestamp(o.grace_ends_at),
         license_source: o.license_source.clone(),
         last_reconcile_error: o
             .reconcile

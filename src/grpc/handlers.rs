@@ -2,11 +2,13 @@
 //! request, call the service, map the result. One span per RPC carries the
 //! business keys.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
 use super::convert::{self, SeatRequest};
@@ -14,6 +16,7 @@ use super::pb;
 use super::pb::licensing_service_server::LicensingService;
 use super::status::{not_implemented, to_status};
 use crate::domain::LicensingError;
+use crate::metrics::metrics;
 use crate::service::Licensing;
 
 /// The gRPC face of [`Licensing`].
@@ -32,20 +35,65 @@ fn invalid(e: crate::domain::InvalidInput) -> Status {
     to_status(LicensingError::from(e))
 }
 
-/// The span of one RPC, with the serial number; handlers add user and feature.
-macro_rules! rpc_span {
-    ($self:ident, $name:literal) => {
-        tracing::info_span!(
-            "rpc",
-            rpc = $name,
-            serial_number = %$self.licensing.settings().serial,
-            user_id = tracing::field::Empty,
-            feature = tracing::field::Empty,
-        )
-    };
+/// The span of one RPC: method and serial number, the caller's trace as parent;
+/// handlers add user and feature once validated.
+fn rpc_span(
+    method: &'static str,
+    licensing: &Licensing,
+    metadata: &tonic::metadata::MetadataMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        rpc = method,
+        serial_number = %licensing.settings().serial,
+        user_id = tracing::field::Empty,
+        feature = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, metadata);
+    span
 }
 
-fn record_seat(span: &tracing::Span, req: &SeatRequest) {
+/// Runs one handler inside its span and counts it (method, status code, latency).
+async fn observe<T>(
+    method: &'static str,
+    span: tracing::Span,
+    handler: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = handler.instrument(span).await;
+    let code = match &result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics().rpc(method, code_label(code), started.elapsed());
+    result
+}
+
+/// The canonical name of a status code, as metrics label it.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn record_seat(req: &SeatRequest) {
+    let span = tracing::Span::current();
     span.record("user_id", req.user_id.as_str());
     span.record("feature", req.feature.as_str());
 }
@@ -53,28 +101,35 @@ fn record_seat(span: &tracing::Span, req: &SeatRequest) {
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchLicenseEventsResponse, Status>> + Send + 'static>>;
 
+/// Runs a handler body as RPC `$method`: span with trace parent, metrics.
+macro_rules! rpc {
+    ($self:ident, $method:literal, $request:ident, $body:expr) => {{
+        let span = rpc_span($method, &$self.licensing, $request.metadata());
+        observe($method, span, $body).await
+    }};
+}
+
 #[tonic::async_trait]
 impl LicensingService for LicensingApi {
     async fn check_seat(
         &self,
         request: Request<pb::CheckSeatRequest>,
     ) -> Result<Response<pb::CheckSeatResponse>, Status> {
-        let span = rpc_span!(self, "CheckSeat");
-        let _enter = span.enter();
-        let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
-        record_seat(&span, &req);
-        let answer = self.licensing.check_seat(&req.user_id, req.feature);
-        Ok(Response::new(convert::check_response(&answer)))
+        rpc!(self, "CheckSeat", request, async {
+            let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
+            record_seat(&req);
+            let answer = self.licensing.check_seat(&req.user_id, req.feature);
+            Ok(Response::new(convert::check_response(&answer)))
+        })
     }
 
     async fn assign_seat(
         &self,
         request: Request<pb::AssignSeatRequest>,
     ) -> Result<Response<pb::AssignSeatResponse>, Status> {
-        let span = rpc_span!(self, "AssignSeat");
-        async {
+        rpc!(self, "AssignSeat", request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
-            record_seat(&tracing::Span::current(), &req);
+            record_seat(&req);
             let (seat, created) = self
                 .licensing
                 .assign_seat(&req.user_id, req.feature)
@@ -87,19 +142,16 @@ impl LicensingService for LicensingApi {
                 seat: Some(convert::seat(&seat)),
                 created,
             }))
-        }
-        .instrument(span)
-        .await
+        })
     }
 
     async fn release_seat(
         &self,
         request: Request<pb::ReleaseSeatRequest>,
     ) -> Result<Response<pb::ReleaseSeatResponse>, Status> {
-        let span = rpc_span!(self, "ReleaseSeat");
-        async {
+        rpc!(self, "ReleaseSeat", request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
-            record_seat(&tracing::Span::current(), &req);
+            record_seat(&req);
             let released = self
                 .licensing
                 .release_seat(&req.user_id, req.feature)
@@ -109,18 +161,15 @@ impl LicensingService for LicensingApi {
                 tracing::info!("seat released");
             }
             Ok(Response::new(pb::ReleaseSeatResponse { released }))
-        }
-        .instrument(span)
-        .await
+        })
     }
 
     async fn list_seats(
         &self,
         request: Request<pb::ListSeatsRequest>,
     ) -> Result<Response<pb::ListSeatsResponse>, Status> {
-        let span = rpc_span!(self, "ListSeats");
-        async {
-            let req = request.into_inner();
+        rpc!(self, "ListSeats", request, async {
+            let req = request.get_ref();
             if !req.feature.is_empty() {
                 tracing::Span::current().record("feature", req.feature.as_str());
             }
@@ -133,65 +182,61 @@ impl LicensingService for LicensingApi {
                 seats: page.seats.iter().map(convert::seat).collect(),
                 next_page_token: page.next_page_token,
             }))
-        }
-        .instrument(span)
-        .await
+        })
     }
 
     async fn get_tryout_status(
         &self,
-        _request: Request<pb::GetTryoutStatusRequest>,
+        request: Request<pb::GetTryoutStatusRequest>,
     ) -> Result<Response<pb::GetTryoutStatusResponse>, Status> {
-        let _enter = rpc_span!(self, "GetTryoutStatus").entered();
-        let status = self.licensing.tryout_status();
-        Ok(Response::new(pb::GetTryoutStatusResponse {
-            status: Some(convert::tryout_status(&status)),
-        }))
+        rpc!(self, "GetTryoutStatus", request, async {
+            let status = self.licensing.tryout_status();
+            Ok(Response::new(pb::GetTryoutStatusResponse {
+                status: Some(convert::tryout_status(&status)),
+            }))
+        })
     }
 
     async fn start_tryout(
         &self,
-        _request: Request<pb::StartTryoutRequest>,
+        request: Request<pb::StartTryoutRequest>,
     ) -> Result<Response<pb::StartTryoutResponse>, Status> {
-        async {
+        rpc!(self, "StartTryout", request, async {
             let status = self.licensing.start_tryout().await.map_err(to_status)?;
             tracing::info!(ends_at = ?status.ends_at, "tryout started");
             Ok(Response::new(pb::StartTryoutResponse {
                 status: Some(convert::tryout_status(&status)),
             }))
-        }
-        .instrument(rpc_span!(self, "StartTryout"))
-        .await
+        })
     }
 
     async fn end_tryout(
         &self,
-        _request: Request<pb::EndTryoutRequest>,
+        request: Request<pb::EndTryoutRequest>,
     ) -> Result<Response<pb::EndTryoutResponse>, Status> {
-        async {
+        rpc!(self, "EndTryout", request, async {
             let status = self.licensing.end_tryout().await.map_err(to_status)?;
             tracing::info!("tryout ended");
             Ok(Response::new(pb::EndTryoutResponse {
                 status: Some(convert::tryout_status(&status)),
             }))
-        }
-        .instrument(rpc_span!(self, "EndTryout"))
-        .await
+        })
     }
 
     async fn get_license_overview(
         &self,
-        _request: Request<pb::GetLicenseOverviewRequest>,
+        request: Request<pb::GetLicenseOverviewRequest>,
     ) -> Result<Response<pb::GetLicenseOverviewResponse>, Status> {
-        let _enter = rpc_span!(self, "GetLicenseOverview").entered();
-        Ok(Response::new(convert::overview(&self.licensing.overview())))
+        rpc!(self, "GetLicenseOverview", request, async {
+            Ok(Response::new(convert::overview(&self.licensing.overview())))
+        })
     }
 
     async fn reconcile(
         &self,
-        _request: Request<pb::ReconcileRequest>,
+        request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
-        async {
+        rpc!(self, "Reconcile", request, async {
             let report = self.licensing.reconcile().await.map_err(to_status)?;
             Ok(Response::new(pb::ReconcileResponse {
                 outcome: convert::reconcile_outcome(Some(report.outcome)).into(),
@@ -204,31 +249,35 @@ impl LicensingService for LicensingApi {
                 next_reconcile_at: None,
                 error: report.error.unwrap_or_default(),
             }))
-        }
-        .instrument(rpc_span!(self, "Reconcile"))
-        .await
+        })
     }
 
     async fn create_initialization_code(
         &self,
-        _request: Request<pb::CreateInitializationCodeRequest>,
+        request: Request<pb::CreateInitializationCodeRequest>,
     ) -> Result<Response<pb::CreateInitializationCodeResponse>, Status> {
-        Err(not_implemented("initialization with the licensing server"))
+        rpc!(self, "CreateInitializationCode", request, async {
+            Err(not_implemented("initialization with the licensing server"))
+        })
     }
 
     async fn apply_activation(
         &self,
-        _request: Request<pb::ApplyActivationRequest>,
+        request: Request<pb::ApplyActivationRequest>,
     ) -> Result<Response<pb::ApplyActivationResponse>, Status> {
-        Err(not_implemented("activation with the licensing server"))
+        rpc!(self, "ApplyActivation", request, async {
+            Err(not_implemented("activation with the licensing server"))
+        })
     }
 
     type WatchLicenseEventsStream = EventStream;
 
     async fn watch_license_events(
         &self,
-        _request: Request<pb::WatchLicenseEventsRequest>,
+        request: Request<pb::WatchLicenseEventsRequest>,
     ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
-        Err(not_implemented("the license event stream"))
+        rpc!(self, "WatchLicenseEvents", request, async {
+            Err(not_implemented("the license event stream"))
+        })
     }
 }

@@ -163,10 +163,10 @@ impl Store for MemoryStore {
             }
             _ => {}
         }
-        if let AssignPlan::Purchased { license_id, .. } = plan {
-            if inner.license.as_ref().map(|l| l.id()) != Some(license_id.as_str()) {
-                return Ok(AssignOutcome::LicenseChanged);
-            }
+        if let AssignPlan::Purchased { license_id, .. } = plan
+            && inner.license.as_ref().map(|l| l.id()) != Some(license_id.as_str())
+        {
+            return Ok(AssignOutcome::LicenseChanged);
         }
         let source = plan.source();
         let in_use = inner
@@ -267,10 +267,10 @@ impl Store for MemoryStore {
         if inner.license.as_ref().map(StoredLicense::id) != expected_id {
             return Ok(None);
         }
-        if let Some((expected, _)) = tryout {
-            if inner.tryout.as_ref() != expected {
-                return Ok(None);
-            }
+        if let Some((expected, _)) = tryout
+            && inner.tryout.as_ref() != expected
+        {
+            return Ok(None);
         }
         inner.license = Some(license.clone());
         let mut changes =

@@ -147,18 +147,21 @@ impl RedisStore {
     }
 
     /// Runs one Redis call bounded by the configured timeout.
+    /// Failures are counted per `operation` (metric `licensing_redis_errors_total`).
     async fn bounded<T>(
         &self,
+        operation: &'static str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {} ms",
-                self.timeout.as_millis()
-            ))),
-        }
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => classify(e),
+            Err(_) => {
+                StoreError::Unavailable(format!("no answer within {} ms", self.timeout.as_millis()))
+            }
+        };
+        crate::metrics::metrics().redis_error(operation);
+        Err(result)
     }
 
     /// Warns when Redis may evict keys (seat keys would vanish under memory
@@ -167,6 +170,7 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let reply: Result<Vec<String>, StoreError> = self
             .bounded(
+                "config_get",
                 redis::cmd("CONFIG")
                     .arg("GET")
                     .arg("maxmemory-policy")
@@ -271,7 +275,9 @@ impl Store for RedisStore {
             inv.key(key);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let reply: Vec<Value> = self
+            .bounded("snapshot", inv.invoke_async(&mut conn))
+            .await?;
         if reply.len() != 5 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
@@ -317,6 +323,7 @@ impl Store for RedisStore {
                 .set_response_timeout(Some(wait + self.timeout));
             let conn = self
                 .bounded(
+                    "feed_connect",
                     self.client
                         .get_multiplexed_async_connection_with_config(&config),
                 )
@@ -338,10 +345,12 @@ impl Store for RedisStore {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
                 *guard = None;
+                crate::metrics::metrics().redis_error("feed_read");
                 return Err(classify(e));
             }
             Err(_) => {
                 *guard = None;
+                crate::metrics::metrics().redis_error("feed_read");
                 return Err(StoreError::Unavailable("feed read timed out".into()));
             }
         };
@@ -353,6 +362,7 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let (epoch, version): (Option<String>, Option<u64>) = self
             .bounded(
+                "feed_position",
                 redis::cmd("MGET")
                     .arg(self.keys.epoch())
                     .arg(self.keys.version())
@@ -363,8 +373,7 @@ impl Store for RedisStore {
             return Ok(Changes::Resync);
         }
         let mut changes = Vec::with_capacity(entries.len());
-        let mut expected = since.version + 1;
-        for entry in entries {
+        for (expected, entry) in (since.version + 1..).zip(entries) {
             let v = entry
                 .id
                 .split_once('-')
@@ -375,7 +384,6 @@ impl Store for RedisStore {
                 return Ok(Changes::Resync);
             }
             changes.push(feed_change(v, &entry.map)?);
-            expected += 1;
         }
         Ok(Changes::Events(changes))
     }
@@ -405,7 +413,7 @@ impl Store for RedisStore {
             .arg(plan.capacity())
             .arg(license_id);
         let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let reply = strings(self.bounded("assign", inv.invoke_async(&mut conn)).await?)?;
         no_epoch(&reply)?;
         let seat = |json: &str| SeatRecordV1::parse(json)?.into_seat(user.clone(), feature);
         match reply
@@ -444,7 +452,7 @@ impl Store for RedisStore {
             .arg(user.as_str())
             .arg(feature.as_str());
         let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let reply = strings(self.bounded("release", inv.invoke_async(&mut conn)).await?)?;
         no_epoch(&reply)?;
         match reply
             .iter()
@@ -493,7 +501,7 @@ impl Store for RedisStore {
             inv.arg(f.as_str());
         }
         let mut conn = self.conn.clone();
-        let flat = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let flat = strings(self.bounded("list", inv.invoke_async(&mut conn)).await?)?;
         flat.chunks_exact(3)
             .map(|t| {
                 let (f, u) = (parse_feature(&t[0])?, parse_user(&t[1])?);
@@ -516,7 +524,10 @@ impl Store for RedisStore {
             .arg(expected.map(TryoutRecordV1::encode).unwrap_or_default())
             .arg(TryoutRecordV1::encode(new));
         let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let reply = strings(
+            self.bounded("cas_tryout", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
         no_epoch(&reply)?;
         match reply
             .iter()
@@ -565,7 +576,10 @@ impl Store for RedisStore {
                     .unwrap_or_default(),
             );
         let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let reply = strings(
+            self.bounded("apply_license", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
         no_epoch(&reply)?;
         match reply
             .iter()
@@ -602,7 +616,10 @@ impl Store for RedisStore {
             .arg(FEED_LEN)
             .arg(ReconcileRecordV1::encode(status));
         let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(inv.invoke_async(&mut conn)).await?)?;
+        let reply = strings(
+            self.bounded("record_reconcile", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
         no_epoch(&reply)?;
         match reply
             .iter()
@@ -665,7 +682,7 @@ impl Store for RedisStore {
                 .arg(record);
         }
         let mut conn = self.conn.clone();
-        let restored: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let restored: i64 = self.bounded("restore", inv.invoke_async(&mut conn)).await?;
         Ok(restored == 1)
     }
 

@@ -69,12 +69,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(client) = redis::Client::open(self.url()) {
-                if let Ok(mut conn) = client.get_connection() {
-                    if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                        return;
-                    }
-                }
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -207,7 +206,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(listener, async {
+        let task = tokio::spawn(app.run(listener, None, async {
             let _ = stopped.await;
         }));
         let server = Self {
@@ -299,4 +298,45 @@ where
 
 pub fn manual_clock() -> ManualClock {
     ManualClock::new(Utc::now())
+}
+
+/// A port nothing listens on (at the moment of asking).
+pub fn unused_port() -> u16 {
+    free_port()
+}
+
+impl RedisServer {
+    /// A server on a given port, e.g. one a service was pointed at while it was down.
+    pub fn start_on(port: u16) -> Self {
+        let mut server = Self { port, child: None };
+        server.spawn();
+        server
+    }
+}
+
+impl TestServer {
+    /// Like [`TestServer::start`], but returns as soon as the server listens,
+    /// without waiting for the first store sync (for a store that is down).
+    pub async fn start_unsynced(config: RawConfig) -> Self {
+        let mut config = config;
+        config.listen_addr = "127.0.0.1:0".into();
+        config.metrics_addr = String::new();
+        let config = config.validate().expect("test config is valid");
+        let app = App::build(&config, Arc::new(SystemClock)).expect("build app");
+        let parts = AppParts {
+            mirror: app.mirror.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(listener, None, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            app_parts: Some(parts),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
 }
