@@ -241,9 +241,39 @@ impl Collector for StateCollector {
     }
 }
 
+/// The Redis operations the store names in `licensing_redis_errors_total`; their
+/// counters start at 0 so that rate alerts work before the first error.
+const REDIS_OPERATIONS: [&str; 12] = [
+    "snapshot",
+    "feed_connect",
+    "feed_read",
+    "feed_position",
+    "assign",
+    "release",
+    "list",
+    "cas_tryout",
+    "apply_license",
+    "record_reconcile",
+    "restore",
+    "config_get",
+];
+
 /// The registry a replica's `/metrics` serves.
 pub fn registry(licensing: Arc<Licensing>) -> Registry {
     let m = metrics();
+    for op in REDIS_OPERATIONS {
+        m.redis_errors
+            .get_or_create(&vec![("operation", op.to_owned())]);
+    }
+    for outcome in [
+        ReconcileOutcome::Updated,
+        ReconcileOutcome::Unchanged,
+        ReconcileOutcome::Unreachable,
+        ReconcileOutcome::Rejected,
+    ] {
+        m.reconciles
+            .get_or_create(&vec![("outcome", outcome_name(outcome).to_owned())]);
+    }
     let mut registry = Registry::default();
     registry.register(
         "licensing_rpc_requests",

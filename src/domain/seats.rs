@@ -211,6 +211,17 @@ impl Licenses<'_> {
                 capacity: self.tryout_policy.seats,
             });
         }
+        if feature != Feature::User
+            && self.tryout_state(now) == TryoutState::Active
+            && self.license.is_none()
+        {
+            return Err(LicensingError::precondition(
+                "NOT_ACTIVATED",
+                format!(
+                    "tryout test seats are for feature user only; {feature} needs a purchased license"
+                ),
+            ));
+        }
         if self.license.is_some() && activated {
             return Err(LicensingError::NoFreeSeat {
                 feature,

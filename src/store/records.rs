@@ -76,6 +76,7 @@ impl LicenseRecordV1 {
     pub fn parse(json: &str) -> Result<StoredLicense, StoreError> {
         let r: Self = serde_json::from_str(json)
             .map_err(|e| StoreError::Corrupt(format!("license record: {e}")))?;
+        known_version("license", r.v)?;
         Ok(StoredLicense {
             signed: r.signed,
             applied_at: r.applied_at,
@@ -101,9 +102,10 @@ impl TryoutRecordV1 {
     }
 
     pub fn parse(json: &str) -> Result<TryoutRecord, StoreError> {
-        serde_json::from_str::<Self>(json)
-            .map(|r| r.record)
-            .map_err(|e| StoreError::Corrupt(format!("tryout record: {e}")))
+        let r = serde_json::from_str::<Self>(json)
+            .map_err(|e| StoreError::Corrupt(format!("tryout record: {e}")))?;
+        known_version("tryout", r.v)?;
+        Ok(r.record)
     }
 }
 
@@ -124,9 +126,22 @@ impl ReconcileRecordV1 {
     }
 
     pub fn parse(json: &str) -> Result<ReconcileStatus, StoreError> {
-        serde_json::from_str::<Self>(json)
-            .map(|r| r.status)
-            .map_err(|e| StoreError::Corrupt(format!("reconcile record: {e}")))
+        let r = serde_json::from_str::<Self>(json)
+            .map_err(|e| StoreError::Corrupt(format!("reconcile record: {e}")))?;
+        known_version("reconcile", r.v)?;
+        Ok(r.status)
+    }
+}
+
+/// This code reads format version 1 of every record; a newer one is refused
+/// rather than misread.
+fn known_version(what: &str, v: u32) -> Result<(), StoreError> {
+    if v == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "{what} record format v{v} unknown"
+        )))
     }
 }
 
@@ -160,5 +175,23 @@ mod tests {
                 .is_err()
         );
         assert!(SeatRecordV1::parse("nope").is_err());
+    }
+
+    #[test]
+    fn unknown_record_versions_are_refused() {
+        assert!(
+            TryoutRecordV1::parse(
+                r#"{"v":2,"record":{"kind":"forfeited","at":"2026-01-01T00:00:00Z"}}"#
+            )
+            .is_err()
+        );
+        assert!(
+            TryoutRecordV1::parse(
+                r#"{"v":1,"record":{"kind":"forfeited","at":"2026-01-01T00:00:00Z"}}"#
+            )
+            .is_ok()
+        );
+        assert!(ReconcileRecordV1::parse(r#"{"v":9,"status":{}}"#).is_err());
+        assert!(ReconcileRecordV1::parse(r#"{"v":1,"status":{}}"#).is_ok());
     }
 }
