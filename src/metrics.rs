@@ -263,7 +263,8 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
     let m = metrics();
     for op in REDIS_OPERATIONS {
         m.redis_errors
-            .get_or_create(&vec![("operation", op.to_owned())]);
+            .get_or_create(&vec![("operation", op.to_owned())])
+            .inc_by(0);
     }
     for outcome in [
         ReconcileOutcome::Updated,
@@ -272,7 +273,8 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         ReconcileOutcome::Rejected,
     ] {
         m.reconciles
-            .get_or_create(&vec![("outcome", outcome_name(outcome).to_owned())]);
+            .get_or_create(&vec![("outcome", outcome_name(outcome).to_owned())])
+            .inc_by(0);
     }
     let mut registry = Registry::default();
     registry.register(
