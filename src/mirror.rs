@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone, Utc};
 use ed25519_dalek::VerifyingKey;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use crate::domain::{
     AppliedLicense, Edition, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber,
@@ -249,8 +249,8 @@ pub struct Mirror {
     connected: AtomicBool,
     // When the store last answered; drives `stale`.
     last_contact: Mutex<Option<Instant>>,
-    // Asks the sync task to resynchronise now (a write saw a newer license, a gap).
-    resync_requested: Notify,
+    // The version the copy has reached, for writers waiting to read their own write.
+    version_tx: watch::Sender<u64>,
 }
 
 impl Mirror {
@@ -261,7 +261,7 @@ impl Mirror {
             config,
             connected: AtomicBool::new(false),
             last_contact: Mutex::new(None),
-            resync_requested: Notify::new(),
+            version_tx: watch::channel(0).0,
         }
     }
 
@@ -299,11 +299,51 @@ impl Mirror {
     }
 
     /// Applies the change a local write made, so this replica reads its own writes
-    /// at once; on a gap, the sync task catches up.
-    pub fn apply_local(&self, change: &Change) {
-        if !self.state.write().apply(change, &self.verifier) {
-            self.resync_requested.notify_one();
+    /// at once. When the copy is behind (earlier writes of other replicas not yet
+    /// applied), waits up to `feed_wait` for the feed to bring it up to that write.
+    pub async fn apply_local(&self, change: &Change) {
+        let applied = {
+            let mut state = self.state.write();
+            let applied = state.apply(change, &self.verifier);
+            self.publish_version(&state);
+            applied
+        };
+        if !applied {
+            let mut rx = self.version_tx.subscribe();
+            let reached =
+                tokio::time::timeout(self.config.feed_wait, rx.wait_for(|v| *v >= change.version))
+                    .await;
+            if reached.is_err() {
+                tracing::debug!(
+                    version = change.version,
+                    "mirror did not reach a local write in time"
+                );
+            }
         }
+    }
+
+    fn publish_version(&self, state: &MirrorState) {
+        let version = state.position.as_ref().map_or(0, |p| p.version);
+        self.version_tx.send_if_modified(|v| {
+            let changed = *v != version;
+            *v = version;
+            changed
+        });
+    }
+
+    /// Replaces the copy with a snapshot, unless the copy is already further along
+    /// in the same epoch (local writes applied after the snapshot was read).
+    fn install(&self, snapshot: Snapshot) {
+        let loaded = MirrorState::load(snapshot, &self.verifier);
+        let mut state = self.state.write();
+        let older = match (&state.position, &loaded.position) {
+            (Some(have), Some(got)) => have.epoch == got.epoch && got.version < have.version,
+            _ => false,
+        };
+        if !older {
+            *state = loaded;
+        }
+        self.publish_version(&state);
     }
 
     /// Reads a fresh snapshot now (after a write found the copy out of date).
@@ -334,10 +374,10 @@ impl Mirror {
             if snapshot.position.is_none() {
                 return Err(StoreError::NotInitialized);
             }
-            *self.state.write() = MirrorState::load(snapshot, &self.verifier);
+            self.install(snapshot);
             return Ok(());
         }
-        *self.state.write() = MirrorState::load(snapshot, &self.verifier);
+        self.install(snapshot);
         Ok(())
     }
 
@@ -363,16 +403,14 @@ impl Mirror {
                     let Some(position) = position else {
                         return Ok(true);
                     };
-                    tokio::select! {
-                        changes = store.changes(&position, self.config.feed_wait) => match changes? {
-                            Changes::Events(events) => {
-                                let mut state = self.state.write();
-                                let in_order = events.iter().all(|c| state.apply(c, &self.verifier));
-                                Ok(!in_order)
-                            }
-                            Changes::Resync => Ok(true),
-                        },
-                        () = self.resync_requested.notified() => Ok(true),
+                    match store.changes(&position, self.config.feed_wait).await? {
+                        Changes::Events(events) => {
+                            let mut state = self.state.write();
+                            let in_order = events.iter().all(|c| state.apply(c, &self.verifier));
+                            self.publish_version(&state);
+                            Ok(!in_order)
+                        }
+                        Changes::Resync => Ok(true),
                     }
                 }
             };

@@ -212,7 +212,7 @@ impl Licensing {
                 .map_err(store_error)?
             {
                 AssignOutcome::Created(change) => {
-                    self.mirror.apply_local(&change);
+                    self.mirror.apply_local(&change).await;
                     let crate::store::ChangeKind::SeatAssigned(seat) = change.kind else {
                         return Err(LicensingError::Internal(
                             "assign reported another change".into(),
@@ -254,7 +254,7 @@ impl Licensing {
             .map_err(store_error)?
         {
             Some(change) => {
-                self.mirror.apply_local(&change);
+                self.mirror.apply_local(&change).await;
                 Ok(true)
             }
             None => Ok(false),
@@ -354,7 +354,7 @@ impl Licensing {
                 .map_err(store_error)?
             {
                 Some(change) => {
-                    self.mirror.apply_local(&change);
+                    self.mirror.apply_local(&change).await;
                     return Ok(self.tryout_status());
                 }
                 None => self
@@ -450,7 +450,7 @@ impl Licensing {
             .record_reconcile(&status)
             .await
             .map_err(store_error)?;
-        self.mirror.apply_local(&change);
+        self.mirror.apply_local(&change).await;
         Ok(ReconcileReport {
             outcome,
             entitlements: self.mirror.read(|s| self.entitlements(s)),
@@ -535,7 +535,7 @@ impl Licensing {
             match written {
                 Some(changes) => {
                     for change in &changes {
-                        self.mirror.apply_local(change);
+                        self.mirror.apply_local(change).await;
                     }
                     return Ok(Ok(ReconcileOutcome::Updated));
                 }

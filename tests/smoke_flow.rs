@@ -105,3 +105,83 @@ async fn license_assign_check_release_list() {
     assert!(released.released);
     server.shutdown().await;
 }
+
+/// A replica reads its own writes at once: every seat assigned through it is
+/// licensed on the very next `CheckSeat`, also in a burst of writes (the mirror
+/// never regresses to an older snapshot).
+async fn reads_own_writes(redis: Option<&RedisServer>) {
+    let vendor = Vendor::new();
+    let serial = serial("ryw");
+    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 1000)]);
+    let server = TestServer::start(licensed_config(redis, &serial, &vendor)).await;
+    let mut client = server.client().await;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut c = client.clone();
+            async move {
+                c.get_license_overview(pb::GetLicenseOverviewRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .activation_state
+                    == pb::ActivationState::Active as i32
+            }
+        })
+        .await
+    );
+    for i in 0..300 {
+        let user = format!("burst-{i}");
+        client
+            .assign_seat(pb::AssignSeatRequest {
+                user_id: user.clone(),
+                feature: String::new(),
+            })
+            .await
+            .unwrap();
+        let check = client
+            .check_seat(pb::CheckSeatRequest {
+                user_id: user.clone(),
+                feature: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            check.licensed,
+            "{user} not licensed right after its assignment"
+        );
+        if i % 3 == 0 {
+            client
+                .release_seat(pb::ReleaseSeatRequest {
+                    user_id: user.clone(),
+                    feature: String::new(),
+                })
+                .await
+                .unwrap();
+            let check = client
+                .check_seat(pb::CheckSeatRequest {
+                    user_id: user.clone(),
+                    feature: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                !check.licensed,
+                "{user} still licensed right after its release"
+            );
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_own_writes_memory() {
+    reads_own_writes(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_own_writes_redis() {
+    let redis = RedisServer::start();
+    reads_own_writes(Some(&redis)).await;
+}

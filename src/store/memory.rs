@@ -1,7 +1,7 @@
 //! The embedded in-memory store: the default for one-command local runs and a
 //! reference for the Redis store's semantics. Its state is lost on restart.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,10 +34,42 @@ struct Inner {
     epoch: Option<String>,
     version: u64,
     seats: BTreeMap<(Feature, UserId), Seat>,
+    /// Seats per (feature, source), kept with `seats` so capacity checks are O(1).
+    counts: HashMap<(Feature, SeatSource), u32>,
     license: Option<StoredLicense>,
     tryout: Option<TryoutRecord>,
     reconcile: ReconcileStatus,
     feed: VecDeque<Change>,
+}
+
+impl Inner {
+    /// Inserts or replaces a seat, keeping the counts.
+    fn put(&mut self, seat: Seat) {
+        *self.counts.entry((seat.feature, seat.source)).or_default() += 1;
+        if let Some(old) = self
+            .seats
+            .insert((seat.feature, seat.user_id.clone()), seat)
+        {
+            self.uncount(old.feature, old.source);
+        }
+    }
+
+    /// Removes a seat; `false` when there was none.
+    fn remove(&mut self, feature: Feature, user: &UserId) -> bool {
+        match self.seats.remove(&(feature, user.clone())) {
+            Some(old) => {
+                self.uncount(old.feature, old.source);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn uncount(&mut self, feature: Feature, source: SeatSource) {
+        if let Some(c) = self.counts.get_mut(&(feature, source)) {
+            *c = c.saturating_sub(1);
+        }
+    }
 }
 
 impl MemoryStore {
@@ -49,6 +81,7 @@ impl MemoryStore {
                 epoch: Some(new_epoch()),
                 version: 0,
                 seats: BTreeMap::new(),
+                counts: HashMap::new(),
                 license: None,
                 tryout: None,
                 reconcile: ReconcileStatus::default(),
@@ -66,6 +99,7 @@ impl MemoryStore {
         inner.epoch = None;
         inner.version = 0;
         inner.seats.clear();
+        inner.counts.clear();
         inner.license = None;
         inner.tryout = None;
         inner.reconcile = ReconcileStatus::default();
@@ -169,12 +203,7 @@ impl Store for MemoryStore {
             return Ok(AssignOutcome::LicenseChanged);
         }
         let source = plan.source();
-        let in_use = inner
-            .seats
-            .values()
-            .filter(|s| s.feature == feature && s.source == source)
-            .count();
-        let in_use = u32::try_from(in_use).unwrap_or(u32::MAX);
+        let in_use = inner.counts.get(&(feature, source)).copied().unwrap_or(0);
         if in_use >= plan.capacity() {
             return Ok(AssignOutcome::Exhausted {
                 capacity: plan.capacity(),
@@ -188,7 +217,7 @@ impl Store for MemoryStore {
             assigned_at: self.clock.now(),
             over_capacity_since: None,
         };
-        inner.seats.insert(key, seat.clone());
+        inner.put(seat.clone());
         Ok(AssignOutcome::Created(
             self.record(&mut inner, ChangeKind::SeatAssigned(seat)),
         ))
@@ -203,7 +232,7 @@ impl Store for MemoryStore {
         if inner.epoch.is_none() {
             return Err(StoreError::NotInitialized);
         }
-        if inner.seats.remove(&(feature, user.clone())).is_none() {
+        if !inner.remove(feature, user) {
             return Ok(None);
         }
         let kind = ChangeKind::SeatReleased {
@@ -296,11 +325,11 @@ impl Store for MemoryStore {
         if inner.epoch.is_some() {
             return Ok(false);
         }
-        inner.seats = from
-            .seats
-            .iter()
-            .map(|s| ((s.feature, s.user_id.clone()), s.clone()))
-            .collect();
+        inner.seats.clear();
+        inner.counts.clear();
+        for seat in &from.seats {
+            inner.put(seat.clone());
+        }
         inner.license = from.license.clone();
         inner.tryout = from.tryout.clone();
         inner.reconcile = from.reconcile.clone();

@@ -1,0 +1,319 @@
+//! Measures the numbers in BENCHMARKS.md: `cargo bench --bench hot_path`.
+//!
+//! 1. `CheckSeat` decided in process (the mirror lookup and decision alone).
+//! 2. `CheckSeat` over real gRPC on loopback: latency percentiles and throughput.
+//! 3. `AssignSeat` over gRPC against Redis, two replicas: throughput and latency.
+//! 4. Cross-replica visibility: assign on A until `CheckSeat` on B says licensed.
+//! 5. Mirror memory for many seats (resident set growth).
+//!
+//! Needs `redis-server` on PATH (each run starts its own on a free port).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use comtrexx_licensing::domain::{Edition, Feature, Seat, SeatSource, SystemClock, UserId};
+use comtrexx_licensing::grpc::pb;
+use comtrexx_licensing::mirror::{Mirror, MirrorConfig, Verifier};
+use comtrexx_licensing::store::memory::MemoryStore;
+use comtrexx_licensing::store::{Snapshot, Store};
+
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
+    format!(
+        "p50 {:>8.1?}  p90 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  (n = {})",
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    )
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+async fn wait_active(client: &Client) {
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut c = client.clone();
+            async move {
+                c.get_license_overview(pb::GetLicenseOverviewRequest {})
+                    .await
+                    .map(|o| o.into_inner().activation_state == pb::ActivationState::Active as i32)
+                    .unwrap_or(false)
+            }
+        })
+        .await,
+        "license was not applied"
+    );
+}
+
+fn req(user: &str) -> pb::CheckSeatRequest {
+    pb::CheckSeatRequest {
+        user_id: user.into(),
+        feature: String::new(),
+    }
+}
+
+async fn check_over_grpc(label: &str, client: &Client, users: usize) {
+    // Latency: one caller, sequential.
+    let mut c = client.clone();
+    for i in 0..500 {
+        c.check_seat(req(&format!("u{}", i % users))).await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(5000);
+    for i in 0..5000 {
+        let t = Instant::now();
+        c.check_seat(req(&format!("u{}", i % users))).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    println!(
+        "  {label} CheckSeat latency, 1 caller:       {}",
+        percentiles(samples)
+    );
+    // Throughput: 32 concurrent callers on 4 connections for ~2 s.
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(client.clone());
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let mut c = channels[w % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                c.check_seat(req(&format!("u{}", (n as usize + w) % users)))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "  {label} CheckSeat throughput, 32 callers:  {:.0} calls/s",
+        total as f64 / secs
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    println!(
+        "comtrexx-licensing benchmarks ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // 1. In-process decision.
+    {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
+        let serial = serial("bench");
+        let vendor = Vendor::new();
+        vendor.write_license(
+            &serial,
+            Edition::Vm,
+            Utc::now(),
+            &[(Feature::User, 200_000)],
+        );
+        let server_cfg = licensed_config(None, &serial, &vendor);
+        let config = server_cfg.validate().unwrap();
+        let app = comtrexx_licensing::app::App::build(&config, Arc::new(SystemClock)).unwrap();
+        let licensing = app.licensing.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(listener, None, async {
+            let _ = stopped.await;
+        }));
+        let client =
+            pb::licensing_service_client::LicensingServiceClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+        wait_active(&client).await;
+        let users = 10_000;
+        let mut c = client.clone();
+        for i in 0..users {
+            c.assign_seat(pb::AssignSeatRequest {
+                user_id: format!("u{i}"),
+                feature: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+        let ids: Vec<UserId> = (0..users)
+            .map(|i| UserId::parse(&format!("u{i}")).unwrap())
+            .collect();
+        let n = 2_000_000;
+        let t = Instant::now();
+        let mut licensed = 0;
+        for i in 0..n {
+            licensed += usize::from(
+                licensing
+                    .check_seat(&ids[i % users], Feature::User)
+                    .check
+                    .licensed,
+            );
+        }
+        let per = t.elapsed() / n as u32;
+        assert_eq!(licensed, n);
+        println!("1. CheckSeat decision in process ({users} seats): {per:?} per call");
+        println!("2. CheckSeat over gRPC (loopback, embedded store):");
+        check_over_grpc("memory", &client, users).await;
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+        drop(store);
+    }
+
+    // 3 and 4: two replicas on one Redis.
+    {
+        let redis = RedisServer::start();
+        let vendor = Vendor::new();
+        let serial = serial("bench-redis");
+        vendor.write_license(
+            &serial,
+            Edition::Vm,
+            Utc::now(),
+            &[(Feature::User, 100_000)],
+        );
+        let a = TestServer::start(licensed_config(Some(&redis), &serial, &vendor)).await;
+        let b = TestServer::start(licensed_config(Some(&redis), &serial, &vendor)).await;
+        let (ca, cb) = (a.client().await, b.client().await);
+        wait_active(&ca).await;
+        wait_active(&cb).await;
+
+        println!("3. AssignSeat over gRPC, Redis store, 2 replicas:");
+        let mut c = ca.clone();
+        let mut samples = Vec::new();
+        for i in 0..2000 {
+            let t = Instant::now();
+            c.assign_seat(pb::AssignSeatRequest {
+                user_id: format!("seq{i}"),
+                feature: String::new(),
+            })
+            .await
+            .unwrap();
+            samples.push(t.elapsed());
+        }
+        println!(
+            "  AssignSeat latency, 1 caller:          {}",
+            percentiles(samples)
+        );
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..32 {
+            let mut c = if w % 2 == 0 { ca.clone() } else { cb.clone() };
+            tasks.push(tokio::spawn(async move {
+                for i in 0..500 {
+                    c.assign_seat(pb::AssignSeatRequest {
+                        user_id: format!("par{w}-{i}"),
+                        feature: String::new(),
+                    })
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!(
+            "  AssignSeat throughput, 32 callers:     {:.0} calls/s (16 000 seats)",
+            16_000.0 / started.elapsed().as_secs_f64()
+        );
+        check_over_grpc("redis ", &cb, 2000).await;
+
+        println!("4. Cross-replica visibility (assign on A, CheckSeat on B until licensed):");
+        let mut samples = Vec::new();
+        let (mut ca2, mut cb2) = (ca.clone(), cb.clone());
+        for i in 0..300 {
+            let user = format!("vis{i}");
+            let t = Instant::now();
+            ca2.assign_seat(pb::AssignSeatRequest {
+                user_id: user.clone(),
+                feature: String::new(),
+            })
+            .await
+            .unwrap();
+            loop {
+                if cb2
+                    .check_seat(req(&user))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .licensed
+                {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "not visible on B after 5 s"
+                );
+            }
+            samples.push(t.elapsed());
+        }
+        println!(
+            "  assign + visible on the other replica: {}",
+            percentiles(samples)
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    // 5. Mirror memory.
+    {
+        let n = 1_000_000;
+        let store = MemoryStore::new(Arc::new(SystemClock));
+        store.wipe();
+        let now = Utc::now();
+        let seats: Vec<Seat> = (0..n)
+            .map(|i| Seat {
+                user_id: UserId::parse(&format!("user-{i:07}@pbx.example")).unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Purchased,
+                assigned_at: now,
+                over_capacity_since: None,
+            })
+            .collect();
+        store
+            .restore(&Snapshot {
+                seats,
+                ..Snapshot::default()
+            })
+            .await
+            .unwrap();
+        let verifier = Verifier {
+            key: None,
+            serial: comtrexx_licensing::domain::SerialNumber::parse("BENCH").unwrap(),
+            edition: Edition::Vm,
+        };
+        let before = rss_bytes();
+        let mirror = Mirror::new(verifier, MirrorConfig::default());
+        mirror.resync_now(&store).await.unwrap();
+        let after = rss_bytes();
+        assert_eq!(mirror.read(|s| s.seat_total()), n);
+        println!(
+            "5. Mirror of {n} seats (user ids of 24 bytes): resident set grew by {:.0} MiB (an upper bound: includes the transient snapshot)",
+            (after.saturating_sub(before)) as f64 / 1_048_576.0
+        );
+    }
+}
