@@ -9,7 +9,6 @@
 //! Needs `redis-server` on PATH (each run starts its own on a free port).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
