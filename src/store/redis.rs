@@ -480,11 +480,19 @@ impl Store for RedisStore {
     ) -> Result<Vec<Seat>, StoreError> {
         let member = |f: Feature, u: &str| format!("{}\0{u}", f.as_str());
         let (min, max) = match (feature, after) {
-            (_, Some(k)) => (
+            // Resuming inside the filtered feature, or across all features.
+            (None, Some(k)) => (
                 format!("({}", member(k.feature, k.user_id.as_str())),
-                feature.map_or("+".to_owned(), |f| format!("({}\u{1}", f.as_str())),
+                "+".to_owned(),
             ),
-            (Some(f), None) => (
+            (Some(f), Some(k)) if k.feature == f => (
+                format!("({}", member(k.feature, k.user_id.as_str())),
+                format!("({}\u{1}", f.as_str()),
+            ),
+            // A key past the filtered feature: nothing is left.
+            (Some(f), Some(k)) if k.feature > f => return Ok(Vec::new()),
+            // No key, or one before the filtered feature: the feature's start.
+            (Some(f), _) => (
                 format!("[{}\0", f.as_str()),
                 format!("({}\u{1}", f.as_str()),
             ),

@@ -1,0 +1,1511 @@
+//! One conformance suite for the `Store` trait, run against both implementations:
+//! the embedded `MemoryStore` and the `RedisStore` on a private `redis-server`.
+//!
+//! Every case is a plain async function over `&dyn Store` (plus, where needed, a
+//! way to lose the store's data, or an `Arc` for concurrent callers); the
+//! `conformance!` macro turns each into one test per store.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::RedisServer;
+use comtrexx_licensing::domain::tryout::{TryoutEnd, TryoutEndReason};
+use comtrexx_licensing::domain::{
+    AssignPlan, Edition, Entitlement, Feature, LicensePayload, ReconcileOutcome, ReconcileStatus,
+    Seat, SeatSource, SerialNumber, SignedLicense, SystemClock, TryoutRecord, UserId,
+};
+use comtrexx_licensing::store::memory::MemoryStore;
+use comtrexx_licensing::store::redis::RedisStore;
+use comtrexx_licensing::store::{
+    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
+    StoredLicense,
+};
+use ed25519_dalek::SigningKey;
+
+// ---------------------------------------------------------------------------
+// The stores under test
+// ---------------------------------------------------------------------------
+
+/// One store under test, and how to make it lose its data.
+struct Subject {
+    store: Arc<dyn Store>,
+    wipe: Box<dyn Fn() + Send + Sync>,
+    // Keeps the shared redis-server alive while the test runs.
+    _redis: Option<Arc<RedisServer>>,
+}
+
+impl Subject {
+    async fn memory(_tag: &str) -> Self {
+        let store = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
+        let wiped = Arc::clone(&store);
+        Self {
+            store,
+            wipe: Box::new(move || wiped.wipe()),
+            _redis: None,
+        }
+    }
+
+    async fn redis(tag: &str) -> Self {
+        let server = shared_redis();
+        let tag: String = tag.chars().take(40).collect();
+        let serial = common::serial(&tag);
+        let store = RedisStore::new(
+            &server.url(),
+            &SerialNumber::parse(&serial).expect("a test serial is valid"),
+            Duration::from_millis(250),
+        )
+        .expect("create the redis store");
+        // A new Redis store holds no epoch: initialize it as the mirror does.
+        assert!(
+            store
+                .restore(&Snapshot::default())
+                .await
+                .expect("initialize the redis store"),
+            "a fresh serial must need initializing"
+        );
+        let wipe_server = Arc::clone(&server);
+        Self {
+            store: Arc::new(store),
+            wipe: Box::new(move || wipe_redis_serial(&wipe_server, &serial)),
+            _redis: Some(server),
+        }
+    }
+}
+
+/// One redis-server shared by the tests that run at the same time (each test has
+/// its own serial number, and every key is hash-tagged by it). It is stopped when
+/// the last test using it ends, so no server outlives the test binary.
+fn shared_redis() -> Arc<RedisServer> {
+    static SHARED: Mutex<Weak<RedisServer>> = Mutex::new(Weak::new());
+    let mut slot = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(server) = slot.upgrade() {
+        return server;
+    }
+    let server = Arc::new(RedisServer::start());
+    *slot = Arc::downgrade(&server);
+    server
+}
+
+/// Deletes every key of one serial number, as a Redis that lost its data would.
+fn wipe_redis_serial(server: &RedisServer, serial: &str) {
+    let mut conn = server.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("lic:{{{serial}}}:*"))
+        .query(&mut conn)
+        .expect("list the serial's keys");
+    assert!(!keys.is_empty(), "the serial has keys to lose");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query(&mut conn)
+        .expect("delete the serial's keys");
+}
+
+macro_rules! one_case {
+    ($subject:ident, store, $case:ident $(, #[$attr:meta])*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $case() {
+            let subject = Subject::$subject(stringify!($case)).await;
+            super::$case(&*subject.store).await;
+        }
+    };
+    ($subject:ident, wipe, $case:ident $(, #[$attr:meta])*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $case() {
+            let subject = Subject::$subject(stringify!($case)).await;
+            super::$case(&*subject.store, &*subject.wipe).await;
+        }
+    };
+    ($subject:ident, shared, $case:ident $(, #[$attr:meta])*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        $(#[$attr])*
+        async fn $case() {
+            let subject = Subject::$subject(stringify!($case)).await;
+            super::$case(Arc::clone(&subject.store)).await;
+        }
+    };
+}
+
+/// Generates `memory_store::<case>` and `redis_store::<case>` for every case.
+/// `redis: #[attr]` after a case applies only to the Redis test (used to mark a
+/// known defect of the Redis store, so the case still runs with `--ignored`).
+macro_rules! conformance {
+    ($($kind:ident: $case:ident $(, redis: #[$redis_attr:meta])*;)*) => {
+        mod memory_store {
+            use super::*;
+            $( one_case!(memory, $kind, $case); )*
+        }
+        mod redis_store {
+            use super::*;
+            $( one_case!(redis, $kind, $case $(, #[$redis_attr])*); )*
+        }
+    };
+}
+
+conformance! {
+    store: assign_creates_a_seat_and_is_idempotent;
+    store: assign_reports_an_exhausted_pool;
+    store: purchased_assign_against_another_license_is_refused;
+    store: tryout_pool_is_separate_from_purchased_pool;
+    store: tryout_seat_is_replaced_by_a_purchased_seat;
+    store: purchased_seat_is_kept_under_a_tryout_plan;
+    store: release_frees_a_seat_once;
+    store: list_seats_is_ordered_and_filtered;
+    store: list_seats_pages_visit_every_seat_once;
+    store: list_seats_filter_holds_with_an_after_key_of_another_feature;
+    store: compare_and_set_tryout;
+    store: apply_license_compares_license_and_tryout;
+    store: record_reconcile_round_trips;
+    store: change_feed_reports_every_write_in_order;
+    store: change_feed_waits_when_idle_and_resyncs_foreign_positions;
+    shared: change_feed_wakes_a_waiting_reader;
+    wipe: data_loss_refuses_writes_until_restored;
+    wipe: restore_keeps_over_capacity_marks;
+    shared: concurrent_assigns_never_exceed_capacity;
+    shared: concurrent_assigns_of_one_user_create_one_seat;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn uid(raw: &str) -> UserId {
+    UserId::parse(raw).expect("a valid test user id")
+}
+
+fn vendor_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+/// A signed license document; `tag` makes documents (and so their ids) differ.
+fn license(tag: &str, users: u32) -> StoredLicense {
+    let payload = LicensePayload {
+        serial_number: "T-conformance".to_owned(),
+        edition: Edition::Vm,
+        issued_at: Utc::now(),
+        entitlements: vec![
+            Entitlement {
+                feature: Feature::User,
+                quantity: users,
+                expires_at: None,
+            },
+            Entitlement {
+                feature: Feature::CallAssist,
+                quantity: users,
+                expires_at: None,
+            },
+        ],
+        nonce: Some(tag.to_owned()),
+    };
+    StoredLicense {
+        signed: SignedLicense::sign(&payload, &vendor_key()),
+        applied_at: Utc::now(),
+    }
+}
+
+fn purchased(license: &StoredLicense, capacity: u32) -> AssignPlan {
+    AssignPlan::Purchased {
+        capacity,
+        license_id: license.id().to_owned(),
+    }
+}
+
+fn tryout(capacity: u32) -> AssignPlan {
+    AssignPlan::Tryout { capacity }
+}
+
+/// Applies a first license document to a store that has none, and returns it.
+async fn with_license(store: &dyn Store, tag: &str) -> StoredLicense {
+    let lic = license(tag, 100);
+    let changes = store
+        .apply_license(None, &lic, None)
+        .await
+        .unwrap()
+        .expect("a store without a license accepts the first one");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(lic.clone()));
+    lic
+}
+
+fn started_tryout() -> TryoutRecord {
+    let now = Utc::now();
+    TryoutRecord::Started {
+        started_at: now,
+        ends_at: now + chrono::Duration::days(14),
+        ended: None,
+    }
+}
+
+fn ended(record: &TryoutRecord) -> TryoutRecord {
+    match record {
+        TryoutRecord::Started {
+            started_at,
+            ends_at,
+            ..
+        } => TryoutRecord::Started {
+            started_at: *started_at,
+            ends_at: *ends_at,
+            ended: Some(TryoutEnd {
+                at: Utc::now(),
+                reason: TryoutEndReason::Operator,
+            }),
+        },
+        other => panic!("not a started tryout: {other:?}"),
+    }
+}
+
+async fn snapshot(store: &dyn Store) -> Snapshot {
+    store.snapshot().await.expect("snapshot")
+}
+
+async fn position(store: &dyn Store) -> Position {
+    snapshot(store)
+        .await
+        .position
+        .expect("the store is initialized")
+}
+
+/// Asserts a new seat was created and returns it with its change.
+#[track_caller]
+fn created(outcome: AssignOutcome) -> (Seat, Change) {
+    match outcome {
+        AssignOutcome::Created(change) => match &change.kind {
+            ChangeKind::SeatAssigned(seat) => (seat.clone(), change),
+            other => panic!("a created seat reports SeatAssigned, got {other:?}"),
+        },
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+async fn assign(
+    store: &dyn Store,
+    user: &str,
+    feature: Feature,
+    plan: &AssignPlan,
+) -> AssignOutcome {
+    store
+        .assign_seat(&uid(user), feature, plan)
+        .await
+        .expect("assign_seat")
+}
+
+fn keys_of(seats: &[Seat]) -> Vec<(Feature, String)> {
+    seats
+        .iter()
+        .map(|s| (s.feature, s.user_id.as_str().to_owned()))
+        .collect()
+}
+
+fn seats_of<'a>(snap: &'a Snapshot, user: &str) -> Vec<&'a Seat> {
+    snap.seats
+        .iter()
+        .filter(|s| s.user_id.as_str() == user)
+        .collect()
+}
+
+/// Reads the feed from `since` until it has nothing more.
+async fn drain(store: &dyn Store, since: &Position) -> Vec<Change> {
+    let mut cursor = since.clone();
+    let mut all = Vec::new();
+    for _ in 0..100 {
+        match store
+            .changes(&cursor, Duration::from_millis(50))
+            .await
+            .unwrap()
+        {
+            Changes::Events(events) if events.is_empty() => return all,
+            Changes::Events(events) => {
+                cursor.version = events.last().unwrap().version;
+                all.extend(events);
+            }
+            Changes::Resync => panic!("unexpected Resync from {cursor:?}"),
+        }
+    }
+    panic!("the feed never ran dry");
+}
+
+/// An instant with millisecond precision (what every store keeps), near now.
+fn ms_now() -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(Utc::now().timestamp_millis())
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// assign_seat
+// ---------------------------------------------------------------------------
+
+async fn assign_creates_a_seat_and_is_idempotent(store: &dyn Store) {
+    let lic = with_license(store, "assign").await;
+    let plan = purchased(&lic, 5);
+    let before = position(store).await;
+
+    let t0 = Utc::now();
+    let (seat, change) = created(assign(store, "alice", Feature::User, &plan).await);
+    let t1 = Utc::now();
+    assert_eq!(seat.user_id, uid("alice"));
+    assert_eq!(seat.feature, Feature::User);
+    assert_eq!(seat.source, SeatSource::Purchased);
+    assert_eq!(seat.over_capacity_since, None);
+    let slack = chrono::Duration::seconds(2);
+    assert!(
+        seat.assigned_at >= t0 - slack && seat.assigned_at <= t1 + slack,
+        "assigned_at {} is not near now ({t0} .. {t1})",
+        seat.assigned_at
+    );
+    assert_eq!(change.version, before.version + 1);
+
+    // Again: the same seat, nothing written.
+    assert_eq!(
+        assign(store, "alice", Feature::User, &plan).await,
+        AssignOutcome::Existing(seat.clone())
+    );
+    let snap = snapshot(store).await;
+    assert_eq!(snap.position.as_ref().unwrap().version, before.version + 1);
+    assert_eq!(snap.seats, vec![seat.clone()]);
+
+    // Another feature of the same user is another seat.
+    let (ca, _) = created(assign(store, "alice", Feature::CallAssist, &plan).await);
+    assert_eq!(ca.feature, Feature::CallAssist);
+    assert_eq!(ca.source, SeatSource::Purchased);
+    assert_eq!(snapshot(store).await.seats, vec![ca, seat]);
+}
+
+async fn assign_reports_an_exhausted_pool(store: &dyn Store) {
+    let lic = with_license(store, "exhausted").await;
+    let plan = purchased(&lic, 2);
+    created(assign(store, "a", Feature::User, &plan).await);
+    created(assign(store, "b", Feature::User, &plan).await);
+    let full = snapshot(store).await;
+
+    assert_eq!(
+        assign(store, "c", Feature::User, &plan).await,
+        AssignOutcome::Exhausted {
+            capacity: 2,
+            in_use: 2
+        }
+    );
+    // Nothing was written.
+    assert_eq!(snapshot(store).await, full);
+    // A holder still gets its seat back from a full pool.
+    assert!(matches!(
+        assign(store, "a", Feature::User, &plan).await,
+        AssignOutcome::Existing(_)
+    ));
+    // A plan below what is in use reports the real count.
+    assert_eq!(
+        assign(store, "c", Feature::User, &purchased(&lic, 1)).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 2
+        }
+    );
+    assert_eq!(
+        assign(store, "c", Feature::User, &purchased(&lic, 0)).await,
+        AssignOutcome::Exhausted {
+            capacity: 0,
+            in_use: 2
+        }
+    );
+    // Pools are per feature: call_assist is still empty.
+    let (ca, _) = created(assign(store, "c", Feature::CallAssist, &purchased(&lic, 1)).await);
+    assert_eq!(ca.feature, Feature::CallAssist);
+    // The capacity is the plan's: a bigger plan makes room.
+    let (seat, _) = created(assign(store, "c", Feature::User, &purchased(&lic, 3)).await);
+    assert_eq!(seat.source, SeatSource::Purchased);
+    assert_eq!(
+        assign(store, "d", Feature::User, &purchased(&lic, 3)).await,
+        AssignOutcome::Exhausted {
+            capacity: 3,
+            in_use: 3
+        }
+    );
+}
+
+async fn purchased_assign_against_another_license_is_refused(store: &dyn Store) {
+    // No license stored at all: a purchased plan cannot hold.
+    let other = license("never-applied", 10);
+    assert_eq!(
+        assign(store, "alice", Feature::User, &purchased(&other, 10)).await,
+        AssignOutcome::LicenseChanged
+    );
+
+    let stored = with_license(store, "stored").await;
+    assert_ne!(stored.id(), other.id());
+    let before = snapshot(store).await;
+    assert_eq!(
+        assign(store, "alice", Feature::User, &purchased(&other, 10)).await,
+        AssignOutcome::LicenseChanged
+    );
+    assert_eq!(snapshot(store).await, before, "nothing was written");
+    // The plan made against the stored document works.
+    created(assign(store, "alice", Feature::User, &purchased(&stored, 10)).await);
+}
+
+async fn tryout_pool_is_separate_from_purchased_pool(store: &dyn Store) {
+    let lic = with_license(store, "pools").await;
+    let bought = purchased(&lic, 1);
+    created(assign(store, "p1", Feature::User, &bought).await);
+    assert_eq!(
+        assign(store, "p2", Feature::User, &bought).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 1
+        }
+    );
+
+    let test = tryout(3);
+    for user in ["t1", "t2", "t3"] {
+        let (seat, _) = created(assign(store, user, Feature::User, &test).await);
+        assert_eq!(seat.source, SeatSource::Tryout);
+        assert_eq!(seat.user_id, uid(user));
+    }
+    assert_eq!(
+        assign(store, "t4", Feature::User, &test).await,
+        AssignOutcome::Exhausted {
+            capacity: 3,
+            in_use: 3
+        }
+    );
+    // The tryout seats did not use up purchased capacity, nor the other way round.
+    assert_eq!(
+        assign(store, "p2", Feature::User, &bought).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 1
+        }
+    );
+    // A tryout holder under a tryout plan gets its seat back.
+    match assign(store, "t2", Feature::User, &test).await {
+        AssignOutcome::Existing(seat) => {
+            assert_eq!(seat.source, SeatSource::Tryout);
+            assert_eq!(seat.user_id, uid("t2"));
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+
+    let snap = snapshot(store).await;
+    let sources: Vec<_> = snap
+        .seats
+        .iter()
+        .map(|s| (s.user_id.as_str(), s.source))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            ("p1", SeatSource::Purchased),
+            ("t1", SeatSource::Tryout),
+            ("t2", SeatSource::Tryout),
+            ("t3", SeatSource::Tryout),
+        ]
+    );
+}
+
+async fn tryout_seat_is_replaced_by_a_purchased_seat(store: &dyn Store) {
+    let lic = with_license(store, "upgrade").await;
+    let (trial, _) = created(assign(store, "alice", Feature::User, &tryout(1)).await);
+    assert_eq!(trial.source, SeatSource::Tryout);
+
+    // A full purchased pool leaves the tryout seat as it is.
+    created(assign(store, "bob", Feature::User, &purchased(&lic, 1)).await);
+    assert_eq!(
+        assign(store, "alice", Feature::User, &purchased(&lic, 1)).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 1
+        }
+    );
+    assert_eq!(
+        seats_of(&snapshot(store).await, "alice"),
+        vec![&trial],
+        "an exhausted purchased pool must not touch the tryout seat"
+    );
+
+    // With room, the purchased seat replaces the tryout seat.
+    let (seat, _) = created(assign(store, "alice", Feature::User, &purchased(&lic, 2)).await);
+    assert_eq!(seat.source, SeatSource::Purchased);
+    assert_eq!(seat.user_id, uid("alice"));
+    assert_eq!(seat.feature, Feature::User);
+    let snap = snapshot(store).await;
+    assert_eq!(seats_of(&snap, "alice"), vec![&seat]);
+    assert!(snap.seats.iter().all(|s| s.source == SeatSource::Purchased));
+    let listed = store
+        .list_seats(Some(Feature::User), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed, snap.seats);
+
+    // The tryout pool has room again: the replaced seat no longer counts.
+    let (carol, _) = created(assign(store, "carol", Feature::User, &tryout(1)).await);
+    assert_eq!(carol.source, SeatSource::Tryout);
+    // And alice keeps her purchased seat under either plan.
+    assert_eq!(
+        assign(store, "alice", Feature::User, &purchased(&lic, 2)).await,
+        AssignOutcome::Existing(seat.clone())
+    );
+}
+
+async fn purchased_seat_is_kept_under_a_tryout_plan(store: &dyn Store) {
+    let lic = with_license(store, "keep").await;
+    let (seat, _) = created(assign(store, "alice", Feature::User, &purchased(&lic, 1)).await);
+    let before = snapshot(store).await;
+    assert_eq!(
+        assign(store, "alice", Feature::User, &tryout(3)).await,
+        AssignOutcome::Existing(seat.clone())
+    );
+    // Even with the purchased plan's document gone stale or the pool full.
+    assert_eq!(
+        assign(store, "alice", Feature::User, &tryout(0)).await,
+        AssignOutcome::Existing(seat.clone())
+    );
+    assert_eq!(
+        assign(
+            store,
+            "alice",
+            Feature::User,
+            &purchased(&license("x", 1), 0)
+        )
+        .await,
+        AssignOutcome::Existing(seat)
+    );
+    assert_eq!(snapshot(store).await, before, "nothing was written");
+}
+
+// ---------------------------------------------------------------------------
+// release_seat
+// ---------------------------------------------------------------------------
+
+async fn release_frees_a_seat_once(store: &dyn Store) {
+    let lic = with_license(store, "release").await;
+    let plan = purchased(&lic, 1);
+    created(assign(store, "alice", Feature::User, &plan).await);
+    created(assign(store, "alice", Feature::CallAssist, &plan).await);
+    let (bob, _) = created(assign(store, "bob", Feature::User, &tryout(3)).await);
+    let before = position(store).await;
+
+    // Nothing to release: no change.
+    assert_eq!(
+        store
+            .release_seat(&uid("nobody"), Feature::User)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(position(store).await, before);
+
+    let change = store
+        .release_seat(&uid("alice"), Feature::User)
+        .await
+        .unwrap()
+        .expect("alice held a seat");
+    assert_eq!(change.version, before.version + 1);
+    assert_eq!(
+        change.kind,
+        ChangeKind::SeatReleased {
+            feature: Feature::User,
+            user_id: uid("alice"),
+        }
+    );
+    assert_eq!(
+        store
+            .release_seat(&uid("alice"), Feature::User)
+            .await
+            .unwrap(),
+        None
+    );
+
+    let snap = snapshot(store).await;
+    assert_eq!(snap.position.as_ref().unwrap().version, before.version + 1);
+    assert_eq!(
+        keys_of(&snap.seats),
+        vec![
+            (Feature::CallAssist, "alice".to_owned()),
+            (Feature::User, "bob".to_owned()),
+        ]
+    );
+    let listed = store.list_seats(None, None, 100).await.unwrap();
+    assert_eq!(listed, snap.seats);
+    // The released seat leaves no gap in a limited listing either.
+    assert_eq!(
+        keys_of(
+            &store
+                .list_seats(Some(Feature::User), None, 1)
+                .await
+                .unwrap()
+        ),
+        vec![(Feature::User, "bob".to_owned())]
+    );
+
+    // A tryout seat is released the same way.
+    let change = store
+        .release_seat(&uid("bob"), Feature::User)
+        .await
+        .unwrap()
+        .expect("bob held a tryout seat");
+    assert_eq!(
+        change.kind,
+        ChangeKind::SeatReleased {
+            feature: Feature::User,
+            user_id: bob.user_id,
+        }
+    );
+    assert!(
+        store
+            .list_seats(Some(Feature::User), None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The freed seat can be taken again.
+    created(assign(store, "carol", Feature::User, &plan).await);
+    created(assign(store, "dave", Feature::User, &tryout(1)).await);
+}
+
+// ---------------------------------------------------------------------------
+// list_seats
+// ---------------------------------------------------------------------------
+
+/// User ids that sort differently by bytes, chars or case, with punctuation
+/// (including what Redis lex ranges treat specially) and non-ASCII text.
+fn odd_user_ids() -> Vec<String> {
+    let mut ids: Vec<String> = [
+        "a",
+        "a b",
+        "a.b",
+        "a-b",
+        "ab",
+        "A",
+        "Zoe",
+        "zoe",
+        "zoë",
+        "Zoë",
+        "émile",
+        "ä",
+        "anna.müller@example.com",
+        "o'brien",
+        "\"quoted\"",
+        "back\\slash",
+        "(paren",
+        "[bracket",
+        "-",
+        "+",
+        "%s%d",
+        "{brace}",
+        "日本語",
+        "😀",
+        "\u{ff}",
+        "\u{100}",
+        "user:1",
+        "user\u{2028}sep",
+        "tab-less",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    ids.push("ä".repeat(64)); // 128 bytes, the longest accepted id
+    ids.push("x".repeat(128));
+    ids
+}
+
+/// Seats of both features and both sources, returned in the expected order.
+async fn fill_for_listing(store: &dyn Store) -> Vec<(Feature, String)> {
+    let lic = with_license(store, "listing").await;
+    let plan = purchased(&lic, 1000);
+    let ids = odd_user_ids();
+    let mut expected = BTreeSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        // Every user gets a user seat (some from the tryout pool), every
+        // third one a call_assist seat too.
+        let user_plan = if i % 4 == 1 {
+            tryout(1000)
+        } else {
+            plan.clone()
+        };
+        created(assign(store, id, Feature::User, &user_plan).await);
+        expected.insert((Feature::User, id.clone()));
+        if i % 3 == 0 {
+            created(assign(store, id, Feature::CallAssist, &plan).await);
+            expected.insert((Feature::CallAssist, id.clone()));
+        }
+    }
+    expected.into_iter().collect()
+}
+
+async fn list_seats_is_ordered_and_filtered(store: &dyn Store) {
+    assert!(store.list_seats(None, None, 10).await.unwrap().is_empty());
+    let expected = fill_for_listing(store).await;
+    assert!(Feature::CallAssist < Feature::User);
+
+    let all = store.list_seats(None, None, 10_000).await.unwrap();
+    assert_eq!(keys_of(&all), expected);
+    assert_eq!(all, snapshot(store).await.seats);
+
+    for feature in Feature::SEATS {
+        let listed = store.list_seats(Some(feature), None, 10_000).await.unwrap();
+        let want: Vec<_> = expected
+            .iter()
+            .filter(|(f, _)| *f == feature)
+            .cloned()
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(keys_of(&listed), want, "filter {feature}");
+    }
+
+    // The limit, and zero.
+    let first = store.list_seats(None, None, 3).await.unwrap();
+    assert_eq!(keys_of(&first), expected[..3].to_vec());
+    assert!(store.list_seats(None, None, 0).await.unwrap().is_empty());
+
+    // `after` need not be a held seat: listing resumes strictly after it.
+    let after = SeatKey {
+        feature: Feature::User,
+        user_id: uid("b"),
+    };
+    let listed = store.list_seats(None, Some(&after), 10_000).await.unwrap();
+    let want: Vec<_> = expected
+        .iter()
+        .filter(|(f, u)| (*f, u.as_str()) > (Feature::User, "b"))
+        .cloned()
+        .collect();
+    assert_eq!(keys_of(&listed), want);
+    // After the very last seat: nothing.
+    let (f, u) = expected.last().unwrap();
+    let last = SeatKey {
+        feature: *f,
+        user_id: uid(u),
+    };
+    assert!(
+        store
+            .list_seats(None, Some(&last), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn list_seats_pages_visit_every_seat_once(store: &dyn Store) {
+    let expected = fill_for_listing(store).await;
+    for filter in [None, Some(Feature::CallAssist), Some(Feature::User)] {
+        let want: Vec<_> = expected
+            .iter()
+            .filter(|(f, _)| filter.is_none_or(|x| x == *f))
+            .cloned()
+            .collect();
+        for size in [1, 2, 7] {
+            let mut seen = Vec::new();
+            let mut after: Option<SeatKey> = None;
+            for _ in 0..=want.len() + 1 {
+                let page = store
+                    .list_seats(filter, after.as_ref(), size)
+                    .await
+                    .unwrap();
+                // Full pages while seats remain: callers detect the last page
+                // by a short one.
+                assert_eq!(
+                    page.len(),
+                    size.min(want.len() - seen.len()),
+                    "filter {filter:?}, page size {size}, after {after:?}"
+                );
+                let Some(last) = page.last() else { break };
+                after = Some(SeatKey {
+                    feature: last.feature,
+                    user_id: last.user_id.clone(),
+                });
+                seen.extend(keys_of(&page));
+            }
+            assert_eq!(seen, want, "filter {filter:?}, page size {size}");
+        }
+    }
+}
+
+async fn list_seats_filter_holds_with_an_after_key_of_another_feature(store: &dyn Store) {
+    let lic = with_license(store, "cross").await;
+    let plan = purchased(&lic, 10);
+    for user in ["a", "b", "c"] {
+        created(assign(store, user, Feature::CallAssist, &plan).await);
+        created(assign(store, user, Feature::User, &plan).await);
+    }
+    // Resuming a user-seat listing after a call_assist key lists only user seats.
+    let after = SeatKey {
+        feature: Feature::CallAssist,
+        user_id: uid("a"),
+    };
+    let listed = store
+        .list_seats(Some(Feature::User), Some(&after), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys_of(&listed),
+        vec![
+            (Feature::User, "a".to_owned()),
+            (Feature::User, "b".to_owned()),
+            (Feature::User, "c".to_owned()),
+        ]
+    );
+    // After a key beyond every call_assist seat: no call_assist seats.
+    let after = SeatKey {
+        feature: Feature::User,
+        user_id: uid("a"),
+    };
+    assert!(
+        store
+            .list_seats(Some(Feature::CallAssist), Some(&after), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// compare_and_set_tryout
+// ---------------------------------------------------------------------------
+
+async fn compare_and_set_tryout(store: &dyn Store) {
+    assert_eq!(snapshot(store).await.tryout, None);
+    let before = position(store).await;
+    let started = started_tryout();
+
+    let change = store
+        .compare_and_set_tryout(None, &started)
+        .await
+        .unwrap()
+        .expect("from no record");
+    assert_eq!(change.version, before.version + 1);
+    assert_eq!(change.kind, ChangeKind::TryoutChanged(started.clone()));
+    let snap = snapshot(store).await;
+    assert_eq!(snap.tryout.as_ref(), Some(&started));
+
+    // Stale expectations change nothing.
+    let other = TryoutRecord::Forfeited { at: Utc::now() };
+    assert_eq!(
+        store.compare_and_set_tryout(None, &other).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .compare_and_set_tryout(Some(&other), &other)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .compare_and_set_tryout(Some(&ended(&started)), &other)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(snapshot(store).await, snap);
+
+    // The record as read back is a valid expectation.
+    let read_back = snap.tryout.unwrap();
+    let done = ended(&read_back);
+    let change = store
+        .compare_and_set_tryout(Some(&read_back), &done)
+        .await
+        .unwrap()
+        .expect("the current record matches");
+    assert_eq!(change.version, before.version + 2);
+    assert_eq!(change.kind, ChangeKind::TryoutChanged(done.clone()));
+    assert_eq!(snapshot(store).await.tryout, Some(done.clone()));
+    // The old record no longer matches.
+    assert_eq!(
+        store
+            .compare_and_set_tryout(Some(&started), &other)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(snapshot(store).await.tryout, Some(done));
+}
+
+// ---------------------------------------------------------------------------
+// apply_license
+// ---------------------------------------------------------------------------
+
+async fn apply_license_compares_license_and_tryout(store: &dyn Store) {
+    let first = with_license(store, "first").await;
+    let second = license("second", 5);
+    let third = license("third", 7);
+    let before = snapshot(store).await;
+    assert_eq!(before.license.as_ref(), Some(&first));
+
+    // Wrong expected document: nothing changes.
+    assert_eq!(
+        store
+            .apply_license(Some("not-the-stored-id"), &second, None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.apply_license(None, &second, None).await.unwrap(),
+        None,
+        "expecting no document while one is stored"
+    );
+    assert_eq!(
+        store
+            .apply_license(Some(second.id()), &third, None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(snapshot(store).await, before);
+
+    // With a tryout change: both are written, as consecutive changes.
+    let forfeited = TryoutRecord::Forfeited { at: Utc::now() };
+    let v = before.position.as_ref().unwrap().version;
+    let changes = store
+        .apply_license(Some(first.id()), &second, Some((None, &forfeited)))
+        .await
+        .unwrap()
+        .expect("expectations hold");
+    assert_eq!(
+        changes,
+        vec![
+            Change {
+                version: v + 1,
+                kind: ChangeKind::LicenseApplied(second.clone()),
+            },
+            Change {
+                version: v + 2,
+                kind: ChangeKind::TryoutChanged(forfeited.clone()),
+            },
+        ]
+    );
+    let snap = snapshot(store).await;
+    assert_eq!(snap.license.as_ref(), Some(&second));
+    assert_eq!(snap.tryout.as_ref(), Some(&forfeited));
+    assert_eq!(snap.position.as_ref().unwrap().version, v + 2);
+
+    // The tryout expectation no longer holds: nothing changes, not even the license.
+    let started = started_tryout();
+    assert_eq!(
+        store
+            .apply_license(Some(second.id()), &third, Some((None, &started)))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .apply_license(Some(second.id()), &third, Some((Some(&started), &started)))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(snapshot(store).await, snap);
+
+    // The right expectations, without a tryout change: one change.
+    let changes = store
+        .apply_license(Some(second.id()), &third, None)
+        .await
+        .unwrap()
+        .expect("expectations hold");
+    assert_eq!(
+        changes,
+        vec![Change {
+            version: v + 3,
+            kind: ChangeKind::LicenseApplied(third.clone()),
+        }]
+    );
+    let after = snapshot(store).await;
+    assert_eq!(after.license, Some(third));
+    assert_eq!(after.tryout, Some(forfeited));
+}
+
+// ---------------------------------------------------------------------------
+// record_reconcile
+// ---------------------------------------------------------------------------
+
+async fn record_reconcile_round_trips(store: &dyn Store) {
+    assert_eq!(snapshot(store).await.reconcile, ReconcileStatus::default());
+    let before = position(store).await;
+    let failed = ReconcileStatus {
+        last_success_at: None,
+        last_attempt_at: Some(Utc::now()),
+        last_outcome: Some(ReconcileOutcome::Unreachable),
+        last_error: Some("licensing server: connection refused — ünïcödé".to_owned()),
+    };
+    let change = store.record_reconcile(&failed).await.unwrap();
+    assert_eq!(change.version, before.version + 1);
+    assert_eq!(change.kind, ChangeKind::ReconcileRecorded(failed.clone()));
+    assert_eq!(snapshot(store).await.reconcile, failed);
+
+    let now = Utc::now();
+    let ok = ReconcileStatus {
+        last_success_at: Some(now),
+        last_attempt_at: Some(now),
+        last_outcome: Some(ReconcileOutcome::Updated),
+        last_error: None,
+    };
+    let change = store.record_reconcile(&ok).await.unwrap();
+    assert_eq!(change.version, before.version + 2);
+    assert_eq!(snapshot(store).await.reconcile, ok);
+}
+
+// ---------------------------------------------------------------------------
+// changes
+// ---------------------------------------------------------------------------
+
+async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
+    let start = position(store).await;
+    let mut written = Vec::new();
+
+    let lic = license("feed", 1);
+    written.extend(
+        store
+            .apply_license(None, &lic, None)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let plan = purchased(&lic, 1);
+    let (_, c) = created(assign(store, "alice", Feature::User, &plan).await);
+    written.push(c);
+    // Writes that write nothing report nothing.
+    assign(store, "alice", Feature::User, &plan).await;
+    assign(store, "bob", Feature::User, &plan).await;
+    assert_eq!(
+        store
+            .release_seat(&uid("bob"), Feature::User)
+            .await
+            .unwrap(),
+        None
+    );
+    let started = started_tryout();
+    written.push(
+        store
+            .compare_and_set_tryout(None, &started)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let (_, c) = created(assign(store, "bob", Feature::User, &tryout(3)).await);
+    written.push(c);
+    let (_, c) = created(assign(store, "bob", Feature::CallAssist, &plan).await);
+    written.push(c);
+    written.push(
+        store
+            .record_reconcile(&ReconcileStatus {
+                last_success_at: Some(Utc::now()),
+                last_attempt_at: Some(Utc::now()),
+                last_outcome: Some(ReconcileOutcome::Unchanged),
+                last_error: None,
+            })
+            .await
+            .unwrap(),
+    );
+    written.push(
+        store
+            .release_seat(&uid("alice"), Feature::User)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let bigger = license("feed-2", 2);
+    written.extend(
+        store
+            .apply_license(
+                Some(lic.id()),
+                &bigger,
+                Some((Some(&started), &ended(&started))),
+            )
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let (_, c) = created(assign(store, "bob", Feature::User, &purchased(&bigger, 2)).await);
+    written.push(c);
+
+    let versions: Vec<u64> = written.iter().map(|c| c.version).collect();
+    let want: Vec<u64> = (start.version + 1..=start.version + written.len() as u64).collect();
+    assert_eq!(versions, want, "writes count up one by one");
+    let kinds: Vec<&str> = written
+        .iter()
+        .map(|c| match c.kind {
+            ChangeKind::SeatAssigned(_) => "assigned",
+            ChangeKind::SeatReleased { .. } => "released",
+            ChangeKind::LicenseApplied(_) => "license",
+            ChangeKind::TryoutChanged(_) => "tryout",
+            ChangeKind::ReconcileRecorded(_) => "reconcile",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "license",
+            "assigned",
+            "tryout",
+            "assigned",
+            "assigned",
+            "reconcile",
+            "released",
+            "license",
+            "tryout",
+            "assigned"
+        ]
+    );
+
+    // The feed has exactly what the writes returned, in order.
+    assert_eq!(drain(store, &start).await, written);
+    // From the middle: the rest.
+    let mid = Position {
+        epoch: start.epoch.clone(),
+        version: written[3].version,
+    };
+    assert_eq!(drain(store, &mid).await, written[4..].to_vec());
+    // The snapshot's position is where the feed ends.
+    let end = position(store).await;
+    assert_eq!(end.epoch, start.epoch);
+    assert_eq!(end.version, written.last().unwrap().version);
+}
+
+async fn change_feed_waits_when_idle_and_resyncs_foreign_positions(store: &dyn Store) {
+    let lic = with_license(store, "idle").await;
+    created(assign(store, "alice", Feature::User, &purchased(&lic, 1)).await);
+    let pos = position(store).await;
+    let wait = Duration::from_millis(50);
+
+    let t = Instant::now();
+    assert_eq!(
+        store.changes(&pos, wait).await.unwrap(),
+        Changes::Events(Vec::new())
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= wait / 2 && took < Duration::from_secs(10),
+        "an idle feed answers after about the wait, took {took:?}"
+    );
+
+    let foreign = Position {
+        epoch: format!("{}-other", pos.epoch),
+        version: pos.version,
+    };
+    assert_eq!(
+        store.changes(&foreign, wait).await.unwrap(),
+        Changes::Resync
+    );
+    let foreign_behind = Position {
+        epoch: "0000000000000000".to_owned(),
+        version: 0,
+    };
+    assert_ne!(foreign_behind.epoch, pos.epoch);
+    assert_eq!(
+        store.changes(&foreign_behind, wait).await.unwrap(),
+        Changes::Resync
+    );
+    let ahead = Position {
+        epoch: pos.epoch.clone(),
+        version: pos.version + 5,
+    };
+    assert_eq!(store.changes(&ahead, wait).await.unwrap(), Changes::Resync);
+    let just_ahead = Position {
+        epoch: pos.epoch.clone(),
+        version: pos.version + 1,
+    };
+    assert_eq!(
+        store.changes(&just_ahead, wait).await.unwrap(),
+        Changes::Resync
+    );
+    // None of this wrote anything.
+    assert_eq!(position(store).await, pos);
+}
+
+async fn change_feed_wakes_a_waiting_reader(store: Arc<dyn Store>) {
+    let lic = with_license(&*store, "wake").await;
+    let pos = position(&*store).await;
+    let reader = {
+        let store = Arc::clone(&store);
+        let pos = pos.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let changes = store.changes(&pos, Duration::from_secs(20)).await;
+            (changes, t.elapsed())
+        })
+    };
+    let (_, change) = created(assign(&*store, "alice", Feature::User, &purchased(&lic, 1)).await);
+    let (changes, took) = reader.await.unwrap();
+    assert_eq!(changes.unwrap(), Changes::Events(vec![change]));
+    assert!(
+        took < Duration::from_secs(10),
+        "a write ends the wait, took {took:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// data loss and restore
+// ---------------------------------------------------------------------------
+
+async fn data_loss_refuses_writes_until_restored(
+    store: &dyn Store,
+    wipe: &(dyn Fn() + Send + Sync),
+) {
+    let lic = with_license(store, "loss").await;
+    let plan = purchased(&lic, 3);
+    let (alice, _) = created(assign(store, "alice", Feature::User, &plan).await);
+    created(assign(store, "alice", Feature::CallAssist, &plan).await);
+    created(assign(store, "bob", Feature::User, &tryout(3)).await);
+    store
+        .compare_and_set_tryout(None, &started_tryout())
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .record_reconcile(&ReconcileStatus {
+            last_success_at: Some(Utc::now()),
+            last_attempt_at: Some(Utc::now()),
+            last_outcome: Some(ReconcileOutcome::Updated),
+            last_error: None,
+        })
+        .await
+        .unwrap();
+    let old = snapshot(store).await;
+    let old_pos = old.position.clone().unwrap();
+    assert_eq!(old.seats.len(), 3);
+
+    wipe();
+
+    let lost = snapshot(store).await;
+    assert_eq!(lost.position, None);
+    assert!(lost.seats.is_empty());
+    assert_eq!(lost.license, None);
+    assert_eq!(lost.tryout, None);
+    assert_eq!(
+        store
+            .changes(&old_pos, Duration::from_millis(50))
+            .await
+            .unwrap(),
+        Changes::Resync
+    );
+
+    // Every write is refused: an empty store must not look like "no seats in use".
+    assert_eq!(
+        store.assign_seat(&uid("carol"), Feature::User, &plan).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store
+            .assign_seat(&uid("carol"), Feature::User, &tryout(3))
+            .await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.release_seat(&uid("alice"), Feature::User).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.compare_and_set_tryout(None, &started_tryout()).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.apply_license(None, &lic, None).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.record_reconcile(&ReconcileStatus::default()).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        snapshot(store).await.position,
+        None,
+        "refused writes wrote nothing"
+    );
+
+    // Restore from what a replica still holds.
+    assert!(store.restore(&old).await.unwrap());
+    let restored = snapshot(store).await;
+    let new_pos = restored.position.clone().expect("restored");
+    assert_ne!(new_pos.epoch, old_pos.epoch, "a restore starts a new epoch");
+    assert_eq!(restored.seats, old.seats);
+    assert_eq!(restored.license, old.license);
+    assert_eq!(restored.tryout, old.tryout);
+    assert_eq!(restored.reconcile, old.reconcile);
+    assert_eq!(
+        store.list_seats(None, None, 100).await.unwrap(),
+        old.seats,
+        "the seat listing is restored too"
+    );
+    // Positions of the lost epoch cannot be continued.
+    assert_eq!(
+        store
+            .changes(&old_pos, Duration::from_millis(50))
+            .await
+            .unwrap(),
+        Changes::Resync
+    );
+
+    // A second restore (another replica, later) does nothing.
+    assert!(!store.restore(&Snapshot::default()).await.unwrap());
+    assert!(!store.restore(&old).await.unwrap());
+    assert_eq!(snapshot(store).await, restored);
+
+    // The restored store works: capacity counts the restored seats.
+    assert_eq!(
+        assign(store, "alice", Feature::User, &plan).await,
+        AssignOutcome::Existing(alice)
+    );
+    let (_, carol) = created(assign(store, "carol", Feature::User, &plan).await);
+    assert_eq!(carol.version, new_pos.version + 1);
+    assert_eq!(
+        assign(store, "dave", Feature::User, &purchased(&lic, 2)).await,
+        AssignOutcome::Exhausted {
+            capacity: 2,
+            in_use: 2
+        }
+    );
+    assert_eq!(drain(store, &new_pos).await, vec![carol]);
+}
+
+async fn restore_keeps_over_capacity_marks(store: &dyn Store, wipe: &(dyn Fn() + Send + Sync)) {
+    // A replica's snapshot may hold seats marked over capacity; a restore keeps
+    // every field (at the millisecond precision every store keeps).
+    let lic = with_license(store, "marks").await;
+    let mut old = snapshot(store).await;
+    wipe();
+    let at = ms_now();
+    old.seats = vec![
+        Seat {
+            user_id: uid("over"),
+            feature: Feature::User,
+            source: SeatSource::Purchased,
+            assigned_at: at - chrono::Duration::hours(2),
+            over_capacity_since: Some(at - chrono::Duration::minutes(5)),
+        },
+        Seat {
+            user_id: uid("trial"),
+            feature: Feature::User,
+            source: SeatSource::Tryout,
+            assigned_at: at,
+            over_capacity_since: None,
+        },
+    ];
+    assert!(store.restore(&old).await.unwrap());
+    let restored = snapshot(store).await;
+    assert_eq!(restored.seats, old.seats);
+    assert_eq!(restored.license, Some(lic.clone()));
+    // The tryout seat counts against the tryout pool, the other against purchased.
+    assert_eq!(
+        assign(store, "x", Feature::User, &tryout(1)).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 1
+        }
+    );
+    assert_eq!(
+        assign(store, "x", Feature::User, &purchased(&lic, 1)).await,
+        AssignOutcome::Exhausted {
+            capacity: 1,
+            in_use: 1
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------
+// concurrency
+// ---------------------------------------------------------------------------
+
+async fn concurrent_assigns_never_exceed_capacity(store: Arc<dyn Store>) {
+    let lic = with_license(&*store, "race").await;
+    let plan = purchased(&lic, 10);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let plan = plan.clone();
+            tokio::spawn(async move {
+                store
+                    .assign_seat(&uid(&format!("user-{i:03}")), Feature::User, &plan)
+                    .await
+            })
+        })
+        .collect();
+    let mut created_versions = BTreeSet::new();
+    let mut exhausted = 0;
+    for task in tasks {
+        match task.await.unwrap().expect("assign_seat") {
+            AssignOutcome::Created(change) => {
+                assert!(
+                    created_versions.insert(change.version),
+                    "versions are unique"
+                );
+            }
+            AssignOutcome::Exhausted { capacity, in_use } => {
+                assert_eq!((capacity, in_use), (10, 10));
+                exhausted += 1;
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(created_versions.len(), 10);
+    assert_eq!(exhausted, 190);
+    let snap = snapshot(&*store).await;
+    assert_eq!(snap.seats.len(), 10);
+    assert!(snap.seats.iter().all(|s| s.source == SeatSource::Purchased));
+    assert_eq!(
+        snap.position.unwrap().version,
+        *created_versions.last().unwrap()
+    );
+}
+
+async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
+    let lic = with_license(&*store, "same-user").await;
+    let plan = purchased(&lic, 10);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let plan = plan.clone();
+            tokio::spawn(
+                async move { store.assign_seat(&uid("alice"), Feature::User, &plan).await },
+            )
+        })
+        .collect();
+    let mut created_seats = Vec::new();
+    let mut existing = Vec::new();
+    for task in tasks {
+        match task.await.unwrap().expect("assign_seat") {
+            outcome @ AssignOutcome::Created(_) => created_seats.push(created(outcome).0),
+            AssignOutcome::Existing(seat) => existing.push(seat),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(created_seats.len(), 1);
+    assert_eq!(existing.len(), 49);
+    assert!(existing.iter().all(|s| *s == created_seats[0]));
+    assert_eq!(snapshot(&*store).await.seats, created_seats);
+
+    // The same with a tryout pool.
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .assign_seat(&uid(&format!("t{}", i % 5)), Feature::User, &tryout(3))
+                    .await
+            })
+        })
+        .collect();
+    let mut created_count = 0;
+    for task in tasks {
+        match task.await.unwrap().expect("assign_seat") {
+            AssignOutcome::Created(_) => created_count += 1,
+            AssignOutcome::Existing(seat) => assert_eq!(seat.source, SeatSource::Tryout),
+            AssignOutcome::Exhausted { capacity, in_use } => {
+                assert_eq!((capacity, in_use), (3, 3));
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(created_count, 3);
+    let tryout_seats = snapshot(&*store)
+        .await
+        .seats
+        .into_iter()
+        .filter(|s| s.source == SeatSource::Tryout)
+        .count();
+    assert_eq!(tryout_seats, 3);
+}
