@@ -43,7 +43,8 @@ SERIAL="0123456789AB"
 SERVICE="comtrexx.licensing.v1.LicensingService"
 # The RPCs of the API contract (/work/shared/API.md); each needs a recipe.
 RPCS=(CheckSeat AssignSeat ReleaseSeat ListSeats GetTryoutStatus StartTryout EndTryout
-  GetLicenseOverview Reconcile CreateInitializationCode ApplyActivation WatchLicenseEvents)
+  GetLicenseOverview Reconcile CreateInitializationCode ApplyActivation WatchLicenseEvents
+  ResetActivation ActivateOnline)
 
 die() {
   printf 'error: %s\n' "$*" >&2
@@ -457,6 +458,19 @@ json_check GetLicenseOverview-licensed "active, with seats in use per entitlemen
    and d["tryout"]["state"] == "TRYOUT_STATE_ENDED"
    and d["lastReconcileOutcome"] == "RECONCILE_OUTCOME_UNCHANGED"
    and not d.get("lastReconcileError")'
+
+json_check CreateInitializationCode "an initialization code in grouped base32" \
+  'd["initializationCode"].startswith("CTX1-") and len(d["initializationCode"]) > 30'
+json_check ResetActivation "reset: not initialized, no seats, no entitlements, tryout record kept" \
+  'd["overview"]["activationState"] == "ACTIVATION_STATE_NOT_INITIALIZED"
+   and not d["overview"].get("entitlements")
+   and d["overview"]["tryout"]["state"] == "TRYOUT_STATE_ENDED"'
+json_check CheckSeat-after-reset "after the reset alice holds no seat" \
+  'd.get("licensed", False) is False and d["reason"] == "SEAT_REASON_NOT_ASSIGNED"'
+json_check Reconcile-after-reset "the licenses come back, bound to the serial number" \
+  'd["outcome"] in ("RECONCILE_OUTCOME_UPDATED", "RECONCILE_OUTCOME_UNCHANGED")
+   and sorted((e["feature"], e["quantity"], e.get("inUse", 0)) for e in d["entitlements"])
+       == [("call_assist", 1, 0), ("user", 5, 0)]'
 
 # --- summary --------------------------------------------------------------------------
 if [ "${FAILED}" -gt 0 ]; then

@@ -9,14 +9,17 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Config;
-use crate::domain::{Clock, LicensingError};
+use crate::config::{Config, LicenseSourceConfig};
+use crate::domain::Clock;
 use crate::mirror::{Mirror, Verifier};
 use crate::server::{self, ServerOptions};
 use crate::service::{Licensing, Settings};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
+use crate::upstream::file::LicenseFile;
+use crate::upstream::grpc::GrpcLicensingServer;
+use crate::upstream::{Backoff, LicensingServer};
 
 /// A replica's parts.
 pub struct App {
@@ -41,20 +44,39 @@ impl App {
             serial: config.serial_number.clone(),
             edition: config.edition,
         };
-        let mirror = Arc::new(Mirror::new(verifier, config.mirror));
+        let mirror = Arc::new(Mirror::new(verifier, config.mirror, clock.clone()));
         let settings = Settings {
             serial: config.serial_number.clone(),
             edition: config.edition,
             tryout: config.tryout,
             over_capacity_grace: config.over_capacity_grace,
-            license_file: config.license_file.clone(),
             vendor_key: config.vendor_public_key,
+            grace: config.grace,
+            lapse_action: config.lapse_action,
+            reconcile_interval: config.reconcile_interval,
+            reconcile_jitter_percent: config.reconcile_jitter_percent,
+            code_ttl: config.code_ttl,
+            backoff: Backoff::default(),
+        };
+        let source: Option<Arc<dyn LicensingServer>> = match &config.license_source {
+            LicenseSourceConfig::None => None,
+            LicenseSourceConfig::File(path) => Some(Arc::new(LicenseFile::new(path.clone()))),
+            LicenseSourceConfig::Server {
+                url,
+                ca_file,
+                timeout,
+            } => Some(Arc::new(
+                GrpcLicensingServer::new(url, ca_file.as_deref(), *timeout)
+                    .map_err(anyhow::Error::msg)
+                    .context("set up licensing_server")?,
+            )),
         };
         let licensing = Arc::new(Licensing::new(
             store.clone(),
             mirror.clone(),
             clock,
             settings,
+            source,
         ));
         let tls = match &config.tls {
             Some((cert, key)) => Some((
@@ -92,7 +114,13 @@ impl App {
             }
         };
         let mirror_task = tokio::spawn(self.mirror.clone().run(self.store.clone(), stopped()));
-        let reconcile_task = tokio::spawn(startup_reconcile(self.licensing.clone(), stopped()));
+        let licensing = self.licensing.clone();
+        let schedule_stopped = stopped();
+        let reconcile_task = tokio::spawn(async move {
+            licensing
+                .run_schedule(SCHEDULE_TICK, schedule_stopped)
+                .await;
+        });
         let metrics_task = metrics_listener.map(|listener| {
             let registry = crate::metrics::registry(self.licensing.clone());
             tokio::spawn(crate::metrics::serve(listener, registry, stopped()))
@@ -110,28 +138,5 @@ impl App {
     }
 }
 
-/// Applies the license source once at start, retrying while the store is unreachable.
-async fn startup_reconcile(licensing: Arc<Licensing>, stopped: impl Future<Output = ()>) {
-    if licensing.settings().license_file.is_none() {
-        return;
-    }
-    tokio::pin!(stopped);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match licensing.reconcile().await {
-            Ok(_) => return,
-            Err(LicensingError::Unavailable(error)) => {
-                tracing::warn!(%error, "start-up reconcile waits for the seat store");
-            }
-            Err(error) => {
-                tracing::error!(%error, "start-up reconcile failed");
-                return;
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = &mut stopped => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
+/// How often a replica looks at the schedule (reconcile due, lapse, time events).
+const SCHEDULE_TICK: Duration = Duration::from_secs(1);

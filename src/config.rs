@@ -35,6 +35,11 @@ pub struct RawConfig {
     pub license_file: Option<PathBuf>,
     pub vendor_public_key: Option<String>,
     pub over_capacity_grace_days: u32,
+    pub grace_days: u32,
+    pub lapse_action: String,
+    pub licensing_server: RawLicensingServer,
+    pub reconcile: RawReconcile,
+    pub initialization: RawInitialization,
     pub drain_timeout_ms: u64,
     pub log: RawLog,
     pub mirror: RawMirror,
@@ -63,6 +68,58 @@ pub struct RawMirror {
     pub resync_interval_ms: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLicensingServer {
+    /// `https://host:port` (or `http://` for a local simulator); unset = none.
+    pub url: Option<String>,
+    /// PEM CA bundle to verify the server with (default: public web roots).
+    pub ca_file: Option<PathBuf>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReconcile {
+    pub interval_secs: u64,
+    /// Random spread of each interval, in percent (either way).
+    pub jitter_percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawInitialization {
+    /// How long an initialization code's nonce is accepted.
+    pub code_ttl_minutes: u32,
+}
+
+impl Default for RawLicensingServer {
+    fn default() -> Self {
+        Self {
+            url: None,
+            ca_file: None,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for RawReconcile {
+    fn default() -> Self {
+        Self {
+            interval_secs: 6 * 3600,
+            jitter_percent: 10,
+        }
+    }
+}
+
+impl Default for RawInitialization {
+    fn default() -> Self {
+        Self {
+            code_ttl_minutes: 24 * 60,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTls {
@@ -84,6 +141,11 @@ impl Default for RawConfig {
             license_file: None,
             vendor_public_key: None,
             over_capacity_grace_days: 14,
+            grace_days: 30,
+            lapse_action: "deny_new".into(),
+            licensing_server: RawLicensingServer::default(),
+            reconcile: RawReconcile::default(),
+            initialization: RawInitialization::default(),
             drain_timeout_ms: 10_000,
             log: RawLog::default(),
             mirror: RawMirror::default(),
@@ -122,6 +184,20 @@ impl Default for RawMirror {
     }
 }
 
+/// The license source: the vendor's licensing server, a license file, or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LicenseSourceConfig {
+    None,
+    File(PathBuf),
+    Server {
+        url: String,
+        ca_file: Option<PathBuf>,
+        timeout: Duration,
+    },
+}
+
+pub use crate::domain::LapseAction;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -155,6 +231,14 @@ pub struct Config {
     /// Certificate and key (PEM) for serving gRPC over TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub otlp_endpoint: Option<String>,
+    /// Where entitlements come from.
+    pub license_source: LicenseSourceConfig,
+    /// How long the last good entitlements hold while the source is unreachable.
+    pub grace: chrono::Duration,
+    pub lapse_action: LapseAction,
+    pub reconcile_interval: Duration,
+    pub reconcile_jitter_percent: u32,
+    pub code_ttl: chrono::Duration,
     /// Whether the serial number is the development placeholder.
     pub serial_is_placeholder: bool,
 }
@@ -264,10 +348,64 @@ impl RawConfig {
             .map(parse_public_key)
             .transpose()
             .map_err(|m| invalid("vendor_public_key", m))?;
-        if self.license_file.is_some() && vendor_public_key.is_none() {
+        let license_source = match (&self.licensing_server.url, &self.license_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "licensing_server.url",
+                    "set either licensing_server.url or license_file, not both",
+                ));
+            }
+            (Some(url), None) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(invalid(
+                        "licensing_server.url",
+                        "must start with https:// (or http:// for a local simulator)",
+                    ));
+                }
+                if !(100..=120_000).contains(&self.licensing_server.timeout_ms) {
+                    return Err(invalid(
+                        "licensing_server.timeout_ms",
+                        "must be 100 to 120000",
+                    ));
+                }
+                LicenseSourceConfig::Server {
+                    url: url.clone(),
+                    ca_file: self.licensing_server.ca_file.clone(),
+                    timeout: Duration::from_millis(self.licensing_server.timeout_ms),
+                }
+            }
+            (None, Some(path)) => LicenseSourceConfig::File(path.clone()),
+            (None, None) => LicenseSourceConfig::None,
+        };
+        if license_source != LicenseSourceConfig::None && vendor_public_key.is_none() {
             return Err(invalid(
                 "vendor_public_key",
-                "is required when license_file is set (the license is verified with it)",
+                "is required with a license source (documents are verified with it)",
+            ));
+        }
+        if !(1..=3650).contains(&self.grace_days) {
+            return Err(invalid("grace_days", "must be 1 to 3650"));
+        }
+        let lapse_action = match self.lapse_action.as_str() {
+            "deny_new" => LapseAction::DenyNew,
+            "reset" => LapseAction::Reset,
+            other => {
+                return Err(invalid(
+                    "lapse_action",
+                    format!("{other:?} is not deny_new or reset"),
+                ));
+            }
+        };
+        if !(1..=30 * 86_400).contains(&self.reconcile.interval_secs) {
+            return Err(invalid("reconcile.interval_secs", "must be 1 to 2592000"));
+        }
+        if self.reconcile.jitter_percent > 50 {
+            return Err(invalid("reconcile.jitter_percent", "must be 0 to 50"));
+        }
+        if !(1..=30 * 24 * 60).contains(&self.initialization.code_ttl_minutes) {
+            return Err(invalid(
+                "initialization.code_ttl_minutes",
+                "must be 1 to 43200",
             ));
         }
         if self.over_capacity_grace_days > 365 {
@@ -337,6 +475,12 @@ impl RawConfig {
                 ..MirrorConfig::default()
             },
             tls,
+            license_source,
+            grace: chrono::Duration::days(i64::from(self.grace_days)),
+            lapse_action,
+            reconcile_interval: Duration::from_secs(self.reconcile.interval_secs),
+            reconcile_jitter_percent: self.reconcile.jitter_percent,
+            code_ttl: chrono::Duration::minutes(i64::from(self.initialization.code_ttl_minutes)),
             otlp_endpoint: self
                 .otlp_endpoint
                 .clone()
@@ -452,6 +596,38 @@ mod tests {
             (
                 Box::new(|c| c.tls.cert_file = Some("c.pem".into())),
                 "tls.key_file",
+            ),
+            (Box::new(|c| c.grace_days = 0), "grace_days"),
+            (
+                Box::new(|c| c.lapse_action = "panic".into()),
+                "lapse_action",
+            ),
+            (
+                Box::new(|c| c.reconcile.interval_secs = 0),
+                "reconcile.interval_secs",
+            ),
+            (
+                Box::new(|c| c.reconcile.jitter_percent = 90),
+                "reconcile.jitter_percent",
+            ),
+            (
+                Box::new(|c| c.initialization.code_ttl_minutes = 0),
+                "initialization.code_ttl_minutes",
+            ),
+            (
+                Box::new(|c| c.licensing_server.url = Some("ftp://x".into())),
+                "licensing_server.url",
+            ),
+            (
+                Box::new(|c| {
+                    c.licensing_server.url = Some("https://cic.example".into());
+                    c.license_file = Some("l.json".into());
+                }),
+                "licensing_server.url",
+            ),
+            (
+                Box::new(|c| c.licensing_server.url = Some("https://cic.example".into())),
+                "vendor_public_key",
             ),
         ];
         for (mutate, key) in cases {

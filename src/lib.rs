@@ -5,6 +5,7 @@
 //! - [`store`]: the `Store` trait with the Redis and embedded in-memory stores.
 //! - [`mirror`]: each replica's in-memory copy of the store, followed through the
 //!   store's change feed; the hot path reads it.
+//! - [`events`]: license events for WatchLicenseEvents (from the change feed and the clock).
 //! - [`service`]: the application service (validate, decide, write, read).
 //! - [`grpc`]: the gRPC adapter: generated types, conversions, error table, handlers.
 //! - [`server`]: the tonic server with health and reflection on a bound listener.
@@ -12,19 +13,24 @@
 //! - [`config`]: layered, validated configuration (defaults, TOML, environment).
 //! - [`cli`]: the command line, including the development licensing tools.
 //! - [`metrics`]: Prometheus `/metrics` and OTLP metrics.
+//! - [`upstream`]: the vendor licensing server behind one trait (network, license file).
+//! - [`sim`]: `licensing-sim`, the development licensing server (a simulator, not the vendor's).
 //! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod grpc;
 pub mod metrics;
 pub mod mirror;
 pub mod server;
 pub mod service;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {

@@ -21,8 +21,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
-use crate::domain::{Feature, ReconcileOutcome, SeatSource, TryoutState};
-use crate::service::{ActivationState, Licensing};
+use crate::domain::{ActivationState, Feature, ReconcileOutcome, SeatSource, TryoutState};
+use crate::service::Licensing;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -179,7 +179,7 @@ fn state_samples(licensing: &Licensing) -> Vec<Sample> {
         labels: Vec::new(),
         value: f64::from(overview.tryout.days_remaining),
     });
-    let grace_days = overview.grace_ends_at.map_or(0.0, |end| {
+    let grace_days = overview.activation.grace_ends_at.map_or(0.0, |end| {
         ((end - Utc::now()).num_seconds().max(0) as f64 / 86_400.0).ceil()
     });
     samples.push(Sample {
@@ -193,7 +193,10 @@ fn state_samples(licensing: &Licensing) -> Vec<Sample> {
         help: "1 when a trusted license is applied (and system activation held where needed)",
         labels: Vec::new(),
         value: f64::from(u8::from(
-            overview.activation != ActivationState::NotInitialized && overview.system_activated,
+            matches!(
+                overview.activation.state,
+                ActivationState::Active | ActivationState::Grace
+            ) && overview.system_activated,
         )),
     });
     samples.push(Sample {

@@ -19,10 +19,12 @@ use ed25519_dalek::VerifyingKey;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
+use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AppliedLicense, Edition, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber,
+    AppliedLicense, Clock, Edition, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber,
     TryoutRecord, UserId,
 };
+use crate::events::EventHub;
 use crate::store::{
     Change, ChangeKind, Changes, Position, Snapshot, Store, StoreError, StoredLicense,
 };
@@ -121,6 +123,8 @@ pub struct MirrorState {
     pub license_problem: Option<String>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
+    /// The initialization this PBX last issued and nobody used yet.
+    pub initialization: Option<PendingInitialization>,
 }
 
 impl MirrorState {
@@ -196,6 +200,7 @@ impl MirrorState {
             license: self.stored_license.clone(),
             tryout: self.tryout.clone(),
             reconcile: self.reconcile.clone(),
+            initialization: self.initialization.clone(),
         }
     }
 
@@ -204,6 +209,7 @@ impl MirrorState {
             position: snapshot.position,
             tryout: snapshot.tryout,
             reconcile: snapshot.reconcile,
+            initialization: snapshot.initialization,
             ..Default::default()
         };
         for seat in &snapshot.seats {
@@ -213,28 +219,51 @@ impl MirrorState {
         state
     }
 
-    /// Applies one change if it is the next one; `false` on a gap.
-    fn apply(&mut self, change: &Change, verifier: &Verifier) -> bool {
+    /// Applies one change if it is the next one; `Gap` when it is not.
+    fn apply(&mut self, change: &Change, verifier: &Verifier) -> Applied {
         let Some(position) = self.position.as_mut() else {
-            return false;
+            return Applied::Gap;
         };
         if change.version <= position.version {
-            return true; // already applied (a local write the feed repeats)
+            return Applied::Already; // a local write the feed repeats
         }
         if change.version != position.version + 1 {
-            return false;
+            return Applied::Gap;
         }
         position.version = change.version;
         match &change.kind {
-            ChangeKind::SeatAssigned(seat) => self.put_seat(seat),
+            ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => self.put_seat(seat),
             ChangeKind::SeatReleased { feature, user_id } => {
                 self.remove_seat(*feature, user_id.as_str())
             }
             ChangeKind::LicenseApplied(stored) => self.set_license(Some(stored.clone()), verifier),
             ChangeKind::TryoutChanged(record) => self.tryout = Some(record.clone()),
             ChangeKind::ReconcileRecorded(status) => self.reconcile = status.clone(),
+            ChangeKind::InitializationIssued(p) => self.initialization = Some(p.clone()),
+            ChangeKind::InitializationConsumed => self.initialization = None,
+            ChangeKind::Reset => {
+                self.seats.clear();
+                self.counts.clear();
+                self.set_license(None, verifier);
+                self.reconcile = ReconcileStatus::default();
+                self.initialization = None;
+            }
         }
-        true
+        Applied::Now
+    }
+}
+
+/// What applying a change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Now,
+    Already,
+    Gap,
+}
+
+impl Applied {
+    fn in_order(self) -> bool {
+        self != Applied::Gap
     }
 }
 
@@ -251,10 +280,16 @@ pub struct Mirror {
     last_contact: Mutex<Option<Instant>>,
     // The version the copy has reached, for writers waiting to read their own write.
     version_tx: watch::Sender<u64>,
+    // Where the changes this replica learns go out as events.
+    events: EventHub,
+    // Stamps events (injected, like every clock here).
+    clock: Arc<dyn Clock>,
+    // When this never-synced replica first found the store empty.
+    empty_store_since: Mutex<Option<Instant>>,
 }
 
 impl Mirror {
-    pub fn new(verifier: Verifier, config: MirrorConfig) -> Self {
+    pub fn new(verifier: Verifier, config: MirrorConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             state: RwLock::new(MirrorState::default()),
             verifier,
@@ -262,6 +297,9 @@ impl Mirror {
             connected: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             version_tx: watch::channel(0).0,
+            events: EventHub::default(),
+            clock,
+            empty_store_since: Mutex::new(None),
         }
     }
 
@@ -304,11 +342,11 @@ impl Mirror {
     pub async fn apply_local(&self, change: &Change) {
         let applied = {
             let mut state = self.state.write();
-            let applied = state.apply(change, &self.verifier);
+            let applied = self.apply(&mut state, change);
             self.publish_version(&state);
             applied
         };
-        if !applied {
+        if !applied.in_order() {
             let mut rx = self.version_tx.subscribe();
             let reached =
                 tokio::time::timeout(self.config.feed_wait, rx.wait_for(|v| *v >= change.version))
@@ -320,6 +358,22 @@ impl Mirror {
                 );
             }
         }
+    }
+
+    /// The events of the changes this replica learns.
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// Applies a change and announces it when it is new here.
+    fn apply(&self, state: &mut MirrorState, change: &Change) -> Applied {
+        let applied = state.apply(change, &self.verifier);
+        if applied == Applied::Now
+            && let Some(event) = crate::events::from_change(&change.kind, self.clock.now())
+        {
+            self.events.publish(event);
+        }
+        applied
     }
 
     fn publish_version(&self, state: &MirrorState) {
@@ -341,9 +395,28 @@ impl Mirror {
             _ => false,
         };
         if !older {
+            let skipped = match (&state.position, &loaded.position) {
+                (Some(have), Some(got)) => have.epoch != got.epoch || have.version != got.version,
+                (None, _) => false,
+                (Some(_), None) => true,
+            };
             *state = loaded;
+            if skipped {
+                // Changes were not seen one by one: subscribers should re-read.
+                self.events
+                    .publish(crate::events::LicenseEvent::new("resync", self.clock.now()));
+            }
         }
         self.publish_version(&state);
+    }
+
+    /// Whether a replica that never synced may initialize an empty store: only
+    /// after the store has stayed empty for two feed periods (the time replicas
+    /// holding data need to notice and restore it).
+    fn may_initialize(&self) -> bool {
+        let mut since = self.empty_store_since.lock();
+        let first = *since.get_or_insert_with(Instant::now);
+        first.elapsed() >= self.config.feed_wait * 2
     }
 
     /// Reads a fresh snapshot now (after a write found the copy out of date).
@@ -359,6 +432,11 @@ impl Mirror {
             // The store lost its data (or is new): write back what this replica
             // knows, then read again. Another replica may win the race; fine.
             let ours = self.state.read().to_snapshot();
+            if ours.position.is_none() && !self.may_initialize() {
+                // This replica knows nothing yet: give replicas that hold the
+                // seats time to restore them first, so an empty copy never wins.
+                return Err(StoreError::NotInitialized);
+            }
             let seats = ours.seats.len();
             if store.restore(&ours).await? {
                 if ours.position.is_some() {
@@ -397,7 +475,8 @@ impl Mirror {
             }
             let step = async {
                 if need_resync {
-                    self.resync(store.as_ref()).await.map(|()| true)
+                    // After a full read, follow the feed.
+                    self.resync(store.as_ref()).await.map(|()| false)
                 } else {
                     let position = self.state.read().position.clone();
                     let Some(position) = position else {
@@ -406,7 +485,8 @@ impl Mirror {
                     match store.changes(&position, self.config.feed_wait).await? {
                         Changes::Events(events) => {
                             let mut state = self.state.write();
-                            let in_order = events.iter().all(|c| state.apply(c, &self.verifier));
+                            let in_order =
+                                events.iter().all(|c| self.apply(&mut state, c).in_order());
                             self.publish_version(&state);
                             Ok(!in_order)
                         }

@@ -26,4 +26,7 @@ pub struct ReconcileStatus {
     /// Why the last attempt applied nothing; `None` after a success.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When the next scheduled reconcile is due (any replica may run it).
+    #[serde(default)]
+    pub next_reconcile_at: Option<DateTime<Utc>>,
 }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::activation::{ActivationState, LapseAction};
 use super::error::LicensingError;
 use super::ids::{Edition, Feature, UserId};
 use super::license::{LicensePayload, SignedLicense};
@@ -109,6 +110,10 @@ pub struct Licenses<'a> {
     pub tryout_policy: TryoutPolicy,
     /// How long an over-capacity seat stays licensed.
     pub over_capacity_grace: Duration,
+    /// Whether the license is confirmed, in grace, or lapsed.
+    pub activation: ActivationState,
+    /// What a lapse means for new seats.
+    pub lapse_action: LapseAction,
 }
 
 impl Licenses<'_> {
@@ -156,14 +161,16 @@ impl Licenses<'_> {
         if !self.system_activated(now) {
             return not_licensed(purchased, SeatReason::NotActivated);
         }
-        let Some(entitlement) = license
-            .payload
-            .entitlement(seat.feature)
-            .filter(|e| e.is_current(now))
-        else {
+        let entitlement = license.payload.entitlement(seat.feature);
+        if entitlement.is_some_and(|e| !e.is_current(now)) {
             return not_licensed(purchased, SeatReason::LicenseLapsed);
-        };
-        let mut valid_until = entitlement.expires_at;
+        }
+        // A feature the license no longer grants: a capacity drop to zero when the
+        // seat is flagged (grace applies), else lapsed.
+        if entitlement.is_none() && seat.over_capacity_since.is_none() {
+            return not_licensed(purchased, SeatReason::LicenseLapsed);
+        }
+        let mut valid_until = entitlement.and_then(|e| e.expires_at);
         if let Some(since) = seat.over_capacity_since {
             let deadline = since + self.over_capacity_grace;
             if now >= deadline {
@@ -195,6 +202,12 @@ impl Licenses<'_> {
             .into());
         }
         let activated = self.system_activated(now);
+        if self.activation == ActivationState::Lapsed && self.lapse_action == LapseAction::DenyNew {
+            return Err(LicensingError::precondition(
+                "LICENSE_LAPSED",
+                "activation lapsed (the licensing server was not reached within the grace period): no new seats until a reconcile succeeds",
+            ));
+        }
         if let Some(license) = self.license.filter(|_| activated)
             && let Some(e) = license
                 .payload
@@ -293,6 +306,12 @@ mod tests {
             tryout,
             tryout_policy: TryoutPolicy::default(),
             over_capacity_grace: Duration::days(14),
+            activation: if license.is_some() {
+                ActivationState::Active
+            } else {
+                ActivationState::NotInitialized
+            },
+            lapse_action: LapseAction::DenyNew,
         }
     }
 
@@ -401,6 +420,32 @@ mod tests {
             (after.licensed, after.reason),
             (false, SeatReason::OverCapacity)
         );
+        // A flagged seat of a feature the license dropped entirely has grace too.
+        let mut ca = seat(Feature::CallAssist, SeatSource::Purchased);
+        ca.over_capacity_since = Some(t0());
+        assert!(c.check_seat(Some(&ca), t0() + Duration::days(1)).licensed);
+        assert_eq!(
+            c.check_seat(Some(&ca), t0() + Duration::days(15)).reason,
+            SeatReason::OverCapacity
+        );
+    }
+
+    #[test]
+    fn lapsed_activation_denies_new_seats_but_keeps_existing() {
+        let lic = applied(payload("S", 5));
+        let mut c = ctx(Edition::Vm, Some(&lic), None);
+        c.activation = ActivationState::Lapsed;
+        assert!(matches!(
+            c.plan_assign(Feature::User, t0(), |_| 0),
+            Err(LicensingError::FailedPrecondition {
+                reason: "LICENSE_LAPSED",
+                ..
+            })
+        ));
+        let s = seat(Feature::User, SeatSource::Purchased);
+        assert!(c.check_seat(Some(&s), t0()).licensed);
+        c.lapse_action = LapseAction::Reset;
+        assert!(c.plan_assign(Feature::User, t0(), |_| 0).is_ok());
     }
 
     #[test]

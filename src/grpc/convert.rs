@@ -6,11 +6,13 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use super::pb;
+use crate::domain::ActivationState;
 use crate::domain::{
     Edition, Feature, InvalidInput, ReconcileOutcome, Seat, SeatCheck, SeatReason, SeatSource,
     TryoutState, TryoutView, UserId,
 };
-use crate::service::{ActivationState, CheckAnswer, EntitlementUse, Overview};
+use crate::events::LicenseEvent;
+use crate::service::{CheckAnswer, EntitlementUse, Overview};
 
 /// A validated (user, feature) pair from `CheckSeat`, `AssignSeat`, `ReleaseSeat`.
 #[derive(Debug, Clone)]
@@ -158,16 +160,19 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
     pb::GetLicenseOverviewResponse {
         serial_number: o.serial.to_string(),
         edition: edition(o.edition).into(),
-        activation_state: match o.activation {
+        activation_state: match o.activation.state {
             ActivationState::NotInitialized => pb::ActivationState::NotInitialized,
             ActivationState::Active => pb::ActivationState::Active,
+            ActivationState::Grace => pb::ActivationState::Grace,
+            ActivationState::Lapsed => pb::ActivationState::Lapsed,
         }
         .into(),
         entitlements: o.entitlements.iter().map(entitlement).collect(),
         tryout: Some(tryout_status(&o.tryout)),
         last_reconciled_at: opt_timestamp(o.reconcile.last_success_at),
         last_reconcile_outcome: reconcile_outcome(o.reconcile.last_outcome).into(),
-        grace_ends_at: opt_timestamp(o.grace_ends_at),
+        grace_ends_at: opt_timestamp(o.activation.grace_ends_at),
+        next_reconcile_at: opt_timestamp(o.reconcile.next_reconcile_at),
         license_source: o.license_source.clone(),
         last_reconcile_error: o
             .reconcile
@@ -176,5 +181,21 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
             .or_else(|| o.license_problem.clone())
             .unwrap_or_default(),
         system_activated: o.system_activated,
+    }
+}
+
+pub fn event(e: &LicenseEvent) -> pb::WatchLicenseEventsResponse {
+    pb::WatchLicenseEventsResponse {
+        kind: e.kind.to_owned(),
+        occurred_at: Some(timestamp(e.occurred_at)),
+        seat: e.seat.as_ref().map(seat),
+        user_id: e
+            .user_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        feature: e.feature.map(|f| f.to_string()).unwrap_or_default(),
+        detail: e.detail.clone(),
+        days_remaining: e.days_remaining.unwrap_or(0),
     }
 }

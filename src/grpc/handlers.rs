@@ -14,10 +14,11 @@ use tracing::Instrument as _;
 use super::convert::{self, SeatRequest};
 use super::pb;
 use super::pb::licensing_service_server::LicensingService;
-use super::status::{not_implemented, to_status};
+use super::status::to_status;
 use crate::domain::LicensingError;
 use crate::metrics::metrics;
 use crate::service::Licensing;
+use tokio::sync::broadcast;
 
 /// The gRPC face of [`Licensing`].
 #[derive(Clone)]
@@ -246,7 +247,7 @@ impl LicensingService for LicensingApi {
                     .map(convert::entitlement)
                     .collect(),
                 reconciled_at: Some(convert::timestamp(report.reconciled_at)),
-                next_reconcile_at: None,
+                next_reconcile_at: report.next_reconcile_at.map(convert::timestamp),
                 error: report.error.unwrap_or_default(),
             }))
         })
@@ -257,7 +258,15 @@ impl LicensingService for LicensingApi {
         request: Request<pb::CreateInitializationCodeRequest>,
     ) -> Result<Response<pb::CreateInitializationCodeResponse>, Status> {
         rpc!(self, "CreateInitializationCode", request, async {
-            Err(not_implemented("initialization with the licensing server"))
+            let code = self
+                .licensing
+                .create_initialization_code()
+                .await
+                .map_err(to_status)?;
+            tracing::info!("initialization code created");
+            Ok(Response::new(pb::CreateInitializationCodeResponse {
+                initialization_code: code,
+            }))
         })
     }
 
@@ -266,7 +275,14 @@ impl LicensingService for LicensingApi {
         request: Request<pb::ApplyActivationRequest>,
     ) -> Result<Response<pb::ApplyActivationResponse>, Status> {
         rpc!(self, "ApplyActivation", request, async {
-            Err(not_implemented("activation with the licensing server"))
+            let overview = self
+                .licensing
+                .apply_activation(&request.get_ref().activation_response)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(pb::ApplyActivationResponse {
+                overview: Some(convert::overview(&overview)),
+            }))
         })
     }
 
@@ -277,7 +293,65 @@ impl LicensingService for LicensingApi {
         request: Request<pb::WatchLicenseEventsRequest>,
     ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
         rpc!(self, "WatchLicenseEvents", request, async {
-            Err(not_implemented("the license event stream"))
+            let mut events = self.licensing.mirror().events().subscribe();
+            let stream = async_stream(move |tx| async move {
+                loop {
+                    let item = match events.recv().await {
+                        Ok(event) => convert::event(&event),
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            let mut e = crate::events::LicenseEvent::new(
+                                "lagged_resync",
+                                chrono::Utc::now(),
+                            );
+                            e.detail = format!("{missed} events missed: re-read the state");
+                            convert::event(&e)
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if tx.send(Ok(item)).await.is_err() {
+                        return; // the subscriber went away
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(stream) as EventStream))
         })
     }
+
+    async fn reset_activation(
+        &self,
+        request: Request<pb::ResetActivationRequest>,
+    ) -> Result<Response<pb::ResetActivationResponse>, Status> {
+        rpc!(self, "ResetActivation", request, async {
+            let overview = self.licensing.reset_activation().await.map_err(to_status)?;
+            Ok(Response::new(pb::ResetActivationResponse {
+                overview: Some(convert::overview(&overview)),
+            }))
+        })
+    }
+
+    async fn activate_online(
+        &self,
+        request: Request<pb::ActivateOnlineRequest>,
+    ) -> Result<Response<pb::ActivateOnlineResponse>, Status> {
+        rpc!(self, "ActivateOnline", request, async {
+            let overview = self.licensing.activate_online().await.map_err(to_status)?;
+            Ok(Response::new(pb::ActivateOnlineResponse {
+                overview: Some(convert::overview(&overview)),
+            }))
+        })
+    }
+}
+
+/// A stream fed by a task through a small channel: the task ends when the
+/// subscriber drops the stream.
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl Stream<Item = Result<pb::WatchLicenseEventsResponse, Status>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchLicenseEventsResponse, Status>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

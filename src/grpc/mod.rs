@@ -20,3 +20,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const SERVICE_NAME: &str = "comtrexx.licensing.v1.LicensingService";
 
 pub use handlers::LicensingApi;
+
+/// Generated from `proto/comtrexx/vendor/v1/vendor.proto`: the licensing-server
+/// protocol (client side here, server side in the simulator).
+pub mod vendor_pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("comtrexx.vendor.v1");
+}
+
+/// The vendor protocol's descriptor set, served by the simulator's reflection.
+pub const VENDOR_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/vendor_descriptor.bin"));

@@ -46,11 +46,6 @@ pub fn to_status(error: LicensingError) -> Status {
     Status::with_error_details(code, message, details)
 }
 
-/// A feature that is not implemented in this version.
-pub fn not_implemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not available in this version"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

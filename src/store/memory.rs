@@ -10,9 +10,11 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
-    StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
+    StoreError, StoredLicense,
 };
+use crate::domain::capacity::reflag;
+use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Clock, Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId,
 };
@@ -39,6 +41,11 @@ struct Inner {
     license: Option<StoredLicense>,
     tryout: Option<TryoutRecord>,
     reconcile: ReconcileStatus,
+    initialization: Option<PendingInitialization>,
+    /// The reconcile lease: holder and when it expires.
+    lease: Option<(String, std::time::Instant)>,
+    /// Grows with every lease grant (the fencing token).
+    fence: u64,
     feed: VecDeque<Change>,
 }
 
@@ -85,6 +92,9 @@ impl MemoryStore {
                 license: None,
                 tryout: None,
                 reconcile: ReconcileStatus::default(),
+                initialization: None,
+                lease: None,
+                fence: 0,
                 feed: VecDeque::new(),
             }),
             version_tx,
@@ -103,6 +113,8 @@ impl MemoryStore {
         inner.license = None;
         inner.tryout = None;
         inner.reconcile = ReconcileStatus::default();
+        inner.initialization = None;
+        inner.lease = None;
         inner.feed.clear();
         drop(inner);
         self.version_tx.send_replace(0);
@@ -120,6 +132,24 @@ impl MemoryStore {
         }
         self.version_tx.send_replace(inner.version);
         change
+    }
+
+    /// Sets the over-capacity flags of a feature's purchased pool against
+    /// `quantity`, recording a change per seat whose flag moved.
+    fn reflag(&self, inner: &mut Inner, feature: Feature, quantity: u32) -> Vec<Change> {
+        let pool: Vec<Seat> = inner
+            .seats
+            .values()
+            .filter(|s| s.feature == feature && s.source == SeatSource::Purchased)
+            .cloned()
+            .collect();
+        reflag(&pool, quantity, self.clock.now())
+            .into_iter()
+            .map(|seat| {
+                inner.put(seat.clone());
+                self.record(inner, ChangeKind::SeatFlagged(seat))
+            })
+            .collect()
     }
 }
 
@@ -140,6 +170,7 @@ impl Store for MemoryStore {
             license: inner.license.clone(),
             tryout: inner.tryout.clone(),
             reconcile: inner.reconcile.clone(),
+            initialization: inner.initialization.clone(),
         })
     }
 
@@ -227,7 +258,8 @@ impl Store for MemoryStore {
         &self,
         user: &UserId,
         feature: Feature,
-    ) -> Result<Option<Change>, StoreError> {
+        capacity: Option<u32>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
         if inner.epoch.is_none() {
             return Err(StoreError::NotInitialized);
@@ -239,7 +271,11 @@ impl Store for MemoryStore {
             feature,
             user_id: user.clone(),
         };
-        Ok(Some(self.record(&mut inner, kind)))
+        let mut changes = vec![self.record(&mut inner, kind)];
+        if let Some(quantity) = capacity {
+            changes.extend(self.reflag(&mut inner, feature, quantity));
+        }
+        Ok(Some(changes))
     }
 
     async fn list_seats(
@@ -283,32 +319,91 @@ impl Store for MemoryStore {
         )))
     }
 
-    async fn apply_license(
-        &self,
-        expected_id: Option<&str>,
-        license: &StoredLicense,
-        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
-    ) -> Result<Option<Vec<Change>>, StoreError> {
+    async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
         if inner.epoch.is_none() {
             return Err(StoreError::NotInitialized);
         }
-        if inner.license.as_ref().map(StoredLicense::id) != expected_id {
+        if inner.license.as_ref().map(StoredLicense::id) != w.expected_id {
             return Ok(None);
         }
-        if let Some((expected, _)) = tryout
+        if let Some((expected, _)) = w.tryout
             && inner.tryout.as_ref() != expected
         {
             return Ok(None);
         }
-        inner.license = Some(license.clone());
+        if let Some(pending) = w.consume_initialization
+            && inner.initialization.as_ref() != Some(pending)
+        {
+            return Ok(None);
+        }
+        if let Some(fence) = w.fence
+            && inner.fence != fence
+        {
+            return Ok(None);
+        }
+        inner.license = Some(w.license.clone());
         let mut changes =
-            vec![self.record(&mut inner, ChangeKind::LicenseApplied(license.clone()))];
-        if let Some((_, new)) = tryout {
+            vec![self.record(&mut inner, ChangeKind::LicenseApplied(w.license.clone()))];
+        if let Some((_, new)) = w.tryout {
             inner.tryout = Some(new.clone());
             changes.push(self.record(&mut inner, ChangeKind::TryoutChanged(new.clone())));
         }
+        if w.consume_initialization.is_some() {
+            inner.initialization = None;
+            changes.push(self.record(&mut inner, ChangeKind::InitializationConsumed));
+        }
+        for (feature, quantity) in w.capacities {
+            changes.extend(self.reflag(&mut inner, *feature, *quantity));
+        }
         Ok(Some(changes))
+    }
+
+    async fn set_initialization(
+        &self,
+        pending: &PendingInitialization,
+    ) -> Result<Change, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        inner.initialization = Some(pending.clone());
+        Ok(self.record(
+            &mut inner,
+            ChangeKind::InitializationIssued(pending.clone()),
+        ))
+    }
+
+    async fn reset(&self) -> Result<Change, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.epoch.is_none() {
+            return Err(StoreError::NotInitialized);
+        }
+        inner.seats.clear();
+        inner.counts.clear();
+        inner.license = None;
+        inner.reconcile = ReconcileStatus::default();
+        inner.initialization = None;
+        Ok(self.record(&mut inner, ChangeKind::Reset))
+    }
+
+    async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let mut inner = self.inner.lock();
+        let now = std::time::Instant::now();
+        if inner.lease.as_ref().is_some_and(|(_, until)| *until > now) {
+            return Ok(None);
+        }
+        inner.fence += 1;
+        inner.lease = Some((holder.to_owned(), now + ttl));
+        Ok(Some(inner.fence))
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.lease.as_ref().is_some_and(|(h, _)| h == holder) {
+            inner.lease = None;
+        }
+        Ok(())
     }
 
     async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
@@ -333,6 +428,7 @@ impl Store for MemoryStore {
         inner.license = from.license.clone();
         inner.tryout = from.tryout.clone();
         inner.reconcile = from.reconcile.clone();
+        inner.initialization = from.initialization.clone();
         inner.version = from.position.as_ref().map_or(0, |p| p.version);
         inner.epoch = Some(new_epoch());
         inner.feed.clear();

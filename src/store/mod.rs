@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SignedLicense, TryoutRecord, UserId,
 };
@@ -53,6 +54,7 @@ pub struct Snapshot {
     pub license: Option<StoredLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
+    pub initialization: Option<PendingInitialization>,
 }
 
 /// One write, as the change feed reports it.
@@ -65,10 +67,41 @@ pub struct Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChangeKind {
     SeatAssigned(Seat),
-    SeatReleased { feature: Feature, user_id: UserId },
+    /// A seat's over-capacity flag was set or cleared.
+    SeatFlagged(Seat),
+    SeatReleased {
+        feature: Feature,
+        user_id: UserId,
+    },
     LicenseApplied(StoredLicense),
     TryoutChanged(TryoutRecord),
     ReconcileRecorded(ReconcileStatus),
+    InitializationIssued(PendingInitialization),
+    /// An activation response used the pending initialization.
+    InitializationConsumed,
+    /// Re-setup: seats, license, reconcile status and pending initialization
+    /// removed; the tryout record kept.
+    Reset,
+}
+
+/// What applying a license writes, in one atomic step.
+#[derive(Debug, Clone, Copy)]
+pub struct LicenseWrite<'a> {
+    /// The stored document this one replaces (`None`: none stored); otherwise
+    /// nothing is written.
+    pub expected_id: Option<&'a str>,
+    pub license: &'a StoredLicense,
+    /// A tryout change (expected record, new record) the license causes.
+    pub tryout: Option<(Option<&'a TryoutRecord>, &'a TryoutRecord)>,
+    /// The new purchased quantity of every seat feature: each pool's over-capacity
+    /// flags are set against it.
+    pub capacities: &'a [(Feature, u32)],
+    /// An activation consumes the pending initialization it answers; nothing is
+    /// written if it is no longer the stored one.
+    pub consume_initialization: Option<&'a PendingInitialization>,
+    /// The reconcile lease's fencing token: nothing is written when another
+    /// holder has taken the lease since.
+    pub fence: Option<u64>,
 }
 
 /// What the feed has after a position.
@@ -137,12 +170,15 @@ pub trait Store: Send + Sync + 'static {
         plan: &AssignPlan,
     ) -> Result<AssignOutcome, StoreError>;
 
-    /// Frees the user's seat of `feature`; `None` when there was none.
+    /// Frees the user's seat of `feature`; `None` when there was none. With
+    /// `capacity` (the purchased quantity), the pool's over-capacity flags are set
+    /// again against it; the changes are the release, then any flag changes.
     async fn release_seat(
         &self,
         user: &UserId,
         feature: Feature,
-    ) -> Result<Option<Change>, StoreError>;
+        capacity: Option<u32>,
+    ) -> Result<Option<Vec<Change>>, StoreError>;
 
     /// Seats ordered by (feature, user id), strictly after `after`, at most `limit`.
     async fn list_seats(
@@ -165,10 +201,25 @@ pub trait Store: Send + Sync + 'static {
     /// expected one; `None` when either changed meanwhile.
     async fn apply_license(
         &self,
-        expected_id: Option<&str>,
-        license: &StoredLicense,
-        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
+        write: LicenseWrite<'_>,
     ) -> Result<Option<Vec<Change>>, StoreError>;
+
+    /// Stores the initialization this PBX just issued (replacing an earlier one).
+    async fn set_initialization(
+        &self,
+        pending: &PendingInitialization,
+    ) -> Result<Change, StoreError>;
+
+    /// Re-setup: removes seats, the license, the reconcile status and any pending
+    /// initialization; keeps the tryout record (a tryout is once per serial, ever).
+    async fn reset(&self) -> Result<Change, StoreError>;
+
+    /// Takes the reconcile lease for `ttl` if nobody holds it; returns a fencing
+    /// token that grows with every grant.
+    async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError>;
+
+    /// Gives the lease back if `holder` still holds it.
+    async fn release_lease(&self, holder: &str) -> Result<(), StoreError>;
 
     /// Records the outcome of a reconcile.
     async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError>;

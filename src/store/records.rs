@@ -7,6 +7,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{StoreError, StoredLicense};
+use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     Feature, ReconcileStatus, Seat, SeatSource, SignedLicense, TryoutRecord, UserId,
 };
@@ -193,5 +194,30 @@ mod tests {
         );
         assert!(ReconcileRecordV1::parse(r#"{"v":9,"status":{}}"#).is_err());
         assert!(ReconcileRecordV1::parse(r#"{"v":1,"status":{}}"#).is_ok());
+    }
+}
+
+/// The pending initialization. Serialized deterministically, so an activation
+/// can name the exact one it consumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitializationRecordV1 {
+    pub v: u32,
+    pub pending: PendingInitialization,
+}
+
+impl InitializationRecordV1 {
+    pub fn encode(pending: &PendingInitialization) -> String {
+        serde_json::to_string(&Self {
+            v: 1,
+            pending: pending.clone(),
+        })
+        .expect("an initialization record always serializes")
+    }
+
+    pub fn parse(json: &str) -> Result<PendingInitialization, StoreError> {
+        let r = serde_json::from_str::<Self>(json)
+            .map_err(|e| StoreError::Corrupt(format!("initialization record: {e}")))?;
+        known_version("initialization", r.v)?;
+        Ok(r.pending)
     }
 }

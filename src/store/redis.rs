@@ -13,6 +13,9 @@
 //! | `lic:{S}:license` | hash | `id` (signature), `record` ([`LicenseRecordV1`]) |
 //! | `lic:{S}:tryout` | string | [`TryoutRecordV1`] |
 //! | `lic:{S}:reconcile` | string | [`ReconcileRecordV1`] |
+//! | `lic:{S}:init` | string | [`InitializationRecordV1`]: the pending initialization |
+//! | `lic:{S}:lease` | string | holder of the reconcile lease (expires by itself) |
+//! | `lic:{S}:fence` | string | fencing token of the latest lease grant |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
@@ -27,11 +30,14 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::memory::new_epoch;
-use super::records::{LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1};
-use super::{
-    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
-    StoredLicense,
+use super::records::{
+    InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1,
 };
+use super::{
+    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
+    StoreError, StoredLicense,
+};
+use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
 };
@@ -59,6 +65,10 @@ static RELEASE: LazyLock<Script> = script!("release.lua");
 static CAS_TRYOUT: LazyLock<Script> = script!("cas_tryout.lua");
 static APPLY_LICENSE: LazyLock<Script> = script!("apply_license.lua");
 static RECORD_RECONCILE: LazyLock<Script> = script!("record_reconcile.lua");
+static SET_INITIALIZATION: LazyLock<Script> = script!("set_initialization.lua");
+static RESET: LazyLock<Script> = script!("reset.lua");
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lease.lua")));
+static UNLEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/unlease.lua")));
 static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/snapshot.lua")));
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/list.lua")));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
@@ -98,6 +108,15 @@ impl Keys {
     }
     fn reconcile(&self) -> String {
         self.key("reconcile")
+    }
+    fn init(&self) -> String {
+        self.key("init")
+    }
+    fn lease(&self) -> String {
+        self.key("lease")
+    }
+    fn fence(&self) -> String {
+        self.key("fence")
     }
     fn pool(&self, feature: Feature, source: SeatSource) -> String {
         self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
@@ -233,6 +252,19 @@ fn parse_feature(raw: &str) -> Result<Feature, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("stored feature: {e}")))
 }
 
+/// Reads the (feature, user, record, version) quadruples of moved flags.
+fn flag_changes(flat: &[&str]) -> Result<Vec<Change>, StoreError> {
+    flat.chunks_exact(4)
+        .map(|q| {
+            let (feature, user) = (parse_feature(q[0])?, parse_user(q[1])?);
+            Ok(Change {
+                version: version_of(q[3])?,
+                kind: ChangeKind::SeatFlagged(SeatRecordV1::parse(q[2])?.into_seat(user, feature)?),
+            })
+        })
+        .collect()
+}
+
 /// Turns one feed entry into a change.
 fn feed_change(
     version: u64,
@@ -249,6 +281,13 @@ fn feed_change(
             let (feature, user) = (parse_feature(&field("f")?)?, parse_user(&field("u")?)?);
             ChangeKind::SeatAssigned(SeatRecordV1::parse(&field("d")?)?.into_seat(user, feature)?)
         }
+        "flag" => {
+            let (feature, user) = (parse_feature(&field("f")?)?, parse_user(&field("u")?)?);
+            ChangeKind::SeatFlagged(SeatRecordV1::parse(&field("d")?)?.into_seat(user, feature)?)
+        }
+        "init" => ChangeKind::InitializationIssued(InitializationRecordV1::parse(&field("d")?)?),
+        "init_used" => ChangeKind::InitializationConsumed,
+        "reset" => ChangeKind::Reset,
         "release" => ChangeKind::SeatReleased {
             feature: parse_feature(&field("f")?)?,
             user_id: parse_user(&field("u")?)?,
@@ -270,7 +309,8 @@ impl Store for RedisStore {
             .key(self.keys.version())
             .key(self.keys.license())
             .key(self.keys.tryout())
-            .key(self.keys.reconcile());
+            .key(self.keys.reconcile())
+            .key(self.keys.init());
         for (_, _, key) in &pools {
             inv.key(key);
         }
@@ -278,7 +318,7 @@ impl Store for RedisStore {
         let reply: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if reply.len() != 5 + pools.len() {
+        if reply.len() != 6 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -297,8 +337,12 @@ impl Store for RedisStore {
             s if s.is_empty() => ReconcileStatus::default(),
             s => ReconcileRecordV1::parse(&s)?,
         };
+        let initialization = match text(&reply[5])? {
+            s if s.is_empty() => None,
+            s => Some(InitializationRecordV1::parse(&s)?),
+        };
         let mut seats = Vec::new();
-        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(5)) {
+        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(6)) {
             let flat = strings(value)?;
             for pair in flat.chunks_exact(2) {
                 let user = parse_user(&pair[0])?;
@@ -312,6 +356,7 @@ impl Store for RedisStore {
             license,
             tryout,
             reconcile,
+            initialization,
         })
     }
 
@@ -440,7 +485,8 @@ impl Store for RedisStore {
         &self,
         user: &UserId,
         feature: Feature,
-    ) -> Result<Option<Change>, StoreError> {
+        capacity: Option<u32>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inv = RELEASE.prepare_invoke();
         for k in self.write_keys() {
             inv.key(k);
@@ -450,7 +496,8 @@ impl Store for RedisStore {
             .key(self.keys.index())
             .arg(FEED_LEN)
             .arg(user.as_str())
-            .arg(feature.as_str());
+            .arg(feature.as_str())
+            .arg(capacity.map(|c| c.to_string()).unwrap_or_default());
         let mut conn = self.conn.clone();
         let reply = strings(self.bounded("release", inv.invoke_async(&mut conn)).await?)?;
         no_epoch(&reply)?;
@@ -461,13 +508,17 @@ impl Store for RedisStore {
             .as_slice()
         {
             ["none"] => Ok(None),
-            ["released", v] => Ok(Some(Change {
-                version: version_of(v)?,
-                kind: ChangeKind::SeatReleased {
-                    feature,
-                    user_id: user.clone(),
-                },
-            })),
+            ["released", v, flags @ ..] => {
+                let mut changes = vec![Change {
+                    version: version_of(v)?,
+                    kind: ChangeKind::SeatReleased {
+                        feature,
+                        user_id: user.clone(),
+                    },
+                }];
+                changes.extend(flag_changes(flags)?);
+                Ok(Some(changes))
+            }
             other => Err(StoreError::Corrupt(format!("release replied {other:?}"))),
         }
     }
@@ -554,13 +605,8 @@ impl Store for RedisStore {
         }
     }
 
-    async fn apply_license(
-        &self,
-        expected_id: Option<&str>,
-        license: &StoredLicense,
-        tryout: Option<(Option<&TryoutRecord>, &TryoutRecord)>,
-    ) -> Result<Option<Vec<Change>>, StoreError> {
-        let record = serde_json::to_string(&LicenseRecordV1::from_stored(license))
+    async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
+        let record = serde_json::to_string(&LicenseRecordV1::from_stored(w.license))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut inv = APPLY_LICENSE.prepare_invoke();
         for k in self.write_keys() {
@@ -568,21 +614,35 @@ impl Store for RedisStore {
         }
         inv.key(self.keys.license())
             .key(self.keys.tryout())
-            .arg(FEED_LEN)
-            .arg(expected_id.unwrap_or(""))
-            .arg(license.id())
+            .key(self.keys.init())
+            .key(self.keys.fence());
+        for (feature, _) in w.capacities {
+            inv.key(self.keys.pool(*feature, SeatSource::Purchased));
+        }
+        inv.arg(FEED_LEN)
+            .arg(w.expected_id.unwrap_or(""))
+            .arg(w.license.id())
             .arg(record)
             .arg(
-                tryout
+                w.tryout
                     .and_then(|(e, _)| e)
                     .map(TryoutRecordV1::encode)
                     .unwrap_or_default(),
             )
             .arg(
-                tryout
+                w.tryout
                     .map(|(_, n)| TryoutRecordV1::encode(n))
                     .unwrap_or_default(),
-            );
+            )
+            .arg(
+                w.consume_initialization
+                    .map(InitializationRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(w.fence.map(|f| f.to_string()).unwrap_or_default());
+        for (feature, quantity) in w.capacities {
+            inv.arg(feature.as_str()).arg(*quantity);
+        }
         let mut conn = self.conn.clone();
         let reply = strings(
             self.bounded("apply_license", inv.invoke_async(&mut conn))
@@ -595,24 +655,113 @@ impl Store for RedisStore {
             .collect::<Vec<_>>()
             .as_slice()
         {
-            ["conflict"] => Ok(None),
-            ["ok", v, rest @ ..] => {
+            ["conflict"] | ["fenced"] => Ok(None),
+            ["ok", v, tryout_v, init_v, flags @ ..] => {
                 let mut changes = vec![Change {
                     version: version_of(v)?,
-                    kind: ChangeKind::LicenseApplied(license.clone()),
+                    kind: ChangeKind::LicenseApplied(w.license.clone()),
                 }];
-                if let (Some((_, new)), [tv]) = (tryout, rest) {
+                if let (Some((_, new)), false) = (w.tryout, tryout_v.is_empty()) {
                     changes.push(Change {
-                        version: version_of(tv)?,
+                        version: version_of(tryout_v)?,
                         kind: ChangeKind::TryoutChanged(new.clone()),
                     });
                 }
+                if !init_v.is_empty() {
+                    changes.push(Change {
+                        version: version_of(init_v)?,
+                        kind: ChangeKind::InitializationConsumed,
+                    });
+                }
+                changes.extend(flag_changes(flags)?);
                 Ok(Some(changes))
             }
             other => Err(StoreError::Corrupt(format!(
                 "license write replied {other:?}"
             ))),
         }
+    }
+
+    async fn set_initialization(
+        &self,
+        pending: &PendingInitialization,
+    ) -> Result<Change, StoreError> {
+        let mut inv = SET_INITIALIZATION.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.init())
+            .arg(FEED_LEN)
+            .arg(InitializationRecordV1::encode(pending));
+        let mut conn = self.conn.clone();
+        let reply = strings(
+            self.bounded("set_initialization", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["ok", v] => Ok(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::InitializationIssued(pending.clone()),
+            }),
+            other => Err(StoreError::Corrupt(format!(
+                "initialization write replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn reset(&self) -> Result<Change, StoreError> {
+        let mut inv = RESET.prepare_invoke();
+        for k in self.write_keys() {
+            inv.key(k);
+        }
+        inv.key(self.keys.license())
+            .key(self.keys.reconcile())
+            .key(self.keys.init())
+            .key(self.keys.index());
+        for (_, _, key) in self.keys.pools() {
+            inv.key(key);
+        }
+        inv.arg(FEED_LEN);
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded("reset", inv.invoke_async(&mut conn)).await?)?;
+        no_epoch(&reply)?;
+        match reply
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["ok", v] => Ok(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::Reset,
+            }),
+            other => Err(StoreError::Corrupt(format!("reset replied {other:?}"))),
+        }
+    }
+
+    async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let mut inv = LEASE.prepare_invoke();
+        inv.key(self.keys.lease())
+            .key(self.keys.fence())
+            .arg(holder)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let mut conn = self.conn.clone();
+        let token: u64 = self.bounded("lease", inv.invoke_async(&mut conn)).await?;
+        Ok((token > 0).then_some(token))
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+        let mut inv = UNLEASE.prepare_invoke();
+        inv.key(self.keys.lease()).arg(holder);
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded("lease", inv.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
@@ -654,7 +803,8 @@ impl Store for RedisStore {
             .key(self.keys.license())
             .key(self.keys.tryout())
             .key(self.keys.reconcile())
-            .key(self.keys.index());
+            .key(self.keys.index())
+            .key(self.keys.init());
         for (_, _, key) in &pools {
             inv.key(key);
         }
@@ -674,7 +824,13 @@ impl Store for RedisStore {
                     .map(TryoutRecordV1::encode)
                     .unwrap_or_default(),
             )
-            .arg(ReconcileRecordV1::encode(&from.reconcile));
+            .arg(ReconcileRecordV1::encode(&from.reconcile))
+            .arg(
+                from.initialization
+                    .as_ref()
+                    .map(InitializationRecordV1::encode)
+                    .unwrap_or_default(),
+            );
         for seat in &from.seats {
             let Some(index) = pools
                 .iter()

@@ -1,17 +1,39 @@
--- Stores a verified license document, with the tryout change it causes.
--- KEYS[4] the applied license (hash: id, record), KEYS[5] the tryout record.
+-- Stores a verified license document with everything it causes, or nothing.
+-- KEYS[4] the applied license (hash: id, record), KEYS[5] the tryout record,
+-- KEYS[6] the pending initialization, KEYS[7] the lease's fencing counter,
+-- KEYS[8..] the purchased pool of each feature in ARGV's capacity list.
 -- ARGV[2] expected license id ('' = none), ARGV[3] new id, ARGV[4] new record,
--- ARGV[5] expected tryout record ('' = none), ARGV[6] new tryout record ('' = no change).
+-- ARGV[5] expected tryout record ('' = none), ARGV[6] new tryout record ('' = no change),
+-- ARGV[7] pending initialization to consume ('' = none), ARGV[8] fence ('' = none),
+-- ARGV[9..] feature, quantity pairs (aligned with KEYS[8..]).
 if not has_epoch() then return {'noepoch'} end
 if (redis.call('HGET', KEYS[4], 'id') or '') ~= ARGV[2] then return {'conflict'} end
 local change_tryout = ARGV[6] ~= ''
 if change_tryout and (redis.call('GET', KEYS[5]) or '') ~= ARGV[5] then
   return {'conflict'}
 end
+if ARGV[7] ~= '' and (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then
+  return {'conflict'}
+end
+if ARGV[8] ~= '' and (redis.call('GET', KEYS[7]) or '') ~= ARGV[8] then
+  return {'fenced'}
+end
 redis.call('HSET', KEYS[4], 'id', ARGV[3], 'record', ARGV[4])
-local out = {'ok', tostring(bump({'k', 'license', 'd', ARGV[4]}))}
+-- Reply: 'ok', license version, tryout version or '', consumed-initialization
+-- version or '', then the flag changes as quadruples.
+local out = {'ok', tostring(bump({'k', 'license', 'd', ARGV[4]})), '', ''}
 if change_tryout then
   redis.call('SET', KEYS[5], ARGV[6])
-  table.insert(out, tostring(bump({'k', 'tryout', 'd', ARGV[6]})))
+  out[3] = tostring(bump({'k', 'tryout', 'd', ARGV[6]}))
 end
+if ARGV[7] ~= '' then
+  redis.call('DEL', KEYS[6])
+  out[4] = tostring(bump({'k', 'init_used'}))
+end
+local k = 8
+for i = 9, #ARGV, 2 do
+  reflag(KEYS[k], ARGV[i], tonumber(ARGV[i + 1]))
+  k = k + 1
+end
+for _, x in ipairs(flagged) do table.insert(out, x) end
 return out

@@ -21,3 +21,49 @@ local function bump(fields)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], v .. '-0', unpack(fields))
   return v
 end
+
+-- Seats whose flag a script moved, as (feature, user, record, version) quadruples
+-- the script appends to its reply.
+local flagged = {}
+
+-- Sets the over-capacity flags of a purchased pool: exactly the (count - quantity)
+-- most recently assigned seats are flagged (keeping an existing flag's time),
+-- the others cleared; a feed entry per seat whose flag moved. Mirrors
+-- domain::capacity::reflag.
+local function reflag(pool, feature, quantity)
+  local flat = redis.call('HGETALL', pool)
+  local excess = #flat / 2 - quantity
+  local marked = 0
+  for i = 2, #flat, 2 do
+    if string.find(flat[i], 'over_capacity_since_ms', 1, true) then marked = marked + 1 end
+  end
+  if excess <= 0 and marked == 0 then return end
+  local seats = {}
+  for i = 1, #flat, 2 do
+    local rec = cjson.decode(flat[i + 1])
+    table.insert(seats, {user = flat[i], rec = rec})
+  end
+  table.sort(seats, function(a, b)
+    if a.rec.assigned_at_ms ~= b.rec.assigned_at_ms then
+      return a.rec.assigned_at_ms > b.rec.assigned_at_ms
+    end
+    return a.user > b.user
+  end)
+  local now = now_ms()
+  for i, s in ipairs(seats) do
+    local flag = i <= excess
+    local has = s.rec.over_capacity_since_ms ~= nil
+    if flag ~= has then
+      local value
+      if flag then
+        value = string.format('{"v":1,"source":"purchased","assigned_at_ms":%.0f,"over_capacity_since_ms":%.0f}',
+          s.rec.assigned_at_ms, now)
+      else
+        value = string.format('{"v":1,"source":"purchased","assigned_at_ms":%.0f}', s.rec.assigned_at_ms)
+      end
+      redis.call('HSET', pool, s.user, value)
+      local v = bump({'k', 'flag', 'f', feature, 'u', s.user, 'd', value})
+      for _, x in ipairs({feature, s.user, value, tostring(v)}) do table.insert(flagged, x) end
+    end
+  end
+end

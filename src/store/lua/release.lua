@@ -1,9 +1,13 @@
--- Frees a user's seat of a feature, whatever its source.
+-- Frees a user's seat of a feature, whatever its source; with a capacity, sets
+-- the pool's over-capacity flags again (a freed seat makes room for a flagged one).
 -- KEYS[4] purchased seats, KEYS[5] tryout seats, KEYS[6] the seat index.
--- ARGV[2] user, ARGV[3] feature.
+-- ARGV[2] user, ARGV[3] feature, ARGV[4] purchased capacity ('' = leave flags).
 if not has_epoch() then return {'noepoch'} end
 local removed = redis.call('HDEL', KEYS[4], ARGV[2]) + redis.call('HDEL', KEYS[5], ARGV[2])
 if removed == 0 then return {'none'} end
 redis.call('ZREM', KEYS[6], ARGV[3] .. '\0' .. ARGV[2])
 local v = bump({'k', 'release', 'f', ARGV[3], 'u', ARGV[2]})
-return {'released', tostring(v)}
+if ARGV[4] ~= '' then reflag(KEYS[4], ARGV[3], tonumber(ARGV[4])) end
+local out = {'released', tostring(v)}
+for _, x in ipairs(flagged) do table.insert(out, x) end
+return out

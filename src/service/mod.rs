@@ -1,8 +1,13 @@
 //! The application service: validated requests in, domain decisions, store writes,
 //! mirror reads. Knows nothing of gRPC; the `grpc` module adapts it.
+//!
+//! This file: seats, tryout, overview. `licenses`: initialization, activation,
+//! re-setup, reconcile and its schedule.
 
-use std::path::PathBuf;
+mod licenses;
+
 use std::sync::Arc;
+use std::time::Duration as StdDuration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,13 +16,15 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::domain::activation::{self, Activation};
 use crate::domain::{
-    AppliedLicense, Clock, Edition, Entitlement, Feature, InvalidInput, Licenses, LicensingError,
-    ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber, SignedLicense,
+    ActivationState, Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses,
+    LicensingError, ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber,
     TryoutPolicy, TryoutView, UserId, tryout,
 };
 use crate::mirror::{Mirror, MirrorState};
-use crate::store::{AssignOutcome, SeatKey, Store, StoreError, StoredLicense};
+use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
+use crate::upstream::{Backoff, LicensingServer};
 
 /// Default and largest `ListSeats` page sizes.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -33,9 +40,16 @@ pub struct Settings {
     pub edition: Edition,
     pub tryout: TryoutPolicy,
     pub over_capacity_grace: Duration,
-    /// The signed license file reconcile reads; `None` when there is none.
-    pub license_file: Option<PathBuf>,
     pub vendor_key: Option<VerifyingKey>,
+    /// How long the last good entitlements hold while the source is unreachable.
+    pub grace: Duration,
+    pub lapse_action: LapseAction,
+    pub reconcile_interval: StdDuration,
+    pub reconcile_jitter_percent: u32,
+    /// How long an initialization code is accepted.
+    pub code_ttl: Duration,
+    /// Retries of transient licensing-server failures within one reconcile.
+    pub backoff: Backoff,
 }
 
 /// The answer to `CheckSeat`.
@@ -60,18 +74,12 @@ pub struct EntitlementUse {
     pub in_use: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivationState {
-    NotInitialized,
-    Active,
-}
-
 /// The operator's overview.
 #[derive(Debug, Clone)]
 pub struct Overview {
     pub serial: SerialNumber,
     pub edition: Edition,
-    pub activation: ActivationState,
+    pub activation: Activation,
     pub system_activated: bool,
     pub entitlements: Vec<EntitlementUse>,
     pub tryout: TryoutView,
@@ -79,9 +87,6 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
-    /// When activation lapses while the license source stays unreachable; `None`
-    /// when not in grace.
-    pub grace_ends_at: Option<DateTime<Utc>>,
 }
 
 /// What `Reconcile` answers.
@@ -90,6 +95,7 @@ pub struct ReconcileReport {
     pub outcome: ReconcileOutcome,
     pub entitlements: Vec<EntitlementUse>,
     pub reconciled_at: DateTime<Utc>,
+    pub next_reconcile_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
 }
 
@@ -108,8 +114,12 @@ pub struct Licensing {
     mirror: Arc<Mirror>,
     clock: Arc<dyn Clock>,
     settings: Settings,
-    // One reconcile at a time in this replica.
+    /// The license source (licensing server or license file); `None`: none.
+    source: Option<Arc<dyn LicensingServer>>,
+    // One reconcile at a time in this replica (the lease covers all replicas).
     reconcile_lock: AsyncMutex<()>,
+    // Names this replica as lease holder.
+    replica_id: String,
 }
 
 fn store_error(e: StoreError) -> LicensingError {
@@ -128,14 +138,40 @@ impl Licensing {
         mirror: Arc<Mirror>,
         clock: Arc<dyn Clock>,
         settings: Settings,
+        source: Option<Arc<dyn LicensingServer>>,
     ) -> Self {
         Self {
             store,
             mirror,
             clock,
             settings,
+            source,
             reconcile_lock: AsyncMutex::new(()),
+            replica_id: format!("{:016x}", rand::random::<u64>()),
         }
+    }
+
+    /// Whether a license source is configured.
+    pub fn has_source(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// The activation at `now`. Without a license source nothing can confirm or
+    /// lapse a license: it stays active.
+    fn activation(&self, state: &MirrorState, now: DateTime<Utc>) -> Activation {
+        let a = activation::activation(
+            state.license.as_ref(),
+            &state.reconcile,
+            now,
+            self.settings.grace,
+        );
+        if self.source.is_none() && a.state != ActivationState::NotInitialized {
+            return Activation {
+                state: ActivationState::Active,
+                grace_ends_at: None,
+            };
+        }
+        a
     }
 
     pub fn settings(&self) -> &Settings {
@@ -150,14 +186,29 @@ impl Licensing {
         &self.store
     }
 
-    fn licenses<'a>(&self, state: &'a MirrorState) -> Licenses<'a> {
+    fn licenses<'a>(&self, state: &'a MirrorState, now: DateTime<Utc>) -> Licenses<'a> {
         Licenses {
             edition: self.settings.edition,
             license: state.license.as_ref(),
             tryout: state.tryout.as_ref(),
             tryout_policy: self.settings.tryout,
             over_capacity_grace: self.settings.over_capacity_grace,
+            activation: self.activation(state, now).state,
+            lapse_action: self.settings.lapse_action,
         }
+    }
+
+    /// The purchased quantity of a seat feature now (0 when the license does not
+    /// grant it); `None` without a trusted license (no flags to keep).
+    fn capacity(&self, state: &MirrorState, feature: Feature, now: DateTime<Utc>) -> Option<u32> {
+        let license = state.license.as_ref()?;
+        Some(
+            license
+                .payload
+                .entitlement(feature)
+                .filter(|e| e.is_current(now))
+                .map_or(0, |e| e.quantity),
+        )
     }
 
     /// The hot path: answered from the mirror, never waiting for the store.
@@ -167,7 +218,7 @@ impl Licensing {
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
-            self.licenses(state).check_seat(seat.as_ref(), now)
+            self.licenses(state, now).check_seat(seat.as_ref(), now)
         });
         CheckAnswer {
             check,
@@ -189,7 +240,7 @@ impl Licensing {
         for attempt in 0..WRITE_ATTEMPTS {
             let now = self.clock.now();
             let plan = self.mirror.read(|state| {
-                self.licenses(state)
+                self.licenses(state, now)
                     .plan_assign(feature, now, |f| state.count(f, SeatSource::Purchased))
             });
             let plan = match plan {
@@ -241,20 +292,25 @@ impl Licensing {
         ))
     }
 
-    /// Frees the user's seat; `false` when there was none.
+    /// Frees the user's seat; `false` when there was none. A freed purchased
+    /// seat makes room for an over-capacity one, whose flag is cleared.
     pub async fn release_seat(
         &self,
         user: &UserId,
         feature: Feature,
     ) -> Result<bool, LicensingError> {
+        let now = self.clock.now();
+        let capacity = self.mirror.read(|s| self.capacity(s, feature, now));
         match self
             .store
-            .release_seat(user, feature)
+            .release_seat(user, feature, capacity)
             .await
             .map_err(store_error)?
         {
-            Some(change) => {
-                self.mirror.apply_local(&change).await;
+            Some(changes) => {
+                for change in &changes {
+                    self.mirror.apply_local(change).await;
+                }
                 Ok(true)
             }
             None => Ok(false),
@@ -321,10 +377,22 @@ impl Licensing {
     }
 
     pub async fn start_tryout(&self) -> Result<TryoutView, LicensingError> {
-        self.change_tryout(|current, now| {
-            tryout::start(self.settings.edition, current, now, self.settings.tryout).map(Some)
-        })
-        .await
+        let view = self
+            .change_tryout(|current, now| {
+                tryout::start(self.settings.edition, current, now, self.settings.tryout).map(Some)
+            })
+            .await?;
+        // Tell the vendor (best effort): a tryout is once per serial, also across a
+        // re-setup that loses local state.
+        if let (Some(source), Some(started_at)) = (self.source.clone(), view.started_at) {
+            let serial = self.settings.serial.clone();
+            tokio::spawn(async move {
+                if let Err(error) = source.report_tryout(&serial, started_at).await {
+                    tracing::warn!(%error, "could not report the tryout start to the licensing server");
+                }
+            });
+        }
+        Ok(view)
     }
 
     pub async fn end_tryout(&self) -> Result<TryoutView, LicensingError> {
@@ -395,160 +463,20 @@ impl Licensing {
         self.mirror.read(|state| Overview {
             serial: self.settings.serial.clone(),
             edition: self.settings.edition,
-            activation: if state.license.is_some() {
-                ActivationState::Active
-            } else {
-                ActivationState::NotInitialized
-            },
-            system_activated: self.licenses(state).system_activated(now),
+            activation: self.activation(state, now),
+            system_activated: self.licenses(state, now).system_activated(now),
             entitlements: self.entitlements(state),
             tryout: self.tryout_view(state, now),
             reconcile: state.reconcile.clone(),
             license_source: self.license_source(),
             license_problem: state.license_problem.clone(),
-            grace_ends_at: None,
         })
     }
 
     fn license_source(&self) -> String {
-        match &self.settings.license_file {
-            Some(path) => format!("license file {}", path.display()),
-            None => "none configured".to_owned(),
-        }
-    }
-
-    /// Reads the license source, verifies it and applies it when it is new.
-    pub async fn reconcile(&self) -> Result<ReconcileReport, LicensingError> {
-        let _one_at_a_time = self.reconcile_lock.lock().await;
-        let now = self.clock.now();
-        let (outcome, error) = match self.fetch_license().await {
-            Err((outcome, error)) => (outcome, Some(error)),
-            Ok(applied) => match self.apply(applied, now).await? {
-                Ok(outcome) => (outcome, None),
-                Err(error) => (ReconcileOutcome::Rejected, Some(error)),
-            },
-        };
-        crate::metrics::metrics().reconcile(outcome);
-        if let Some(error) = &error {
-            tracing::warn!(?outcome, %error, "reconcile applied nothing");
-        } else {
-            tracing::info!(?outcome, "reconciled");
-        }
-        let previous = self.mirror.read(|s| s.reconcile.clone());
-        let status = ReconcileStatus {
-            last_success_at: if error.is_none() {
-                Some(now)
-            } else {
-                previous.last_success_at
-            },
-            last_attempt_at: Some(now),
-            last_outcome: Some(outcome),
-            last_error: error.clone(),
-        };
-        let change = self
-            .store
-            .record_reconcile(&status)
-            .await
-            .map_err(store_error)?;
-        self.mirror.apply_local(&change).await;
-        Ok(ReconcileReport {
-            outcome,
-            entitlements: self.mirror.read(|s| self.entitlements(s)),
-            reconciled_at: now,
-            error,
-        })
-    }
-
-    /// Reads and verifies the license file.
-    async fn fetch_license(&self) -> Result<AppliedLicense, (ReconcileOutcome, String)> {
-        let Some(path) = &self.settings.license_file else {
-            return Err((
-                ReconcileOutcome::Unreachable,
-                "no license source configured (license_file)".into(),
-            ));
-        };
-        let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-            (
-                ReconcileOutcome::Unreachable,
-                format!("read license file {}: {e}", path.display()),
-            )
-        })?;
-        let key = self.settings.vendor_key.as_ref().ok_or((
-            ReconcileOutcome::Rejected,
-            "no vendor_public_key configured".to_owned(),
-        ))?;
-        let reject =
-            |e: crate::domain::LicenseRejection| (ReconcileOutcome::Rejected, e.to_string());
-        let signed = SignedLicense::from_json(&text).map_err(reject)?;
-        let payload = signed
-            .verify(key, &self.settings.serial, self.settings.edition)
-            .map_err(reject)?;
-        Ok(AppliedLicense {
-            signed,
-            payload,
-            applied_at: self.clock.now(),
-        })
-    }
-
-    /// Applies a verified document if it is new; the inner `Err` says why it was
-    /// not trusted.
-    async fn apply(
-        &self,
-        new: AppliedLicense,
-        now: DateTime<Utc>,
-    ) -> Result<Result<ReconcileOutcome, String>, LicensingError> {
-        for _ in 0..WRITE_ATTEMPTS {
-            let (current, tryout_record) =
-                self.mirror.read(|s| (s.license.clone(), s.tryout.clone()));
-            let current_stored = self.mirror.read(|s| s.stored_license.clone());
-            if let Some(current) = &current {
-                if current.id() == new.id() {
-                    return Ok(Ok(ReconcileOutcome::Unchanged));
-                }
-                if new.payload.issued_at < current.payload.issued_at {
-                    return Ok(Err(format!(
-                        "license issued {} is older than the applied one ({})",
-                        new.payload.issued_at, current.payload.issued_at
-                    )));
-                }
-            }
-            let buys_users = new
-                .payload
-                .entitlement(Feature::User)
-                .is_some_and(|e| e.quantity > 0);
-            let tryout_change = buys_users
-                .then(|| tryout::on_purchase(self.settings.edition, tryout_record.as_ref(), now))
-                .flatten();
-            let stored = StoredLicense {
-                signed: new.signed.clone(),
-                applied_at: now,
-            };
-            let written = self
-                .store
-                .apply_license(
-                    current_stored.as_ref().map(StoredLicense::id),
-                    &stored,
-                    tryout_change.as_ref().map(|t| (tryout_record.as_ref(), t)),
-                )
-                .await
-                .map_err(store_error)?;
-            match written {
-                Some(changes) => {
-                    for change in &changes {
-                        self.mirror.apply_local(change).await;
-                    }
-                    return Ok(Ok(ReconcileOutcome::Updated));
-                }
-                None => self
-                    .mirror
-                    .resync_now(self.store.as_ref())
-                    .await
-                    .map_err(store_error)?,
-            }
-        }
-        Err(LicensingError::Unavailable(
-            "license changed concurrently; retry".into(),
-        ))
+        self.source
+            .as_ref()
+            .map_or_else(|| "none configured".to_owned(), |s| s.describe())
     }
 }
 

@@ -1,0 +1,353 @@
+//! Availability: CheckSeat keeps answering from the replica's last known state
+//! while Redis is down, writes fail fast with UNAVAILABLE, a Redis that comes
+//! back empty is repaired from the replica, and the service starts without Redis.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::{Edition, Feature};
+use comtrexx_licensing::grpc::pb;
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
+
+const WAIT: Duration = Duration::from_secs(10);
+/// A generous bound for a write refused because Redis is down (the configured
+/// Redis timeout is 250 ms).
+const FAIL_FAST: Duration = Duration::from_secs(3);
+
+async fn check(c: &mut Client, user: &str, feature: &str) -> pb::CheckSeatResponse {
+    c.check_seat(pb::CheckSeatRequest {
+        user_id: user.into(),
+        feature: feature.into(),
+    })
+    .await
+    .expect("CheckSeat answers")
+    .into_inner()
+}
+
+async fn assign(
+    c: &mut Client,
+    user: &str,
+    feature: &str,
+) -> Result<pb::AssignSeatResponse, Status> {
+    c.assign_seat(pb::AssignSeatRequest {
+        user_id: user.into(),
+        feature: feature.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn release(c: &mut Client, user: &str) -> Result<pb::ReleaseSeatResponse, Status> {
+    c.release_seat(pb::ReleaseSeatRequest {
+        user_id: user.into(),
+        feature: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn list(c: &mut Client) -> Result<Vec<pb::Seat>, Status> {
+    c.list_seats(pb::ListSeatsRequest {
+        feature: String::new(),
+        page_size: 1000,
+        page_token: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner().seats)
+}
+
+fn users(seats: &[pb::Seat]) -> Vec<(String, String)> {
+    seats
+        .iter()
+        .map(|s| (s.feature.clone(), s.user_id.clone()))
+        .collect()
+}
+
+async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
+    c.get_license_overview(pb::GetLicenseOverviewRequest {})
+        .await
+        .expect("GetLicenseOverview answers")
+        .into_inner()
+}
+
+fn in_use(o: &pb::GetLicenseOverviewResponse, feature: &str) -> u32 {
+    o.entitlements
+        .iter()
+        .find(|e| e.feature == feature)
+        .map_or(0, |e| e.in_use)
+}
+
+/// Asserts UNAVAILABLE that came within [`FAIL_FAST`].
+fn assert_unavailable<T: std::fmt::Debug>(result: Result<T, Status>, took: Duration, what: &str) {
+    let status = match result {
+        Ok(ok) => panic!("{what}: expected UNAVAILABLE, got {ok:?}"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{what}: {status:?}");
+    assert!(took < FAIL_FAST, "{what} took {took:?}");
+    println!("{what}: UNAVAILABLE after {took:?}");
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed())
+}
+
+async fn health(server: &TestServer) -> Vec<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut out = Vec::new();
+    for service in ["", "comtrexx.licensing.v1.LicensingService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner();
+        out.push(r.status());
+    }
+    out
+}
+
+/// A licensed PBX on `redis` with `entitlements`; waits until it is active.
+async fn licensed(
+    redis: &RedisServer,
+    tag: &str,
+    entitlements: &[(Feature, u32)],
+) -> (TestServer, Client, Vendor, String) {
+    let vendor = Vendor::new();
+    let serial = serial(tag);
+    vendor.write_license(&serial, Edition::Vm, Utc::now(), entitlements);
+    let server = TestServer::start(licensed_config(Some(redis), &serial, &vendor)).await;
+    let client = server.client().await;
+    let active = eventually(WAIT, || {
+        let mut c = client.clone();
+        async move { overview(&mut c).await.activation_state() == pb::ActivationState::Active }
+    })
+    .await;
+    assert!(active, "the license was never applied");
+    (server, client, vendor, serial)
+}
+
+#[tokio::test]
+async fn redis_outage_keeps_check_seat_and_refuses_writes() {
+    let mut redis = RedisServer::start();
+    let (server, mut c, _vendor, _serial) = licensed(
+        &redis,
+        "down",
+        &[(Feature::User, 3), (Feature::CallAssist, 1)],
+    )
+    .await;
+    assign(&mut c, "alice", "").await.unwrap();
+    assign(&mut c, "bob", "").await.unwrap();
+    assign(&mut c, "alice", "call_assist").await.unwrap();
+    assert!(!check(&mut c, "alice", "").await.stale);
+
+    redis.kill();
+    let stale = eventually(WAIT, || {
+        let mut c = c.clone();
+        async move { check(&mut c, "alice", "").await.stale }
+    })
+    .await;
+    assert!(stale, "CheckSeat never reported stale while Redis is down");
+
+    for (user, feature) in [("alice", ""), ("bob", "user"), ("alice", "call_assist")] {
+        let ck = check(&mut c, user, feature).await;
+        assert!(ck.licensed, "{user}/{feature}: {ck:?}");
+        assert!(ck.stale);
+        assert_eq!(ck.reason(), pb::SeatReason::Assigned);
+        assert_eq!(ck.source(), pb::SeatSource::Purchased);
+    }
+    let carol = check(&mut c, "carol", "").await;
+    assert!(!carol.licensed && carol.stale);
+    assert_eq!(carol.reason(), pb::SeatReason::NotAssigned);
+
+    let (r, took) = timed(assign(&mut c, "carol", "")).await;
+    let status = r.as_ref().map(|_| ()).unwrap_err().clone();
+    assert_unavailable(r, took, "AssignSeat");
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").reason,
+        "STORE_UNAVAILABLE"
+    );
+    let (r, took) = timed(assign(&mut c, "alice", "")).await;
+    assert_unavailable(r, took, "AssignSeat of a held seat");
+    let (r, took) = timed(release(&mut c, "bob")).await;
+    assert_unavailable(r, took, "ReleaseSeat");
+    let (r, took) = timed(list(&mut c)).await;
+    assert_unavailable(r, took, "ListSeats");
+
+    // Nothing was half-written: bob still holds his seat, carol none.
+    assert!(check(&mut c, "bob", "").await.licensed);
+    assert!(!check(&mut c, "carol", "").await.licensed);
+
+    // Reads of the last known state still answer.
+    let t = c
+        .get_tryout_status(pb::GetTryoutStatusRequest {})
+        .await
+        .expect("GetTryoutStatus answers")
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        t.state(),
+        pb::TryoutState::Unavailable,
+        "forfeited by the purchase"
+    );
+    let o = overview(&mut c).await;
+    assert_eq!(o.activation_state(), pb::ActivationState::Active);
+    assert_eq!(in_use(&o, "user"), 2);
+    assert_eq!(health(&server).await, [ServingStatus::Serving; 2]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_back_empty_is_restored_from_the_replica() {
+    let mut redis = RedisServer::start();
+    let (server, mut c, vendor, serial) = licensed(
+        &redis,
+        "empty",
+        &[(Feature::User, 3), (Feature::CallAssist, 1)],
+    )
+    .await;
+    assign(&mut c, "alice", "").await.unwrap();
+    assign(&mut c, "bob", "").await.unwrap();
+    assign(&mut c, "bob", "call_assist").await.unwrap();
+    let before = list(&mut c).await.unwrap();
+    assert_eq!(before.len(), 3);
+
+    redis.restart_empty();
+    let restored = eventually(WAIT, || {
+        let mut c = c.clone();
+        async move {
+            let ck = check(&mut c, "alice", "").await;
+            let listed = list(&mut c).await.map(|s| s.len()).unwrap_or(0);
+            ck.licensed && !ck.stale && listed == 3
+        }
+    })
+    .await;
+    assert!(restored, "the replica never repaired the empty Redis");
+    let after = list(&mut c).await.unwrap();
+    assert_eq!(users(&after), users(&before));
+    assert_eq!(after, before, "seats keep their source and assigned_at");
+    assert!(check(&mut c, "bob", "call_assist").await.licensed);
+
+    // Capacity counts the restored seats.
+    assert!(assign(&mut c, "carol", "").await.unwrap().created);
+    let err = assign(&mut c, "dave", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let info = err.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["capacity"], "3");
+    assert_eq!(info.metadata["in_use"], "3");
+    let err = assign(&mut c, "alice", "call_assist").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(!assign(&mut c, "alice", "").await.unwrap().created);
+
+    // The repaired Redis holds the license too: a replica without a license
+    // source of its own trusts the stored document.
+    let replica = TestServer::start(RawConfig {
+        vendor_public_key: Some(vendor.public_key()),
+        ..config(Some(&redis), &serial)
+    })
+    .await;
+    let mut r = replica.client().await;
+    let o = overview(&mut r).await;
+    assert_eq!(o.activation_state(), pb::ActivationState::Active);
+    assert_eq!(in_use(&o, "user"), 3);
+    assert!(check(&mut r, "alice", "").await.licensed);
+    assert!(check(&mut r, "carol", "").await.licensed);
+    replica.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn seats_survive_a_service_restart() {
+    let redis = RedisServer::start();
+    let (server, mut c, vendor, serial) = licensed(&redis, "restart", &[(Feature::User, 2)]).await;
+    let alice = assign(&mut c, "alice", "").await.unwrap().seat.unwrap();
+    assign(&mut c, "bob", "").await.unwrap();
+    server.shutdown().await;
+
+    let server = TestServer::start(licensed_config(Some(&redis), &serial, &vendor)).await;
+    let mut c = server.client().await;
+    let ck = check(&mut c, "alice", "").await;
+    assert!(ck.licensed && !ck.stale, "{ck:?}");
+    let seats = list(&mut c).await.unwrap();
+    assert_eq!(
+        users(&seats),
+        [
+            ("user".into(), "alice".into()),
+            ("user".into(), "bob".into())
+        ]
+    );
+    assert_eq!(seats[0], alice);
+    let again = assign(&mut c, "alice", "").await.unwrap();
+    assert!(!again.created);
+    let err = assign(&mut c, "carol", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let r = c
+        .reconcile(pb::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), pb::ReconcileOutcome::Unchanged);
+    assert_eq!(in_use(&overview(&mut c).await, "user"), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn service_starts_while_redis_is_down() {
+    let port = unused_port();
+    let vendor = Vendor::new();
+    let serial = serial("nodb");
+    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 2)]);
+    let config = RawConfig {
+        redis_url: Some(format!("redis://127.0.0.1:{port}")),
+        ..licensed_config(None, &serial, &vendor)
+    };
+    let server = TestServer::start_unsynced(config).await;
+    let mut c = server.client().await;
+
+    assert_eq!(health(&server).await, [ServingStatus::Serving; 2]);
+    let ck = check(&mut c, "alice", "").await;
+    assert!(ck.stale, "{ck:?}");
+    assert!(!ck.licensed);
+    assert_eq!(ck.reason(), pb::SeatReason::NotAssigned);
+    let (r, took) = timed(assign(&mut c, "alice", "")).await;
+    assert_unavailable(r, took, "AssignSeat without Redis");
+    let (r, took) = timed(list(&mut c)).await;
+    assert_unavailable(r, took, "ListSeats without Redis");
+    let (r, took) = timed(c.start_tryout(pb::StartTryoutRequest {})).await;
+    assert_unavailable(r, took, "StartTryout without Redis");
+    let o = overview(&mut c).await;
+    assert_eq!(o.activation_state(), pb::ActivationState::NotInitialized);
+
+    // Redis comes up: the replica initializes it, applies the license and
+    // takes writes.
+    let _redis = RedisServer::start_on(port);
+    let ready = eventually(WAIT, || {
+        let mut c = c.clone();
+        async move {
+            !check(&mut c, "alice", "").await.stale
+                && overview(&mut c).await.activation_state() == pb::ActivationState::Active
+        }
+    })
+    .await;
+    assert!(ready, "the replica never recovered once Redis came up");
+    assert!(assign(&mut c, "alice", "").await.unwrap().created);
+    assert!(check(&mut c, "alice", "").await.licensed);
+    server.shutdown().await;
+}
