@@ -15,7 +15,8 @@
 #      without a schema counts as a failure,
 #    - the ServiceMonitor (a CRD kubernetes-validate does not know) validated separately
 #      with the prometheus-operator models (scripts/validate-crds.mjs),
-#    - the container gets every LICENSING_* setting the service reads.
+#    - the container gets every LICENSING_* setting the service reads (all-on; the license
+#      file, which excludes the licensing server, in existing-secrets).
 #
 # Works offline once the tools are installed. Exits non-zero on any failure.
 set -uo pipefail
@@ -102,15 +103,23 @@ else
   fail "rendering without serialNumber fails, but without the expected message"
 fi
 
-# Every setting of the service; the chart must give each one to the container in the
-# all-on profile (ConfigMap via envFrom, or env).
-SETTINGS="LICENSING_LISTEN_ADDR LICENSING_METRICS_ADDR LICENSING_REDIS_URL
+# Every setting of the service; the chart must give each one to the container
+# (ConfigMap via envFrom, or env). licensing_server.url and license_file exclude each
+# other, so the all-on profile has the licensing server and the existing-secrets profile
+# the license file.
+SETTINGS_ALL_ON="LICENSING_LISTEN_ADDR LICENSING_METRICS_ADDR LICENSING_REDIS_URL
 LICENSING_REDIS_PASSWORD LICENSING_REDIS_TIMEOUT_MS LICENSING_SERIAL_NUMBER LICENSING_EDITION
-LICENSING_TRYOUT__DAYS LICENSING_TRYOUT__SEATS LICENSING_LICENSE_FILE
+LICENSING_TRYOUT__DAYS LICENSING_TRYOUT__SEATS
 LICENSING_VENDOR_PUBLIC_KEY LICENSING_LOG__FORMAT LICENSING_LOG__LEVEL
 LICENSING_DRAIN_TIMEOUT_MS LICENSING_MIRROR__STALE_AFTER_MS
 LICENSING_MIRROR__RESYNC_INTERVAL_MS LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE
+LICENSING_OVER_CAPACITY_GRACE_DAYS LICENSING_GRACE_DAYS LICENSING_LAPSE_ACTION
+LICENSING_LICENSING_SERVER__URL LICENSING_LICENSING_SERVER__CA_FILE
+LICENSING_LICENSING_SERVER__TIMEOUT_MS LICENSING_RECONCILE__INTERVAL_SECS
+LICENSING_RECONCILE__JITTER_PERCENT LICENSING_INITIALIZATION__CODE_TTL_MINUTES
 OTEL_EXPORTER_OTLP_ENDPOINT OTEL_SERVICE_NAME"
+SETTINGS_EXISTING_SECRETS="LICENSING_LICENSE_FILE LICENSING_REDIS_PASSWORD
+LICENSING_VENDOR_PUBLIC_KEY LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE"
 
 # check_profile NAME HELM-ARGS...
 check_profile() {
@@ -164,10 +173,15 @@ PY
       node "${ROOT}/scripts/validate-crds.mjs" "${dir}/crds.json"
   fi
 
-  if [ "${name}" = "all-on" ]; then
+  local settings=""
+  case "${name}" in
+    all-on) settings="${SETTINGS_ALL_ON}" ;;
+    existing-secrets) settings="${SETTINGS_EXISTING_SECRETS}" ;;
+  esac
+  if [ -n "${settings}" ]; then
     local missing=()
     local s
-    for s in ${SETTINGS}; do
+    for s in ${settings}; do
       grep -qE "(^|[[:space:]])(- name: )?${s}:?([[:space:]]|$)" "${dir}/all.yaml" || missing+=("${s}")
     done
     if [ "${#missing[@]}" -eq 0 ]; then

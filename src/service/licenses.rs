@@ -373,10 +373,11 @@ impl Licensing {
             match self.write_license(&new, None, fence, now).await? {
                 Some(()) => return Ok(Ok(ReconcileOutcome::Updated)),
                 None if fence.is_some() => {
-                    return Ok(Err((
-                        ReconcileOutcome::Unchanged,
-                        "another replica took over the reconcile".into(),
-                    )));
+                    // Our lease ran out and another replica holds it now: leave
+                    // the outcome to that replica (nothing is recorded).
+                    return Err(LicensingError::Unavailable(
+                        "the reconcile lease passed to another replica".into(),
+                    ));
                 }
                 None => self
                     .mirror

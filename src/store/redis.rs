@@ -202,8 +202,27 @@ impl RedisStore {
         }
     }
 
-    fn write_keys(&self) -> [String; 3] {
-        [self.keys.epoch(), self.keys.version(), self.keys.feed()]
+    /// Runs a write script: the epoch, version and feed keys and the feed length
+    /// come first (see `lua/prelude.lua`), `configure` adds the script's own keys
+    /// and arguments. A store without epoch answers `NotInitialized`.
+    async fn write(
+        &self,
+        operation: &'static str,
+        script: &Script,
+        configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.feed())
+            .arg(FEED_LEN);
+        configure(&mut inv);
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded(operation, inv.invoke_async(&mut conn)).await?)?;
+        if reply.first().map(String::as_str) == Some("noepoch") {
+            return Err(StoreError::NotInitialized);
+        }
+        Ok(reply)
     }
 }
 
@@ -235,11 +254,20 @@ fn version_of(s: &str) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("version {s:?} is not a number")))
 }
 
-fn no_epoch(reply: &[String]) -> Result<(), StoreError> {
-    if reply.first().map(String::as_str) == Some("noepoch") {
-        Err(StoreError::NotInitialized)
-    } else {
-        Ok(())
+fn words(reply: &[String]) -> Vec<&str> {
+    reply.iter().map(String::as_str).collect()
+}
+
+/// A write that answers `ok` and the version it was recorded at.
+fn one_change(operation: &str, reply: &[String], kind: ChangeKind) -> Result<Change, StoreError> {
+    match words(reply).as_slice() {
+        ["ok", v] => Ok(Change {
+            version: version_of(v)?,
+            kind,
+        }),
+        other => Err(StoreError::Corrupt(format!(
+            "{operation} replied {other:?}"
+        ))),
     }
 }
 
@@ -443,30 +471,21 @@ impl Store for RedisStore {
             AssignPlan::Purchased { license_id, .. } => ("purchased", license_id.as_str()),
             AssignPlan::Tryout { .. } => ("tryout", ""),
         };
-        let mut inv = ASSIGN.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.pool(feature, SeatSource::Purchased))
-            .key(self.keys.pool(feature, SeatSource::Tryout))
-            .key(self.keys.index())
-            .key(self.keys.license())
-            .arg(FEED_LEN)
-            .arg(user.as_str())
-            .arg(feature.as_str())
-            .arg(plan_name)
-            .arg(plan.capacity())
-            .arg(license_id);
-        let mut conn = self.conn.clone();
-        let reply = strings(self.bounded("assign", inv.invoke_async(&mut conn)).await?)?;
-        no_epoch(&reply)?;
+        let reply = self
+            .write("assign", &ASSIGN, |inv| {
+                inv.key(self.keys.pool(feature, SeatSource::Purchased))
+                    .key(self.keys.pool(feature, SeatSource::Tryout))
+                    .key(self.keys.index())
+                    .key(self.keys.license())
+                    .arg(user.as_str())
+                    .arg(feature.as_str())
+                    .arg(plan_name)
+                    .arg(plan.capacity())
+                    .arg(license_id);
+            })
+            .await?;
         let seat = |json: &str| SeatRecordV1::parse(json)?.into_seat(user.clone(), feature);
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
+        match words(&reply).as_slice() {
             ["existing", json] => Ok(AssignOutcome::Existing(seat(json)?)),
             ["license_changed"] => Ok(AssignOutcome::LicenseChanged),
             ["exhausted", cap, used] => Ok(AssignOutcome::Exhausted {
@@ -487,26 +506,17 @@ impl Store for RedisStore {
         feature: Feature,
         capacity: Option<u32>,
     ) -> Result<Option<Vec<Change>>, StoreError> {
-        let mut inv = RELEASE.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.pool(feature, SeatSource::Purchased))
-            .key(self.keys.pool(feature, SeatSource::Tryout))
-            .key(self.keys.index())
-            .arg(FEED_LEN)
-            .arg(user.as_str())
-            .arg(feature.as_str())
-            .arg(capacity.map(|c| c.to_string()).unwrap_or_default());
-        let mut conn = self.conn.clone();
-        let reply = strings(self.bounded("release", inv.invoke_async(&mut conn)).await?)?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
+        let reply = self
+            .write("release", &RELEASE, |inv| {
+                inv.key(self.keys.pool(feature, SeatSource::Purchased))
+                    .key(self.keys.pool(feature, SeatSource::Tryout))
+                    .key(self.keys.index())
+                    .arg(user.as_str())
+                    .arg(feature.as_str())
+                    .arg(capacity.map(|c| c.to_string()).unwrap_or_default());
+            })
+            .await?;
+        match words(&reply).as_slice() {
             ["none"] => Ok(None),
             ["released", v, flags @ ..] => {
                 let mut changes = vec![Change {
@@ -574,26 +584,14 @@ impl Store for RedisStore {
         expected: Option<&TryoutRecord>,
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError> {
-        let mut inv = CAS_TRYOUT.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.tryout())
-            .arg(FEED_LEN)
-            .arg(expected.map(TryoutRecordV1::encode).unwrap_or_default())
-            .arg(TryoutRecordV1::encode(new));
-        let mut conn = self.conn.clone();
-        let reply = strings(
-            self.bounded("cas_tryout", inv.invoke_async(&mut conn))
-                .await?,
-        )?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
+        let reply = self
+            .write("cas_tryout", &CAS_TRYOUT, |inv| {
+                inv.key(self.keys.tryout())
+                    .arg(expected.map(TryoutRecordV1::encode).unwrap_or_default())
+                    .arg(TryoutRecordV1::encode(new));
+            })
+            .await?;
+        match words(&reply).as_slice() {
             ["conflict"] => Ok(None),
             ["ok", v] => Ok(Some(Change {
                 version: version_of(v)?,
@@ -608,53 +606,41 @@ impl Store for RedisStore {
     async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
         let record = serde_json::to_string(&LicenseRecordV1::from_stored(w.license))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut inv = APPLY_LICENSE.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.license())
-            .key(self.keys.tryout())
-            .key(self.keys.init())
-            .key(self.keys.fence());
-        for (feature, _) in w.capacities {
-            inv.key(self.keys.pool(*feature, SeatSource::Purchased));
-        }
-        inv.arg(FEED_LEN)
-            .arg(w.expected_id.unwrap_or(""))
-            .arg(w.license.id())
-            .arg(record)
-            .arg(
-                w.tryout
-                    .and_then(|(e, _)| e)
-                    .map(TryoutRecordV1::encode)
-                    .unwrap_or_default(),
-            )
-            .arg(
-                w.tryout
-                    .map(|(_, n)| TryoutRecordV1::encode(n))
-                    .unwrap_or_default(),
-            )
-            .arg(
-                w.consume_initialization
-                    .map(InitializationRecordV1::encode)
-                    .unwrap_or_default(),
-            )
-            .arg(w.fence.map(|f| f.to_string()).unwrap_or_default());
-        for (feature, quantity) in w.capacities {
-            inv.arg(feature.as_str()).arg(*quantity);
-        }
-        let mut conn = self.conn.clone();
-        let reply = strings(
-            self.bounded("apply_license", inv.invoke_async(&mut conn))
-                .await?,
-        )?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
+        let reply = self
+            .write("apply_license", &APPLY_LICENSE, |inv| {
+                inv.key(self.keys.license())
+                    .key(self.keys.tryout())
+                    .key(self.keys.init())
+                    .key(self.keys.fence());
+                for (feature, _) in w.capacities {
+                    inv.key(self.keys.pool(*feature, SeatSource::Purchased));
+                }
+                inv.arg(w.expected_id.unwrap_or(""))
+                    .arg(w.license.id())
+                    .arg(record)
+                    .arg(
+                        w.tryout
+                            .and_then(|(e, _)| e)
+                            .map(TryoutRecordV1::encode)
+                            .unwrap_or_default(),
+                    )
+                    .arg(
+                        w.tryout
+                            .map(|(_, n)| TryoutRecordV1::encode(n))
+                            .unwrap_or_default(),
+                    )
+                    .arg(
+                        w.consume_initialization
+                            .map(InitializationRecordV1::encode)
+                            .unwrap_or_default(),
+                    )
+                    .arg(w.fence.map(|f| f.to_string()).unwrap_or_default());
+                for (feature, quantity) in w.capacities {
+                    inv.arg(feature.as_str()).arg(*quantity);
+                }
+            })
+            .await?;
+        match words(&reply).as_slice() {
             ["conflict"] | ["fenced"] => Ok(None),
             ["ok", v, tryout_v, init_v, flags @ ..] => {
                 let mut changes = vec![Change {
@@ -686,63 +672,32 @@ impl Store for RedisStore {
         &self,
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError> {
-        let mut inv = SET_INITIALIZATION.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.init())
-            .arg(FEED_LEN)
-            .arg(InitializationRecordV1::encode(pending));
-        let mut conn = self.conn.clone();
-        let reply = strings(
-            self.bounded("set_initialization", inv.invoke_async(&mut conn))
-                .await?,
-        )?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            ["ok", v] => Ok(Change {
-                version: version_of(v)?,
-                kind: ChangeKind::InitializationIssued(pending.clone()),
-            }),
-            other => Err(StoreError::Corrupt(format!(
-                "initialization write replied {other:?}"
-            ))),
-        }
+        let reply = self
+            .write("set_initialization", &SET_INITIALIZATION, |inv| {
+                inv.key(self.keys.init())
+                    .arg(InitializationRecordV1::encode(pending));
+            })
+            .await?;
+        one_change(
+            "set_initialization",
+            &reply,
+            ChangeKind::InitializationIssued(pending.clone()),
+        )
     }
 
     async fn reset(&self) -> Result<Change, StoreError> {
-        let mut inv = RESET.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.license())
-            .key(self.keys.reconcile())
-            .key(self.keys.init())
-            .key(self.keys.index());
-        for (_, _, key) in self.keys.pools() {
-            inv.key(key);
-        }
-        inv.arg(FEED_LEN);
-        let mut conn = self.conn.clone();
-        let reply = strings(self.bounded("reset", inv.invoke_async(&mut conn)).await?)?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            ["ok", v] => Ok(Change {
-                version: version_of(v)?,
-                kind: ChangeKind::Reset,
-            }),
-            other => Err(StoreError::Corrupt(format!("reset replied {other:?}"))),
-        }
+        let reply = self
+            .write("reset", &RESET, |inv| {
+                inv.key(self.keys.license())
+                    .key(self.keys.reconcile())
+                    .key(self.keys.init())
+                    .key(self.keys.index());
+                for (_, _, key) in self.keys.pools() {
+                    inv.key(key);
+                }
+            })
+            .await?;
+        one_change("reset", &reply, ChangeKind::Reset)
     }
 
     async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
@@ -765,33 +720,17 @@ impl Store for RedisStore {
     }
 
     async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
-        let mut inv = RECORD_RECONCILE.prepare_invoke();
-        for k in self.write_keys() {
-            inv.key(k);
-        }
-        inv.key(self.keys.reconcile())
-            .arg(FEED_LEN)
-            .arg(ReconcileRecordV1::encode(status));
-        let mut conn = self.conn.clone();
-        let reply = strings(
-            self.bounded("record_reconcile", inv.invoke_async(&mut conn))
-                .await?,
-        )?;
-        no_epoch(&reply)?;
-        match reply
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            ["ok", v] => Ok(Change {
-                version: version_of(v)?,
-                kind: ChangeKind::ReconcileRecorded(status.clone()),
-            }),
-            other => Err(StoreError::Corrupt(format!(
-                "reconcile write replied {other:?}"
-            ))),
-        }
+        let reply = self
+            .write("record_reconcile", &RECORD_RECONCILE, |inv| {
+                inv.key(self.keys.reconcile())
+                    .arg(ReconcileRecordV1::encode(status));
+            })
+            .await?;
+        one_change(
+            "record_reconcile",
+            &reply,
+            ChangeKind::ReconcileRecorded(status.clone()),
+        )
     }
 
     async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError> {

@@ -102,6 +102,28 @@ Name of the TLS Secret (existing or created by the chart).
 {{- end }}
 
 {{/*
+Where the licensing server's CA bundle comes from: "content", "configMap", "secret" or ""
+(none: the service uses its built-in public roots).
+*/}}
+{{- define "comtrexx-licensing.licensingServerCa" -}}
+{{- $ca := .Values.licensingServer.caBundle }}
+{{- if $ca.existingSecret -}}
+secret
+{{- else if $ca.existingConfigMap -}}
+configMap
+{{- else if $ca.content -}}
+content
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap the chart creates for licensingServer.caBundle.content.
+*/}}
+{{- define "comtrexx-licensing.licensingServerCaName" -}}
+{{- printf "%s-licensing-server-ca" (include "comtrexx-licensing.fullname" . | trunc 43 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 Seconds the preStop hook sleeps (null = drainTimeoutSeconds).
 */}}
 {{- define "comtrexx-licensing.preStopSleepSeconds" -}}
@@ -160,10 +182,23 @@ Checks of values that the schema cannot express.
 {{- if not $v.redis.url }}
 {{- fail "redis.url is required (e.g. redis://redis:6379/0): all replicas share their state through Redis" }}
 {{- end }}
+{{- if and $v.licensingServer.url $v.license.enabled }}
+{{- fail "licensingServer.url and license.enabled are mutually exclusive: the service takes its licenses either from the vendor's licensing server or from a signed license file (air-gapped sites), not both; unset one of them" }}
+{{- end }}
 {{- if and $v.license.enabled (not $v.license.content) (not $v.license.existingSecret) }}
 {{- fail "license.enabled needs license.content or license.existingSecret" }}
 {{- end }}
 {{- if and $v.tls.enabled (not $v.tls.existingSecret) (not (and $v.tls.cert $v.tls.key)) }}
 {{- fail "tls.enabled needs tls.cert and tls.key, or tls.existingSecret" }}
+{{- end }}
+{{- $ca := $v.licensingServer.caBundle }}
+{{- if gt (len (compact (list $ca.content $ca.existingConfigMap $ca.existingSecret))) 1 }}
+{{- fail "licensingServer.caBundle: set only one of content, existingConfigMap and existingSecret" }}
+{{- end }}
+{{- if and (include "comtrexx-licensing.licensingServerCa" .) (not $v.licensingServer.url) }}
+{{- fail "licensingServer.caBundle is set but licensingServer.url is empty: the CA bundle is only used to verify the licensing server" }}
+{{- end }}
+{{- if and (include "comtrexx-licensing.licensingServerCa" .) (not (hasPrefix "https://" $v.licensingServer.url)) }}
+{{- fail "licensingServer.caBundle needs an https:// licensingServer.url: the service refuses a CA bundle for a plaintext connection" }}
 {{- end }}
 {{- end }}
