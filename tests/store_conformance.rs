@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::RedisServer;
+use comtrexx_licensing::domain::initcode::PendingInitialization;
 use comtrexx_licensing::domain::tryout::{TryoutEnd, TryoutEndReason};
 use comtrexx_licensing::domain::{
     AssignPlan, Edition, Entitlement, Feature, LicensePayload, ReconcileOutcome, ReconcileStatus,
@@ -21,8 +22,8 @@ use comtrexx_licensing::domain::{
 use comtrexx_licensing::store::memory::MemoryStore;
 use comtrexx_licensing::store::redis::RedisStore;
 use comtrexx_licensing::store::{
-    AssignOutcome, Change, ChangeKind, Changes, Position, SeatKey, Snapshot, Store, StoreError,
-    StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
+    StoreError, StoredLicense,
 };
 use ed25519_dalek::SigningKey;
 
@@ -160,12 +161,25 @@ conformance! {
     store: list_seats_filter_holds_with_an_after_key_of_another_feature;
     store: compare_and_set_tryout;
     store: apply_license_compares_license_and_tryout;
+    store: capacity_drop_flags_the_most_recent_excess;
+    store: capacities_leave_unlisted_pools_untouched;
+    wipe: over_capacity_order_is_assignment_time_then_user_id;
+    store: set_initialization_round_trips;
+    store: apply_license_consumes_the_pending_initialization_once;
+    store: apply_license_writes_everything_in_order;
+    store: apply_license_with_a_stale_initialization_changes_nothing;
+    store: reset_removes_everything_but_the_tryout_record;
+    store: lease_is_exclusive_until_its_holder_releases_it;
+    store: lease_expires_after_its_ttl;
+    store: apply_license_is_fenced_by_the_latest_lease_grant;
     store: record_reconcile_round_trips;
     store: change_feed_reports_every_write_in_order;
     store: change_feed_waits_when_idle_and_resyncs_foreign_positions;
     shared: change_feed_wakes_a_waiting_reader;
     wipe: data_loss_refuses_writes_until_restored;
     wipe: restore_keeps_over_capacity_marks;
+    wipe: restore_keeps_the_pending_initialization;
+    wipe: lease_tokens_keep_growing_across_data_loss;
     shared: concurrent_assigns_never_exceed_capacity;
     shared: concurrent_assigns_of_one_user_create_one_seat;
 }
@@ -219,13 +233,40 @@ fn tryout(capacity: u32) -> AssignPlan {
     AssignPlan::Tryout { capacity }
 }
 
+/// A license write that expects `expected_id` and changes nothing else: no tryout
+/// change, no capacities, no initialization consumed, no fence.
+fn plain<'a>(expected_id: Option<&'a str>, license: &'a StoredLicense) -> LicenseWrite<'a> {
+    LicenseWrite {
+        expected_id,
+        license,
+        tryout: None,
+        capacities: &[],
+        consume_initialization: None,
+        fence: None,
+    }
+}
+
+async fn apply(store: &dyn Store, write: LicenseWrite<'_>) -> Option<Vec<Change>> {
+    store.apply_license(write).await.expect("apply_license")
+}
+
+async fn release(
+    store: &dyn Store,
+    user: &str,
+    feature: Feature,
+    capacity: Option<u32>,
+) -> Option<Vec<Change>> {
+    store
+        .release_seat(&uid(user), feature, capacity)
+        .await
+        .expect("release_seat")
+}
+
 /// Applies a first license document to a store that has none, and returns it.
 async fn with_license(store: &dyn Store, tag: &str) -> StoredLicense {
     let lic = license(tag, 100);
-    let changes = store
-        .apply_license(None, &lic, None)
+    let changes = apply(store, plain(None, &lic))
         .await
-        .unwrap()
         .expect("a store without a license accepts the first one");
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(lic.clone()));
@@ -333,6 +374,83 @@ async fn drain(store: &dyn Store, since: &Position) -> Vec<Change> {
 fn ms_now() -> DateTime<Utc> {
     Utc.timestamp_millis_opt(Utc::now().timestamp_millis())
         .unwrap()
+}
+
+/// A pending initialization; `nonce` tells them apart.
+fn pending(nonce: &str) -> PendingInitialization {
+    let now = Utc::now();
+    PendingInitialization {
+        nonce: nonce.to_owned(),
+        issued_at: now,
+        expires_at: now + chrono::Duration::hours(24),
+    }
+}
+
+fn reconcile_status(outcome: ReconcileOutcome) -> ReconcileStatus {
+    let now = Utc::now();
+    ReconcileStatus {
+        last_success_at: Some(now),
+        last_attempt_at: Some(now),
+        last_outcome: Some(outcome),
+        last_error: None,
+        next_reconcile_at: Some(now + chrono::Duration::hours(6)),
+    }
+}
+
+/// The seats of `SeatFlagged` changes, sorted by (feature, user); panics on any
+/// other kind.
+#[track_caller]
+fn flagged_seats(changes: &[Change]) -> Vec<Seat> {
+    let mut seats: Vec<Seat> = changes
+        .iter()
+        .map(|c| match &c.kind {
+            ChangeKind::SeatFlagged(seat) => seat.clone(),
+            other => panic!("expected SeatFlagged, got {other:?}"),
+        })
+        .collect();
+    seats.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+    seats
+}
+
+fn users_of(seats: &[Seat]) -> Vec<&str> {
+    seats.iter().map(|s| s.user_id.as_str()).collect()
+}
+
+/// The users of a feature's seats that carry an over-capacity flag.
+fn flagged_users(snap: &Snapshot, feature: Feature) -> Vec<&str> {
+    snap.seats
+        .iter()
+        .filter(|s| s.feature == feature && s.over_capacity_since.is_some())
+        .map(|s| s.user_id.as_str())
+        .collect()
+}
+
+#[track_caller]
+fn seat_in(snap: &Snapshot, feature: Feature, user: &str) -> Seat {
+    snap.seats
+        .iter()
+        .find(|s| s.feature == feature && s.user_id.as_str() == user)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {feature} seat of {user} in the snapshot"))
+}
+
+/// Asserts `at` lies within `from ..= to`, give or take clock slack (Redis takes
+/// its own clock, at millisecond precision).
+#[track_caller]
+fn assert_near(at: DateTime<Utc>, from: DateTime<Utc>, to: DateTime<Utc>) {
+    let slack = chrono::Duration::seconds(2);
+    assert!(
+        at >= from - slack && at <= to + slack,
+        "{at} is not near now ({from} .. {to})"
+    );
+}
+
+/// Asserts versions count up by one from `after + 1`.
+#[track_caller]
+fn assert_consecutive(changes: &[Change], after: u64) {
+    let versions: Vec<u64> = changes.iter().map(|c| c.version).collect();
+    let want: Vec<u64> = (after + 1..=after + changes.len() as u64).collect();
+    assert_eq!(versions, want, "changes count up one by one");
 }
 
 // ---------------------------------------------------------------------------
@@ -587,21 +705,16 @@ async fn release_frees_a_seat_once(store: &dyn Store) {
     let (bob, _) = created(assign(store, "bob", Feature::User, &tryout(3)).await);
     let before = position(store).await;
 
-    // Nothing to release: no change.
-    assert_eq!(
-        store
-            .release_seat(&uid("nobody"), Feature::User)
-            .await
-            .unwrap(),
-        None
-    );
+    // Nothing to release: no change, with or without a capacity.
+    assert_eq!(release(store, "nobody", Feature::User, None).await, None);
+    assert_eq!(release(store, "nobody", Feature::User, Some(0)).await, None);
     assert_eq!(position(store).await, before);
 
-    let change = store
-        .release_seat(&uid("alice"), Feature::User)
+    let changes = release(store, "alice", Feature::User, None)
         .await
-        .unwrap()
         .expect("alice held a seat");
+    assert_eq!(changes.len(), 1, "only the release: {changes:?}");
+    let change = &changes[0];
     assert_eq!(change.version, before.version + 1);
     assert_eq!(
         change.kind,
@@ -610,13 +723,7 @@ async fn release_frees_a_seat_once(store: &dyn Store) {
             user_id: uid("alice"),
         }
     );
-    assert_eq!(
-        store
-            .release_seat(&uid("alice"), Feature::User)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(release(store, "alice", Feature::User, None).await, None);
 
     let snap = snapshot(store).await;
     assert_eq!(snap.position.as_ref().unwrap().version, before.version + 1);
@@ -640,18 +747,20 @@ async fn release_frees_a_seat_once(store: &dyn Store) {
         vec![(Feature::User, "bob".to_owned())]
     );
 
-    // A tryout seat is released the same way.
-    let change = store
-        .release_seat(&uid("bob"), Feature::User)
+    // A tryout seat is released the same way; with a capacity nothing is over,
+    // so no flag moves.
+    let changes = release(store, "bob", Feature::User, Some(1))
         .await
-        .unwrap()
         .expect("bob held a tryout seat");
     assert_eq!(
-        change.kind,
-        ChangeKind::SeatReleased {
-            feature: Feature::User,
-            user_id: bob.user_id,
-        }
+        changes,
+        vec![Change {
+            version: before.version + 2,
+            kind: ChangeKind::SeatReleased {
+                feature: Feature::User,
+                user_id: bob.user_id,
+            },
+        }]
     );
     assert!(
         store
@@ -937,34 +1046,29 @@ async fn apply_license_compares_license_and_tryout(store: &dyn Store) {
 
     // Wrong expected document: nothing changes.
     assert_eq!(
-        store
-            .apply_license(Some("not-the-stored-id"), &second, None)
-            .await
-            .unwrap(),
+        apply(store, plain(Some("not-the-stored-id"), &second)).await,
         None
     );
     assert_eq!(
-        store.apply_license(None, &second, None).await.unwrap(),
+        apply(store, plain(None, &second)).await,
         None,
         "expecting no document while one is stored"
     );
-    assert_eq!(
-        store
-            .apply_license(Some(second.id()), &third, None)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(apply(store, plain(Some(second.id()), &third)).await, None);
     assert_eq!(snapshot(store).await, before);
 
     // With a tryout change: both are written, as consecutive changes.
     let forfeited = TryoutRecord::Forfeited { at: Utc::now() };
     let v = before.position.as_ref().unwrap().version;
-    let changes = store
-        .apply_license(Some(first.id()), &second, Some((None, &forfeited)))
-        .await
-        .unwrap()
-        .expect("expectations hold");
+    let changes = apply(
+        store,
+        LicenseWrite {
+            tryout: Some((None, &forfeited)),
+            ..plain(Some(first.id()), &second)
+        },
+    )
+    .await
+    .expect("expectations hold");
     assert_eq!(
         changes,
         vec![
@@ -986,26 +1090,32 @@ async fn apply_license_compares_license_and_tryout(store: &dyn Store) {
     // The tryout expectation no longer holds: nothing changes, not even the license.
     let started = started_tryout();
     assert_eq!(
-        store
-            .apply_license(Some(second.id()), &third, Some((None, &started)))
-            .await
-            .unwrap(),
+        apply(
+            store,
+            LicenseWrite {
+                tryout: Some((None, &started)),
+                ..plain(Some(second.id()), &third)
+            }
+        )
+        .await,
         None
     );
     assert_eq!(
-        store
-            .apply_license(Some(second.id()), &third, Some((Some(&started), &started)))
-            .await
-            .unwrap(),
+        apply(
+            store,
+            LicenseWrite {
+                tryout: Some((Some(&started), &started)),
+                ..plain(Some(second.id()), &third)
+            }
+        )
+        .await,
         None
     );
     assert_eq!(snapshot(store).await, snap);
 
     // The right expectations, without a tryout change: one change.
-    let changes = store
-        .apply_license(Some(second.id()), &third, None)
+    let changes = apply(store, plain(Some(second.id()), &third))
         .await
-        .unwrap()
         .expect("expectations hold");
     assert_eq!(
         changes,
@@ -1020,6 +1130,686 @@ async fn apply_license_compares_license_and_tryout(store: &dyn Store) {
 }
 
 // ---------------------------------------------------------------------------
+// over-capacity flags
+// ---------------------------------------------------------------------------
+
+/// Purchased `feature` seats for `users`, assigned in the order given. The Redis
+/// store stamps assignments in milliseconds, so neighbours may tie; a tie goes to
+/// the higher user id as the more recent one, which is the assignment order when
+/// `users` are ascending.
+async fn assign_in_order(store: &dyn Store, lic: &StoredLicense, feature: Feature, users: &[&str]) {
+    let plan = purchased(lic, 100);
+    for user in users {
+        created(assign(store, user, feature, &plan).await);
+    }
+}
+
+async fn capacity_drop_flags_the_most_recent_excess(store: &dyn Store) {
+    let lic = with_license(store, "drop").await;
+    assign_in_order(store, &lic, Feature::User, &["u1", "u2", "u3", "u4", "u5"]).await;
+    // A tryout seat of the same feature, assigned last: not in the purchased pool.
+    let (trial, _) = created(assign(store, "u9", Feature::User, &tryout(5)).await);
+    let unflagged = snapshot(store).await;
+    assert!(
+        unflagged
+            .seats
+            .iter()
+            .all(|s| s.over_capacity_since.is_none())
+    );
+    let before = position(store).await;
+
+    // Down to 2: the three most recent purchased seats are flagged, now.
+    let smaller = license("drop-2", 2);
+    let t0 = Utc::now();
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 2)],
+            ..plain(Some(lic.id()), &smaller)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    let t1 = Utc::now();
+    assert_consecutive(&changes, before.version);
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(smaller.clone()));
+    let flagged = flagged_seats(&changes[1..]);
+    assert_eq!(users_of(&flagged), ["u3", "u4", "u5"]);
+    for seat in &flagged {
+        let old = seat_in(&unflagged, Feature::User, seat.user_id.as_str());
+        assert_eq!(
+            Seat {
+                over_capacity_since: None,
+                ..seat.clone()
+            },
+            old,
+            "only the flag changed"
+        );
+        assert_near(seat.over_capacity_since.expect("flagged"), t0, t1);
+    }
+    let snap = snapshot(store).await;
+    for seat in &flagged {
+        assert_eq!(&seat_in(&snap, Feature::User, seat.user_id.as_str()), seat);
+    }
+    assert_eq!(flagged_users(&snap, Feature::User), ["u3", "u4", "u5"]);
+    assert_eq!(seat_in(&snap, Feature::User, "u9"), trial);
+    assert_eq!(store.list_seats(None, None, 100).await.unwrap(), snap.seats);
+    assert_eq!(drain(store, &before).await, changes);
+
+    // The same capacity again: no flag moves, and flags keep their time.
+    let same = license("drop-3", 2);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 2)],
+            ..plain(Some(smaller.id()), &same)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    assert_eq!(changes.len(), 1, "only the license: {changes:?}");
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(same.clone()));
+    let again = snapshot(store).await;
+    assert_eq!(again.seats, snap.seats);
+
+    // Releasing a seat that is not flagged makes room for the oldest flagged one.
+    let v = position(store).await.version;
+    let changes = release(store, "u1", Feature::User, Some(2))
+        .await
+        .expect("u1 held a seat");
+    assert_consecutive(&changes, v);
+    assert_eq!(
+        changes[0].kind,
+        ChangeKind::SeatReleased {
+            feature: Feature::User,
+            user_id: uid("u1"),
+        }
+    );
+    let cleared = flagged_seats(&changes[1..]);
+    assert_eq!(cleared, vec![seat_in(&unflagged, Feature::User, "u3")]);
+    let snap = snapshot(store).await;
+    assert_eq!(flagged_users(&snap, Feature::User), ["u4", "u5"]);
+    for user in ["u4", "u5"] {
+        assert_eq!(
+            seat_in(&snap, Feature::User, user),
+            seat_in(&again, Feature::User, user),
+            "{user} keeps its flag time"
+        );
+    }
+
+    // Without a capacity, a release leaves the flags as they are.
+    let changes = release(store, "u2", Feature::User, None)
+        .await
+        .expect("u2 held a seat");
+    assert_eq!(changes.len(), 1, "only the release: {changes:?}");
+    assert_eq!(
+        flagged_users(&snapshot(store).await, Feature::User),
+        ["u4", "u5"]
+    );
+
+    // More capacity clears every flag.
+    let bigger = license("drop-4", 10);
+    let v = position(store).await.version;
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 10)],
+            ..plain(Some(same.id()), &bigger)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    assert_consecutive(&changes, v);
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(bigger.clone()));
+    let cleared = flagged_seats(&changes[1..]);
+    assert_eq!(
+        cleared,
+        vec![
+            seat_in(&unflagged, Feature::User, "u4"),
+            seat_in(&unflagged, Feature::User, "u5"),
+        ]
+    );
+    let snap = snapshot(store).await;
+    assert!(snap.seats.iter().all(|s| s.over_capacity_since.is_none()));
+    assert_eq!(
+        users_of(&snap.seats),
+        ["u3", "u4", "u5", "u9"],
+        "flags never delete seats"
+    );
+}
+
+async fn capacities_leave_unlisted_pools_untouched(store: &dyn Store) {
+    let lic = with_license(store, "unlisted").await;
+    assign_in_order(store, &lic, Feature::CallAssist, &["a", "b", "c"]).await;
+    assign_in_order(store, &lic, Feature::User, &["a", "b", "c"]).await;
+
+    // Only the user pool is listed: only its flags move.
+    let second = license("unlisted-2", 1);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 1)],
+            ..plain(Some(lic.id()), &second)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    let flagged = flagged_seats(&changes[1..]);
+    assert!(flagged.iter().all(|s| s.feature == Feature::User));
+    assert_eq!(users_of(&flagged), ["b", "c"]);
+    let snap = snapshot(store).await;
+    assert!(flagged_users(&snap, Feature::CallAssist).is_empty());
+
+    // Now only call_assist: the user flags keep their time.
+    let third = license("unlisted-3", 1);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::CallAssist, 1)],
+            ..plain(Some(second.id()), &third)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    let flagged = flagged_seats(&changes[1..]);
+    assert!(flagged.iter().all(|s| s.feature == Feature::CallAssist));
+    assert_eq!(users_of(&flagged), ["b", "c"]);
+    let after = snapshot(store).await;
+    let users_pool = |snap: &Snapshot| -> Vec<Seat> {
+        snap.seats
+            .iter()
+            .filter(|s| s.feature == Feature::User)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(users_pool(&after), users_pool(&snap));
+
+    // User capacity grows: the user flags clear, the call_assist ones stay.
+    let fourth = license("unlisted-4", 3);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 3)],
+            ..plain(Some(third.id()), &fourth)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    let cleared = flagged_seats(&changes[1..]);
+    assert!(cleared.iter().all(|s| s.feature == Feature::User));
+    assert!(cleared.iter().all(|s| s.over_capacity_since.is_none()));
+    assert_eq!(users_of(&cleared), ["b", "c"]);
+    let last = snapshot(store).await;
+    let call_assist_pool = |snap: &Snapshot| -> Vec<Seat> {
+        snap.seats
+            .iter()
+            .filter(|s| s.feature == Feature::CallAssist)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(call_assist_pool(&last), call_assist_pool(&after));
+    assert_eq!(flagged_users(&last, Feature::CallAssist), ["b", "c"]);
+    assert!(flagged_users(&last, Feature::User).is_empty());
+
+    // No capacities at all: nothing moves.
+    let fifth = license("unlisted-5", 0);
+    let changes = apply(store, plain(Some(fourth.id()), &fifth))
+        .await
+        .expect("expectations hold");
+    assert_eq!(changes.len(), 1, "only the license: {changes:?}");
+    let unchanged = snapshot(store).await;
+    assert_eq!(unchanged.seats, last.seats);
+}
+
+// ---------------------------------------------------------------------------
+// set_initialization
+// ---------------------------------------------------------------------------
+
+async fn set_initialization_round_trips(store: &dyn Store) {
+    assert_eq!(snapshot(store).await.initialization, None);
+    let before = position(store).await;
+
+    let first = pending("0123456789abcdef0123");
+    let c1 = store.set_initialization(&first).await.unwrap();
+    assert_eq!(
+        c1,
+        Change {
+            version: before.version + 1,
+            kind: ChangeKind::InitializationIssued(first.clone()),
+        }
+    );
+    assert_eq!(snapshot(store).await.initialization, Some(first.clone()));
+
+    // A newer one replaces it.
+    let second = pending("fedcba9876543210fedc");
+    let c2 = store.set_initialization(&second).await.unwrap();
+    assert_eq!(
+        c2,
+        Change {
+            version: before.version + 2,
+            kind: ChangeKind::InitializationIssued(second.clone()),
+        }
+    );
+    let snap = snapshot(store).await;
+    assert_eq!(snap.initialization, Some(second));
+    assert_eq!(snap.position.unwrap().version, before.version + 2);
+    assert_eq!(drain(store, &before).await, vec![c1, c2]);
+}
+
+async fn apply_license_consumes_the_pending_initialization_once(store: &dyn Store) {
+    let lic = with_license(store, "consume").await;
+    let init = pending("consume");
+    store.set_initialization(&init).await.unwrap();
+    let before = position(store).await;
+
+    let activated = license("consume-2", 5);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            consume_initialization: Some(&init),
+            ..plain(Some(lic.id()), &activated)
+        },
+    )
+    .await
+    .expect("the pending initialization is the stored one");
+    assert_eq!(
+        changes,
+        vec![
+            Change {
+                version: before.version + 1,
+                kind: ChangeKind::LicenseApplied(activated.clone()),
+            },
+            Change {
+                version: before.version + 2,
+                kind: ChangeKind::InitializationConsumed,
+            },
+        ]
+    );
+    let snap = snapshot(store).await;
+    assert_eq!(snap.initialization, None);
+    assert_eq!(snap.license, Some(activated.clone()));
+    assert_eq!(drain(store, &before).await, changes);
+
+    // The same initialization cannot be used twice.
+    let replay = license("consume-3", 5);
+    assert_eq!(
+        apply(
+            store,
+            LicenseWrite {
+                consume_initialization: Some(&init),
+                ..plain(Some(activated.id()), &replay)
+            },
+        )
+        .await,
+        None
+    );
+    assert_eq!(snapshot(store).await, snap, "nothing was written");
+}
+
+async fn apply_license_writes_everything_in_order(store: &dyn Store) {
+    let lic = with_license(store, "everything").await;
+    assign_in_order(store, &lic, Feature::User, &["a", "b", "c"]).await;
+    let started = started_tryout();
+    store
+        .compare_and_set_tryout(None, &started)
+        .await
+        .unwrap()
+        .unwrap();
+    let init = pending("everything");
+    store.set_initialization(&init).await.unwrap();
+    let before = position(store).await;
+
+    let done = ended(&started);
+    let next = license("everything-2", 1);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            expected_id: Some(lic.id()),
+            license: &next,
+            tryout: Some((Some(&started), &done)),
+            capacities: &[(Feature::User, 1), (Feature::CallAssist, 1)],
+            consume_initialization: Some(&init),
+            fence: None,
+        },
+    )
+    .await
+    .expect("every expectation holds");
+    assert_consecutive(&changes, before.version);
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(next.clone()));
+    assert_eq!(changes[1].kind, ChangeKind::TryoutChanged(done.clone()));
+    assert_eq!(changes[2].kind, ChangeKind::InitializationConsumed);
+    assert_eq!(users_of(&flagged_seats(&changes[3..])), ["b", "c"]);
+    let snap = snapshot(store).await;
+    assert_eq!(snap.license, Some(next));
+    assert_eq!(snap.tryout, Some(done));
+    assert_eq!(snap.initialization, None);
+    assert_eq!(flagged_users(&snap, Feature::User), ["b", "c"]);
+    assert_eq!(drain(store, &before).await, changes);
+}
+
+async fn apply_license_with_a_stale_initialization_changes_nothing(store: &dyn Store) {
+    let lic = with_license(store, "stale").await;
+    assign_in_order(store, &lic, Feature::User, &["a", "b"]).await;
+    let old = pending("stale-old");
+    store.set_initialization(&old).await.unwrap();
+    let current = pending("stale-new");
+    store.set_initialization(&current).await.unwrap();
+    let snap = snapshot(store).await;
+
+    // An activation answering the replaced initialization writes nothing at all:
+    // no license, no tryout change, no flags.
+    let next = license("stale-2", 0);
+    let forfeited = TryoutRecord::Forfeited { at: Utc::now() };
+    assert_eq!(
+        apply(
+            store,
+            LicenseWrite {
+                tryout: Some((None, &forfeited)),
+                capacities: &[(Feature::User, 0)],
+                consume_initialization: Some(&old),
+                ..plain(Some(lic.id()), &next)
+            },
+        )
+        .await,
+        None
+    );
+    // Nor one with the right nonce but other times.
+    let altered = PendingInitialization {
+        expires_at: current.expires_at + chrono::Duration::seconds(1),
+        ..current.clone()
+    };
+    assert_eq!(
+        apply(
+            store,
+            LicenseWrite {
+                consume_initialization: Some(&altered),
+                ..plain(Some(lic.id()), &next)
+            },
+        )
+        .await,
+        None
+    );
+    assert_eq!(snapshot(store).await, snap, "nothing was written");
+
+    // The current one is accepted.
+    let changes = apply(
+        store,
+        LicenseWrite {
+            consume_initialization: Some(&current),
+            ..plain(Some(lic.id()), &next)
+        },
+    )
+    .await
+    .expect("the current initialization");
+    assert_eq!(changes[1].kind, ChangeKind::InitializationConsumed);
+    assert_eq!(snapshot(store).await.initialization, None);
+}
+
+// ---------------------------------------------------------------------------
+// reset
+// ---------------------------------------------------------------------------
+
+async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
+    let lic = with_license(store, "reset").await;
+    assign_in_order(store, &lic, Feature::User, &["a", "b"]).await;
+    assign_in_order(store, &lic, Feature::CallAssist, &["a"]).await;
+    created(assign(store, "t", Feature::User, &tryout(1)).await);
+    let started = started_tryout();
+    store
+        .compare_and_set_tryout(None, &started)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .record_reconcile(&reconcile_status(ReconcileOutcome::Updated))
+        .await
+        .unwrap();
+    store.set_initialization(&pending("reset")).await.unwrap();
+    apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 1)],
+            ..plain(Some(lic.id()), &lic)
+        },
+    )
+    .await
+    .expect("re-applying the stored document with a capacity drop");
+    let before = snapshot(store).await;
+    let before_pos = before.position.clone().unwrap();
+    assert_eq!(before.seats.len(), 4);
+    assert_eq!(flagged_users(&before, Feature::User), ["b"]);
+
+    let change = store.reset().await.unwrap();
+    assert_eq!(
+        change,
+        Change {
+            version: before_pos.version + 1,
+            kind: ChangeKind::Reset,
+        }
+    );
+    let snap = snapshot(store).await;
+    assert_eq!(
+        snap,
+        Snapshot {
+            position: Some(Position {
+                epoch: before_pos.epoch.clone(),
+                version: before_pos.version + 1,
+            }),
+            seats: Vec::new(),
+            license: None,
+            tryout: Some(started.clone()),
+            reconcile: ReconcileStatus::default(),
+            initialization: None,
+        }
+    );
+    assert!(store.list_seats(None, None, 100).await.unwrap().is_empty());
+    for feature in Feature::SEATS {
+        assert!(
+            store
+                .list_seats(Some(feature), None, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(drain(store, &before_pos).await, vec![change.clone()]);
+
+    // Writes are accepted afterwards, against the emptied state.
+    assert_eq!(
+        assign(store, "a", Feature::User, &purchased(&lic, 1)).await,
+        AssignOutcome::LicenseChanged,
+        "the license is gone"
+    );
+    let next = license("reset-2", 1);
+    apply(store, plain(None, &next))
+        .await
+        .expect("no license is stored after a reset");
+    let (seat, _) = created(assign(store, "z", Feature::User, &purchased(&next, 1)).await);
+    assert_eq!(seat.over_capacity_since, None);
+    created(assign(store, "y", Feature::User, &tryout(1)).await);
+    store
+        .compare_and_set_tryout(Some(&started), &ended(&started))
+        .await
+        .unwrap()
+        .expect("the kept tryout record is the expectation");
+    store.set_initialization(&pending("again")).await.unwrap();
+    store
+        .record_reconcile(&reconcile_status(ReconcileOutcome::Unchanged))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys_of(&store.list_seats(None, None, 100).await.unwrap()),
+        vec![
+            (Feature::User, "y".to_owned()),
+            (Feature::User, "z".to_owned())
+        ]
+    );
+    // A second reset on the emptied store works too.
+    store.reset().await.unwrap();
+    assert!(snapshot(store).await.seats.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// the reconcile lease
+// ---------------------------------------------------------------------------
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn lease_is_exclusive_until_its_holder_releases_it(store: &dyn Store) {
+    let before = position(store).await;
+    let t1 = store
+        .acquire_lease("replica-a", LONG)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert!(t1 > 0);
+    // Held: nobody gets it, not even its holder again.
+    assert_eq!(store.acquire_lease("replica-b", LONG).await.unwrap(), None);
+    assert_eq!(store.acquire_lease("replica-a", LONG).await.unwrap(), None);
+    // Another replica's release does not free it.
+    store.release_lease("replica-b").await.unwrap();
+    assert_eq!(store.acquire_lease("replica-b", LONG).await.unwrap(), None);
+    // The holder's does.
+    store.release_lease("replica-a").await.unwrap();
+    let t2 = store
+        .acquire_lease("replica-b", LONG)
+        .await
+        .unwrap()
+        .expect("released by its holder");
+    assert!(t2 > t1, "tokens grow: {t1} then {t2}");
+    assert_eq!(store.acquire_lease("replica-a", LONG).await.unwrap(), None);
+    // A stale holder's release does not free the new holder's lease.
+    store.release_lease("replica-a").await.unwrap();
+    assert_eq!(store.acquire_lease("replica-c", LONG).await.unwrap(), None);
+    store.release_lease("replica-b").await.unwrap();
+    let t3 = store
+        .acquire_lease("replica-b", LONG)
+        .await
+        .unwrap()
+        .expect("released by its holder");
+    assert!(t3 > t2, "tokens grow: {t2} then {t3}");
+    // Releasing twice is harmless.
+    store.release_lease("replica-b").await.unwrap();
+    store.release_lease("replica-b").await.unwrap();
+
+    // The lease is not data: it writes nothing to the feed.
+    assert_eq!(position(store).await, before);
+    assert!(drain(store, &before).await.is_empty());
+}
+
+/// Polls until `holder` gets the lease; panics after `limit`.
+async fn acquire_within(store: &dyn Store, holder: &str, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(token) = store.acquire_lease(holder, LONG).await.unwrap() {
+            return token;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{holder} did not get the lease within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn lease_expires_after_its_ttl(store: &dyn Store) {
+    let ttl = Duration::from_millis(200);
+    let start = Instant::now();
+    let t1 = store
+        .acquire_lease("replica-a", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let t2 = match store.acquire_lease("replica-b", LONG).await.unwrap() {
+        // Held until the ttl is over (unless the machine was too slow to ask in time).
+        Some(t) => {
+            let waited = start.elapsed();
+            assert!(
+                waited >= ttl,
+                "the lease was granted again (token {t}) {waited:?} after a {ttl:?} grant"
+            );
+            t
+        }
+        None => acquire_within(store, "replica-b", Duration::from_secs(10)).await,
+    };
+    let waited = start.elapsed();
+    assert!(t2 > t1, "tokens grow: {t1} then {t2}");
+    assert!(
+        waited + Duration::from_millis(20) >= ttl,
+        "the lease was held for its ttl, got it after {waited:?}"
+    );
+    // The expired holder's release does not free the new grant.
+    store.release_lease("replica-a").await.unwrap();
+    assert_eq!(store.acquire_lease("replica-c", ttl).await.unwrap(), None);
+}
+
+async fn apply_license_is_fenced_by_the_latest_lease_grant(store: &dyn Store) {
+    let lic = with_license(store, "fence").await;
+    assign_in_order(store, &lic, Feature::User, &["a", "b"]).await;
+    // No grant yet: no fence matches.
+    let next = license("fence-2", 1);
+    let fenced_write = |fence: u64| LicenseWrite {
+        capacities: &[(Feature::User, 1)],
+        fence: Some(fence),
+        ..plain(Some(lic.id()), &next)
+    };
+    let snap = snapshot(store).await;
+    assert_eq!(apply(store, fenced_write(1)).await, None);
+    assert_eq!(snapshot(store).await, snap);
+
+    let old = store
+        .acquire_lease("replica-a", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store.release_lease("replica-a").await.unwrap();
+    let newer = store
+        .acquire_lease("replica-b", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(newer > old);
+
+    // The older holder is fenced off: nothing is written, not even flags.
+    assert_eq!(apply(store, fenced_write(old)).await, None);
+    assert_eq!(apply(store, fenced_write(newer + 1)).await, None);
+    assert_eq!(snapshot(store).await, snap, "nothing was written");
+
+    // The latest grant's token writes, while held and after the release (no
+    // newer grant since).
+    let changes = apply(store, fenced_write(newer))
+        .await
+        .expect("the latest grant's token");
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(next.clone()));
+    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["b"]);
+    store.release_lease("replica-b").await.unwrap();
+    let third = license("fence-3", 1);
+    apply(
+        store,
+        LicenseWrite {
+            fence: Some(newer),
+            ..plain(Some(next.id()), &third)
+        },
+    )
+    .await
+    .expect("no newer grant since");
+    // Once another grant happens, the token is stale.
+    let newest = store
+        .acquire_lease("replica-c", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(newest > newer);
+    let fourth = license("fence-4", 1);
+    let write = LicenseWrite {
+        fence: Some(newer),
+        ..plain(Some(third.id()), &fourth)
+    };
+    assert_eq!(apply(store, write).await, None);
+    assert_eq!(snapshot(store).await.license, Some(third));
+}
+
+// ---------------------------------------------------------------------------
 // record_reconcile
 // ---------------------------------------------------------------------------
 
@@ -1031,6 +1821,7 @@ async fn record_reconcile_round_trips(store: &dyn Store) {
         last_attempt_at: Some(Utc::now()),
         last_outcome: Some(ReconcileOutcome::Unreachable),
         last_error: Some("licensing server: connection refused — ünïcödé".to_owned()),
+        next_reconcile_at: Some(Utc::now() + chrono::Duration::minutes(5)),
     };
     let change = store.record_reconcile(&failed).await.unwrap();
     assert_eq!(change.version, before.version + 1);
@@ -1043,10 +1834,24 @@ async fn record_reconcile_round_trips(store: &dyn Store) {
         last_attempt_at: Some(now),
         last_outcome: Some(ReconcileOutcome::Updated),
         last_error: None,
+        next_reconcile_at: Some(now + chrono::Duration::hours(6)),
     };
     let change = store.record_reconcile(&ok).await.unwrap();
     assert_eq!(change.version, before.version + 2);
     assert_eq!(snapshot(store).await.reconcile, ok);
+
+    // An unscheduled status clears the next reconcile time.
+    let unscheduled = ReconcileStatus {
+        next_reconcile_at: None,
+        ..ok.clone()
+    };
+    let change = store.record_reconcile(&unscheduled).await.unwrap();
+    assert_eq!(change.version, before.version + 3);
+    assert_eq!(
+        change.kind,
+        ChangeKind::ReconcileRecorded(unscheduled.clone())
+    );
+    assert_eq!(snapshot(store).await.reconcile, unscheduled);
 }
 
 // ---------------------------------------------------------------------------
@@ -1058,26 +1863,14 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
     let mut written = Vec::new();
 
     let lic = license("feed", 1);
-    written.extend(
-        store
-            .apply_license(None, &lic, None)
-            .await
-            .unwrap()
-            .unwrap(),
-    );
+    written.extend(apply(store, plain(None, &lic)).await.unwrap());
     let plan = purchased(&lic, 1);
     let (_, c) = created(assign(store, "alice", Feature::User, &plan).await);
     written.push(c);
     // Writes that write nothing report nothing.
     assign(store, "alice", Feature::User, &plan).await;
     assign(store, "bob", Feature::User, &plan).await;
-    assert_eq!(
-        store
-            .release_seat(&uid("bob"), Feature::User)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(release(store, "bob", Feature::User, None).await, None);
     let started = started_tryout();
     written.push(
         store
@@ -1092,36 +1885,50 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
     written.push(c);
     written.push(
         store
-            .record_reconcile(&ReconcileStatus {
-                last_success_at: Some(Utc::now()),
-                last_attempt_at: Some(Utc::now()),
-                last_outcome: Some(ReconcileOutcome::Unchanged),
-                last_error: None,
-            })
+            .record_reconcile(&reconcile_status(ReconcileOutcome::Unchanged))
             .await
             .unwrap(),
     );
-    written.push(
-        store
-            .release_seat(&uid("alice"), Feature::User)
-            .await
-            .unwrap()
-            .unwrap(),
-    );
+    written.extend(release(store, "alice", Feature::User, None).await.unwrap());
     let bigger = license("feed-2", 2);
     written.extend(
-        store
-            .apply_license(
-                Some(lic.id()),
-                &bigger,
-                Some((Some(&started), &ended(&started))),
-            )
-            .await
-            .unwrap()
-            .unwrap(),
+        apply(
+            store,
+            LicenseWrite {
+                tryout: Some((Some(&started), &ended(&started))),
+                ..plain(Some(lic.id()), &bigger)
+            },
+        )
+        .await
+        .unwrap(),
     );
     let (_, c) = created(assign(store, "bob", Feature::User, &purchased(&bigger, 2)).await);
     written.push(c);
+    // The newer kinds: an initialization issued and consumed, flags moved by a
+    // license and by a release, a reset.
+    let init = pending("feed");
+    written.push(store.set_initialization(&init).await.unwrap());
+    let third = license("feed-3", 2);
+    written.extend(
+        apply(
+            store,
+            LicenseWrite {
+                capacities: &[(Feature::User, 0)],
+                consume_initialization: Some(&init),
+                ..plain(Some(bigger.id()), &third)
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let (_, c) = created(assign(store, "carol", Feature::User, &purchased(&third, 2)).await);
+    written.push(c);
+    written.extend(
+        release(store, "carol", Feature::User, Some(1))
+            .await
+            .unwrap(),
+    );
+    written.push(store.reset().await.unwrap());
 
     let versions: Vec<u64> = written.iter().map(|c| c.version).collect();
     let want: Vec<u64> = (start.version + 1..=start.version + written.len() as u64).collect();
@@ -1134,6 +1941,10 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             ChangeKind::LicenseApplied(_) => "license",
             ChangeKind::TryoutChanged(_) => "tryout",
             ChangeKind::ReconcileRecorded(_) => "reconcile",
+            ChangeKind::SeatFlagged(_) => "flagged",
+            ChangeKind::InitializationIssued(_) => "init_issued",
+            ChangeKind::InitializationConsumed => "init_consumed",
+            ChangeKind::Reset => "reset",
         })
         .collect();
     assert_eq!(
@@ -1148,9 +1959,28 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             "released",
             "license",
             "tryout",
-            "assigned"
+            "assigned",
+            "init_issued",
+            "license",
+            "init_consumed",
+            "flagged",
+            "assigned",
+            "released",
+            "flagged",
+            "reset",
         ]
     );
+
+    let flags: Vec<(&str, bool)> = written
+        .iter()
+        .filter_map(|c| match &c.kind {
+            ChangeKind::SeatFlagged(seat) => {
+                Some((seat.user_id.as_str(), seat.over_capacity_since.is_some()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flags, [("bob", true), ("bob", false)]);
 
     // The feed has exactly what the writes returned, in order.
     assert_eq!(drain(store, &start).await, written);
@@ -1257,14 +2087,10 @@ async fn data_loss_refuses_writes_until_restored(
         .unwrap()
         .unwrap();
     store
-        .record_reconcile(&ReconcileStatus {
-            last_success_at: Some(Utc::now()),
-            last_attempt_at: Some(Utc::now()),
-            last_outcome: Some(ReconcileOutcome::Updated),
-            last_error: None,
-        })
+        .record_reconcile(&reconcile_status(ReconcileOutcome::Updated))
         .await
         .unwrap();
+    store.set_initialization(&pending("loss")).await.unwrap();
     let old = snapshot(store).await;
     let old_pos = old.position.clone().unwrap();
     assert_eq!(old.seats.len(), 3);
@@ -1276,6 +2102,7 @@ async fn data_loss_refuses_writes_until_restored(
     assert!(lost.seats.is_empty());
     assert_eq!(lost.license, None);
     assert_eq!(lost.tryout, None);
+    assert_eq!(lost.initialization, None);
     assert_eq!(
         store
             .changes(&old_pos, Duration::from_millis(50))
@@ -1296,7 +2123,13 @@ async fn data_loss_refuses_writes_until_restored(
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
-        store.release_seat(&uid("alice"), Feature::User).await,
+        store.release_seat(&uid("alice"), Feature::User, None).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store
+            .release_seat(&uid("alice"), Feature::User, Some(3))
+            .await,
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
@@ -1304,9 +2137,23 @@ async fn data_loss_refuses_writes_until_restored(
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
-        store.apply_license(None, &lic, None).await,
+        store.apply_license(plain(None, &lic)).await,
         Err(StoreError::NotInitialized)
     );
+    assert_eq!(
+        store
+            .apply_license(LicenseWrite {
+                capacities: &[(Feature::User, 0)],
+                ..plain(Some(lic.id()), &lic)
+            })
+            .await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.set_initialization(&pending("lost")).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(store.reset().await, Err(StoreError::NotInitialized));
     assert_eq!(
         store.record_reconcile(&ReconcileStatus::default()).await,
         Err(StoreError::NotInitialized)
@@ -1326,6 +2173,7 @@ async fn data_loss_refuses_writes_until_restored(
     assert_eq!(restored.license, old.license);
     assert_eq!(restored.tryout, old.tryout);
     assert_eq!(restored.reconcile, old.reconcile);
+    assert_eq!(restored.initialization, old.initialization);
     assert_eq!(
         store.list_seats(None, None, 100).await.unwrap(),
         old.seats,
@@ -1403,6 +2251,167 @@ async fn restore_keeps_over_capacity_marks(store: &dyn Store, wipe: &(dyn Fn() +
             capacity: 1,
             in_use: 1
         }
+    );
+}
+
+async fn restore_keeps_the_pending_initialization(
+    store: &dyn Store,
+    wipe: &(dyn Fn() + Send + Sync),
+) {
+    let lic = with_license(store, "restore-init").await;
+    let init = pending("restore-init");
+    store.set_initialization(&init).await.unwrap();
+    let old = snapshot(store).await;
+    assert_eq!(old.initialization, Some(init.clone()));
+    wipe();
+    assert_eq!(snapshot(store).await.initialization, None);
+
+    assert!(store.restore(&old).await.unwrap());
+    let restored = snapshot(store).await;
+    assert_eq!(restored.initialization, Some(init.clone()));
+    // The restored one is the one an activation consumes.
+    let next = license("restore-init-2", 1);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            consume_initialization: Some(&init),
+            ..plain(Some(lic.id()), &next)
+        },
+    )
+    .await
+    .expect("the restored initialization is the stored one");
+    assert_eq!(changes[1].kind, ChangeKind::InitializationConsumed);
+    assert_eq!(snapshot(store).await.initialization, None);
+
+    // A snapshot without one restores none.
+    let without = snapshot(store).await;
+    wipe();
+    assert!(store.restore(&without).await.unwrap());
+    assert_eq!(snapshot(store).await.initialization, None);
+}
+
+async fn over_capacity_order_is_assignment_time_then_user_id(
+    store: &dyn Store,
+    wipe: &(dyn Fn() + Send + Sync),
+) {
+    // Seats with chosen times, through a restore: the newest assignment is flagged
+    // first whatever its user id; equal times go to the higher user id first; an
+    // existing flag keeps its time.
+    let lic = with_license(store, "order").await;
+    let mut old = snapshot(store).await;
+    wipe();
+    let t = ms_now() - chrono::Duration::days(1);
+    let since = t + chrono::Duration::hours(1);
+    let seat = |user: &str, hours_ago: i64, flagged: bool| Seat {
+        user_id: uid(user),
+        feature: Feature::User,
+        source: SeatSource::Purchased,
+        assigned_at: t - chrono::Duration::hours(hours_ago),
+        over_capacity_since: flagged.then_some(since),
+    };
+    old.seats = vec![
+        seat("zed", 4, false),
+        seat("abe", 3, true),
+        seat("amy", 2, false),
+        seat("bob", 0, false),
+        seat("cat", 0, true),
+        // A newer tryout seat is not in the purchased pool.
+        Seat {
+            source: SeatSource::Tryout,
+            ..seat("zzz", -1, false)
+        },
+    ];
+    assert!(store.restore(&old).await.unwrap());
+
+    // Newest first: cat, bob (a tie, higher id first), amy, abe, zed. Capacity 2
+    // flags cat, bob and amy and clears abe.
+    let next = license("order-2", 2);
+    let t0 = Utc::now();
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 2)],
+            ..plain(Some(lic.id()), &next)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    let t1 = Utc::now();
+    let moved = flagged_seats(&changes[1..]);
+    assert_eq!(users_of(&moved), ["abe", "amy", "bob"]);
+    assert_eq!(moved[0], seat("abe", 3, false));
+    for s in &moved[1..] {
+        assert_near(s.over_capacity_since.expect("flagged"), t0, t1);
+    }
+    let snap = snapshot(store).await;
+    assert_eq!(flagged_users(&snap, Feature::User), ["amy", "bob", "cat"]);
+    assert_eq!(
+        seat_in(&snap, Feature::User, "cat"),
+        seat("cat", 0, true),
+        "cat keeps its flag time"
+    );
+    assert_eq!(seat_in(&snap, Feature::User, "zed"), seat("zed", 4, false));
+    assert_eq!(
+        seat_in(&snap, Feature::User, "zzz").over_capacity_since,
+        None
+    );
+
+    // Capacity 4: only the newest stays flagged; of the tie, bob is cleared.
+    let wider = license("order-3", 4);
+    let changes = apply(
+        store,
+        LicenseWrite {
+            capacities: &[(Feature::User, 4)],
+            ..plain(Some(next.id()), &wider)
+        },
+    )
+    .await
+    .expect("expectations hold");
+    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["amy", "bob"]);
+    let snap = snapshot(store).await;
+    assert_eq!(flagged_users(&snap, Feature::User), ["cat"]);
+    assert_eq!(seat_in(&snap, Feature::User, "cat"), seat("cat", 0, true));
+
+    // Releasing the oldest seat with capacity 4 clears the last flag.
+    let changes = release(store, "zed", Feature::User, Some(4))
+        .await
+        .expect("zed held a seat");
+    assert_eq!(flagged_seats(&changes[1..]), vec![seat("cat", 0, false)]);
+}
+
+async fn lease_tokens_keep_growing_across_data_loss(
+    store: &dyn Store,
+    wipe: &(dyn Fn() + Send + Sync),
+) {
+    // A replica that took the lease before the store lost its data may still be
+    // writing with its token: no later grant may hand out that token again.
+    with_license(store, "lease-loss").await;
+    let before = store
+        .acquire_lease("replica-a", LONG)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let old = snapshot(store).await;
+    wipe();
+    assert!(store.restore(&old).await.unwrap());
+    let after = acquire_within(store, "replica-b", Duration::from_secs(10)).await;
+    assert!(
+        after > before,
+        "a grant after data loss reuses token {after} (first grant was {before})"
+    );
+    // The old holder's token is fenced off.
+    let lic = old.license.as_ref().unwrap();
+    let next = license("lease-loss-2", 1);
+    assert_eq!(
+        apply(
+            store,
+            LicenseWrite {
+                fence: Some(before),
+                ..plain(Some(lic.id()), &next)
+            },
+        )
+        .await,
+        None
     );
 }
 

@@ -69,11 +69,28 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // The server answering must be ours: another test's redis-server may
+            // have taken the port first (ours then exits), and must not be used.
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn)
             {
-                return;
+                let ours = self.child.as_ref().map(|c| c.id());
+                let pid = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("process_id:"))
+                    .and_then(|p| p.trim().parse::<u32>().ok());
+                if pid == ours {
+                    return;
+                }
+                self.kill();
+                self.port = free_port();
+                return self.spawn();
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // Exited (e.g. the port was taken): try another port.
+                self.port = free_port();
+                return self.spawn();
             }
             assert!(
                 Instant::now() < deadline,
