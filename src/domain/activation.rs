@@ -57,7 +57,7 @@ pub fn activation(
     let failing = matches!(
         status.last_outcome,
         Some(ReconcileOutcome::Unreachable | ReconcileOutcome::Rejected)
-    ) && status.last_attempt_at.is_some_and(|t| t > confirmed);
+    ) && status.last_attempt_at.is_some_and(|t| t >= confirmed);
     if now >= grace_ends_at {
         Activation {
             state: ActivationState::Lapsed,
