@@ -7,11 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -28,7 +24,6 @@ use comtrexx_licensing::upstream::grpc::from_timestamp;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
-const SIM_BIN: &str = env!("CARGO_BIN_EXE_licensing-sim");
 /// Upper bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -38,85 +33,23 @@ type Admin = VendorAdminServiceClient<Channel>;
 // The licensing server: `licensing-sim serve` as a process
 // ---------------------------------------------------------------------------
 
-/// A running `licensing-sim serve` with its own state directory, killed on drop.
-/// It can be killed and started again on the same port with the same state.
+/// A running `licensing-sim` with a state directory of its own, killed on drop.
 struct Sim {
-    child: Option<Child>,
-    _stdout: Option<BufReader<ChildStdout>>,
-    port: u16,
-    public_key: String,
-    state: PathBuf,
+    process: SimProcess,
     _dir: tempfile::TempDir,
 }
 
 impl Sim {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("sim");
-        let (child, stdout, port, public_key) = Self::spawn(&state, "127.0.0.1:0");
         Self {
-            child: Some(child),
-            _stdout: Some(stdout),
-            port,
-            public_key,
-            state,
+            process: SimProcess::start(&dir.path().join("sim"), &[]),
             _dir: dir,
         }
     }
 
-    /// Starts the binary and reads the two lines it prints once it accepts calls.
-    fn spawn(state: &Path, listen: &str) -> (Child, BufReader<ChildStdout>, u16, String) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state.with_extension("log"))
-            .unwrap();
-        let mut child = Command::new(SIM_BIN)
-            .args(["serve", "--state"])
-            .arg(state)
-            .args(["--listen", listen])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start licensing-sim");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut key = None;
-            let mut addr = None;
-            let mut line = String::new();
-            while key.is_none() || addr.is_none() {
-                line.clear();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    let _ = tx.send(Err(format!(
-                        "stdout closed; saw key {key:?}, addr {addr:?}"
-                    )));
-                    return;
-                }
-                let line = line.trim();
-                if let Some(k) = line.strip_prefix("vendor_public_key=") {
-                    key = Some(k.to_owned());
-                } else if let Some(a) = line.strip_prefix("listening on ") {
-                    addr = a.parse::<std::net::SocketAddr>().ok();
-                }
-            }
-            let _ = tx.send(Ok((key.unwrap(), addr.unwrap(), reader)));
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok((key, addr, reader))) => (child, reader, addr.port(), key),
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
-                panic!("licensing-sim did not start: {other:?}\n{log}");
-            }
-        }
-    }
-
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.process.port)
     }
 
     async fn admin(&self) -> Admin {
@@ -125,27 +58,12 @@ impl Sim {
 
     /// Kills the process (SIGKILL): the licensing server is gone.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self._stdout = None;
+        self.process.kill();
     }
 
     /// Starts it again on the same port, with the same state and key.
     fn restart(&mut self) {
-        self.kill();
-        let (child, stdout, port, key) =
-            Self::spawn(&self.state, &format!("127.0.0.1:{}", self.port));
-        assert_eq!((port, &key), (self.port, &self.public_key));
-        self.child = Some(child);
-        self._stdout = Some(stdout);
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.restart();
     }
 }
 
@@ -225,7 +143,7 @@ async fn stats(admin: &mut Admin, serial: &str) -> vpb::SerialStats {
 fn sim_config(redis: &RedisServer, sim: &Sim, serial: &str, edition: Edition) -> RawConfig {
     RawConfig {
         edition: edition.as_str().into(),
-        vendor_public_key: Some(sim.public_key.clone()),
+        vendor_public_key: Some(sim.process.public_key.clone()),
         licensing_server: RawLicensingServer {
             url: Some(sim.url()),
             ca_file: None,

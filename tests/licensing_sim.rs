@@ -3,10 +3,8 @@
 //! documents, activation, error classification, faults, persistence, TLS and the
 //! admin command line.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -22,12 +20,15 @@ use comtrexx_licensing::upstream::{LicensingServer, UpstreamError};
 use ed25519_dalek::VerifyingKey;
 use tonic::transport::Channel;
 
+mod common;
+
+use common::SimProcess;
+
 const BIN: &str = env!("CARGO_BIN_EXE_licensing-sim");
 
-/// A running `licensing-sim serve`, killed on drop.
+/// A running `licensing-sim` with how to reach it (plain or TLS); killed on drop.
 struct Sim {
-    child: Option<Child>,
-    _stdout: Option<BufReader<ChildStdout>>,
+    process: SimProcess,
     port: u16,
     public_key: String,
     scheme: &'static str,
@@ -39,58 +40,13 @@ impl Sim {
         Self::start_with(state, &[])
     }
 
-    /// Starts the binary on port 0 and reads the two lines it prints.
     fn start_with(state: &Path, extra: &[&str]) -> Self {
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--state"])
-            .arg(state)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start licensing-sim");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut key = None;
-            let mut addr = None;
-            let mut line = String::new();
-            while key.is_none() || addr.is_none() {
-                line.clear();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    let _ = tx.send(Err(format!(
-                        "stdout closed; saw key {key:?}, addr {addr:?}"
-                    )));
-                    return;
-                }
-                let line = line.trim();
-                if let Some(k) = line.strip_prefix("vendor_public_key=") {
-                    key = Some(k.to_owned());
-                } else if let Some(a) = line.strip_prefix("listening on ") {
-                    addr = Some(a.parse::<std::net::SocketAddr>().unwrap());
-                }
-            }
-            let _ = tx.send(Ok((key.unwrap(), addr.unwrap(), reader)));
-        });
-        let started = rx.recv_timeout(Duration::from_secs(30));
-        let (public_key, addr, reader) = match started {
-            Ok(Ok(v)) => v,
-            other => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
-                panic!("licensing-sim did not start: {other:?}\n{log}");
-            }
-        };
+        let process = SimProcess::start(state, extra);
         let tls = extra.contains(&"--tls-cert");
         Self {
-            child: Some(child),
-            _stdout: Some(reader),
-            port: addr.port(),
-            public_key,
+            port: process.port,
+            public_key: process.public_key.clone(),
+            process,
             scheme: if tls { "https" } else { "http" },
             // The test certificate is for "localhost".
             host: if tls { "localhost" } else { "127.0.0.1" },
@@ -114,16 +70,7 @@ impl Sim {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.kill();
     }
 }
 

@@ -357,3 +357,122 @@ impl TestServer {
         }
     }
 }
+
+/// A running `licensing-sim serve` (the development licensing server) on a port of
+/// its own, killed on drop. It can be killed and started again on the same port
+/// with the same state (and so the same signing key).
+pub struct SimProcess {
+    child: Option<std::process::Child>,
+    // Kept open so the process never writes into a closed pipe.
+    _stdout: Option<std::io::BufReader<std::process::ChildStdout>>,
+    pub port: u16,
+    /// The key it signs with, as `vendor_public_key` expects it.
+    pub public_key: String,
+    state: PathBuf,
+    extra: Vec<String>,
+}
+
+impl SimProcess {
+    /// Starts `licensing-sim serve --state STATE --listen 127.0.0.1:0 EXTRA...` and
+    /// reads the two lines it prints once it accepts calls.
+    pub fn start(state: &Path, extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let (child, stdout, port, public_key) = Self::spawn(state, "127.0.0.1:0", &extra);
+        Self {
+            child: Some(child),
+            _stdout: Some(stdout),
+            port,
+            public_key,
+            state: state.to_owned(),
+            extra,
+        }
+    }
+
+    fn spawn(
+        state: &Path,
+        listen: &str,
+        extra: &[String],
+    ) -> (
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+        u16,
+        String,
+    ) {
+        use std::io::BufRead as _;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.with_extension("log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_licensing-sim"))
+            .args(["serve", "--state"])
+            .arg(state)
+            .args(["--listen", listen])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start licensing-sim");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            let (mut key, mut addr) = (None, None);
+            let mut line = String::new();
+            while key.is_none() || addr.is_none() {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    let _ = tx.send(Err(format!(
+                        "stdout closed; saw key {key:?}, addr {addr:?}"
+                    )));
+                    return;
+                }
+                let line = line.trim();
+                if let Some(k) = line.strip_prefix("vendor_public_key=") {
+                    key = Some(k.to_owned());
+                } else if let Some(a) = line.strip_prefix("listening on ") {
+                    addr = a.parse::<SocketAddr>().ok();
+                }
+            }
+            let _ = tx.send(Ok((key.unwrap(), addr.unwrap(), reader)));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok((key, addr, reader))) => (child, reader, addr.port(), key),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
+                panic!("licensing-sim did not start: {other:?}\n{log}");
+            }
+        }
+    }
+
+    /// Kills the process (SIGKILL): the licensing server is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self._stdout = None;
+    }
+
+    /// Starts it again on the same port, with the same state and key.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, stdout, port, key) = Self::spawn(
+            &self.state,
+            &format!("127.0.0.1:{}", self.port),
+            &self.extra,
+        );
+        assert_eq!((port, &key), (self.port, &self.public_key));
+        self.child = Some(child);
+        self._stdout = Some(stdout);
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
