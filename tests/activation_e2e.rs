@@ -168,13 +168,6 @@ async fn start_on(config: RawConfig, clock: &ManualClock) -> (TestServer, Client
     (server, client)
 }
 
-async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
-        .await
-        .expect("GetLicenseOverview")
-        .into_inner()
-}
-
 async fn create_code(c: &mut Client) -> String {
     c.create_initialization_code(pb::CreateInitializationCodeRequest {})
         .await

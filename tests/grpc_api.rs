@@ -196,13 +196,6 @@ async fn list_all(c: &mut Client, feature: &str, page_size: i32) -> Vec<pb::Seat
     panic!("ListSeats never reached the last page");
 }
 
-async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
-        .await
-        .expect("GetLicenseOverview")
-        .into_inner()
-}
-
 async fn tryout(c: &mut Client) -> pb::TryoutStatus {
     c.get_tryout_status(pb::GetTryoutStatusRequest {})
         .await

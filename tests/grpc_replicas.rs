@@ -130,13 +130,6 @@ async fn seats(c: &mut Client) -> Vec<pb::Seat> {
     page.seats
 }
 
-async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
-        .await
-        .expect("GetLicenseOverview")
-        .into_inner()
-}
-
 async fn tryout(c: &mut Client) -> pb::TryoutStatus {
     c.get_tryout_status(pb::GetTryoutStatusRequest {})
         .await

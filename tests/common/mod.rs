@@ -476,3 +476,11 @@ impl Drop for SimProcess {
         self.kill();
     }
 }
+
+/// The license overview (panics on an error: for tests where it cannot fail).
+pub async fn overview(c: &mut Client) -> comtrexx_licensing::grpc::pb::GetLicenseOverviewResponse {
+    c.get_license_overview(comtrexx_licensing::grpc::pb::GetLicenseOverviewRequest {})
+        .await
+        .expect("GetLicenseOverview")
+        .into_inner()
+}
