@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use ed25519_dalek::VerifyingKey;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -523,9 +523,4 @@ impl Mirror {
             }
         }
     }
-}
-
-/// Converts mirror milliseconds (for callers outside this module).
-pub fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng as _;
 
-use super::{EntitlementUse, Licensing, Overview, ReconcileReport, WRITE_ATTEMPTS, store_error};
+use super::{Licensing, Overview, ReconcileReport, WRITE_ATTEMPTS, store_error};
 use crate::domain::initcode::{InitializationCode, PendingInitialization};
 use crate::domain::{
     ActivationState, AppliedLicense, Feature, InvalidInput, LapseAction, LicensePayload,
@@ -601,11 +601,6 @@ impl Licensing {
             }
         }
         seen.activation = Some(activation.state);
-    }
-
-    /// Entitlements with use, for reports.
-    pub fn current_entitlements(&self) -> Vec<EntitlementUse> {
-        self.mirror.read(|s| self.entitlements(s))
     }
 }
 

@@ -151,11 +151,6 @@ impl Licensing {
         }
     }
 
-    /// Whether a license source is configured.
-    pub fn has_source(&self) -> bool {
-        self.source.is_some()
-    }
-
     /// The activation at `now`. Without a license source nothing can confirm or
     /// lapse a license: it stays active.
     fn activation(&self, state: &MirrorState, now: DateTime<Utc>) -> Activation {
@@ -180,10 +175,6 @@ impl Licensing {
 
     pub fn mirror(&self) -> &Arc<Mirror> {
         &self.mirror
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     fn licenses<'a>(&self, state: &'a MirrorState, now: DateTime<Utc>) -> Licenses<'a> {
