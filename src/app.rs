@@ -26,17 +26,23 @@ pub struct App {
     pub licensing: Arc<Licensing>,
     pub store: Arc<dyn Store>,
     pub mirror: Arc<Mirror>,
+    // The Redis store, for its start-up check of the eviction policy.
+    redis: Option<Arc<RedisStore>>,
     options: ServerOptions,
 }
 
 impl App {
     /// Builds the parts; connects to nothing yet (Redis may be down at start).
     pub fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let store: Arc<dyn Store> = match &config.redis {
-            Some(redis) => Arc::new(
+        let redis = match &config.redis {
+            Some(redis) => Some(Arc::new(
                 RedisStore::new(&redis.url, &config.serial_number, redis.timeout)
                     .context("open redis_url")?,
-            ),
+            )),
+            None => None,
+        };
+        let store: Arc<dyn Store> = match &redis {
+            Some(redis) => redis.clone(),
             None => Arc::new(MemoryStore::new(clock.clone())),
         };
         let verifier = Verifier {
@@ -91,6 +97,7 @@ impl App {
             licensing,
             store,
             mirror,
+            redis,
             options: ServerOptions {
                 drain_timeout: config.drain_timeout,
                 tls,
@@ -114,6 +121,9 @@ impl App {
             }
         };
         let mirror_task = tokio::spawn(self.mirror.clone().run(self.store.clone(), stopped()));
+        if let Some(redis) = self.redis.clone() {
+            tokio::spawn(warn_about_eviction(redis));
+        }
         let licensing = self.licensing.clone();
         let schedule_stopped = stopped();
         let reconcile_task = tokio::spawn(async move {
@@ -135,6 +145,21 @@ impl App {
             tracing::warn!(%error, "metrics endpoint stopped with an error");
         }
         result
+    }
+}
+
+/// Warns loudly when Redis may evict keys: under memory pressure it would delete
+/// seats. Best effort: managed Redis often forbids CONFIG GET.
+async fn warn_about_eviction(redis: Arc<RedisStore>) {
+    match redis.check_eviction_policy().await {
+        Some(policy) if policy != "noeviction" => tracing::error!(
+            %policy,
+            "Redis maxmemory-policy is not noeviction: under memory pressure Redis deletes keys, seats included; set maxmemory-policy noeviction"
+        ),
+        Some(_) => {}
+        None => tracing::info!(
+            "could not read Redis maxmemory-policy (CONFIG GET refused or Redis unreachable); it must be noeviction"
+        ),
     }
 }
 
