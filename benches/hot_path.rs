@@ -45,22 +45,6 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-async fn wait_active(client: &Client) {
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let mut c = client.clone();
-            async move {
-                c.get_license_overview(pb::GetLicenseOverviewRequest {})
-                    .await
-                    .map(|o| o.into_inner().activation_state == pb::ActivationState::Active as i32)
-                    .unwrap_or(false)
-            }
-        })
-        .await,
-        "license was not applied"
-    );
-}
-
 fn req(user: &str) -> pb::CheckSeatRequest {
     pb::CheckSeatRequest {
         user_id: user.into(),

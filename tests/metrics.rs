@@ -62,20 +62,7 @@ async fn metrics_follow_the_seats() {
         .await
         .unwrap();
     // Wait for the start-up reconcile.
-    assert!(
-        eventually(std::time::Duration::from_secs(5), || {
-            let mut c = client.clone();
-            async move {
-                let o = c
-                    .get_license_overview(pb::GetLicenseOverviewRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
-                o.activation_state == pb::ActivationState::Active as i32
-            }
-        })
-        .await
-    );
+    wait_active(&client).await;
 
     let before = scrape(metrics_addr).await;
     for name in [

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use chrono::Utc;
 use common::*;
 use comtrexx_licensing::domain::{Edition, Feature};
@@ -19,20 +17,7 @@ async fn license_assign_check_release_list() {
     let mut client = server.client().await;
 
     // The start-up reconcile applies the license.
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let mut c = client.clone();
-            async move {
-                let o = c
-                    .get_license_overview(pb::GetLicenseOverviewRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
-                o.activation_state == pb::ActivationState::Active as i32
-            }
-        })
-        .await
-    );
+    wait_active(&client).await;
 
     let assigned = client
         .assign_seat(pb::AssignSeatRequest {
@@ -115,20 +100,7 @@ async fn reads_own_writes(redis: Option<&RedisServer>) {
     vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 1000)]);
     let server = TestServer::start(licensed_config(redis, &serial, &vendor)).await;
     let mut client = server.client().await;
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let mut c = client.clone();
-            async move {
-                c.get_license_overview(pb::GetLicenseOverviewRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .activation_state
-                    == pb::ActivationState::Active as i32
-            }
-        })
-        .await
-    );
+    wait_active(&client).await;
     for i in 0..300 {
         let user = format!("burst-{i}");
         client

@@ -484,3 +484,21 @@ pub async fn overview(c: &mut Client) -> comtrexx_licensing::grpc::pb::GetLicens
         .expect("GetLicenseOverview")
         .into_inner()
 }
+
+/// Waits (bounded) until the license is applied: the start-up reconcile ran.
+pub async fn wait_active(client: &Client) {
+    use comtrexx_licensing::grpc::pb;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut c = client.clone();
+            async move {
+                c.get_license_overview(pb::GetLicenseOverviewRequest {})
+                    .await
+                    .map(|o| o.into_inner().activation_state == pb::ActivationState::Active as i32)
+                    .unwrap_or(false)
+            }
+        })
+        .await,
+        "the license was not applied"
+    );
+}
