@@ -41,7 +41,7 @@ DOC="${RECIPES_DOC:-${ROOT}/docs/operations.md}"
 STARTUP_TIMEOUT="${RECIPES_STARTUP_TIMEOUT:-60}"
 SERIAL="0123456789AB"
 SERVICE="comtrexx.licensing.v1.LicensingService"
-# The RPCs of the API contract (/work/shared/API.md); each needs a recipe.
+# The RPCs of the API contract (proto/comtrexx/licensing/v1/licensing.proto); each needs a recipe.
 RPCS=(CheckSeat AssignSeat ReleaseSeat ListSeats GetTryoutStatus StartTryout EndTryout
   GetLicenseOverview Reconcile CreateInitializationCode ApplyActivation WatchLicenseEvents
   ResetActivation ActivateOnline)
