@@ -47,14 +47,8 @@ pub async fn run(
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    // grpcurl 1.8 and many tools still speak only v1alpha.
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) =
+        crate::grpc::reflection_services(FILE_DESCRIPTOR_SET)?;
 
     let mut builder = Server::builder()
         // Call handling sends small, latency-sensitive requests.

@@ -448,13 +448,8 @@ pub async fn serve(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(VENDOR_FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) =
+        crate::grpc::reflection_services(VENDOR_FILE_DESCRIPTOR_SET)?;
 
     let mut builder = Server::builder().tcp_nodelay(true);
     if let Some((cert, key)) = tls {
