@@ -91,6 +91,19 @@ async fn license_assign_check_release_list() {
     server.shutdown().await;
 }
 
+/// Whether CheckSeat says `user` is licensed for `user` seats.
+async fn licensed(client: &mut Client, user: &str) -> bool {
+    client
+        .check_seat(pb::CheckSeatRequest {
+            user_id: user.to_owned(),
+            feature: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .licensed
+}
+
 /// A replica reads its own writes at once: every seat assigned through it is
 /// licensed on the very next `CheckSeat`, also in a burst of writes (the mirror
 /// never regresses to an older snapshot).
@@ -110,16 +123,8 @@ async fn reads_own_writes(redis: Option<&RedisServer>) {
             })
             .await
             .unwrap();
-        let check = client
-            .check_seat(pb::CheckSeatRequest {
-                user_id: user.clone(),
-                feature: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
         assert!(
-            check.licensed,
+            licensed(&mut client, &user).await,
             "{user} not licensed right after its assignment"
         );
         if i % 3 == 0 {
@@ -130,16 +135,8 @@ async fn reads_own_writes(redis: Option<&RedisServer>) {
                 })
                 .await
                 .unwrap();
-            let check = client
-                .check_seat(pb::CheckSeatRequest {
-                    user_id: user.clone(),
-                    feature: String::new(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
             assert!(
-                !check.licensed,
+                !licensed(&mut client, &user).await,
                 "{user} still licensed right after its release"
             );
         }
