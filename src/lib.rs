@@ -1,5 +1,6 @@
 //! comtrexx-licensing: the licensing service of a COMtrexx PBX stack.
 //!
+//! - [`auth`]: callers and roles (who is calling), carried as a request extension.
 //! - [`domain`]: editions, features, seats, the tryout state machine, signed
 //!   licenses and the seat decisions; free of I/O.
 //! - [`store`]: the `Store` trait with the Redis and embedded in-memory stores.
@@ -18,6 +19,7 @@
 //! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;
