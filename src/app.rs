@@ -36,8 +36,7 @@ impl App {
     pub fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let redis = match &config.redis {
             Some(redis) => Some(Arc::new(
-                RedisStore::new(&redis.url, &config.serial_number, redis.timeout)
-                    .context("open redis_url")?,
+                RedisStore::open(redis, &config.serial_number).context("open redis_url")?,
             )),
             None => None,
         };

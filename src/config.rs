@@ -27,8 +27,18 @@ pub struct RawConfig {
     /// Empty disables the Prometheus endpoint.
     pub metrics_addr: String,
     pub redis_url: Option<String>,
+    /// ACL user (overrides a user in `redis_url`).
+    pub redis_username: Option<String>,
     pub redis_password: Option<String>,
+    /// A file holding the password (a mounted Secret); trailing newline ignored.
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM CA bundle to verify a `rediss://` server with (default: system roots).
+    pub redis_tls_ca_file: Option<PathBuf>,
     pub redis_timeout_ms: u64,
+    /// Acknowledge a write only once this many replicas confirm it (`WAIT`); 0 = off.
+    pub redis_wait_replicas: u32,
+    /// How long a write waits for the replicas' confirmation.
+    pub redis_wait_timeout_ms: u64,
     pub serial_number: String,
     pub edition: String,
     pub tryout: RawTryout,
@@ -133,8 +143,13 @@ impl Default for RawConfig {
             listen_addr: "0.0.0.0:50051".into(),
             metrics_addr: "0.0.0.0:9090".into(),
             redis_url: None,
+            redis_username: None,
             redis_password: None,
+            redis_password_file: None,
+            redis_tls_ca_file: None,
             redis_timeout_ms: 250,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 100,
             serial_number: DEV_SERIAL.into(),
             edition: "vm".into(),
             tryout: RawTryout::default(),
@@ -205,9 +220,51 @@ pub enum LogFormat {
 }
 
 /// Redis connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
+    /// `redis_url` as configured (for display: redact it).
     pub url: String,
+    pub target: RedisTarget,
+    /// ACL user and password, for Redis and (with Sentinel) the sentinels alike.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA bundle for `rediss://`; `None`: the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
+    pub timeout: Duration,
+    /// `WAIT` after every write; `None`: acknowledged once the master has it.
+    pub wait: Option<WaitPolicy>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::store::redis::redact_url(&self.url))
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("timeout", &self.timeout)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server: `redis://`, `rediss://` or `unix://` (credentials removed).
+    Direct { url: String },
+    /// `redis+sentinel://`: the sentinels to ask for the master of `master_name`.
+    Sentinel {
+        sentinels: Vec<(String, u16)>,
+        master_name: String,
+    },
+}
+
+/// A write is acknowledged once `replicas` replicas confirm it within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitPolicy {
+    pub replicas: u32,
     pub timeout: Duration,
 }
 
@@ -306,28 +363,7 @@ impl RawConfig {
         }
         let redis = match self.redis_url.as_deref().filter(|u| !u.is_empty()) {
             None => None,
-            Some(url) => {
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("redis+unix://")
-                    || url.starts_with("unix://"))
-                {
-                    return Err(invalid(
-                        "redis_url",
-                        "must start with redis://, rediss:// or unix://",
-                    ));
-                }
-                let url = match &self.redis_password {
-                    Some(password) => {
-                        with_password(url, password).map_err(|m| invalid("redis_password", m))?
-                    }
-                    None => url.to_owned(),
-                };
-                Some(RedisConfig {
-                    url,
-                    timeout: Duration::from_millis(self.redis_timeout_ms),
-                })
-            }
+            Some(url) => Some(self.redis_config(url)?),
         };
         let serial_number = SerialNumber::parse(&self.serial_number)
             .map_err(|e| invalid("serial_number", e.message))?;
@@ -494,17 +530,161 @@ impl RawConfig {
     }
 }
 
-/// Puts a password into a redis URL (`redis://[user]:password@host`).
-fn with_password(url: &str, password: &str) -> Result<String, String> {
-    let (scheme, rest) = url.split_once("://").ok_or("redis_url has no scheme")?;
-    let (user, host) = match rest.rsplit_once('@') {
-        Some((auth, host)) => (auth.split(':').next().unwrap_or(""), host),
-        None => ("", rest),
-    };
-    if password.contains(['@', '/', ':']) {
-        return Err("must not contain '@', '/' or ':' (URL syntax)".into());
+impl RawConfig {
+    /// The `redis_*` keys, validated; reads the password and CA files.
+    fn redis_config(&self, url: &str) -> Result<RedisConfig, ConfigError> {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        // Credentials in the URL, then the keys, which win.
+        let (url_user, url_password, location) = match rest.rsplit_once('@') {
+            Some((auth, location)) => {
+                let (user, password) = match auth.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (auth, None),
+                };
+                let decode = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8()
+                        .map(|s| s.into_owned())
+                        .map_err(|_| invalid("redis_url", "credentials are not UTF-8"))
+                };
+                (
+                    Some(decode(user)?).filter(|u| !u.is_empty()),
+                    password.map(decode).transpose()?,
+                    location,
+                )
+            }
+            None => (None, None, rest),
+        };
+        let target = match scheme {
+            "redis" | "rediss" | "redis+unix" | "unix" => RedisTarget::Direct {
+                url: format!("{scheme}://{location}"),
+            },
+            "redis+sentinel" => {
+                let (hosts, master_name) = location.split_once('/').unwrap_or((location, ""));
+                let master_name = master_name.trim_end_matches('/');
+                if master_name.is_empty() || master_name.contains(['/', '?', '#']) {
+                    return Err(invalid(
+                        "redis_url",
+                        "a redis+sentinel:// URL ends with /MASTER_NAME",
+                    ));
+                }
+                let sentinels = hosts
+                    .split(',')
+                    .map(sentinel_address)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| invalid("redis_url", m))?;
+                RedisTarget::Sentinel {
+                    sentinels,
+                    master_name: master_name.to_owned(),
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "redis_url",
+                    "must start with redis://, rediss://, unix:// or redis+sentinel://",
+                ));
+            }
+        };
+        let password = match (&self.redis_password, &self.redis_password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "redis_password_file",
+                    "set either redis_password or redis_password_file, not both",
+                ));
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(path)) => {
+                Some(read_secret(path).map_err(|m| invalid("redis_password_file", m))?)
+            }
+            (None, None) => url_password,
+        };
+        let username = self
+            .redis_username
+            .clone()
+            .filter(|u| !u.is_empty())
+            .or(url_user);
+        if username.is_some() && password.is_none() {
+            return Err(invalid(
+                "redis_password",
+                "an ACL user (redis_username or the URL's user) needs a password: set redis_password or redis_password_file",
+            ));
+        }
+        let tls_ca = match &self.redis_tls_ca_file {
+            None => None,
+            Some(path) => {
+                if scheme != "rediss" {
+                    return Err(invalid(
+                        "redis_tls_ca_file",
+                        "is only used with a rediss:// redis_url",
+                    ));
+                }
+                let pem = std::fs::read(path).map_err(|e| {
+                    invalid("redis_tls_ca_file", format!("{}: {e}", path.display()))
+                })?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(invalid(
+                        "redis_tls_ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                Some(pem)
+            }
+        };
+        if self.redis_wait_replicas > 100 {
+            return Err(invalid("redis_wait_replicas", "must be 0 to 100"));
+        }
+        if !(1..=60_000).contains(&self.redis_wait_timeout_ms) {
+            return Err(invalid("redis_wait_timeout_ms", "must be 1 to 60000"));
+        }
+        Ok(RedisConfig {
+            url: url.to_owned(),
+            target,
+            username,
+            password,
+            tls_ca,
+            timeout: Duration::from_millis(self.redis_timeout_ms),
+            wait: (self.redis_wait_replicas > 0).then(|| WaitPolicy {
+                replicas: self.redis_wait_replicas,
+                timeout: Duration::from_millis(self.redis_wait_timeout_ms),
+            }),
+        })
     }
-    Ok(format!("{scheme}://{user}:{password}@{host}"))
+}
+
+/// `host[:port]` (or `[v6]:port`) of a sentinel; port 26379 when omitted.
+fn sentinel_address(raw: &str) -> Result<(String, u16), String> {
+    let bad = || format!("sentinel {raw:?} is not host:port");
+    let (host, port) = match raw.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match raw.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (raw, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().map_err(|_| bad())?,
+        None => 26379,
+    };
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// A secret from a file (a mounted Secret): the first line, without its newline.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() || secret.contains(['\n', '\r']) {
+        return Err(format!(
+            "{} must hold the password on one line",
+            path.display()
+        ));
+    }
+    Ok(secret.to_owned())
 }
 
 fn toml_string(raw: &RawConfig) -> String {
@@ -666,7 +846,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("[tryout]"), "{text}");
-        let c = raw.validate().unwrap();
-        assert_eq!(c.redis.unwrap().url, "redis://:hunter3@redis:6379");
+        let c = raw.validate().unwrap().redis.unwrap();
+        assert_eq!(c.password.as_deref(), Some("hunter3"));
+        assert!(!format!("{c:?}").contains("hunter"), "{c:?}");
     }
 }

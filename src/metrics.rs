@@ -32,6 +32,8 @@ pub struct Metrics {
     rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
     reconciles: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
+    redis_master_lookups: Family<Labels, Counter>,
+    redis_unconfirmed_writes: Counter,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -41,6 +43,8 @@ struct OtelInstruments {
     rpc_duration: opentelemetry::metrics::Histogram<f64>,
     reconciles: opentelemetry::metrics::Counter<u64>,
     redis_errors: opentelemetry::metrics::Counter<u64>,
+    redis_master_lookups: opentelemetry::metrics::Counter<u64>,
+    redis_unconfirmed_writes: opentelemetry::metrics::Counter<u64>,
 }
 
 fn rpc_histogram() -> Histogram {
@@ -53,6 +57,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     rpc_duration: Family::new_with_constructor(rpc_histogram),
     reconciles: Family::default(),
     redis_errors: Family::default(),
+    redis_master_lookups: Family::default(),
+    redis_unconfirmed_writes: Counter::default(),
     otel: OnceLock::new(),
 });
 
@@ -97,6 +103,26 @@ impl Metrics {
         }
     }
 
+    /// Counts one question to the Sentinels for the master, by whether one was found.
+    pub fn redis_master_lookup(&self, found: bool) {
+        let outcome = if found { "found" } else { "failed" };
+        self.redis_master_lookups
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+        if let Some(otel) = self.otel.get() {
+            otel.redis_master_lookups
+                .add(1, &[KeyValue::new("outcome", outcome)]);
+        }
+    }
+
+    /// Counts a write that `WAIT` confirmed on fewer replicas than required.
+    pub fn redis_unconfirmed_write(&self) {
+        self.redis_unconfirmed_writes.inc();
+        if let Some(otel) = self.otel.get() {
+            otel.redis_unconfirmed_writes.add(1, &[]);
+        }
+    }
+
     /// Creates the OTLP instruments from the global meter provider (call after
     /// installing it).
     pub fn enable_otel(&self) {
@@ -109,6 +135,10 @@ impl Metrics {
                 .build(),
             reconciles: meter.u64_counter("licensing.reconcile").build(),
             redis_errors: meter.u64_counter("licensing.redis.errors").build(),
+            redis_master_lookups: meter.u64_counter("licensing.redis.master_lookups").build(),
+            redis_unconfirmed_writes: meter
+                .u64_counter("licensing.redis.unconfirmed_writes")
+                .build(),
         });
     }
 }
@@ -300,6 +330,16 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         "licensing_redis_errors",
         "Redis calls that failed or timed out, by operation",
         m.redis_errors.clone(),
+    );
+    registry.register(
+        "licensing_redis_master_lookups",
+        "Questions to the Redis Sentinels for the master, by outcome (found, failed)",
+        m.redis_master_lookups.clone(),
+    );
+    registry.register(
+        "licensing_redis_unconfirmed_writes",
+        "Writes answered UNAVAILABLE because WAIT confirmed fewer replicas than redis_wait_replicas",
+        m.redis_unconfirmed_writes.clone(),
     );
     registry.register_collector(Box::new(StateCollector { licensing }));
     registry

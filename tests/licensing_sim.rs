@@ -323,6 +323,46 @@ async fn a_stopped_sim_is_transient() {
 }
 
 #[tokio::test]
+async fn a_tryout_start_is_recorded_once_and_survives_a_restart() {
+    let (_dir, state) = state_dir();
+    let mut sim = Sim::start(&state);
+    let mut admin = sim.admin().await;
+    register(&mut admin, "S1", pb::Edition::Vm).await;
+    let first: DateTime<Utc> = "2026-03-01T10:00:00.123456789Z".parse().unwrap();
+    let claim = sim
+        .upstream()
+        .start_tryout(&serial("S1"), first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((claim.started_at, claim.recorded), (first, true));
+    sim.stop();
+    let sim = Sim::start(&state);
+    let upstream = sim.upstream();
+    let again = upstream
+        .start_tryout(&serial("S1"), Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.started_at, again.recorded), (first, false));
+    let unknown = upstream
+        .start_tryout(&serial("UNKNOWN1"), Utc::now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, UpstreamError::Conclusive(_)),
+        "{unknown:?}"
+    );
+    let mut admin = sim.admin().await;
+    set_fault(&mut admin, Fault::Unavailable).await;
+    let down = upstream
+        .start_tryout(&serial("S1"), Utc::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(down, UpstreamError::Transient(_)), "{down:?}");
+}
+
+#[tokio::test]
 async fn state_and_key_survive_a_restart() {
     let (_dir, state) = state_dir();
     let mut sim = Sim::start(&state);
@@ -394,10 +434,13 @@ async fn stats_count_the_licensing_calls() {
         .report_tryout(&serial("S1"), Utc::now())
         .await
         .unwrap();
-    upstream
-        .report_tryout(&serial("S1"), Utc::now())
+    let claim = upstream
+        .start_tryout(&serial("S1"), Utc::now())
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the licensing server keeps tryout records");
+    // Reported before: the first report is the start it keeps.
+    assert!(!claim.recorded);
     let stats = admin
         .get_stats(pb::GetStatsRequest {})
         .await
@@ -411,13 +454,15 @@ async fn stats_count_the_licensing_calls() {
                 serial_number: "S1".into(),
                 activate_calls: 1,
                 fetch_license_calls: 3,
-                report_tryout_calls: 2,
+                report_tryout_calls: 1,
+                start_tryout_calls: 1,
             },
             pb::SerialStats {
                 serial_number: "S2".into(),
                 activate_calls: 0,
                 fetch_license_calls: 1,
                 report_tryout_calls: 0,
+                start_tryout_calls: 0,
             },
         ]
     );

@@ -20,11 +20,11 @@ use crate::domain::activation::{self, Activation};
 use crate::domain::{
     ActivationState, Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses,
     LicensingError, ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber,
-    TryoutPolicy, TryoutView, UserId, tryout,
+    TryoutPolicy, TryoutRecord, TryoutView, UserId, tryout,
 };
 use crate::mirror::{Mirror, MirrorState};
 use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
-use crate::upstream::{Backoff, LicensingServer};
+use crate::upstream::{Backoff, LicensingServer, UpstreamError};
 
 /// Default and largest `ListSeats` page sizes.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -367,23 +367,70 @@ impl Licensing {
         )
     }
 
+    /// Starts the tryout. With a licensing server, it is asked first and its
+    /// record decides (a tryout is once per serial, also across a store that lost
+    /// its data); unreachable, the answer is `UNAVAILABLE`, never a start it has
+    /// not confirmed. A license file keeps no such record: the store's counts.
     pub async fn start_tryout(&self) -> Result<TryoutView, LicensingError> {
-        let view = self
-            .change_tryout(|current, now| {
-                tryout::start(self.settings.edition, current, now, self.settings.tryout).map(Some)
-            })
-            .await?;
-        // Tell the vendor (best effort): a tryout is once per serial, also across a
-        // re-setup that loses local state.
-        if let (Some(source), Some(started_at)) = (self.source.clone(), view.started_at) {
-            let serial = self.settings.serial.clone();
-            tokio::spawn(async move {
-                if let Err(error) = source.report_tryout(&serial, started_at).await {
-                    tracing::warn!(%error, "could not report the tryout start to the licensing server");
-                }
-            });
+        let (edition, policy) = (self.settings.edition, self.settings.tryout);
+        let start = |current: Option<&TryoutRecord>, now| {
+            tryout::start(edition, current, now, policy).map(Some)
+        };
+        // What the store knows is checked first: no need to ask about a tryout
+        // that is known to be used.
+        let now = self.clock.now();
+        let proposed = self.mirror.read(|s| start(s.tryout.as_ref(), now))?;
+        let (Some(source), Some(TryoutRecord::Started { started_at, .. })) =
+            (self.source.clone(), proposed)
+        else {
+            return self.change_tryout(start).await;
+        };
+        let claim = source
+            .start_tryout(&self.settings.serial, started_at)
+            .await
+            .map_err(|e| match e {
+                UpstreamError::Transient(m) => LicensingError::Unavailable(format!(
+                    "the licensing server must confirm the tryout start and did not answer ({m}); nothing was started, retry"
+                )),
+                UpstreamError::Conclusive(m) => LicensingError::precondition(
+                    "TRYOUT_NOT_CONFIRMED",
+                    format!("the licensing server refused the tryout start: {m}"),
+                ),
+            })?;
+        let Some(claim) = claim else {
+            return self.change_tryout(start).await;
+        };
+        // The licensing server's start is the one kept, here too.
+        let record = TryoutRecord::Started {
+            started_at: claim.started_at,
+            ends_at: claim.started_at + Duration::days(i64::from(policy.days)),
+            ended: None,
+        };
+        if claim.recorded {
+            return self
+                .change_tryout(|current, now| match current {
+                    None => Ok(Some(record.clone())),
+                    // Written meanwhile by another replica from the same answer.
+                    Some(r) if *r == record => Ok(None),
+                    Some(_) => start(current, now),
+                })
+                .await;
         }
-        Ok(view)
+        // Used before, e.g. before the store lost its data: the store takes the
+        // licensing server's record back (best effort), and the start is refused.
+        if let Err(error) = self
+            .change_tryout(|current, _| Ok(current.is_none().then(|| record.clone())))
+            .await
+        {
+            tracing::warn!(%error, "could not store the licensing server's tryout record");
+        }
+        Err(LicensingError::precondition(
+            "TRYOUT_NOT_AVAILABLE",
+            format!(
+                "the licensing server recorded the tryout start of {} at {}; it can be used only once per serial number",
+                self.settings.serial, claim.started_at
+            ),
+        ))
     }
 
     pub async fn end_tryout(&self) -> Result<TryoutView, LicensingError> {
@@ -396,9 +443,9 @@ impl Licensing {
     async fn change_tryout(
         &self,
         decide: impl Fn(
-            Option<&crate::domain::TryoutRecord>,
+            Option<&TryoutRecord>,
             DateTime<Utc>,
-        ) -> Result<Option<crate::domain::TryoutRecord>, LicensingError>,
+        ) -> Result<Option<TryoutRecord>, LicensingError>,
     ) -> Result<TryoutView, LicensingError> {
         for _ in 0..WRITE_ATTEMPTS {
             let now = self.clock.now();

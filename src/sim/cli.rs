@@ -328,6 +328,7 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                         activate_calls: s.activate_calls,
                         fetch_license_calls: s.fetch_license_calls,
                         report_tryout_calls: s.report_tryout_calls,
+                        start_tryout_calls: s.start_tryout_calls,
                     })
                     .collect(),
             });
@@ -418,6 +419,7 @@ struct SerialStatsJson<'a> {
     activate_calls: u64,
     fetch_license_calls: u64,
     report_tryout_calls: u64,
+    start_tryout_calls: u64,
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ pub struct CallCounts {
     pub activate: u64,
     pub fetch_license: u64,
     pub report_tryout: u64,
+    pub start_tryout: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -44,6 +45,7 @@ enum Call {
     Activate,
     FetchLicense,
     ReportTryout,
+    StartTryout,
 }
 
 /// The simulator: state, key, fault and counters; cheap to clone (shared).
@@ -110,6 +112,7 @@ impl Simulator {
             Call::Activate => c.activate += 1,
             Call::FetchLicense => c.fetch_license += 1,
             Call::ReportTryout => c.report_tryout += 1,
+            Call::StartTryout => c.start_tryout += 1,
         }
     }
 
@@ -300,6 +303,38 @@ impl VendorLicensingService for Simulator {
         tracing::info!(%serial, %started_at, recorded = changed, "ReportTryout answered");
         Ok(Response::new(pb::ReportTryoutResponse {}))
     }
+
+    async fn start_tryout(
+        &self,
+        request: Request<pb::StartTryoutRequest>,
+    ) -> Result<Response<pb::StartTryoutResponse>, Status> {
+        let request = request.into_inner();
+        let serial = parse_serial(&request.serial_number)?;
+        self.count(&serial, Call::StartTryout);
+        self.outage()?;
+        let started_at = request
+            .started_at
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("started_at: required"))
+            .and_then(|ts| time_from_pb("started_at", ts))?;
+        // A start already recorded is answered without writing the state again.
+        let earlier = self
+            .inner
+            .state
+            .lock()
+            .await
+            .device(&serial)?
+            .tryout_started_at;
+        let (started_at, recorded) = match earlier {
+            Some(earlier) => (earlier, false),
+            None => self.change(|s| s.start_tryout(&serial, started_at)).await?,
+        };
+        tracing::info!(%serial, %started_at, recorded, "StartTryout answered");
+        Ok(Response::new(pb::StartTryoutResponse {
+            started_at: Some(timestamp(started_at)),
+            recorded,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -408,6 +443,7 @@ impl VendorAdminService for Simulator {
                     activate_calls: c.activate,
                     fetch_license_calls: c.fetch_license,
                     report_tryout_calls: c.report_tryout,
+                    start_tryout_calls: c.start_tryout,
                 })
                 .collect(),
         }))

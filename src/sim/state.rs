@@ -283,6 +283,25 @@ impl SimState {
     }
 }
 
+impl SimState {
+    /// Starts the tryout unless the serial already started it: answers the start
+    /// recorded and whether this call recorded it.
+    pub fn start_tryout(
+        &mut self,
+        serial: &SerialNumber,
+        started_at: DateTime<Utc>,
+    ) -> Result<(DateTime<Utc>, bool), SimError> {
+        let device = self.device_mut(serial)?;
+        match device.tryout_started_at {
+            Some(earlier) => Ok((earlier, false)),
+            None => {
+                device.tryout_started_at = Some(started_at);
+                Ok((started_at, true))
+            }
+        }
+    }
+}
+
 fn not_registered(serial: &SerialNumber) -> SimError {
     SimError::NotFound(format!("serial number {serial} is not registered"))
 }
@@ -480,6 +499,24 @@ mod tests {
         );
         assert!(matches!(
             s.report_tryout(&serial("NOPE"), Utc::now()),
+            Err(SimError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_tryout_starts_once() {
+        let mut s = state_with_device();
+        let sn = serial("S1");
+        let first = t("2026-01-01T00:00:00Z");
+        assert_eq!(s.start_tryout(&sn, first).unwrap(), (first, true));
+        assert_eq!(
+            s.start_tryout(&sn, t("2026-03-01T00:00:00Z")).unwrap(),
+            (first, false)
+        );
+        // A report does not move it either.
+        assert!(!s.report_tryout(&sn, t("2026-04-01T00:00:00Z")).unwrap());
+        assert!(matches!(
+            s.start_tryout(&serial("NOPE"), first),
             Err(SimError::NotFound(_))
         ));
     }

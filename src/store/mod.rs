@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod records;
 pub mod redis;
+pub mod redis_conn;
 
 use std::time::Duration;
 

@@ -25,18 +25,20 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::memory::new_epoch;
 use super::records::{
     InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1,
 };
+use super::redis_conn::{RedisConn, Target};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
     StoreError, StoredLicense,
 };
+use crate::config::{RedisConfig, RedisTarget};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
@@ -132,36 +134,63 @@ impl Keys {
 }
 
 pub struct RedisStore {
-    client: Client,
+    // Where the master is (a server, or the sentinels to ask).
+    target: Target,
     // Multiplexed, reconnecting; shared by all request-path calls.
-    conn: ConnectionManager,
+    conn: RedisConn,
+    // The connection writes go through: with `WAIT`, a connection of its own (a
+    // waiting client blocks its connection), followed by `WAIT` on every script.
+    write_conn: RedisConn,
     // A separate connection for the blocking feed read, so XREAD BLOCK never
     // delays request-path calls. Dropped after an error and made anew.
     feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
     keys: Keys,
     timeout: Duration,
+    // The bound of a write: the timeout, plus the `WAIT` time.
+    write_timeout: Duration,
     url_for_display: String,
 }
 
 impl RedisStore {
+    /// A store on one Redis at `url`, with the credentials the URL holds.
+    pub fn new(url: &str, serial: &SerialNumber, timeout: Duration) -> Result<Self, StoreError> {
+        Self::open(
+            &RedisConfig {
+                url: url.to_owned(),
+                target: RedisTarget::Direct {
+                    url: url.to_owned(),
+                },
+                username: None,
+                password: None,
+                tls_ca: None,
+                timeout,
+                wait: None,
+            },
+            serial,
+        )
+    }
+
     /// Creates the store without waiting for Redis: the service must start (and
     /// answer from memory) even while Redis is down.
-    pub fn new(url: &str, serial: &SerialNumber, timeout: Duration) -> Result<Self, StoreError> {
-        let client = Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    pub fn open(config: &RedisConfig, serial: &SerialNumber) -> Result<Self, StoreError> {
+        let unavailable = |e: RedisError| StoreError::Unavailable(e.to_string());
+        let target = Target::new(config).map_err(unavailable)?;
+        let conn = RedisConn::new(&target, config.timeout, None).map_err(unavailable)?;
+        let write_conn = match config.wait {
+            Some(wait) => {
+                RedisConn::new(&target, config.timeout, Some(wait)).map_err(unavailable)?
+            }
+            None => conn.clone(),
+        };
         Ok(Self {
-            client,
+            target,
             conn,
+            write_conn,
             feed_conn: AsyncMutex::new(None),
             keys: Keys::new(serial),
-            timeout,
-            url_for_display: redact_url(url),
+            timeout: config.timeout,
+            write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
+            url_for_display: redact_url(&config.url),
         })
     }
 
@@ -172,12 +201,20 @@ impl RedisStore {
         operation: &'static str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.timeout, fut).await {
+        self.bounded_by(self.timeout, operation, fut).await
+    }
+
+    /// [`Self::bounded`] with a bound of its own (writes also wait for replicas).
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => classify(e),
-            Err(_) => {
-                StoreError::Unavailable(format!("no answer within {} ms", self.timeout.as_millis()))
-            }
+            Err(_) => StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis())),
         };
         crate::metrics::metrics().redis_error(operation);
         Err(result)
@@ -217,8 +254,11 @@ impl RedisStore {
             .key(self.keys.feed())
             .arg(FEED_LEN);
         configure(&mut inv);
-        let mut conn = self.conn.clone();
-        let reply = strings(self.bounded(operation, inv.invoke_async(&mut conn)).await?)?;
+        let mut conn = self.write_conn.clone();
+        let reply = strings(
+            self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
+                .await?,
+        )?;
         if reply.first().map(String::as_str) == Some("noepoch") {
             return Err(StoreError::NotInitialized);
         }
@@ -395,11 +435,7 @@ impl Store for RedisStore {
                 .set_connection_timeout(Some(self.timeout))
                 .set_response_timeout(Some(wait + self.timeout));
             let conn = self
-                .bounded(
-                    "feed_connect",
-                    self.client
-                        .get_multiplexed_async_connection_with_config(&config),
-                )
+                .bounded("feed_connect", self.target.connect(&config))
                 .await?;
             *guard = Some(conn);
         }
@@ -784,8 +820,10 @@ impl Store for RedisStore {
                 .arg(seat.user_id.as_str())
                 .arg(record);
         }
-        let mut conn = self.conn.clone();
-        let restored: i64 = self.bounded("restore", inv.invoke_async(&mut conn)).await?;
+        let mut conn = self.write_conn.clone();
+        let restored: i64 = self
+            .bounded_by(self.write_timeout, "restore", inv.invoke_async(&mut conn))
+            .await?;
         Ok(restored == 1)
     }
 

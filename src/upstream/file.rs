@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{LicensingServer, UpstreamError};
+use super::{LicensingServer, TryoutClaim, UpstreamError};
 use crate::domain::SerialNumber;
 
 pub struct LicenseFile {
@@ -41,6 +41,14 @@ impl LicensingServer for LicenseFile {
         _started_at: DateTime<Utc>,
     ) -> Result<(), UpstreamError> {
         Ok(()) // nobody to tell at an air-gapped site
+    }
+
+    async fn start_tryout(
+        &self,
+        _serial: &SerialNumber,
+        _started_at: DateTime<Utc>,
+    ) -> Result<Option<TryoutClaim>, UpstreamError> {
+        Ok(None) // nobody to ask at an air-gapped site: the store's record counts
     }
 
     fn describe(&self) -> String {

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{LicensingServer, UpstreamError};
+use super::{LicensingServer, TryoutClaim, UpstreamError};
 use crate::domain::SerialNumber;
 use crate::grpc::vendor_pb;
 use crate::grpc::vendor_pb::vendor_licensing_service_client::VendorLicensingServiceClient;
@@ -208,6 +208,34 @@ impl LicensingServer for GrpcLicensingServer {
         self.call("ReportTryout", client.report_tryout(request))
             .await?;
         Ok(())
+    }
+
+    async fn start_tryout(
+        &self,
+        serial: &SerialNumber,
+        started_at: DateTime<Utc>,
+    ) -> Result<Option<TryoutClaim>, UpstreamError> {
+        let mut client = self.client();
+        let request = vendor_pb::StartTryoutRequest {
+            serial_number: serial.as_str().to_owned(),
+            started_at: Some(timestamp(started_at)),
+        };
+        let response = self
+            .call("StartTryout", client.start_tryout(request))
+            .await?;
+        let started_at = response
+            .started_at
+            .as_ref()
+            .and_then(from_timestamp)
+            .ok_or_else(|| {
+                UpstreamError::Transient(
+                    "StartTryout: the answer has no valid started_at (a broken server)".into(),
+                )
+            })?;
+        Ok(Some(TryoutClaim {
+            started_at,
+            recorded: response.recorded,
+        }))
     }
 
     fn describe(&self) -> String {

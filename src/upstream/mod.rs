@@ -30,6 +30,15 @@ pub enum UpstreamError {
     Conclusive(String),
 }
 
+/// The licensing server's answer to a tryout start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TryoutClaim {
+    /// The start it holds: the one asked for, or an earlier one.
+    pub started_at: DateTime<Utc>,
+    /// Whether this request recorded it (`false`: the serial already used its tryout).
+    pub recorded: bool,
+}
+
 /// What the service needs from the vendor's licensing server.
 #[async_trait]
 pub trait LicensingServer: Send + Sync + 'static {
@@ -46,6 +55,16 @@ pub trait LicensingServer: Send + Sync + 'static {
         serial: &SerialNumber,
         started_at: DateTime<Utc>,
     ) -> Result<(), UpstreamError>;
+
+    /// Asks the licensing server whether the serial may start its tryout at
+    /// `started_at`, recording the start if it may: its record is authoritative
+    /// (once per serial, ever). `Ok(None)`: the source keeps no such record (a
+    /// license file), so only the store's record counts.
+    async fn start_tryout(
+        &self,
+        serial: &SerialNumber,
+        started_at: DateTime<Utc>,
+    ) -> Result<Option<TryoutClaim>, UpstreamError>;
 
     /// Where it is, for logs and the overview (no secrets).
     fn describe(&self) -> String;
