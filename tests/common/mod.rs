@@ -2,6 +2,8 @@
 //! service on port 0 talking real gRPC.
 #![allow(dead_code)]
 
+pub mod redis_node;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -117,6 +117,27 @@ content
 {{- end }}
 
 {{/*
+Where redis.tlsCaBundle comes from: secret, configMap, content, or "" (none).
+*/}}
+{{- define "comtrexx-licensing.redisCa" -}}
+{{- $ca := .Values.redis.tlsCaBundle }}
+{{- if $ca.existingSecret -}}
+secret
+{{- else if $ca.existingConfigMap -}}
+configMap
+{{- else if $ca.content -}}
+content
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap the chart creates for redis.tlsCaBundle.content.
+*/}}
+{{- define "comtrexx-licensing.redisCaName" -}}
+{{- printf "%s-redis-ca" (include "comtrexx-licensing.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 Name of the ConfigMap the chart creates for licensingServer.caBundle.content.
 */}}
 {{- define "comtrexx-licensing.licensingServerCaName" -}}
@@ -197,6 +218,16 @@ Checks of values that the schema cannot express.
 {{- end }}
 {{- if and (include "comtrexx-licensing.licensingServerCa" .) (not $v.licensingServer.url) }}
 {{- fail "licensingServer.caBundle is set but licensingServer.url is empty: the CA bundle is only used to verify the licensing server" }}
+{{- end }}
+{{- $redisCa := $v.redis.tlsCaBundle }}
+{{- if gt (len (compact (list $redisCa.content $redisCa.existingConfigMap $redisCa.existingSecret))) 1 }}
+{{- fail "redis.tlsCaBundle: set at most one of content, existingConfigMap, existingSecret" }}
+{{- end }}
+{{- if and (include "comtrexx-licensing.redisCa" .) (not (hasPrefix "rediss://" $v.redis.url)) }}
+{{- fail "redis.tlsCaBundle needs a rediss:// redis.url: the service uses it only to verify a TLS connection to Redis" }}
+{{- end }}
+{{- if and $v.redis.username (not (or $v.redis.password $v.redis.existingSecret)) }}
+{{- fail "redis.username needs a password: set redis.password or redis.existingSecret" }}
 {{- end }}
 {{- if and (include "comtrexx-licensing.licensingServerCa" .) (not (hasPrefix "https://" $v.licensingServer.url)) }}
 {{- fail "licensingServer.caBundle needs an https:// licensingServer.url: the service refuses a CA bundle for a plaintext connection" }}
