@@ -33,7 +33,7 @@ use super::memory::new_epoch;
 use super::records::{
     InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1,
 };
-use super::redis_conn::{RedisConn, Target};
+use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
     StoreError, StoredLicense,
@@ -138,9 +138,8 @@ pub struct RedisStore {
     target: Target,
     // Multiplexed, reconnecting; shared by all request-path calls.
     conn: RedisConn,
-    // The connection writes go through: with `WAIT`, a connection of its own (a
-    // waiting client blocks its connection), followed by `WAIT` on every script.
-    write_conn: RedisConn,
+    // The connections writes go through (with `WAIT`, their own; see `Writers`).
+    write_conn: Writers,
     // A separate connection for the blocking feed read, so XREAD BLOCK never
     // delays request-path calls. Dropped after an error and made anew.
     feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
@@ -176,12 +175,8 @@ impl RedisStore {
         let unavailable = |e: RedisError| StoreError::Unavailable(e.to_string());
         let target = Target::new(config).map_err(unavailable)?;
         let conn = RedisConn::new(&target, config.timeout, None).map_err(unavailable)?;
-        let write_conn = match config.wait {
-            Some(wait) => {
-                RedisConn::new(&target, config.timeout, Some(wait)).map_err(unavailable)?
-            }
-            None => conn.clone(),
-        };
+        let write_conn =
+            Writers::new(&target, &conn, config.timeout, config.wait).map_err(unavailable)?;
         Ok(Self {
             target,
             conn,
@@ -254,7 +249,7 @@ impl RedisStore {
             .key(self.keys.feed())
             .arg(FEED_LEN);
         configure(&mut inv);
-        let mut conn = self.write_conn.clone();
+        let mut conn = self.write_conn.pick();
         let reply = strings(
             self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
                 .await?,
@@ -820,7 +815,7 @@ impl Store for RedisStore {
                 .arg(seat.user_id.as_str())
                 .arg(record);
         }
-        let mut conn = self.write_conn.clone();
+        let mut conn = self.write_conn.pick();
         let restored: i64 = self
             .bounded_by(self.write_timeout, "restore", inv.invoke_async(&mut conn))
             .await?;

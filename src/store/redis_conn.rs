@@ -9,7 +9,7 @@
 //! master). Sentinel itself disconnects the clients of a node it reconfigures.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{
@@ -218,6 +218,44 @@ impl RedisConn {
                 result
             }
         }
+    }
+}
+
+/// How many connections writes with `WAIT` use in turn.
+const WAITING_WRITERS: usize = 4;
+
+/// The connections writes go through: without `WAIT` the shared one; with `WAIT` a
+/// few of their own, used in turn. Redis blocks a waiting client's connection until
+/// its replicas confirm, so reads never queue behind a waiting write, and several
+/// writes wait side by side.
+pub struct Writers {
+    conns: Vec<RedisConn>,
+    next: AtomicUsize,
+}
+
+impl Writers {
+    pub fn new(
+        target: &Target,
+        shared: &RedisConn,
+        timeout: Duration,
+        wait: Option<WaitPolicy>,
+    ) -> RedisResult<Self> {
+        let conns = match wait {
+            None => vec![shared.clone()],
+            Some(wait) => (0..WAITING_WRITERS)
+                .map(|_| RedisConn::new(target, timeout, Some(wait)))
+                .collect::<RedisResult<_>>()?,
+        };
+        Ok(Self {
+            conns,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The connection for the next write.
+    pub fn pick(&self) -> RedisConn {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns[n % self.conns.len()].clone()
     }
 }
 

@@ -14,6 +14,8 @@ pub struct RedisNode {
     sentinel_conf: Option<(PathBuf, String)>,
     /// The password of the `default` user, for the test's own connections.
     admin_password: Option<String>,
+    /// Its working directory (a master writes an RDB file there for a replica's sync).
+    dir: tempfile::TempDir,
 }
 
 impl RedisNode {
@@ -25,6 +27,7 @@ impl RedisNode {
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             sentinel_conf: None,
             admin_password: admin_password.map(str::to_owned),
+            dir: tempfile::tempdir().unwrap(),
         };
         node.spawn(0);
         node
@@ -55,6 +58,7 @@ impl RedisNode {
             args: Vec::new(),
             sentinel_conf: Some((path, conf)),
             admin_password: None,
+            dir: tempfile::tempdir().unwrap(),
         };
         node.spawn(0);
         node
@@ -76,6 +80,8 @@ impl RedisNode {
         }
         command
             .args(["--port", &port, "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
             .args(if self.sentinel_conf.is_none() {
                 &["--save", "", "--appendonly", "no"][..]
             } else {
