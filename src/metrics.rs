@@ -295,7 +295,11 @@ fn state_gauges(licensing: &Licensing) -> Gauges {
         .tryout
         .ends_at
         .filter(|_| overview.tryout.state == TryoutState::Active);
-    g.set(&TRYOUT_REMAINING, Vec::new(), seconds_until(tryout_end, now));
+    g.set(
+        &TRYOUT_REMAINING,
+        Vec::new(),
+        seconds_until(tryout_end, now),
+    );
     g.states(
         &ACTIVATION_STATE,
         &["not_initialized", "active", "grace", "lapsed"],
@@ -567,8 +571,7 @@ pub async fn serve(
         axum::routing::get(move |headers: axum::http::HeaderMap| {
             let registry = registry.clone();
             async move {
-                let format =
-                    Format::negotiate(headers.get(ACCEPT).and_then(|v| v.to_str().ok()));
+                let format = Format::negotiate(headers.get(ACCEPT).and_then(|v| v.to_str().ok()));
                 match encode(&registry, format) {
                     Ok(body) => (
                         axum::http::StatusCode::OK,

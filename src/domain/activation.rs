@@ -175,7 +175,11 @@ mod tests {
         let l = license();
         let failing = ReconcileStatus {
             last_error: Some("connection refused".into()),
-            ..status(ReconcileOutcome::Unreachable, t0(), t0() + Duration::hours(6))
+            ..status(
+                ReconcileOutcome::Unreachable,
+                t0(),
+                t0() + Duration::hours(6),
+            )
         };
         let now = t0() + Duration::days(2);
         let grace = activation(Some(&l), &failing, now, Duration::days(30));

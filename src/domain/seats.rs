@@ -138,7 +138,12 @@ impl Licenses<'_> {
     /// licensed. An answer that is not licensed names the first cause that applies,
     /// from the PBX down to the user (API.md): `NotActivated`, `LicenseLapsed`, then
     /// the user's own `NotAssigned`, `TryoutOver`, `OverCapacity`.
-    pub fn check_seat(&self, feature: Feature, seat: Option<&Seat>, now: DateTime<Utc>) -> SeatCheck {
+    pub fn check_seat(
+        &self,
+        feature: Feature,
+        seat: Option<&Seat>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
         let own = self.check_own_seat(seat, now);
         if own.licensed {
             return own;
@@ -375,7 +380,8 @@ mod tests {
     #[test]
     fn causes_are_named_from_the_pbx_down() {
         let user = seat(Feature::User, SeatSource::Purchased);
-        let reason = |c: &Licenses<'_>, s: Option<&Seat>| c.check_seat(Feature::User, s, t0()).reason;
+        let reason =
+            |c: &Licenses<'_>, s: Option<&Seat>| c.check_seat(Feature::User, s, t0()).reason;
 
         // A Business PBX without system activation: NOT_ACTIVATED, seat or not.
         let mut p = payload("S", 5);
@@ -384,13 +390,21 @@ mod tests {
         let c = ctx(Edition::Business, Some(&business), None);
         assert_eq!(reason(&c, None), SeatReason::NotActivated);
         assert_eq!(reason(&c, Some(&user)), SeatReason::NotActivated);
-        assert_eq!(reason(&ctx(Edition::Business, None, None), None), SeatReason::NotActivated);
+        assert_eq!(
+            reason(&ctx(Edition::Business, None, None), None),
+            SeatReason::NotActivated
+        );
 
         // No license and no tryout ever started: NOT_ACTIVATED.
-        assert_eq!(reason(&ctx(Edition::Vm, None, None), None), SeatReason::NotActivated);
+        assert_eq!(
+            reason(&ctx(Edition::Vm, None, None), None),
+            SeatReason::NotActivated
+        );
         // A tryout that is over: the user's own answer (no seat, or the test seat).
         let started = tryout::start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap();
-        let ended = tryout::end(Edition::Vm, Some(&started), t0()).unwrap().unwrap();
+        let ended = tryout::end(Edition::Vm, Some(&started), t0())
+            .unwrap()
+            .unwrap();
         let c = ctx(Edition::Vm, None, Some(&ended));
         assert_eq!(reason(&c, None), SeatReason::NotAssigned);
         let test_seat = seat(Feature::User, SeatSource::Tryout);
@@ -499,7 +513,10 @@ mod tests {
         );
         let ended = tryout::end(Edition::Vm, Some(&r), t0()).unwrap().unwrap();
         let c = ctx(Edition::Vm, None, Some(&ended));
-        assert_eq!(c.check_seat(s.feature, Some(&s), t0()).reason, SeatReason::TryoutOver);
+        assert_eq!(
+            c.check_seat(s.feature, Some(&s), t0()).reason,
+            SeatReason::TryoutOver
+        );
     }
 
     #[test]
@@ -519,9 +536,13 @@ mod tests {
         // A flagged seat of a feature the license dropped entirely has grace too.
         let mut ca = seat(Feature::CallAssist, SeatSource::Purchased);
         ca.over_capacity_since = Some(t0());
-        assert!(c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(1)).licensed);
+        assert!(
+            c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(1))
+                .licensed
+        );
         assert_eq!(
-            c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(15)).reason,
+            c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(15))
+                .reason,
             SeatReason::OverCapacity
         );
     }

@@ -222,7 +222,8 @@ impl Licensing {
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
-            self.licenses(state, now).check_seat(feature, seat.as_ref(), now)
+            self.licenses(state, now)
+                .check_seat(feature, seat.as_ref(), now)
         });
         CheckAnswer {
             check,
@@ -484,7 +485,7 @@ impl Licensing {
                         feature,
                         seats,
                         grace_ends_at: first
-                            .and_then(|ms| DateTime::<Utc>::from_timestamp_millis(ms))
+                            .and_then(DateTime::<Utc>::from_timestamp_millis)
                             .map(|since| since + self.settings.over_capacity_grace),
                     })
                 })
