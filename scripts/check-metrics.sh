@@ -13,7 +13,8 @@
 #    scraped too and must end with `# EOF`;
 # 3. checks that every metric the Grafana dashboard and the alert rules use exists in
 #    those scrapes (scripts/promql-metrics.py; `up` is Prometheus's own);
-# 4. `promtool check rules` and `promtool test rules` on the alert rules.
+# 4. `promtool check rules` and `promtool test rules` on the alert rules, and that every
+#    alert has severity, summary, description and a runbook section in docs/operations.md.
 #
 # Needs grpcurl, promtool (scripts/install-tools.sh), redis-server and python3.
 # Environment: CHECK_METRICS_BIN (a built binary instead of `cargo build`),
@@ -217,6 +218,32 @@ if promtool test rules "${ROOT}/tests/alerts/alerts.test.yaml" >"${WORK}/rules-t
   pass "promtool test rules ($(grep -c 'alertname:' "${ROOT}/tests/alerts/alerts.test.yaml") cases)"
 else
   fail "promtool test rules" "${WORK}/rules-test.txt"
+fi
+
+if "${PY}" - "${CHART_FILES}/alerts.yaml" "${ROOT}/docs/operations.md" >"${WORK}/runbooks.txt" 2>&1 <<'PY'
+import re, sys, yaml
+rules = [r for g in yaml.safe_load(open(sys.argv[1]))["groups"] for r in g["rules"]]
+doc = open(sys.argv[2], encoding="utf-8").read()
+problems = []
+for r in rules:
+    name = r["alert"]
+    if not r.get("labels", {}).get("severity"):
+        problems.append(f"{name}: no severity")
+    for a in ("summary", "description", "runbook_url"):
+        if not r.get("annotations", {}).get(a):
+            problems.append(f"{name}: no {a}")
+    if r.get("annotations", {}).get("runbook_url") != f"docs/operations.md#{name.lower()}":
+        problems.append(f"{name}: runbook_url is not docs/operations.md#{name.lower()}")
+    if not re.search(rf"^### {name}$", doc, re.M):
+        problems.append(f"{name}: no section '### {name}' in docs/operations.md")
+if problems:
+    sys.exit("\n".join(problems))
+print(len(rules))
+PY
+then
+  pass "every alert has severity, summary, description and a runbook section ($(cat "${WORK}/runbooks.txt") alerts)"
+else
+  fail "every alert has severity, summary, description and a runbook section" "${WORK}/runbooks.txt"
 fi
 
 if [ "${FAILED}" -gt 0 ]; then
