@@ -29,7 +29,7 @@ PY="${ROOT}/.tools/venv/bin/python"
 SERIAL="METRICS-0001"
 
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-for tool in grpcurl promtool redis-server python3 curl; do
+for tool in grpcurl promtool redis-server redis-cli python3; do
   command -v "${tool}" >/dev/null 2>&1 || die "${tool} not found; run scripts/install-tools.sh"
 done
 
@@ -65,6 +65,18 @@ fail() {
   FAILED=$((FAILED + 1))
   printf 'FAIL  %s\n' "$1"
   if [ -n "${2:-}" ] && [ -s "$2" ]; then head -n 30 "$2" | sed 's/^/      | /'; fi
+}
+
+# get_metrics [ACCEPT]: GETs /metrics (python3, so that no HTTP client is needed).
+get_metrics() {
+  python3 - "http://${METRICS}/metrics" "${1:-}" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1])
+if sys.argv[2]:
+    req.add_header("Accept", sys.argv[2])
+with urllib.request.urlopen(req, timeout=10) as r:
+    sys.stdout.write(r.read().decode())
+PY
 }
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -124,15 +136,15 @@ wait_for "the start-up reconcile is recorded" 30 overview_has 'd.get("lastReconc
 SCRAPES=()
 scrape() { # scrape NAME: promtool on the text form, structure check on OpenMetrics
   local name="$1" file="${WORK}/scrape-$1.txt"
-  curl -sf "http://${METRICS}/metrics" >"${file}" || { fail "${name}: scrape"; return; }
+  get_metrics >"${file}" || { fail "${name}: scrape"; return; }
   SCRAPES+=("${file}")
   if promtool check metrics <"${file}" >"${WORK}/lint-${name}.txt" 2>&1 && [ ! -s "${WORK}/lint-${name}.txt" ]; then
     pass "${name}: promtool check metrics is clean ($(grep -vc '^#' "${file}") samples)"
   else
     fail "${name}: promtool check metrics" "${WORK}/lint-${name}.txt"
   fi
-  curl -sf -H 'Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5' \
-    "http://${METRICS}/metrics" >"${WORK}/om-${name}.txt"
+  get_metrics 'application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5' \
+    >"${WORK}/om-${name}.txt"
   if [ "$(tail -n 1 "${WORK}/om-${name}.txt")" = "# EOF" ]; then
     pass "${name}: OpenMetrics form ends with # EOF"
   else
@@ -183,7 +195,7 @@ expect "rejected: last outcome rejected" rejected 'licensing_reconcile_last_outc
 
 kill "${REDIS_PID}"; wait "${REDIS_PID}" 2>/dev/null || true; REDIS_PID=""
 rpc AssignSeat '{"user_id":"erin"}' >/dev/null 2>&1 || true
-stale() { curl -sf "http://${METRICS}/metrics" | awk '$1 == "licensing_mirror_stale" && $2 == 1 { found = 1 } END { exit !found }'; }
+stale() { get_metrics | awk '$1 == "licensing_mirror_stale" && $2 == 1 { found = 1 } END { exit !found }'; }
 wait_for "the mirror reports stale after Redis is gone" 30 stale
 scrape redis-down
 if awk '/^licensing_redis_errors_total/ {s += $NF} END {exit !(s > 0)}' "${WORK}/scrape-redis-down.txt"; then
