@@ -1061,7 +1061,7 @@ async fn health_is_serving_and_a_stopped_server_refuses_calls() {
         server, mut client, ..
     } = pbx;
     let endpoint = server.endpoint();
-    assert!(checked(&mut client, "x").await.reason() == pb::SeatReason::NotAssigned);
+    assert!(checked(&mut client, "x").await.reason() == pb::SeatReason::NotActivated);
     server.shutdown().await;
     let err = client
         .get_tryout_status(pb::GetTryoutStatusRequest {})
