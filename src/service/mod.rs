@@ -50,6 +50,10 @@ pub struct Settings {
     pub code_ttl: Duration,
     /// Retries of transient licensing-server failures within one reconcile.
     pub backoff: Backoff,
+    /// Who needs credentials (`auth.mode`), shown in the overview.
+    pub auth_mode: &'static str,
+    /// Trusts a vendor key other than the built-in one, shown in the overview.
+    pub development_installation: bool,
 }
 
 /// The answer to `CheckSeat`.
@@ -87,6 +91,8 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
+    pub auth_mode: &'static str,
+    pub development_installation: bool,
 }
 
 /// What `Reconcile` answers.
@@ -461,6 +467,8 @@ impl Licensing {
             reconcile: state.reconcile.clone(),
             license_source: self.license_source(),
             license_problem: state.license_problem.clone(),
+            auth_mode: self.settings.auth_mode,
+            development_installation: self.settings.development_installation,
         })
     }
 
@@ -481,7 +489,8 @@ fn encode_token(filter: Option<Feature>, last: &Seat) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("a page token always serializes"))
 }
 
-fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
+/// Reads a `ListSeats` page token made for the `filter`: where the next page starts.
+pub fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
     let bad = || {
         InvalidInput::new(
             "page_token",
