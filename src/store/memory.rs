@@ -464,9 +464,14 @@ impl Store for MemoryStore {
         while entries.len() > max {
             entries.pop_front();
         }
-        let min_ms = now_ms.saturating_sub(
-            u64::try_from(retention.max_age.num_milliseconds()).unwrap_or(u64::MAX),
-        );
+        // As in Redis: ids from the store's clock, the age bound from the event's time.
+        let min_ms = u64::try_from(
+            event
+                .time
+                .timestamp_millis()
+                .saturating_sub(retention.max_age.num_milliseconds()),
+        )
+        .unwrap_or(0);
         while entries
             .front()
             .and_then(|e| parse_entry_id(&e.id))

@@ -39,7 +39,7 @@ use super::{
     AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
     StoreError, StoredLicense,
 };
-use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention};
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
@@ -835,7 +835,16 @@ impl Store for RedisStore {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+        // The newest id strictly before `before` (inclusive range end).
+        let end = match before {
+            None => "+".to_owned(),
+            Some(id) => match parse_entry_id(id) {
+                Some((0, 0)) => return Ok(Vec::new()),
+                Some((ms, 0)) => format!("{}-{}", ms - 1, u64::MAX),
+                Some((ms, seq)) => format!("{ms}-{}", seq - 1),
+                None => return Err(StoreError::Corrupt(format!("audit id {id:?}"))),
+            },
+        };
         let mut conn = self.conn.clone();
         let reply: redis::streams::StreamRangeReply = self
             .bounded(
