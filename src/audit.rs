@@ -263,8 +263,8 @@ mod tests {
     #[tokio::test]
     async fn pages_visit_every_entry_once_newest_first() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
-        for i in 0..25 {
-            let user = if i % 3 == 0 { "alice" } else { "bob" };
+        for i in 0u32..25 {
+            let user = if i.is_multiple_of(3) { "alice" } else { "bob" };
             store
                 .append_audit(&event(&format!("{user}{i}")), &AuditRetention::default())
                 .await
@@ -282,9 +282,9 @@ mod tests {
             }
             token = page.next_page_token;
         }
-        let expected: Vec<String> = (0..25)
+        let expected: Vec<String> = (0u32..25)
             .rev()
-            .map(|i| format!("{}{i}", if i % 3 == 0 { "alice" } else { "bob" }))
+            .map(|i| format!("{}{i}", if i.is_multiple_of(3) { "alice" } else { "bob" }))
             .collect();
         assert_eq!(seen, expected);
         let page = auditor.list("alice0", 10, "").await.unwrap();

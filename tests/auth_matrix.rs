@@ -35,7 +35,13 @@ struct Credential {
 /// Calls `method` of `LicensingService` with an empty request; the code it ends with.
 async fn call(cred: &Credential, method: &str, streaming: bool) -> Code {
     let path = format!("{SERVICE_PREFIX}{method}");
-    raw_call(cred.channel.clone(), cred.token.as_deref(), &path, streaming).await
+    raw_call(
+        cred.channel.clone(),
+        cred.token.as_deref(),
+        &path,
+        streaming,
+    )
+    .await
 }
 
 async fn raw_call(channel: Channel, token: Option<&str>, path: &str, streaming: bool) -> Code {
@@ -43,10 +49,9 @@ async fn raw_call(channel: Channel, token: Option<&str>, path: &str, streaming: 
     grpc.ready().await.expect("channel ready");
     let mut request = tonic::Request::new(());
     if let Some(token) = token {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().unwrap(),
-        );
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     let path = http::uri::PathAndQuery::from_str(path).unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
@@ -198,7 +203,11 @@ async fn every_rpc_every_role_every_credential() {
                     "{} as {}: {code:?}, expected {}",
                     rule.method,
                     cred.label,
-                    if allowed { "to pass" } else { "PermissionDenied" }
+                    if allowed {
+                        "to pass"
+                    } else {
+                        "PermissionDenied"
+                    }
                 ));
             }
         }
@@ -292,10 +301,23 @@ impl Netns {
             host_ip,
         };
         ip(&[
-            "link", "add", &netns.host_if, "type", "veth", "peer", "name", &ns_if,
+            "link",
+            "add",
+            &netns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
         ]);
         ip(&["link", "set", &ns_if, "netns", &netns.name]);
-        ip(&["addr", "add", &format!("{}/30", netns.host_ip), "dev", &netns.host_if]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", netns.host_ip),
+            "dev",
+            &netns.host_if,
+        ]);
         ip(&["link", "set", &netns.host_if, "up"]);
         let exec = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &netns.name, "ip"];
@@ -371,17 +393,23 @@ async fn protected_mode_asks_a_remote_peer_for_credentials() {
                     .err()
                     .map(|s| s.code());
                 let mut request = tonic::Request::new(pb::GetLicenseOverviewRequest {});
-                request.metadata_mut().insert(
-                    "authorization",
-                    format!("Bearer {token}").parse().unwrap(),
-                );
-                let with_token = client.get_license_overview(request).await.err().map(|s| s.code());
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let with_token = client
+                    .get_license_overview(request)
+                    .await
+                    .err()
+                    .map(|s| s.code());
                 let mut request = tonic::Request::new(pb::ResetActivationRequest {});
-                request.metadata_mut().insert(
-                    "authorization",
-                    format!("Bearer {token}").parse().unwrap(),
-                );
-                let reset = client.reset_activation(request).await.err().map(|s| s.code());
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let reset = client
+                    .reset_activation(request)
+                    .await
+                    .err()
+                    .map(|s| s.code());
                 (anonymous, with_token, reset)
             })
         })
@@ -389,7 +417,11 @@ async fn protected_mode_asks_a_remote_peer_for_credentials() {
         .expect("the namespace client");
     assert_eq!(codes.0, Some(Code::Unauthenticated), "no credentials");
     assert_eq!(codes.1, None, "a monitoring token may read the overview");
-    assert_eq!(codes.2, Some(Code::PermissionDenied), "but not reset activation");
+    assert_eq!(
+        codes.2,
+        Some(Code::PermissionDenied),
+        "but not reset activation"
+    );
     server.shutdown().await;
 }
 

@@ -2535,7 +2535,12 @@ fn audit_event(n: usize) -> AuditEvent {
         method: "AssignSeat".into(),
         user_id: format!("user-{n}"),
         feature: "user".into(),
-        code: if n % 2 == 0 { "OK" } else { "PERMISSION_DENIED" }.into(),
+        code: if n.is_multiple_of(2) {
+            "OK"
+        } else {
+            "PERMISSION_DENIED"
+        }
+        .into(),
         detail: format!("detail {n} ✓"),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
     }
@@ -2555,7 +2560,10 @@ async fn audit_lists_newest_first_in_pages(store: &dyn Store) {
     assert!(store.list_audit(None, 10).await.unwrap().is_empty());
     let retention = AuditRetention::default();
     for n in 0..7 {
-        store.append_audit(&audit_event(n), &retention).await.unwrap();
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
     }
     let first = store.list_audit(None, 3).await.unwrap();
     assert_eq!(first.len(), 3);
@@ -2576,7 +2584,10 @@ async fn audit_is_bounded_by_max_entries(store: &dyn Store) {
         ..AuditRetention::default()
     };
     for n in 0..12 {
-        store.append_audit(&audit_event(n), &retention).await.unwrap();
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
     }
     let kept = audit_users(store, None, 100).await;
     assert_eq!(
@@ -2588,7 +2599,10 @@ async fn audit_is_bounded_by_max_entries(store: &dyn Store) {
 
 async fn audit_drops_entries_older_than_max_age(store: &dyn Store) {
     let retention = AuditRetention::default();
-    store.append_audit(&audit_event(0), &retention).await.unwrap();
+    store
+        .append_audit(&audit_event(0), &retention)
+        .await
+        .unwrap();
     // Not synchronisation: the entry must be older than the age bound below.
     tokio::time::sleep(Duration::from_millis(60)).await;
     let short = AuditRetention {

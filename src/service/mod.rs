@@ -6,6 +6,8 @@
 
 mod licenses;
 
+pub use licenses::parse_response as parse_activation_response;
+
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 

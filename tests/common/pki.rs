@@ -94,7 +94,11 @@ impl Pki {
 }
 
 /// A TLS channel to `addr` trusting `ca_pem`, with a client certificate if given.
-pub async fn tls_channel(addr: std::net::SocketAddr, ca_pem: &str, client: Option<&Pem>) -> Channel {
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&Pem>,
+) -> Channel {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
