@@ -129,10 +129,31 @@ async fn main() {
     };
     let mut setups = Vec::new();
     for (label, mode, tls, client_ca, use_cert, use_token) in [
-        ("plaintext, auth disabled", "disabled", false, false, false, false),
+        (
+            "plaintext, auth disabled",
+            "disabled",
+            false,
+            false,
+            false,
+            false,
+        ),
         ("TLS, auth disabled", "disabled", true, false, false, false),
-        ("mTLS, enforce (certificate)", "enforce", true, true, true, false),
-        ("TLS, enforce (bearer token)", "enforce", true, true, false, true),
+        (
+            "mTLS, enforce (certificate)",
+            "enforce",
+            true,
+            true,
+            true,
+            false,
+        ),
+        (
+            "TLS, enforce (bearer token)",
+            "enforce",
+            true,
+            true,
+            false,
+            true,
+        ),
     ] {
         let server = TestServer::start(base(mode, tls, client_ca)).await;
         let mut channels = Vec::new();

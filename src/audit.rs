@@ -261,6 +261,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_queue_costs_a_counter_not_the_call() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
+        // No writer runs: the queue fills up.
+        let (auditor, _writer) = Auditor::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            AuditRetention::default(),
+        );
+        let metrics = crate::metrics::auth_metrics();
+        let before = metrics.audit_not_stored_count("queue_full");
+        for i in 0..QUEUE_LEN + 3 {
+            auditor.record(event(&format!("u{i}")));
+        }
+        assert_eq!(metrics.audit_not_stored_count("queue_full"), before + 3);
+        assert!(store.list_audit(None, 1).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_fails_costs_a_counter_not_the_call() {
+        // Nothing listens on port 1: every append fails at once.
+        let serial = crate::domain::SerialNumber::parse("AUDIT-FAIL").unwrap();
+        let store = crate::store::redis::RedisStore::new(
+            "redis://127.0.0.1:1",
+            &serial,
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap();
+        let (auditor, writer) = Auditor::new(
+            Arc::new(store),
+            Arc::new(SystemClock),
+            AuditRetention::default(),
+        );
+        let metrics = crate::metrics::auth_metrics();
+        let before = metrics.audit_not_stored_count("store");
+        let writer = tokio::spawn(writer.run());
+        let started = std::time::Instant::now();
+        auditor.record(event("alice"));
+        auditor.record(event("bob"));
+        // Recording never waits for the store.
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metrics.audit_not_stored_count("store") < before + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "store failures counted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        drop(auditor);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn pages_visit_every_entry_once_newest_first() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
         for i in 0u32..25 {

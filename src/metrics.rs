@@ -416,6 +416,13 @@ impl AuthMetrics {
             .inc();
     }
 
+    /// How many audit entries reached only the log for `reason` (for tests).
+    pub fn audit_not_stored_count(&self, reason: &'static str) -> u64 {
+        self.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .get()
+    }
+
     pub fn reload_failed(&self, file: &'static str) {
         self.reload_failures
             .get_or_create(&vec![("file", file.to_owned())])
