@@ -101,6 +101,7 @@ impl App {
             options: ServerOptions {
                 drain_timeout: config.drain_timeout,
                 tls,
+                limits: config.limits.clone(),
             },
         })
     }

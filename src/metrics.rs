@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
@@ -32,6 +32,7 @@ pub struct Metrics {
     rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
     reconciles: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
+    limits: LimitMetrics,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -53,6 +54,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     rpc_duration: Family::new_with_constructor(rpc_histogram),
     reconciles: Family::default(),
     redis_errors: Family::default(),
+    limits: LimitMetrics::default(),
     otel: OnceLock::new(),
 });
 
@@ -97,6 +99,22 @@ impl Metrics {
         }
     }
 
+    /// Counts a call refused by a limit (`limits`), by method and reason.
+    pub fn refused(&self, method: &str, reason: &'static str) {
+        self.limits
+            .refused
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Moves the number of open `WatchLicenseEvents` streams.
+    pub fn watch_subscribers(&self, delta: i64) {
+        self.limits.watch_subscribers.inc_by(delta);
+    }
+
     /// Creates the OTLP instruments from the global meter provider (call after
     /// installing it).
     pub fn enable_otel(&self) {
@@ -110,6 +128,31 @@ impl Metrics {
             reconciles: meter.u64_counter("licensing.reconcile").build(),
             redis_errors: meter.u64_counter("licensing.redis.errors").build(),
         });
+    }
+}
+
+/// Request limits and load protection (`limits`): one family per name.
+#[derive(Default)]
+struct LimitMetrics {
+    /// `licensing_rpc_refused_total{method, reason}`: calls refused by a limit
+    /// (overloaded, rate_limited, too_many_subscribers, shutting_down).
+    refused: Family<Labels, Counter>,
+    /// `licensing_watch_subscribers`: open `WatchLicenseEvents` streams.
+    watch_subscribers: Gauge,
+}
+
+impl LimitMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "licensing_rpc_refused",
+            "Calls refused by a request limit, by method and reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "licensing_watch_subscribers",
+            "Open WatchLicenseEvents streams",
+            self.watch_subscribers.clone(),
+        );
     }
 }
 
@@ -301,6 +344,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         "Redis calls that failed or timed out, by operation",
         m.redis_errors.clone(),
     );
+    m.limits.register(&mut registry);
     registry.register_collector(Box::new(StateCollector { licensing }));
     registry
 }
