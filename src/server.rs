@@ -76,7 +76,10 @@ pub async fn run(
     let stack = tower::ServiceBuilder::new()
         // Refuse at once (UNAVAILABLE) a call whose class is at its budget, so a
         // burst of writes or overview calls never takes CheckSeat's capacity.
-        .layer(limits::shed(limits_cfg.budgets))
+        .layer(limits::shed(
+            limits_cfg.budgets,
+            limits_cfg.max_message_bytes,
+        ))
         // Bound every admitted call (a stream until it opens), or sooner the
         // client's grpc-timeout: DEADLINE_EXCEEDED, not tonic's CANCELLED.
         .layer(limits::deadline(limits_cfg.rpc_deadline))
