@@ -38,6 +38,7 @@ use tonic::codegen::{Body as HttpBody, http};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::auth::Caller;
+use crate::auth::tls::Peer;
 use crate::grpc::status::refusal_status;
 use crate::metrics::metrics;
 
@@ -183,31 +184,42 @@ impl Refusal {
 
 /// Who is calling, for per-caller limits and the audit log: the authenticated
 /// caller's name, else the peer's IP address (all ports of one host are one
-/// caller), else `unknown`.
+/// caller), else `unknown`. The names the authorization layer gives callers
+/// without credentials (`loopback`, `anonymous`) are no identity: those are
+/// keyed by their address too, so they do not share one budget.
 pub fn caller_key(caller: Option<&Caller>, peer: Option<SocketAddr>) -> String {
-    match (caller, peer) {
+    let identified = caller.filter(|c| !matches!(c.name.as_str(), "loopback" | "anonymous"));
+    match (identified, peer) {
         (Some(c), _) => format!("caller:{}", c.name),
         (None, Some(addr)) => format!("peer:{}", addr.ip()),
         (None, None) => "unknown".to_owned(),
     }
 }
 
+/// The peer address of a request, as the acceptor (`auth::tls::incoming`) or
+/// tonic's own TCP/TLS listener recorded it.
+fn peer_addr(ext: &http::Extensions) -> Option<SocketAddr> {
+    ext.get::<Peer>()
+        .and_then(|p| p.addr)
+        .or_else(|| {
+            ext.get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+        })
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+}
+
 /// The caller of a tonic request.
 pub fn caller_of<T>(request: &tonic::Request<T>) -> String {
-    caller_key(Caller::of(request), request.remote_addr())
+    caller_key(Caller::of(request), peer_addr(request.extensions()))
 }
 
 /// The caller of a request as a tower layer sees it.
 fn caller_of_http<B>(request: &http::Request<B>) -> String {
     let ext = request.extensions();
-    let peer = ext
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        });
-    caller_key(ext.get::<Caller>(), peer)
+    caller_key(ext.get::<Caller>(), peer_addr(ext))
 }
 
 /// Counts a refused call and writes its audit line.
@@ -789,5 +801,11 @@ mod tests {
         let other_port: SocketAddr = "10.0.0.7:4712".parse().unwrap();
         assert_eq!(caller_key(None, Some(other_port)), "peer:10.0.0.7");
         assert_eq!(caller_key(None, None), "unknown");
+        // Callers without credentials are told apart by address.
+        let loopback = Caller {
+            name: "loopback".into(),
+            role: crate::auth::Role::Operator,
+        };
+        assert_eq!(caller_key(Some(&loopback), Some(peer)), "peer:10.0.0.7");
     }
 }

@@ -7,34 +7,27 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::auth::layer::{AuthLayer, Authenticator};
+use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
 use crate::limits::{self, AgedConnection, Guards, Limits};
 use crate::service::Licensing;
 
 /// How the server runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// How long in-flight calls may take to finish after shutdown starts.
     pub drain_timeout: Duration,
-    /// PEM certificate and key for TLS; plaintext when `None`.
-    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Certificate, key and client CA for TLS (reloadable); plaintext when `None`.
+    pub tls: Option<Arc<TlsMaterial>>,
+    /// Who may call what; also records refusals and handler outcomes.
+    pub auth: Arc<Authenticator>,
     /// Request limits and load protection (`limits.*`).
     pub limits: Limits,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(10),
-            tls: None,
-            limits: Limits::default(),
-        }
-    }
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
@@ -59,7 +52,7 @@ pub async fn run(
     // Set when the server starts draining: open event streams end at once.
     let (start_draining, draining) = tokio::sync::watch::channel(false);
     let guards = Guards::new(limits_cfg, draining);
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         // Call handling sends small, latency-sensitive requests.
         .tcp_nodelay(true)
         // Notice dead peers (a PBX that vanished) instead of keeping streams forever.
@@ -68,12 +61,10 @@ pub async fn run(
         // GOAWAY after this age: clients reconnect, and spread over replicas added since.
         // (Not tonic's grace: with one set it closes without a GOAWAY; see AgedConnection.)
         .max_connection_age(limits_cfg.max_connection_age);
-    if let Some((cert, key)) = &options.tls {
-        let identity = tonic::transport::Identity::from_pem(cert, key);
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
     let stack = tower::ServiceBuilder::new()
+        // Every call but health comes from a known caller whose role allows it;
+        // the caller travels on as a request extension (src/auth/layer.rs).
+        .layer(AuthLayer::new(options.auth.clone()))
         // Refuse at once (UNAVAILABLE) a call whose class is at its budget, so a
         // burst of writes or overview calls never takes CheckSeat's capacity.
         .layer(limits::shed(
@@ -86,9 +77,11 @@ pub async fn run(
         // Say RESOURCE_EXHAUSTED for an over-size request (tonic: OUT_OF_RANGE).
         .layer(limits::message_size(limits_cfg.max_message_bytes))
         .into_inner();
-    let licensing_service = LicensingServiceServer::new(LicensingApi::new(licensing, guards))
-        // Refuse over-size requests before decoding them (see message_size above).
-        .max_decoding_message_size(limits_cfg.max_message_bytes);
+    let audit = options.auth.audit.clone();
+    let licensing_service =
+        LicensingServiceServer::new(LicensingApi::new(licensing, audit, guards))
+            // Refuse over-size requests before decoding them (see message_size above).
+            .max_decoding_message_size(limits_cfg.max_message_bytes);
     let router = builder
         .layer(stack)
         .add_service(licensing_service)
@@ -97,9 +90,11 @@ pub async fn run(
         .add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
-    // Closes connections still open after their age and grace (streams included).
+    // Our own acceptor: TLS material is re-read at run time, and the peer's
+    // address and client certificate reach the authorization layer. Each
+    // connection is closed after its age and grace (streams included).
     let lifetime = limits_cfg.max_connection_age + limits_cfg.max_connection_age_grace;
-    let incoming = TcpListenerStream::new(listener)
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone())
         .map(move |conn| conn.map(|conn| AgedConnection::new(conn, lifetime)));
     let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;
