@@ -5,8 +5,10 @@
 //! 3. `AssignSeat` over gRPC against Redis, two replicas: throughput and latency.
 //! 4. Cross-replica visibility: assign on A until `CheckSeat` on B says licensed.
 //! 5. Mirror memory for many seats (resident set growth).
+//! 6. `CheckSeat` latency while a burst of writes and overview calls is shed.
 //!
 //! Needs `redis-server` on PATH (each run starts its own on a free port).
+//! `cargo bench --bench hot_path -- burst` runs only row 6.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -100,8 +102,150 @@ async fn check_over_grpc(label: &str, client: &Client, users: usize) {
     );
 }
 
+/// Row 6: `CheckSeat` on one replica (Redis store) alone, then while 192
+/// callers hammer it with `AssignSeat`/`ReleaseSeat` and 64 with
+/// `GetLicenseOverview`/`ListSeats`, over budgets of 16 writes and 4 operator reads.
+async fn check_seat_under_burst() {
+    let redis = RedisServer::start();
+    let vendor = Vendor::new();
+    let serial = serial("bench-shed");
+    vendor.write_license(
+        &serial,
+        Edition::Vm,
+        Utc::now(),
+        &[(Feature::User, 100_000)],
+    );
+    let mut cfg = licensed_config(Some(&redis), &serial, &vendor);
+    cfg.limits.concurrent_writes = 16;
+    cfg.limits.concurrent_operator_reads = 4;
+    let server = TestServer::start(cfg).await;
+    let client = server.client().await;
+    wait_active(&client).await;
+    let mut c = client.clone();
+    for i in 0..1000 {
+        c.assign_seat(pb::AssignSeatRequest {
+            user_id: format!("u{i}"),
+            feature: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let sample = |label: &'static str, n: usize| {
+        let mut c = client.clone();
+        async move {
+            let mut samples = Vec::with_capacity(n);
+            for i in 0..n {
+                let t = Instant::now();
+                let answer = c.check_seat(req(&format!("u{}", i % 1000))).await.unwrap();
+                samples.push(t.elapsed());
+                assert!(answer.into_inner().licensed);
+            }
+            println!(
+                "  CheckSeat latency, 1 caller, {label} {}",
+                percentiles(samples)
+            );
+        }
+    };
+    println!("6. CheckSeat while writes and overview calls are shed (Redis store, 1 replica):");
+    sample("alone:                ", 3000).await;
+    // The burst comes over 8 connections of its own, as from other clients; first
+    // retrying shed calls at once (a storm), then waiting the RetryInfo delay.
+    let mut connections = Vec::new();
+    for _ in 0..8 {
+        connections.push(server.client().await);
+    }
+    for (label, back_off) in [
+        ("during burst (storm):  ", false),
+        ("during burst (backoff):", true),
+    ] {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut burst = Vec::new();
+        for w in 0..256 {
+            let c = connections[w % 8].clone();
+            burst.push(tokio::spawn(burst_caller(c, w, back_off, stop.clone())));
+        }
+        let started = Instant::now();
+        sample(label, 1000).await;
+        let secs = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut shed) = (0, 0);
+        for t in burst {
+            let (o, s) = t.await.unwrap();
+            ok += o;
+            shed += s;
+        }
+        println!(
+            "    burst meanwhile: {:.0} calls/s answered, {:.0} calls/s shed (UNAVAILABLE)",
+            ok as f64 / secs,
+            shed as f64 / secs
+        );
+    }
+    server.shutdown().await;
+}
+
+/// One caller of the burst: writes (`w < 192`) or operator reads, until `stop`.
+async fn burst_caller(
+    mut c: Client,
+    w: usize,
+    back_off: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    use tonic::Code;
+    use tonic_types::StatusExt as _;
+    let (mut ok, mut shed) = (0u64, 0u64);
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let user = format!("burst{w}-{}", i % 50);
+        let result = match (w < 192, i % 2) {
+            (true, 0) => c
+                .assign_seat(pb::AssignSeatRequest {
+                    user_id: user,
+                    feature: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            (true, _) => c
+                .release_seat(pb::ReleaseSeatRequest {
+                    user_id: user,
+                    feature: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            (false, 0) => c
+                .get_license_overview(pb::GetLicenseOverviewRequest {})
+                .await
+                .map(|_| ()),
+            (false, _) => c
+                .list_seats(pb::ListSeatsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => ok += 1,
+            Err(s) if s.code() == Code::Unavailable => {
+                shed += 1;
+                if back_off
+                    && let Some(delay) = s.get_details_retry_info().and_then(|r| r.retry_delay)
+                {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            Err(s) => panic!("burst call failed: {s:?}"),
+        }
+        i += 1;
+    }
+    (ok, shed)
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "burst") {
+        check_seat_under_burst().await;
+        return;
+    }
     println!(
         "comtrexx-licensing benchmarks ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -261,6 +405,8 @@ async fn main() {
         a.shutdown().await;
         b.shutdown().await;
     }
+
+    check_seat_under_burst().await;
 
     // 5. Mirror memory.
     {

@@ -124,6 +124,7 @@ impl App {
                 drain_timeout: config.drain_timeout,
                 tls,
                 auth,
+                limits: config.limits.clone(),
             },
             callers,
             audit,

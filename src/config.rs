@@ -62,6 +62,7 @@ pub struct RawConfig {
     pub mirror: RawMirror,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
+    pub limits: RawLimits,
     pub trace: RawTrace,
     pub auth: RawAuth,
     pub audit: RawAudit,
@@ -183,6 +184,141 @@ pub struct RawInitialization {
     pub code_ttl_minutes: u32,
 }
 
+/// Request limits and load protection (`limits.*`; see `crate::limits`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Largest request message, in bytes.
+    pub max_message_bytes: u64,
+    /// Server-side deadline of one call; a client's shorter `grpc-timeout` wins.
+    pub rpc_deadline_ms: u64,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    /// `GOAWAY` after this, so clients reconnect (and rebalance).
+    pub max_connection_age_ms: u64,
+    /// A connection still open this long after its `GOAWAY` is closed.
+    pub max_connection_age_grace_ms: u64,
+    /// Concurrent `CheckSeat` and `GetTryoutStatus` calls.
+    pub concurrent_hot_path: u32,
+    /// Concurrent writes (seats, tryout, activation, reconcile).
+    pub concurrent_writes: u32,
+    /// Concurrent operator reads (overview, seat lists).
+    pub concurrent_operator_reads: u32,
+    pub watch_subscribers_per_caller: u32,
+    /// `CreateInitializationCode` / `ApplyActivation` calls per caller and minute.
+    pub activation_per_minute: u32,
+    pub activation_burst: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let l = crate::limits::Limits::default();
+        Self {
+            max_message_bytes: l.max_message_bytes as u64,
+            rpc_deadline_ms: l.rpc_deadline.as_millis() as u64,
+            keepalive_interval_ms: l.keepalive_interval.as_millis() as u64,
+            keepalive_timeout_ms: l.keepalive_timeout.as_millis() as u64,
+            max_connection_age_ms: l.max_connection_age.as_millis() as u64,
+            max_connection_age_grace_ms: l.max_connection_age_grace.as_millis() as u64,
+            concurrent_hot_path: l.budgets.hot_path as u32,
+            concurrent_writes: l.budgets.writes as u32,
+            concurrent_operator_reads: l.budgets.operator_reads as u32,
+            watch_subscribers_per_caller: l.watch_subscribers_per_caller as u32,
+            activation_per_minute: l.activation_per_minute,
+            activation_burst: l.activation_burst,
+        }
+    }
+}
+
+impl RawLimits {
+    pub fn validate(&self) -> Result<crate::limits::Limits, ConfigError> {
+        let ms = Duration::from_millis;
+        let within = |key: &'static str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(value)
+            } else {
+                Err(invalid(key, format!("must be {min} to {max}")))
+            }
+        };
+        let max_message_bytes = within(
+            "limits.max_message_bytes",
+            self.max_message_bytes,
+            4096,
+            16 * 1024 * 1024,
+        )?;
+        let rpc_deadline = within("limits.rpc_deadline_ms", self.rpc_deadline_ms, 100, 600_000)?;
+        let keepalive_interval = within(
+            "limits.keepalive_interval_ms",
+            self.keepalive_interval_ms,
+            1000,
+            3_600_000,
+        )?;
+        let keepalive_timeout = within(
+            "limits.keepalive_timeout_ms",
+            self.keepalive_timeout_ms,
+            1000,
+            600_000,
+        )?;
+        let max_connection_age = within(
+            "limits.max_connection_age_ms",
+            self.max_connection_age_ms,
+            100,
+            7 * 86_400_000,
+        )?;
+        let max_connection_age_grace = within(
+            "limits.max_connection_age_grace_ms",
+            self.max_connection_age_grace_ms,
+            0,
+            86_400_000,
+        )?;
+        let count = |key: &'static str, value: u32, max: u64| {
+            within(key, u64::from(value), 1, max).map(|v| v as usize)
+        };
+        let budgets = crate::limits::Budgets {
+            hot_path: count(
+                "limits.concurrent_hot_path",
+                self.concurrent_hot_path,
+                100_000,
+            )?,
+            writes: count("limits.concurrent_writes", self.concurrent_writes, 100_000)?,
+            operator_reads: count(
+                "limits.concurrent_operator_reads",
+                self.concurrent_operator_reads,
+                100_000,
+            )?,
+        };
+        let watch_subscribers_per_caller = count(
+            "limits.watch_subscribers_per_caller",
+            self.watch_subscribers_per_caller,
+            10_000,
+        )?;
+        within(
+            "limits.activation_per_minute",
+            u64::from(self.activation_per_minute),
+            1,
+            60_000,
+        )?;
+        within(
+            "limits.activation_burst",
+            u64::from(self.activation_burst),
+            1,
+            10_000,
+        )?;
+        Ok(crate::limits::Limits {
+            max_message_bytes: max_message_bytes as usize,
+            rpc_deadline: ms(rpc_deadline),
+            keepalive_interval: ms(keepalive_interval),
+            keepalive_timeout: ms(keepalive_timeout),
+            max_connection_age: ms(max_connection_age),
+            max_connection_age_grace: ms(max_connection_age_grace),
+            budgets,
+            watch_subscribers_per_caller,
+            activation_per_minute: self.activation_per_minute,
+            activation_burst: self.activation_burst,
+        })
+    }
+}
+
 impl Default for RawLicensingServer {
     fn default() -> Self {
         Self {
@@ -248,6 +384,7 @@ impl Default for RawConfig {
             mirror: RawMirror::default(),
             tls: RawTls::default(),
             otlp_endpoint: None,
+            limits: RawLimits::default(),
             auth: RawAuth::default(),
             audit: RawAudit::default(),
             development_installation: false,
@@ -392,6 +529,8 @@ pub struct Config {
     pub code_ttl: chrono::Duration,
     /// Whether the serial number is the development placeholder.
     pub serial_is_placeholder: bool,
+    /// Request limits and load protection.
+    pub limits: crate::limits::Limits,
 }
 
 /// A configuration that cannot be used, naming the key at fault.
@@ -635,6 +774,7 @@ impl RawConfig {
                 return Err(invalid("tls.cert_file", "is required with tls.key_file"));
             }
         };
+        let limits = self.limits.validate()?;
         let mode = AuthMode::parse(&self.auth.mode).ok_or_else(|| {
             invalid(
                 "auth.mode",
@@ -665,6 +805,7 @@ impl RawConfig {
                 max_age: chrono::Duration::days(i64::from(self.audit.max_age_days)),
             },
             development_installation: self.development_installation,
+            limits,
             listen_addr,
             metrics_addr,
             redis,
@@ -1117,6 +1258,54 @@ mod tests {
                 Box::new(|c| c.licensing_server.url = Some("https://cic.example".into())),
                 "vendor_public_key",
             ),
+            (
+                Box::new(|c| c.limits.max_message_bytes = 100),
+                "limits.max_message_bytes",
+            ),
+            (
+                Box::new(|c| c.limits.rpc_deadline_ms = 0),
+                "limits.rpc_deadline_ms",
+            ),
+            (
+                Box::new(|c| c.limits.keepalive_interval_ms = 10),
+                "limits.keepalive_interval_ms",
+            ),
+            (
+                Box::new(|c| c.limits.keepalive_timeout_ms = 0),
+                "limits.keepalive_timeout_ms",
+            ),
+            (
+                Box::new(|c| c.limits.max_connection_age_ms = 0),
+                "limits.max_connection_age_ms",
+            ),
+            (
+                Box::new(|c| c.limits.max_connection_age_grace_ms = u64::MAX),
+                "limits.max_connection_age_grace_ms",
+            ),
+            (
+                Box::new(|c| c.limits.concurrent_hot_path = 0),
+                "limits.concurrent_hot_path",
+            ),
+            (
+                Box::new(|c| c.limits.concurrent_writes = 0),
+                "limits.concurrent_writes",
+            ),
+            (
+                Box::new(|c| c.limits.concurrent_operator_reads = 0),
+                "limits.concurrent_operator_reads",
+            ),
+            (
+                Box::new(|c| c.limits.watch_subscribers_per_caller = 0),
+                "limits.watch_subscribers_per_caller",
+            ),
+            (
+                Box::new(|c| c.limits.activation_per_minute = 0),
+                "limits.activation_per_minute",
+            ),
+            (
+                Box::new(|c| c.limits.activation_burst = 0),
+                "limits.activation_burst",
+            ),
             (Box::new(|c| c.auth.mode = "open".into()), "auth.mode"),
             (
                 Box::new(|c| c.auth.callers_file = Some("/nonexistent/callers.toml".into())),
@@ -1374,5 +1563,38 @@ mod tests {
         let c = raw.validate().unwrap().redis.unwrap();
         assert_eq!(c.password.as_deref(), Some("hunter3"));
         assert!(!format!("{c:?}").contains("hunter"), "{c:?}");
+    }
+
+    #[test]
+    fn limits_come_from_file_and_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[limits]\nmax_message_bytes = 8192\nconcurrent_writes = 4\n",
+            )?;
+            jail.set_env("LICENSING_LIMITS__RPC_DEADLINE_MS", "1500");
+            let c = RawConfig::load(Some(Path::new("c.toml")))
+                .unwrap()
+                .validate()
+                .unwrap();
+            assert_eq!(c.limits.max_message_bytes, 8192);
+            assert_eq!(c.limits.budgets.writes, 4);
+            assert_eq!(c.limits.rpc_deadline, Duration::from_millis(1500));
+            assert_eq!(
+                c.limits.budgets.hot_path,
+                crate::limits::Limits::default().budgets.hot_path
+            );
+            jail.set_env("LICENSING_LIMITS__MAX_MESSAGE_BYTE", "1");
+            assert!(RawConfig::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn default_limits_validate_to_the_defaults() {
+        assert_eq!(
+            RawLimits::default().validate().unwrap(),
+            crate::limits::Limits::default()
+        );
     }
 }

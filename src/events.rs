@@ -129,4 +129,10 @@ impl EventHub {
     pub fn subscribe(&self) -> broadcast::Receiver<LicenseEvent> {
         self.tx.subscribe()
     }
+
+    /// Subscribers listening now (open `WatchLicenseEvents` streams and any
+    /// internal listener).
+    pub fn receiver_count(&self) -> usize {
+        self.tx.receiver_count()
+    }
 }

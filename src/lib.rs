@@ -11,6 +11,8 @@
 //! - [`events`]: license events for WatchLicenseEvents (from the change feed and the clock).
 //! - [`service`]: the application service (validate, decide, write, read).
 //! - [`grpc`]: the gRPC adapter: generated types, conversions, error table, handlers.
+//! - [`limits`]: request limits and load protection (budgets per class of RPC,
+//!   deadline, connection age, per-caller stream cap and rate limits).
 //! - [`server`]: the tonic server with health and reflection on a bound listener.
 //! - [`app`]: wiring of the parts from the configuration, and their tasks.
 //! - [`config`]: layered, validated configuration (defaults, TOML, environment).
@@ -28,6 +30,7 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod grpc;
+pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod server;

@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
@@ -34,6 +34,7 @@ pub struct Metrics {
     redis_errors: Family<Labels, Counter>,
     redis_master_lookups: Family<Labels, Counter>,
     redis_unconfirmed_writes: Counter,
+    limits: LimitMetrics,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -59,6 +60,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     redis_errors: Family::default(),
     redis_master_lookups: Family::default(),
     redis_unconfirmed_writes: Counter::default(),
+    limits: LimitMetrics::default(),
     otel: OnceLock::new(),
 });
 
@@ -123,6 +125,22 @@ impl Metrics {
         }
     }
 
+    /// Counts a call refused by a limit (`limits`), by method and reason.
+    pub fn refused(&self, method: &str, reason: &'static str) {
+        self.limits
+            .refused
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Moves the number of open `WatchLicenseEvents` streams.
+    pub fn watch_subscribers(&self, delta: i64) {
+        self.limits.watch_subscribers.inc_by(delta);
+    }
+
     /// Creates the OTLP instruments from the global meter provider (call after
     /// installing it).
     pub fn enable_otel(&self) {
@@ -140,6 +158,31 @@ impl Metrics {
                 .u64_counter("licensing.redis.unconfirmed_writes")
                 .build(),
         });
+    }
+}
+
+/// Request limits and load protection (`limits`): one family per name.
+#[derive(Default)]
+struct LimitMetrics {
+    /// `licensing_rpc_refused_total{method, reason}`: calls refused by a limit
+    /// (overloaded, rate_limited, too_many_subscribers, shutting_down).
+    refused: Family<Labels, Counter>,
+    /// `licensing_watch_subscribers`: open `WatchLicenseEvents` streams.
+    watch_subscribers: Gauge,
+}
+
+impl LimitMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "licensing_rpc_refused",
+            "Calls refused by a request limit, by method and reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "licensing_watch_subscribers",
+            "Open WatchLicenseEvents streams",
+            self.watch_subscribers.clone(),
+        );
     }
 }
 
@@ -477,6 +520,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         "Writes answered UNAVAILABLE because WAIT confirmed fewer replicas than redis_wait_replicas",
         m.redis_unconfirmed_writes.clone(),
     );
+    m.limits.register(&mut registry);
     registry.register_collector(Box::new(StateCollector { licensing }));
     register_auth_metrics(&mut registry);
     registry

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
@@ -299,6 +299,12 @@ pub struct Mirror {
     clock: Arc<dyn Clock>,
     // When this never-synced replica first found the store empty.
     empty_store_since: Mutex<Option<Instant>>,
+    // On-demand resyncs run one at a time. Held while one runs; holds the
+    // generation and result of the last one that finished, which callers that
+    // asked before it started share (single flight).
+    resync_flight: tokio::sync::Mutex<(u64, Result<(), StoreError>)>,
+    // On-demand resyncs started; the generation of the newest one.
+    resyncs_started: AtomicU64,
 }
 
 impl Mirror {
@@ -313,6 +319,8 @@ impl Mirror {
             events: EventHub::default(),
             clock,
             empty_store_since: Mutex::new(None),
+            resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
+            resyncs_started: AtomicU64::new(0),
         }
     }
 
@@ -433,10 +441,28 @@ impl Mirror {
     }
 
     /// Reads a fresh snapshot now (after a write found the copy out of date).
+    /// Coalesced: while one resync runs, every caller that asks meanwhile waits
+    /// and shares the next one, which starts after they asked (so each sees the
+    /// store as it was at least when it asked). Many writes failing at once cost
+    /// two snapshots, not one each.
     pub async fn resync_now(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let asked_after = self.resyncs_started.load(Ordering::SeqCst);
+        let mut last = self.resync_flight.lock().await;
+        if last.0 > asked_after {
+            // One started after this call asked, and (the lock is ours) finished.
+            return last.1.clone();
+        }
+        let generation = self.resyncs_started.fetch_add(1, Ordering::SeqCst) + 1;
         let result = self.resync(store).await;
         self.contact(result.is_ok());
+        *last = (generation, result.clone());
         result
+    }
+
+    /// On-demand resyncs run so far (each one store snapshot, or two when the
+    /// store had lost its data).
+    pub fn on_demand_resyncs(&self) -> u64 {
+        self.resyncs_started.load(Ordering::SeqCst)
     }
 
     async fn resync(&self, store: &dyn Store) -> Result<(), StoreError> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -13,6 +14,7 @@ use crate::auth::layer::{AuthLayer, Authenticator};
 use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
+use crate::limits::{self, AgedConnection, Guards, Limits};
 use crate::service::Licensing;
 
 /// How the server runs.
@@ -24,6 +26,8 @@ pub struct ServerOptions {
     pub tls: Option<Arc<TlsMaterial>>,
     /// Who may call what; also records refusals and handler outcomes.
     pub auth: Arc<Authenticator>,
+    /// Request limits and load protection (`limits.*`).
+    pub limits: Limits,
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
@@ -44,28 +48,54 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) =
         crate::grpc::reflection_services(FILE_DESCRIPTOR_SET)?;
 
+    let limits_cfg = &options.limits;
+    // Set when the server starts draining: open event streams end at once.
+    let (start_draining, draining) = tokio::sync::watch::channel(false);
+    let guards = Guards::new(limits_cfg, draining);
     let builder = Server::builder()
         // Call handling sends small, latency-sensitive requests.
         .tcp_nodelay(true)
         // Notice dead peers (a PBX that vanished) instead of keeping streams forever.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    let audit = options.auth.audit.clone();
-    let router = builder
+        .http2_keepalive_interval(Some(limits_cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits_cfg.keepalive_timeout))
+        // GOAWAY after this age: clients reconnect, and spread over replicas added since.
+        // (Not tonic's grace: with one set it closes without a GOAWAY; see AgedConnection.)
+        .max_connection_age(limits_cfg.max_connection_age);
+    let stack = tower::ServiceBuilder::new()
         // Every call but health comes from a known caller whose role allows it;
         // the caller travels on as a request extension (src/auth/layer.rs).
         .layer(AuthLayer::new(options.auth.clone()))
-        .add_service(LicensingServiceServer::new(LicensingApi::new(
-            licensing, audit,
-        )))
+        // Refuse at once (UNAVAILABLE) a call whose class is at its budget, so a
+        // burst of writes or overview calls never takes CheckSeat's capacity.
+        .layer(limits::shed(
+            limits_cfg.budgets,
+            limits_cfg.max_message_bytes,
+        ))
+        // Bound every admitted call (a stream until it opens), or sooner the
+        // client's grpc-timeout: DEADLINE_EXCEEDED, not tonic's CANCELLED.
+        .layer(limits::deadline(limits_cfg.rpc_deadline))
+        // Say RESOURCE_EXHAUSTED for an over-size request (tonic: OUT_OF_RANGE).
+        .layer(limits::message_size(limits_cfg.max_message_bytes))
+        .into_inner();
+    let audit = options.auth.audit.clone();
+    let licensing_service =
+        LicensingServiceServer::new(LicensingApi::new(licensing, audit, guards))
+            // Refuse over-size requests before decoding them (see message_size above).
+            .max_decoding_message_size(limits_cfg.max_message_bytes);
+    let router = builder
+        .layer(stack)
+        .add_service(licensing_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
     // Our own acceptor: TLS material is re-read at run time, and the peer's
-    // address and client certificate reach the authorization layer.
-    let incoming = crate::auth::tls::incoming(listener, options.tls.clone());
+    // address and client certificate reach the authorization layer. Each
+    // connection is closed after its age and grace (streams included).
+    let lifetime = limits_cfg.max_connection_age + limits_cfg.max_connection_age_grace;
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone())
+        .map(move |conn| conn.map(|conn| AgedConnection::new(conn, lifetime)));
     let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;
     });
@@ -84,6 +114,9 @@ pub async fn run(
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    // Event streams end now with UNAVAILABLE ("reconnect") instead of holding
+    // the drain open until its timeout.
+    let _ = start_draining.send(true);
     let _ = stop_accepting.send(());
     match tokio::time::timeout(options.drain_timeout, &mut serve).await {
         Ok(result) => result?,

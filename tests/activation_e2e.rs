@@ -141,7 +141,7 @@ async fn stats(admin: &mut Admin, serial: &str) -> vpb::SerialStats {
 
 /// A service config on `redis` that reconciles with `sim` and trusts its key.
 fn sim_config(redis: &RedisServer, sim: &Sim, serial: &str, edition: Edition) -> RawConfig {
-    RawConfig {
+    without_load_limits(RawConfig {
         edition: edition.as_str().into(),
         vendor_public_key: Some(sim.process.public_key.clone()),
         licensing_server: RawLicensingServer {
@@ -150,7 +150,7 @@ fn sim_config(redis: &RedisServer, sim: &Sim, serial: &str, edition: Edition) ->
             timeout_ms: 1000,
         },
         ..config(Some(redis), serial)
-    }
+    })
 }
 
 /// A manual clock on a whole second (stored times round-trip exactly).

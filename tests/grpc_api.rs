@@ -50,10 +50,10 @@ impl Pbx {
         if let Some(entitlements) = license {
             vendor.write_license(&serial, edition, t0, entitlements);
         }
-        let config = RawConfig {
+        let config = without_load_limits(RawConfig {
             edition: edition.as_str().into(),
             ..licensed_config(Some(&redis), &serial, &vendor)
-        };
+        });
         let server = TestServer::start(config).await;
         let mut client = server.client().await;
         let o = wait_startup_reconcile(&mut client).await;

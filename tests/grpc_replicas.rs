@@ -47,10 +47,10 @@ impl Pair {
             }
             None => config(Some(&redis), &serial),
         };
-        let config = RawConfig {
+        let config = without_load_limits(RawConfig {
             redis_timeout_ms,
             ..config
-        };
+        });
         let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
         let pair = Self {
             a,

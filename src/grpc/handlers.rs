@@ -14,11 +14,12 @@ use tracing::Instrument as _;
 use super::convert::{self, SeatRequest};
 use super::pb;
 use super::pb::licensing_service_server::LicensingService;
-use super::status::to_status;
+use super::status::{refusal_status, to_status};
 use crate::audit::Auditor;
 use crate::auth::{Caller, policy};
 use crate::domain::LicensingError;
 use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN};
+use crate::limits::{Guards, Refusal, WatchSlot};
 use crate::metrics::metrics;
 use crate::service::Licensing;
 use tokio::sync::broadcast;
@@ -28,11 +29,17 @@ use tokio::sync::broadcast;
 pub struct LicensingApi {
     licensing: Arc<Licensing>,
     audit: Auditor,
+    /// Per-caller limits (event streams, rate limits) and the drain signal.
+    guards: Arc<Guards>,
 }
 
 impl LicensingApi {
-    pub fn new(licensing: Arc<Licensing>, audit: Auditor) -> Self {
-        Self { licensing, audit }
+    pub fn new(licensing: Arc<Licensing>, audit: Auditor, guards: Arc<Guards>) -> Self {
+        Self {
+            licensing,
+            audit,
+            guards,
+        }
     }
 }
 
@@ -71,6 +78,10 @@ impl AuditKeys for pb::ListAuditEventsRequest {
     fn audit_keys(&self) -> (&str, &str) {
         (&self.user_id, "")
     }
+}
+
+fn refusal(r: Refusal) -> Status {
+    refusal_status(&r)
 }
 
 fn invalid(e: crate::domain::InvalidInput) -> Status {
@@ -326,6 +337,9 @@ impl LicensingService for LicensingApi {
         request: Request<pb::CreateInitializationCodeRequest>,
     ) -> Result<Response<pb::CreateInitializationCodeResponse>, Status> {
         rpc!(self, "CreateInitializationCode", request, async {
+            self.guards
+                .rate_limit("CreateInitializationCode", &request)
+                .map_err(refusal)?;
             let code = self
                 .licensing
                 .create_initialization_code()
@@ -343,6 +357,9 @@ impl LicensingService for LicensingApi {
         request: Request<pb::ApplyActivationRequest>,
     ) -> Result<Response<pb::ApplyActivationResponse>, Status> {
         rpc!(self, "ApplyActivation", request, async {
+            self.guards
+                .rate_limit("ApplyActivation", &request)
+                .map_err(refusal)?;
             let overview = self
                 .licensing
                 .apply_activation(&request.get_ref().activation_response)
@@ -361,26 +378,9 @@ impl LicensingService for LicensingApi {
         request: Request<pb::WatchLicenseEventsRequest>,
     ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
         rpc!(self, "WatchLicenseEvents", request, async {
-            let mut events = self.licensing.mirror().events().subscribe();
-            let stream = async_stream(move |tx| async move {
-                loop {
-                    let item = match events.recv().await {
-                        Ok(event) => convert::event(&event),
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            let mut e = crate::events::LicenseEvent::new(
-                                "lagged_resync",
-                                chrono::Utc::now(),
-                            );
-                            e.detail = format!("{missed} events missed: re-read the state");
-                            convert::event(&e)
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                    if tx.send(Ok(item)).await.is_err() {
-                        return; // the subscriber went away
-                    }
-                }
-            });
+            let slot = self.guards.join_watch(&request).map_err(refusal)?;
+            let events = self.licensing.mirror().events().subscribe();
+            let stream = event_stream(events, Box::pin(self.guards.drained()), slot);
             Ok(Response::new(Box::pin(stream) as EventStream))
         })
     }
@@ -432,16 +432,43 @@ impl LicensingService for LicensingApi {
     }
 }
 
-/// A stream fed by a task through a small channel: the task ends when the
-/// subscriber drops the stream.
-fn async_stream<F, Fut>(
-    produce: F,
-) -> impl Stream<Item = Result<pb::WatchLicenseEventsResponse, Status>> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchLicenseEventsResponse, Status>>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(produce(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+/// What an open event stream holds: dropped with the stream, at once when its
+/// client goes away (no task outlives it), which frees the broadcast receiver
+/// and the caller's slot.
+struct Subscription {
+    events: broadcast::Receiver<crate::events::LicenseEvent>,
+    drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    _slot: WatchSlot,
+}
+
+/// The events of one subscriber until the server drains; then one
+/// `UNAVAILABLE` ("shutting down, reconnect") and the end.
+fn event_stream(
+    events: broadcast::Receiver<crate::events::LicenseEvent>,
+    drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    slot: WatchSlot,
+) -> impl Stream<Item = Result<pb::WatchLicenseEventsResponse, Status>> + Send + 'static {
+    let subscription = Subscription {
+        events,
+        drained,
+        _slot: slot,
+    };
+    futures::stream::unfold(Some(subscription), |state| async move {
+        let mut sub = state?;
+        let item = tokio::select! {
+            biased;
+            () = &mut sub.drained => return Some((Err(refusal(Refusal::ShuttingDown)), None)),
+            received = sub.events.recv() => match received {
+                Ok(event) => convert::event(&event),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let mut e =
+                        crate::events::LicenseEvent::new("lagged_resync", chrono::Utc::now());
+                    e.detail = format!("{missed} events missed: re-read the state");
+                    convert::event(&e)
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+        };
+        Some((Ok(item), Some(sub)))
+    })
 }

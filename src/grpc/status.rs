@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::auth::AuthError;
 use crate::domain::LicensingError;
+use crate::limits::Refusal;
 
 /// The `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "licensing.comtrexx";
@@ -45,6 +46,55 @@ pub fn to_status(error: LicensingError) -> Status {
     }
     let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     Status::with_error_details(code, message, details)
+}
+
+/// How long a shed call should wait before its retry (`RetryInfo`).
+const OVERLOAD_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The same table for calls refused by a limit (`limits`): overload and
+/// draining are `UNAVAILABLE` (nothing was done; retry, with backoff), caller
+/// quotas are `RESOURCE_EXHAUSTED`, the server-side deadline is
+/// `DEADLINE_EXCEEDED`; an over-size request is `RESOURCE_EXHAUSTED`. Where a wait helps, `RetryInfo` says how long.
+pub fn refusal_status(refusal: &Refusal) -> Status {
+    let entry = |k: &str, v: String| HashMap::from([(k.to_owned(), v)]);
+    let (code, reason, retry_delay, metadata) = match refusal {
+        Refusal::Overloaded { class } => (
+            Code::Unavailable,
+            "OVERLOADED",
+            Some(OVERLOAD_RETRY_DELAY),
+            entry("class", class.as_str().to_owned()),
+        ),
+        Refusal::RateLimited { retry_after } => (
+            Code::ResourceExhausted,
+            "RATE_LIMITED",
+            Some(*retry_after),
+            HashMap::new(),
+        ),
+        Refusal::TooManySubscribers { limit } => (
+            Code::ResourceExhausted,
+            "TOO_MANY_SUBSCRIBERS",
+            None,
+            entry("limit", limit.to_string()),
+        ),
+        Refusal::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN", None, HashMap::new()),
+        Refusal::DeadlineExceeded { deadline } => (
+            Code::DeadlineExceeded,
+            "DEADLINE_EXCEEDED",
+            None,
+            entry("deadline_ms", deadline.as_millis().to_string()),
+        ),
+        Refusal::MessageTooLarge { limit } => (
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+            None,
+            entry("limit_bytes", limit.to_string()),
+        ),
+    };
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    if retry_delay.is_some() {
+        details.set_retry_info(retry_delay);
+    }
+    Status::with_error_details(code, refusal.to_string(), details)
 }
 
 /// Refusals of the authorization layer: a caller not established is
@@ -113,6 +163,73 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NO_FREE_SEAT");
         assert_eq!(info.metadata["capacity"], "5");
+    }
+
+    #[test]
+    fn refusals_follow_the_contract() {
+        use crate::limits::{Refusal, RpcClass};
+        use std::time::Duration;
+        let cases = [
+            (
+                Refusal::Overloaded {
+                    class: RpcClass::Writes,
+                },
+                Code::Unavailable,
+                "OVERLOADED",
+                true,
+            ),
+            (
+                Refusal::RateLimited {
+                    retry_after: Duration::from_secs(7),
+                },
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                true,
+            ),
+            (
+                Refusal::TooManySubscribers { limit: 2 },
+                Code::ResourceExhausted,
+                "TOO_MANY_SUBSCRIBERS",
+                false,
+            ),
+            (
+                Refusal::ShuttingDown,
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                false,
+            ),
+            (
+                Refusal::DeadlineExceeded {
+                    deadline: Duration::from_secs(1),
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+                false,
+            ),
+            (
+                Refusal::MessageTooLarge { limit: 65536 },
+                Code::ResourceExhausted,
+                "MESSAGE_TOO_LARGE",
+                false,
+            ),
+        ];
+        for (refusal, code, reason, retry) in cases {
+            let status = refusal_status(&refusal);
+            assert_eq!(status.code(), code, "{refusal:?}");
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+            assert_eq!(
+                status.get_details_retry_info().is_some(),
+                retry,
+                "{refusal:?}"
+            );
+        }
+        let status = refusal_status(&Refusal::RateLimited {
+            retry_after: Duration::from_secs(7),
+        });
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(7))
+        );
     }
 
     #[test]

@@ -308,6 +308,16 @@ pub fn licensed_config(redis: Option<&RedisServer>, serial: &str, vendor: &Vendo
     }
 }
 
+/// `config` with limits that no burst of a test reaches: tests of other
+/// behaviour send hundreds of concurrent writes or many activations in a row
+/// (`tests/limits.rs` tests the limits themselves).
+pub fn without_load_limits(mut config: RawConfig) -> RawConfig {
+    config.limits.concurrent_writes = 100_000;
+    config.limits.concurrent_operator_reads = 100_000;
+    config.limits.activation_burst = 10_000;
+    config
+}
+
 /// Polls `check` until it holds or `within` passes; returns whether it held.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
