@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::config::{Config, LicenseSourceConfig};
 use crate::domain::Clock;
 use crate::mirror::{Mirror, Verifier};
+use crate::reload::Reloads;
 use crate::server::{self, ServerOptions};
 use crate::service::{Licensing, Settings};
 use crate::store::Store;
@@ -26,6 +27,8 @@ pub struct App {
     pub licensing: Arc<Licensing>,
     pub store: Arc<dyn Store>,
     pub mirror: Arc<Mirror>,
+    /// What SIGHUP re-reads (see [`crate::reload`]).
+    pub reloads: Arc<Reloads>,
     // The Redis store, for its start-up check of the eviction policy.
     redis: Option<Arc<RedisStore>>,
     options: ServerOptions,
@@ -84,6 +87,14 @@ impl App {
             settings,
             source,
         ));
+        let mut reloads = Reloads::default();
+        if let LicenseSourceConfig::File(_) = &config.license_source {
+            let licensing = licensing.clone();
+            reloads.register("license file", move || {
+                let licensing = licensing.clone();
+                async move { reload_license_file(&licensing).await }
+            });
+        }
         let tls = match &config.tls {
             Some((cert, key)) => Some((
                 std::fs::read(cert)
@@ -97,6 +108,7 @@ impl App {
             licensing,
             store,
             mirror,
+            reloads: Arc::new(reloads),
             redis,
             options: ServerOptions {
                 drain_timeout: config.drain_timeout,
@@ -145,6 +157,17 @@ impl App {
             tracing::warn!(%error, "metrics endpoint stopped with an error");
         }
         result
+    }
+}
+
+/// Applies the license file again (a reconcile): a file that does not verify, or
+/// cannot be read, leaves the applied license as it is, and the reconcile's error
+/// is the reload's.
+async fn reload_license_file(licensing: &Licensing) -> anyhow::Result<()> {
+    let report = licensing.reconcile().await.context("reconcile")?;
+    match report.error {
+        None => Ok(()),
+        Some(error) => Err(anyhow::anyhow!("{:?}: {error}", report.outcome)),
     }
 }
 
