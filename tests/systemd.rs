@@ -32,6 +32,7 @@ struct NotifySocket {
 
 impl NotifySocket {
     fn bind(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
         Self { socket, path }
@@ -78,9 +79,16 @@ impl Service {
     /// Starts `comtrexx-licensing serve` on a free loopback port, with the memory
     /// store, notifying `notify`; `env` adds or overrides variables.
     fn start(dir: &Path, notify: &NotifySocket, env: &[(&str, &str)]) -> Self {
-        let port = unused_port();
         let log = dir.join("service.log");
-        let out = std::fs::File::create(&log).unwrap();
+        std::fs::File::create(&log).unwrap();
+        Self::start_logging_to(&log, notify, env)
+    }
+
+    /// Like [`Service::start`], with stdout and stderr appended to `log`.
+    fn start_logging_to(log: &Path, notify: &NotifySocket, env: &[(&str, &str)]) -> Self {
+        let port = unused_port();
+        let log = log.to_owned();
+        let out = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         let mut command = Command::new(BIN);
         command
             .arg("serve")
@@ -168,7 +176,12 @@ const START: Duration = Duration::from_secs(20);
 async fn ready_only_once_serving_and_stopping_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let notify = NotifySocket::bind(dir.path());
-    let mut service = Service::start(dir.path(), &notify, &[]);
+    // The health client's idle connection is drained until this timeout passes.
+    let mut service = Service::start(
+        dir.path(),
+        &notify,
+        &[("LICENSING_DRAIN_TIMEOUT_MS", "1000")],
+    );
 
     let seen = notify.expect("READY=1", START).await;
     assert!(
@@ -301,5 +314,65 @@ async fn sighup_reloads_the_license_file_and_keeps_the_license_when_broken() {
     assert_eq!(
         overview(&mut client).await.activation_state,
         pb::ActivationState::Active as i32
+    );
+}
+
+#[tokio::test]
+async fn logs_in_the_journal_form_only_when_stdout_is_the_journal_stream() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::bind(dir.path());
+
+    // Elsewhere: the text format as always, timestamp first.
+    let mut plain = Service::start(dir.path(), &notify, &[]);
+    notify.expect("READY=1", START).await;
+    plain.signal("TERM");
+    plain.wait_exit(Duration::from_secs(15));
+    let text = plain.log_text();
+    let first = text.lines().next().expect("log lines");
+    assert!(
+        first.starts_with("20") && !first.starts_with('<'),
+        "timestamp first outside the journal: {first}"
+    );
+
+    // Stdout is the stream systemd announced (its device and inode): priorities.
+    let log = dir.path().join("journal.log");
+    std::fs::File::create(&log).unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let notify = NotifySocket::bind(&dir.path().join("second"));
+    let mut journal = Service::start_logging_to(
+        &log,
+        &notify,
+        &[
+            ("JOURNAL_STREAM", &stream),
+            ("LICENSING_LOG__FORMAT", "text"),
+        ],
+    );
+    notify.expect("READY=1", START).await;
+    journal.signal("TERM");
+    journal.wait_exit(Duration::from_secs(15));
+    let text = journal.log_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let rest = line
+            .strip_prefix("<6>")
+            .or_else(|| line.strip_prefix("<4>"))
+            .or_else(|| line.strip_prefix("<3>"))
+            .unwrap_or_else(|| panic!("a priority prefix on every line: {line}"));
+        assert!(!rest.starts_with("20"), "no timestamp: {line}");
+        assert!(!line.contains('\u{1b}'), "no colour: {line}");
+    }
+    // The in-memory store warning is a warning, the start an info.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>") && l.contains("no redis_url"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("serving gRPC"))
     );
 }
