@@ -42,6 +42,19 @@ impl Reloads {
         ));
     }
 
+    /// Adds a part whose reload is a quick synchronous re-read of a small file
+    /// (e.g. `move || callers.reload()`); its error becomes the reload's.
+    pub fn register_sync<F, E>(&mut self, part: &'static str, reload: F)
+    where
+        F: Fn() -> Result<(), E> + Send + Sync + 'static,
+        E: std::fmt::Display,
+    {
+        self.register(part, move || {
+            let result = reload().map_err(|e| anyhow::anyhow!("{e}"));
+            async move { result }
+        });
+    }
+
     /// The registered parts' names.
     pub fn parts(&self) -> Vec<&'static str> {
         self.parts.iter().map(|(name, _)| *name).collect()
@@ -110,6 +123,9 @@ mod tests {
         reloads.register("broken", || async {
             Err(anyhow::anyhow!("parse").context("read broken.toml"))
         });
+        reloads.register_sync("broken sync", || {
+            Err::<(), _>("callers.toml: line 3: unknown role")
+        });
         let counter = calls.clone();
         reloads.register("good", move || {
             let counter = counter.clone();
@@ -118,24 +134,36 @@ mod tests {
                 Ok(())
             }
         });
-        assert_eq!(reloads.parts(), ["broken", "good"]);
+        let counter = calls.clone();
+        reloads.register_sync("good sync", move || {
+            counter.fetch_add(10, Ordering::SeqCst);
+            Ok::<(), String>(())
+        });
+        assert_eq!(
+            reloads.parts(),
+            ["broken", "broken sync", "good", "good sync"]
+        );
 
         let outcomes = reloads.reload_all().await;
-        assert_eq!(outcomes.len(), 2);
-        assert_eq!(outcomes[0].part, "broken");
+        let parts: Vec<_> = outcomes.iter().map(|o| o.part).collect();
+        assert_eq!(parts, ["broken", "broken sync", "good", "good sync"]);
         let error = outcomes[0].error.as_deref().expect("broken part fails");
         assert!(
             error.contains("broken.toml") && error.contains("parse"),
             "{error}"
         );
-        assert_eq!(outcomes[1].part, "good");
-        assert!(outcomes[1].error.is_none());
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let error = outcomes[1]
+            .error
+            .as_deref()
+            .expect("broken sync part fails");
+        assert!(error.contains("callers.toml"), "{error}");
+        assert!(outcomes[2].error.is_none() && outcomes[3].error.is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), 11, "both good parts ran");
 
         reloads.reload_all().await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
-            2,
+            22,
             "every reload calls each part"
         );
     }
