@@ -84,7 +84,7 @@ impl Reloads {
 
 /// Installs the SIGHUP handler now (so that a SIGHUP from here on never
 /// terminates the process) and reloads all parts on each one, telling systemd
-/// `RELOADING=1` before and `READY=1` after, so `systemctl reload` waits for it.
+/// `RELOADING=1` before and `READY=1` (with a status line naming failed parts) after.
 #[cfg(unix)]
 pub fn spawn_on_sighup(reloads: Arc<Reloads>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context as _;
