@@ -10,8 +10,9 @@
 #   4. dpkg -i; the installed binary validates the packaged configuration;
 #   5. the installed binary started as the unit starts it (its ExecStart, as its
 #      User, without privileges), with the packaged configuration, against a
-#      private redis-server on a free port: health says SERVING over gRPC, SIGHUP
-#      reloads without stopping it, SIGTERM stops it cleanly;
+#      private redis-server on a free port: health says SERVING over gRPC, a
+#      StartTryout lands in that Redis, SIGHUP reloads without stopping it,
+#      SIGTERM stops it cleanly;
 #   6. reinstalling keeps a changed configuration (a conffile);
 #   7. dpkg --purge removes it.
 #
@@ -34,7 +35,7 @@ log() { printf '==> %s\n' "$*"; }
 die() { printf 'check-deb: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (dpkg -i)"
-for tool in cargo-deb lintian systemd-analyze redis-server grpcurl setpriv python3; do
+for tool in cargo-deb lintian systemd-analyze redis-server redis-cli grpcurl setpriv python3; do
   command -v "${tool}" >/dev/null 2>&1 || die "${tool} not on PATH (run scripts/install-tools.sh)"
 done
 [ -x target/release/${PKG} ] || die "target/release/${PKG} missing: run cargo build --release first"
@@ -135,8 +136,16 @@ for _ in $(seq 1 100); do
 done
 serving || { cat "${work}/service.log" >&2; die "health is not SERVING after 20 s"; }
 log "health: SERVING"
-grep -q "store=redis at redis://127.0.0.1:${redis_port}" "${work}/service.log" \
-  || { cat "${work}/service.log" >&2; die "the service does not use the private Redis"; }
+# A write lands in the private Redis: the packaged configuration's store is used.
+# (Writes wait for the first sync with a new, empty Redis: retry for a few seconds.)
+for _ in $(seq 1 50); do
+  grpcurl -plaintext "127.0.0.1:${grpc_port}" comtrexx.licensing.v1.LicensingService/StartTryout \
+    >"${work}/tryout.json" 2>&1 && break
+  sleep 0.2
+done
+cat "${work}/tryout.json"
+redis-cli -p "${redis_port}" --scan --pattern 'lic:*:tryout' | grep -q . \
+  || { cat "${work}/service.log" >&2; die "StartTryout wrote nothing to the private Redis"; }
 grpcurl -plaintext "127.0.0.1:${grpc_port}" comtrexx.licensing.v1.LicensingService/GetLicenseOverview
 
 kill -HUP "${service_pid}"
