@@ -13,7 +13,7 @@
 #      private redis-server on a free port: health says SERVING over gRPC, a
 #      StartTryout lands in that Redis, SIGHUP reloads without stopping it,
 #      SIGTERM stops it cleanly;
-#   6. reinstalling keeps a changed configuration (a conffile);
+#   6. upgrading to a later revision keeps a changed configuration (a conffile);
 #   7. dpkg --purge removes it.
 #
 # Needs root (dpkg), redis-server, lintian, systemd-analyze, cargo-deb and grpcurl
@@ -164,11 +164,18 @@ service_pid=""
 [ "${status}" -eq 0 ] || { cat "${work}/service.log" >&2; die "exit status ${status} after SIGTERM"; }
 log "SIGTERM: drained and exited 0"
 
-# --- 6. the configuration survives a reinstall (upgrade path) ---------------------------
-log "reinstall keeps a changed configuration"
+# --- 6. an upgrade keeps the operator's configuration ----------------------------------
+log "upgrade to revision 2 keeps a changed configuration"
+mkdir -p "${work}/upgrade"
+upgrade="$(cargo deb --no-build --locked --fast --deb-revision 2 --output "${work}/upgrade/" \
+  2>"${work}/cargo-deb-upgrade.log" | tail -n 1)" \
+  || { cat "${work}/cargo-deb-upgrade.log" >&2; die "cargo deb (revision 2) failed"; }
 sed -i 's/^edition = "vm"$/edition = "business"/' "${CONF}"
-dpkg -i "${deb}" >/dev/null
-grep -q '^edition = "business"$' "${CONF}" || die "reinstalling replaced the changed ${CONF}"
+dpkg -i "${upgrade}" >/dev/null
+[ "$(dpkg-query -W -f='${Version}' "${PKG}")" = "$(dpkg-deb -f "${upgrade}" Version)" ] \
+  || die "the upgrade did not install"
+grep -q '^edition = "business"$' "${CONF}" || die "the upgrade replaced the changed ${CONF}"
+[ "$(stat -c '%U:%G %a' "${CONF}")" = "root:${PKG} 640" ] || die "the upgrade reset ${CONF}'s mode"
 
 # --- 7. purge ---------------------------------------------------------------------------
 log "dpkg --purge"
