@@ -11,7 +11,9 @@
 #   3. starts the server on a free loopback port with the embedded in-memory store and
 #      metrics disabled; the license file is configured but not there yet, so that the
 #      story of the recipes can begin on a fresh PBX (tryout) and apply the license later;
-#   4. smoke-checks the server through reflection only (list, describe, health);
+#   4. waits (bounded) until the overview records the start-up reconcile, which the
+#      recipes' story begins after; smoke-checks the server through reflection only
+#      (list, describe, health);
 #   5. extracts every fenced ```sh block of docs/operations.md whose first line is
 #      `# recipe: NAME` and runs them in document order with $ADDR set. A recipe passes
 #      when it exits 0, or, when the block also has a line `# expect: CODE` (a grpcurl
@@ -174,6 +176,23 @@ $(tail -n 30 "${WORK}/server.log")"
   sleep 0.2
 done
 echo "==> server answers on ${ADDR}"
+
+# The recipes describe the PBX after its start-up reconcile (with no license file yet:
+# lastReconcileError says so). It runs in the background shortly after start; wait
+# for the overview to record it (bounded) instead of assuming it happened.
+startup_reconciled() {
+  grpcurl -plaintext -max-time 2 "${ADDR}" comtrexx.licensing.v1.LicensingService/GetLicenseOverview 2>/dev/null \
+    | python3 -c 'import json, sys; sys.exit(not json.load(sys.stdin).get("lastReconcileOutcome"))'
+}
+deadline=$((SECONDS + STARTUP_TIMEOUT))
+until startup_reconciled; do
+  if [ "${SECONDS}" -ge "${deadline}" ]; then
+    die "the start-up reconcile was not recorded within ${STARTUP_TIMEOUT} s; server log:
+$(tail -n 30 "${WORK}/server.log")"
+  fi
+  sleep 0.2
+done
+echo "==> start-up reconcile recorded"
 
 # --- smoke checks through reflection only ---------------------------------------------
 smoke() {

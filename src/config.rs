@@ -45,6 +45,28 @@ pub struct RawConfig {
     pub mirror: RawMirror,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
+    pub trace: RawTrace,
+}
+
+/// Spans exported over OTLP, set independently of the log lines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTrace {
+    /// Which spans reach the OTLP exporter (an `EnvFilter` directive, like
+    /// `log.level`, which only governs log lines).
+    pub level: String,
+    /// Share of new traces sampled (0.0 to 1.0); a call that carries a sampled
+    /// W3C `traceparent` is always traced (parent-based).
+    pub sampling_ratio: f64,
+}
+
+impl Default for RawTrace {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            sampling_ratio: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +173,7 @@ impl Default for RawConfig {
             mirror: RawMirror::default(),
             tls: RawTls::default(),
             otlp_endpoint: None,
+            trace: RawTrace::default(),
         }
     }
 }
@@ -227,6 +250,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Which spans are exported (independent of `log_level`).
+    pub trace_level: String,
+    /// Parent-based sampling ratio of new traces.
+    pub trace_sampling_ratio: f64,
     pub mirror: MirrorConfig,
     /// Certificate and key (PEM) for serving gRPC over TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -266,7 +293,12 @@ impl RawConfig {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed("LICENSING_").split("__").ignore(&["config"]))
+        figment.merge(
+            Env::prefixed("LICENSING_")
+                .filter(|key| !is_service_link(key.as_str()))
+                .split("__")
+                .ignore(&["config"]),
+        )
     }
 
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -433,6 +465,18 @@ impl RawConfig {
                 ),
             ));
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.trace.level).is_err() {
+            return Err(invalid(
+                "trace.level",
+                format!(
+                    "{:?} is not a level or filter (e.g. info, off)",
+                    self.trace.level
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.trace.sampling_ratio) {
+            return Err(invalid("trace.sampling_ratio", "must be 0.0 to 1.0"));
+        }
         if self.mirror.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
@@ -469,6 +513,8 @@ impl RawConfig {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_format,
             log_level: self.log.level.clone(),
+            trace_level: self.trace.level.clone(),
+            trace_sampling_ratio: self.trace.sampling_ratio,
             mirror: MirrorConfig {
                 stale_after: Duration::from_millis(self.mirror.stale_after_ms),
                 resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
@@ -492,6 +538,68 @@ impl RawConfig {
                 }),
         })
     }
+}
+
+/// The top-level keys of the configuration (a service-link-shaped name that is one
+/// of them stays a setting).
+fn known_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| match serde_json::to_value(RawConfig::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// Whether `key` (a `LICENSING_` variable without its prefix, any case) is not a
+/// setting but one of the variables Kubernetes injects for a Service whose name
+/// starts with `licensing` (service links): `<SVC>_SERVICE_HOST`,
+/// `<SVC>_SERVICE_PORT[_<PORT-NAME>]`, `<SVC>_PORT` and
+/// `<SVC>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]`.
+pub fn is_service_link(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key.contains("__") || known_keys().contains(&key) {
+        return false;
+    }
+    // `<SVC>` may be empty: a Service named just `licensing` gives
+    // LICENSING_SERVICE_HOST, LICENSING_PORT, ...
+    let svc_ok = |svc: &str| svc.is_empty() || !svc.starts_with('_') && !svc.ends_with('_');
+    if let Some(svc) = key.strip_suffix("service_host") {
+        return svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok);
+    }
+    if let Some((svc, rest)) = key.split_once("service_port")
+        && (svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok))
+    {
+        return rest.is_empty() || rest.len() > 1 && rest.starts_with('_');
+    }
+    if let Some(svc) = key.strip_suffix("port")
+        && (svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok))
+    {
+        return true;
+    }
+    // <SVC>_PORT_<n>_<PROTO>[_<FIELD>]
+    let parts: Vec<&str> = key.split('_').collect();
+    parts.iter().enumerate().any(|(i, part)| {
+        *part == "port"
+            && parts
+                .get(i + 1)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && parts
+                .get(i + 2)
+                .is_some_and(|p| matches!(*p, "tcp" | "udp" | "sctp"))
+            && match parts.len() - i {
+                3 => true,
+                4 => matches!(parts[i + 3], "proto" | "port" | "addr"),
+                _ => false,
+            }
+    })
+}
+
+/// The `LICENSING_*` variables of this process that are ignored as service links.
+pub fn ignored_service_links() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.strip_prefix("LICENSING_").is_some_and(is_service_link))
+        .collect()
 }
 
 /// Puts a password into a redis URL (`redis://[user]:password@host`).
@@ -594,6 +702,14 @@ mod tests {
             (Box::new(|c| c.log.format = "xml".into()), "log.format"),
             (Box::new(|c| c.log.level = "loud=,=".into()), "log.level"),
             (
+                Box::new(|c| c.trace.level = "loud=,=".into()),
+                "trace.level",
+            ),
+            (
+                Box::new(|c| c.trace.sampling_ratio = 1.5),
+                "trace.sampling_ratio",
+            ),
+            (
                 Box::new(|c| c.tls.cert_file = Some("c.pem".into())),
                 "tls.key_file",
             ),
@@ -638,6 +754,60 @@ mod tests {
                 other => panic!("expected an error for {key}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn service_links_are_ignored_other_unknown_variables_are_not() {
+        // What Kubernetes injects for a Service `licensing-comtrexx-licensing` with
+        // ports grpc 50051 and metrics 9090.
+        let links = [
+            "LICENSING_COMTREXX_LICENSING_SERVICE_HOST",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT_GRPC",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT_METRICS",
+            "LICENSING_COMTREXX_LICENSING_PORT",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_PROTO",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_PORT",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_ADDR",
+            "LICENSING_COMTREXX_LICENSING_PORT_9090_TCP_ADDR",
+            "LICENSING_SIM_PORT_8443_UDP",
+            // A Service named just `licensing`.
+            "LICENSING_SERVICE_HOST",
+            "LICENSING_SERVICE_PORT",
+            "LICENSING_PORT",
+            "LICENSING_PORT_50051_TCP_ADDR",
+        ];
+        for var in links {
+            assert!(is_service_link(&var["LICENSING_".len()..]), "{var}");
+        }
+        for key in [
+            "listen_addr",
+            "metrics_addr",
+            "serial_numbr",
+            "transport",
+            "x_service_hosts",
+            "x_port_http_tcp",
+            "x_port_1_tcp_extra",
+            "tryout__port",
+        ] {
+            assert!(!is_service_link(key), "{key}");
+        }
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for var in links {
+                jail.set_env(var, "10.0.0.1");
+            }
+            jail.set_env("LICENSING_SERIAL_NUMBER", "K8S-1");
+            let raw = RawConfig::load(None).unwrap();
+            assert_eq!(raw.serial_number, "K8S-1");
+            assert_eq!(ignored_service_links().len(), links.len());
+            // Any other unknown variable still fails, naming itself.
+            jail.set_env("LICENSING_SERIAL_NUMBR", "x");
+            let err = RawConfig::load(None).unwrap_err();
+            assert!(err.to_string().contains("serial_numbr"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

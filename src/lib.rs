@@ -72,6 +72,12 @@ pub fn log_startup(config: &config::Config, store: String) {
         "starting comtrexx-licensing {}",
         env!("CARGO_PKG_VERSION")
     );
+    for variable in config::ignored_service_links() {
+        tracing::debug!(
+            %variable,
+            "ignored: a Kubernetes service-link variable, not a setting"
+        );
+    }
     if config.redis.is_none() {
         tracing::warn!(
             "no redis_url configured: using the embedded in-memory store; all seats and the tryout record are lost on restart"

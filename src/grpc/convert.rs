@@ -181,6 +181,16 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
             .or_else(|| o.license_problem.clone())
             .unwrap_or_default(),
         system_activated: o.system_activated,
+        activation_reason: o.activation_reason.clone(),
+        over_capacity: o
+            .over_capacity
+            .iter()
+            .map(|c| pb::OverCapacity {
+                feature: c.feature.to_string(),
+                seats: c.seats,
+                grace_ends_at: opt_timestamp(c.grace_ends_at),
+            })
+            .collect(),
     }
 }
 

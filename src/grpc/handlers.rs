@@ -45,6 +45,7 @@ fn rpc_span(
 ) -> tracing::Span {
     let span = tracing::info_span!(
         "rpc",
+        otel.name = method,
         rpc = method,
         serial_number = %licensing.settings().serial,
         user_id = tracing::field::Empty,

@@ -87,6 +87,19 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
+    /// Why the PBX is in its activation state (one sentence).
+    pub activation_reason: String,
+    /// Per seat feature with seats beyond its purchased quantity.
+    pub over_capacity: Vec<OverCapacity>,
+}
+
+/// Seats of one feature beyond the purchased quantity: licensed until their
+/// over-capacity grace ends, the first of them at `grace_ends_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverCapacity {
+    pub feature: Feature,
+    pub seats: u32,
+    pub grace_ends_at: Option<DateTime<Utc>>,
 }
 
 /// What `Reconcile` answers.
@@ -209,7 +222,8 @@ impl Licensing {
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
-            self.licenses(state, now).check_seat(seat.as_ref(), now)
+            self.licenses(state, now)
+                .check_seat(feature, seat.as_ref(), now)
         });
         CheckAnswer {
             check,
@@ -451,16 +465,44 @@ impl Licensing {
 
     pub fn overview(&self) -> Overview {
         let now = self.clock.now();
-        self.mirror.read(|state| Overview {
-            serial: self.settings.serial.clone(),
-            edition: self.settings.edition,
-            activation: self.activation(state, now),
-            system_activated: self.licenses(state, now).system_activated(now),
-            entitlements: self.entitlements(state),
-            tryout: self.tryout_view(state, now),
-            reconcile: state.reconcile.clone(),
-            license_source: self.license_source(),
-            license_problem: state.license_problem.clone(),
+        self.mirror.read(|state| {
+            let activation = self.activation(state, now);
+            let system_activated = self.licenses(state, now).system_activated(now);
+            let activation_reason = activation::explain(&activation::ActivationFacts {
+                activation,
+                edition: self.settings.edition,
+                system_activated,
+                license_applied_at: state.license.as_ref().map(|l| l.applied_at),
+                license_problem: state.license_problem.as_deref(),
+                reconcile: &state.reconcile,
+                lapse_action: self.settings.lapse_action,
+            });
+            let over_capacity = Feature::SEATS
+                .into_iter()
+                .filter_map(|feature| {
+                    let (seats, first) = state.over_capacity(feature);
+                    (seats > 0).then(|| OverCapacity {
+                        feature,
+                        seats,
+                        grace_ends_at: first
+                            .and_then(DateTime::<Utc>::from_timestamp_millis)
+                            .map(|since| since + self.settings.over_capacity_grace),
+                    })
+                })
+                .collect();
+            Overview {
+                serial: self.settings.serial.clone(),
+                edition: self.settings.edition,
+                activation,
+                system_activated,
+                entitlements: self.entitlements(state),
+                tryout: self.tryout_view(state, now),
+                reconcile: state.reconcile.clone(),
+                license_source: self.license_source(),
+                license_problem: state.license_problem.clone(),
+                activation_reason,
+                over_capacity,
+            }
         })
     }
 
