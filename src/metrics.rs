@@ -438,6 +438,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         m.redis_errors.clone(),
     );
     registry.register_collector(Box::new(StateCollector { licensing }));
+    register_auth_metrics(&mut registry);
     registry
 }
 
@@ -590,6 +591,124 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+// ---------------------------------------------------------------------------
+// Callers, authorization, audit and the trust anchor: a self-contained block.
+// ---------------------------------------------------------------------------
+
+/// The process-wide counters and gauges of authentication, authorization,
+/// audit and the trust anchor.
+pub struct AuthMetrics {
+    /// Calls refused by the authorization layer, by reason and status code.
+    refused: Family<Labels, Counter>,
+    /// Audit entries that reached only the log, by reason.
+    audit_not_stored: Family<Labels, Counter>,
+    /// Re-reads of the callers file or TLS material that failed, by file.
+    reload_failures: Family<Labels, Counter>,
+    tls_handshake_failures: Counter,
+    /// 1 for the `auth.mode` in force, 0 for the others.
+    auth_mode: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
+    /// 1 when the configuration declares a development installation.
+    development_installation: prometheus_client::metrics::gauge::Gauge,
+}
+
+static AUTH_METRICS: LazyLock<AuthMetrics> = LazyLock::new(|| AuthMetrics {
+    refused: Family::default(),
+    audit_not_stored: Family::default(),
+    reload_failures: Family::default(),
+    tls_handshake_failures: Counter::default(),
+    auth_mode: Family::default(),
+    development_installation: Default::default(),
+});
+
+/// The process-wide authentication, authorization and audit metrics.
+pub fn auth_metrics() -> &'static AuthMetrics {
+    &AUTH_METRICS
+}
+
+impl AuthMetrics {
+    pub fn refused(&self, reason: &'static str, code: &'static str) {
+        self.refused
+            .get_or_create(&vec![
+                ("reason", reason.to_owned()),
+                ("code", code.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn audit_not_stored(&self, reason: &'static str) {
+        self.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// How many audit entries reached only the log for `reason` (for tests).
+    pub fn audit_not_stored_count(&self, reason: &'static str) -> u64 {
+        self.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .get()
+    }
+
+    pub fn reload_failed(&self, file: &'static str) {
+        self.reload_failures
+            .get_or_create(&vec![("file", file.to_owned())])
+            .inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    /// Records the posture the process runs with (at start).
+    pub fn set_posture(&self, auth_mode: &'static str, development_installation: bool) {
+        for mode in ["protected", "enforce", "disabled"] {
+            self.auth_mode
+                .get_or_create(&vec![("mode", mode.to_owned())])
+                .set(i64::from(mode == auth_mode));
+        }
+        self.development_installation
+            .set(i64::from(development_installation));
+    }
+}
+
+fn register_auth_metrics(registry: &mut Registry) {
+    let m = auth_metrics();
+    for reason in ["queue_full", "store", "stopped"] {
+        m.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc_by(0);
+    }
+    registry.register(
+        "licensing_auth_refused",
+        "Calls refused by authentication or authorization, by reason and gRPC status code",
+        m.refused.clone(),
+    );
+    registry.register(
+        "licensing_audit_not_stored",
+        "Audit entries written only to the log (queue full or store failure), by reason",
+        m.audit_not_stored.clone(),
+    );
+    registry.register(
+        "licensing_credentials_reload_failures",
+        "Failed re-reads of the callers file or the TLS material (the previous stays in force), by file",
+        m.reload_failures.clone(),
+    );
+    registry.register(
+        "licensing_tls_handshake_failures",
+        "TLS handshakes on the gRPC listener that failed or timed out",
+        m.tls_handshake_failures.clone(),
+    );
+    registry.register(
+        "licensing_auth_mode",
+        "1 for the auth.mode in force (protected, enforce or disabled)",
+        m.auth_mode.clone(),
+    );
+    registry.register(
+        "licensing_development_installation",
+        "1 when the configuration declares a development installation (its own vendor key instead of the embedded one)",
+        m.development_installation.clone(),
+    );
 }
 
 #[cfg(test)]

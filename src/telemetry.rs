@@ -141,3 +141,25 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Metad
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let _ = span.set_parent(parent);
 }
+
+/// The trace id of a call, for the audit trail: the span's when traces are
+/// exported, else the one in the caller's `traceparent` header; empty if none.
+pub fn trace_id(span: &tracing::Span, traceparent: Option<&str>) -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        return span_context.trace_id().to_string();
+    }
+    traceparent
+        .and_then(traceparent_trace_id)
+        .unwrap_or_default()
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn traceparent_trace_id(value: &str) -> Option<String> {
+    let mut parts = value.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace != "0".repeat(32))
+        .then(|| trace.to_ascii_lowercase())
+}

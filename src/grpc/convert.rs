@@ -191,6 +191,8 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
                 grace_ends_at: opt_timestamp(c.grace_ends_at),
             })
             .collect(),
+        auth_mode: o.auth_mode.to_owned(),
+        development_installation: o.development_installation,
     }
 }
 
@@ -207,5 +209,19 @@ pub fn event(e: &LicenseEvent) -> pb::WatchLicenseEventsResponse {
         feature: e.feature.map(|f| f.to_string()).unwrap_or_default(),
         detail: e.detail.clone(),
         days_remaining: e.days_remaining.unwrap_or(0),
+    }
+}
+
+pub fn audit_event(e: &crate::domain::audit::AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        time: Some(timestamp(e.time)),
+        caller: e.caller.clone(),
+        role: e.role.clone(),
+        method: e.method.clone(),
+        user_id: e.user_id.clone(),
+        feature: e.feature.clone(),
+        code: e.code.clone(),
+        detail: e.detail.clone(),
+        trace_id: e.trace_id.clone(),
     }
 }

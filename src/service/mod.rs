@@ -6,6 +6,8 @@
 
 mod licenses;
 
+pub use licenses::parse_response as parse_activation_response;
+
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -50,6 +52,10 @@ pub struct Settings {
     pub code_ttl: Duration,
     /// Retries of transient licensing-server failures within one reconcile.
     pub backoff: Backoff,
+    /// Who needs credentials (`auth.mode`), shown in the overview.
+    pub auth_mode: &'static str,
+    /// Trusts a vendor key other than the built-in one, shown in the overview.
+    pub development_installation: bool,
 }
 
 /// The answer to `CheckSeat`.
@@ -91,6 +97,8 @@ pub struct Overview {
     pub activation_reason: String,
     /// Per seat feature with seats beyond its purchased quantity.
     pub over_capacity: Vec<OverCapacity>,
+    pub auth_mode: &'static str,
+    pub development_installation: bool,
 }
 
 /// Seats of one feature beyond the purchased quantity: licensed until their
@@ -502,6 +510,8 @@ impl Licensing {
                 license_problem: state.license_problem.clone(),
                 activation_reason,
                 over_capacity,
+                auth_mode: self.settings.auth_mode,
+                development_installation: self.settings.development_installation,
             }
         })
     }
@@ -523,7 +533,8 @@ fn encode_token(filter: Option<Feature>, last: &Seat) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("a page token always serializes"))
 }
 
-fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
+/// Reads a `ListSeats` page token made for the `filter`: where the next page starts.
+pub fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
     let bad = || {
         InvalidInput::new(
             "page_token",

@@ -16,6 +16,7 @@
 //! | `lic:{S}:init` | string | [`InitializationRecordV1`]: the pending initialization |
 //! | `lic:{S}:lease` | string | holder of the reconcile lease (expires by itself) |
 //! | `lic:{S}:fence` | string | fencing token of the latest lease grant |
+//! | `lic:{S}:audit` | stream | the audit trail, field `record` ([`AuditRecordV1`]) |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
@@ -31,12 +32,14 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::memory::new_epoch;
 use super::records::{
-    InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1, TryoutRecordV1,
+    AuditRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1,
+    TryoutRecordV1,
 };
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
     StoreError, StoredLicense,
 };
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
@@ -117,6 +120,9 @@ impl Keys {
     }
     fn fence(&self) -> String {
         self.key("fence")
+    }
+    fn audit(&self) -> String {
+        self.key("audit")
     }
     fn pool(&self, feature: Feature, source: SeatSource) -> String {
         self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
@@ -787,6 +793,84 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let restored: i64 = self.bounded("restore", inv.invoke_async(&mut conn)).await?;
         Ok(restored == 1)
+    }
+
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
+        // Ids come from Redis's clock (`*`), so replicas with skewed clocks still
+        // append in order; the age bound is taken against the event's time.
+        let min_id = event
+            .time
+            .timestamp_millis()
+            .saturating_sub(retention.max_age.num_milliseconds())
+            .max(0);
+        let key = self.keys.audit();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("=")
+            .arg(retention.max_entries)
+            .arg("*")
+            .arg("record")
+            .arg(AuditRecordV1::encode(event))
+            .ignore()
+            .cmd("XTRIM")
+            .arg(&key)
+            .arg("MINID")
+            .arg("=")
+            .arg(min_id)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.bounded("audit_append", pipe.query_async::<()>(&mut conn))
+            .await
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        // The newest id strictly before `before` (inclusive range end).
+        let end = match before {
+            None => "+".to_owned(),
+            Some(id) => match parse_entry_id(id) {
+                Some((0, 0)) => return Ok(Vec::new()),
+                Some((ms, 0)) => format!("{}-{}", ms - 1, u64::MAX),
+                Some((ms, seq)) => format!("{ms}-{}", seq - 1),
+                None => return Err(StoreError::Corrupt(format!("audit id {id:?}"))),
+            },
+        };
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = self
+            .bounded(
+                "audit_list",
+                redis::cmd("XREVRANGE")
+                    .arg(self.keys.audit())
+                    .arg(end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let record: String = entry
+                    .get("record")
+                    .ok_or_else(|| StoreError::Corrupt(format!("audit entry {}", entry.id)))?;
+                Ok(AuditEntry {
+                    event: AuditRecordV1::decode(&record)?,
+                    id: entry.id,
+                })
+            })
+            .collect()
     }
 
     fn describe(&self) -> String {
