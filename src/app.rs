@@ -16,6 +16,7 @@ use crate::auth::tls::TlsMaterial;
 use crate::config::{Config, LicenseSourceConfig};
 use crate::domain::Clock;
 use crate::mirror::{Mirror, Verifier};
+use crate::reload::Reloads;
 use crate::server::{self, ServerOptions};
 use crate::service::{Licensing, Settings};
 use crate::store::Store;
@@ -30,6 +31,8 @@ pub struct App {
     pub licensing: Arc<Licensing>,
     pub store: Arc<dyn Store>,
     pub mirror: Arc<Mirror>,
+    /// What SIGHUP re-reads (see [`crate::reload`]).
+    pub reloads: Arc<Reloads>,
     // The Redis store, for its start-up check of the eviction policy.
     redis: Option<Arc<RedisStore>>,
     options: ServerOptions,
@@ -115,10 +118,35 @@ impl App {
             callers: callers.clone(),
             audit: audit.clone(),
         });
+        // What SIGHUP (`systemctl reload`) re-reads; a part that fails keeps its state.
+        let mut reloads = Reloads::default();
+        if let LicenseSourceConfig::File(_) = &config.license_source {
+            let licensing = licensing.clone();
+            reloads.register("license file", move || {
+                let licensing = licensing.clone();
+                async move { reload_license_file(&licensing).await }
+            });
+        }
+        if config.auth.callers_file.is_some() {
+            let callers = callers.clone();
+            reloads.register_sync("callers file", move || {
+                callers.reload().inspect_err(|_| {
+                    crate::metrics::auth_metrics().reload_failed("callers_file");
+                })
+            });
+        }
+        if let Some(tls) = &tls {
+            let tls = tls.clone();
+            reloads.register_sync("TLS material", move || {
+                tls.reload()
+                    .inspect_err(|_| crate::metrics::auth_metrics().reload_failed("tls"))
+            });
+        }
         Ok(Self {
             licensing,
             store,
             mirror,
+            reloads: Arc::new(reloads),
             redis,
             options: ServerOptions {
                 drain_timeout: config.drain_timeout,
@@ -183,6 +211,17 @@ impl App {
             tracing::warn!(%error, "metrics endpoint stopped with an error");
         }
         result
+    }
+}
+
+/// Applies the license file again (a reconcile): a file that does not verify, or
+/// cannot be read, leaves the applied license as it is, and the reconcile's error
+/// is the reload's.
+async fn reload_license_file(licensing: &Licensing) -> anyhow::Result<()> {
+    let report = licensing.reconcile().await.context("reconcile")?;
+    match report.error {
+        None => Ok(()),
+        Some(error) => Err(anyhow::anyhow!("{:?}: {error}", report.outcome)),
     }
 }
 

@@ -21,6 +21,9 @@
 //! - [`upstream`]: the vendor licensing server behind one trait (network, license file).
 //! - [`sim`]: `licensing-sim`, the development licensing server (a simulator, not the vendor's).
 //! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
+//! - [`journal`]: log lines for the systemd journal (syslog priority, no timestamp).
+//! - [`systemd`]: readiness, drain, reload and watchdog notifications to systemd.
+//! - [`reload`]: SIGHUP re-reads the files that may change in place (license file).
 
 pub mod app;
 pub mod audit;
@@ -30,13 +33,16 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod grpc;
+pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod upstream;
 

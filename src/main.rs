@@ -1,5 +1,6 @@
 //! Entry point: parse the command line, load the configuration, start logging,
-//! bind the listener and hand over to `App::run`.
+//! bind the listener, start the SIGHUP reload and the systemd watchdog, and hand
+//! over to `App::run`.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::cli::{self, Cli, Command};
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::SystemClock;
-use comtrexx_licensing::{metrics, shutdown_signal, telemetry};
+use comtrexx_licensing::{metrics, reload, shutdown_signal, systemd, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -42,6 +43,9 @@ async fn main() -> anyhow::Result<()> {
                 metrics = ?config.metrics_addr,
                 "serving gRPC"
             );
+            // Before serving: a SIGHUP from the moment systemd hears READY=1 reloads.
+            reload::spawn_on_sighup(app.reloads.clone())?;
+            systemd::spawn_watchdog();
             let result = app.run(listener, metrics_listener, shutdown_signal()).await;
             telemetry.shutdown();
             result

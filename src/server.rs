@@ -31,7 +31,8 @@ pub struct ServerOptions {
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
-/// are taken and in-flight calls get up to `drain_timeout` to finish.
+/// are taken and in-flight calls get up to `drain_timeout` to finish. systemd hears
+/// `READY=1` when serving starts and `STOPPING=1` when draining does.
 pub async fn run(
     listener: TcpListener,
     licensing: Arc<Licensing>,
@@ -100,10 +101,14 @@ pub async fn run(
         let _ = stop_signal.await;
     });
     tokio::pin!(serve);
+    // Health says SERVING and the bound listener's connections are taken from the
+    // first poll of `serve`, just below: tell systemd (Type=notify) now.
+    crate::systemd::ready("serving");
     tokio::select! {
         result = &mut serve => return Ok(result?),
         () = shutdown => {}
     }
+    crate::systemd::stopping();
     tracing::info!(
         drain_timeout_ms = options.drain_timeout.as_millis() as u64,
         "shutting down: draining in-flight calls"

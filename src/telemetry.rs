@@ -1,7 +1,7 @@
-//! Logs (text or JSON) through `tracing`; traces and metrics over OTLP when an
-//! OpenTelemetry endpoint is configured (`otlp_endpoint` or
-//! `OTEL_EXPORTER_OTLP_ENDPOINT`), nothing exported otherwise. W3C trace context
-//! from incoming calls becomes the parent of each RPC's span.
+//! Logs (text or JSON, in the journal's form under systemd) through `tracing`;
+//! traces and metrics over OTLP when an OpenTelemetry endpoint is configured
+//! (`otlp_endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`), nothing exported otherwise.
+//! W3C trace context from incoming calls becomes the parent of each RPC's span.
 
 use anyhow::Context as _;
 use opentelemetry::propagation::Extractor;
@@ -51,6 +51,7 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     // Colours only for a person at a terminal, never in collected logs.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let fmt = match config.log_format {
+        format if crate::journal::connected() => crate::journal::layer(format),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Builds the Debian package from the release binary and checks it the way a VM
+# operator uses it (see docs/operations.md, "Single VM"):
+#
+#   1. cargo deb --no-build: packages target/release/comtrexx-licensing as built
+#      by `cargo build --release` (run that first; this script does not build);
+#   2. lintian: no errors;
+#   3. the packaged unit: `systemd-analyze verify` clean, and the offline security
+#      rating 2.0 or lower ("OK" or better);
+#   4. dpkg -i; the installed binary validates the packaged configuration;
+#   5. the installed binary started as the unit starts it (its ExecStart, as its
+#      User, without privileges), with the packaged configuration, against a
+#      private redis-server on a free port: health says SERVING over gRPC, a
+#      StartTryout lands in that Redis, SIGHUP reloads without stopping it,
+#      SIGTERM stops it cleanly;
+#   6. upgrading to a later revision keeps a changed configuration (a conffile);
+#   7. dpkg --purge removes it.
+#
+# Needs root (dpkg), redis-server, lintian, systemd-analyze, cargo-deb and grpcurl
+# (scripts/install-tools.sh installs them). No systemd as PID 1 is needed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${ROOT}"
+# shellcheck source=scripts/tools-env.sh
+source scripts/tools-env.sh
+
+PKG=comtrexx-licensing
+UNIT=/usr/lib/systemd/system/${PKG}.service
+CONF=/etc/${PKG}/config.toml
+# The highest acceptable `systemd-analyze security` exposure (0.0 to 10.0).
+MAX_EXPOSURE=2.0
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'check-deb: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "needs root (dpkg -i)"
+for tool in cargo-deb lintian systemd-analyze redis-server redis-cli grpcurl setpriv python3; do
+  command -v "${tool}" >/dev/null 2>&1 || die "${tool} not on PATH (run scripts/install-tools.sh)"
+done
+[ -x target/release/${PKG} ] || die "target/release/${PKG} missing: run cargo build --release first"
+
+work="$(mktemp -d)"
+redis_pid=""
+service_pid=""
+cleanup() {
+  [ -n "${service_pid}" ] && kill "${service_pid}" 2>/dev/null || true
+  [ -n "${redis_pid}" ] && kill "${redis_pid}" 2>/dev/null || true
+  if dpkg-query -W -f='${Status}' "${PKG}" 2>/dev/null | grep -q installed; then
+    dpkg --purge "${PKG}" >/dev/null 2>&1 || true
+  fi
+  rm -rf "${work}"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# --- 1. build ------------------------------------------------------------------------
+log "cargo deb --no-build"
+deb="$(cargo deb --no-build --locked --output "${work}/" 2>"${work}/cargo-deb.log" | tail -n 1)" \
+  || { cat "${work}/cargo-deb.log" >&2; die "cargo deb failed"; }
+[ -f "${deb}" ] || { cat "${work}/cargo-deb.log" >&2; die "cargo deb made no package (${deb})"; }
+log "built ${deb}"
+dpkg-deb --info "${deb}" | sed -n '/Package:/,$p'
+if dpkg-deb --contents "${deb}" | grep -q 'licensing-sim'; then
+  die "the package must not contain the development licensing server"
+fi
+
+# --- 2. lintian ------------------------------------------------------------------------
+log "lintian"
+lintian --allow-root --fail-on error --show-overrides "${deb}" || die "lintian reports errors"
+
+# --- 3. the unit, as packaged ---------------------------------------------------------
+mkdir -p "${work}/extract"
+dpkg-deb --extract "${deb}" "${work}/extract"
+packaged_unit="${work}/extract${UNIT}"
+[ -f "${packaged_unit}" ] || die "no ${UNIT} in the package"
+log "systemd-analyze security --offline=true (must be <= ${MAX_EXPOSURE})"
+# The unit's own name, so that the report is about it and not a copy.
+cp "${packaged_unit}" "${work}/${PKG}.service"
+security="$(systemd-analyze security --offline=true --no-pager "${work}/${PKG}.service" 2>&1)" \
+  || { printf '%s\n' "${security}" >&2; die "systemd-analyze security failed"; }
+printf '%s\n' "${security}" | grep -E '✗|Overall'
+exposure="$(printf '%s\n' "${security}" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')"
+[ -n "${exposure}" ] || die "no overall exposure level in the report"
+awk -v e="${exposure}" -v max="${MAX_EXPOSURE}" 'BEGIN { exit !(e <= max) }' \
+  || die "security exposure ${exposure} is above ${MAX_EXPOSURE}"
+
+# --- 4. install -------------------------------------------------------------------------
+log "dpkg -i"
+dpkg -i "${deb}"
+id "${PKG}" >/dev/null || die "the package did not create the user ${PKG}"
+[ "$(stat -c '%U:%G %a' "${CONF}")" = "root:${PKG} 640" ] \
+  || die "${CONF} should be root:${PKG} 0640, is $(stat -c '%U:%G %a' "${CONF}")"
+log "systemd-analyze verify ${UNIT}"
+verify="$(systemd-analyze verify "${UNIT}" 2>&1)" || { printf '%s\n' "${verify}" >&2; die "verify failed"; }
+if printf '%s\n' "${verify}" | grep -F "${PKG}"; then
+  die "systemd-analyze verify reports problems with the unit"
+fi
+log "the packaged configuration is valid"
+/usr/bin/${PKG} --config "${CONF}" config >/dev/null
+
+# --- 5. run as the unit would ----------------------------------------------------------
+redis_port="$(free_port)"
+redis-server --port "${redis_port}" --bind 127.0.0.1 --save '' --appendonly no \
+  >"${work}/redis.log" 2>&1 &
+redis_pid=$!
+grpc_port="$(free_port)"
+metrics_port="$(free_port)"
+exec_start="$(sed -n 's/^ExecStart=//p' "${UNIT}")"
+user="$(sed -n 's/^User=//p' "${UNIT}")"
+[ -n "${exec_start}" ] && [ "${user}" = "${PKG}" ] || die "unit has no ExecStart or User=${PKG}"
+log "starting '${exec_start}' as ${user} (redis on ${redis_port}, gRPC on ${grpc_port})"
+# Like the unit: its user and group, no new privileges, no capabilities. Only the
+# addresses differ (free ports), through the environment, which overrides the file.
+# shellcheck disable=SC2086 # ExecStart is a command line
+env -i PATH=/usr/bin:/bin \
+  LICENSING_REDIS_URL="redis://127.0.0.1:${redis_port}/0" \
+  LICENSING_LISTEN_ADDR="127.0.0.1:${grpc_port}" \
+  LICENSING_METRICS_ADDR="127.0.0.1:${metrics_port}" \
+  setpriv --reuid="${user}" --regid="${user}" --init-groups --no-new-privs \
+  --inh-caps=-all --bounding-set=-all \
+  ${exec_start} >"${work}/service.log" 2>&1 &
+service_pid=$!
+
+serving() {
+  grpcurl -plaintext -max-time 2 "127.0.0.1:${grpc_port}" grpc.health.v1.Health/Check 2>/dev/null \
+    | grep -q '"SERVING"'
+}
+for _ in $(seq 1 100); do
+  serving && break
+  kill -0 "${service_pid}" 2>/dev/null || { cat "${work}/service.log" >&2; die "the service exited"; }
+  sleep 0.2
+done
+serving || { cat "${work}/service.log" >&2; die "health is not SERVING after 20 s"; }
+log "health: SERVING"
+# A write lands in the private Redis: the packaged configuration's store is used.
+# (Writes wait for the first sync with a new, empty Redis: retry for a few seconds.)
+for _ in $(seq 1 50); do
+  grpcurl -plaintext "127.0.0.1:${grpc_port}" comtrexx.licensing.v1.LicensingService/StartTryout \
+    >"${work}/tryout.json" 2>&1 && break
+  sleep 0.2
+done
+cat "${work}/tryout.json"
+redis-cli -p "${redis_port}" --scan --pattern 'lic:*:tryout' | grep -q . \
+  || { cat "${work}/service.log" >&2; die "StartTryout wrote nothing to the private Redis"; }
+grpcurl -plaintext "127.0.0.1:${grpc_port}" comtrexx.licensing.v1.LicensingService/GetLicenseOverview
+
+kill -HUP "${service_pid}"
+for _ in $(seq 1 50); do
+  grep -q "SIGHUP received" "${work}/service.log" && break
+  sleep 0.1
+done
+grep -q "SIGHUP received" "${work}/service.log" || die "SIGHUP was not handled"
+serving || { cat "${work}/service.log" >&2; die "not serving after SIGHUP"; }
+log "SIGHUP: reloaded, still SERVING"
+
+kill -TERM "${service_pid}"
+status=0
+wait "${service_pid}" || status=$?
+service_pid=""
+[ "${status}" -eq 0 ] || { cat "${work}/service.log" >&2; die "exit status ${status} after SIGTERM"; }
+log "SIGTERM: drained and exited 0"
+
+# --- 6. an upgrade keeps the operator's configuration ----------------------------------
+log "upgrade to revision 2 keeps a changed configuration"
+mkdir -p "${work}/upgrade"
+upgrade="$(cargo deb --no-build --locked --fast --deb-revision 2 --output "${work}/upgrade/" \
+  2>"${work}/cargo-deb-upgrade.log" | tail -n 1)" \
+  || { cat "${work}/cargo-deb-upgrade.log" >&2; die "cargo deb (revision 2) failed"; }
+sed -i 's/^edition = "vm"$/edition = "business"/' "${CONF}"
+dpkg -i "${upgrade}" >/dev/null
+[ "$(dpkg-query -W -f='${Version}' "${PKG}")" = "$(dpkg-deb -f "${upgrade}" Version)" ] \
+  || die "the upgrade did not install"
+grep -q '^edition = "business"$' "${CONF}" || die "the upgrade replaced the changed ${CONF}"
+[ "$(stat -c '%U:%G %a' "${CONF}")" = "root:${PKG} 640" ] || die "the upgrade reset ${CONF}'s mode"
+
+# --- 7. purge ---------------------------------------------------------------------------
+log "dpkg --purge"
+dpkg --purge "${PKG}"
+[ ! -e /usr/bin/${PKG} ] || die "/usr/bin/${PKG} left after purge"
+[ ! -e "${CONF}" ] || die "${CONF} left after purge"
+[ ! -e "${UNIT}" ] || die "${UNIT} left after purge"
+log "package checks passed"
