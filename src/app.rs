@@ -50,7 +50,9 @@ impl App {
             serial: config.serial_number.clone(),
             edition: config.edition,
         };
-        let mirror = Arc::new(Mirror::new(verifier, config.mirror, clock.clone()));
+        let mirror = Arc::new(
+            Mirror::new(verifier, config.mirror, clock.clone()).with_tryout(config.tryout),
+        );
         let settings = Settings {
             serial: config.serial_number.clone(),
             edition: config.edition,

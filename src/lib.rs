@@ -27,6 +27,7 @@ pub mod events;
 pub mod grpc;
 pub mod metrics;
 pub mod mirror;
+pub mod repair;
 pub mod server;
 pub mod service;
 pub mod sim;

@@ -256,8 +256,12 @@ async fn release(
     feature: Feature,
     capacity: Option<u32>,
 ) -> Option<Vec<Change>> {
+    // Flags are set against the stored license (the guard a release shares with
+    // an assignment).
+    let license = snapshot(store).await.license;
+    let id = license.as_ref().map_or("", StoredLicense::id);
     store
-        .release_seat(&uid(user), feature, capacity)
+        .release_seat(&uid(user), feature, capacity.map(|c| (c, id)))
         .await
         .expect("release_seat")
 }
@@ -1600,6 +1604,9 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
             tryout: Some(started.clone()),
             reconcile: ReconcileStatus::default(),
             initialization: None,
+            // Kept, so an older document is never applied after the re-setup.
+            retired_license: Some(lic.clone()),
+            ..Snapshot::default()
         }
     );
     assert!(store.list_seats(None, None, 100).await.unwrap().is_empty());
@@ -1945,6 +1952,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             ChangeKind::InitializationIssued(_) => "init_issued",
             ChangeKind::InitializationConsumed => "init_consumed",
             ChangeKind::Reset => "reset",
+            ChangeKind::Repaired(_) => "repaired",
         })
         .collect();
     assert_eq!(
@@ -2128,7 +2136,7 @@ async fn data_loss_refuses_writes_until_restored(
     );
     assert_eq!(
         store
-            .release_seat(&uid("alice"), Feature::User, Some(3))
+            .release_seat(&uid("alice"), Feature::User, Some((3, "any")))
             .await,
         Err(StoreError::NotInitialized)
     );

@@ -172,7 +172,11 @@ impl Licenses<'_> {
         }
         let mut valid_until = entitlement.and_then(|e| e.expires_at);
         if let Some(since) = seat.over_capacity_since {
-            let deadline = since + self.over_capacity_grace;
+            // Saturating: no stored value may panic here (a far-future flag
+            // simply keeps its grace).
+            let deadline = since
+                .checked_add_signed(self.over_capacity_grace)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             if now >= deadline {
                 return not_licensed(purchased, SeatReason::OverCapacity);
             }

@@ -87,6 +87,12 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
+    /// The last repair of a store that lost writes.
+    pub incident: Option<crate::store::Incident>,
+    /// The high-water clock, and whether this node's clock is behind it.
+    pub time_high_water: DateTime<Utc>,
+    pub clock_rolled_back: bool,
+    pub corrupt_records: usize,
 }
 
 /// What `Reconcile` answers.
@@ -122,14 +128,24 @@ pub struct Licensing {
     replica_id: String,
 }
 
+/// A store error as the caller sees it. Every `UNAVAILABLE` from a write means
+/// "outcome unknown, safe to retry".
 fn store_error(e: StoreError) -> LicensingError {
     match e {
-        StoreError::Unavailable(m) => LicensingError::Unavailable(m),
-        StoreError::NotInitialized => LicensingError::Unavailable(
+        StoreError::Unavailable(m) => LicensingError::Unavailable(format!(
+            "{m}; the outcome of a write is unknown and retrying it is safe"
+        )),
+        StoreError::NotInitialized | StoreError::Moved => LicensingError::Unavailable(
             "seat store is empty or being repaired; retry shortly".into(),
         ),
         StoreError::Corrupt(m) => LicensingError::Internal(m),
     }
+}
+
+/// Whether a write was refused because the store lost data this replica has
+/// seen (or all of it): resynchronising repairs it, then the write can go again.
+fn needs_repair(e: &StoreError) -> bool {
+    matches!(e, StoreError::Moved | StoreError::NotInitialized)
 }
 
 impl Licensing {
@@ -169,6 +185,43 @@ impl Licensing {
         a
     }
 
+    /// The time decisions are made at: the node clock, but never behind the
+    /// high-water clock (the largest time this PBX has seen).
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        let node = self.clock.now();
+        self.mirror.read(|s| s.now(node))
+    }
+
+    /// Resynchronises after a write found the store behind (which repairs it).
+    async fn repair_then_retry(&self, e: StoreError) -> Result<(), LicensingError> {
+        if !needs_repair(&e) {
+            return Err(store_error(e));
+        }
+        self.mirror
+            .resync_now(self.store.as_ref())
+            .await
+            .map_err(store_error)
+    }
+
+    /// Runs a store write; when the store went back or lost its data, repairs
+    /// and tries again.
+    async fn write<T, Fut>(&self, op: impl Fn() -> Fut) -> Result<T, LicensingError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut last = StoreError::Moved;
+        for _ in 0..WRITE_ATTEMPTS {
+            match op().await {
+                Err(e) if needs_repair(&e) => {
+                    self.repair_then_retry(e.clone()).await?;
+                    last = e;
+                }
+                other => return other.map_err(store_error),
+            }
+        }
+        Err(store_error(last))
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -204,8 +257,9 @@ impl Licensing {
 
     /// The hot path: answered from the mirror, never waiting for the store.
     pub fn check_seat(&self, user: &UserId, feature: Feature) -> CheckAnswer {
-        let now = self.clock.now();
+        let node = self.clock.now();
         let check = self.mirror.read(|state| {
+            let now = state.now(node);
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
@@ -229,7 +283,7 @@ impl Licensing {
             );
         }
         for attempt in 0..WRITE_ATTEMPTS {
-            let now = self.clock.now();
+            let now = self.now();
             let plan = self.mirror.read(|state| {
                 self.licenses(state, now)
                     .plan_assign(feature, now, |f| state.count(f, SeatSource::Purchased))
@@ -247,12 +301,14 @@ impl Licensing {
                 }
                 Err(e) => return Err(e),
             };
-            match self
-                .store
-                .assign_seat(user, feature, &plan)
-                .await
-                .map_err(store_error)?
-            {
+            let outcome = match self.store.assign_seat(user, feature, &plan).await {
+                Err(e) if needs_repair(&e) => {
+                    self.repair_then_retry(e).await?;
+                    continue;
+                }
+                other => other.map_err(store_error)?,
+            };
+            match outcome {
                 AssignOutcome::Created(change) => {
                     self.mirror.apply_local(&change).await;
                     let crate::store::ChangeKind::SeatAssigned(seat) = change.kind else {
@@ -290,22 +346,29 @@ impl Licensing {
         user: &UserId,
         feature: Feature,
     ) -> Result<bool, LicensingError> {
-        let now = self.clock.now();
-        let capacity = self.mirror.read(|s| self.capacity(s, feature, now));
-        match self
-            .store
-            .release_seat(user, feature, capacity)
-            .await
-            .map_err(store_error)?
-        {
-            Some(changes) => {
-                for change in &changes {
-                    self.mirror.apply_local(change).await;
+        for _ in 0..WRITE_ATTEMPTS {
+            let now = self.now();
+            // Flags are set against the license the store holds: the store
+            // refuses (Moved) when it is not the one this capacity was read from.
+            let capacity = self.mirror.read(|s| {
+                let id = s.license.as_ref().map(|l| l.id().to_owned())?;
+                Some((self.capacity(s, feature, now)?, id))
+            });
+            let capacity = capacity.as_ref().map(|(c, id)| (*c, id.as_str()));
+            match self.store.release_seat(user, feature, capacity).await {
+                Ok(Some(changes)) => {
+                    for change in &changes {
+                        self.mirror.apply_local(change).await;
+                    }
+                    return Ok(true);
                 }
-                Ok(true)
+                Ok(None) => return Ok(false),
+                Err(e) => self.repair_then_retry(e).await?,
             }
-            None => Ok(false),
         }
+        Err(LicensingError::Unavailable(
+            "licenses changed during the release; retrying it is safe".into(),
+        ))
     }
 
     /// One page of seats, ordered by feature then user id. `feature` empty lists all.
@@ -353,7 +416,7 @@ impl Licensing {
     }
 
     pub fn tryout_status(&self) -> TryoutView {
-        let now = self.clock.now();
+        let now = self.now();
         self.mirror.read(|state| self.tryout_view(state, now))
     }
 
@@ -401,7 +464,7 @@ impl Licensing {
         ) -> Result<Option<crate::domain::TryoutRecord>, LicensingError>,
     ) -> Result<TryoutView, LicensingError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let now = self.clock.now();
+            let now = self.now();
             let current = self.mirror.read(|s| s.tryout.clone());
             let Some(new) = decide(current.as_ref(), now)? else {
                 return Ok(self.tryout_status());
@@ -410,17 +473,17 @@ impl Licensing {
                 .store
                 .compare_and_set_tryout(current.as_ref(), &new)
                 .await
-                .map_err(store_error)?
             {
-                Some(change) => {
+                Ok(Some(change)) => {
                     self.mirror.apply_local(&change).await;
                     return Ok(self.tryout_status());
                 }
-                None => self
+                Ok(None) => self
                     .mirror
                     .resync_now(self.store.as_ref())
                     .await
                     .map_err(store_error)?,
+                Err(e) => self.repair_then_retry(e).await?,
             }
         }
         Err(LicensingError::Unavailable(
@@ -450,7 +513,7 @@ impl Licensing {
     }
 
     pub fn overview(&self) -> Overview {
-        let now = self.clock.now();
+        let now = self.now();
         self.mirror.read(|state| Overview {
             serial: self.settings.serial.clone(),
             edition: self.settings.edition,
@@ -461,6 +524,10 @@ impl Licensing {
             reconcile: state.reconcile.clone(),
             license_source: self.license_source(),
             license_problem: state.license_problem.clone(),
+            incident: state.incident.clone(),
+            time_high_water: state.now(now),
+            clock_rolled_back: self.clock_rolled_back(),
+            corrupt_records: state.corrupt_records,
         })
     }
 

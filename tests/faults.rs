@@ -1,0 +1,344 @@
+//! The fault suite: real `redis-server` processes, real gRPC, a TCP proxy between
+//! service and Redis. Every case asserts the invariants of ARCHITECTURE.md:
+//!
+//! - I1 licensed seats of a pool ≤ its capacity, on every replica;
+//! - I2 an acknowledged write is restored, or reported lost (overview, event);
+//! - I3 CheckSeat answers a licensed user within its budget through the fault;
+//! - I4 replicas and store converge soon after the fault ends (polled, bounded);
+//! - I5 the tryout never starts twice; a consumed nonce is never accepted again.
+//!
+//! docs/reliability.md lists the cases and what each shows.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, FaultProxy};
+use common::*;
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::grpc::pb;
+use tonic::Code;
+
+/// How soon replicas and store must agree after a fault ends (I4): one second,
+/// plus slack for a loaded test machine.
+const CONVERGE: Duration = Duration::from_millis(1500);
+/// How long CheckSeat may take during a fault (I3), generous for a loaded machine.
+const CHECK_BUDGET: Duration = Duration::from_millis(100);
+/// How long a retried write may keep answering UNAVAILABLE while Redis comes back.
+const WRITE_RETRY: Duration = Duration::from_secs(10);
+
+/// Replicas of one PBX (one serial) on one Redis, and what clients were told.
+struct Cluster {
+    replicas: Vec<TestServer>,
+    clients: Vec<Client>,
+    /// Users told "assigned" (and not released since).
+    acked: BTreeSet<String>,
+    /// Users refused with RESOURCE_EXHAUSTED (never told "assigned").
+    refused: BTreeSet<String>,
+    tryout_started_at: Option<prost_types::Timestamp>,
+    serial: String,
+}
+
+fn tryout_config(redis_url: &str, serial: &str, seats: u32) -> RawConfig {
+    let mut config = config(None, serial);
+    config.redis_url = Some(redis_url.to_owned());
+    config.tryout.seats = seats;
+    config
+}
+
+impl Cluster {
+    /// `urls[i]` is the Redis URL replica i talks to (direct or through a proxy).
+    async fn tryout(urls: &[String], tag: &str, seats: u32) -> Self {
+        let serial = serial(tag);
+        let mut replicas = Vec::new();
+        let mut clients = Vec::new();
+        for url in urls {
+            let server = TestServer::start(tryout_config(url, &serial, seats)).await;
+            clients.push(server.client().await);
+            replicas.push(server);
+        }
+        let started = clients[0]
+            .start_tryout(pb::StartTryoutRequest {})
+            .await
+            .expect("StartTryout")
+            .into_inner();
+        let mut cluster = Self {
+            replicas,
+            clients,
+            acked: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            tryout_started_at: None,
+            serial,
+        };
+        cluster.tryout_started_at = started.status.and_then(|t| t.started_at);
+        assert!(cluster.tryout_started_at.is_some());
+        cluster
+    }
+
+    /// Assigns through replica `i`, retrying UNAVAILABLE (outcome unknown, safe to
+    /// retry) within a bound; records what the client was told.
+    async fn assign(&mut self, i: usize, user: &str) -> Code {
+        let deadline = Instant::now() + WRITE_RETRY;
+        loop {
+            let r = self.clients[i]
+                .assign_seat(pb::AssignSeatRequest {
+                    user_id: user.into(),
+                    feature: String::new(),
+                })
+                .await;
+            match r {
+                Ok(_) => {
+                    self.acked.insert(user.to_owned());
+                    return Code::Ok;
+                }
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => {
+                    if s.code() == Code::ResourceExhausted {
+                        self.refused.insert(user.to_owned());
+                    }
+                    return s.code();
+                }
+            }
+        }
+    }
+
+    async fn licensed(&self, i: usize, user: &str) -> bool {
+        self.clients[i]
+            .clone()
+            .check_seat(pb::CheckSeatRequest {
+                user_id: user.into(),
+                feature: String::new(),
+            })
+            .await
+            .expect("CheckSeat answers")
+            .into_inner()
+            .licensed
+    }
+
+    async fn listed(&self, i: usize) -> Option<BTreeSet<String>> {
+        let r = self.clients[i]
+            .clone()
+            .list_seats(pb::ListSeatsRequest {
+                feature: String::new(),
+                page_size: 1000,
+                page_token: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(
+            r.into_inner()
+                .seats
+                .into_iter()
+                .map(|s| s.user_id)
+                .collect(),
+        )
+    }
+
+    /// Every user the test has mentioned.
+    fn users(&self) -> BTreeSet<String> {
+        self.acked.union(&self.refused).cloned().collect()
+    }
+
+    /// What replica `i` answers for every user, its listing and its overview's
+    /// seat counts and tryout: the view that must agree everywhere (I4).
+    async fn view(&self, i: usize) -> Option<(BTreeMap<String, bool>, BTreeSet<String>, String)> {
+        let mut checks = BTreeMap::new();
+        for user in self.users() {
+            checks.insert(user.clone(), self.licensed(i, &user).await);
+        }
+        let listed = self.listed(i).await?;
+        let o = overview(&mut self.clients[i].clone()).await;
+        let tryout = o.tryout.unwrap_or_default();
+        let summary = format!(
+            "tryout {:?} {:?} seats {}/{}",
+            tryout.state, tryout.started_at, tryout.test_seats_used, tryout.test_seats_total
+        );
+        Some((checks, listed, summary))
+    }
+
+    /// I4: polls (bounded) until every replica answers the same and its listing
+    /// matches its CheckSeat answers; returns the agreed view.
+    async fn converged(&self, within: Duration) -> (BTreeMap<String, bool>, BTreeSet<String>) {
+        let started = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            let mut views = Vec::new();
+            for i in 0..self.clients.len() {
+                views.push(self.view(i).await);
+            }
+            let first = views[0].clone();
+            let agree = first.as_ref().is_some_and(|(checks, listed, _)| {
+                let licensed: BTreeSet<String> = checks
+                    .iter()
+                    .filter(|(_, l)| **l)
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                views.iter().all(|v| v == &first) && licensed.is_subset(listed)
+            });
+            if agree {
+                let (checks, listed, _) = first.unwrap();
+                println!("converged after {:?}", started.elapsed());
+                return (checks, listed);
+            }
+            assert!(
+                started.elapsed() < within,
+                "replicas did not converge within {within:?}: {views:#?} (before: {last:#?})"
+            );
+            last = views;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// I1, I2, I5 on the converged view: licensed ≤ capacity; every
+    /// acknowledged seat licensed or named lost; the tryout started once.
+    async fn assert_invariants(&self, capacity: usize) -> (BTreeSet<String>, Vec<String>) {
+        let (checks, _) = self.converged(CONVERGE).await;
+        let licensed: BTreeSet<String> = checks
+            .iter()
+            .filter(|(_, l)| **l)
+            .map(|(u, _)| u.clone())
+            .collect();
+        assert!(
+            licensed.len() <= capacity,
+            "I1: {licensed:?} over capacity {capacity}"
+        );
+        let o = overview(&mut self.clients[0].clone()).await;
+        let lost: Vec<String> = o.lost_writes.clone();
+        for user in &self.acked {
+            assert!(
+                licensed.contains(user) || lost.iter().any(|l| l.contains(&format!("/{user} "))),
+                "I2: {user} was acknowledged, is not licensed and not reported lost ({lost:?})"
+            );
+        }
+        for i in 0..self.clients.len() {
+            let t = overview(&mut self.clients[i].clone())
+                .await
+                .tryout
+                .unwrap_or_default();
+            assert_eq!(
+                t.started_at, self.tryout_started_at,
+                "I5: the tryout start moved on replica {i}"
+            );
+        }
+        (licensed, lost)
+    }
+
+    /// I3: CheckSeat of a licensed user answers within its budget, on every replica.
+    async fn assert_check_fast(&self, user: &str) {
+        for i in 0..self.clients.len() {
+            self.assert_check_fast_on(i, user).await;
+        }
+    }
+
+    async fn assert_check_fast_on(&self, i: usize, user: &str) {
+        let started = Instant::now();
+        let licensed = self.licensed(i, user).await;
+        let took = started.elapsed();
+        assert!(licensed, "I3: {user} not licensed on replica {i}");
+        assert!(took < CHECK_BUDGET, "I3: CheckSeat took {took:?}");
+    }
+}
+
+fn set(users: &[&str]) -> BTreeSet<String> {
+    users.iter().map(|u| (*u).to_owned()).collect()
+}
+
+/// The reproduction of issue "Redis comes back with older data": two replicas,
+/// a tryout of 3 seats, Redis restarted from an RDB that holds only i1. The
+/// seats the store lost are written back before any new write lands, so i4/i5
+/// find the pool full and are refused: nobody told "assigned" loses the seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_from_older_snapshot_restores_acknowledged_seats() {
+    let mut redis = RedisServer::start();
+    let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rdb", 3).await;
+    assert_eq!(c.assign(0, "i1").await, Code::Ok);
+    let rdb = redis.save_snapshot();
+    assert_eq!(c.assign(0, "i2").await, Code::Ok);
+    assert_eq!(c.assign(1, "i3").await, Code::Ok);
+    c.converged(CONVERGE).await;
+
+    redis.restart_from(&rdb);
+    c.assert_check_fast("i2").await;
+    assert_eq!(c.assign(0, "i4").await, Code::ResourceExhausted);
+    assert_eq!(c.assign(1, "i5").await, Code::ResourceExhausted);
+
+    let (licensed, lost) = c.assert_invariants(3).await;
+    assert_eq!(licensed, set(&["i1", "i2", "i3"]));
+    assert!(lost.is_empty(), "{lost:?}");
+    let o = overview(&mut c.clients[1].clone()).await;
+    assert!(o.writes_restored >= 2, "{o:?}");
+    assert!(o.last_store_repair_at.is_some());
+}
+
+/// The same with room in the pool: old and new seats are licensed everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_from_older_snapshot_keeps_old_and_new_seats() {
+    let mut redis = RedisServer::start();
+    let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rdb5", 5).await;
+    assert_eq!(c.assign(0, "i1").await, Code::Ok);
+    let rdb = redis.save_snapshot();
+    assert_eq!(c.assign(0, "i2").await, Code::Ok);
+    assert_eq!(c.assign(1, "i3").await, Code::Ok);
+    c.converged(CONVERGE).await;
+
+    redis.restart_from(&rdb);
+    assert_eq!(c.assign(0, "i4").await, Code::Ok);
+    assert_eq!(c.assign(1, "i5").await, Code::Ok);
+    let (licensed, _) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["i1", "i2", "i3", "i4", "i5"]));
+}
+
+/// A replica cut off while the store goes back; another replica, which never
+/// saw the lost writes, fills the pool on the rolled-back store (the versions
+/// even line up again). When the cut-off replica returns, it notices that the
+/// store's history is not its own, cannot write i2/i3 back (the pool is full)
+/// and reports them lost: overview, event, audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_lost_to_a_full_pool_are_reported() {
+    let mut redis = RedisServer::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let mut c = Cluster::tryout(&[proxy.url()], "lost", 3).await;
+    let mut events = c.clients[0]
+        .watch_license_events(pb::WatchLicenseEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.assign(0, "i1").await, Code::Ok);
+    let rdb = redis.save_snapshot();
+    assert_eq!(c.assign(0, "i2").await, Code::Ok);
+    assert_eq!(c.assign(0, "i3").await, Code::Ok);
+
+    proxy.set(Fault::Blackhole);
+    redis.restart_from(&rdb);
+    // A replica started now knows only what the rolled-back store holds.
+    let late = TestServer::start(tryout_config(&redis.url(), &c.serial, 3)).await;
+    c.clients.push(late.client().await);
+    c.replicas.push(late);
+    assert_eq!(c.assign(1, "i4").await, Code::Ok);
+    assert_eq!(c.assign(1, "i5").await, Code::Ok);
+    c.assert_check_fast_on(0, "i2").await;
+
+    proxy.set(Fault::Pass);
+    let (licensed, lost) = c.assert_invariants(3).await;
+    assert_eq!(licensed, set(&["i1", "i4", "i5"]));
+    assert_eq!(lost.len(), 2, "{lost:?}");
+    let o = overview(&mut c.clients[1].clone()).await;
+    assert_eq!(o.writes_lost, 2);
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = events.message().await.unwrap().unwrap();
+            if e.kind == "data_lost" {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a data_lost event");
+    assert!(
+        event.detail.contains("i2") && event.detail.contains("i3"),
+        "{event:?}"
+    );
+}
