@@ -599,11 +599,14 @@ impl Mirror {
         if theirs.version >= mine.version {
             let at_mine = history.iter().find(|c| c.version == mine.version);
             let last = journal.iter().rfind(|c| c.version <= mine.version);
-            if at_mine.is_none() || at_mine == last {
-                // The same write at this copy's version (or the feed no longer
-                // holds it): the store extends this copy.
+            // The feed no longer reaching back this far tells nothing.
+            let trimmed = history.first().is_none_or(|h| h.version > mine.version);
+            if at_mine == last || (at_mine.is_none() && trimmed) {
+                // The same write at this copy's version: the store extends it.
                 return Ok(Lineage::Extends);
             }
+            // Another write, or none (a repair jumped over this version): the
+            // histories parted.
         }
         // The last change both hold is the point the histories share.
         let common = journal

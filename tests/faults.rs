@@ -153,8 +153,14 @@ impl Cluster {
         let o = overview(&mut self.clients[i].clone()).await;
         let tryout = o.tryout.unwrap_or_default();
         let summary = format!(
-            "tryout {:?} {:?} seats {}/{}",
-            tryout.state, tryout.started_at, tryout.test_seats_used, tryout.test_seats_total
+            "tryout {:?} {:?} seats {}/{}; repair {:?} restored {} lost {:?}",
+            tryout.state,
+            tryout.started_at,
+            tryout.test_seats_used,
+            tryout.test_seats_total,
+            o.last_store_repair_at,
+            o.writes_restored,
+            o.lost_writes
         );
         Some((checks, listed, summary))
     }
@@ -341,4 +347,200 @@ async fn writes_lost_to_a_full_pool_are_reported() {
         event.detail.contains("i2") && event.detail.contains("i3"),
         "{event:?}"
     );
+}
+
+fn addr(redis: &RedisServer) -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", redis.port).parse().unwrap()
+}
+
+/// One fault of the connection between a replica and Redis (the other replica
+/// talks to Redis directly): CheckSeat keeps answering, a write through the
+/// faulty path answers UNAVAILABLE (outcome unknown) or OK, and its retry after
+/// the fault is OK exactly once; everything converges.
+async fn connection_fault(tag: &str, fault: Fault) {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(addr(&redis)).await;
+    let mut c = Cluster::tryout(&[proxy.url(), redis.url()], tag, 5).await;
+    assert_eq!(c.assign(0, "u1").await, Code::Ok);
+    assert_eq!(c.assign(1, "u2").await, Code::Ok);
+    c.converged(CONVERGE).await;
+
+    proxy.set(fault);
+    c.assert_check_fast("u1").await;
+    let during = c.clients[0]
+        .assign_seat(pb::AssignSeatRequest {
+            user_id: "u3".into(),
+            feature: String::new(),
+        })
+        .await;
+    match &during {
+        Ok(_) => {
+            c.acked.insert("u3".into());
+        }
+        Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+    }
+    assert_eq!(c.assign(1, "u4").await, Code::Ok);
+    c.assert_check_fast_on(0, "u2").await;
+
+    proxy.set(Fault::Pass);
+    // Safe to retry whatever the first attempt did.
+    assert_eq!(c.assign(0, "u3").await, Code::Ok);
+    let (licensed, lost) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["u1", "u2", "u3", "u4"]));
+    assert!(lost.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_latency_beyond_the_redis_timeout() {
+    connection_fault("latency", Fault::Latency(Duration::from_millis(400))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_blackhole() {
+    connection_fault("blackhole", Fault::Blackhole).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_connection_reset() {
+    connection_fault("reset", Fault::Reset).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_half_open_connection() {
+    connection_fault("halfopen", Fault::HalfOpen).await;
+}
+
+/// Redis killed (SIGKILL) and back empty, or flushed: the replicas write back
+/// every seat and the tryout record; a new write goes through after that.
+async fn store_loses_everything(tag: &str, lose: impl FnOnce(&mut RedisServer)) {
+    let mut redis = RedisServer::start();
+    let mut c = Cluster::tryout(&[redis.url(), redis.url()], tag, 5).await;
+    for (i, user) in [(0, "u1"), (1, "u2"), (0, "u3")] {
+        assert_eq!(c.assign(i, user).await, Code::Ok);
+    }
+    c.converged(CONVERGE).await;
+    lose(&mut redis);
+    c.assert_check_fast("u2").await;
+    assert_eq!(c.assign(1, "u4").await, Code::Ok);
+    let (licensed, lost) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["u1", "u2", "u3", "u4"]));
+    assert!(lost.is_empty());
+    let o = overview(&mut c.clients[0].clone()).await;
+    assert!(o.writes_restored >= 3, "{o:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_empty() {
+    store_loses_everything("empty", RedisServer::restart_empty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_flushall() {
+    store_loses_everything("flushall", |r| r.flushall()).await;
+}
+
+/// Redis frozen (SIGSTOP): its sockets stay open, nothing answers. CheckSeat
+/// answers from memory; writes answer UNAVAILABLE within the timeout; after
+/// SIGCONT everything converges and a retried write is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_frozen_with_sigstop() {
+    let redis = RedisServer::start();
+    let mut c = Cluster::tryout(&[redis.url(), redis.url()], "sigstop", 5).await;
+    assert_eq!(c.assign(0, "u1").await, Code::Ok);
+    redis.signal("-STOP");
+    c.assert_check_fast("u1").await;
+    let started = Instant::now();
+    let r = c.clients[1]
+        .assign_seat(pb::AssignSeatRequest {
+            user_id: "u2".into(),
+            feature: String::new(),
+        })
+        .await;
+    assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    redis.signal("-CONT");
+    assert_eq!(c.assign(1, "u2").await, Code::Ok);
+    let (licensed, _) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["u1", "u2"]));
+}
+
+/// A failover to a replica that lagged: a Redis replica is detached
+/// (REPLICAOF NO ONE) after it had i1, the master takes i2 and i3 and dies,
+/// and the service's address now leads to the detached replica. The seats it
+/// lacks are written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_to_a_lagging_replica() {
+    let mut master = RedisServer::start();
+    let standby = RedisServer::start();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut standby.connection())
+        .unwrap();
+    let proxy = FaultProxy::start(addr(&master)).await;
+    let mut c = Cluster::tryout(&[proxy.url(), proxy.url()], "failover", 5).await;
+    assert_eq!(c.assign(0, "i1").await, Code::Ok);
+    // The standby has everything up to i1, then lags for good.
+    let key_count = |r: &RedisServer| -> usize {
+        redis::cmd("DBSIZE")
+            .query::<usize>(&mut r.connection())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let (m, s) = (key_count(&master), key_count(&standby));
+            let synced: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut standby.connection())
+                .unwrap_or_default();
+            m > 0 && m == s && synced.contains("master_link_status:up")
+        })
+        .await,
+        "the standby never caught up"
+    );
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut standby.connection())
+        .unwrap();
+    assert_eq!(c.assign(0, "i2").await, Code::Ok);
+    assert_eq!(c.assign(1, "i3").await, Code::Ok);
+    c.converged(CONVERGE).await;
+
+    master.kill();
+    proxy.retarget(addr(&standby)).await;
+    c.assert_check_fast("i3").await;
+    assert_eq!(c.assign(1, "i4").await, Code::Ok);
+    let (licensed, lost) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["i1", "i2", "i3", "i4"]));
+    assert!(lost.is_empty());
+}
+
+/// The store goes back while the replicas are restarted one by one: the
+/// replica that still holds the lost seats writes them back before it goes,
+/// and the restarted replicas follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_during_a_rolling_restart() {
+    let mut redis = RedisServer::start();
+    let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rolling", 5).await;
+    assert_eq!(c.assign(0, "i1").await, Code::Ok);
+    let rdb = redis.save_snapshot();
+    assert_eq!(c.assign(0, "i2").await, Code::Ok);
+    assert_eq!(c.assign(1, "i3").await, Code::Ok);
+    c.converged(CONVERGE).await;
+
+    redis.restart_from(&rdb);
+    for i in 0..2 {
+        // Replace replica i with a fresh one (no state of its own).
+        let old = std::mem::replace(
+            &mut c.replicas[i],
+            TestServer::start(tryout_config(&redis.url(), &c.serial, 5)).await,
+        );
+        old.shutdown().await;
+        c.clients[i] = c.replicas[i].client().await;
+        assert_eq!(c.assign(i, &format!("n{i}")).await, Code::Ok);
+    }
+    let (licensed, lost) = c.assert_invariants(5).await;
+    assert_eq!(licensed, set(&["i1", "i2", "i3", "n0", "n1"]));
+    assert!(lost.is_empty());
 }

@@ -30,6 +30,8 @@ pub enum Fault {
 pub struct FaultProxy {
     pub addr: SocketAddr,
     fault: watch::Sender<Fault>,
+    // Where new connections go (a failover moves it).
+    target: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,16 +41,34 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (fault, rx) = watch::channel(Fault::Pass);
+        let target = std::sync::Arc::new(std::sync::Mutex::new(target));
+        let to = target.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let rx = rx.clone();
+                let target = *to.lock().unwrap();
                 tokio::spawn(connection(client, target, rx));
             }
         });
-        Self { addr, fault, task }
+        Self {
+            addr,
+            fault,
+            target,
+            task,
+        }
+    }
+
+    /// Sends new connections to `target` and resets the open ones: a failover
+    /// as a client behind a virtual address sees it.
+    pub async fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+        self.set(Fault::Reset);
+        // Every connection task sees the reset before traffic passes again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.set(Fault::Pass);
     }
 
     /// A redis URL that goes through the proxy.
