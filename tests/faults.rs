@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::proxy::{Fault, FaultProxy};
 use common::*;
 use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::Clock as _;
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
 
@@ -543,4 +544,350 @@ async fn rollback_during_a_rolling_restart() {
     let (licensed, lost) = c.assert_invariants(5).await;
     assert_eq!(licensed, set(&["i1", "i2", "i3", "n0", "n1"]));
     assert!(lost.is_empty());
+}
+
+/// Clock jumps (a manual clock): once the tryout has ended, setting the node
+/// clock back does not bring it back, also on a replica started later with the
+/// clock still wrong (the high-water clock is kept in the store); the rollback
+/// is an event and an overview field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clock_jumps_back_and_time_does_not() {
+    let redis = RedisServer::start();
+    let serial = serial("clock");
+    let clock = manual_clock();
+    let start = |clock: &comtrexx_licensing::domain::ManualClock| {
+        TestServer::start_with_clock(
+            tryout_config(&redis.url(), &serial, 3),
+            std::sync::Arc::new(clock.clone()),
+        )
+    };
+    let server = start(&clock).await;
+    let mut c = server.client().await;
+    let mut events = c
+        .watch_license_events(pb::WatchLicenseEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    c.start_tryout(pb::StartTryoutRequest {}).await.unwrap();
+    c.assign_seat(pb::AssignSeatRequest {
+        user_id: "t1".into(),
+        feature: String::new(),
+    })
+    .await
+    .unwrap();
+    let check = |c: &Client| {
+        let mut c = c.clone();
+        async move {
+            c.check_seat(pb::CheckSeatRequest {
+                user_id: "t1".into(),
+                feature: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    assert!(check(&c).await.licensed);
+
+    // The tryout ends; the schedule sees the new time.
+    let ended = clock.now() + chrono::Duration::days(15);
+    clock.set(ended);
+    let seen = |c: &Client, at: chrono::DateTime<chrono::Utc>| {
+        let c = c.clone();
+        eventually(Duration::from_secs(5), move || {
+            let mut c = c.clone();
+            async move {
+                overview(&mut c)
+                    .await
+                    .time_high_water
+                    .is_some_and(|t| t.seconds >= at.timestamp())
+            }
+        })
+    };
+    assert!(seen(&c, ended).await, "the high-water clock never moved");
+    assert!(!check(&c).await.licensed);
+
+    // The node clock goes back five days: nothing comes back.
+    clock.set(ended - chrono::Duration::days(5));
+    let flagged = eventually(Duration::from_secs(3), || {
+        let mut c = c.clone();
+        async move { overview(&mut c).await.clock_rolled_back }
+    })
+    .await;
+    assert!(flagged, "the rollback was not reported");
+    let o = overview(&mut c).await;
+    let t = o.tryout.unwrap();
+    assert_eq!(t.state(), pb::TryoutState::Expired);
+    assert_eq!(t.days_remaining, 0);
+    assert!(o.time_high_water.unwrap().seconds >= ended.timestamp());
+    let c1 = check(&c).await;
+    assert!(!c1.licensed);
+    assert_eq!(c1.reason(), pb::SeatReason::TryoutOver);
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = events.message().await.unwrap().unwrap();
+            if e.kind == "clock_rolled_back" {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(event.is_ok(), "no clock_rolled_back event");
+
+    // A replica started now, with the clock still wrong, reads the high-water
+    // clock from the store.
+    let late = start(&clock).await;
+    let late_client = late.client().await;
+    assert!(!check(&late_client).await.licensed);
+    let t = overview(&mut late_client.clone()).await.tryout.unwrap();
+    assert_eq!(t.state(), pb::TryoutState::Expired);
+}
+
+/// The licensing server answering UNAVAILABLE, bad signatures, or gone: the
+/// reconcile reports it, seats stay licensed, writes go on, both replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn licensing_server_faults_leave_seats_alone() {
+    use comtrexx_licensing::config::RawLicensingServer;
+    use comtrexx_licensing::grpc::vendor_pb::vendor_admin_service_client::VendorAdminServiceClient;
+    use comtrexx_licensing::grpc::vendor_pb::{self as vpb, Fault as SimFault};
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = SimProcess::start(&dir.path().join("sim"), &[]);
+    let sim_url = format!("http://127.0.0.1:{}", sim.port);
+    let serial = serial("simfault");
+    let mut admin = VendorAdminServiceClient::connect(sim_url.clone())
+        .await
+        .unwrap();
+    admin
+        .register_device(vpb::RegisterDeviceRequest {
+            serial_number: serial.clone(),
+            name: "PBX".into(),
+            edition: vpb::Edition::Vm as i32,
+        })
+        .await
+        .unwrap();
+    admin
+        .redeem_voucher(vpb::RedeemVoucherRequest {
+            serial_number: serial.clone(),
+            feature: "user".into(),
+            quantity: 3,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let config = RawConfig {
+        vendor_public_key: Some(sim.public_key.clone()),
+        licensing_server: RawLicensingServer {
+            url: Some(sim_url),
+            ca_file: None,
+            timeout_ms: 500,
+        },
+        ..config(Some(&redis), &serial)
+    };
+    let a = TestServer::start(config.clone()).await;
+    let b = TestServer::start(config).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    ca.activate_online(pb::ActivateOnlineRequest {})
+        .await
+        .expect("ActivateOnline");
+    for (c, user) in [(&mut ca, "p1"), (&mut cb, "p2")] {
+        c.assign_seat(pb::AssignSeatRequest {
+            user_id: user.into(),
+            feature: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let faults: [(Option<SimFault>, pb::ReconcileOutcome); 3] = [
+        (
+            Some(SimFault::Unavailable),
+            pb::ReconcileOutcome::Unreachable,
+        ),
+        (Some(SimFault::BadSignature), pb::ReconcileOutcome::Rejected),
+        (None, pb::ReconcileOutcome::Unreachable),
+    ];
+    for (i, (fault, outcome)) in faults.into_iter().enumerate() {
+        match fault {
+            Some(f) => {
+                admin
+                    .set_fault(vpb::SetFaultRequest { fault: f as i32 })
+                    .await
+                    .unwrap();
+            }
+            None => sim.kill(),
+        }
+        let r = ca
+            .reconcile(pb::ReconcileRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome(), outcome, "{fault:?}: {r:?}");
+        let user = format!("q{i}");
+        let assigned = cb
+            .assign_seat(pb::AssignSeatRequest {
+                user_id: user.clone(),
+                feature: String::new(),
+            })
+            .await;
+        let mut expect: Vec<String> = vec!["p1".into(), "p2".into()];
+        if i == 0 {
+            assert!(assigned.is_ok(), "{assigned:?}");
+            expect.push(user);
+        } else {
+            // The third user seat of three is taken by q0.
+            assert_eq!(assigned.unwrap_err().code(), Code::ResourceExhausted);
+        }
+        for c in [&ca, &cb] {
+            for user in &expect {
+                let started = Instant::now();
+                let ck = c
+                    .clone()
+                    .check_seat(pb::CheckSeatRequest {
+                        user_id: user.clone(),
+                        feature: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(ck.licensed, "{user} after {fault:?}");
+                assert!(started.elapsed() < CHECK_BUDGET);
+            }
+        }
+        let agree = eventually(CONVERGE, || {
+            let (mut ca, mut cb) = (ca.clone(), cb.clone());
+            async move {
+                let (oa, ob) = (overview(&mut ca).await, overview(&mut cb).await);
+                oa.entitlements == ob.entitlements
+                    && oa.last_reconcile_outcome == ob.last_reconcile_outcome
+                    && oa.activation_state == ob.activation_state
+            }
+        })
+        .await;
+        assert!(agree, "replicas disagree after {fault:?}");
+    }
+}
+
+/// A replica process killed (SIGKILL) in the middle of a burst of writes:
+/// everything it acknowledged is in the store, and the store and the surviving
+/// replica agree on every seat (a write cut off mid-way is wholly there or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_killed_mid_write() {
+    use std::sync::{Arc, Mutex};
+    let redis = RedisServer::start();
+    let serial = serial("killed");
+    let port = unused_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_comtrexx-licensing"))
+        .arg("serve")
+        .env("LICENSING_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("LICENSING_METRICS_ADDR", "")
+        .env("LICENSING_REDIS_URL", redis.url())
+        .env("LICENSING_SERIAL_NUMBER", &serial)
+        .env("LICENSING_TRYOUT__SEATS", "1000")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the service binary");
+    let survivor = TestServer::start(tryout_config(&redis.url(), &serial, 1000)).await;
+    let mut s = survivor.client().await;
+    s.start_tryout(pb::StartTryoutRequest {}).await.unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let doomed = loop {
+        match pb::licensing_service_client::LicensingServiceClient::connect(endpoint.clone()).await
+        {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the replica process never listened: {e}"),
+        }
+    };
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (mut c, acked) = (doomed.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..200 {
+                let user = format!("k{w}-{i}");
+                let r = c
+                    .assign_seat(pb::AssignSeatRequest {
+                        user_id: user.clone(),
+                        feature: String::new(),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(user);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let n = acked.lock().unwrap().len();
+            async move { n >= 40 }
+        })
+        .await
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    // The store (ListSeats) and the survivor's CheckSeat agree on every user.
+    let listed = Arc::new(Mutex::new(BTreeSet::new()));
+    let converged = eventually(CONVERGE, || {
+        let mut s = s.clone();
+        let slot = listed.clone();
+        let acked = acked.clone();
+        async move {
+            let seats: BTreeSet<String> = s
+                .list_seats(pb::ListSeatsRequest {
+                    feature: String::new(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .seats
+                .into_iter()
+                .map(|s| s.user_id)
+                .collect();
+            *slot.lock().unwrap() = seats.clone();
+            let mut agree = acked.is_subset(&seats);
+            for w in 0..4 {
+                for i in 0..200 {
+                    let user = format!("k{w}-{i}");
+                    let licensed = s
+                        .check_seat(pb::CheckSeatRequest {
+                            user_id: user.clone(),
+                            feature: String::new(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .licensed;
+                    agree &= licensed == seats.contains(&user);
+                }
+            }
+            agree
+        }
+    })
+    .await;
+    let listed = listed.lock().unwrap().clone();
+    assert!(
+        converged,
+        "store and survivor disagree: acked {acked:?} listed {listed:?}"
+    );
+    println!(
+        "acknowledged {}, in the store {}",
+        acked.len(),
+        listed.len()
+    );
 }

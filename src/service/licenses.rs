@@ -29,8 +29,9 @@ const CLOCK_TOLERANCE_MINUTES: i64 = 5;
 /// counts as gone back (small steps of time synchronisation are not).
 const CLOCK_ROLLBACK_TOLERANCE_MS: i64 = 2_000;
 
-/// How many schedule ticks between writes of the high-water clock to the store.
-const HIGH_WATER_PERSIST_TICKS: u64 = 10;
+/// How far the high-water clock moves before it is written to the store again
+/// (about every 10 s with a running clock; at once after a jump).
+const HIGH_WATER_STEP_MS: i64 = 10_000;
 
 /// How long an on-demand reconcile waits for another replica's reconcile.
 const LEASE_WAIT: StdDuration = StdDuration::from_secs(10);
@@ -552,11 +553,13 @@ impl Licensing {
         }
         seen.clock_rolled_back = rolled_back;
         self.mirror.raise_high_water(node.timestamp_millis());
-        seen.ticks = seen.ticks.wrapping_add(1);
-        if seen.ticks % HIGH_WATER_PERSIST_TICKS == 1 && !self.mirror.is_stale() {
-            let mine = self.mirror.read(|s| s.high_water_ms);
+        let mine = self.mirror.read(|s| s.high_water_ms);
+        if mine - seen.high_water_stored >= HIGH_WATER_STEP_MS && !self.mirror.is_stale() {
             match self.store.advance_clock(mine).await {
-                Ok(stored) => self.mirror.raise_high_water(stored),
+                Ok(stored) => {
+                    seen.high_water_stored = stored;
+                    self.mirror.raise_high_water(stored);
+                }
                 Err(error) => tracing::debug!(%error, "high-water clock not stored"),
             }
         }
@@ -677,7 +680,8 @@ struct TimeState {
     activation: Option<ActivationState>,
     /// Whether the node clock was behind the high-water clock at the last tick.
     clock_rolled_back: bool,
-    ticks: u64,
+    /// The high-water clock as last stored.
+    high_water_stored: i64,
 }
 
 fn days_until(end: DateTime<Utc>, now: DateTime<Utc>) -> u32 {

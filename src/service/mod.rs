@@ -525,7 +525,9 @@ impl Licensing {
             license_source: self.license_source(),
             license_problem: state.license_problem.clone(),
             incident: state.incident.clone(),
-            time_high_water: state.now(now),
+            time_high_water: chrono::TimeZone::timestamp_millis_opt(&Utc, state.high_water_ms)
+                .single()
+                .unwrap_or_default(),
             clock_rolled_back: self.clock_rolled_back(),
             corrupt_records: state.corrupt_records,
         })
