@@ -26,7 +26,7 @@ const SEATS: u32 = 20;
 const WORKERS: usize = 6;
 const USERS_PER_WORKER: usize = 8;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Tally {
     ops: BTreeMap<String, u64>,
     faults: BTreeMap<&'static str, u64>,
@@ -268,7 +268,7 @@ async fn check(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let t = tally.lock().unwrap();
+    let t = tally.lock().unwrap().clone();
     if agreed.is_none() {
         violations.push(format!("I4: no agreement 10 s after the faults: {views:?}"));
     }
