@@ -891,3 +891,34 @@ async fn replica_killed_mid_write() {
         listed.len()
     );
 }
+
+/// A fresh deployment on an empty Redis is writable as soon as it serves: the
+/// first writes go through at once, without UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fresh_deployment_is_writable_at_once() {
+    let redis = RedisServer::start();
+    let serial = serial("fresh");
+    let a = TestServer::start_unsynced(tryout_config(&redis.url(), &serial, 3)).await;
+    let b = TestServer::start_unsynced(tryout_config(&redis.url(), &serial, 3)).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    ca.start_tryout(pb::StartTryoutRequest {})
+        .await
+        .expect("the first write goes through");
+    for (c, user) in [(&mut ca, "f1"), (&mut cb, "f2")] {
+        c.assign_seat(pb::AssignSeatRequest {
+            user_id: user.into(),
+            feature: String::new(),
+        })
+        .await
+        .expect("assignments go through at once");
+    }
+    let agree = eventually(CONVERGE, || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let (oa, ob) = (overview(&mut ca).await, overview(&mut cb).await);
+            oa.tryout == ob.tryout && oa.tryout.is_some_and(|t| t.test_seats_used == 2)
+        }
+    })
+    .await;
+    assert!(agree, "the replicas never agreed");
+}
