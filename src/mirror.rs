@@ -719,19 +719,25 @@ impl Mirror {
                 incident.restored(what.into());
             }
         }
-        let write = crate::store::RepairWrite {
-            version_floor: restored.position.as_ref().map_or(0, |p| p.version),
-            expected: restored.position,
-            incident,
-            ..Default::default()
-        };
-        if store.repair(&write).await?.is_some() {
-            crate::metrics::metrics().store_repair(
-                "lost_epoch",
-                write.incident.restored_total,
-                write.incident.lost_total,
-            );
-            report(&write.incident, false);
+        let mut at = restored.position;
+        for _ in 0..REPAIR_ATTEMPTS {
+            let write = crate::store::RepairWrite {
+                version_floor: at.as_ref().map_or(0, |p| p.version),
+                expected: at,
+                incident: incident.clone(),
+                ..Default::default()
+            };
+            if store.repair(&write).await?.is_some() {
+                crate::metrics::metrics().store_repair(
+                    "lost_epoch",
+                    incident.restored_total,
+                    incident.lost_total,
+                );
+                report(&incident, false);
+                return Ok(());
+            }
+            // Written to meanwhile: record it on the new position.
+            at = store.snapshot().await?.position;
         }
         Ok(())
     }

@@ -24,8 +24,9 @@ use tonic::Code;
 /// How soon replicas and store must agree after a fault ends (I4): one second,
 /// plus slack for a loaded test machine.
 const CONVERGE: Duration = Duration::from_millis(1500);
-/// How long CheckSeat may take during a fault (I3), generous for a loaded machine.
-const CHECK_BUDGET: Duration = Duration::from_millis(100);
+/// How long CheckSeat may take during a fault (I3): it never waits for Redis;
+/// the bound is generous for a loaded, shared test machine.
+const CHECK_BUDGET: Duration = Duration::from_millis(250);
 /// How long a retried write may keep answering UNAVAILABLE while Redis comes back.
 const WRITE_RETRY: Duration = Duration::from_secs(10);
 
