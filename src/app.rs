@@ -9,6 +9,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::audit::{AuditWriter, Auditor};
+use crate::auth::callers::CallersFile;
+use crate::auth::layer::Authenticator;
+use crate::auth::tls::TlsMaterial;
 use crate::config::{Config, LicenseSourceConfig};
 use crate::domain::Clock;
 use crate::mirror::{Mirror, Verifier};
@@ -29,6 +33,13 @@ pub struct App {
     // The Redis store, for its start-up check of the eviction policy.
     redis: Option<Arc<RedisStore>>,
     options: ServerOptions,
+    /// The callers file in force (public for a reload trigger, e.g. SIGHUP).
+    pub callers: Arc<CallersFile>,
+    /// The audit recorder, e.g. for tests that look at the trail.
+    pub audit: Auditor,
+    // Taken by `run`, which starts it.
+    audit_writer: Option<AuditWriter>,
+    reload_interval: Duration,
 }
 
 impl App {
@@ -65,6 +76,8 @@ impl App {
             reconcile_jitter_percent: config.reconcile_jitter_percent,
             code_ttl: config.code_ttl,
             backoff: Backoff::default(),
+            auth_mode: config.auth.mode.as_str(),
+            development_installation: config.development_installation,
         };
         let source: Option<Arc<dyn LicensingServer>> = match &config.license_source {
             LicenseSourceConfig::None => None,
@@ -79,6 +92,7 @@ impl App {
                     .context("set up licensing_server")?,
             )),
         };
+        let (audit, audit_writer) = Auditor::new(store.clone(), clock.clone(), config.audit);
         let licensing = Arc::new(Licensing::new(
             store.clone(),
             mirror.clone(),
@@ -87,14 +101,23 @@ impl App {
             source,
         ));
         let tls = match &config.tls {
-            Some((cert, key)) => Some((
-                std::fs::read(cert)
-                    .with_context(|| format!("read tls.cert_file {}", cert.display()))?,
-                std::fs::read(key)
-                    .with_context(|| format!("read tls.key_file {}", key.display()))?,
+            Some(files) => Some(Arc::new(
+                TlsMaterial::load(files.clone())
+                    .map_err(anyhow::Error::msg)
+                    .context("load the TLS material")?,
             )),
             None => None,
         };
+        let callers = Arc::new(
+            CallersFile::load(config.auth.callers_file.as_deref())
+                .map_err(anyhow::Error::msg)
+                .context("load auth.callers_file")?,
+        );
+        let auth = Arc::new(Authenticator {
+            mode: config.auth.mode,
+            callers: callers.clone(),
+            audit: audit.clone(),
+        });
         Ok(Self {
             licensing,
             store,
@@ -103,14 +126,19 @@ impl App {
             options: ServerOptions {
                 drain_timeout: config.drain_timeout,
                 tls,
+                auth,
             },
+            callers,
+            audit,
+            audit_writer: Some(audit_writer),
+            reload_interval: config.auth.reload_interval,
         })
     }
 
     /// Runs the mirror, the start-up reconcile, the metrics endpoint (when given a
     /// listener) and the gRPC server until `shutdown`.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
@@ -133,6 +161,15 @@ impl App {
                 .run_schedule(SCHEDULE_TICK, schedule_stopped)
                 .await;
         });
+        if let Some(writer) = self.audit_writer.take() {
+            tokio::spawn(writer.run());
+        }
+        let reload_task = tokio::spawn(watch_credentials(
+            self.callers.clone(),
+            self.options.tls.clone(),
+            self.reload_interval,
+            stopped(),
+        ));
         let metrics_task = metrics_listener.map(|listener| {
             let registry = crate::metrics::registry(self.licensing.clone());
             tokio::spawn(crate::metrics::serve(listener, registry, stopped()))
@@ -151,12 +188,51 @@ impl App {
         let _ = stop_tx.send(true);
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
+        let _ = reload_task.await;
         if let Some(task) = metrics_task
             && let Ok(Err(error)) = task.await
         {
             tracing::warn!(%error, "metrics endpoint stopped with an error");
         }
         result
+    }
+}
+
+/// Re-reads the callers file and the TLS material whenever their files change
+/// (cert-manager rotates certificates in place). A file that does not load
+/// leaves what is in force, with a warning and a counter.
+async fn watch_credentials(
+    callers: Arc<CallersFile>,
+    tls: Option<Arc<TlsMaterial>>,
+    interval: Duration,
+    stopped: impl Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        match callers.reload_if_changed() {
+            Ok(true) => tracing::info!(callers = callers.current().len(), "callers file reloaded"),
+            Ok(false) => {}
+            Err(error) => {
+                crate::metrics::auth_metrics().reload_failed("callers_file");
+                tracing::warn!(%error, "callers file not reloaded; the previous callers stay in force");
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificate, key and client CA reloaded"),
+                Ok(false) => {}
+                Err(error) => {
+                    crate::metrics::auth_metrics().reload_failed("tls");
+                    tracing::warn!(%error, "TLS material not reloaded; the previous stays in force");
+                }
+            }
+        }
     }
 }
 

@@ -35,6 +35,52 @@ pub enum Command {
     /// Development licensing tools: NOT for production licenses.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Callers and credentials.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Make a new bearer token: prints the token (give it to the caller, once)
+    /// on stdout and its callers-file entry (which holds only its SHA-256) on stderr.
+    Token {
+        /// The caller's name (shown in logs, metrics and the audit trail).
+        #[arg(long)]
+        name: String,
+        /// call_handling, user_management, monitoring or operator.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+/// `auth token`: a new token and the callers-file entry that admits it.
+pub fn auth_token(name: &str, role: &str) -> anyhow::Result<(String, String)> {
+    let role = crate::auth::Role::parse(role).with_context(|| {
+        format!("role {role:?} is not call_handling, user_management, monitoring or operator")
+    })?;
+    let token = crate::auth::callers::new_token();
+    let entry = format!(
+        "[[caller]]\nname = {}\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n",
+        toml::Value::String(name.to_owned()),
+        crate::auth::callers::token_sha256(&token)
+    );
+    // The entry must be one the service accepts.
+    crate::auth::callers::Callers::parse(&entry).map_err(anyhow::Error::msg)?;
+    Ok((token, entry))
+}
+
+pub fn run_auth(command: AuthCommand) -> anyhow::Result<()> {
+    match command {
+        AuthCommand::Token { name, role } => {
+            let (token, entry) = auth_token(&name, &role)?;
+            eprintln!("# add to the callers file (auth.callers_file):");
+            eprint!("{entry}");
+            eprintln!("# the token (shown once; the service keeps only its SHA-256):");
+            println!("{token}");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,5 +224,16 @@ mod tests {
         assert!(parse_entitlement("user").is_err());
         assert!(parse_entitlement("fax=1").is_err());
         assert!(parse_entitlement("user=-1").is_err());
+    }
+
+    #[test]
+    fn auth_token_entry_admits_its_token() {
+        let (token, entry) = auth_token("nightly \"backup\"", "monitoring").unwrap();
+        let callers = crate::auth::callers::Callers::parse(&entry).unwrap();
+        let caller = callers.by_token(&token).unwrap();
+        assert_eq!(caller.name, "nightly \"backup\"");
+        assert_eq!(caller.role, crate::auth::Role::Monitoring);
+        assert!(!entry.contains(&token));
+        assert!(auth_token("x", "root").is_err());
     }
 }

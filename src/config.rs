@@ -12,12 +12,19 @@ use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthMode;
+use crate::auth::tls::TlsFiles;
+use crate::domain::audit::AuditRetention;
 use crate::domain::license::parse_public_key;
 use crate::domain::{Edition, SerialNumber, TryoutPolicy};
 use crate::mirror::MirrorConfig;
 
 /// The placeholder serial number for local runs without configuration.
 pub const DEV_SERIAL: &str = "DEV-0000000000";
+
+/// The vendor's public key built into this binary (`COMTREXX_VENDOR_PUBLIC_KEY`
+/// at build time, checked by `build.rs`); `None` in development builds.
+pub const EMBEDDED_VENDOR_PUBLIC_KEY: Option<&str> = option_env!("COMTREXX_VENDOR_PUBLIC_KEY");
 
 /// The configuration as written, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +52,79 @@ pub struct RawConfig {
     pub mirror: RawMirror,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
+    pub trace: RawTrace,
+    pub auth: RawAuth,
+    pub audit: RawAudit,
+    /// Declares a development installation: a `vendor_public_key` other than
+    /// the one built into a release binary is then trusted (and shown as such).
+    pub development_installation: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    /// `protected` | `enforce` | `disabled`.
+    pub mode: String,
+    /// TOML file of callers (names, roles, certificate identities, token digests).
+    pub callers_file: Option<PathBuf>,
+    /// How often the callers file and the TLS files are checked for changes.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            mode: "protected".into(),
+            callers_file: None,
+            reload_interval_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub max_entries: u64,
+    pub max_age_days: u32,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        let r = AuditRetention::default();
+        Self {
+            max_entries: r.max_entries,
+            max_age_days: u32::try_from(r.max_age.num_days()).unwrap_or(400),
+        }
+    }
+}
+
+/// Who may call, and how the credentials are kept fresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub callers_file: Option<PathBuf>,
+    pub reload_interval: Duration,
+}
+
+/// Spans exported over OTLP, set independently of the log lines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTrace {
+    /// Which spans reach the OTLP exporter (an `EnvFilter` directive, like
+    /// `log.level`, which only governs log lines).
+    pub level: String,
+    /// Share of new traces sampled (0.0 to 1.0); a call that carries a sampled
+    /// W3C `traceparent` is always traced (parent-based).
+    pub sampling_ratio: f64,
+}
+
+impl Default for RawTrace {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            sampling_ratio: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +205,8 @@ impl Default for RawInitialization {
 pub struct RawTls {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// PEM CA bundle: clients may prove who they are with a certificate it issued.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for RawConfig {
@@ -151,6 +233,10 @@ impl Default for RawConfig {
             mirror: RawMirror::default(),
             tls: RawTls::default(),
             otlp_endpoint: None,
+            auth: RawAuth::default(),
+            audit: RawAudit::default(),
+            development_installation: false,
+            trace: RawTrace::default(),
         }
     }
 }
@@ -227,9 +313,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Which spans are exported (independent of `log_level`).
+    pub trace_level: String,
+    /// Parent-based sampling ratio of new traces.
+    pub trace_sampling_ratio: f64,
     pub mirror: MirrorConfig,
-    /// Certificate and key (PEM) for serving gRPC over TLS.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Certificate, key and client CA (PEM) for serving gRPC over TLS.
+    pub tls: Option<TlsFiles>,
+    pub auth: AuthConfig,
+    pub audit: AuditRetention,
+    /// A development installation: trusts a vendor key other than the built-in one.
+    pub development_installation: bool,
     pub otlp_endpoint: Option<String>,
     /// Where entitlements come from.
     pub license_source: LicenseSourceConfig,
@@ -266,7 +360,12 @@ impl RawConfig {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed("LICENSING_").split("__").ignore(&["config"]))
+        figment.merge(
+            Env::prefixed("LICENSING_")
+                .filter(|key| !is_service_link(key.as_str()))
+                .split("__")
+                .ignore(&["config"]),
+        )
     }
 
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -289,6 +388,11 @@ impl RawConfig {
     }
 
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_with_anchor(EMBEDDED_VENDOR_PUBLIC_KEY)
+    }
+
+    /// Validates against a given built-in vendor key (the trust anchor).
+    pub fn validate_with_anchor(&self, anchor: Option<&str>) -> Result<Config, ConfigError> {
         let listen_addr = self
             .listen_addr
             .parse()
@@ -341,13 +445,34 @@ impl RawConfig {
         if !(1..=1000).contains(&self.tryout.seats) {
             return Err(invalid("tryout.seats", "must be 1 to 1000"));
         }
-        let vendor_public_key = self
+        let configured_key = self
             .vendor_public_key
             .as_deref()
             .filter(|k| !k.is_empty())
             .map(parse_public_key)
             .transpose()
             .map_err(|m| invalid("vendor_public_key", m))?;
+        let vendor_public_key = match anchor.filter(|a| !a.is_empty()) {
+            None => configured_key,
+            Some(anchor) => {
+                let anchor = parse_public_key(anchor).map_err(|m| {
+                    invalid(
+                        "vendor_public_key",
+                        format!("the built-in key is unusable: {m}"),
+                    )
+                })?;
+                match configured_key {
+                    Some(key) if key != anchor && !self.development_installation => {
+                        return Err(invalid(
+                            "vendor_public_key",
+                            "differs from the vendor key built into this binary; remove it, or set development_installation = true for a development installation",
+                        ));
+                    }
+                    Some(key) => Some(key),
+                    None => Some(anchor),
+                }
+            }
+        };
         let license_source = match (&self.licensing_server.url, &self.license_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -433,6 +558,18 @@ impl RawConfig {
                 ),
             ));
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.trace.level).is_err() {
+            return Err(invalid(
+                "trace.level",
+                format!(
+                    "{:?} is not a level or filter (e.g. info, off)",
+                    self.trace.level
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.trace.sampling_ratio) {
+            return Err(invalid("trace.sampling_ratio", "must be 0.0 to 1.0"));
+        }
         if self.mirror.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
@@ -443,7 +580,17 @@ impl RawConfig {
             ));
         }
         let tls = match (&self.tls.cert_file, &self.tls.key_file) {
-            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (Some(c), Some(k)) => Some(TlsFiles {
+                cert_file: c.clone(),
+                key_file: k.clone(),
+                client_ca_file: self.tls.client_ca_file.clone(),
+            }),
+            (None, None) if self.tls.client_ca_file.is_some() => {
+                return Err(invalid(
+                    "tls.client_ca_file",
+                    "needs tls.cert_file and tls.key_file (client certificates only exist over TLS)",
+                ));
+            }
             (None, None) => None,
             (Some(_), None) => {
                 return Err(invalid("tls.key_file", "is required with tls.cert_file"));
@@ -452,7 +599,36 @@ impl RawConfig {
                 return Err(invalid("tls.cert_file", "is required with tls.key_file"));
             }
         };
+        let mode = AuthMode::parse(&self.auth.mode).ok_or_else(|| {
+            invalid(
+                "auth.mode",
+                format!("{:?} is not protected, enforce or disabled", self.auth.mode),
+            )
+        })?;
+        if let Some(path) = &self.auth.callers_file {
+            crate::auth::callers::CallersFile::load(Some(path))
+                .map_err(|m| invalid("auth.callers_file", m))?;
+        }
+        if !(100..=3_600_000).contains(&self.auth.reload_interval_ms) {
+            return Err(invalid("auth.reload_interval_ms", "must be 100 to 3600000"));
+        }
+        if !(1..=100_000_000).contains(&self.audit.max_entries) {
+            return Err(invalid("audit.max_entries", "must be 1 to 100000000"));
+        }
+        if !(1..=36_500).contains(&self.audit.max_age_days) {
+            return Err(invalid("audit.max_age_days", "must be 1 to 36500"));
+        }
         Ok(Config {
+            auth: AuthConfig {
+                mode,
+                callers_file: self.auth.callers_file.clone(),
+                reload_interval: Duration::from_millis(self.auth.reload_interval_ms),
+            },
+            audit: AuditRetention {
+                max_entries: self.audit.max_entries,
+                max_age: chrono::Duration::days(i64::from(self.audit.max_age_days)),
+            },
+            development_installation: self.development_installation,
             listen_addr,
             metrics_addr,
             redis,
@@ -469,6 +645,8 @@ impl RawConfig {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_format,
             log_level: self.log.level.clone(),
+            trace_level: self.trace.level.clone(),
+            trace_sampling_ratio: self.trace.sampling_ratio,
             mirror: MirrorConfig {
                 stale_after: Duration::from_millis(self.mirror.stale_after_ms),
                 resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
@@ -494,6 +672,68 @@ impl RawConfig {
     }
 }
 
+/// The top-level keys of the configuration (a service-link-shaped name that is one
+/// of them stays a setting).
+fn known_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| match serde_json::to_value(RawConfig::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// Whether `key` (a `LICENSING_` variable without its prefix, any case) is not a
+/// setting but one of the variables Kubernetes injects for a Service whose name
+/// starts with `licensing` (service links): `<SVC>_SERVICE_HOST`,
+/// `<SVC>_SERVICE_PORT[_<PORT-NAME>]`, `<SVC>_PORT` and
+/// `<SVC>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]`.
+pub fn is_service_link(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key.contains("__") || known_keys().contains(&key) {
+        return false;
+    }
+    // `<SVC>` may be empty: a Service named just `licensing` gives
+    // LICENSING_SERVICE_HOST, LICENSING_PORT, ...
+    let svc_ok = |svc: &str| svc.is_empty() || !svc.starts_with('_') && !svc.ends_with('_');
+    if let Some(svc) = key.strip_suffix("service_host") {
+        return svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok);
+    }
+    if let Some((svc, rest)) = key.split_once("service_port")
+        && (svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok))
+    {
+        return rest.is_empty() || rest.len() > 1 && rest.starts_with('_');
+    }
+    if let Some(svc) = key.strip_suffix("port")
+        && (svc.is_empty() || svc.strip_suffix('_').is_some_and(svc_ok))
+    {
+        return true;
+    }
+    // <SVC>_PORT_<n>_<PROTO>[_<FIELD>]
+    let parts: Vec<&str> = key.split('_').collect();
+    parts.iter().enumerate().any(|(i, part)| {
+        *part == "port"
+            && parts
+                .get(i + 1)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && parts
+                .get(i + 2)
+                .is_some_and(|p| matches!(*p, "tcp" | "udp" | "sctp"))
+            && match parts.len() - i {
+                3 => true,
+                4 => matches!(parts[i + 3], "proto" | "port" | "addr"),
+                _ => false,
+            }
+    })
+}
+
+/// The `LICENSING_*` variables of this process that are ignored as service links.
+pub fn ignored_service_links() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.strip_prefix("LICENSING_").is_some_and(is_service_link))
+        .collect()
+}
+
 /// Puts a password into a redis URL (`redis://[user]:password@host`).
 fn with_password(url: &str, password: &str) -> Result<String, String> {
     let (scheme, rest) = url.split_once("://").ok_or("redis_url has no scheme")?;
@@ -516,6 +756,8 @@ fn toml_string(raw: &RawConfig) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+    use crate::domain::license::encode_public_key;
+    use ed25519_dalek::SigningKey;
     use figment::Jail;
 
     type Mutation = Box<dyn Fn(&mut RawConfig)>;
@@ -594,6 +836,14 @@ mod tests {
             (Box::new(|c| c.log.format = "xml".into()), "log.format"),
             (Box::new(|c| c.log.level = "loud=,=".into()), "log.level"),
             (
+                Box::new(|c| c.trace.level = "loud=,=".into()),
+                "trace.level",
+            ),
+            (
+                Box::new(|c| c.trace.sampling_ratio = 1.5),
+                "trace.sampling_ratio",
+            ),
+            (
                 Box::new(|c| c.tls.cert_file = Some("c.pem".into())),
                 "tls.key_file",
             ),
@@ -629,6 +879,21 @@ mod tests {
                 Box::new(|c| c.licensing_server.url = Some("https://cic.example".into())),
                 "vendor_public_key",
             ),
+            (Box::new(|c| c.auth.mode = "open".into()), "auth.mode"),
+            (
+                Box::new(|c| c.auth.callers_file = Some("/nonexistent/callers.toml".into())),
+                "auth.callers_file",
+            ),
+            (
+                Box::new(|c| c.auth.reload_interval_ms = 0),
+                "auth.reload_interval_ms",
+            ),
+            (Box::new(|c| c.audit.max_entries = 0), "audit.max_entries"),
+            (Box::new(|c| c.audit.max_age_days = 0), "audit.max_age_days"),
+            (
+                Box::new(|c| c.tls.client_ca_file = Some("ca.pem".into())),
+                "tls.client_ca_file",
+            ),
         ];
         for (mutate, key) in cases {
             let mut raw = RawConfig::default();
@@ -638,6 +903,135 @@ mod tests {
                 other => panic!("expected an error for {key}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn auth_and_audit_keys_come_from_file_and_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "callers.toml",
+                "[[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ncertificate = \"spiffe://pbx\"\n",
+            )?;
+            jail.create_file(
+                "c.toml",
+                "[auth]\nmode = \"enforce\"\ncallers_file = \"callers.toml\"\n[audit]\nmax_entries = 50\n",
+            )?;
+            jail.set_env("LICENSING_AUDIT__MAX_AGE_DAYS", "7");
+            let c = RawConfig::load(Some(Path::new("c.toml")))
+                .unwrap()
+                .validate()
+                .unwrap();
+            assert_eq!(c.auth.mode, AuthMode::Enforce);
+            assert_eq!(c.audit.max_entries, 50);
+            assert_eq!(c.audit.max_age, chrono::Duration::days(7));
+            jail.create_file(
+                "callers.toml",
+                "[[caller]]\nname = \"pbx\"\nrole = \"king\"\ncertificate = \"spiffe://pbx\"\n",
+            )?;
+            match RawConfig::load(Some(Path::new("c.toml")))
+                .unwrap()
+                .validate()
+            {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, "auth.callers_file");
+                    assert!(message.contains("caller[0]"), "{message}");
+                }
+                other => panic!("a bad callers file must be refused, got {other:?}"),
+            }
+            Ok(())
+        });
+        let defaults = RawConfig::default().validate().unwrap();
+        assert_eq!(defaults.auth.mode, AuthMode::Protected);
+        assert_eq!(defaults.audit, AuditRetention::default());
+    }
+
+    #[test]
+    fn a_built_in_vendor_key_refuses_another_unless_development() {
+        let built_in = encode_public_key(&SigningKey::from_bytes(&[1; 32]).verifying_key());
+        let other = encode_public_key(&SigningKey::from_bytes(&[2; 32]).verifying_key());
+        let anchor = parse_public_key(&built_in).unwrap();
+        // Nothing configured: the built-in key is used.
+        let c = RawConfig::default()
+            .validate_with_anchor(Some(&built_in))
+            .unwrap();
+        assert_eq!(c.vendor_public_key, Some(anchor));
+        // The same key configured: fine.
+        let same = RawConfig {
+            vendor_public_key: Some(built_in.clone()),
+            ..RawConfig::default()
+        };
+        assert!(same.validate_with_anchor(Some(&built_in)).is_ok());
+        // Another key: refused, naming the key.
+        let mut raw = RawConfig {
+            vendor_public_key: Some(other.clone()),
+            ..RawConfig::default()
+        };
+        match raw.validate_with_anchor(Some(&built_in)) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "vendor_public_key"),
+            other => panic!("another vendor key must be refused, got {other:?}"),
+        }
+        // ... unless the installation says it is a development one.
+        raw.development_installation = true;
+        let c = raw.validate_with_anchor(Some(&built_in)).unwrap();
+        assert!(c.development_installation);
+        assert_eq!(c.vendor_public_key, Some(parse_public_key(&other).unwrap()));
+        // Without a built-in key any configured key is trusted, as before.
+        raw.development_installation = false;
+        assert!(raw.validate_with_anchor(None).is_ok());
+    }
+
+    #[test]
+    fn service_links_are_ignored_other_unknown_variables_are_not() {
+        // What Kubernetes injects for a Service `licensing-comtrexx-licensing` with
+        // ports grpc 50051 and metrics 9090.
+        let links = [
+            "LICENSING_COMTREXX_LICENSING_SERVICE_HOST",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT_GRPC",
+            "LICENSING_COMTREXX_LICENSING_SERVICE_PORT_METRICS",
+            "LICENSING_COMTREXX_LICENSING_PORT",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_PROTO",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_PORT",
+            "LICENSING_COMTREXX_LICENSING_PORT_50051_TCP_ADDR",
+            "LICENSING_COMTREXX_LICENSING_PORT_9090_TCP_ADDR",
+            "LICENSING_SIM_PORT_8443_UDP",
+            // A Service named just `licensing`.
+            "LICENSING_SERVICE_HOST",
+            "LICENSING_SERVICE_PORT",
+            "LICENSING_PORT",
+            "LICENSING_PORT_50051_TCP_ADDR",
+        ];
+        for var in links {
+            assert!(is_service_link(&var["LICENSING_".len()..]), "{var}");
+        }
+        for key in [
+            "listen_addr",
+            "metrics_addr",
+            "serial_numbr",
+            "transport",
+            "x_service_hosts",
+            "x_port_http_tcp",
+            "x_port_1_tcp_extra",
+            "tryout__port",
+        ] {
+            assert!(!is_service_link(key), "{key}");
+        }
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for var in links {
+                jail.set_env(var, "10.0.0.1");
+            }
+            jail.set_env("LICENSING_SERIAL_NUMBER", "K8S-1");
+            let raw = RawConfig::load(None).unwrap();
+            assert_eq!(raw.serial_number, "K8S-1");
+            assert_eq!(ignored_service_links().len(), links.len());
+            // Any other unknown variable still fails, naming itself.
+            jail.set_env("LICENSING_SERIAL_NUMBR", "x");
+            let err = RawConfig::load(None).unwrap_err();
+            assert!(err.to_string().contains("serial_numbr"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! comtrexx-licensing: the licensing service of a COMtrexx PBX stack.
 //!
-//! - [`auth`]: callers and roles (who is calling), carried as a request extension.
+//! - [`auth`]: callers and roles (who is calling), the role → RPC policy table, the
+//!   callers file, the TLS acceptor and the authorization layer.
+//! - [`audit`]: the audit trail: log line at once, store entry through a bounded queue.
 //! - [`domain`]: editions, features, seats, the tryout state machine, signed
 //!   licenses and the seat decisions; free of I/O.
 //! - [`store`]: the `Store` trait with the Redis and embedded in-memory stores.
@@ -19,6 +21,7 @@
 //! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -67,9 +70,27 @@ pub fn log_startup(config: &config::Config, store: String) {
         "starting comtrexx-licensing {}",
         env!("CARGO_PKG_VERSION")
     );
+    for variable in config::ignored_service_links() {
+        tracing::debug!(
+            %variable,
+            "ignored: a Kubernetes service-link variable, not a setting"
+        );
+    }
     if config.redis.is_none() {
         tracing::warn!(
             "no redis_url configured: using the embedded in-memory store; all seats and the tryout record are lost on restart"
+        );
+    }
+    crate::metrics::auth_metrics()
+        .set_posture(config.auth.mode.as_str(), config.development_installation);
+    if config.auth.mode == auth::AuthMode::Disabled {
+        tracing::warn!(
+            "auth.mode is disabled: every caller is an operator and may reset activation, release seats and burn the tryout; use protected or enforce"
+        );
+    }
+    if config.development_installation {
+        tracing::warn!(
+            "development_installation is set: licenses signed with the configured vendor_public_key are trusted, not only the vendor's"
         );
     }
     if config.serial_is_placeholder {

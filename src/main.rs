@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Config => cli::print_config(cli.config.as_deref()),
         Command::Dev(dev) => cli::run_dev(dev),
+        Command::Auth(auth) => cli::run_auth(auth),
         Command::Serve => {
             let config = RawConfig::load(cli.config.as_deref())?.validate()?;
             let telemetry = telemetry::init(&config)?;

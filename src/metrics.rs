@@ -154,36 +154,141 @@ fn outcome_name(o: ReconcileOutcome) -> &'static str {
     }
 }
 
-/// One gauge sample.
-struct Sample {
-    name: &'static str,
-    help: &'static str,
-    labels: Labels,
-    value: f64,
+/// A metric's name and help, declared once so that every sample of a name lands in
+/// one family (one `HELP`/`TYPE` block), whatever order the samples come in.
+/// Names follow Prometheus conventions: base units in the name (`_seconds`), counters
+/// registered without `_total` (the encoder appends it), 0/1 gauges for states.
+pub struct Desc {
+    pub name: &'static str,
+    pub help: &'static str,
 }
 
+const SEATS_IN_USE: Desc = Desc {
+    name: "licensing_seats_in_use",
+    help: "Seats held, by feature and source",
+};
+const SEATS_CAPACITY: Desc = Desc {
+    name: "licensing_seats_capacity",
+    help: "Seats that can be held, by feature and source",
+};
+const SEATS_OVER_CAPACITY: Desc = Desc {
+    name: "licensing_seats_over_capacity",
+    help: "Purchased seats beyond the licensed quantity (licensed until their over-capacity grace ends), by feature",
+};
+const TRYOUT_STATE: Desc = Desc {
+    name: "licensing_tryout_state",
+    help: "1 for the tryout's current state, 0 for the others",
+};
+const TRYOUT_REMAINING: Desc = Desc {
+    name: "licensing_tryout_remaining_seconds",
+    help: "Seconds left in the tryout (0 unless active)",
+};
+const ACTIVATION_STATE: Desc = Desc {
+    name: "licensing_activation_state",
+    help: "1 for the activation's current state, 0 for the others",
+};
+const GRACE_REMAINING: Desc = Desc {
+    name: "licensing_grace_remaining_seconds",
+    help: "Seconds left before activation lapses while the license source is not confirming (0 unless in grace)",
+};
+const ACTIVATED: Desc = Desc {
+    name: "licensing_activated",
+    help: "1 when a trusted license is applied (and system activation held where needed)",
+};
+const RECONCILE_LAST_OUTCOME: Desc = Desc {
+    name: "licensing_reconcile_last_outcome",
+    help: "1 for the outcome of the last reconcile, 0 for the others (all 0 before the first)",
+};
+const RECONCILE_LAST_SUCCESS: Desc = Desc {
+    name: "licensing_reconcile_last_success_timestamp_seconds",
+    help: "Unix time of the last reconcile that reached the license source and trusted its answer (0 if none)",
+};
+const RECONCILE_INTERVAL: Desc = Desc {
+    name: "licensing_reconcile_interval_seconds",
+    help: "Configured time between scheduled reconciles",
+};
+const MIRROR_STALE: Desc = Desc {
+    name: "licensing_mirror_stale",
+    help: "1 when CheckSeat answers from a copy that may be out of date (store unreachable)",
+};
+const MIRROR_STALENESS: Desc = Desc {
+    name: "licensing_mirror_staleness_seconds",
+    help: "Seconds since the seat store last answered this replica",
+};
+
+/// One gauge family: every sample of one name.
+struct GaugeFamily {
+    desc: &'static Desc,
+    samples: Vec<(Labels, f64)>,
+}
+
+/// The state gauges of one scrape, grouped by family.
+#[derive(Default)]
+struct Gauges(Vec<GaugeFamily>);
+
+impl Gauges {
+    fn set(&mut self, desc: &'static Desc, labels: Labels, value: f64) {
+        match self.0.iter_mut().find(|f| f.desc.name == desc.name) {
+            Some(family) => family.samples.push((labels, value)),
+            None => self.0.push(GaugeFamily {
+                desc,
+                samples: vec![(labels, value)],
+            }),
+        }
+    }
+
+    /// A 0/1 gauge per possible state, 1 for `current`.
+    fn states(&mut self, desc: &'static Desc, all: &[&'static str], current: Option<&str>) {
+        for state in all {
+            let value = f64::from(u8::from(current == Some(*state)));
+            self.set(desc, vec![("state", (*state).to_owned())], value);
+        }
+    }
+}
+
+fn seconds_until(end: Option<chrono::DateTime<Utc>>, now: chrono::DateTime<Utc>) -> f64 {
+    end.map_or(0.0, |end| {
+        ((end - now).num_milliseconds().max(0) as f64) / 1000.0
+    })
+}
+
+fn tryout_state_name(state: TryoutState) -> &'static str {
+    match state {
+        TryoutState::Available => "available",
+        TryoutState::Active => "active",
+        TryoutState::Expired => "expired",
+        TryoutState::Ended => "ended",
+        TryoutState::Unavailable => "unavailable",
+    }
+}
+
+fn activation_state_name(state: ActivationState) -> &'static str {
+    match state {
+        ActivationState::NotInitialized => "not_initialized",
+        ActivationState::Active => "active",
+        ActivationState::Grace => "grace",
+        ActivationState::Lapsed => "lapsed",
+    }
+}
+
+const OUTCOMES: [ReconcileOutcome; 4] = [
+    ReconcileOutcome::Updated,
+    ReconcileOutcome::Unchanged,
+    ReconcileOutcome::Unreachable,
+    ReconcileOutcome::Rejected,
+];
+
 /// The state gauges of one replica, computed from its mirror.
-fn state_samples(licensing: &Licensing) -> Vec<Sample> {
+fn state_gauges(licensing: &Licensing) -> Gauges {
+    let now = Utc::now();
     let overview = licensing.overview();
     let mirror = licensing.mirror();
-    let mut samples = Vec::new();
+    let mut g = Gauges::default();
     for feature in Feature::SEATS {
-        for source in [SeatSource::Purchased, SeatSource::Tryout] {
-            let in_use = mirror.read(|s| s.count(feature, source));
-            samples.push(Sample {
-                name: "licensing_seats_in_use",
-                help: "Seats held, by feature and source",
-                labels: vec![
-                    ("feature", feature.to_string()),
-                    ("source", source.as_str().to_owned()),
-                ],
-                value: f64::from(in_use),
-            });
-        }
         let purchased = overview
             .entitlements
             .iter()
-            .find(|e| e.entitlement.feature == feature && e.entitlement.is_current(Utc::now()))
+            .find(|e| e.entitlement.feature == feature && e.entitlement.is_current(now))
             .map_or(0, |e| e.entitlement.quantity);
         let tryout = if feature == Feature::User && overview.tryout.state == TryoutState::Active {
             overview.tryout.seats_total
@@ -194,56 +299,91 @@ fn state_samples(licensing: &Licensing) -> Vec<Sample> {
             (SeatSource::Purchased, purchased),
             (SeatSource::Tryout, tryout),
         ] {
-            samples.push(Sample {
-                name: "licensing_seats_capacity",
-                help: "Seats that can be held, by feature and source",
-                labels: vec![
-                    ("feature", feature.to_string()),
-                    ("source", source.as_str().to_owned()),
-                ],
-                value: f64::from(capacity),
-            });
+            let labels = vec![
+                ("feature", feature.to_string()),
+                ("source", source.as_str().to_owned()),
+            ];
+            let in_use = mirror.read(|s| s.count(feature, source));
+            g.set(&SEATS_IN_USE, labels.clone(), f64::from(in_use));
+            g.set(&SEATS_CAPACITY, labels, f64::from(capacity));
         }
+        let over = overview
+            .over_capacity
+            .iter()
+            .find(|o| o.feature == feature)
+            .map_or(0, |o| o.seats);
+        g.set(
+            &SEATS_OVER_CAPACITY,
+            vec![("feature", feature.to_string())],
+            f64::from(over),
+        );
     }
-    samples.push(Sample {
-        name: "licensing_tryout_days_remaining",
-        help: "Whole days left in the tryout (0 unless active)",
-        labels: Vec::new(),
-        value: f64::from(overview.tryout.days_remaining),
-    });
-    let grace_days = overview.activation.grace_ends_at.map_or(0.0, |end| {
-        ((end - Utc::now()).num_seconds().max(0) as f64 / 86_400.0).ceil()
-    });
-    samples.push(Sample {
-        name: "licensing_grace_days_remaining",
-        help: "Days left before activation lapses while the license source is unreachable (0 when not in grace)",
-        labels: Vec::new(),
-        value: grace_days,
-    });
-    samples.push(Sample {
-        name: "licensing_activated",
-        help: "1 when a trusted license is applied (and system activation held where needed)",
-        labels: Vec::new(),
-        value: f64::from(u8::from(
+    g.states(
+        &TRYOUT_STATE,
+        &["available", "active", "expired", "ended", "unavailable"],
+        Some(tryout_state_name(overview.tryout.state)),
+    );
+    let tryout_end = overview
+        .tryout
+        .ends_at
+        .filter(|_| overview.tryout.state == TryoutState::Active);
+    g.set(
+        &TRYOUT_REMAINING,
+        Vec::new(),
+        seconds_until(tryout_end, now),
+    );
+    g.states(
+        &ACTIVATION_STATE,
+        &["not_initialized", "active", "grace", "lapsed"],
+        Some(activation_state_name(overview.activation.state)),
+    );
+    let grace_end = overview
+        .activation
+        .grace_ends_at
+        .filter(|_| overview.activation.state == ActivationState::Grace);
+    g.set(&GRACE_REMAINING, Vec::new(), seconds_until(grace_end, now));
+    g.set(
+        &ACTIVATED,
+        Vec::new(),
+        f64::from(u8::from(
             matches!(
                 overview.activation.state,
                 ActivationState::Active | ActivationState::Grace
             ) && overview.system_activated,
         )),
-    });
-    samples.push(Sample {
-        name: "licensing_mirror_stale",
-        help: "1 when CheckSeat answers from a copy that may be out of date (store unreachable)",
-        labels: Vec::new(),
-        value: f64::from(u8::from(mirror.is_stale())),
-    });
-    samples.push(Sample {
-        name: "licensing_mirror_staleness_seconds",
-        help: "Seconds since the seat store last answered this replica",
-        labels: Vec::new(),
-        value: mirror.seconds_since_contact().unwrap_or(f64::INFINITY),
-    });
-    samples
+    );
+    let last = overview.reconcile.last_outcome;
+    for outcome in OUTCOMES {
+        g.set(
+            &RECONCILE_LAST_OUTCOME,
+            vec![("outcome", outcome_name(outcome).to_owned())],
+            f64::from(u8::from(last == Some(outcome))),
+        );
+    }
+    g.set(
+        &RECONCILE_LAST_SUCCESS,
+        Vec::new(),
+        overview
+            .reconcile
+            .last_success_at
+            .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0),
+    );
+    g.set(
+        &RECONCILE_INTERVAL,
+        Vec::new(),
+        licensing.settings().reconcile_interval.as_secs_f64(),
+    );
+    g.set(
+        &MIRROR_STALE,
+        Vec::new(),
+        f64::from(u8::from(mirror.is_stale())),
+    );
+    g.set(
+        &MIRROR_STALENESS,
+        Vec::new(),
+        mirror.seconds_since_contact().unwrap_or(f64::INFINITY),
+    );
+    g
 }
 
 /// Encodes a replica's state gauges at scrape time.
@@ -260,16 +400,15 @@ impl std::fmt::Debug for StateCollector {
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let samples = state_samples(&self.licensing);
-        let mut i = 0;
-        while i < samples.len() {
-            let name = samples[i].name;
-            let mut family =
-                encoder.encode_descriptor(name, samples[i].help, None, MetricType::Gauge)?;
-            while i < samples.len() && samples[i].name == name {
-                let gauge = ConstGauge::new(samples[i].value);
-                gauge.encode(family.encode_family(&samples[i].labels)?)?;
-                i += 1;
+        for family in state_gauges(&self.licensing).0 {
+            let mut descriptor = encoder.encode_descriptor(
+                family.desc.name,
+                family.desc.help,
+                None,
+                MetricType::Gauge,
+            )?;
+            for (labels, value) in &family.samples {
+                ConstGauge::new(*value).encode(descriptor.encode_family(labels)?)?;
             }
         }
         Ok(())
@@ -296,7 +435,9 @@ const REDIS_OPERATIONS: [&str; 15] = [
     "clock",
 ];
 
-/// The registry a replica's `/metrics` serves.
+/// The registry a replica's `/metrics` serves. Each event metric is one
+/// `Family` registered under one name; a new metric gets its own `register` call
+/// here (counters without `_total`, durations with `Unit::Seconds`).
 pub fn registry(licensing: Arc<Licensing>) -> Registry {
     let m = metrics();
     for op in REDIS_OPERATIONS {
@@ -304,12 +445,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
             .get_or_create(&vec![("operation", op.to_owned())])
             .inc_by(0);
     }
-    for outcome in [
-        ReconcileOutcome::Updated,
-        ReconcileOutcome::Unchanged,
-        ReconcileOutcome::Unreachable,
-        ReconcileOutcome::Rejected,
-    ] {
+    for outcome in OUTCOMES {
         m.reconciles
             .get_or_create(&vec![("outcome", outcome_name(outcome).to_owned())])
             .inc_by(0);
@@ -337,7 +473,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         m.rpc_duration.clone(),
     );
     registry.register(
-        "licensing_reconcile",
+        "licensing_reconciles",
         "Reconciles by outcome",
         m.reconciles.clone(),
     );
@@ -367,6 +503,7 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         m.corrupt_records.clone(),
     );
     registry.register_collector(Box::new(StateCollector { licensing }));
+    register_auth_metrics(&mut registry);
     registry
 }
 
@@ -378,42 +515,133 @@ pub fn register_otel_gauges(licensing: Arc<Licensing>) {
         .f64_observable_gauge("licensing.state")
         .with_description("Replica state gauges (the Prometheus gauges, by name)")
         .with_callback(move |observer| {
-            for s in state_samples(&licensing) {
-                let mut attrs: Vec<KeyValue> = s
-                    .labels
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(*k, v.clone()))
-                    .collect();
-                attrs.push(KeyValue::new("name", s.name));
-                if s.value.is_finite() {
-                    observer.observe(s.value, &attrs);
+            for family in state_gauges(&licensing).0 {
+                for (labels, value) in family.samples {
+                    let mut attrs: Vec<KeyValue> = labels
+                        .into_iter()
+                        .map(|(k, v)| KeyValue::new(k, v))
+                        .collect();
+                    attrs.push(KeyValue::new("name", family.desc.name));
+                    if value.is_finite() {
+                        observer.observe(value, &attrs);
+                    }
                 }
             }
         })
         .build();
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// The two exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (what Prometheus asks for).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (anything that does not ask for
+    /// OpenMetrics: curl, `promtool check metrics`, older scrapers).
+    Text,
+}
+
+impl Format {
+    /// Chooses by the request's `Accept` header.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Encodes `registry` in `format`.
+pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, registry)?;
+    Ok(match format {
+        Format::OpenMetrics => body,
+        Format::Text => openmetrics_to_text(&body),
+    })
+}
+
+/// Rewrites the OpenMetrics encoding as the Prometheus text format: a counter family
+/// `x` (samples `x_total`) is announced as `x_total`; `# UNIT`, `# EOF`, `_created`
+/// samples and exemplars have no place there. Gauges and histograms are the same in
+/// both.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<(&str, &str)> = None;
+    let mut counter: Option<String> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ').or(Some((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => {
+                    counter = Some(format!("{name}_created"));
+                    (format!("{name}_total"), "counter")
+                }
+                "gauge" | "histogram" | "summary" => {
+                    counter = None;
+                    (name.to_owned(), kind)
+                }
+                _ => {
+                    counter = None;
+                    (name.to_owned(), "untyped")
+                }
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if counter
+            .as_deref()
+            .is_some_and(|created| line.starts_with(created))
+        {
+            continue;
+        }
+        // An exemplar follows the value as ` # {...}`.
+        let sample = line.split_once(" # ").map_or(line, |(s, _)| s);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`, in the format the scraper asks
+/// for (OpenMetrics or the Prometheus text format).
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::http::header::CONTENT_TYPE;
+    use axum::http::header::{ACCEPT, CONTENT_TYPE};
     let registry = Arc::new(registry);
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
             let registry = registry.clone();
             async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (
+                let format = Format::negotiate(headers.get(ACCEPT).and_then(|v| v.to_str().ok()));
+                match encode(&registry, format) {
+                    Ok(body) => (
                         axum::http::StatusCode::OK,
-                        [(
-                            CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(CONTENT_TYPE, format.content_type())],
                         body,
                     ),
                     Err(_) => (
@@ -428,4 +656,154 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+// ---------------------------------------------------------------------------
+// Callers, authorization, audit and the trust anchor: a self-contained block.
+// ---------------------------------------------------------------------------
+
+/// The process-wide counters and gauges of authentication, authorization,
+/// audit and the trust anchor.
+pub struct AuthMetrics {
+    /// Calls refused by the authorization layer, by reason and status code.
+    refused: Family<Labels, Counter>,
+    /// Audit entries that reached only the log, by reason.
+    audit_not_stored: Family<Labels, Counter>,
+    /// Re-reads of the callers file or TLS material that failed, by file.
+    reload_failures: Family<Labels, Counter>,
+    tls_handshake_failures: Counter,
+    /// 1 for the `auth.mode` in force, 0 for the others.
+    auth_mode: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
+    /// 1 when the configuration declares a development installation.
+    development_installation: prometheus_client::metrics::gauge::Gauge,
+}
+
+static AUTH_METRICS: LazyLock<AuthMetrics> = LazyLock::new(|| AuthMetrics {
+    refused: Family::default(),
+    audit_not_stored: Family::default(),
+    reload_failures: Family::default(),
+    tls_handshake_failures: Counter::default(),
+    auth_mode: Family::default(),
+    development_installation: Default::default(),
+});
+
+/// The process-wide authentication, authorization and audit metrics.
+pub fn auth_metrics() -> &'static AuthMetrics {
+    &AUTH_METRICS
+}
+
+impl AuthMetrics {
+    pub fn refused(&self, reason: &'static str, code: &'static str) {
+        self.refused
+            .get_or_create(&vec![
+                ("reason", reason.to_owned()),
+                ("code", code.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn audit_not_stored(&self, reason: &'static str) {
+        self.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// How many audit entries reached only the log for `reason` (for tests).
+    pub fn audit_not_stored_count(&self, reason: &'static str) -> u64 {
+        self.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .get()
+    }
+
+    pub fn reload_failed(&self, file: &'static str) {
+        self.reload_failures
+            .get_or_create(&vec![("file", file.to_owned())])
+            .inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    /// Records the posture the process runs with (at start).
+    pub fn set_posture(&self, auth_mode: &'static str, development_installation: bool) {
+        for mode in ["protected", "enforce", "disabled"] {
+            self.auth_mode
+                .get_or_create(&vec![("mode", mode.to_owned())])
+                .set(i64::from(mode == auth_mode));
+        }
+        self.development_installation
+            .set(i64::from(development_installation));
+    }
+}
+
+fn register_auth_metrics(registry: &mut Registry) {
+    let m = auth_metrics();
+    for reason in ["queue_full", "store", "stopped"] {
+        m.audit_not_stored
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc_by(0);
+    }
+    registry.register(
+        "licensing_auth_refused",
+        "Calls refused by authentication or authorization, by reason and gRPC status code",
+        m.refused.clone(),
+    );
+    registry.register(
+        "licensing_audit_not_stored",
+        "Audit entries written only to the log (queue full or store failure), by reason",
+        m.audit_not_stored.clone(),
+    );
+    registry.register(
+        "licensing_credentials_reload_failures",
+        "Failed re-reads of the callers file or the TLS material (the previous stays in force), by file",
+        m.reload_failures.clone(),
+    );
+    registry.register(
+        "licensing_tls_handshake_failures",
+        "TLS handshakes on the gRPC listener that failed or timed out",
+        m.tls_handshake_failures.clone(),
+    );
+    registry.register(
+        "licensing_auth_mode",
+        "1 for the auth.mode in force (protected, enforce or disabled)",
+        m.auth_mode.clone(),
+    );
+    registry.register(
+        "licensing_development_installation",
+        "1 when the configuration declares a development installation (its own vendor key instead of the embedded one)",
+        m.development_installation.clone(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let om = "# HELP x_reqs Requests.\n# TYPE x_reqs counter\nx_reqs_total{a=\"1\"} 3\nx_reqs_created{a=\"1\"} 1.7e9\n\
+                  # HELP x_lat_seconds Latency.\n# TYPE x_lat_seconds histogram\n# UNIT x_lat_seconds seconds\n\
+                  x_lat_seconds_bucket{le=\"+Inf\"} 1 # {trace=\"a\"} 0.1\nx_lat_seconds_sum 0.1\nx_lat_seconds_count 1\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1.0\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP x_reqs_total Requests.\n# TYPE x_reqs_total counter\nx_reqs_total{a=\"1\"} 3\n\
+             # HELP x_lat_seconds Latency.\n# TYPE x_lat_seconds histogram\n\
+             x_lat_seconds_bucket{le=\"+Inf\"} 1\nx_lat_seconds_sum 0.1\nx_lat_seconds_count 1\n\
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1.0\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_negotiated() {
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+    }
 }

@@ -161,6 +161,19 @@ impl MirrorState {
         self.counts.get(&(feature, source)).copied().unwrap_or(0)
     }
 
+    /// The seats of `feature` flagged over capacity, and the earliest instant one
+    /// was flagged (its over-capacity grace ends first).
+    pub fn over_capacity(&self, feature: Feature) -> (u32, Option<i64>) {
+        self.seats.get(&feature).map_or((0, None), |users| {
+            users
+                .values()
+                .filter_map(|s| s.over_capacity_since_ms)
+                .fold((0, None), |(n, first): (u32, Option<i64>), since| {
+                    (n + 1, Some(first.map_or(since, |f| f.min(since))))
+                })
+        })
+    }
+
     pub fn seat_total(&self) -> usize {
         self.seats.values().map(HashMap::len).sum()
     }

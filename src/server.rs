@@ -6,30 +6,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::auth::layer::{AuthLayer, Authenticator};
+use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
 use crate::service::Licensing;
 
 /// How the server runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// How long in-flight calls may take to finish after shutdown starts.
     pub drain_timeout: Duration,
-    /// PEM certificate and key for TLS; plaintext when `None`.
-    pub tls: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(10),
-            tls: None,
-        }
-    }
+    /// Certificate, key and client CA for TLS (reloadable); plaintext when `None`.
+    pub tls: Option<Arc<TlsMaterial>>,
+    /// Who may call what; also records refusals and handler outcomes.
+    pub auth: Arc<Authenticator>,
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
@@ -50,25 +44,29 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) =
         crate::grpc::reflection_services(FILE_DESCRIPTOR_SET)?;
 
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         // Call handling sends small, latency-sensitive requests.
         .tcp_nodelay(true)
         // Notice dead peers (a PBX that vanished) instead of keeping streams forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some((cert, key)) = &options.tls {
-        let identity = tonic::transport::Identity::from_pem(cert, key);
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
+    let audit = options.auth.audit.clone();
     let router = builder
-        .add_service(LicensingServiceServer::new(LicensingApi::new(licensing)))
+        // Every call but health comes from a known caller whose role allows it;
+        // the caller travels on as a request extension (src/auth/layer.rs).
+        .layer(AuthLayer::new(options.auth.clone()))
+        .add_service(LicensingServiceServer::new(LicensingApi::new(
+            licensing, audit,
+        )))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
-    let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+    // Our own acceptor: TLS material is re-read at run time, and the peer's
+    // address and client certificate reach the authorization layer.
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone());
+    let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;
     });
     tokio::pin!(serve);

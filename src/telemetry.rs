@@ -10,7 +10,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -41,10 +41,12 @@ impl Telemetry {
 }
 
 /// Installs the global subscriber (and, with an endpoint, the OTLP exporters).
-/// Must run inside the Tokio runtime. `RUST_LOG` overrides `log.level` when set.
+/// Must run inside the Tokio runtime. Each layer has its own filter: `RUST_LOG`
+/// (else `log.level`) for the log lines, `trace.level` for the exported spans, so
+/// quiet logs do not switch tracing off.
 pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter =
+    let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
     // Colours only for a person at a terminal, never in collected logs.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -71,7 +73,13 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
                 .with_endpoint(endpoint)
                 .build()
                 .context("build OTLP span exporter")?;
+            // New traces are sampled at the configured ratio; a caller's decision
+            // (the sampled flag of its traceparent) is followed.
+            let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.trace_sampling_ratio,
+            )));
             let tracer = SdkTracerProvider::builder()
+                .with_sampler(sampler)
                 .with_batch_exporter(spans)
                 .with_resource(resource.clone())
                 .build();
@@ -86,16 +94,16 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
                 .build();
             opentelemetry::global::set_meter_provider(meter.clone());
             crate::metrics::metrics().enable_otel();
-            let layer =
-                tracing_opentelemetry::layer().with_tracer(tracer.tracer("comtrexx-licensing"));
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer.tracer("comtrexx-licensing"))
+                .with_filter(EnvFilter::new(&config.trace_level));
             telemetry.tracer = Some(tracer);
             telemetry.meter = Some(meter);
             Some(layer)
         }
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(log_filter))
         .with(otel_layer)
         .try_init()
         .context("install the log subscriber")?;
@@ -131,4 +139,26 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Metad
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let _ = span.set_parent(parent);
+}
+
+/// The trace id of a call, for the audit trail: the span's when traces are
+/// exported, else the one in the caller's `traceparent` header; empty if none.
+pub fn trace_id(span: &tracing::Span, traceparent: Option<&str>) -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        return span_context.trace_id().to_string();
+    }
+    traceparent
+        .and_then(traceparent_trace_id)
+        .unwrap_or_default()
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn traceparent_trace_id(value: &str) -> Option<String> {
+    let mut parts = value.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace != "0".repeat(32))
+        .then(|| trace.to_ascii_lowercase())
 }

@@ -770,10 +770,11 @@ async fn lapse_with_reset_returns_the_pbx_to_its_initial_state() {
     assert!(o.entitlements.is_empty());
     // The tryout record (forfeited by the purchase) survives the reset.
     assert_eq!(tryout_state(&o), pb::TryoutState::Unavailable);
+    // No license and no tryout to start: the PBX's cause comes first (API.md).
     let a = check(&mut c, "a", "").await;
     assert_eq!(
         (a.licensed, a.reason()),
-        (false, pb::SeatReason::NotAssigned)
+        (false, pb::SeatReason::NotActivated)
     );
 }
 

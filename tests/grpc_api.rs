@@ -758,10 +758,20 @@ async fn business_edition_needs_system_activation() {
         "NOT_ACTIVATED",
         "no activation",
     );
+    // The root cause of any user's answer is the PBX's: NOT_ACTIVATED, not
+    // NOT_ASSIGNED (API.md's order), and the overview says why.
+    let ck = checked(c, "alice").await;
+    assert!(!ck.licensed);
+    assert_eq!(ck.reason(), pb::SeatReason::NotActivated);
     let o = overview(c).await;
     assert_eq!(o.edition(), pb::Edition::Business);
     assert_eq!(o.activation_state(), pb::ActivationState::Active);
     assert!(!o.system_activated);
+    assert!(
+        o.activation_reason.contains("system_activation"),
+        "{}",
+        o.activation_reason
+    );
     assert_eq!(entitlement(&o.entitlements, "user").quantity, 3);
 
     // A VM license does not fit a Business PBX.
@@ -788,6 +798,11 @@ async fn business_edition_needs_system_activation() {
     let ck = checked(c, "alice").await;
     assert!(ck.licensed);
     assert_eq!(ck.reason(), pb::SeatReason::Assigned);
+    // Activated: a user without a seat is now simply not assigned.
+    assert_eq!(
+        checked(c, "carol").await.reason(),
+        pb::SeatReason::NotAssigned
+    );
 
     // A later license without system activation: the seat stays, unlicensed.
     pbx.write_license(Edition::Business, 3, &[(Feature::User, 3)]);
@@ -804,6 +819,41 @@ async fn business_edition_needs_system_activation() {
 // ---------------------------------------------------------------------------
 // Reconcile and overview
 // ---------------------------------------------------------------------------
+
+/// A smaller license leaves seats over capacity: the overview counts them per
+/// feature with the end of their grace, and explains the activation state.
+#[tokio::test]
+async fn overview_names_over_capacity_seats_and_their_grace() {
+    let pbx = Pbx::licensed("overcap", Edition::Vm, Some(&[(Feature::User, 3)])).await;
+    let c = &mut pbx.client.clone();
+    for user in ["alice", "bob", "carol"] {
+        assigned(c, user).await;
+    }
+    let o = overview(c).await;
+    assert!(o.over_capacity.is_empty(), "{:?}", o.over_capacity);
+    assert!(
+        o.activation_reason.contains("confirmed"),
+        "{}",
+        o.activation_reason
+    );
+
+    pbx.write_license(Edition::Vm, 1, &[(Feature::User, 1)]);
+    let before = Utc::now();
+    assert_eq!(reconcile(c).await.outcome(), pb::ReconcileOutcome::Updated);
+    let o = overview(c).await;
+    assert_eq!(o.over_capacity.len(), 1, "{:?}", o.over_capacity);
+    let over = &o.over_capacity[0];
+    assert_eq!((over.feature.as_str(), over.seats), ("user", 2));
+    // The default over-capacity grace is 14 days from the reconcile that flagged them.
+    let ends = time(over.grace_ends_at.as_ref().unwrap());
+    let grace = chrono::Duration::days(14);
+    assert!(
+        ends >= before + grace - chrono::Duration::seconds(1) && ends <= Utc::now() + grace,
+        "{ends}"
+    );
+    // Still licensed until then.
+    assert!(checked(c, "carol").await.licensed);
+}
 
 #[tokio::test]
 async fn reconcile_outcomes() {
@@ -1011,7 +1061,7 @@ async fn health_is_serving_and_a_stopped_server_refuses_calls() {
         server, mut client, ..
     } = pbx;
     let endpoint = server.endpoint();
-    assert!(checked(&mut client, "x").await.reason() == pb::SeatReason::NotAssigned);
+    assert!(checked(&mut client, "x").await.reason() == pb::SeatReason::NotActivated);
     server.shutdown().await;
     let err = client
         .get_tryout_status(pb::GetTryoutStatusRequest {})

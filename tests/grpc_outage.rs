@@ -325,7 +325,8 @@ async fn service_starts_while_redis_is_down() {
     let ck = check(&mut c, "alice", "").await;
     assert!(ck.stale, "{ck:?}");
     assert!(!ck.licensed);
-    assert_eq!(ck.reason(), pb::SeatReason::NotAssigned);
+    // It knows no license yet: the PBX's cause, flagged stale.
+    assert_eq!(ck.reason(), pb::SeatReason::NotActivated);
     let (r, took) = timed(assign(&mut c, "alice", "")).await;
     assert_unavailable(r, took, "AssignSeat without Redis");
     let (r, took) = timed(list(&mut c)).await;

@@ -13,6 +13,11 @@ use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+/// The body of an HTTP response.
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
 /// GETs `/metrics` over plain HTTP/1.1.
 async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -24,6 +29,68 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
+}
+
+/// Checks the structure of a text-format scrape as a strict parser would: every
+/// metric family has exactly one `HELP` and one `TYPE` line, before its samples,
+/// and its samples are contiguous (one family per name, with all its label sets);
+/// counters end in `_total`; names are snake_case with the `licensing_` prefix.
+fn check_exposition(body: &str) {
+    use std::collections::HashMap;
+    let mut help: HashMap<&str, usize> = HashMap::new();
+    let mut types: HashMap<&str, &str> = HashMap::new();
+    let mut finished: Vec<&str> = Vec::new();
+    let mut current: Option<&str> = None;
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            *help.entry(name).or_default() += 1;
+            assert_eq!(help[name], 1, "second HELP for {name}:\n{body}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(types.insert(name, kind).is_none(), "second TYPE for {name}");
+            assert!(help.contains_key(name), "TYPE {name} without HELP");
+            if let Some(done) = current.replace(name) {
+                finished.push(done);
+            }
+            assert!(!finished.contains(&name), "family {name} split:\n{body}");
+            assert!(
+                name.starts_with("licensing_")
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name} is not snake_case with the licensing_ prefix"
+            );
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "counter {name} without _total"),
+                "gauge" | "histogram" => {
+                    assert!(!name.ends_with("_total"), "{kind} {name} ends in _total")
+                }
+                other => panic!("unexpected type {other} of {name}"),
+            }
+            continue;
+        }
+        assert!(
+            !line.starts_with('#'),
+            "unexpected comment in the text format: {line}"
+        );
+        if line.is_empty() {
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap();
+        let family = current.unwrap_or_else(|| panic!("sample before any TYPE: {line}"));
+        let ok = sample == family
+            || types[family] == "histogram"
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| sample.strip_suffix(suffix) == Some(family));
+        assert!(
+            ok,
+            "sample {sample} outside its family (in {family}):\n{body}"
+        );
+    }
 }
 
 /// The value of the sample whose line starts with `prefix` (name and labels).
@@ -65,14 +132,21 @@ async fn metrics_follow_the_seats() {
     wait_active(&client).await;
 
     let before = scrape(metrics_addr).await;
+    check_exposition(body(&before));
     for name in [
         "licensing_rpc_requests_total",
         "licensing_rpc_duration_seconds",
         "licensing_seats_in_use",
         "licensing_seats_capacity",
-        "licensing_tryout_days_remaining",
-        "licensing_grace_days_remaining",
-        "licensing_reconcile_total",
+        "licensing_tryout_remaining_seconds",
+        "licensing_tryout_state",
+        "licensing_grace_remaining_seconds",
+        "licensing_activation_state",
+        "licensing_seats_over_capacity",
+        "licensing_reconciles_total",
+        "licensing_reconcile_last_outcome",
+        "licensing_reconcile_last_success_timestamp_seconds",
+        "licensing_reconcile_interval_seconds",
         "licensing_mirror_staleness_seconds",
         "licensing_mirror_stale",
         "licensing_redis_errors",
@@ -107,12 +181,13 @@ async fn metrics_follow_the_seats() {
         .await
         .unwrap_err();
     let after = scrape(metrics_addr).await;
+    check_exposition(body(&after));
     assert_eq!(value(&after, in_use), 2.0);
     let ok = r#"licensing_rpc_requests_total{method="AssignSeat",code="OK"}"#;
     let invalid = r#"licensing_rpc_requests_total{method="AssignSeat",code="INVALID_ARGUMENT"}"#;
     assert!(value(&after, ok) >= 2.0);
     assert!(value(&after, invalid) >= 1.0);
-    assert!(value(&after, r#"licensing_reconcile_total{outcome="updated"}"#) >= 1.0);
+    assert!(value(&after, r#"licensing_reconciles_total{outcome="updated"}"#) >= 1.0);
 
     client
         .release_seat(pb::ReleaseSeatRequest {
@@ -139,7 +214,29 @@ async fn metrics_follow_the_seats() {
         .await
     );
     let down = scrape(metrics_addr).await;
+    check_exposition(body(&down));
     assert!(value(&down, r#"licensing_redis_errors_total{operation="assign"}"#) >= 1.0);
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// The structure check rejects what strict parsers reject (the repeated families of
+/// a gauge emitted per feature), and accepts a well-formed exposition.
+#[test]
+fn exposition_check_catches_repeated_families() {
+    let good = "# HELP licensing_x_total X.\n# TYPE licensing_x_total counter\nlicensing_x_total{a=\"1\"} 1\n\
+                # HELP licensing_y Y.\n# TYPE licensing_y gauge\nlicensing_y{f=\"a\"} 1\nlicensing_y{f=\"b\"} 2\n";
+    check_exposition(good);
+    let repeated = "# HELP licensing_y Y.\n# TYPE licensing_y gauge\nlicensing_y{f=\"a\"} 1\n\
+                    # HELP licensing_z Z.\n# TYPE licensing_z gauge\nlicensing_z{f=\"a\"} 1\n\
+                    # HELP licensing_y Y.\n# TYPE licensing_y gauge\nlicensing_y{f=\"b\"} 2\n";
+    let interleaved = "# HELP licensing_y Y.\n# TYPE licensing_y gauge\nlicensing_y{f=\"a\"} 1\n\
+                       # HELP licensing_z Z.\n# TYPE licensing_z gauge\nlicensing_y{f=\"b\"} 2\n";
+    let counter = "# HELP licensing_x X.\n# TYPE licensing_x counter\nlicensing_x 1\n";
+    for bad in [repeated, interleaved, counter] {
+        assert!(
+            std::panic::catch_unwind(|| check_exposition(bad)).is_err(),
+            "accepted:\n{bad}"
+        );
+    }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::RedisServer;
+use comtrexx_licensing::domain::audit::{AuditEvent, AuditRetention};
 use comtrexx_licensing::domain::initcode::PendingInitialization;
 use comtrexx_licensing::domain::tryout::{TryoutEnd, TryoutEndReason};
 use comtrexx_licensing::domain::{
@@ -186,6 +187,9 @@ conformance! {
     store: repair_writes_back_only_where_it_was_planned;
     store: release_reflag_is_guarded_by_the_stored_license;
     store: high_water_clock_only_grows;
+    store: audit_lists_newest_first_in_pages;
+    store: audit_is_bounded_by_max_entries;
+    store: audit_drops_entries_older_than_max_age;
 }
 
 // ---------------------------------------------------------------------------
@@ -2667,4 +2671,94 @@ async fn high_water_clock_only_grows(store: &dyn Store) {
     assert_eq!(store.advance_clock(t).await, Ok(t));
     assert_eq!(store.advance_clock(t - 500).await, Ok(t));
     assert_eq!(snapshot(store).await.high_water_ms, t);
+}
+
+// ---------------------------------------------------------------------------
+// Audit trail
+// ---------------------------------------------------------------------------
+
+fn audit_event(n: usize) -> AuditEvent {
+    AuditEvent {
+        time: Utc::now(),
+        caller: "ops".into(),
+        role: "operator".into(),
+        method: "AssignSeat".into(),
+        user_id: format!("user-{n}"),
+        feature: "user".into(),
+        code: if n.is_multiple_of(2) {
+            "OK"
+        } else {
+            "PERMISSION_DENIED"
+        }
+        .into(),
+        detail: format!("detail {n} ✓"),
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+    }
+}
+
+async fn audit_users(store: &dyn Store, before: Option<&str>, limit: usize) -> Vec<String> {
+    store
+        .list_audit(before, limit)
+        .await
+        .expect("list the audit trail")
+        .into_iter()
+        .map(|e| e.event.user_id)
+        .collect()
+}
+
+async fn audit_lists_newest_first_in_pages(store: &dyn Store) {
+    assert!(store.list_audit(None, 10).await.unwrap().is_empty());
+    let retention = AuditRetention::default();
+    for n in 0..7 {
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
+    }
+    let first = store.list_audit(None, 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    // Every field round-trips.
+    let mut expected = audit_event(6);
+    expected.time = first[0].event.time;
+    assert_eq!(first[0].event, expected);
+    let names: Vec<&str> = first.iter().map(|e| e.event.user_id.as_str()).collect();
+    assert_eq!(names, ["user-6", "user-5", "user-4"]);
+    let rest = audit_users(store, Some(&first[2].id), 10).await;
+    assert_eq!(rest, ["user-3", "user-2", "user-1", "user-0"]);
+    assert!(audit_users(store, Some("0-0"), 10).await.is_empty());
+}
+
+async fn audit_is_bounded_by_max_entries(store: &dyn Store) {
+    let retention = AuditRetention {
+        max_entries: 5,
+        ..AuditRetention::default()
+    };
+    for n in 0..12 {
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
+    }
+    let kept = audit_users(store, None, 100).await;
+    assert_eq!(
+        kept,
+        ["user-11", "user-10", "user-9", "user-8", "user-7"],
+        "the newest max_entries are kept"
+    );
+}
+
+async fn audit_drops_entries_older_than_max_age(store: &dyn Store) {
+    let retention = AuditRetention::default();
+    store
+        .append_audit(&audit_event(0), &retention)
+        .await
+        .unwrap();
+    // Not synchronisation: the entry must be older than the age bound below.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let short = AuditRetention {
+        max_age: chrono::Duration::milliseconds(30),
+        ..AuditRetention::default()
+    };
+    store.append_audit(&audit_event(1), &short).await.unwrap();
+    assert_eq!(audit_users(store, None, 10).await, ["user-1"]);
 }

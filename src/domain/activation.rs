@@ -79,6 +79,67 @@ pub fn activation(
     }
 }
 
+/// What the activation explanation is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct ActivationFacts<'a> {
+    pub activation: Activation,
+    pub edition: super::Edition,
+    /// Whether a trusted license holds system activation (where the edition needs it).
+    pub system_activated: bool,
+    /// When the trusted license was applied, if there is one.
+    pub license_applied_at: Option<DateTime<Utc>>,
+    /// Why the stored license is not trusted, if it is not.
+    pub license_problem: Option<&'a str>,
+    pub reconcile: &'a ReconcileStatus,
+    pub lapse_action: LapseAction,
+}
+
+/// Why the PBX is in its activation state, in one sentence an operator can act on.
+pub fn explain(f: &ActivationFacts<'_>) -> String {
+    let why_failing = f
+        .reconcile
+        .last_error
+        .as_deref()
+        .map_or_else(String::new, |e| format!(" (last reconcile: {e})"));
+    match f.activation.state {
+        ActivationState::NotInitialized => match f.license_problem {
+            Some(problem) => format!("the stored license is not trusted: {problem}"),
+            None => "no license applied yet: apply an activation response, reconcile with a license source, or start the tryout".to_owned(),
+        },
+        ActivationState::Active | ActivationState::Grace if !f.system_activated => format!(
+            "the license has no current system_activation entitlement, which edition {} needs before any seat is licensed",
+            f.edition
+        ),
+        ActivationState::Active => match (f.reconcile.last_success_at, f.license_applied_at) {
+            (Some(at), _) => format!(
+                "license confirmed by the license source at {}",
+                at.to_rfc3339()
+            ),
+            (None, Some(at)) => format!(
+                "license applied at {}, not yet confirmed by a reconcile",
+                at.to_rfc3339()
+            ),
+            (None, None) => "license applied".to_owned(),
+        },
+        ActivationState::Grace => format!(
+            "the license source has not confirmed the license{why_failing}; it holds until the grace period ends at {}",
+            f.activation
+                .grace_ends_at
+                .map_or_else(|| "?".to_owned(), |t| t.to_rfc3339())
+        ),
+        ActivationState::Lapsed => format!(
+            "the license was not confirmed within the grace period (ended {}){why_failing}; {}",
+            f.activation
+                .grace_ends_at
+                .map_or_else(|| "?".to_owned(), |t| t.to_rfc3339()),
+            match f.lapse_action {
+                LapseAction::DenyNew => "existing seats stay, no new seats until a reconcile succeeds",
+                LapseAction::Reset => "license and seats are removed",
+            }
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +171,49 @@ mod tests {
             last_error: None,
             next_reconcile_at: None,
         }
+    }
+
+    #[test]
+    fn explanations_name_the_cause() {
+        let l = license();
+        let failing = ReconcileStatus {
+            last_error: Some("connection refused".into()),
+            ..status(
+                ReconcileOutcome::Unreachable,
+                t0(),
+                t0() + Duration::hours(6),
+            )
+        };
+        let now = t0() + Duration::days(2);
+        let grace = activation(Some(&l), &failing, now, Duration::days(30));
+        let facts = ActivationFacts {
+            activation: grace,
+            edition: crate::domain::Edition::Vm,
+            system_activated: true,
+            license_applied_at: Some(t0()),
+            license_problem: None,
+            reconcile: &failing,
+            lapse_action: LapseAction::DenyNew,
+        };
+        let text = explain(&facts);
+        assert!(text.contains("connection refused"), "{text}");
+        assert!(text.contains("2026-03-31"), "{text}");
+        let business = ActivationFacts {
+            edition: crate::domain::Edition::Business,
+            system_activated: false,
+            activation: Activation {
+                state: ActivationState::Active,
+                grace_ends_at: None,
+            },
+            ..facts
+        };
+        assert!(explain(&business).contains("system_activation"));
+        let untrusted = ActivationFacts {
+            activation: activation(None, &failing, now, Duration::days(30)),
+            license_problem: Some("bad signature"),
+            ..facts
+        };
+        assert!(explain(&untrusted).contains("bad signature"));
     }
 
     #[test]

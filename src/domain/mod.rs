@@ -2,6 +2,7 @@
 //! from an injected [`Clock`]; everything else is plain data and decisions.
 
 pub mod activation;
+pub mod audit;
 pub mod capacity;
 pub mod clock;
 pub mod error;

@@ -134,8 +134,58 @@ impl Licenses<'_> {
         tryout::state(self.edition, self.tryout, now)
     }
 
-    /// Decides whether `seat` (the user's seat of the feature, if any) is licensed.
-    pub fn check_seat(&self, seat: Option<&Seat>, now: DateTime<Utc>) -> SeatCheck {
+    /// Decides whether the user's seat of `feature` (`seat`, if they hold one) is
+    /// licensed. An answer that is not licensed names the first cause that applies,
+    /// from the PBX down to the user (API.md): `NotActivated`, `LicenseLapsed`, then
+    /// the user's own `NotAssigned`, `TryoutOver`, `OverCapacity`.
+    pub fn check_seat(
+        &self,
+        feature: Feature,
+        seat: Option<&Seat>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        let own = self.check_own_seat(seat, now);
+        if own.licensed {
+            return own;
+        }
+        match self.pbx_cause(feature, now) {
+            Some(cause) => not_licensed(own.source, cause),
+            None => own,
+        }
+    }
+
+    /// Why no user of `feature` can be licensed right now, if there is a reason at
+    /// the PBX's level: not activated (a Business/Advanced PBX without system
+    /// activation, or no trusted license and no tryout ever started), or lapsed
+    /// (activation not confirmed within the grace period, or the feature's
+    /// entitlement expired while no tryout covers it).
+    pub fn pbx_cause(&self, feature: Feature, now: DateTime<Utc>) -> Option<SeatReason> {
+        let tryout = self.tryout_state(now);
+        let never_tried = matches!(tryout, TryoutState::Available | TryoutState::Unavailable);
+        if (self.license.is_some() || self.edition.needs_system_activation())
+            && !self.system_activated(now)
+        {
+            return Some(SeatReason::NotActivated);
+        }
+        if self.license.is_none() && never_tried {
+            return Some(SeatReason::NotActivated);
+        }
+        if self.license.is_some() && self.activation == ActivationState::Lapsed {
+            return Some(SeatReason::LicenseLapsed);
+        }
+        let tryout_covers = feature == Feature::User && tryout == TryoutState::Active;
+        let expired = self
+            .license
+            .and_then(|l| l.payload.entitlement(feature))
+            .is_some_and(|e| !e.is_current(now));
+        if expired && !tryout_covers {
+            return Some(SeatReason::LicenseLapsed);
+        }
+        None
+    }
+
+    /// The user's own answer: their seat and its source, without the PBX's causes.
+    fn check_own_seat(&self, seat: Option<&Seat>, now: DateTime<Utc>) -> SeatCheck {
         let Some(seat) = seat else {
             return not_licensed(None, SeatReason::NotAssigned);
         };
@@ -321,11 +371,70 @@ mod tests {
 
     #[test]
     fn no_seat_is_not_assigned() {
-        let c = ctx(Edition::Vm, None, None).check_seat(None, t0());
+        let lic = applied(payload("S", 5));
+        let c = ctx(Edition::Vm, Some(&lic), None).check_seat(Feature::User, None, t0());
         assert_eq!(
             (c.licensed, c.reason, c.source),
             (false, SeatReason::NotAssigned, None)
         );
+    }
+
+    /// API.md's order: NOT_ACTIVATED, LICENSE_LAPSED, then NOT_ASSIGNED, TRYOUT_OVER,
+    /// OVER_CAPACITY: the PBX's cause before the user's own.
+    #[test]
+    fn causes_are_named_from_the_pbx_down() {
+        let user = seat(Feature::User, SeatSource::Purchased);
+        let reason =
+            |c: &Licenses<'_>, s: Option<&Seat>| c.check_seat(Feature::User, s, t0()).reason;
+
+        // A Business PBX without system activation: NOT_ACTIVATED, seat or not.
+        let mut p = payload("S", 5);
+        p.edition = Edition::Business;
+        let business = applied(p);
+        let c = ctx(Edition::Business, Some(&business), None);
+        assert_eq!(reason(&c, None), SeatReason::NotActivated);
+        assert_eq!(reason(&c, Some(&user)), SeatReason::NotActivated);
+        assert_eq!(
+            reason(&ctx(Edition::Business, None, None), None),
+            SeatReason::NotActivated
+        );
+
+        // No license and no tryout ever started: NOT_ACTIVATED.
+        assert_eq!(
+            reason(&ctx(Edition::Vm, None, None), None),
+            SeatReason::NotActivated
+        );
+        // A tryout that is over: the user's own answer (no seat, or the test seat).
+        let started = tryout::start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap();
+        let ended = tryout::end(Edition::Vm, Some(&started), t0())
+            .unwrap()
+            .unwrap();
+        let c = ctx(Edition::Vm, None, Some(&ended));
+        assert_eq!(reason(&c, None), SeatReason::NotAssigned);
+        let test_seat = seat(Feature::User, SeatSource::Tryout);
+        assert_eq!(reason(&c, Some(&test_seat)), SeatReason::TryoutOver);
+
+        // Lapsed activation: LICENSE_LAPSED for whoever is not licensed; existing
+        // seats stay licensed (deny_new).
+        let lic = applied(payload("S", 5));
+        let mut c = ctx(Edition::Vm, Some(&lic), None);
+        c.activation = ActivationState::Lapsed;
+        assert_eq!(reason(&c, None), SeatReason::LicenseLapsed);
+        assert!(c.check_seat(Feature::User, Some(&user), t0()).licensed);
+
+        // An expired entitlement: LICENSE_LAPSED, also for a user without a seat.
+        let mut p = payload("S", 5);
+        p.entitlements[0].expires_at = Some(t0() - Duration::days(1));
+        let expired = applied(p);
+        let c = ctx(Edition::Vm, Some(&expired), None);
+        assert_eq!(reason(&c, None), SeatReason::LicenseLapsed);
+        assert_eq!(reason(&c, Some(&user)), SeatReason::LicenseLapsed);
+
+        // Only then the user's own: over capacity after its grace.
+        let c = ctx(Edition::Vm, Some(&lic), None);
+        let mut over = user.clone();
+        over.over_capacity_since = Some(t0() - Duration::days(15));
+        assert_eq!(reason(&c, Some(&over)), SeatReason::OverCapacity);
     }
 
     #[test]
@@ -336,18 +445,19 @@ mod tests {
         let lic = applied(p);
         let c = ctx(Edition::Vm, Some(&lic), None);
         let s = seat(Feature::User, SeatSource::Purchased);
-        let ok = c.check_seat(Some(&s), t0());
+        let ok = c.check_seat(s.feature, Some(&s), t0());
         assert_eq!(
             (ok.licensed, ok.reason, ok.valid_until),
             (true, SeatReason::Assigned, Some(end))
         );
-        let lapsed = c.check_seat(Some(&s), end);
+        let lapsed = c.check_seat(s.feature, Some(&s), end);
         assert_eq!(
             (lapsed.licensed, lapsed.reason),
             (false, SeatReason::LicenseLapsed)
         );
         // A feature the document no longer grants has lapsed too.
         let ca = c.check_seat(
+            Feature::CallAssist,
             Some(&seat(Feature::CallAssist, SeatSource::Purchased)),
             t0(),
         );
@@ -362,7 +472,7 @@ mod tests {
         let s = seat(Feature::User, SeatSource::Purchased);
         let c = ctx(Edition::Business, Some(&without), None);
         assert_eq!(
-            c.check_seat(Some(&s), t0()).reason,
+            c.check_seat(s.feature, Some(&s), t0()).reason,
             SeatReason::NotActivated
         );
         assert!(matches!(
@@ -379,7 +489,7 @@ mod tests {
         });
         let with = applied(p);
         let c = ctx(Edition::Business, Some(&with), None);
-        assert!(c.check_seat(Some(&s), t0()).licensed);
+        assert!(c.check_seat(s.feature, Some(&s), t0()).licensed);
         assert!(matches!(
             c.plan_assign(Feature::User, t0(), |_| 0),
             Ok(AssignPlan::Purchased { capacity: 5, .. })
@@ -387,7 +497,7 @@ mod tests {
         // Without any document the seat is not activated either.
         let none = ctx(Edition::Vm, None, None);
         assert_eq!(
-            none.check_seat(Some(&s), t0()).reason,
+            none.check_seat(s.feature, Some(&s), t0()).reason,
             SeatReason::NotActivated
         );
     }
@@ -397,17 +507,20 @@ mod tests {
         let r = tryout::start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap();
         let c = ctx(Edition::Vm, None, Some(&r));
         let s = seat(Feature::User, SeatSource::Tryout);
-        let ok = c.check_seat(Some(&s), t0());
+        let ok = c.check_seat(s.feature, Some(&s), t0());
         assert_eq!(ok.valid_until, Some(t0() + Duration::days(14)));
         assert!(ok.licensed);
-        let over = c.check_seat(Some(&s), t0() + Duration::days(14));
+        let over = c.check_seat(s.feature, Some(&s), t0() + Duration::days(14));
         assert_eq!(
             (over.licensed, over.reason, over.source),
             (false, SeatReason::TryoutOver, Some(SeatSource::Tryout))
         );
         let ended = tryout::end(Edition::Vm, Some(&r), t0()).unwrap().unwrap();
         let c = ctx(Edition::Vm, None, Some(&ended));
-        assert_eq!(c.check_seat(Some(&s), t0()).reason, SeatReason::TryoutOver);
+        assert_eq!(
+            c.check_seat(s.feature, Some(&s), t0()).reason,
+            SeatReason::TryoutOver
+        );
     }
 
     #[test]
@@ -416,10 +529,10 @@ mod tests {
         let c = ctx(Edition::Vm, Some(&lic), None);
         let mut s = seat(Feature::User, SeatSource::Purchased);
         s.over_capacity_since = Some(t0());
-        let during = c.check_seat(Some(&s), t0() + Duration::days(13));
+        let during = c.check_seat(s.feature, Some(&s), t0() + Duration::days(13));
         assert!(during.licensed);
         assert_eq!(during.valid_until, Some(t0() + Duration::days(14)));
-        let after = c.check_seat(Some(&s), t0() + Duration::days(14));
+        let after = c.check_seat(s.feature, Some(&s), t0() + Duration::days(14));
         assert_eq!(
             (after.licensed, after.reason),
             (false, SeatReason::OverCapacity)
@@ -427,9 +540,13 @@ mod tests {
         // A flagged seat of a feature the license dropped entirely has grace too.
         let mut ca = seat(Feature::CallAssist, SeatSource::Purchased);
         ca.over_capacity_since = Some(t0());
-        assert!(c.check_seat(Some(&ca), t0() + Duration::days(1)).licensed);
+        assert!(
+            c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(1))
+                .licensed
+        );
         assert_eq!(
-            c.check_seat(Some(&ca), t0() + Duration::days(15)).reason,
+            c.check_seat(ca.feature, Some(&ca), t0() + Duration::days(15))
+                .reason,
             SeatReason::OverCapacity
         );
     }
@@ -447,7 +564,7 @@ mod tests {
             })
         ));
         let s = seat(Feature::User, SeatSource::Purchased);
-        assert!(c.check_seat(Some(&s), t0()).licensed);
+        assert!(c.check_seat(s.feature, Some(&s), t0()).licensed);
         c.lapse_action = LapseAction::Reset;
         assert!(c.plan_assign(Feature::User, t0(), |_| 0).is_ok());
     }
@@ -504,7 +621,7 @@ mod tests {
         let mut s = seat(Feature::User, SeatSource::Purchased);
         s.over_capacity_since = Some(DateTime::<Utc>::MAX_UTC);
         let c = ctx(Edition::Vm, Some(&license), None);
-        assert!(c.check_seat(Some(&s), t0()).licensed);
+        assert!(c.check_seat(Feature::User, Some(&s), t0()).licensed);
     }
 
     proptest::proptest! {
@@ -535,7 +652,7 @@ mod tests {
             let mut c = ctx(Edition::Vm, Some(&license), None);
             c.over_capacity_grace = Duration::days(grace_days);
             let now = at(now_ms).unwrap_or(DateTime::<Utc>::MAX_UTC);
-            let _ = c.check_seat(Some(&stored), now);
+            let _ = c.check_seat(Feature::User, Some(&stored), now);
             let status = crate::domain::ReconcileStatus {
                 last_success_at: last_success_ms.and_then(at),
                 ..Default::default()

@@ -192,6 +192,18 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
         time_high_water: Some(timestamp(o.time_high_water)),
         clock_rolled_back: o.clock_rolled_back,
         corrupt_records: u32::try_from(o.corrupt_records).unwrap_or(u32::MAX),
+        activation_reason: o.activation_reason.clone(),
+        over_capacity: o
+            .over_capacity
+            .iter()
+            .map(|c| pb::OverCapacity {
+                feature: c.feature.to_string(),
+                seats: c.seats,
+                grace_ends_at: opt_timestamp(c.grace_ends_at),
+            })
+            .collect(),
+        auth_mode: o.auth_mode.to_owned(),
+        development_installation: o.development_installation,
     }
 }
 
@@ -208,5 +220,19 @@ pub fn event(e: &LicenseEvent) -> pb::WatchLicenseEventsResponse {
         feature: e.feature.map(|f| f.to_string()).unwrap_or_default(),
         detail: e.detail.clone(),
         days_remaining: e.days_remaining.unwrap_or(0),
+    }
+}
+
+pub fn audit_event(e: &crate::domain::audit::AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        time: Some(timestamp(e.time)),
+        caller: e.caller.clone(),
+        role: e.role.clone(),
+        method: e.method.clone(),
+        user_id: e.user_id.clone(),
+        feature: e.feature.clone(),
+        code: e.code.clone(),
+        detail: e.detail.clone(),
+        trace_id: e.trace_id.clone(),
     }
 }

@@ -15,7 +15,10 @@ use super::convert::{self, SeatRequest};
 use super::pb;
 use super::pb::licensing_service_server::LicensingService;
 use super::status::to_status;
+use crate::audit::Auditor;
+use crate::auth::{Caller, policy};
 use crate::domain::LicensingError;
+use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN};
 use crate::metrics::metrics;
 use crate::service::Licensing;
 use tokio::sync::broadcast;
@@ -24,11 +27,49 @@ use tokio::sync::broadcast;
 #[derive(Clone)]
 pub struct LicensingApi {
     licensing: Arc<Licensing>,
+    audit: Auditor,
 }
 
 impl LicensingApi {
-    pub fn new(licensing: Arc<Licensing>) -> Self {
-        Self { licensing }
+    pub fn new(licensing: Arc<Licensing>, audit: Auditor) -> Self {
+        Self { licensing, audit }
+    }
+}
+
+/// The business keys of a request, as the audit trail records them (raw, as
+/// sent: a refused request's bad user id is worth seeing).
+trait AuditKeys {
+    fn audit_keys(&self) -> (&str, &str) {
+        ("", "")
+    }
+}
+
+macro_rules! audit_keys {
+    (seat: $($t:ident),*) => {$(
+        impl AuditKeys for pb::$t {
+            fn audit_keys(&self) -> (&str, &str) {
+                (&self.user_id, &self.feature)
+            }
+        }
+    )*};
+    (none: $($t:ident),*) => {$( impl AuditKeys for pb::$t {} )*};
+}
+
+audit_keys!(seat: CheckSeatRequest, AssignSeatRequest, ReleaseSeatRequest);
+audit_keys!(none: GetTryoutStatusRequest, StartTryoutRequest, EndTryoutRequest,
+    GetLicenseOverviewRequest, ReconcileRequest, CreateInitializationCodeRequest,
+    ApplyActivationRequest, WatchLicenseEventsRequest, ResetActivationRequest,
+    ActivateOnlineRequest);
+
+impl AuditKeys for pb::ListSeatsRequest {
+    fn audit_keys(&self) -> (&str, &str) {
+        ("", &self.feature)
+    }
+}
+
+impl AuditKeys for pb::ListAuditEventsRequest {
+    fn audit_keys(&self) -> (&str, &str) {
+        (&self.user_id, "")
     }
 }
 
@@ -45,6 +86,7 @@ fn rpc_span(
 ) -> tracing::Span {
     let span = tracing::info_span!(
         "rpc",
+        otel.name = method,
         rpc = method,
         serial_number = %licensing.settings().serial,
         user_id = tracing::field::Empty,
@@ -54,19 +96,45 @@ fn rpc_span(
     span
 }
 
-/// Runs one handler inside its span and counts it (method, status code, latency).
-async fn observe<T>(
+/// Runs one handler inside its span, counts it (method, status code, latency)
+/// and records it in the audit trail when it changes state or was refused (an
+/// accepted read, `CheckSeat` above all, costs nothing here).
+async fn observe<M: AuditKeys, T>(
+    audit: &Auditor,
     method: &'static str,
+    request: &Request<M>,
     span: tracing::Span,
     handler: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
-    let result = handler.instrument(span).await;
+    let result = handler.instrument(span.clone()).await;
     let code = match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
     metrics().rpc(method, code_label(code), started.elapsed());
+    if code != Code::Ok || policy::changes_state(method) {
+        let caller = Caller::of(request);
+        let (user_id, feature) = request.get_ref().audit_keys();
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok());
+        audit.record(AuditEvent {
+            time: audit.now(),
+            caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
+            role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
+            method: method.to_owned(),
+            user_id: AuditEvent::bounded(user_id, 160),
+            feature: AuditEvent::bounded(feature, 64),
+            code: code_label(code).to_owned(),
+            detail: match &result {
+                Ok(_) => String::new(),
+                Err(status) => AuditEvent::bounded(status.message(), MAX_DETAIL_LEN),
+            },
+            trace_id: crate::telemetry::trace_id(&span, traceparent),
+        });
+    }
     result
 }
 
@@ -106,7 +174,7 @@ type EventStream =
 macro_rules! rpc {
     ($self:ident, $method:literal, $request:ident, $body:expr) => {{
         let span = rpc_span($method, &$self.licensing, $request.metadata());
-        observe($method, span, $body).await
+        observe(&$self.audit, $method, &$request, span, $body).await
     }};
 }
 
@@ -337,6 +405,28 @@ impl LicensingService for LicensingApi {
             let overview = self.licensing.activate_online().await.map_err(to_status)?;
             Ok(Response::new(pb::ActivateOnlineResponse {
                 overview: Some(convert::overview(&overview)),
+            }))
+        })
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        rpc!(self, "ListAuditEvents", request, async {
+            let req = request.get_ref();
+            let page = self
+                .audit
+                .list(&req.user_id, req.page_size, &req.page_token)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(pb::ListAuditEventsResponse {
+                events: page
+                    .entries
+                    .iter()
+                    .map(|e| convert::audit_event(&e.event))
+                    .collect(),
+                next_page_token: page.next_page_token,
             }))
         })
     }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+use crate::auth::AuthError;
 use crate::domain::LicensingError;
 
 /// The `ErrorInfo.domain` of every error this service returns.
@@ -44,6 +45,30 @@ pub fn to_status(error: LicensingError) -> Status {
     }
     let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     Status::with_error_details(code, message, details)
+}
+
+/// Refusals of the authorization layer: a caller not established is
+/// `UNAUTHENTICATED` (the message says which credential is missing or wrong), a
+/// known caller whose role does not allow the RPC is `PERMISSION_DENIED`
+/// (naming caller, role and RPC).
+pub fn auth_status(error: &AuthError) -> Status {
+    let (code, metadata) = match error {
+        AuthError::Denied {
+            caller,
+            role,
+            method,
+        } => (
+            Code::PermissionDenied,
+            HashMap::from([
+                ("caller".to_owned(), caller.clone()),
+                ("role".to_owned(), role.to_string()),
+                ("method".to_owned(), method.clone()),
+            ]),
+        ),
+        _ => (Code::Unauthenticated, HashMap::new()),
+    };
+    let details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, error.to_string(), details)
 }
 
 #[cfg(test)]
@@ -88,5 +113,26 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NO_FREE_SEAT");
         assert_eq!(info.metadata["capacity"], "5");
+    }
+
+    #[test]
+    fn auth_refusals_follow_the_contract() {
+        assert_eq!(
+            auth_status(&AuthError::MissingCredentials).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            auth_status(&AuthError::UnknownToken).code(),
+            Code::Unauthenticated
+        );
+        let denied = auth_status(&AuthError::Denied {
+            caller: "pbx".into(),
+            role: crate::auth::Role::Monitoring,
+            method: "AssignSeat".into(),
+        });
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let info = denied.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["role"], "monitoring");
+        assert_eq!(info.metadata["method"], "AssignSeat");
     }
 }

@@ -690,7 +690,7 @@ fn days_until(end: DateTime<Utc>, now: DateTime<Utc>) -> u32 {
 
 /// Reads an activation response as an operator pastes it: the signed document's
 /// JSON, or that JSON in base64; surrounding white space and line breaks ignored.
-fn parse_response(text: &str) -> Result<SignedLicense, String> {
+pub fn parse_response(text: &str) -> Result<SignedLicense, String> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err("must not be empty".into());

@@ -6,6 +6,8 @@
 
 mod licenses;
 
+pub use licenses::parse_response as parse_activation_response;
+
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -50,6 +52,10 @@ pub struct Settings {
     pub code_ttl: Duration,
     /// Retries of transient licensing-server failures within one reconcile.
     pub backoff: Backoff,
+    /// Who needs credentials (`auth.mode`), shown in the overview.
+    pub auth_mode: &'static str,
+    /// Trusts a vendor key other than the built-in one, shown in the overview.
+    pub development_installation: bool,
 }
 
 /// The answer to `CheckSeat`.
@@ -93,6 +99,21 @@ pub struct Overview {
     pub time_high_water: DateTime<Utc>,
     pub clock_rolled_back: bool,
     pub corrupt_records: usize,
+    /// Why the PBX is in its activation state (one sentence).
+    pub activation_reason: String,
+    /// Per seat feature with seats beyond its purchased quantity.
+    pub over_capacity: Vec<OverCapacity>,
+    pub auth_mode: &'static str,
+    pub development_installation: bool,
+}
+
+/// Seats of one feature beyond the purchased quantity: licensed until their
+/// over-capacity grace ends, the first of them at `grace_ends_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverCapacity {
+    pub feature: Feature,
+    pub seats: u32,
+    pub grace_ends_at: Option<DateTime<Utc>>,
 }
 
 /// What `Reconcile` answers.
@@ -263,7 +284,8 @@ impl Licensing {
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
-            self.licenses(state, now).check_seat(seat.as_ref(), now)
+            self.licenses(state, now)
+                .check_seat(feature, seat.as_ref(), now)
         });
         CheckAnswer {
             check,
@@ -514,22 +536,54 @@ impl Licensing {
 
     pub fn overview(&self) -> Overview {
         let now = self.now();
-        self.mirror.read(|state| Overview {
-            serial: self.settings.serial.clone(),
-            edition: self.settings.edition,
-            activation: self.activation(state, now),
-            system_activated: self.licenses(state, now).system_activated(now),
-            entitlements: self.entitlements(state),
-            tryout: self.tryout_view(state, now),
-            reconcile: state.reconcile.clone(),
-            license_source: self.license_source(),
-            license_problem: state.license_problem.clone(),
-            incident: state.incident.clone(),
-            time_high_water: chrono::TimeZone::timestamp_millis_opt(&Utc, state.high_water_ms)
-                .single()
-                .unwrap_or_default(),
-            clock_rolled_back: self.clock_rolled_back(),
-            corrupt_records: state.corrupt_records,
+        self.mirror.read(|state| {
+            let activation = self.activation(state, now);
+            let system_activated = self.licenses(state, now).system_activated(now);
+            let activation_reason = activation::explain(&activation::ActivationFacts {
+                activation,
+                edition: self.settings.edition,
+                system_activated,
+                license_applied_at: state.license.as_ref().map(|l| l.applied_at),
+                license_problem: state.license_problem.as_deref(),
+                reconcile: &state.reconcile,
+                lapse_action: self.settings.lapse_action,
+            });
+            let over_capacity = Feature::SEATS
+                .into_iter()
+                .filter_map(|feature| {
+                    let (seats, first) = state.over_capacity(feature);
+                    (seats > 0).then(|| OverCapacity {
+                        feature,
+                        seats,
+                        grace_ends_at: first
+                            .and_then(DateTime::<Utc>::from_timestamp_millis)
+                            .and_then(|since| {
+                                since.checked_add_signed(self.settings.over_capacity_grace)
+                            }),
+                    })
+                })
+                .collect();
+            Overview {
+                serial: self.settings.serial.clone(),
+                edition: self.settings.edition,
+                activation,
+                system_activated,
+                entitlements: self.entitlements(state),
+                tryout: self.tryout_view(state, now),
+                reconcile: state.reconcile.clone(),
+                license_source: self.license_source(),
+                license_problem: state.license_problem.clone(),
+                activation_reason,
+                over_capacity,
+                auth_mode: self.settings.auth_mode,
+                development_installation: self.settings.development_installation,
+                incident: state.incident.clone(),
+                time_high_water: chrono::TimeZone::timestamp_millis_opt(&Utc, state.high_water_ms)
+                    .single()
+                    .unwrap_or_default(),
+                clock_rolled_back: self.clock_rolled_back(),
+                corrupt_records: state.corrupt_records,
+            }
         })
     }
 
@@ -550,7 +604,8 @@ fn encode_token(filter: Option<Feature>, last: &Seat) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("a page token always serializes"))
 }
 
-fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
+/// Reads a `ListSeats` page token made for the `filter`: where the next page starts.
+pub fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, InvalidInput> {
     let bad = || {
         InvalidInput::new(
             "page_token",

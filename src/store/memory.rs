@@ -13,6 +13,7 @@ use super::{
     AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, RepairWrite,
     SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::capacity::reflag;
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
@@ -31,6 +32,9 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     // The writer's floor (see `Store::set_floor`).
     floor: Mutex<Option<Position>>,
+    // The audit trail, oldest first, with the last id's (ms, seq). Its own lock:
+    // audit writes never wait for seat writes or the other way round.
+    audit: Mutex<(VecDeque<AuditEntry>, (u64, u64))>,
 }
 
 struct Inner {
@@ -108,6 +112,7 @@ impl MemoryStore {
             version_tx,
             clock,
             floor: Mutex::new(None),
+            audit: Mutex::new((VecDeque::new(), (0, 0))),
         }
     }
 
@@ -498,6 +503,70 @@ impl Store for MemoryStore {
             .feed
             .iter()
             .filter(|c| c.version > after)
+            .cloned()
+            .collect())
+    }
+
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
+        let now_ms = u64::try_from(self.clock.now().timestamp_millis()).unwrap_or(0);
+        let mut audit = self.audit.lock();
+        let (entries, last) = &mut *audit;
+        // Ids as Redis stream ids: the time in ms, then a sequence within it.
+        let id = if now_ms > last.0 {
+            (now_ms, 0)
+        } else {
+            (last.0, last.1 + 1)
+        };
+        *last = id;
+        entries.push_back(AuditEntry {
+            id: format!("{}-{}", id.0, id.1),
+            event: event.clone(),
+        });
+        let max = usize::try_from(retention.max_entries).unwrap_or(usize::MAX);
+        while entries.len() > max {
+            entries.pop_front();
+        }
+        // As in Redis: ids from the store's clock, the age bound from the event's time.
+        let min_ms = u64::try_from(
+            event
+                .time
+                .timestamp_millis()
+                .saturating_sub(retention.max_age.num_milliseconds()),
+        )
+        .unwrap_or(0);
+        while entries
+            .front()
+            .and_then(|e| parse_entry_id(&e.id))
+            .is_some_and(|(ms, _)| ms < min_ms)
+        {
+            entries.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = match before {
+            Some(id) => Some(
+                parse_entry_id(id)
+                    .ok_or_else(|| StoreError::Corrupt(format!("audit id {id:?}")))?,
+            ),
+            None => None,
+        };
+        let audit = self.audit.lock();
+        Ok(audit
+            .0
+            .iter()
+            .rev()
+            .filter(|e| before.is_none_or(|b| parse_entry_id(&e.id).is_some_and(|id| id < b)))
+            .take(limit)
             .cloned()
             .collect())
     }

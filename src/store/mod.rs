@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SignedLicense, TryoutRecord, UserId,
@@ -325,6 +326,22 @@ pub trait Store: Send + Sync + 'static {
     /// Raises the stored high-water clock to `ms` if that is larger; returns the
     /// stored value. Not a versioned write (no feed entry).
     async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError>;
+    /// Appends an entry to the audit trail, then drops entries beyond
+    /// `retention` (the oldest first, and any older than its age). The trail is
+    /// outside the data epoch: it is written even before the store is initialized.
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError>;
+
+    /// Audit entries newest first, strictly older than the entry id `before`
+    /// (from the start when `None`), at most `limit`.
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// A short description for logs and the overview (no secrets).
     fn describe(&self) -> String;

@@ -253,3 +253,65 @@ impl InitializationRecordV1 {
         Ok(r.pending)
     }
 }
+
+/// The only audit entry format version this code writes.
+pub const AUDIT_V1: u32 = 1;
+
+/// One audit trail entry as stored (a stream entry's `record` field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecordV1 {
+    pub v: u32,
+    pub time_ms: i64,
+    pub caller: String,
+    pub role: String,
+    pub method: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub feature: String,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
+}
+
+impl AuditRecordV1 {
+    pub fn encode(e: &crate::domain::audit::AuditEvent) -> String {
+        let record = Self {
+            v: AUDIT_V1,
+            time_ms: e.time.timestamp_millis(),
+            caller: e.caller.clone(),
+            role: e.role.clone(),
+            method: e.method.clone(),
+            user_id: e.user_id.clone(),
+            feature: e.feature.clone(),
+            code: e.code.clone(),
+            detail: e.detail.clone(),
+            trace_id: e.trace_id.clone(),
+        };
+        serde_json::to_string(&record).expect("an audit record always serializes")
+    }
+
+    pub fn decode(json: &str) -> Result<crate::domain::audit::AuditEvent, StoreError> {
+        let r: Self = serde_json::from_str(json)
+            .map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))?;
+        if r.v != AUDIT_V1 {
+            return Err(StoreError::Corrupt(format!(
+                "audit format v{} unknown",
+                r.v
+            )));
+        }
+        Ok(crate::domain::audit::AuditEvent {
+            time: millis(r.time_ms)?,
+            caller: r.caller,
+            role: r.role,
+            method: r.method,
+            user_id: r.user_id,
+            feature: r.feature,
+            code: r.code,
+            detail: r.detail,
+            trace_id: r.trace_id,
+        })
+    }
+}

@@ -19,6 +19,7 @@
 //! | `lic:{S}:retired_license` | string | [`LicenseRecordV1`] a re-setup removed |
 //! | `lic:{S}:clock` | string | high-water clock: the largest time seen (ms) |
 //! | `lic:{S}:incident` | string | [`IncidentRecordV1`]: the last repair of lost data |
+//! | `lic:{S}:audit` | stream | the audit trail, field `record` ([`AuditRecordV1`]) |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
@@ -34,13 +35,14 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::memory::new_epoch;
 use super::records::{
-    IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1,
-    TryoutRecordV1,
+    AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
+    SeatRecordV1, TryoutRecordV1,
 };
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, RepairWrite, SeatKey,
     Snapshot, Store, StoreError, StoredLicense,
 };
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
@@ -132,6 +134,9 @@ impl Keys {
     }
     fn incident(&self) -> String {
         self.key("incident")
+    }
+    fn audit(&self) -> String {
+        self.key("audit")
     }
     fn pool(&self, feature: Feature, source: SeatSource) -> String {
         self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
@@ -1036,6 +1041,84 @@ impl Store for RedisStore {
         stored
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("high-water clock {stored:?}")))
+    }
+
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
+        // Ids come from Redis's clock (`*`), so replicas with skewed clocks still
+        // append in order; the age bound is taken against the event's time.
+        let min_id = event
+            .time
+            .timestamp_millis()
+            .saturating_sub(retention.max_age.num_milliseconds())
+            .max(0);
+        let key = self.keys.audit();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("=")
+            .arg(retention.max_entries)
+            .arg("*")
+            .arg("record")
+            .arg(AuditRecordV1::encode(event))
+            .ignore()
+            .cmd("XTRIM")
+            .arg(&key)
+            .arg("MINID")
+            .arg("=")
+            .arg(min_id)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.bounded("audit_append", pipe.query_async::<()>(&mut conn))
+            .await
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        // The newest id strictly before `before` (inclusive range end).
+        let end = match before {
+            None => "+".to_owned(),
+            Some(id) => match parse_entry_id(id) {
+                Some((0, 0)) => return Ok(Vec::new()),
+                Some((ms, 0)) => format!("{}-{}", ms - 1, u64::MAX),
+                Some((ms, seq)) => format!("{ms}-{}", seq - 1),
+                None => return Err(StoreError::Corrupt(format!("audit id {id:?}"))),
+            },
+        };
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = self
+            .bounded(
+                "audit_list",
+                redis::cmd("XREVRANGE")
+                    .arg(self.keys.audit())
+                    .arg(end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let record: String = entry
+                    .get("record")
+                    .ok_or_else(|| StoreError::Corrupt(format!("audit entry {}", entry.id)))?;
+                Ok(AuditEntry {
+                    event: AuditRecordV1::decode(&record)?,
+                    id: entry.id,
+                })
+            })
+            .collect()
     }
 
     fn describe(&self) -> String {

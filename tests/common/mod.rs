@@ -2,6 +2,8 @@
 //! service on port 0 talking real gRPC.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -269,6 +271,17 @@ impl TestServer {
     }
 
     pub async fn start_with_clock(config: RawConfig, clock: Arc<dyn Clock>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, clock, listener).await
+    }
+
+    /// Like [`TestServer::start_with_clock`], on a listener the test bound itself
+    /// (e.g. on an address of a network namespace it made).
+    pub async fn start_on(
+        config: RawConfig,
+        clock: Arc<dyn Clock>,
+        listener: tokio::net::TcpListener,
+    ) -> Self {
         let mut config = config;
         config.listen_addr = "127.0.0.1:0".into();
         config.metrics_addr = String::new();
@@ -277,7 +290,6 @@ impl TestServer {
         let parts = AppParts {
             mirror: app.mirror.clone(),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run(listener, None, async {
