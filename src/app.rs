@@ -63,7 +63,9 @@ impl App {
             serial: config.serial_number.clone(),
             edition: config.edition,
         };
-        let mirror = Arc::new(Mirror::new(verifier, config.mirror, clock.clone()));
+        let mirror = Arc::new(
+            Mirror::new(verifier, config.mirror, clock.clone()).with_tryout(config.tryout),
+        );
         let settings = Settings {
             serial: config.serial_number.clone(),
             edition: config.edition,
@@ -201,6 +203,16 @@ impl App {
             tokio::spawn(crate::metrics::serve(listener, registry, stopped()))
         });
         let result = server::run(listener, self.licensing.clone(), self.options, shutdown).await;
+        // Before going, make sure the store holds what this replica saw: a store
+        // that went back is repaired now, not left to replicas started later that
+        // never saw the lost writes (a rolling restart).
+        match tokio::time::timeout(FINAL_CHECK, self.mirror.resync_now(self.store.as_ref())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not check the seat store before stopping")
+            }
+            Err(_) => tracing::warn!("checking the seat store before stopping took too long"),
+        }
         let _ = stop_tx.send(true);
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
@@ -277,6 +289,9 @@ async fn warn_about_eviction(redis: Arc<RedisStore>) {
         ),
     }
 }
+
+/// How long a stopping replica may take to check (and repair) the store.
+const FINAL_CHECK: Duration = Duration::from_secs(2);
 
 /// How often a replica looks at the schedule (reconcile due, lapse, time events).
 const SCHEDULE_TICK: Duration = Duration::from_secs(1);

@@ -190,7 +190,9 @@ impl AuditWriter {
 fn store_error(e: StoreError) -> LicensingError {
     match e {
         StoreError::Unavailable(m) => LicensingError::Unavailable(m),
-        StoreError::NotInitialized => LicensingError::Unavailable("store not initialized".into()),
+        StoreError::NotInitialized | StoreError::Moved => {
+            LicensingError::Unavailable("store not initialized or being repaired".into())
+        }
         StoreError::Corrupt(m) => LicensingError::Internal(m),
     }
 }

@@ -21,7 +21,9 @@ pub struct LicenseEvent {
     /// `tryout_expiring`, `tryout_expired`, `tryout_ended`, `tryout_forfeited`,
     /// `reconcile_succeeded`, `reconcile_failed`, `grace_entered`,
     /// `activation_lapsed`, `initialization_code_created`, `activation_applied`,
-    /// `reset`, `resync`, `lagged_resync`.
+    /// `reset`, `resync`, `lagged_resync`, `store_repaired` (the store had lost
+    /// writes; they were written back), `data_lost` (acknowledged writes could
+    /// not be written back; `detail` names them), `clock_rolled_back`.
     pub kind: &'static str,
     pub occurred_at: DateTime<Utc>,
     pub user_id: Option<UserId>,
@@ -93,6 +95,15 @@ pub fn from_change(kind: &ChangeKind, at: DateTime<Utc>) -> Option<LicenseEvent>
         ChangeKind::InitializationIssued(_) => LicenseEvent::new("initialization_code_created", at),
         ChangeKind::InitializationConsumed => LicenseEvent::new("activation_applied", at),
         ChangeKind::Reset => LicenseEvent::new("reset", at),
+        ChangeKind::Repaired(incident) if incident.lost_total > 0 => {
+            LicenseEvent::new("data_lost", at).detail(format!(
+                "{} acknowledged writes lost: {}",
+                incident.lost_total,
+                incident.lost.join(", ")
+            ))
+        }
+        ChangeKind::Repaired(incident) => LicenseEvent::new("store_repaired", at)
+            .detail(format!("{} writes restored", incident.restored_total)),
     })
 }
 

@@ -38,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod reload;
+pub mod repair;
 pub mod server;
 pub mod service;
 pub mod sim;

@@ -35,6 +35,11 @@ pub struct Metrics {
     redis_master_lookups: Family<Labels, Counter>,
     redis_unconfirmed_writes: Counter,
     limits: LimitMetrics,
+    // Repairs of a store that lost writes, by cause; the writes they restored or lost.
+    store_repairs: Family<Labels, Counter>,
+    repaired_writes: Family<Labels, Counter>,
+    clock_rollbacks: Counter,
+    corrupt_records: Counter,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -61,6 +66,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     redis_master_lookups: Family::default(),
     redis_unconfirmed_writes: Counter::default(),
     limits: LimitMetrics::default(),
+    store_repairs: Family::default(),
+    repaired_writes: Family::default(),
+    clock_rollbacks: Counter::default(),
+    corrupt_records: Counter::default(),
     otel: OnceLock::new(),
 });
 
@@ -139,6 +148,29 @@ impl Metrics {
     /// Moves the number of open `WatchLicenseEvents` streams.
     pub fn watch_subscribers(&self, delta: i64) {
         self.limits.watch_subscribers.inc_by(delta);
+    }
+
+    /// Counts a repair of a store that lost writes (`cause`: `rolled_back`,
+    /// `replaced`, `lost_epoch`) with the writes it restored and those it lost.
+    pub fn store_repair(&self, cause: &'static str, restored: u32, lost: u32) {
+        self.store_repairs
+            .get_or_create(&vec![("cause", cause.to_owned())])
+            .inc();
+        for (result, n) in [("restored", restored), ("lost", lost)] {
+            self.repaired_writes
+                .get_or_create(&vec![("result", result.to_owned())])
+                .inc_by(u64::from(n));
+        }
+    }
+
+    /// Counts a node clock found behind the high-water clock.
+    pub fn clock_rollback(&self) {
+        self.clock_rollbacks.inc();
+    }
+
+    /// Counts a stored record that did not parse and was skipped.
+    pub fn corrupt_record(&self) {
+        self.corrupt_records.inc();
     }
 
     /// Creates the OTLP instruments from the global meter provider (call after
@@ -458,7 +490,7 @@ impl Collector for StateCollector {
 
 /// The Redis operations the store names in `licensing_redis_errors_total`; their
 /// counters start at 0 so that rate alerts work before the first error.
-const REDIS_OPERATIONS: [&str; 12] = [
+const REDIS_OPERATIONS: [&str; 15] = [
     "snapshot",
     "feed_connect",
     "feed_read",
@@ -471,6 +503,9 @@ const REDIS_OPERATIONS: [&str; 12] = [
     "record_reconcile",
     "restore",
     "config_get",
+    "history",
+    "repair",
+    "clock",
 ];
 
 /// The registry a replica's `/metrics` serves. Each event metric is one
@@ -486,6 +521,16 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
     for outcome in OUTCOMES {
         m.reconciles
             .get_or_create(&vec![("outcome", outcome_name(outcome).to_owned())])
+            .inc_by(0);
+    }
+    for cause in ["rolled_back", "replaced", "lost_epoch"] {
+        m.store_repairs
+            .get_or_create(&vec![("cause", cause.to_owned())])
+            .inc_by(0);
+    }
+    for result in ["restored", "lost"] {
+        m.repaired_writes
+            .get_or_create(&vec![("result", result.to_owned())])
             .inc_by(0);
     }
     let mut registry = Registry::default();
@@ -521,6 +566,26 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         m.redis_unconfirmed_writes.clone(),
     );
     m.limits.register(&mut registry);
+    registry.register(
+        "licensing_store_repairs",
+        "Repairs of a seat store that lost writes (restarted empty or from an older snapshot, flushed, failed over), by cause",
+        m.store_repairs.clone(),
+    );
+    registry.register(
+        "licensing_repaired_writes",
+        "Acknowledged writes a repair wrote back (restored) or could not (lost)",
+        m.repaired_writes.clone(),
+    );
+    registry.register(
+        "licensing_clock_rollbacks",
+        "Times this node's clock was found behind the high-water clock",
+        m.clock_rollbacks.clone(),
+    );
+    registry.register(
+        "licensing_corrupt_records",
+        "Stored records that did not parse and were skipped",
+        m.corrupt_records.clone(),
+    );
     registry.register_collector(Box::new(StateCollector { licensing }));
     register_auth_metrics(&mut registry);
     registry

@@ -5,13 +5,19 @@
 //!
 //! A background task keeps it current: read a snapshot, then follow the store's
 //! change feed in version order; resynchronise on any gap, on another epoch, and
-//! every `resync_interval` as a safety net. When the store has lost its data (no
-//! epoch), the task writes this replica's last known state back (`Store::restore`)
-//! before writes are accepted again.
+//! every `resync_interval` as a safety net.
+//!
+//! Every resynchronisation first checks that the store still holds this
+//! replica's history: the same epoch, at least the version this copy reached, and
+//! the same write at that version. When it does not (the store lost its data, went
+//! back to an older snapshot, failed over to a lagging replica, or was re-created
+//! by another replica), the task writes back what the store lost and this replica
+//! holds (`crate::repair`), reports what it could not, and only then follows the
+//! store again. Until then the store refuses this replica's writes (its floor).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
@@ -22,12 +28,20 @@ use tokio::sync::watch;
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AppliedLicense, Clock, Edition, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber,
-    TryoutRecord, UserId,
+    TryoutPolicy, TryoutRecord, UserId,
 };
 use crate::events::EventHub;
 use crate::store::{
-    Change, ChangeKind, Changes, Position, Snapshot, Store, StoreError, StoredLicense,
+    Change, ChangeKind, Changes, Incident, Position, Snapshot, Store, StoreError, StoredLicense,
 };
+
+/// How many applied changes a replica remembers, to know what a store that went
+/// back lost (about 100 bytes each).
+const JOURNAL_LEN: usize = 10_000;
+
+/// How often a resynchronisation re-reads and re-plans when the store moves
+/// under a repair.
+const REPAIR_ATTEMPTS: usize = 5;
 
 /// How the mirror follows the store.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +139,17 @@ pub struct MirrorState {
     pub reconcile: ReconcileStatus,
     /// The initialization this PBX last issued and nobody used yet.
     pub initialization: Option<PendingInitialization>,
+    /// The license a re-setup removed, when it verified (older documents stay refused).
+    pub retired_license: Option<StoredLicense>,
+    pub retired_issued_at: Option<chrono::DateTime<Utc>>,
+    /// The last repair of lost data.
+    pub incident: Option<Incident>,
+    /// Corrupt records skipped in the last snapshot.
+    pub corrupt_records: usize,
+    /// The high-water clock (ms): the largest time seen, here or in the store.
+    pub high_water_ms: i64,
+    /// The changes applied since the last snapshot, in order (bounded).
+    journal: VecDeque<Change>,
 }
 
 impl MirrorState {
@@ -214,15 +239,42 @@ impl MirrorState {
             tryout: self.tryout.clone(),
             reconcile: self.reconcile.clone(),
             initialization: self.initialization.clone(),
+            retired_license: self.retired_license.clone(),
+            high_water_ms: self.high_water_ms,
+            incident: None,
+            corrupt: Vec::new(),
         }
     }
 
+    /// The later of `node_now` and the high-water clock: time-based decisions
+    /// never go back with a clock that does.
+    pub fn now(&self, node_now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+        // The common case (the node clock at or past the high-water mark) costs
+        // one comparison on the hot path.
+        if node_now.timestamp_millis() >= self.high_water_ms {
+            return node_now;
+        }
+        Utc.timestamp_millis_opt(self.high_water_ms)
+            .single()
+            .unwrap_or(node_now)
+    }
+
     fn load(snapshot: Snapshot, verifier: &Verifier) -> Self {
+        let retired_issued_at = snapshot
+            .retired_license
+            .as_ref()
+            .and_then(|l| verifier.verify(l).ok())
+            .map(|l| l.payload.issued_at);
         let mut state = MirrorState {
             position: snapshot.position,
             tryout: snapshot.tryout,
             reconcile: snapshot.reconcile,
             initialization: snapshot.initialization,
+            retired_license: snapshot.retired_license,
+            retired_issued_at,
+            incident: snapshot.incident,
+            corrupt_records: snapshot.corrupt.len(),
+            high_water_ms: snapshot.high_water_ms,
             ..Default::default()
         };
         for seat in &snapshot.seats {
@@ -230,6 +282,13 @@ impl MirrorState {
         }
         state.set_license(snapshot.license, verifier);
         state
+    }
+
+    /// The newest issued_at of a license this PBX applied, current or retired by
+    /// a re-setup: an older document is never applied.
+    pub fn newest_license_issued_at(&self) -> Option<chrono::DateTime<Utc>> {
+        let current = self.license.as_ref().map(|l| l.payload.issued_at);
+        current.max(self.retired_issued_at)
     }
 
     /// Applies one change if it is the next one; `Gap` when it is not.
@@ -244,6 +303,10 @@ impl MirrorState {
             return Applied::Gap;
         }
         position.version = change.version;
+        if self.journal.len() >= JOURNAL_LEN {
+            self.journal.pop_front();
+        }
+        self.journal.push_back(change.clone());
         match &change.kind {
             ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => self.put_seat(seat),
             ChangeKind::SeatReleased { feature, user_id } => {
@@ -254,9 +317,14 @@ impl MirrorState {
             ChangeKind::ReconcileRecorded(status) => self.reconcile = status.clone(),
             ChangeKind::InitializationIssued(p) => self.initialization = Some(p.clone()),
             ChangeKind::InitializationConsumed => self.initialization = None,
+            ChangeKind::Repaired(incident) => self.incident = Some(incident.clone()),
             ChangeKind::Reset => {
                 self.seats.clear();
                 self.counts.clear();
+                if self.stored_license.is_some() {
+                    self.retired_license = self.stored_license.clone();
+                    self.retired_issued_at = self.license.as_ref().map(|l| l.payload.issued_at);
+                }
                 self.set_license(None, verifier);
                 self.reconcile = ReconcileStatus::default();
                 self.initialization = None;
@@ -287,6 +355,8 @@ pub struct Mirror {
     state: RwLock<MirrorState>,
     verifier: Verifier,
     config: MirrorConfig,
+    // The tryout's seats, for the capacity of restored tryout seats.
+    tryout: TryoutPolicy,
     // Whether the last contact with the store succeeded.
     connected: AtomicBool,
     // When the store last answered; drives `stale`.
@@ -297,14 +367,24 @@ pub struct Mirror {
     events: EventHub,
     // Stamps events (injected, like every clock here).
     clock: Arc<dyn Clock>,
-    // When this never-synced replica first found the store empty.
-    empty_store_since: Mutex<Option<Instant>>,
     // On-demand resyncs run one at a time. Held while one runs; holds the
     // generation and result of the last one that finished, which callers that
     // asked before it started share (single flight).
     resync_flight: tokio::sync::Mutex<(u64, Result<(), StoreError>)>,
     // On-demand resyncs started; the generation of the newest one.
     resyncs_started: AtomicU64,
+    // The store this mirror follows (set by `run`): it learns the writer's floor.
+    store: OnceLock<Arc<dyn Store>>,
+}
+
+/// How the store relates to this replica's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lineage {
+    /// The store holds everything this copy saw (or the copy saw nothing yet).
+    Extends,
+    /// The store lost some of it: from the point both share (`common`, `None`:
+    /// unknown), after this copy had reached `from`.
+    Lost { common: Option<u64>, from: u64 },
 }
 
 impl Mirror {
@@ -313,15 +393,23 @@ impl Mirror {
             state: RwLock::new(MirrorState::default()),
             verifier,
             config,
+            tryout: TryoutPolicy::default(),
             connected: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             version_tx: watch::channel(0).0,
             events: EventHub::default(),
             clock,
-            empty_store_since: Mutex::new(None),
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
             resyncs_started: AtomicU64::new(0),
+            store: OnceLock::new(),
         }
+    }
+
+    /// The tryout policy (seats of restored tryout seats fit within it).
+    #[must_use]
+    pub fn with_tryout(mut self, tryout: TryoutPolicy) -> Self {
+        self.tryout = tryout;
+        self
     }
 
     /// Reads the state (never across an await).
@@ -343,6 +431,15 @@ impl Mirror {
     /// Seconds since the store last answered (for metrics); `None` before that.
     pub fn seconds_since_contact(&self) -> Option<f64> {
         self.last_contact.lock().map(|t| t.elapsed().as_secs_f64())
+    }
+
+    /// Raises the high-water clock to `ms` (a time this replica or the store saw).
+    pub fn raise_high_water(&self, ms: i64) {
+        let higher = self.state.read().high_water_ms < ms;
+        if higher {
+            let mut state = self.state.write();
+            state.high_water_ms = state.high_water_ms.max(ms);
+        }
     }
 
     fn contact(&self, ok: bool) {
@@ -404,6 +501,9 @@ impl Mirror {
             *v = version;
             changed
         });
+        if let Some(store) = self.store.get() {
+            store.set_floor(state.position.clone());
+        }
     }
 
     /// Replaces the copy with a snapshot, unless the copy is already further along
@@ -421,23 +521,20 @@ impl Mirror {
                 (None, _) => false,
                 (Some(_), None) => true,
             };
+            let journal = std::mem::take(&mut state.journal);
+            let high_water = state.high_water_ms;
             *state = loaded;
-            if skipped {
+            state.high_water_ms = state.high_water_ms.max(high_water);
+            if !skipped {
+                // Nothing happened in between: the history stays known.
+                state.journal = journal;
+            } else {
                 // Changes were not seen one by one: subscribers should re-read.
                 self.events
                     .publish(crate::events::LicenseEvent::new("resync", self.clock.now()));
             }
         }
         self.publish_version(&state);
-    }
-
-    /// Whether a replica that never synced may initialize an empty store: only
-    /// after the store has stayed empty for two feed periods (the time replicas
-    /// holding data need to notice and restore it).
-    fn may_initialize(&self) -> bool {
-        let mut since = self.empty_store_since.lock();
-        let first = *since.get_or_insert_with(Instant::now);
-        first.elapsed() >= self.config.feed_wait * 2
     }
 
     /// Reads a fresh snapshot now (after a write found the copy out of date).
@@ -465,36 +562,222 @@ impl Mirror {
         self.resyncs_started.load(Ordering::SeqCst)
     }
 
+    /// Reads the store, repairs what it lost of this copy's history, and installs it.
     async fn resync(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let snapshot = store.snapshot().await?;
-        if snapshot.position.is_none() {
-            // The store lost its data (or is new): write back what this replica
-            // knows, then read again. Another replica may win the race; fine.
-            let ours = self.state.read().to_snapshot();
-            if ours.position.is_none() && !self.may_initialize() {
-                // This replica knows nothing yet: give replicas that hold the
-                // seats time to restore them first, so an empty copy never wins.
-                return Err(StoreError::NotInitialized);
-            }
-            let seats = ours.seats.len();
-            if store.restore(&ours).await? {
-                if ours.position.is_some() {
-                    tracing::warn!(
-                        seats,
-                        "seat store had lost its data; restored it from this replica's last known state"
-                    );
-                } else {
-                    tracing::info!("seat store initialized");
+        for _ in 0..REPAIR_ATTEMPTS {
+            // Where this copy is, before the snapshot: later local writes are newer.
+            let before = self.state.read().position.clone();
+            let mut snapshot = store.snapshot().await?;
+            if snapshot.position.is_none() {
+                // The store lost its data (or is new): write back what this replica
+                // knows, then read again. Another replica may win the race; its
+                // copy is then merged with this one below.
+                let ours = self.state.read().to_snapshot();
+                let seats = ours.seats.len();
+                if store.restore(&ours).await? {
+                    if let Some(from) = &ours.position {
+                        tracing::warn!(
+                            seats,
+                            "seat store had lost its data; restored it from this replica's last known state"
+                        );
+                        let restored = store.snapshot().await?;
+                        self.report_restore(store, &ours, from.version, restored)
+                            .await?;
+                    } else {
+                        tracing::info!("seat store initialized");
+                    }
+                }
+                snapshot = store.snapshot().await?;
+                if snapshot.position.is_none() {
+                    return Err(StoreError::NotInitialized);
                 }
             }
-            let snapshot = store.snapshot().await?;
-            if snapshot.position.is_none() {
-                return Err(StoreError::NotInitialized);
+            match self.lineage(store, before.as_ref(), &snapshot).await? {
+                Lineage::Extends => {
+                    self.install(snapshot);
+                    return Ok(());
+                }
+                Lineage::Lost { common, from } => {
+                    if self.repair(store, &snapshot, common, from).await? {
+                        self.install(store.snapshot().await?);
+                        return Ok(());
+                    }
+                    // The store moved under the plan: read and plan again.
+                }
             }
-            self.install(snapshot);
-            return Ok(());
         }
-        self.install(snapshot);
+        Err(StoreError::Moved)
+    }
+
+    /// Whether the store still holds this copy's history.
+    async fn lineage(
+        &self,
+        store: &dyn Store,
+        before: Option<&Position>,
+        snapshot: &Snapshot,
+    ) -> Result<Lineage, StoreError> {
+        let (Some(mine), Some(theirs)) = (before, snapshot.position.as_ref()) else {
+            return Ok(Lineage::Extends);
+        };
+        if mine.epoch != theirs.epoch {
+            return Ok(Lineage::Lost {
+                common: None,
+                from: mine.version,
+            });
+        }
+        let journal: Vec<Change> = self.read(|s| s.journal.iter().cloned().collect());
+        let Some(first) = journal.first().map(|c| c.version) else {
+            // No change since the last snapshot: only the version can tell.
+            return Ok(if theirs.version < mine.version {
+                Lineage::Lost {
+                    common: None,
+                    from: mine.version,
+                }
+            } else {
+                Lineage::Extends
+            });
+        };
+        let history = store.history(first.saturating_sub(1)).await?;
+        if theirs.version >= mine.version {
+            let at_mine = history.iter().find(|c| c.version == mine.version);
+            let last = journal.iter().rfind(|c| c.version <= mine.version);
+            // The feed no longer reaching back this far tells nothing.
+            let trimmed = history.first().is_none_or(|h| h.version > mine.version);
+            if at_mine == last || (at_mine.is_none() && trimmed) {
+                // The same write at this copy's version: the store extends it.
+                return Ok(Lineage::Extends);
+            }
+            // Another write, or none (a repair jumped over this version): the
+            // histories parted.
+        }
+        // The last change both hold is the point the histories share.
+        let common = journal
+            .iter()
+            .rev()
+            .find(|c| history.iter().any(|h| h == *c))
+            .map_or(first - 1, |c| c.version);
+        Ok(Lineage::Lost {
+            common: Some(common),
+            from: mine.version,
+        })
+    }
+
+    /// Plans and writes back what the store lost; `false` when it moved meanwhile.
+    async fn repair(
+        &self,
+        store: &dyn Store,
+        snapshot: &Snapshot,
+        common: Option<u64>,
+        from: u64,
+    ) -> Result<bool, StoreError> {
+        let newer = store.history(common.unwrap_or(0)).await?;
+        let store_license = snapshot
+            .license
+            .as_ref()
+            .and_then(|l| self.verifier.verify(l).ok());
+        let now = self.read(|s| s.now(self.clock.now()));
+        let plan = self.read(|mine| {
+            let lost_changes: Vec<Change>;
+            let lost = match common {
+                Some(c) if mine.journal.front().is_some_and(|f| f.version <= c + 1) => {
+                    lost_changes = mine
+                        .journal
+                        .iter()
+                        .filter(|x| x.version > c)
+                        .cloned()
+                        .collect();
+                    crate::repair::Lost::Changes(&lost_changes)
+                }
+                _ => crate::repair::Lost::Everything,
+            };
+            crate::repair::plan(&crate::repair::Input {
+                mine,
+                lost,
+                store: snapshot,
+                store_license: store_license.as_ref(),
+                newer: &newer,
+                edition: self.verifier.edition,
+                tryout: self.tryout,
+                now,
+            })
+        });
+        let theirs = snapshot.position.clone();
+        let went_back = theirs.as_ref().is_some_and(|t| t.version < from);
+        let plan = match plan {
+            Some(plan) => plan,
+            // Nothing to write back; a store that went back still jumps above
+            // every version seen, so replicas following its feed re-read it.
+            None if went_back => crate::store::RepairWrite::default(),
+            None => return Ok(true),
+        };
+        let mut write = plan;
+        write.expected = theirs.clone();
+        write.version_floor = from.max(theirs.as_ref().map_or(0, |t| t.version));
+        write.incident.at = self.clock.now();
+        write.incident.rolled_back_from = from;
+        let Some(changes) = store.repair(&write).await? else {
+            return Ok(false);
+        };
+        crate::metrics::metrics().store_repair(
+            if went_back { "rolled_back" } else { "replaced" },
+            write.incident.restored_total,
+            write.incident.lost_total,
+        );
+        report(&write.incident, went_back);
+        let mut state = self.state.write();
+        for change in &changes {
+            self.apply(&mut state, change);
+        }
+        self.publish_version(&state);
+        Ok(true)
+    }
+
+    /// Records (in the store, for every replica) that this replica re-created a
+    /// store that had lost everything.
+    async fn report_restore(
+        &self,
+        store: &dyn Store,
+        ours: &Snapshot,
+        from: u64,
+        restored: Snapshot,
+    ) -> Result<(), StoreError> {
+        let mut incident = Incident {
+            at: self.clock.now(),
+            rolled_back_from: from,
+            ..Incident::default()
+        };
+        for seat in &ours.seats {
+            incident.restored(format!("seat {}/{}", seat.feature, seat.user_id.as_str()));
+        }
+        for (present, what) in [
+            (ours.license.is_some(), "license"),
+            (ours.tryout.is_some(), "tryout record"),
+            (ours.initialization.is_some(), "pending initialization code"),
+        ] {
+            if present {
+                incident.restored(what.into());
+            }
+        }
+        let mut at = restored.position;
+        for _ in 0..REPAIR_ATTEMPTS {
+            let write = crate::store::RepairWrite {
+                version_floor: at.as_ref().map_or(0, |p| p.version),
+                expected: at,
+                incident: incident.clone(),
+                ..Default::default()
+            };
+            if store.repair(&write).await?.is_some() {
+                crate::metrics::metrics().store_repair(
+                    "lost_epoch",
+                    incident.restored_total,
+                    incident.lost_total,
+                );
+                report(&incident, false);
+                return Ok(());
+            }
+            // Written to meanwhile: record it on the new position.
+            at = store.snapshot().await?.position;
+        }
         Ok(())
     }
 
@@ -504,6 +787,7 @@ impl Mirror {
         store: Arc<dyn Store>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
+        let _ = self.store.set(store.clone());
         tokio::pin!(shutdown);
         let mut need_resync = true;
         let mut last_resync = Instant::now();
@@ -557,9 +841,32 @@ impl Mirror {
                         () = tokio::time::sleep(backoff) => {}
                         () = &mut shutdown => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    // Short, so the copy is repaired and current again well
+                    // within a second after the store is back.
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }
     }
+}
+
+/// Logs a repair: an `audit` line naming what was lost, if anything.
+fn report(incident: &Incident, went_back: bool) {
+    if incident.lost_total > 0 {
+        tracing::error!(
+            target: "audit",
+            lost = incident.lost_total,
+            restored = incident.restored_total,
+            what = ?incident.lost,
+            "seat store lost acknowledged writes that could not be written back"
+        );
+    }
+    tracing::warn!(
+        went_back,
+        rolled_back_from = incident.rolled_back_from,
+        restored = incident.restored_total,
+        lost = incident.lost_total,
+        what = ?incident.restored,
+        "seat store had lost writes; wrote back what this replica holds"
+    );
 }

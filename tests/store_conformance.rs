@@ -23,8 +23,8 @@ use comtrexx_licensing::domain::{
 use comtrexx_licensing::store::memory::MemoryStore;
 use comtrexx_licensing::store::redis::RedisStore;
 use comtrexx_licensing::store::{
-    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
-    StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, RepairWrite,
+    SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use ed25519_dalek::SigningKey;
 
@@ -183,6 +183,10 @@ conformance! {
     wipe: lease_tokens_keep_growing_across_data_loss;
     shared: concurrent_assigns_never_exceed_capacity;
     shared: concurrent_assigns_of_one_user_create_one_seat;
+    store: writes_below_the_floor_are_refused;
+    store: repair_writes_back_only_where_it_was_planned;
+    store: release_reflag_is_guarded_by_the_stored_license;
+    store: high_water_clock_only_grows;
     store: audit_lists_newest_first_in_pages;
     store: audit_is_bounded_by_max_entries;
     store: audit_drops_entries_older_than_max_age;
@@ -260,8 +264,12 @@ async fn release(
     feature: Feature,
     capacity: Option<u32>,
 ) -> Option<Vec<Change>> {
+    // Flags are set against the stored license (the guard a release shares with
+    // an assignment).
+    let license = snapshot(store).await.license;
+    let id = license.as_ref().map_or("", StoredLicense::id);
     store
-        .release_seat(&uid(user), feature, capacity)
+        .release_seat(&uid(user), feature, capacity.map(|c| (c, id)))
         .await
         .expect("release_seat")
 }
@@ -1604,6 +1612,9 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
             tryout: Some(started.clone()),
             reconcile: ReconcileStatus::default(),
             initialization: None,
+            // Kept, so an older document is never applied after the re-setup.
+            retired_license: Some(lic.clone()),
+            ..Snapshot::default()
         }
     );
     assert!(store.list_seats(None, None, 100).await.unwrap().is_empty());
@@ -1949,6 +1960,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             ChangeKind::InitializationIssued(_) => "init_issued",
             ChangeKind::InitializationConsumed => "init_consumed",
             ChangeKind::Reset => "reset",
+            ChangeKind::Repaired(_) => "repaired",
         })
         .collect();
     assert_eq!(
@@ -2132,7 +2144,7 @@ async fn data_loss_refuses_writes_until_restored(
     );
     assert_eq!(
         store
-            .release_seat(&uid("alice"), Feature::User, Some(3))
+            .release_seat(&uid("alice"), Feature::User, Some((3, "any")))
             .await,
         Err(StoreError::NotInitialized)
     );
@@ -2521,6 +2533,144 @@ async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
         .filter(|s| s.source == SeatSource::Tryout)
         .count();
     assert_eq!(tryout_seats, 3);
+}
+
+// ---------------------------------------------------------------------------
+// integrity: the writer's floor, repair, the release guard, the high-water clock
+// ---------------------------------------------------------------------------
+
+async fn writes_below_the_floor_are_refused(store: &dyn Store) {
+    created(assign(store, "a", Feature::User, &tryout(5)).await);
+    let at = position(store).await;
+    // A writer that has seen a later version: the store went back behind it.
+    store.set_floor(Some(Position {
+        epoch: at.epoch.clone(),
+        version: at.version + 1,
+    }));
+    assert_eq!(
+        store
+            .assign_seat(&uid("b"), Feature::User, &tryout(5))
+            .await,
+        Err(StoreError::Moved)
+    );
+    assert_eq!(
+        store.release_seat(&uid("a"), Feature::User, None).await,
+        Err(StoreError::Moved)
+    );
+    assert_eq!(
+        store.record_reconcile(&ReconcileStatus::default()).await,
+        Err(StoreError::Moved)
+    );
+    // A writer that knows another epoch.
+    store.set_floor(Some(Position {
+        epoch: "another".into(),
+        version: 0,
+    }));
+    assert_eq!(store.reset().await, Err(StoreError::Moved));
+    assert_eq!(position(store).await, at, "nothing was written");
+    // At or below the store's version: written.
+    store.set_floor(Some(at.clone()));
+    created(assign(store, "b", Feature::User, &tryout(5)).await);
+    store.set_floor(None);
+    created(assign(store, "c", Feature::User, &tryout(5)).await);
+}
+
+async fn repair_writes_back_only_where_it_was_planned(store: &dyn Store) {
+    created(assign(store, "keep", Feature::User, &tryout(5)).await);
+    created(assign(store, "gone", Feature::User, &tryout(5)).await);
+    let at = position(store).await;
+    let tryout_record = started_tryout();
+    let lost = Seat {
+        user_id: uid("lost"),
+        feature: Feature::User,
+        source: SeatSource::Tryout,
+        assigned_at: ms_now(),
+        over_capacity_since: None,
+    };
+    let mut incident = Incident {
+        at: ms_now(),
+        rolled_back_from: at.version + 5,
+        ..Incident::default()
+    };
+    incident.restored("seat user/lost".into());
+    incident.lost("seat user/full".into());
+    let write = RepairWrite {
+        expected: Some(Position {
+            epoch: at.epoch.clone(),
+            version: at.version + 1,
+        }),
+        version_floor: at.version + 5,
+        add_seats: vec![lost.clone()],
+        remove_seats: vec![(Feature::User, uid("gone"))],
+        tryout: Some(tryout_record.clone()),
+        incident: incident.clone(),
+        ..RepairWrite::default()
+    };
+    // Planned on another position: nothing written.
+    assert_eq!(store.repair(&write).await, Ok(None));
+    assert_eq!(position(store).await, at);
+
+    let write = RepairWrite {
+        expected: Some(at.clone()),
+        ..write
+    };
+    let changes = store.repair(&write).await.unwrap().expect("repaired");
+    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            ChangeKind::SeatAssigned(lost.clone()),
+            ChangeKind::SeatReleased {
+                feature: Feature::User,
+                user_id: uid("gone"),
+            },
+            ChangeKind::TryoutChanged(tryout_record.clone()),
+            ChangeKind::Repaired(incident.clone()),
+        ]
+    );
+    // The versions jump above every version a replica saw, then count up.
+    assert_consecutive(&changes, at.version + 5);
+    let snap = snapshot(store).await;
+    assert_eq!(users_of(&snap.seats), ["keep", "lost"]);
+    assert_eq!(snap.incident, Some(incident));
+    assert_eq!(snap.tryout, Some(tryout_record.clone()));
+    // The feed holds the repair's entries after the jump.
+    let history = store.history(at.version).await.unwrap();
+    assert_eq!(history, changes);
+    // A follower at the old position sees a gap (and re-reads).
+    match store.changes(&at, Duration::from_millis(50)).await.unwrap() {
+        Changes::Resync => {}
+        Changes::Events(events) => assert_ne!(events[0].version, at.version + 1),
+    }
+}
+
+async fn release_reflag_is_guarded_by_the_stored_license(store: &dyn Store) {
+    let lic = with_license(store, "guard").await;
+    created(assign(store, "a", Feature::User, &purchased(&lic, 5)).await);
+    let other = license("other", 1);
+    assert_eq!(
+        store
+            .release_seat(&uid("a"), Feature::User, Some((1, other.id())))
+            .await,
+        Err(StoreError::Moved),
+        "capacity read from another license"
+    );
+    assert_eq!(users_of(&snapshot(store).await.seats), ["a"]);
+    assert!(
+        store
+            .release_seat(&uid("a"), Feature::User, Some((1, lic.id())))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn high_water_clock_only_grows(store: &dyn Store) {
+    let start = snapshot(store).await.high_water_ms;
+    let t = start.max(1_767_225_600_000) + 1000;
+    assert_eq!(store.advance_clock(t).await, Ok(t));
+    assert_eq!(store.advance_clock(t - 500).await, Ok(t));
+    assert_eq!(snapshot(store).await.high_water_ms, t);
 }
 
 // ---------------------------------------------------------------------------

@@ -53,7 +53,10 @@ pub fn activation(
     let confirmed = status
         .last_success_at
         .map_or(license.applied_at, |t| t.max(license.applied_at));
-    let grace_ends_at = confirmed + grace;
+    // Saturating: no stored time may panic here.
+    let grace_ends_at = confirmed
+        .checked_add_signed(grace)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     let failing = matches!(
         status.last_outcome,
         Some(ReconcileOutcome::Unreachable | ReconcileOutcome::Rejected)

@@ -222,7 +222,11 @@ impl Licenses<'_> {
         }
         let mut valid_until = entitlement.and_then(|e| e.expires_at);
         if let Some(since) = seat.over_capacity_since {
-            let deadline = since + self.over_capacity_grace;
+            // Saturating: no stored value may panic here (a far-future flag
+            // simply keeps its grace).
+            let deadline = since
+                .checked_add_signed(self.over_capacity_grace)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             if now >= deadline {
                 return not_licensed(purchased, SeatReason::OverCapacity);
             }
@@ -606,5 +610,59 @@ mod tests {
             c.plan_assign(Feature::SystemActivation, t0(), |_| 0),
             Err(LicensingError::InvalidInput(_))
         ));
+    }
+
+    /// Every millisecond time chrono can hold, and a little beyond.
+    const STORED_MS: std::ops::RangeInclusive<i64> = -8_210_298_412_800_001..=8_210_266_876_800_000;
+
+    #[test]
+    fn a_flag_at_the_end_of_time_does_not_panic() {
+        let license = applied(payload("S1", 3));
+        let mut s = seat(Feature::User, SeatSource::Purchased);
+        s.over_capacity_since = Some(DateTime::<Utc>::MAX_UTC);
+        let c = ctx(Edition::Vm, Some(&license), None);
+        assert!(c.check_seat(Feature::User, Some(&s), t0()).licensed);
+    }
+
+    proptest::proptest! {
+        /// No stored value makes CheckSeat (or the activation it depends on)
+        /// panic: any assignment or over-capacity time the store can hold, any
+        /// grace, any clock.
+        #[test]
+        fn check_seat_never_panics_on_stored_values(
+            assigned_ms in STORED_MS,
+            flagged_ms in proptest::option::of(STORED_MS),
+            grace_days in 0i64..=100_000_000,
+            now_ms in STORED_MS,
+            last_success_ms in proptest::option::of(STORED_MS),
+        ) {
+            let at = |ms: i64| chrono::TimeZone::timestamp_millis_opt(&Utc, ms).single();
+            // What a store hands out: times in range (others are skipped as corrupt).
+            let (Some(assigned_at), Some(over_capacity_since)) =
+                (at(assigned_ms), flagged_ms.map(at).map_or(Some(None), |f| f.map(Some)))
+            else {
+                return Ok(());
+            };
+            let stored = Seat {
+                assigned_at,
+                over_capacity_since,
+                ..seat(Feature::User, SeatSource::Purchased)
+            };
+            let license = applied(payload("S1", 3));
+            let mut c = ctx(Edition::Vm, Some(&license), None);
+            c.over_capacity_grace = Duration::days(grace_days);
+            let now = at(now_ms).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let _ = c.check_seat(Feature::User, Some(&stored), now);
+            let status = crate::domain::ReconcileStatus {
+                last_success_at: last_success_ms.and_then(at),
+                ..Default::default()
+            };
+            let _ = crate::domain::activation::activation(
+                Some(&license),
+                &status,
+                now,
+                Duration::days(grace_days),
+            );
+        }
     }
 }

@@ -181,6 +181,17 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
             .or_else(|| o.license_problem.clone())
             .unwrap_or_default(),
         system_activated: o.system_activated,
+        last_store_repair_at: opt_timestamp(o.incident.as_ref().map(|i| i.at)),
+        writes_restored: o.incident.as_ref().map_or(0, |i| i.restored_total),
+        writes_lost: o.incident.as_ref().map_or(0, |i| i.lost_total),
+        lost_writes: o
+            .incident
+            .as_ref()
+            .map(|i| i.lost.clone())
+            .unwrap_or_default(),
+        time_high_water: Some(timestamp(o.time_high_water)),
+        clock_rolled_back: o.clock_rolled_back,
+        corrupt_records: u32::try_from(o.corrupt_records).unwrap_or(u32::MAX),
         activation_reason: o.activation_reason.clone(),
         over_capacity: o
             .over_capacity

@@ -17,12 +17,21 @@ use crate::domain::{
     LicensingError, ReconcileOutcome, ReconcileStatus, SignedLicense, TryoutState, tryout,
 };
 use crate::events::LicenseEvent;
+use crate::metrics::metrics;
 use crate::store::{LicenseWrite, StoredLicense};
 use crate::upstream::UpstreamError;
 
 /// How far a document's `issued_at` may lie ahead of this clock, and this clock
 /// behind the last successful reconcile, before a rollback is suspected.
 const CLOCK_TOLERANCE_MINUTES: i64 = 5;
+
+/// How far this node's clock may lie behind the high-water clock before it
+/// counts as gone back (small steps of time synchronisation are not).
+const CLOCK_ROLLBACK_TOLERANCE_MS: i64 = 2_000;
+
+/// How far the high-water clock moves before it is written to the store again
+/// (about every 10 s with a running clock; at once after a jump).
+const HIGH_WATER_STEP_MS: i64 = 10_000;
 
 /// How long an on-demand reconcile waits for another replica's reconcile.
 const LEASE_WAIT: StdDuration = StdDuration::from_secs(10);
@@ -42,7 +51,7 @@ impl Licensing {
     /// Makes a new initialization code (serial, edition, fresh nonce, checksum)
     /// and remembers its nonce; an earlier code stops being accepted.
     pub async fn create_initialization_code(&self) -> Result<String, LicensingError> {
-        let now = self.clock.now();
+        let now = self.now();
         let code = InitializationCode::new(self.settings.serial.clone(), self.settings.edition);
         let pending = PendingInitialization {
             nonce: code.nonce.clone(),
@@ -50,10 +59,8 @@ impl Licensing {
             expires_at: now + self.settings.code_ttl,
         };
         let change = self
-            .store
-            .set_initialization(&pending)
-            .await
-            .map_err(store_error)?;
+            .write(|| self.store.set_initialization(&pending))
+            .await?;
         self.mirror.apply_local(&change).await;
         Ok(code.encode())
     }
@@ -75,7 +82,20 @@ impl Licensing {
         let nonce = payload.nonce.clone().ok_or_else(|| {
             invalid("carries no initialization nonce: not an activation response".into())
         })?;
-        let now = self.clock.now();
+        // Applying the response that is already applied (a retry after an
+        // answer was lost) is a success, not a replay.
+        let signature = signed.signature.clone();
+        let already = |l: &Licensing| {
+            l.mirror.read(|s| {
+                s.stored_license
+                    .as_ref()
+                    .is_some_and(|l| l.id() == signature)
+            })
+        };
+        if already(self) {
+            return Ok(self.overview());
+        }
+        let now = self.now();
         if let Err((_, why)) = self.check_clock(&payload, now) {
             return Err(invalid(why));
         }
@@ -100,6 +120,9 @@ impl Licensing {
                         .resync_now(self.store.as_ref())
                         .await
                         .map_err(store_error)?;
+                    if already(self) {
+                        return Ok(self.overview());
+                    }
                     continue;
                 }
                 _ => {
@@ -167,7 +190,7 @@ impl Licensing {
     /// Re-setup (Neuaufsetzen): back to the initial state. Seats, the license and
     /// the reconcile history go; the record that the serial used its tryout stays.
     pub async fn reset_activation(&self) -> Result<Overview, LicensingError> {
-        let change = self.store.reset().await.map_err(store_error)?;
+        let change = self.write(|| self.store.reset()).await?;
         self.mirror.apply_local(&change).await;
         tracing::warn!("activation reset: seats and license removed (tryout record kept)");
         Ok(self.overview())
@@ -216,7 +239,7 @@ impl Licensing {
 
     async fn run_reconcile(&self, trigger: Trigger) -> Result<ReconcileReport, LicensingError> {
         let _one_here = self.reconcile_lock.lock().await;
-        let now = self.clock.now();
+        let now = self.now();
         let fence = match trigger {
             Trigger::Scheduled(f) => Some(f),
             Trigger::OnDemand => None,
@@ -265,11 +288,7 @@ impl Licensing {
             last_error: error,
             next_reconcile_at: Some(next),
         };
-        let change = self
-            .store
-            .record_reconcile(&status)
-            .await
-            .map_err(store_error)?;
+        let change = self.write(|| self.store.record_reconcile(&status)).await?;
         self.mirror.apply_local(&change).await;
         Ok(Some(next))
     }
@@ -311,7 +330,7 @@ impl Licensing {
         let payload = signed
             .verify(key, &self.settings.serial, self.settings.edition)
             .map_err(reject)?;
-        let now = self.clock.now();
+        let now = self.now();
         self.check_clock(&payload, now)?;
         Ok(AppliedLicense {
             signed,
@@ -354,22 +373,27 @@ impl Licensing {
         fence: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<Result<ReconcileOutcome, Refusal>, LicensingError> {
-        let current = self.mirror.read(|s| s.license.clone());
-        if let Some(current) = &current {
-            if current.id() == new.id() {
+        for _ in 0..WRITE_ATTEMPTS {
+            // Checked again on every attempt: a resync may have brought a newer
+            // document. An older one is refused also after a re-setup removed
+            // the newer one (it is kept as the retired license).
+            let (current, newest) = self
+                .mirror
+                .read(|s| (s.license.clone(), s.newest_license_issued_at()));
+            if current.as_ref().is_some_and(|c| c.id() == new.id()) {
                 return Ok(Ok(ReconcileOutcome::Unchanged));
             }
-            if new.payload.issued_at < current.payload.issued_at {
+            if let Some(newest) = newest
+                && new.payload.issued_at < newest
+            {
                 return Ok(Err((
                     ReconcileOutcome::Rejected,
                     format!(
-                        "license issued {} is older than the applied one ({})",
-                        new.payload.issued_at, current.payload.issued_at
+                        "license issued {} is older than one applied before ({newest})",
+                        new.payload.issued_at
                     ),
                 )));
             }
-        }
-        for _ in 0..WRITE_ATTEMPTS {
             match self.write_license(&new, None, fence, now).await? {
                 Some(()) => return Ok(Ok(ReconcileOutcome::Updated)),
                 None if fence.is_some() => {
@@ -384,10 +408,6 @@ impl Licensing {
                     .resync_now(self.store.as_ref())
                     .await
                     .map_err(store_error)?,
-            }
-            let current = self.mirror.read(|s| s.license.clone());
-            if current.as_ref().is_some_and(|c| c.id() == new.id()) {
-                return Ok(Ok(ReconcileOutcome::Unchanged));
             }
         }
         Err(LicensingError::Unavailable(
@@ -443,10 +463,15 @@ impl Licensing {
                 consume_initialization: consume,
                 fence,
             })
-            .await
-            .map_err(store_error)?;
-        let Some(changes) = written else {
-            return Ok(None);
+            .await;
+        let changes = match written {
+            Ok(Some(changes)) => changes,
+            Ok(None) => return Ok(None),
+            // The store went back: repaired by the resync; the caller plans again.
+            Err(e) => {
+                self.repair_then_retry(e).await?;
+                return Ok(None);
+            }
         };
         for change in &changes {
             self.mirror.apply_local(change).await;
@@ -469,7 +494,8 @@ impl Licensing {
     }
 
     async fn tick(&self, seen: &mut TimeState) {
-        let now = self.clock.now();
+        self.keep_high_water(seen).await;
+        let now = self.now();
         self.announce_time_events(seen, now);
         if self.source.is_none() || self.mirror.is_stale() {
             return;
@@ -504,6 +530,47 @@ impl Licensing {
         }
     }
 
+    /// Raises the high-water clock to this node's time, or, when the node clock
+    /// went back behind it, says so once (event, metric, log) and keeps deciding
+    /// at the high-water time. Every few ticks the high-water clock goes to the
+    /// store, where every replica (and a restarted one) finds it.
+    async fn keep_high_water(&self, seen: &mut TimeState) {
+        let node = self.clock.now();
+        let high = self.mirror.read(|s| s.high_water_ms);
+        let behind = high - node.timestamp_millis();
+        let rolled_back = behind > CLOCK_ROLLBACK_TOLERANCE_MS;
+        if rolled_back && !seen.clock_rolled_back {
+            metrics().clock_rollback();
+            tracing::error!(
+                behind_ms = behind,
+                "this node's clock went back behind the largest time seen; time-based decisions keep the high-water time"
+            );
+            self.mirror
+                .events()
+                .publish(LicenseEvent::new("clock_rolled_back", node).detail(format!(
+                    "node clock {behind} ms behind the high-water clock"
+                )));
+        }
+        seen.clock_rolled_back = rolled_back;
+        self.mirror.raise_high_water(node.timestamp_millis());
+        let mine = self.mirror.read(|s| s.high_water_ms);
+        if mine - seen.high_water_stored >= HIGH_WATER_STEP_MS && !self.mirror.is_stale() {
+            match self.store.advance_clock(mine).await {
+                Ok(stored) => {
+                    seen.high_water_stored = stored;
+                    self.mirror.raise_high_water(stored);
+                }
+                Err(error) => tracing::debug!(%error, "high-water clock not stored"),
+            }
+        }
+    }
+
+    /// Whether this node's clock is behind the high-water clock now.
+    pub(crate) fn clock_rolled_back(&self) -> bool {
+        let node = self.clock.now().timestamp_millis();
+        self.mirror.read(|s| s.high_water_ms) - node > CLOCK_ROLLBACK_TOLERANCE_MS
+    }
+
     /// What the schedule does while holding the lease. The copy may be a moment
     /// behind another replica that just reconciled: read the store again before
     /// deciding, so one reconcile happens per interval, not one per replica.
@@ -512,7 +579,7 @@ impl Licensing {
             tracing::debug!(%error, "reconcile schedule: store not readable");
             return;
         }
-        let now = self.clock.now();
+        let now = self.now();
         let (due, lapsed) = self.mirror.read(|s| {
             (
                 self.schedule_due(s, now),
@@ -611,6 +678,10 @@ struct TimeState {
     /// The smallest "days left" threshold already announced.
     tryout_warned: Option<u32>,
     activation: Option<ActivationState>,
+    /// Whether the node clock was behind the high-water clock at the last tick.
+    clock_rolled_back: bool,
+    /// The high-water clock as last stored.
+    high_water_stored: i64,
 }
 
 fn days_until(end: DateTime<Utc>, now: DateTime<Utc>) -> u32 {

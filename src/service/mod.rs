@@ -93,6 +93,12 @@ pub struct Overview {
     pub license_source: String,
     /// Why the stored license is not trusted, if it is not.
     pub license_problem: Option<String>,
+    /// The last repair of a store that lost writes.
+    pub incident: Option<crate::store::Incident>,
+    /// The high-water clock, and whether this node's clock is behind it.
+    pub time_high_water: DateTime<Utc>,
+    pub clock_rolled_back: bool,
+    pub corrupt_records: usize,
     /// Why the PBX is in its activation state (one sentence).
     pub activation_reason: String,
     /// Per seat feature with seats beyond its purchased quantity.
@@ -143,14 +149,24 @@ pub struct Licensing {
     replica_id: String,
 }
 
+/// A store error as the caller sees it. Every `UNAVAILABLE` from a write means
+/// "outcome unknown, safe to retry".
 fn store_error(e: StoreError) -> LicensingError {
     match e {
-        StoreError::Unavailable(m) => LicensingError::Unavailable(m),
-        StoreError::NotInitialized => LicensingError::Unavailable(
+        StoreError::Unavailable(m) => LicensingError::Unavailable(format!(
+            "{m}; the outcome of a write is unknown and retrying it is safe"
+        )),
+        StoreError::NotInitialized | StoreError::Moved => LicensingError::Unavailable(
             "seat store is empty or being repaired; retry shortly".into(),
         ),
         StoreError::Corrupt(m) => LicensingError::Internal(m),
     }
+}
+
+/// Whether a write was refused because the store lost data this replica has
+/// seen (or all of it): resynchronising repairs it, then the write can go again.
+fn needs_repair(e: &StoreError) -> bool {
+    matches!(e, StoreError::Moved | StoreError::NotInitialized)
 }
 
 impl Licensing {
@@ -190,6 +206,43 @@ impl Licensing {
         a
     }
 
+    /// The time decisions are made at: the node clock, but never behind the
+    /// high-water clock (the largest time this PBX has seen).
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        let node = self.clock.now();
+        self.mirror.read(|s| s.now(node))
+    }
+
+    /// Resynchronises after a write found the store behind (which repairs it).
+    async fn repair_then_retry(&self, e: StoreError) -> Result<(), LicensingError> {
+        if !needs_repair(&e) {
+            return Err(store_error(e));
+        }
+        self.mirror
+            .resync_now(self.store.as_ref())
+            .await
+            .map_err(store_error)
+    }
+
+    /// Runs a store write; when the store went back or lost its data, repairs
+    /// and tries again.
+    async fn write<T, Fut>(&self, op: impl Fn() -> Fut) -> Result<T, LicensingError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut last = StoreError::Moved;
+        for _ in 0..WRITE_ATTEMPTS {
+            match op().await {
+                Err(e) if needs_repair(&e) => {
+                    self.repair_then_retry(e.clone()).await?;
+                    last = e;
+                }
+                other => return other.map_err(store_error),
+            }
+        }
+        Err(store_error(last))
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -225,8 +278,9 @@ impl Licensing {
 
     /// The hot path: answered from the mirror, never waiting for the store.
     pub fn check_seat(&self, user: &UserId, feature: Feature) -> CheckAnswer {
-        let now = self.clock.now();
+        let node = self.clock.now();
         let check = self.mirror.read(|state| {
+            let now = state.now(node);
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
@@ -251,7 +305,7 @@ impl Licensing {
             );
         }
         for attempt in 0..WRITE_ATTEMPTS {
-            let now = self.clock.now();
+            let now = self.now();
             let plan = self.mirror.read(|state| {
                 self.licenses(state, now)
                     .plan_assign(feature, now, |f| state.count(f, SeatSource::Purchased))
@@ -269,12 +323,14 @@ impl Licensing {
                 }
                 Err(e) => return Err(e),
             };
-            match self
-                .store
-                .assign_seat(user, feature, &plan)
-                .await
-                .map_err(store_error)?
-            {
+            let outcome = match self.store.assign_seat(user, feature, &plan).await {
+                Err(e) if needs_repair(&e) => {
+                    self.repair_then_retry(e).await?;
+                    continue;
+                }
+                other => other.map_err(store_error)?,
+            };
+            match outcome {
                 AssignOutcome::Created(change) => {
                     self.mirror.apply_local(&change).await;
                     let crate::store::ChangeKind::SeatAssigned(seat) = change.kind else {
@@ -312,22 +368,29 @@ impl Licensing {
         user: &UserId,
         feature: Feature,
     ) -> Result<bool, LicensingError> {
-        let now = self.clock.now();
-        let capacity = self.mirror.read(|s| self.capacity(s, feature, now));
-        match self
-            .store
-            .release_seat(user, feature, capacity)
-            .await
-            .map_err(store_error)?
-        {
-            Some(changes) => {
-                for change in &changes {
-                    self.mirror.apply_local(change).await;
+        for _ in 0..WRITE_ATTEMPTS {
+            let now = self.now();
+            // Flags are set against the license the store holds: the store
+            // refuses (Moved) when it is not the one this capacity was read from.
+            let capacity = self.mirror.read(|s| {
+                let id = s.license.as_ref().map(|l| l.id().to_owned())?;
+                Some((self.capacity(s, feature, now)?, id))
+            });
+            let capacity = capacity.as_ref().map(|(c, id)| (*c, id.as_str()));
+            match self.store.release_seat(user, feature, capacity).await {
+                Ok(Some(changes)) => {
+                    for change in &changes {
+                        self.mirror.apply_local(change).await;
+                    }
+                    return Ok(true);
                 }
-                Ok(true)
+                Ok(None) => return Ok(false),
+                Err(e) => self.repair_then_retry(e).await?,
             }
-            None => Ok(false),
         }
+        Err(LicensingError::Unavailable(
+            "licenses changed during the release; retrying it is safe".into(),
+        ))
     }
 
     /// One page of seats, ordered by feature then user id. `feature` empty lists all.
@@ -375,7 +438,7 @@ impl Licensing {
     }
 
     pub fn tryout_status(&self) -> TryoutView {
-        let now = self.clock.now();
+        let now = self.now();
         self.mirror.read(|state| self.tryout_view(state, now))
     }
 
@@ -470,7 +533,7 @@ impl Licensing {
         ) -> Result<Option<TryoutRecord>, LicensingError>,
     ) -> Result<TryoutView, LicensingError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let now = self.clock.now();
+            let now = self.now();
             let current = self.mirror.read(|s| s.tryout.clone());
             let Some(new) = decide(current.as_ref(), now)? else {
                 return Ok(self.tryout_status());
@@ -479,17 +542,17 @@ impl Licensing {
                 .store
                 .compare_and_set_tryout(current.as_ref(), &new)
                 .await
-                .map_err(store_error)?
             {
-                Some(change) => {
+                Ok(Some(change)) => {
                     self.mirror.apply_local(&change).await;
                     return Ok(self.tryout_status());
                 }
-                None => self
+                Ok(None) => self
                     .mirror
                     .resync_now(self.store.as_ref())
                     .await
                     .map_err(store_error)?,
+                Err(e) => self.repair_then_retry(e).await?,
             }
         }
         Err(LicensingError::Unavailable(
@@ -519,7 +582,7 @@ impl Licensing {
     }
 
     pub fn overview(&self) -> Overview {
-        let now = self.clock.now();
+        let now = self.now();
         self.mirror.read(|state| {
             let activation = self.activation(state, now);
             let system_activated = self.licenses(state, now).system_activated(now);
@@ -541,7 +604,9 @@ impl Licensing {
                         seats,
                         grace_ends_at: first
                             .and_then(DateTime::<Utc>::from_timestamp_millis)
-                            .map(|since| since + self.settings.over_capacity_grace),
+                            .and_then(|since| {
+                                since.checked_add_signed(self.settings.over_capacity_grace)
+                            }),
                     })
                 })
                 .collect();
@@ -559,6 +624,12 @@ impl Licensing {
                 over_capacity,
                 auth_mode: self.settings.auth_mode,
                 development_installation: self.settings.development_installation,
+                incident: state.incident.clone(),
+                time_high_water: chrono::TimeZone::timestamp_millis_opt(&Utc, state.high_water_ms)
+                    .single()
+                    .unwrap_or_default(),
+                clock_rolled_back: self.clock_rolled_back(),
+                corrupt_records: state.corrupt_records,
             }
         })
     }

@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
-    StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, RepairWrite,
+    SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::capacity::reflag;
@@ -30,6 +30,8 @@ pub struct MemoryStore {
     // Tells waiting `changes` calls that the version moved.
     version_tx: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
+    // The writer's floor (see `Store::set_floor`).
+    floor: Mutex<Option<Position>>,
     // The audit trail, oldest first, with the last id's (ms, seq). Its own lock:
     // audit writes never wait for seat writes or the other way round.
     audit: Mutex<(VecDeque<AuditEntry>, (u64, u64))>,
@@ -46,6 +48,9 @@ struct Inner {
     tryout: Option<TryoutRecord>,
     reconcile: ReconcileStatus,
     initialization: Option<PendingInitialization>,
+    retired_license: Option<StoredLicense>,
+    high_water_ms: i64,
+    incident: Option<Incident>,
     /// The reconcile lease: holder and when it expires.
     lease: Option<(String, std::time::Instant)>,
     /// Grows with every lease grant (the fencing token).
@@ -97,14 +102,58 @@ impl MemoryStore {
                 tryout: None,
                 reconcile: ReconcileStatus::default(),
                 initialization: None,
+                retired_license: None,
+                high_water_ms: 0,
+                incident: None,
                 lease: None,
                 fence: 0,
                 feed: VecDeque::new(),
             }),
             version_tx,
             clock,
+            floor: Mutex::new(None),
             audit: Mutex::new((VecDeque::new(), (0, 0))),
         }
+    }
+
+    /// Refuses a write on a store without epoch, or one that went back behind
+    /// the writer's floor (as the Lua prelude does).
+    fn guard(&self, inner: &Inner) -> Result<(), StoreError> {
+        let Some(epoch) = inner.epoch.as_ref() else {
+            return Err(StoreError::NotInitialized);
+        };
+        match &*self.floor.lock() {
+            Some(floor) if floor.epoch != *epoch || inner.version < floor.version => {
+                Err(StoreError::Moved)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Goes back to an earlier state of the same epoch, as a Redis restarted
+    /// from an older snapshot does. For tests of the rollback repair.
+    pub fn roll_back_to(&self, snapshot: &Snapshot) {
+        let mut inner = self.inner.lock();
+        let Some(position) = snapshot.position.clone() else {
+            return;
+        };
+        inner.epoch = Some(position.epoch);
+        inner.version = position.version;
+        inner.seats.clear();
+        inner.counts.clear();
+        for seat in &snapshot.seats {
+            inner.put(seat.clone());
+        }
+        inner.license = snapshot.license.clone();
+        inner.tryout = snapshot.tryout.clone();
+        inner.reconcile = snapshot.reconcile.clone();
+        inner.initialization = snapshot.initialization.clone();
+        inner.retired_license = snapshot.retired_license.clone();
+        inner.incident = snapshot.incident.clone();
+        let v = position.version;
+        inner.feed.retain(|c| c.version <= v);
+        drop(inner);
+        self.version_tx.send_replace(v);
     }
 
     /// Loses all data, as a Redis restarted without persistence does. For tests
@@ -119,6 +168,9 @@ impl MemoryStore {
         inner.tryout = None;
         inner.reconcile = ReconcileStatus::default();
         inner.initialization = None;
+        inner.retired_license = None;
+        inner.high_water_ms = 0;
+        inner.incident = None;
         inner.lease = None;
         inner.feed.clear();
         drop(inner);
@@ -176,6 +228,10 @@ impl Store for MemoryStore {
             tryout: inner.tryout.clone(),
             reconcile: inner.reconcile.clone(),
             initialization: inner.initialization.clone(),
+            retired_license: inner.retired_license.clone(),
+            high_water_ms: inner.high_water_ms,
+            incident: inner.incident.clone(),
+            corrupt: Vec::new(),
         })
     }
 
@@ -219,9 +275,7 @@ impl Store for MemoryStore {
         plan: &AssignPlan,
     ) -> Result<AssignOutcome, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         let key = (feature, user.clone());
         let existing = inner.seats.get(&key).cloned();
         match (&existing, plan) {
@@ -263,11 +317,14 @@ impl Store for MemoryStore {
         &self,
         user: &UserId,
         feature: Feature,
-        capacity: Option<u32>,
+        capacity: Option<(u32, &str)>,
     ) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
+        self.guard(&inner)?;
+        if let Some((_, license_id)) = capacity
+            && inner.license.as_ref().map(StoredLicense::id) != Some(license_id)
+        {
+            return Err(StoreError::Moved);
         }
         if !inner.remove(feature, user) {
             return Ok(None);
@@ -277,7 +334,7 @@ impl Store for MemoryStore {
             user_id: user.clone(),
         };
         let mut changes = vec![self.record(&mut inner, kind)];
-        if let Some(quantity) = capacity {
+        if let Some((quantity, _)) = capacity {
             changes.extend(self.reflag(&mut inner, feature, quantity));
         }
         Ok(Some(changes))
@@ -311,9 +368,7 @@ impl Store for MemoryStore {
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         if inner.tryout.as_ref() != expected {
             return Ok(None);
         }
@@ -326,9 +381,7 @@ impl Store for MemoryStore {
 
     async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         if inner.license.as_ref().map(StoredLicense::id) != w.expected_id {
             return Ok(None);
         }
@@ -369,9 +422,7 @@ impl Store for MemoryStore {
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         inner.initialization = Some(pending.clone());
         Ok(self.record(
             &mut inner,
@@ -381,12 +432,12 @@ impl Store for MemoryStore {
 
     async fn reset(&self) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         inner.seats.clear();
         inner.counts.clear();
-        inner.license = None;
+        if let Some(license) = inner.license.take() {
+            inner.retired_license = Some(license);
+        }
         inner.reconcile = ReconcileStatus::default();
         inner.initialization = None;
         Ok(self.record(&mut inner, ChangeKind::Reset))
@@ -413,9 +464,7 @@ impl Store for MemoryStore {
 
     async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        if inner.epoch.is_none() {
-            return Err(StoreError::NotInitialized);
-        }
+        self.guard(&inner)?;
         inner.reconcile = status.clone();
         Ok(self.record(&mut inner, ChangeKind::ReconcileRecorded(status.clone())))
     }
@@ -434,11 +483,28 @@ impl Store for MemoryStore {
         inner.tryout = from.tryout.clone();
         inner.reconcile = from.reconcile.clone();
         inner.initialization = from.initialization.clone();
+        inner.retired_license = from.retired_license.clone();
+        inner.high_water_ms = inner.high_water_ms.max(from.high_water_ms);
+        inner.incident = None;
         inner.version = from.position.as_ref().map_or(0, |p| p.version);
         inner.epoch = Some(new_epoch());
         inner.feed.clear();
         self.version_tx.send_replace(inner.version);
         Ok(true)
+    }
+
+    fn set_floor(&self, floor: Option<Position>) {
+        *self.floor.lock() = floor;
+    }
+
+    async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .feed
+            .iter()
+            .filter(|c| c.version > after)
+            .cloned()
+            .collect())
     }
 
     async fn append_audit(
@@ -503,6 +569,65 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn repair(&self, w: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut inner = self.inner.lock();
+        let at = inner.epoch.clone().map(|epoch| Position {
+            epoch,
+            version: inner.version,
+        });
+        if w.expected.is_none() || at != w.expected {
+            return Ok(None);
+        }
+        inner.version = inner.version.max(w.version_floor);
+        let mut changes = Vec::new();
+        for seat in &w.add_seats {
+            inner.put(seat.clone());
+            changes.push(self.record(&mut inner, ChangeKind::SeatAssigned(seat.clone())));
+        }
+        for (feature, user) in &w.remove_seats {
+            inner.remove(*feature, user);
+            let kind = ChangeKind::SeatReleased {
+                feature: *feature,
+                user_id: user.clone(),
+            };
+            changes.push(self.record(&mut inner, kind));
+        }
+        if let Some(license) = &w.license {
+            inner.license = Some(license.clone());
+            changes.push(self.record(&mut inner, ChangeKind::LicenseApplied(license.clone())));
+        }
+        if let Some(tryout) = &w.tryout {
+            inner.tryout = Some(tryout.clone());
+            changes.push(self.record(&mut inner, ChangeKind::TryoutChanged(tryout.clone())));
+        }
+        if let Some(reconcile) = &w.reconcile {
+            inner.reconcile = reconcile.clone();
+            let kind = ChangeKind::ReconcileRecorded(reconcile.clone());
+            changes.push(self.record(&mut inner, kind));
+        }
+        match &w.initialization {
+            None => {}
+            Some(None) => {
+                inner.initialization = None;
+                changes.push(self.record(&mut inner, ChangeKind::InitializationConsumed));
+            }
+            Some(Some(p)) => {
+                inner.initialization = Some(p.clone());
+                let kind = ChangeKind::InitializationIssued(p.clone());
+                changes.push(self.record(&mut inner, kind));
+            }
+        }
+        inner.incident = Some(w.incident.clone());
+        changes.push(self.record(&mut inner, ChangeKind::Repaired(w.incident.clone())));
+        Ok(Some(changes))
+    }
+
+    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError> {
+        let mut inner = self.inner.lock();
+        inner.high_water_ms = inner.high_water_ms.max(ms);
+        Ok(inner.high_water_ms)
     }
 
     fn describe(&self) -> String {

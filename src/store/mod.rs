@@ -23,6 +23,7 @@ use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SignedLicense, TryoutRecord, UserId,
 };
+use serde::{Deserialize, Serialize};
 
 /// A license document as stored: not trusted until verified again by whoever reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,73 @@ pub struct Snapshot {
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
     pub initialization: Option<PendingInitialization>,
+    /// The license document a re-setup removed (the newest one it had), kept so
+    /// that an older document is never applied after a re-setup.
+    pub retired_license: Option<StoredLicense>,
+    /// The largest time the store has seen (milliseconds since the Unix epoch):
+    /// the high-water clock time-based decisions never go back behind.
+    pub high_water_ms: i64,
+    /// The last repair of lost data, if any.
+    pub incident: Option<Incident>,
+    /// Stored records that did not parse and were skipped.
+    pub corrupt: Vec<String>,
+}
+
+/// What a repair of lost data did, kept in the store so every replica reports
+/// the same thing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incident {
+    /// When the loss was repaired.
+    pub at: DateTime<Utc>,
+    /// The highest version a replica had seen before the store went back
+    /// (0 when the store had lost its epoch).
+    pub rolled_back_from: u64,
+    /// How many acknowledged writes were written back, and the first of them by name.
+    pub restored_total: u32,
+    pub restored: Vec<String>,
+    /// How many acknowledged writes could not be written back (the pool was
+    /// full by then), and the first of them by name, for the audit.
+    pub lost_total: u32,
+    pub lost: Vec<String>,
+}
+
+impl Incident {
+    /// How many names an incident keeps of each list.
+    pub const NAMES: usize = 50;
+
+    pub fn restored(&mut self, what: String) {
+        self.restored_total += 1;
+        if self.restored.len() < Self::NAMES {
+            self.restored.push(what);
+        }
+    }
+
+    pub fn lost(&mut self, what: String) {
+        self.lost_total += 1;
+        if self.lost.len() < Self::NAMES {
+            self.lost.push(what);
+        }
+    }
+}
+
+/// What a replica writes back into a store that lost some of its writes; every
+/// part is decided by the replica on the snapshot at `expected`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairWrite {
+    /// The position the plan was made on; nothing is written when the store
+    /// has moved since.
+    pub expected: Option<Position>,
+    /// The version the repair's own entries start after: above every version a
+    /// replica has seen, so every replica following the feed notices the gap.
+    pub version_floor: u64,
+    pub add_seats: Vec<Seat>,
+    pub remove_seats: Vec<(Feature, UserId)>,
+    pub license: Option<StoredLicense>,
+    pub tryout: Option<TryoutRecord>,
+    pub reconcile: Option<ReconcileStatus>,
+    /// Set this pending initialization (`Some(None)`: remove the pending one).
+    pub initialization: Option<Option<PendingInitialization>>,
+    pub incident: Incident,
 }
 
 /// One write, as the change feed reports it.
@@ -84,6 +152,8 @@ pub enum ChangeKind {
     /// Re-setup: seats, license, reconcile status and pending initialization
     /// removed; the tryout record kept.
     Reset,
+    /// Lost writes were written back (or reported lost).
+    Repaired(Incident),
 }
 
 /// What applying a license writes, in one atomic step.
@@ -139,10 +209,16 @@ pub struct SeatKey {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// Not reachable, or no answer within the configured timeout. Nothing was
-    /// written, or a retry is safe (every write is idempotent or compare-and-set).
+    /// Not reachable, or no answer within the configured timeout. The outcome of
+    /// a write is unknown (Redis may have run the script before the answer was
+    /// lost); retrying it is safe: every write is idempotent or compare-and-set.
     #[error("store unreachable: {0}")]
     Unavailable(String),
+    /// The store is not where this replica last saw it: it went back (a restart
+    /// from an older snapshot, a failover to a lagging replica) or was replaced.
+    /// Nothing was written; resynchronise (which repairs) and retry.
+    #[error("store went back behind this replica's copy (rolled back or replaced)")]
+    Moved,
     /// The store has no epoch (never initialized, or its data was lost and not yet
     /// repaired): writes are refused until the mirror repairs it.
     #[error("store holds no data epoch (empty or being repaired)")]
@@ -173,13 +249,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<AssignOutcome, StoreError>;
 
     /// Frees the user's seat of `feature`; `None` when there was none. With
-    /// `capacity` (the purchased quantity), the pool's over-capacity flags are set
-    /// again against it; the changes are the release, then any flag changes.
+    /// `capacity` (the purchased quantity and the id of the license it was read
+    /// from), the pool's over-capacity flags are set again against it, guarded
+    /// like an assignment: [`StoreError::Moved`] and nothing written when the
+    /// stored license is another. The changes are the release, then any flag changes.
     async fn release_seat(
         &self,
         user: &UserId,
         feature: Feature,
-        capacity: Option<u32>,
+        capacity: Option<(u32, &str)>,
     ) -> Result<Option<Vec<Change>>, StoreError>;
 
     /// Seats ordered by (feature, user id), strictly after `after`, at most `limit`.
@@ -231,6 +309,24 @@ pub trait Store: Send + Sync + 'static {
     /// the store has an epoch (another replica got there first, or nothing was lost).
     async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError>;
 
+    /// Where this replica's copy is: every later write is refused with
+    /// [`StoreError::Moved`] when the store holds another epoch or a lower version
+    /// (it went back), so no write lands on a store that lost writes this replica
+    /// has seen. `None`: no check.
+    fn set_floor(&self, floor: Option<Position>);
+
+    /// The feed entries after `after` in the current epoch, in order, as far as
+    /// the feed still holds them.
+    async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError>;
+
+    /// Writes back what a replica holds and the store lost, in one step, only if
+    /// the store is still at `expected`; `None` when it moved. The version jumps
+    /// to above `version_floor` first; every part is a feed entry, the incident last.
+    async fn repair(&self, write: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError>;
+
+    /// Raises the stored high-water clock to `ms` if that is larger; returns the
+    /// stored value. Not a versioned write (no feed entry).
+    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError>;
     /// Appends an entry to the audit trail, then drops entries beyond
     /// `retention` (the oldest first, and any older than its age). The trail is
     /// outside the data epoch: it is written even before the store is initialized.

@@ -6,7 +6,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, StoredLicense};
+use super::{Incident, StoreError, StoredLicense};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     Feature, ReconcileStatus, Seat, SeatSource, SignedLicense, TryoutRecord, UserId,
@@ -34,6 +34,10 @@ impl SeatRecordV1 {
             assigned_at_ms: seat.assigned_at.timestamp_millis(),
             over_capacity_since_ms: seat.over_capacity_since.map(|t| t.timestamp_millis()),
         }
+    }
+
+    pub fn encode(seat: &Seat) -> String {
+        serde_json::to_string(&Self::from_seat(seat)).expect("a seat record always serializes")
     }
 
     pub fn into_seat(self, user_id: UserId, feature: Feature) -> Result<Seat, StoreError> {
@@ -72,6 +76,10 @@ impl LicenseRecordV1 {
             signed: l.signed.clone(),
             applied_at: l.applied_at,
         }
+    }
+
+    pub fn encode(l: &StoredLicense) -> String {
+        serde_json::to_string(&Self::from_stored(l)).expect("a license record always serializes")
     }
 
     pub fn parse(json: &str) -> Result<StoredLicense, StoreError> {
@@ -131,6 +139,30 @@ impl ReconcileRecordV1 {
             .map_err(|e| StoreError::Corrupt(format!("reconcile record: {e}")))?;
         known_version("reconcile", r.v)?;
         Ok(r.status)
+    }
+}
+
+/// The last repair of lost data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentRecordV1 {
+    pub v: u32,
+    pub incident: Incident,
+}
+
+impl IncidentRecordV1 {
+    pub fn encode(incident: &Incident) -> String {
+        serde_json::to_string(&Self {
+            v: 1,
+            incident: incident.clone(),
+        })
+        .expect("an incident record always serializes")
+    }
+
+    pub fn parse(json: &str) -> Result<Incident, StoreError> {
+        let r = serde_json::from_str::<Self>(json)
+            .map_err(|e| StoreError::Corrupt(format!("incident record: {e}")))?;
+        known_version("incident", r.v)?;
+        Ok(r.incident)
     }
 }
 

@@ -16,6 +16,9 @@
 //! | `lic:{S}:init` | string | [`InitializationRecordV1`]: the pending initialization |
 //! | `lic:{S}:lease` | string | holder of the reconcile lease (expires by itself) |
 //! | `lic:{S}:fence` | string | fencing token of the latest lease grant |
+//! | `lic:{S}:retired_license` | string | [`LicenseRecordV1`] a re-setup removed |
+//! | `lic:{S}:clock` | string | high-water clock: the largest time seen (ms) |
+//! | `lic:{S}:incident` | string | [`IncidentRecordV1`]: the last repair of lost data |
 //! | `lic:{S}:audit` | stream | the audit trail, field `record` ([`AuditRecordV1`]) |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
@@ -32,13 +35,13 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::memory::new_epoch;
 use super::records::{
-    AuditRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1, SeatRecordV1,
-    TryoutRecordV1,
+    AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
+    SeatRecordV1, TryoutRecordV1,
 };
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, SeatKey, Snapshot, Store,
-    StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, RepairWrite, SeatKey,
+    Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::config::{RedisConfig, RedisTarget};
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
@@ -77,6 +80,8 @@ static UNLEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lu
 static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/snapshot.lua")));
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/list.lua")));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
+static REPAIR: LazyLock<Script> = script!("repair.lua");
+static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/clock.lua")));
 
 /// The key names of one serial number.
 #[derive(Debug, Clone)]
@@ -123,6 +128,15 @@ impl Keys {
     fn fence(&self) -> String {
         self.key("fence")
     }
+    fn retired_license(&self) -> String {
+        self.key("retired_license")
+    }
+    fn clock(&self) -> String {
+        self.key("clock")
+    }
+    fn incident(&self) -> String {
+        self.key("incident")
+    }
     fn audit(&self) -> String {
         self.key("audit")
     }
@@ -154,6 +168,8 @@ pub struct RedisStore {
     // The bound of a write: the timeout, plus the `WAIT` time.
     write_timeout: Duration,
     url_for_display: String,
+    // The writer's floor (see `Store::set_floor`), sent with every write.
+    floor: parking_lot::Mutex<Option<Position>>,
 }
 
 impl RedisStore {
@@ -192,6 +208,7 @@ impl RedisStore {
             timeout: config.timeout,
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
             url_for_display: redact_url(&config.url),
+            floor: parking_lot::Mutex::new(None),
         })
     }
 
@@ -240,30 +257,36 @@ impl RedisStore {
         }
     }
 
-    /// Runs a write script: the epoch, version and feed keys and the feed length
-    /// come first (see `lua/prelude.lua`), `configure` adds the script's own keys
-    /// and arguments. A store without epoch answers `NotInitialized`.
+    /// Runs a write script: the epoch, version and feed keys, the feed length and
+    /// the writer's floor come first (see `lua/prelude.lua`), `configure` adds the
+    /// script's own keys and arguments. A store without epoch answers
+    /// `NotInitialized`, one below the floor `Moved`.
     async fn write(
         &self,
         operation: &'static str,
         script: &Script,
         configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) -> Result<Vec<String>, StoreError> {
+        let floor = match &*self.floor.lock() {
+            Some(p) => format!("{FEED_LEN}|{}|{}", p.epoch, p.version),
+            None => format!("{FEED_LEN}||"),
+        };
         let mut inv = script.prepare_invoke();
         inv.key(self.keys.epoch())
             .key(self.keys.version())
             .key(self.keys.feed())
-            .arg(FEED_LEN);
+            .arg(floor);
         configure(&mut inv);
         let mut conn = self.write_conn.pick();
         let reply = strings(
             self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
                 .await?,
         )?;
-        if reply.first().map(String::as_str) == Some("noepoch") {
-            return Err(StoreError::NotInitialized);
+        match reply.first().map(String::as_str) {
+            Some("noepoch") => Err(StoreError::NotInitialized),
+            Some("moved") => Err(StoreError::Moved),
+            _ => Ok(reply),
         }
-        Ok(reply)
     }
 }
 
@@ -284,6 +307,28 @@ pub fn redact_url(url: &str) -> String {
 
 fn text(v: &Value) -> Result<String, StoreError> {
     redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// An optional stored record: `None` when absent, or when corrupt (then named in `corrupt`).
+fn record<T>(
+    v: &Value,
+    what: &str,
+    parse: fn(&str) -> Result<T, StoreError>,
+    corrupt: &mut Vec<String>,
+) -> Option<T> {
+    match text(v).and_then(|s| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            parse(&s).map(Some)
+        }
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            corrupt.push(format!("{what}: {e}"));
+            None
+        }
+    }
 }
 
 fn strings(v: Value) -> Result<Vec<String>, StoreError> {
@@ -364,6 +409,7 @@ fn feed_change(
         "license" => ChangeKind::LicenseApplied(LicenseRecordV1::parse(&field("d")?)?),
         "tryout" => ChangeKind::TryoutChanged(TryoutRecordV1::parse(&field("d")?)?),
         "reconcile" => ChangeKind::ReconcileRecorded(ReconcileRecordV1::parse(&field("d")?)?),
+        "repair" => ChangeKind::Repaired(IncidentRecordV1::parse(&field("d")?)?),
         other => return Err(StoreError::Corrupt(format!("feed entry kind {other:?}"))),
     };
     Ok(Change { version, kind })
@@ -379,7 +425,10 @@ impl Store for RedisStore {
             .key(self.keys.license())
             .key(self.keys.tryout())
             .key(self.keys.reconcile())
-            .key(self.keys.init());
+            .key(self.keys.init())
+            .key(self.keys.retired_license())
+            .key(self.keys.clock())
+            .key(self.keys.incident());
         for (_, _, key) in &pools {
             inv.key(key);
         }
@@ -387,45 +436,69 @@ impl Store for RedisStore {
         let reply: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if reply.len() != 6 + pools.len() {
+        if reply.len() != 9 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
         }
+        // A record that does not parse is skipped and named, never fatal: one bad
+        // value must not keep every replica from reading the rest.
+        let mut corrupt = Vec::new();
+        let license = record(&reply[2], "license", LicenseRecordV1::parse, &mut corrupt);
+        let tryout = record(&reply[3], "tryout", TryoutRecordV1::parse, &mut corrupt);
+        let reconcile = record(
+            &reply[4],
+            "reconcile",
+            ReconcileRecordV1::parse,
+            &mut corrupt,
+        );
+        let initialization = record(
+            &reply[5],
+            "initialization",
+            InitializationRecordV1::parse,
+            &mut corrupt,
+        );
+        let retired = record(
+            &reply[6],
+            "retired license",
+            LicenseRecordV1::parse,
+            &mut corrupt,
+        );
+        let incident = record(&reply[8], "incident", IncidentRecordV1::parse, &mut corrupt);
         let epoch = text(&reply[0])?;
         let version = version_of(&text(&reply[1])?)?;
-        let license = match text(&reply[2])? {
-            s if s.is_empty() => None,
-            s => Some(LicenseRecordV1::parse(&s)?),
-        };
-        let tryout = match text(&reply[3])? {
-            s if s.is_empty() => None,
-            s => Some(TryoutRecordV1::parse(&s)?),
-        };
-        let reconcile = match text(&reply[4])? {
-            s if s.is_empty() => ReconcileStatus::default(),
-            s => ReconcileRecordV1::parse(&s)?,
-        };
-        let initialization = match text(&reply[5])? {
-            s if s.is_empty() => None,
-            s => Some(InitializationRecordV1::parse(&s)?),
-        };
+        let high_water_ms = text(&reply[7])?.parse::<i64>().unwrap_or_else(|_| {
+            corrupt.push("high-water clock is not a number".into());
+            0
+        });
         let mut seats = Vec::new();
-        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(6)) {
+        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(9)) {
             let flat = strings(value)?;
             for pair in flat.chunks_exact(2) {
-                let user = parse_user(&pair[0])?;
-                seats.push(SeatRecordV1::parse(&pair[1])?.into_seat(user, *feature)?);
+                match parse_user(&pair[0])
+                    .and_then(|user| SeatRecordV1::parse(&pair[1])?.into_seat(user, *feature))
+                {
+                    Ok(seat) => seats.push(seat),
+                    Err(e) => corrupt.push(format!("seat {feature}/{:?}: {e}", pair[0])),
+                }
             }
         }
         seats.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        for what in &corrupt {
+            tracing::error!(record = %what, "corrupt record in the seat store skipped");
+            crate::metrics::metrics().corrupt_record();
+        }
         Ok(Snapshot {
             position: (!epoch.is_empty()).then_some(Position { epoch, version }),
             seats,
             license,
             tryout,
-            reconcile,
+            reconcile: reconcile.unwrap_or_default(),
             initialization,
+            retired_license: retired,
+            high_water_ms,
+            incident,
+            corrupt,
         })
     }
 
@@ -541,16 +614,18 @@ impl Store for RedisStore {
         &self,
         user: &UserId,
         feature: Feature,
-        capacity: Option<u32>,
+        capacity: Option<(u32, &str)>,
     ) -> Result<Option<Vec<Change>>, StoreError> {
         let reply = self
             .write("release", &RELEASE, |inv| {
                 inv.key(self.keys.pool(feature, SeatSource::Purchased))
                     .key(self.keys.pool(feature, SeatSource::Tryout))
                     .key(self.keys.index())
+                    .key(self.keys.license())
                     .arg(user.as_str())
                     .arg(feature.as_str())
-                    .arg(capacity.map(|c| c.to_string()).unwrap_or_default());
+                    .arg(capacity.map(|(c, _)| c.to_string()).unwrap_or_default())
+                    .arg(capacity.map_or("", |(_, id)| id));
             })
             .await?;
         match words(&reply).as_slice() {
@@ -608,12 +683,20 @@ impl Store for RedisStore {
         }
         let mut conn = self.conn.clone();
         let flat = strings(self.bounded("list", inv.invoke_async(&mut conn)).await?)?;
-        flat.chunks_exact(3)
-            .map(|t| {
-                let (f, u) = (parse_feature(&t[0])?, parse_user(&t[1])?);
-                SeatRecordV1::parse(&t[2])?.into_seat(u, f)
+        Ok(flat
+            .chunks_exact(3)
+            .filter_map(|t| {
+                let seat = parse_feature(&t[0]).and_then(|f| {
+                    let u = parse_user(&t[1])?;
+                    SeatRecordV1::parse(&t[2])?.into_seat(u, f)
+                });
+                seat.inspect_err(|error| {
+                    tracing::error!(%error, user = %t[1], "corrupt seat record skipped in a listing");
+                    crate::metrics::metrics().corrupt_record();
+                })
+                .ok()
             })
-            .collect()
+            .collect())
     }
 
     async fn compare_and_set_tryout(
@@ -641,8 +724,7 @@ impl Store for RedisStore {
     }
 
     async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
-        let record = serde_json::to_string(&LicenseRecordV1::from_stored(w.license))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let record = LicenseRecordV1::encode(w.license);
         let reply = self
             .write("apply_license", &APPLY_LICENSE, |inv| {
                 inv.key(self.keys.license())
@@ -726,6 +808,7 @@ impl Store for RedisStore {
         let reply = self
             .write("reset", &RESET, |inv| {
                 inv.key(self.keys.license())
+                    .key(self.keys.retired_license())
                     .key(self.keys.reconcile())
                     .key(self.keys.init())
                     .key(self.keys.index());
@@ -780,16 +863,13 @@ impl Store for RedisStore {
             .key(self.keys.tryout())
             .key(self.keys.reconcile())
             .key(self.keys.index())
-            .key(self.keys.init());
+            .key(self.keys.init())
+            .key(self.keys.retired_license())
+            .key(self.keys.clock());
         for (_, _, key) in &pools {
             inv.key(key);
         }
-        let license_record = from
-            .license
-            .as_ref()
-            .map(|l| serde_json::to_string(&LicenseRecordV1::from_stored(l)))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let license_record = from.license.as_ref().map(LicenseRecordV1::encode);
         inv.arg(new_epoch())
             .arg(from.position.as_ref().map_or(0, |p| p.version))
             .arg(from.license.as_ref().map(StoredLicense::id).unwrap_or(""))
@@ -806,7 +886,14 @@ impl Store for RedisStore {
                     .as_ref()
                     .map(InitializationRecordV1::encode)
                     .unwrap_or_default(),
-            );
+            )
+            .arg(
+                from.retired_license
+                    .as_ref()
+                    .map(LicenseRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(from.high_water_ms);
         for seat in &from.seats {
             let Some(index) = pools
                 .iter()
@@ -814,8 +901,7 @@ impl Store for RedisStore {
             else {
                 continue;
             };
-            let record = serde_json::to_string(&SeatRecordV1::from_seat(seat))
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let record = SeatRecordV1::encode(seat);
             inv.arg(index + 1)
                 .arg(seat.feature.as_str())
                 .arg(seat.user_id.as_str())
@@ -826,6 +912,168 @@ impl Store for RedisStore {
             .bounded_by(self.write_timeout, "restore", inv.invoke_async(&mut conn))
             .await?;
         Ok(restored == 1)
+    }
+
+    fn set_floor(&self, floor: Option<Position>) {
+        *self.floor.lock() = floor;
+    }
+
+    async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = self
+            .bounded(
+                "history",
+                redis::cmd("XRANGE")
+                    .arg(self.keys.feed())
+                    .arg(format!("{}-0", after.saturating_add(1)))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(FEED_LEN)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut changes = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let Some(v) = entry
+                .id
+                .split_once('-')
+                .and_then(|(v, _)| v.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            match feed_change(v, &entry.map) {
+                Ok(change) => changes.push(change),
+                Err(error) => tracing::warn!(%error, version = v, "corrupt feed entry skipped"),
+            }
+        }
+        Ok(changes)
+    }
+
+    async fn repair(&self, w: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError> {
+        let Some(expected) = &w.expected else {
+            return Ok(None);
+        };
+        let pools = self.keys.pools();
+        let mut inv = REPAIR.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.feed())
+            .key(self.keys.license())
+            .key(self.keys.tryout())
+            .key(self.keys.reconcile())
+            .key(self.keys.init())
+            .key(self.keys.index())
+            .key(self.keys.incident());
+        for (_, _, key) in &pools {
+            inv.key(key);
+        }
+        let (init_mode, init_record) = match &w.initialization {
+            None => ("", String::new()),
+            Some(None) => ("del", String::new()),
+            Some(Some(p)) => ("set", InitializationRecordV1::encode(p)),
+        };
+        let incident = IncidentRecordV1::encode(&w.incident);
+        inv.arg(format!("{FEED_LEN}||"))
+            .arg(&expected.epoch)
+            .arg(expected.version)
+            .arg(w.version_floor)
+            .arg(w.license.as_ref().map(StoredLicense::id).unwrap_or(""))
+            .arg(
+                w.license
+                    .as_ref()
+                    .map(LicenseRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(
+                w.tryout
+                    .as_ref()
+                    .map(TryoutRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(
+                w.reconcile
+                    .as_ref()
+                    .map(ReconcileRecordV1::encode)
+                    .unwrap_or_default(),
+            )
+            .arg(init_mode)
+            .arg(init_record)
+            .arg(&incident);
+        let pool_index = |feature: Feature, source: SeatSource| {
+            pools
+                .iter()
+                .position(|(f, s, _)| *f == feature && *s == source)
+                .map(|i| i + 1)
+        };
+        let mut kinds = Vec::new();
+        for seat in &w.add_seats {
+            let Some(index) = pool_index(seat.feature, seat.source) else {
+                continue;
+            };
+            let record = SeatRecordV1::encode(seat);
+            inv.arg("add")
+                .arg(index)
+                .arg(seat.feature.as_str())
+                .arg(seat.user_id.as_str())
+                .arg(record);
+            kinds.push(ChangeKind::SeatAssigned(seat.clone()));
+        }
+        for (feature, user) in &w.remove_seats {
+            let Some(index) = pool_index(*feature, SeatSource::Purchased) else {
+                continue;
+            };
+            inv.arg("del")
+                .arg(index)
+                .arg(feature.as_str())
+                .arg(user.as_str())
+                .arg("");
+            kinds.push(ChangeKind::SeatReleased {
+                feature: *feature,
+                user_id: user.clone(),
+            });
+        }
+        if let Some(license) = &w.license {
+            kinds.push(ChangeKind::LicenseApplied(license.clone()));
+        }
+        if let Some(tryout) = &w.tryout {
+            kinds.push(ChangeKind::TryoutChanged(tryout.clone()));
+        }
+        if let Some(reconcile) = &w.reconcile {
+            kinds.push(ChangeKind::ReconcileRecorded(reconcile.clone()));
+        }
+        match &w.initialization {
+            None => {}
+            Some(None) => kinds.push(ChangeKind::InitializationConsumed),
+            Some(Some(p)) => kinds.push(ChangeKind::InitializationIssued(p.clone())),
+        }
+        kinds.push(ChangeKind::Repaired(w.incident.clone()));
+        let mut conn = self.conn.clone();
+        let reply = strings(self.bounded("repair", inv.invoke_async(&mut conn)).await?)?;
+        match words(&reply).as_slice() {
+            ["moved"] => Ok(None),
+            ["ok", versions @ ..] if versions.len() == kinds.len() => versions
+                .iter()
+                .zip(kinds)
+                .map(|(v, kind)| {
+                    Ok(Change {
+                        version: version_of(v)?,
+                        kind,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            other => Err(StoreError::Corrupt(format!("repair replied {other:?}"))),
+        }
+    }
+
+    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError> {
+        let mut inv = CLOCK.prepare_invoke();
+        inv.key(self.keys.clock()).arg(ms);
+        let mut conn = self.conn.clone();
+        let stored: String = self.bounded("clock", inv.invoke_async(&mut conn)).await?;
+        stored
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("high-water clock {stored:?}")))
     }
 
     async fn append_audit(

@@ -33,18 +33,70 @@ fn free_port() -> u16 {
         .expect("find a free port")
 }
 
-/// A `redis-server` of the test's own, without persistence, killed on drop.
+pub mod proxy;
+
+/// A `redis-server` of the test's own, without automatic persistence (snapshots
+/// only when a test asks), killed on drop.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    // Where its RDB snapshots go (its working directory).
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
         let port = free_port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("a directory for redis-server"),
+        };
         server.spawn();
         server
+    }
+
+    fn rdb(&self) -> PathBuf {
+        self.dir.path().join("dump.rdb")
+    }
+
+    /// Writes an RDB snapshot now (`SAVE`) and keeps a copy; returns the copy.
+    pub fn save_snapshot(&self) -> PathBuf {
+        let _: () = redis::cmd("SAVE")
+            .query(&mut self.connection())
+            .expect("SAVE");
+        let copy = self
+            .dir
+            .path()
+            .join(format!("snapshot-{:08x}.rdb", rand::random::<u32>()));
+        std::fs::copy(self.rdb(), &copy).expect("copy the RDB snapshot");
+        copy
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port from an
+    /// older snapshot: the same epoch, versions gone back.
+    pub fn restart_from(&mut self, snapshot: &Path) {
+        self.kill();
+        std::fs::copy(snapshot, self.rdb()).expect("put the snapshot in place");
+        self.spawn();
+    }
+
+    /// `FLUSHALL`: every key gone, the server keeps running.
+    pub fn flushall(&self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut self.connection())
+            .expect("FLUSHALL");
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its sockets
+    /// open and answers nothing meanwhile.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     fn spawn(&mut self) {
@@ -58,7 +110,11 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--dbfilename",
+                "dump.rdb",
             ])
+            .arg("--dir")
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -119,6 +175,7 @@ impl RedisServer {
     /// Starts it again on the same port, empty.
     pub fn restart_empty(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(self.rdb());
         self.spawn();
     }
 
@@ -348,7 +405,11 @@ pub fn unused_port() -> u16 {
 impl RedisServer {
     /// A server on a given port, e.g. one a service was pointed at while it was down.
     pub fn start_on(port: u16) -> Self {
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("a directory for redis-server"),
+        };
         server.spawn();
         server
     }

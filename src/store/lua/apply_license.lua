@@ -6,7 +6,8 @@
 -- ARGV[5] expected tryout record ('' = none), ARGV[6] new tryout record ('' = no change),
 -- ARGV[7] pending initialization to consume ('' = none), ARGV[8] fence ('' = none),
 -- ARGV[9..] feature, quantity pairs (aligned with KEYS[8..]).
-if not has_epoch() then return {'noepoch'} end
+local refusal = refused()
+if refusal then return refusal end
 if (redis.call('HGET', KEYS[4], 'id') or '') ~= ARGV[2] then return {'conflict'} end
 local change_tryout = ARGV[6] ~= ''
 if change_tryout and (redis.call('GET', KEYS[5]) or '') ~= ARGV[5] then

@@ -3,7 +3,8 @@
 -- KEYS[6] the seat index, KEYS[7] the applied license.
 -- ARGV[2] user, ARGV[3] feature, ARGV[4] 'purchased' | 'tryout', ARGV[5] capacity,
 -- ARGV[6] the license id the plan was made against (purchased only).
-if not has_epoch() then return {'noepoch'} end
+local refusal = refused()
+if refusal then return refusal end
 local user, feature, plan, capacity = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 
 -- Idempotent: a retried assign finds its own seat.

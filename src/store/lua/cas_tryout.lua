@@ -1,6 +1,7 @@
 -- Writes the tryout record if it is still the expected one.
 -- KEYS[4] the tryout record. ARGV[2] expected ('' = none), ARGV[3] the new record.
-if not has_epoch() then return {'noepoch'} end
+local refusal = refused()
+if refusal then return refusal end
 if (redis.call('GET', KEYS[4]) or '') ~= ARGV[2] then return {'conflict'} end
 redis.call('SET', KEYS[4], ARGV[3])
 local v = bump({'k', 'tryout', 'd', ARGV[3]})

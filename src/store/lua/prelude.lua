@@ -1,6 +1,9 @@
 -- Shared by every write script. In each of them KEYS[1] is the epoch key,
 -- KEYS[2] the version counter and KEYS[3] the change feed (a stream); ARGV[1] is
--- how many feed entries to keep. All keys share the serial number's hash tag.
+-- 'FEED_LEN|FLOOR_EPOCH|FLOOR_VERSION': how many feed entries to keep, and the
+-- epoch and version the writing replica has seen ('' and '' = no floor). All keys
+-- share the serial number's hash tag.
+local FEED_LEN, FLOOR_EPOCH, FLOOR_VERSION = string.match(ARGV[1], '^(%d+)|([^|]*)|(%d*)$')
 
 -- Redis's own clock, so replicas with skewed clocks agree.
 local function now_ms()
@@ -8,17 +11,28 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- A store without an epoch lost its data (or was never initialized): refuse writes
--- until a replica repairs it, so an empty Redis never looks like "no seats in use".
-local function has_epoch()
-  return redis.call('EXISTS', KEYS[1]) == 1
+-- Why this write must not run, or nil. A store without an epoch lost its data (or
+-- was never initialized): refuse writes until a replica repairs it, so an empty
+-- Redis never looks like "no seats in use". A store in another epoch, or below the
+-- version the writer has seen, went back (older snapshot, lagging replica): refuse
+-- until the writer has resynchronised, which writes back what the store lost.
+local function refused()
+  local epoch = redis.call('GET', KEYS[1])
+  if not epoch then return {'noepoch'} end
+  if FLOOR_EPOCH ~= '' then
+    if epoch ~= FLOOR_EPOCH then return {'moved'} end
+    if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(FLOOR_VERSION) then
+      return {'moved'}
+    end
+  end
+  return nil
 end
 
 -- Counts the write and appends it to the feed; the entry id is the new version,
 -- so a reader notices any gap.
 local function bump(fields)
   local v = redis.call('INCR', KEYS[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], v .. '-0', unpack(fields))
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', FEED_LEN, v .. '-0', unpack(fields))
   return v
 end
 

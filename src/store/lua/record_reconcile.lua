@@ -1,4 +1,5 @@
 -- Records the last reconcile's outcome. KEYS[4] the record, ARGV[2] its value.
-if not has_epoch() then return {'noepoch'} end
+local refusal = refused()
+if refusal then return refusal end
 redis.call('SET', KEYS[4], ARGV[2])
 return {'ok', tostring(bump({'k', 'reconcile', 'd', ARGV[2]}))}

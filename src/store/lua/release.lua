@@ -1,8 +1,15 @@
 -- Frees a user's seat of a feature, whatever its source; with a capacity, sets
 -- the pool's over-capacity flags again (a freed seat makes room for a flagged one).
--- KEYS[4] purchased seats, KEYS[5] tryout seats, KEYS[6] the seat index.
--- ARGV[2] user, ARGV[3] feature, ARGV[4] purchased capacity ('' = leave flags).
-if not has_epoch() then return {'noepoch'} end
+-- KEYS[4] purchased seats, KEYS[5] tryout seats, KEYS[6] the seat index,
+-- KEYS[7] the applied license.
+-- ARGV[2] user, ARGV[3] feature, ARGV[4] purchased capacity ('' = leave flags),
+-- ARGV[5] the license id the capacity was read from: like an assignment, the
+-- flags are set only against the stored license (otherwise 'moved': re-read).
+local refusal = refused()
+if refusal then return refusal end
+if ARGV[4] ~= '' and (redis.call('HGET', KEYS[7], 'id') or '') ~= ARGV[5] then
+  return {'moved'}
+end
 local removed = redis.call('HDEL', KEYS[4], ARGV[2]) + redis.call('HDEL', KEYS[5], ARGV[2])
 if removed == 0 then return {'none'} end
 redis.call('ZREM', KEYS[6], ARGV[3] .. '\0' .. ARGV[2])

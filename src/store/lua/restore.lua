@@ -2,19 +2,24 @@
 -- starts a new epoch. Does nothing when an epoch exists.
 -- KEYS[1] epoch, KEYS[2] version, KEYS[3] feed, KEYS[4] license, KEYS[5] tryout,
 -- KEYS[6] reconcile, KEYS[7] seat index, KEYS[8] pending initialization,
--- KEYS[9..] the seat pools.
+-- KEYS[9] retired license, KEYS[10] high-water clock, KEYS[11..] the seat pools.
 -- ARGV[1] new epoch, ARGV[2] version, ARGV[3] license id, ARGV[4] license record,
--- ARGV[5] tryout record, ARGV[6] reconcile record, ARGV[7] pending initialization
--- ('' = none for each), then seats as (pool index from 1, feature, user, record)
--- quadruples from ARGV[8].
+-- ARGV[5] tryout record, ARGV[6] reconcile record, ARGV[7] pending initialization,
+-- ARGV[8] retired license record ('' = none for each), ARGV[9] high-water clock
+-- (ms), then seats as (pool index from 1, feature, user, record) quadruples from ARGV[10].
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 2, #KEYS do
+  if i ~= 10 then redis.call('DEL', KEYS[i]) end
+end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], 'id', ARGV[3], 'record', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7]) end
-for i = 8, #ARGV, 4 do
-  redis.call('HSET', KEYS[8 + tonumber(ARGV[i])], ARGV[i + 2], ARGV[i + 3])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[9], ARGV[8]) end
+local hw = tonumber(redis.call('GET', KEYS[10]) or '0')
+if tonumber(ARGV[9]) > hw then redis.call('SET', KEYS[10], ARGV[9]) end
+for i = 10, #ARGV, 4 do
+  redis.call('HSET', KEYS[10 + tonumber(ARGV[i])], ARGV[i + 2], ARGV[i + 3])
   redis.call('ZADD', KEYS[7], 0, ARGV[i + 1] .. '\0' .. ARGV[i + 2])
 end
 redis.call('SET', KEYS[2], ARGV[2])
