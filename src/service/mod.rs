@@ -583,6 +583,9 @@ impl Licensing {
 
     pub fn overview(&self) -> Overview {
         let now = self.now();
+        // Read before the mirror's lock is taken below: a second read lock taken
+        // while one is held deadlocks once a writer queues between the two.
+        let clock_rolled_back = self.clock_rolled_back();
         self.mirror.read(|state| {
             let activation = self.activation(state, now);
             let system_activated = self.licenses(state, now).system_activated(now);
@@ -628,7 +631,7 @@ impl Licensing {
                 time_high_water: chrono::TimeZone::timestamp_millis_opt(&Utc, state.high_water_ms)
                     .single()
                     .unwrap_or_default(),
-                clock_rolled_back: self.clock_rolled_back(),
+                clock_rolled_back,
                 corrupt_records: state.corrupt_records,
             }
         })
