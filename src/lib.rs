@@ -23,7 +23,9 @@
 //! - [`telemetry`]: logs, OTLP traces, W3C trace context of incoming calls.
 //! - [`journal`]: log lines for the systemd journal (syslog priority, no timestamp).
 //! - [`systemd`]: readiness, drain, reload and watchdog notifications to systemd.
-//! - [`reload`]: SIGHUP re-reads the files that may change in place (license file).
+//! - [`reload`]: SIGHUP re-reads the files that may change in place (license file,
+//!   callers file, TLS material).
+//! - [`repair`]: the write-back plan for a store that lost acknowledged writes (no I/O).
 
 pub mod app;
 pub mod audit;
