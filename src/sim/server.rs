@@ -116,6 +116,30 @@ impl Simulator {
         }
     }
 
+    /// What both tryout calls do first: the serial, the call counted, the outage
+    /// faults, the reported start, and the start the device already has.
+    async fn tryout_call(
+        &self,
+        call: Call,
+        serial_number: &str,
+        started_at: Option<&prost_types::Timestamp>,
+    ) -> Result<(SerialNumber, DateTime<Utc>, Option<DateTime<Utc>>), Status> {
+        let serial = parse_serial(serial_number)?;
+        self.count(&serial, call);
+        self.outage()?;
+        let started_at = started_at
+            .ok_or_else(|| Status::invalid_argument("started_at: required"))
+            .and_then(|ts| time_from_pb("started_at", ts))?;
+        let earlier = self
+            .inner
+            .state
+            .lock()
+            .await
+            .device(&serial)?
+            .tryout_started_at;
+        Ok((serial, started_at, earlier))
+    }
+
     /// The outage faults, which licensing calls answer before anything else.
     fn outage(&self) -> Result<(), Status> {
         match self.fault() {
@@ -279,24 +303,15 @@ impl VendorLicensingService for Simulator {
         request: Request<pb::ReportTryoutRequest>,
     ) -> Result<Response<pb::ReportTryoutResponse>, Status> {
         let request = request.into_inner();
-        let serial = parse_serial(&request.serial_number)?;
-        self.count(&serial, Call::ReportTryout);
-        self.outage()?;
-        let started_at = request
-            .started_at
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("started_at: required"))
-            .and_then(|ts| time_from_pb("started_at", ts))?;
+        let (serial, started_at, earlier) = self
+            .tryout_call(
+                Call::ReportTryout,
+                &request.serial_number,
+                request.started_at.as_ref(),
+            )
+            .await?;
         // Only a first report changes (and writes) the state.
-        let first = self
-            .inner
-            .state
-            .lock()
-            .await
-            .device(&serial)?
-            .tryout_started_at
-            .is_none();
-        let changed = first
+        let changed = earlier.is_none()
             && self
                 .change(|s| s.report_tryout(&serial, started_at))
                 .await?;
@@ -309,22 +324,14 @@ impl VendorLicensingService for Simulator {
         request: Request<pb::StartTryoutRequest>,
     ) -> Result<Response<pb::StartTryoutResponse>, Status> {
         let request = request.into_inner();
-        let serial = parse_serial(&request.serial_number)?;
-        self.count(&serial, Call::StartTryout);
-        self.outage()?;
-        let started_at = request
-            .started_at
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("started_at: required"))
-            .and_then(|ts| time_from_pb("started_at", ts))?;
+        let (serial, started_at, earlier) = self
+            .tryout_call(
+                Call::StartTryout,
+                &request.serial_number,
+                request.started_at.as_ref(),
+            )
+            .await?;
         // A start already recorded is answered without writing the state again.
-        let earlier = self
-            .inner
-            .state
-            .lock()
-            .await
-            .device(&serial)?
-            .tryout_started_at;
         let (started_at, recorded) = match earlier {
             Some(earlier) => (earlier, false),
             None => self.change(|s| s.start_tryout(&serial, started_at)).await?,
