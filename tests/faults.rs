@@ -50,6 +50,18 @@ fn tryout_config(redis_url: &str, serial: &str, seats: u32) -> RawConfig {
 }
 
 impl Cluster {
+    /// The set-up of the rollback cases: i1 assigned, Redis saves an RDB, then
+    /// i2 (replica 0) and i3 (replica 1) assigned and seen everywhere. Returns
+    /// the RDB, which holds i1 only.
+    async fn i1_saved_then_i2_i3(&mut self, redis: &RedisServer) -> std::path::PathBuf {
+        assert_eq!(self.assign(0, "i1").await, Code::Ok);
+        let rdb = redis.save_snapshot();
+        assert_eq!(self.assign(0, "i2").await, Code::Ok);
+        assert_eq!(self.assign(1, "i3").await, Code::Ok);
+        self.converged(CONVERGE).await;
+        rdb
+    }
+
     /// `urls[i]` is the Redis URL replica i talks to (direct or through a proxy).
     async fn tryout(urls: &[String], tag: &str, seats: u32) -> Self {
         let serial = serial(tag);
@@ -262,11 +274,7 @@ fn set(users: &[&str]) -> BTreeSet<String> {
 async fn restart_from_older_snapshot_restores_acknowledged_seats() {
     let mut redis = RedisServer::start();
     let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rdb", 3).await;
-    assert_eq!(c.assign(0, "i1").await, Code::Ok);
-    let rdb = redis.save_snapshot();
-    assert_eq!(c.assign(0, "i2").await, Code::Ok);
-    assert_eq!(c.assign(1, "i3").await, Code::Ok);
-    c.converged(CONVERGE).await;
+    let rdb = c.i1_saved_then_i2_i3(&redis).await;
 
     redis.restart_from(&rdb);
     c.assert_check_fast("i2").await;
@@ -286,11 +294,7 @@ async fn restart_from_older_snapshot_restores_acknowledged_seats() {
 async fn restart_from_older_snapshot_keeps_old_and_new_seats() {
     let mut redis = RedisServer::start();
     let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rdb5", 5).await;
-    assert_eq!(c.assign(0, "i1").await, Code::Ok);
-    let rdb = redis.save_snapshot();
-    assert_eq!(c.assign(0, "i2").await, Code::Ok);
-    assert_eq!(c.assign(1, "i3").await, Code::Ok);
-    c.converged(CONVERGE).await;
+    let rdb = c.i1_saved_then_i2_i3(&redis).await;
 
     redis.restart_from(&rdb);
     assert_eq!(c.assign(0, "i4").await, Code::Ok);
@@ -525,11 +529,7 @@ async fn failover_to_a_lagging_replica() {
 async fn rollback_during_a_rolling_restart() {
     let mut redis = RedisServer::start();
     let mut c = Cluster::tryout(&[redis.url(), redis.url()], "rolling", 5).await;
-    assert_eq!(c.assign(0, "i1").await, Code::Ok);
-    let rdb = redis.save_snapshot();
-    assert_eq!(c.assign(0, "i2").await, Code::Ok);
-    assert_eq!(c.assign(1, "i3").await, Code::Ok);
-    c.converged(CONVERGE).await;
+    let rdb = c.i1_saved_then_i2_i3(&redis).await;
 
     redis.restart_from(&rdb);
     for i in 0..2 {
