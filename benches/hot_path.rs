@@ -24,19 +24,6 @@ use comtrexx_licensing::mirror::{Mirror, MirrorConfig, Verifier};
 use comtrexx_licensing::store::memory::MemoryStore;
 use comtrexx_licensing::store::{Snapshot, Store};
 
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
-    format!(
-        "p50 {:>8.1?}  p90 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  (n = {})",
-        at(0.50),
-        at(0.90),
-        at(0.99),
-        samples[samples.len() - 1],
-        samples.len()
-    )
-}
-
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm

@@ -19,19 +19,6 @@ use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
 
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
-    format!(
-        "p50 {:>8.1?}  p90 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  (n = {})",
-        at(0.50),
-        at(0.90),
-        at(0.99),
-        samples[samples.len() - 1],
-        samples.len()
-    )
-}
-
 async fn assign(c: &mut Client, user: String) {
     c.assign_seat(pb::AssignSeatRequest {
         user_id: user,

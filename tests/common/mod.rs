@@ -586,3 +586,17 @@ pub async fn wait_active(client: &Client) {
         "the license was not applied"
     );
 }
+
+/// Latency percentiles of a series, as the benches print them.
+pub fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
+    format!(
+        "p50 {:>8.1?}  p90 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  (n = {})",
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    )
+}
