@@ -110,6 +110,16 @@ impl App {
             )),
             None => None,
         };
+        if let Some(tls) = &tls {
+            let client_certificates = if tls.requires_client_certificates() {
+                "required at the handshake"
+            } else if tls.requests_client_certificates() {
+                "optional, checked per call"
+            } else {
+                "not asked for"
+            };
+            tracing::info!(client_certificates, "TLS on the gRPC listener");
+        }
         let callers = Arc::new(
             CallersFile::load(config.auth.callers_file.as_deref())
                 .map_err(anyhow::Error::msg)

@@ -3,15 +3,24 @@
 //! store in the background, through a bounded queue. Recording never delays
 //! the call it records and never changes its answer: a full queue or a store
 //! that cannot take the entry leaves the log line and a counter.
+//!
+//! Refusals made before a handler ran ([`Auditor::record_refusal`]: the
+//! authorization layer, the limits, the TLS handshake) are stored one by one
+//! up to a limit per caller, method and code each second; the rest of a flood
+//! becomes one summary entry a second ([`RefusalFloods`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
+use crate::domain::audit::{
+    AuditEntry, AuditEvent, AuditRetention, RefusalFloods, SUMMARY_INTERVAL, parse_entry_id,
+};
 use crate::domain::{Clock, InvalidInput, LicensingError};
 use crate::store::{Store, StoreError};
 
@@ -31,13 +40,17 @@ pub struct Auditor {
     tx: mpsc::Sender<AuditEvent>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    floods: Arc<Mutex<RefusalFloods>>,
 }
 
-/// The background half: takes entries off the queue into the store.
+/// The background half: takes entries off the queue into the store, and
+/// writes the summaries of refusal floods.
 pub struct AuditWriter {
     rx: mpsc::Receiver<AuditEvent>,
     store: Arc<dyn Store>,
     retention: AuditRetention,
+    clock: Arc<dyn Clock>,
+    floods: Arc<Mutex<RefusalFloods>>,
 }
 
 /// One page of the trail.
@@ -55,16 +68,20 @@ impl Auditor {
         retention: AuditRetention,
     ) -> (Self, AuditWriter) {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        let floods = Arc::new(Mutex::new(RefusalFloods::default()));
         (
             Self {
                 tx,
                 store: store.clone(),
-                clock,
+                clock: clock.clone(),
+                floods: floods.clone(),
             },
             AuditWriter {
                 rx,
                 store,
                 retention,
+                clock,
+                floods,
             },
         )
     }
@@ -74,20 +91,20 @@ impl Auditor {
         self.clock.now()
     }
 
+    /// Records a call refused before a handler ran: on its own while its
+    /// caller, method and code are within their allowance, else counted into
+    /// the next summary entry.
+    pub fn record_refusal(&self, event: AuditEvent) {
+        if self.floods.lock().admit(&event, Instant::now()) {
+            self.record(event);
+        } else {
+            crate::metrics::auth_metrics().audit_summarized();
+        }
+    }
+
     /// Logs the entry and queues it for the store, without waiting.
     pub fn record(&self, event: AuditEvent) {
-        tracing::info!(
-            target: "audit",
-            caller = %event.caller,
-            role = %event.role,
-            method = %event.method,
-            user_id = %event.user_id,
-            feature = %event.feature,
-            code = %event.code,
-            detail = %event.detail,
-            trace_id = %event.trace_id,
-            "audit"
-        );
+        log(&event);
         if let Err(error) = self.tx.try_send(event) {
             let reason = match error {
                 mpsc::error::TrySendError::Full(_) => "queue_full",
@@ -169,20 +186,61 @@ impl Auditor {
     }
 }
 
+/// The entry's log line (target `audit`).
+fn log(event: &AuditEvent) {
+    tracing::info!(
+        target: "audit",
+        caller = %event.caller,
+        role = %event.role,
+        method = %event.method,
+        user_id = %event.user_id,
+        feature = %event.feature,
+        code = %event.code,
+        detail = %event.detail,
+        trace_id = %event.trace_id,
+        "audit"
+    );
+}
+
 impl AuditWriter {
-    /// Stores queued entries until every [`Auditor`] is gone.
+    /// Stores queued entries, and each second the summaries of refusal
+    /// floods, until every [`Auditor`] is gone.
     pub async fn run(mut self) {
-        while let Some(event) = self.rx.recv().await {
-            if let Err(error) = self.store.append_audit(&event, &self.retention).await {
-                crate::metrics::auth_metrics().audit_not_stored("store");
-                tracing::warn!(
-                    target: "audit",
-                    %error,
-                    method = %event.method,
-                    caller = %event.caller,
-                    "audit entry not stored (logged only)"
-                );
+        let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.rx.recv() => match event {
+                    Some(event) => self.store(&event).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.store_summaries().await,
             }
+        }
+        self.store_summaries().await;
+    }
+
+    async fn store_summaries(&self) {
+        let summaries = self
+            .floods
+            .lock()
+            .summaries(Instant::now(), self.clock.now());
+        for summary in summaries {
+            log(&summary);
+            self.store(&summary).await;
+        }
+    }
+
+    async fn store(&self, event: &AuditEvent) {
+        if let Err(error) = self.store.append_audit(event, &self.retention).await {
+            crate::metrics::auth_metrics().audit_not_stored("store");
+            tracing::warn!(
+                target: "audit",
+                %error,
+                method = %event.method,
+                caller = %event.caller,
+                "audit entry not stored (logged only)"
+            );
         }
     }
 }

@@ -346,13 +346,28 @@ impl Default for RawInitialization {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTls {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
-    /// PEM CA bundle: clients may prove who they are with a certificate it issued.
+    /// PEM CA bundle: clients prove who they are with a certificate it issued.
     pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: a client without a valid certificate is refused
+    /// at the handshake. `false`: a certificate is optional (callers with a
+    /// bearer token need none) and checked per call.
+    pub require_client_certificate: bool,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_certificate: true,
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -759,6 +774,7 @@ impl RawConfig {
                 cert_file: c.clone(),
                 key_file: k.clone(),
                 client_ca_file: self.tls.client_ca_file.clone(),
+                require_client_certificate: self.tls.require_client_certificate,
             }),
             (None, None) if self.tls.client_ca_file.is_some() => {
                 return Err(invalid(

@@ -18,7 +18,9 @@
 //!
 //! A caller is the authenticated [`Caller`] where the authorization layer set
 //! one, else the peer's IP address. Every refusal is counted
-//! (`licensing_rpc_refused_total`) and logged with target `audit`.
+//! (`licensing_rpc_refused_total`) and recorded in the audit trail: by the
+//! layers here for calls refused before their handler runs (shed, over-size,
+//! past the deadline), by the handler's own audit for the per-caller guards.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,8 +39,11 @@ use tokio::sync::{Semaphore, watch};
 use tonic::codegen::{Body as HttpBody, http};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
+use crate::audit::Auditor;
 use crate::auth::Caller;
 use crate::auth::tls::Peer;
+use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN};
+use crate::grpc::handlers::code_label;
 use crate::grpc::status::refusal_status;
 use crate::metrics::metrics;
 
@@ -216,23 +221,56 @@ pub fn caller_of<T>(request: &tonic::Request<T>) -> String {
     caller_key(Caller::of(request), peer_addr(request.extensions()))
 }
 
-/// The caller of a request as a tower layer sees it.
-fn caller_of_http<B>(request: &http::Request<B>) -> String {
-    let ext = request.extensions();
-    caller_key(ext.get::<Caller>(), peer_addr(ext))
+/// Counts a call a handler refuses; its audit entry is the handler's.
+fn count_refused(method: &str, refusal: &Refusal) {
+    metrics().refused(method, refusal.reason());
 }
 
-/// Counts a refused call and writes its audit line.
-pub fn refused(method: &str, caller: &str, refusal: &Refusal) {
-    metrics().refused(method, refusal.reason());
-    tracing::info!(
-        target: "audit",
-        caller,
-        method,
-        reason = refusal.reason(),
-        detail = %refusal,
-        "call refused"
-    );
+/// What the audit entry of a call refused by a layer says about the call,
+/// taken from the request before it goes on (the refusal may come later).
+struct RefusedCall {
+    method: String,
+    caller: String,
+    role: String,
+    traceparent: Option<http::HeaderValue>,
+}
+
+impl RefusedCall {
+    fn of<B>(method: &str, request: &http::Request<B>) -> Self {
+        let ext = request.extensions();
+        let caller = ext.get::<Caller>();
+        Self {
+            method: method.to_owned(),
+            caller: match caller {
+                Some(c) => c.name.clone(),
+                None => caller_key(None, peer_addr(ext)),
+            },
+            role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
+            traceparent: request.headers().get("traceparent").cloned(),
+        }
+    }
+
+    /// Counts the refusal and records it in the audit trail.
+    fn record(self, audit: &Auditor, refusal: &Refusal) {
+        metrics().refused(&self.method, refusal.reason());
+        let code = refusal_status(refusal).code();
+        audit.record_refusal(AuditEvent {
+            time: audit.now(),
+            caller: self.caller,
+            role: self.role,
+            method: AuditEvent::bounded(&self.method, 128),
+            user_id: String::new(),
+            feature: String::new(),
+            code: code_label(code).to_owned(),
+            detail: AuditEvent::bounded(&refusal.to_string(), MAX_DETAIL_LEN),
+            trace_id: self
+                .traceparent
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::telemetry::traceparent_trace_id)
+                .unwrap_or_default(),
+        });
+    }
 }
 
 type HttpResponse = http::Response<tonic::body::Body>;
@@ -294,18 +332,20 @@ where
 }
 
 /// Sheds a call at once when its class is at its budget.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Shed {
     // One semaphore per `RpcClass`, in its order.
     semaphores: Arc<[Arc<Semaphore>; 3]>,
     // Most bytes of a shed request read before answering (see `drain`).
     drain_limit: usize,
+    audit: Auditor,
 }
 
 /// Budgets per class of RPC: a call whose class is full is refused at once
 /// with `UNAVAILABLE` (`OVERLOADED`).
-pub fn shed(budgets: Budgets, max_message_bytes: usize) -> LimitLayer<Shed> {
+pub fn shed(budgets: Budgets, max_message_bytes: usize, audit: Auditor) -> LimitLayer<Shed> {
     LimitLayer(Shed {
+        audit,
         drain_limit: max_message_bytes + GRPC_FRAME_HEADER,
         semaphores: Arc::new([
             Arc::new(Semaphore::new(budgets.hot_path)),
@@ -337,7 +377,7 @@ impl Policy for Shed {
             }
             Err(_) => {
                 let refusal = Refusal::Overloaded { class };
-                refused(method, &caller_of_http(&request), &refusal);
+                RefusedCall::of(method, &request).record(&self.audit, &refusal);
                 let response = refusal_status(&refusal).into_http();
                 let limit = self.drain_limit;
                 Box::pin(async move {
@@ -379,13 +419,14 @@ async fn drain<B: HttpBody>(body: B, limit: usize) {
 /// `DEADLINE_EXCEEDED`: the server-side deadline, or the client's
 /// `grpc-timeout` when shorter. A stream's response is its opening, so the
 /// deadline never cuts an open `WatchLicenseEvents`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Deadline {
     deadline: Duration,
+    audit: Auditor,
 }
 
-pub fn deadline(deadline: Duration) -> LimitLayer<Deadline> {
-    LimitLayer(Deadline { deadline })
+pub fn deadline(deadline: Duration, audit: Auditor) -> LimitLayer<Deadline> {
+    LimitLayer(Deadline { deadline, audit })
 }
 
 impl Policy for Deadline {
@@ -400,11 +441,25 @@ impl Policy for Deadline {
             Some(client) => client.min(self.deadline),
             None => self.deadline,
         };
+        // The handler, and with it its own audit entry, is dropped when the
+        // deadline passes: the entry of a call cut off is written here.
+        let call_info = request
+            .uri()
+            .path()
+            .strip_prefix(SERVICE_PREFIX)
+            .map(|method| RefusedCall::of(method, &request));
+        let audit = self.audit.clone();
         let call = inner.call(request);
         Box::pin(async move {
             match tokio::time::timeout(deadline, call).await {
                 Ok(response) => response,
-                Err(_) => Ok(refusal_status(&Refusal::DeadlineExceeded { deadline }).into_http()),
+                Err(_) => {
+                    let refusal = Refusal::DeadlineExceeded { deadline };
+                    if let Some(call_info) = call_info {
+                        call_info.record(&audit, &refusal);
+                    }
+                    Ok(refusal_status(&refusal).into_http())
+                }
             }
         })
     }
@@ -433,13 +488,14 @@ fn client_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 /// Answers a request over the message size limit with `RESOURCE_EXHAUSTED`
 /// (`MESSAGE_TOO_LARGE`), as the gRPC status code table asks. tonic refuses it
 /// before decoding, but as `OUT_OF_RANGE`, a code this service uses nowhere else.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct MessageSize {
     limit: usize,
+    audit: Auditor,
 }
 
-pub fn message_size(limit: usize) -> LimitLayer<MessageSize> {
-    LimitLayer(MessageSize { limit })
+pub fn message_size(limit: usize, audit: Auditor) -> LimitLayer<MessageSize> {
+    LimitLayer(MessageSize { limit, audit })
 }
 
 /// `grpc-status` of `OUT_OF_RANGE`.
@@ -456,8 +512,8 @@ impl Policy for MessageSize {
         let Some(method) = request.uri().path().strip_prefix(SERVICE_PREFIX) else {
             return Box::pin(inner.call(request));
         };
-        let method = method.to_owned();
-        let caller = caller_of_http(&request);
+        let call_info = RefusedCall::of(method, &request);
+        let audit = self.audit.clone();
         let limit = self.limit;
         let call = inner.call(request);
         Box::pin(async move {
@@ -469,7 +525,7 @@ impl Policy for MessageSize {
                 return Ok(response);
             }
             let refusal = Refusal::MessageTooLarge { limit };
-            refused(&method, &caller, &refusal);
+            call_info.record(&audit, &refusal);
             Ok(refusal_status(&refusal).into_http())
         })
     }
@@ -637,7 +693,7 @@ impl Guards {
         };
         outcome.map_err(|retry_after| {
             let refusal = Refusal::RateLimited { retry_after };
-            refused(method, &caller, &refusal);
+            count_refused(method, &refusal);
             refusal
         })
     }
@@ -665,7 +721,7 @@ impl Guards {
         let refusal = Refusal::TooManySubscribers {
             limit: self.watch_limit,
         };
-        refused("WatchLicenseEvents", &caller, &refusal);
+        count_refused("WatchLicenseEvents", &refusal);
         Err(refusal)
     }
 

@@ -753,6 +753,8 @@ pub struct AuthMetrics {
     refused: Family<Labels, Counter>,
     /// Audit entries that reached only the log, by reason.
     audit_not_stored: Family<Labels, Counter>,
+    /// Refusals counted into a summary entry instead of stored one by one.
+    audit_summarized: Counter,
     /// Re-reads of the callers file or TLS material that failed, by file.
     reload_failures: Family<Labels, Counter>,
     tls_handshake_failures: Counter,
@@ -765,6 +767,7 @@ pub struct AuthMetrics {
 static AUTH_METRICS: LazyLock<AuthMetrics> = LazyLock::new(|| AuthMetrics {
     refused: Family::default(),
     audit_not_stored: Family::default(),
+    audit_summarized: Counter::default(),
     reload_failures: Family::default(),
     tls_handshake_failures: Counter::default(),
     auth_mode: Family::default(),
@@ -797,6 +800,15 @@ impl AuthMetrics {
         self.audit_not_stored
             .get_or_create(&vec![("reason", reason.to_owned())])
             .get()
+    }
+
+    pub fn audit_summarized(&self) {
+        self.audit_summarized.inc();
+    }
+
+    /// How many refusals were counted into summary entries (for tests).
+    pub fn audit_summarized_count(&self) -> u64 {
+        self.audit_summarized.get()
     }
 
     pub fn reload_failed(&self, file: &'static str) {
@@ -837,6 +849,11 @@ fn register_auth_metrics(registry: &mut Registry) {
         "licensing_audit_not_stored",
         "Audit entries written only to the log (queue full or store failure), by reason",
         m.audit_not_stored.clone(),
+    );
+    registry.register(
+        "licensing_audit_refusals_summarized",
+        "Refused calls counted into a summary audit entry instead of stored one by one (a flood of one caller, method and code)",
+        m.audit_summarized.clone(),
     );
     registry.register(
         "licensing_credentials_reload_failures",

@@ -62,6 +62,7 @@ pub async fn run(
         // GOAWAY after this age: clients reconnect, and spread over replicas added since.
         // (Not tonic's grace: with one set it closes without a GOAWAY; see AgedConnection.)
         .max_connection_age(limits_cfg.max_connection_age);
+    let audit = options.auth.audit.clone();
     let stack = tower::ServiceBuilder::new()
         // Every call but health comes from a known caller whose role allows it;
         // the caller travels on as a request extension (src/auth/layer.rs).
@@ -71,16 +72,19 @@ pub async fn run(
         .layer(limits::shed(
             limits_cfg.budgets,
             limits_cfg.max_message_bytes,
+            audit.clone(),
         ))
         // Bound every admitted call (a stream until it opens), or sooner the
         // client's grpc-timeout: DEADLINE_EXCEEDED, not tonic's CANCELLED.
-        .layer(limits::deadline(limits_cfg.rpc_deadline))
+        .layer(limits::deadline(limits_cfg.rpc_deadline, audit.clone()))
         // Say RESOURCE_EXHAUSTED for an over-size request (tonic: OUT_OF_RANGE).
-        .layer(limits::message_size(limits_cfg.max_message_bytes))
+        .layer(limits::message_size(
+            limits_cfg.max_message_bytes,
+            audit.clone(),
+        ))
         .into_inner();
-    let audit = options.auth.audit.clone();
     let licensing_service =
-        LicensingServiceServer::new(LicensingApi::new(licensing, audit, guards))
+        LicensingServiceServer::new(LicensingApi::new(licensing, audit.clone(), guards))
             // Refuse over-size requests before decoding them (see message_size above).
             .max_decoding_message_size(limits_cfg.max_message_bytes);
     let router = builder
@@ -95,7 +99,7 @@ pub async fn run(
     // address and client certificate reach the authorization layer. Each
     // connection is closed after its age and grace (streams included).
     let lifetime = limits_cfg.max_connection_age + limits_cfg.max_connection_age_grace;
-    let incoming = crate::auth::tls::incoming(listener, options.tls.clone())
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone(), audit)
         .map(move |conn| conn.map(|conn| AgedConnection::new(conn, lifetime)));
     let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;

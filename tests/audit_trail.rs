@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestServer, config};
+use common::{RedisServer, TestServer, config, refusals_in};
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
@@ -143,4 +143,83 @@ async fn a_second_replica_lists_what_the_first_recorded() {
     assert_eq!(status.code(), Code::PermissionDenied);
     first.shutdown().await;
     second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
+    const FLOOD: u64 = 300;
+    let redis = RedisServer::start();
+    let operator = new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers.toml");
+    std::fs::write(
+        &callers,
+        format!(
+            "[[caller]]\nname = \"ops\"\nrole = \"operator\"\ntoken_sha256 = \"{}\"\n",
+            token_sha256(&operator)
+        ),
+    )
+    .unwrap();
+    let mut raw = config(Some(&redis), &common::serial("flood"));
+    raw.auth.mode = "enforce".into();
+    raw.auth.callers_file = Some(callers);
+    let server = TestServer::start(raw).await;
+    let client = server.client().await;
+
+    let started = std::time::Instant::now();
+    let calls = (0..FLOOD).map(|i| {
+        let mut c = client.clone();
+        async move {
+            c.check_seat(pb::CheckSeatRequest {
+                user_id: format!("u{i}"),
+                feature: String::new(),
+            })
+            .await
+            .unwrap_err()
+            .code()
+        }
+    });
+    for code in futures::future::join_all(calls).await {
+        assert_eq!(code, Code::Unauthenticated);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+
+    // Every refusal is accounted for: entries of their own (at most the
+    // allowance per second of the flood) plus the counts of the summaries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (accounted, entries) = loop {
+        let entries: Vec<pb::AuditEvent> = client
+            .clone()
+            .list_audit_events(with_token(
+                pb::ListAuditEventsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                },
+                &operator,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .into_iter()
+            .filter(|e| e.method == "CheckSeat" && e.code == "UNAUTHENTICATED")
+            .collect();
+        let accounted = entries.iter().map(refusals_in).sum::<u64>() == FLOOD;
+        if accounted || std::time::Instant::now() > deadline {
+            break (accounted, entries);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let own = entries.iter().filter(|e| refusals_in(e) == 1).count() as u64;
+    assert!(accounted, "refusals accounted for: {entries:#?}");
+    assert!(
+        own <= u64::from(comtrexx_licensing::domain::audit::REFUSALS_STORED_PER_INTERVAL) * seconds,
+        "{own} entries of their own in {seconds} s"
+    );
+    assert!(
+        entries.len() < 100,
+        "{} entries for {FLOOD} refusals",
+        entries.len()
+    );
+    server.shutdown().await;
 }

@@ -1,9 +1,11 @@
 //! Who may call what, against the real server over real TLS: every RPC of the
 //! policy table × every role × {no credentials, wrong token, certificate from
 //! another CA, expired certificate, valid token, valid certificate}, each with
-//! the code the contract gives it. Also: `auth.mode` from loopback and from a
-//! peer in a network namespace of the test's own, and certificate rotation
-//! during a stream of calls.
+//! the code the contract gives it, once with client certificates required at
+//! the handshake (`tls.require_client_certificate`, the default) and once with
+//! them optional. Also: `auth.mode` from loopback and from a peer in a network
+//! namespace of the test's own, and certificate rotation during a stream of
+//! calls.
 
 mod common;
 
@@ -12,11 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::pki::{Pem, Pki, tls_channel};
-use common::{TestServer, config, eventually};
+use common::pki::{Pem, Pki, tls_channel, tls_channel_lazy};
+use common::{TestServer, audited, config, eventually};
 use comtrexx_licensing::auth::Role;
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::auth::policy::{POLICY, SERVICE_PREFIX};
+use comtrexx_licensing::auth::tls::HANDSHAKE_METHOD;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::SystemClock;
 use comtrexx_licensing::grpc::pb;
@@ -32,8 +35,21 @@ struct Credential {
     token: Option<String>,
 }
 
-/// Calls `method` of `LicensingService` with an empty request; the code it ends with.
-async fn call(cred: &Credential, method: &str, streaming: bool) -> Code {
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The server answered with this code.
+    Code(Code),
+    /// There was no connection to answer on: the TLS handshake refused the
+    /// client. (With TLS 1.3 the client learns it on its first read, and the
+    /// client library's code for the broken connection varies with timing:
+    /// what tells it apart is that the status comes from a transport error,
+    /// not from the server.)
+    NoConnection,
+}
+
+/// Calls `method` of `LicensingService` with an empty request; how it ends.
+async fn call(cred: &Credential, method: &str, streaming: bool) -> Outcome {
     let path = format!("{SERVICE_PREFIX}{method}");
     raw_call(
         cred.channel.clone(),
@@ -44,9 +60,8 @@ async fn call(cred: &Credential, method: &str, streaming: bool) -> Code {
     .await
 }
 
-async fn raw_call(channel: Channel, token: Option<&str>, path: &str, streaming: bool) -> Code {
+async fn raw_call(channel: Channel, token: Option<&str>, path: &str, streaming: bool) -> Outcome {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.expect("channel ready");
     let mut request = tonic::Request::new(());
     if let Some(token) = token {
         request
@@ -55,14 +70,15 @@ async fn raw_call(channel: Channel, token: Option<&str>, path: &str, streaming: 
     }
     let path = http::uri::PathAndQuery::from_str(path).unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
-    let result = if streaming {
-        grpc.server_streaming(request, path, codec).await.map(drop)
-    } else {
-        grpc.unary(request, path, codec).await.map(drop)
+    let result = match grpc.ready().await {
+        Err(error) => Err(tonic::Status::from_error(Box::new(error))),
+        Ok(()) if streaming => grpc.server_streaming(request, path, codec).await.map(drop),
+        Ok(()) => grpc.unary(request, path, codec).await.map(drop),
     };
     match result {
-        Ok(()) => Code::Ok,
-        Err(status) => status.code(),
+        Ok(()) => Outcome::Code(Code::Ok),
+        Err(status) if std::error::Error::source(&status).is_some() => Outcome::NoConnection,
+        Err(status) => Outcome::Code(status.code()),
     }
 }
 
@@ -88,78 +104,128 @@ fn callers_file(dir: &std::path::Path, tokens: &[(Role, String)]) -> std::path::
     path
 }
 
-/// A server with TLS, client CA `trusted` and the callers of `tokens`.
-async fn tls_server(trusted: &Pki, tokens: &[(Role, String)], mode: &str) -> TestServer {
+/// A server with TLS, client CA `trusted`, the callers of `tokens`, and client
+/// certificates required at the handshake or optional.
+async fn tls_server(
+    trusted: &Pki,
+    tokens: &[(Role, String)],
+    mode: &str,
+    require_certificate: bool,
+) -> TestServer {
     let (cert, key) = trusted.write_server(&trusted.server("server"));
     let mut raw: RawConfig = config(None, &common::serial("authz"));
     raw.tls.cert_file = Some(cert);
     raw.tls.key_file = Some(key);
     raw.tls.client_ca_file = Some(trusted.ca_file());
+    raw.tls.require_client_certificate = require_certificate;
     raw.auth.mode = mode.into();
     raw.auth.callers_file = Some(callers_file(trusted.dir.path(), tokens));
     TestServer::start(raw).await
 }
 
+/// `tls.require_client_certificate = true` (the default with a client CA): a
+/// client without a valid certificate is refused at the handshake, so each of
+/// its calls fails `UNAVAILABLE` and the refusal is in the audit trail; a
+/// token rides on a connection with a certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_rpc_every_role_every_credential() {
+async fn every_rpc_every_role_every_credential_certificate_required() {
+    matrix(true).await;
+}
+
+/// `tls.require_client_certificate = false`: a certificate is optional (token
+/// callers need none) and a bad one is `UNAUTHENTICATED`, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_every_role_every_credential_certificate_optional() {
+    matrix(false).await;
+}
+
+async fn matrix(require_certificate: bool) {
     let trusted = Pki::new("trusted CA");
     let other = Pki::new("another CA");
     let tokens: Vec<(Role, String)> = Role::ALL.iter().map(|r| (*r, new_token())).collect();
-    let server = tls_server(&trusted, &tokens, "enforce").await;
+    let server = tls_server(&trusted, &tokens, "enforce", require_certificate).await;
     let ca = trusted.ca_pem();
-    let plain = tls_channel(server.addr, &ca, None).await;
+    let channel = |client: Option<&Pem>| tls_channel_lazy(server.addr, &ca, client);
+    let plain = channel(None);
+    // A certificate of this CA whose identity is in no callers-file entry.
+    let stranger = channel(Some(
+        &trusted.client("spiffe://pbx.test/sa/stranger", false),
+    ));
+    // What a client without a valid certificate gets: no connection at all, or
+    // a call refused by the authorization layer.
+    let bad_certificate = if require_certificate {
+        Outcome::NoConnection
+    } else {
+        Outcome::Code(Code::Unauthenticated)
+    };
+    let unauthenticated = Outcome::Code(Code::Unauthenticated);
 
-    // Credentials that must never get through, whatever the RPC.
+    // Credentials that must never get through, whatever the RPC, and the code each gets.
     let refused = vec![
-        Credential {
-            label: "no credentials".into(),
-            channel: plain.clone(),
-            token: None,
-        },
-        Credential {
-            label: "wrong token".into(),
-            channel: plain.clone(),
-            token: Some(new_token()),
-        },
-        Credential {
-            label: "certificate from another CA".into(),
-            channel: tls_channel(
-                server.addr,
-                &ca,
-                Some(&other.client(&spiffe(Role::Operator), false)),
-            )
-            .await,
-            token: None,
-        },
-        Credential {
-            label: "expired certificate".into(),
-            channel: tls_channel(
-                server.addr,
-                &ca,
-                Some(&trusted.client(&spiffe(Role::Operator), true)),
-            )
-            .await,
-            token: None,
-        },
-        Credential {
-            label: "certificate not in the callers file".into(),
-            channel: tls_channel(
-                server.addr,
-                &ca,
-                Some(&trusted.client("spiffe://pbx.test/sa/stranger", false)),
-            )
-            .await,
-            token: None,
-        },
+        (
+            bad_certificate,
+            Credential {
+                label: "no credentials".into(),
+                channel: plain.clone(),
+                token: None,
+            },
+        ),
+        (
+            bad_certificate,
+            Credential {
+                label: "wrong token".into(),
+                channel: plain.clone(),
+                token: Some(new_token()),
+            },
+        ),
+        (
+            unauthenticated,
+            Credential {
+                label: "wrong token on a connection with a certificate".into(),
+                channel: stranger.clone(),
+                token: Some(new_token()),
+            },
+        ),
+        (
+            bad_certificate,
+            Credential {
+                label: "certificate from another CA".into(),
+                channel: channel(Some(&other.client(&spiffe(Role::Operator), false))),
+                token: None,
+            },
+        ),
+        (
+            bad_certificate,
+            Credential {
+                label: "expired certificate".into(),
+                channel: channel(Some(&trusted.client(&spiffe(Role::Operator), true))),
+                token: None,
+            },
+        ),
+        (
+            unauthenticated,
+            Credential {
+                label: "certificate not in the callers file".into(),
+                channel: stranger.clone(),
+                token: None,
+            },
+        ),
     ];
-    // Valid credentials of every role: a token and a certificate each.
+    // Valid credentials of every role: a token and a certificate each. With
+    // certificates required, the token goes over a connection with one (the
+    // token names the caller).
+    let token_channel = if require_certificate {
+        stranger.clone()
+    } else {
+        plain.clone()
+    };
     let mut valid = Vec::new();
     for (role, token) in &tokens {
         valid.push((
             *role,
             Credential {
                 label: format!("{role} token"),
-                channel: plain.clone(),
+                channel: token_channel.clone(),
                 token: Some(token.clone()),
             },
         ));
@@ -167,12 +233,7 @@ async fn every_rpc_every_role_every_credential() {
             *role,
             Credential {
                 label: format!("{role} certificate"),
-                channel: tls_channel(
-                    server.addr,
-                    &ca,
-                    Some(&trusted.client(&spiffe(*role), false)),
-                )
-                .await,
+                channel: channel(Some(&trusted.client(&spiffe(*role), false))),
                 token: None,
             },
         ));
@@ -181,11 +242,11 @@ async fn every_rpc_every_role_every_credential() {
     let mut failures = Vec::new();
     for rule in POLICY {
         let streaming = rule.method == "WatchLicenseEvents";
-        for cred in &refused {
+        for (expected, cred) in &refused {
             let code = call(cred, rule.method, streaming).await;
-            if code != Code::Unauthenticated {
+            if code != *expected {
                 failures.push(format!(
-                    "{} with {}: {code:?}, expected Unauthenticated",
+                    "{} with {}: {code:?}, expected {expected:?}",
                     rule.method, cred.label
                 ));
             }
@@ -194,9 +255,13 @@ async fn every_rpc_every_role_every_credential() {
             let code = call(cred, rule.method, streaming).await;
             let allowed = rule.roles.contains(role);
             let ok = if allowed {
-                !matches!(code, Code::Unauthenticated | Code::PermissionDenied)
+                !matches!(
+                    code,
+                    Outcome::Code(Code::Unauthenticated | Code::PermissionDenied)
+                        | Outcome::NoConnection
+                )
             } else {
-                code == Code::PermissionDenied
+                code == Outcome::Code(Code::PermissionDenied)
             };
             if !ok {
                 failures.push(format!(
@@ -212,13 +277,51 @@ async fn every_rpc_every_role_every_credential() {
             }
         }
     }
-    // Health is open to anyone; reflection to every known caller only.
+    // Health is open to anyone who gets a connection; reflection to every
+    // known caller only.
     let health = "/grpc.health.v1.Health/Check";
     let code = raw_call(plain.clone(), None, health, false).await;
-    if code != Code::Ok {
-        failures.push(format!("health without credentials: {code:?}"));
+    let expected = if require_certificate {
+        Outcome::NoConnection
+    } else {
+        Outcome::Code(Code::Ok)
+    };
+    if code != expected {
+        failures.push(format!(
+            "health without a certificate: {code:?}, expected {expected:?}"
+        ));
+    }
+    let code = raw_call(stranger.clone(), None, health, false).await;
+    if code != Outcome::Code(Code::Ok) {
+        failures.push(format!("health with an unknown certificate: {code:?}"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    if require_certificate {
+        // The handshake refusals are in the audit trail, each saying why.
+        let operator = channel(Some(&trusted.client(&spiffe(Role::Operator), false)));
+        let client = LicensingServiceClient::new(operator);
+        for why in ["no client certificate", "UnknownIssuer", "expired"] {
+            let found = audited(&client, 1, |e| {
+                e.method == HANDSHAKE_METHOD
+                    && e.code == "UNAUTHENTICATED"
+                    && e.detail.contains(why)
+            })
+            .await;
+            assert!(
+                !found.is_empty(),
+                "no handshake refusal saying {why:?} in the audit trail"
+            );
+        }
+        let mut client = client;
+        client
+            .check_seat(pb::CheckSeatRequest {
+                user_id: "alice".into(),
+                feature: String::new(),
+            })
+            .await
+            .expect("the operator's connection works");
+    }
     server.shutdown().await;
 }
 
@@ -548,19 +651,19 @@ async fn callers_file_changes_apply_without_restart() {
     };
     assert_eq!(
         call(&cred, "GetTryoutStatus", false).await,
-        Code::Unauthenticated
+        Outcome::Code(Code::Unauthenticated)
     );
     callers_file(dir.path(), &[(Role::Monitoring, token)]);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            call(&cred, "GetTryoutStatus", false).await == Code::Ok
+            call(&cred, "GetTryoutStatus", false).await == Outcome::Code(Code::Ok)
         })
         .await,
         "the new caller is admitted once the file changes"
     );
     assert_eq!(
         call(&cred, "AssignSeat", false).await,
-        Code::PermissionDenied
+        Outcome::Code(Code::PermissionDenied)
     );
     server.shutdown().await;
 }

@@ -68,6 +68,20 @@ async fn an_oversize_request_is_refused_and_the_server_lives() {
     client.check_seat(check("alice")).await.unwrap();
     let mut fresh = server.client().await;
     fresh.check_seat(check("alice")).await.unwrap();
+    // The refusal (made before any handler ran) is in the audit trail.
+    let entries = audited(&client, 1, |e| {
+        e.method == "CheckSeat" && e.code == "RESOURCE_EXHAUSTED"
+    })
+    .await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0].detail.contains("larger than 65536 bytes"),
+        "{entries:?}"
+    );
+    assert_eq!(
+        entries[0].role, "operator",
+        "a loopback caller: {entries:?}"
+    );
 }
 
 #[tokio::test]
@@ -107,6 +121,14 @@ async fn the_server_deadline_ends_slow_calls_but_a_shorter_client_timeout_wins()
     }
     // CheckSeat never waits on the store anyway.
     client.check_seat(check("alice")).await.unwrap();
+    // The handler that was cut off wrote no audit entry; the deadline's layer
+    // did (stored once the store answers again).
+    let entries = audited(&client, 1, |e| {
+        e.method == "StartTryout" && e.detail.contains("deadline of 300 ms")
+    })
+    .await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].code, "DEADLINE_EXCEEDED");
 }
 
 #[tokio::test]
@@ -263,6 +285,23 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
         .find(|s| reason(s) == "OVERLOADED")
         .unwrap();
     assert!(shed_status.get_details_retry_info().is_some());
+    // Every shed call is in the audit trail, though no handler saw it: on its
+    // own, or counted in the summary of the burst.
+    let overloaded =
+        |e: &pb::AuditEvent| e.code == "UNAVAILABLE" && e.detail.contains("server busy");
+    let total = |found: &[pb::AuditEvent]| found.iter().map(refusals_in).sum::<u64>() as usize;
+    for (methods, expected) in [
+        (&["AssignSeat"][..], shed(&writes)),
+        (&["ListSeats", "GetLicenseOverview"][..], shed(&reads)),
+    ] {
+        let found = audited_until(
+            &client,
+            |e| methods.contains(&e.method.as_str()) && overloaded(e),
+            |found| total(found) >= expected,
+        )
+        .await;
+        assert_eq!(total(&found), expected, "{methods:?}: {found:#?}");
+    }
     // Afterwards (the store answers again) the budgets are free.
     let mut c = client.clone();
     c.assign_seat(assign("after")).await.unwrap();

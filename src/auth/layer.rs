@@ -105,7 +105,7 @@ impl Authenticator {
         let code = crate::grpc::handlers::code_label(code);
         crate::metrics::auth_metrics().refused(error.reason(), code);
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-        self.audit.record(AuditEvent {
+        self.audit.record_refusal(AuditEvent {
             time: self.audit.now(),
             caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
             role: caller.map(|c| c.role.to_string()).unwrap_or_default(),

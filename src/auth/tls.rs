@@ -4,13 +4,20 @@
 //! them): each new connection is accepted with the material in force, calls on
 //! open connections go on undisturbed.
 //!
-//! A client certificate is checked in two steps. The handshake proves the
-//! client holds the certificate's key (rustls checks its signature) but lets
-//! any certificate through; right after it, the certificate chain is verified
-//! against the client CA and the result travels with the connection
+//! With `tls.require_client_certificate` (the default once a client CA is
+//! set), the handshake itself requires a client certificate and verifies it
+//! against the client CA: a client without one, or with one from another CA or
+//! expired, never gets a connection. Such a refusal is counted and recorded in
+//! the audit trail (method `(TLS handshake)`), since no call ever reaches the
+//! authorization layer.
+//!
+//! Without it (certificates optional, so callers with a bearer token need
+//! none), a client certificate is checked in two steps. The handshake proves
+//! the client holds the certificate's key (rustls checks its signature) but
+//! lets any certificate through; right after it, the certificate chain is
+//! verified against the client CA and the result travels with the connection
 //! ([`Peer`]), so the authorization layer answers a certificate from another CA
-//! or an expired one with `UNAUTHENTICATED` saying why, instead of a bare
-//! handshake failure the caller cannot read.
+//! or an expired one with `UNAUTHENTICATED` saying why.
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,6 +41,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
+
+use super::AuthError;
+use crate::audit::Auditor;
+use crate::domain::audit::AuditEvent;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,8 +82,11 @@ pub enum PeerCertificate {
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// With it, clients may prove who they are with a certificate from this CA.
+    /// With it, clients prove who they are with a certificate from this CA.
     pub client_ca_file: Option<PathBuf>,
+    /// With a client CA: refuse at the handshake a client without a valid
+    /// certificate (else a certificate is optional and checked per call).
+    pub require_client_certificate: bool,
 }
 
 /// The certificate, key and client CA in force, re-readable at run time.
@@ -120,6 +134,11 @@ impl TlsMaterial {
 
     pub fn requests_client_certificates(&self) -> bool {
         self.files.client_ca_file.is_some()
+    }
+
+    /// Whether the handshake refuses clients without a valid certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.requests_client_certificates() && self.files.require_client_certificate
     }
 
     fn current(&self) -> Arc<Loaded> {
@@ -182,8 +201,9 @@ fn build(files: &TlsFiles, contents: Vec<Vec<u8>>) -> Result<Loaded, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match &client_verifier {
-        Some(verifier) => builder.with_client_cert_verifier(Arc::new(ProofOfPossession {
+        Some(verifier) => builder.with_client_cert_verifier(Arc::new(HandshakeVerifier {
             inner: verifier.clone(),
+            mandatory: files.require_client_certificate,
         })),
         None => builder.with_no_client_auth(),
     };
@@ -203,21 +223,24 @@ fn build(files: &TlsFiles, contents: Vec<Vec<u8>>) -> Result<Loaded, String> {
     })
 }
 
-/// The handshake-time client verifier: asks for a certificate (optional, so
-/// token callers need none), checks that the client holds its key, and leaves
-/// the chain check to [`verify_peer`] right after the handshake.
+/// The handshake-time client verifier. Mandatory: the client CA's own
+/// verifier, a client without a valid certificate fails the handshake.
+/// Optional: asks for a certificate (so token callers need none), checks that
+/// the client holds its key, and leaves the chain check to [`verify_peer`]
+/// right after the handshake.
 #[derive(Debug)]
-struct ProofOfPossession {
+struct HandshakeVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    mandatory: bool,
 }
 
-impl ClientCertVerifier for ProofOfPossession {
+impl ClientCertVerifier for HandshakeVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -226,11 +249,16 @@ impl ClientCertVerifier for ProofOfPossession {
 
     fn verify_client_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
+        if self.mandatory {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+        } else {
+            Ok(ClientCertVerified::assertion())
+        }
     }
 
     fn verify_tls12_signature(
@@ -373,9 +401,14 @@ impl AsyncWrite for Conn {
 /// The connections of `listener`, with TLS when `tls` is given. Accepting runs
 /// in a task of its own and each handshake in another, so a slow or silent
 /// client never holds up the others. The task ends when the stream is dropped.
+///
+/// A client refused at the handshake for its certificate (none, or one that
+/// does not verify, with `tls.require_client_certificate`) is recorded in
+/// `audit`; other failed handshakes (port scans, TCP probes) are only counted.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsMaterial>>,
+    audit: Auditor,
 ) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Conn, io::Error>>(64);
     tokio::spawn(async move {
@@ -407,9 +440,10 @@ pub fn incoming(
             };
             let loaded = tls.current();
             let tx = tx.clone();
+            let audit = audit.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, loaded.acceptor.accept(stream)).await
-                {
+                let handshake = loaded.acceptor.accept(stream).into_fallible();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(stream)) => {
                         let mut peer = peer;
                         if let (Some(verifier), Some(chain)) = (
@@ -420,9 +454,13 @@ pub fn incoming(
                         }
                         let _ = tx.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
                     }
-                    Ok(Err(error)) => {
+                    Ok(Err((error, stream))) => {
                         tracing::debug!(%addr, %error, "TLS handshake failed");
                         crate::metrics::auth_metrics().tls_handshake_failed();
+                        if let Some((reason, detail)) = certificate_refusal(&error) {
+                            record_handshake_refusal(&audit, addr, reason, &detail);
+                        }
+                        close_gently(stream).await;
                     }
                     Err(_) => {
                         tracing::debug!(%addr, "TLS handshake timed out");
@@ -434,3 +472,63 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+/// How long a refused client has to read the TLS alert that says why.
+const ALERT_LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose handshake failed so that the client reads the
+/// TLS alert (e.g. `certificate required`): send FIN, then read and discard
+/// what the client still sends for a moment. Closed at once, with the
+/// client's first data unread, the kernel answers with a reset and the
+/// client sees only `broken pipe`.
+async fn close_gently(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(ALERT_LINGER, async {
+        while let Ok(1..) = stream.read(&mut sink).await {}
+    })
+    .await;
+}
+
+/// Why a failed handshake refused the client's certificate, if that was the
+/// cause (rustls's error inside the I/O error): the reason label of
+/// `licensing_auth_refused_total` and the audit entry's detail.
+fn certificate_refusal(error: &io::Error) -> Option<(&'static str, String)> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::NoCertificatesPresented => Some((
+            AuthError::MissingCredentials.reason(),
+            "refused at the TLS handshake: no client certificate \
+             (tls.require_client_certificate)"
+                .to_owned(),
+        )),
+        rustls::Error::InvalidCertificate(why) => {
+            let error = AuthError::CertificateRejected(why.to_string());
+            Some((
+                error.reason(),
+                format!("refused at the TLS handshake: {error}"),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Counts and records a client refused at the handshake: no call reached the
+/// authorization layer, so this is the audit trail's only trace of it.
+fn record_handshake_refusal(audit: &Auditor, addr: SocketAddr, reason: &'static str, detail: &str) {
+    crate::metrics::auth_metrics().refused(reason, "UNAUTHENTICATED");
+    audit.record_refusal(AuditEvent {
+        time: audit.now(),
+        caller: format!("peer:{}", addr.ip()),
+        role: String::new(),
+        method: HANDSHAKE_METHOD.to_owned(),
+        user_id: String::new(),
+        feature: String::new(),
+        code: "UNAUTHENTICATED".to_owned(),
+        detail: AuditEvent::bounded(detail, crate::domain::audit::MAX_DETAIL_LEN),
+        trace_id: String::new(),
+    });
+}
+
+/// The audit trail's method name for a client refused at the TLS handshake.
+pub const HANDSHAKE_METHOD: &str = "(TLS handshake)";

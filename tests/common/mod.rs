@@ -587,6 +587,56 @@ pub async fn wait_active(client: &Client) {
     );
 }
 
+/// Waits (bounded) until the newest 1000 audit entries hold at least `count`
+/// that `matches` (the trail is written in the background, and the store may
+/// be paused); returns those found, fewer on time-out.
+pub async fn audited(
+    client: &Client,
+    count: usize,
+    matches: impl Fn(&comtrexx_licensing::grpc::pb::AuditEvent) -> bool,
+) -> Vec<comtrexx_licensing::grpc::pb::AuditEvent> {
+    audited_until(client, matches, |found| found.len() >= count).await
+}
+
+/// Waits (bounded) until the newest 1000 audit entries that `matches` are
+/// `enough`; returns them.
+pub async fn audited_until(
+    client: &Client,
+    matches: impl Fn(&comtrexx_licensing::grpc::pb::AuditEvent) -> bool,
+    enough: impl Fn(&[comtrexx_licensing::grpc::pb::AuditEvent]) -> bool,
+) -> Vec<comtrexx_licensing::grpc::pb::AuditEvent> {
+    use comtrexx_licensing::grpc::pb;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events: Vec<pb::AuditEvent> = client
+            .clone()
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            // A store that is paused or down: ask again until the time is up.
+            .map(|r| r.into_inner().events)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| matches(e))
+            .collect();
+        if enough(&events) || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many refusals an audit entry stands for: the count of a summary of a
+/// flood ("N more refused like this …"), else 1.
+pub fn refusals_in(event: &comtrexx_licensing::grpc::pb::AuditEvent) -> u64 {
+    match event.detail.split_once(" more refused like this") {
+        Some((n, _)) => n.parse().expect("a summary starts with its count"),
+        None => 1,
+    }
+}
+
 /// Latency percentiles of a series, as the benches print them.
 pub fn percentiles(mut samples: Vec<Duration>) -> String {
     samples.sort();

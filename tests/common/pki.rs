@@ -8,7 +8,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// A certificate authority and the files it issued.
 pub struct Pki {
@@ -93,12 +93,8 @@ impl Pki {
     }
 }
 
-/// A TLS channel to `addr` trusting `ca_pem`, with a client certificate if given.
-pub async fn tls_channel(
-    addr: std::net::SocketAddr,
-    ca_pem: &str,
-    client: Option<&Pem>,
-) -> Channel {
+/// A TLS endpoint for `addr` trusting `ca_pem`, with a client certificate if given.
+fn tls_endpoint(addr: std::net::SocketAddr, ca_pem: &str, client: Option<&Pem>) -> Endpoint {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
@@ -110,7 +106,22 @@ pub async fn tls_channel(
         .tls_config(tls)
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
+}
+
+/// A TLS channel to `addr` trusting `ca_pem`, with a client certificate if given.
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&Pem>,
+) -> Channel {
+    tls_endpoint(addr, ca_pem, client)
         .connect()
         .await
         .expect("connect over TLS")
+}
+
+/// Like [`tls_channel`], but connecting on first use: a server that refuses
+/// the client at the handshake makes the first call fail, not the set-up.
+pub fn tls_channel_lazy(addr: std::net::SocketAddr, ca_pem: &str, client: Option<&Pem>) -> Channel {
+    tls_endpoint(addr, ca_pem, client).connect_lazy()
 }
