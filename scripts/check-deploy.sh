@@ -222,6 +222,42 @@ PY
 }
 
 check_profile defaults --set serialNumber=CI-DEFAULTS
+
+# The defaults are secure: TLS with a certificate the chart generated for the Service's
+# names (verified with openssl against the CA it publishes), auth.mode enforce, and a
+# NetworkPolicy in front of the pods.
+check_secure_defaults() {
+  local dir="${WORK}/defaults"
+  if ! "${PY}" - "${dir}" <<'PY' >"${dir}/secure.log" 2>&1; then
+import base64, sys, yaml
+d = sys.argv[1]
+docs = [x for x in yaml.safe_load_all(open(f"{d}/all.yaml")) if x]
+kinds = {x["kind"] for x in docs}
+assert "NetworkPolicy" in kinds, "no NetworkPolicy by default"
+config = next(x for x in docs if x["kind"] == "ConfigMap" and "LICENSING_AUTH__MODE" in x.get("data", {}))
+assert config["data"]["LICENSING_AUTH__MODE"] == "enforce", config["data"]["LICENSING_AUTH__MODE"]
+assert config["data"].get("LICENSING_TLS__CERT_FILE"), "TLS is off by default"
+tls = [x for x in docs if x["kind"] == "Secret" and x.get("type") == "kubernetes.io/tls"]
+assert len(tls) == 1, f"{len(tls)} TLS Secrets"
+for key in ("tls.crt", "tls.key", "ca.crt"):
+    open(f"{d}/{key}", "wb").write(base64.b64decode(tls[0]["data"][key]))
+print("NetworkPolicy, auth.mode enforce, TLS Secret with a generated certificate")
+PY
+    sed 's/^/        /' "${dir}/secure.log"
+    fail "defaults: secure (TLS, enforce, NetworkPolicy)"
+    return
+  fi
+  pass "defaults: secure ($(cat "${dir}/secure.log"))"
+  run "defaults: the generated certificate verifies against the published CA for the Service's name" \
+    openssl verify -CAfile "${dir}/ca.crt" -verify_hostname t-comtrexx-licensing.pbx.svc "${dir}/tls.crt"
+  if [ "$(openssl x509 -in "${dir}/tls.crt" -noout -pubkey)" = "$(openssl pkey -in "${dir}/tls.key" -pubout)" ]; then
+    pass "defaults: the generated key belongs to the certificate"
+  else
+    fail "defaults: the generated key belongs to the certificate"
+  fi
+}
+check_secure_defaults
+
 check_profile all-on -f "${ROOT}/helm/ci-values-all.yaml"
 check_profile existing-secrets -f "${ROOT}/helm/ci-values-existing-secrets.yaml"
 

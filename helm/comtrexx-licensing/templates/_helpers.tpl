@@ -209,8 +209,14 @@ Checks of values that the schema cannot express.
 {{- if and $v.license.enabled (not $v.license.content) (not $v.license.existingSecret) }}
 {{- fail "license.enabled needs license.content or license.existingSecret" }}
 {{- end }}
-{{- if and $v.tls.enabled (not $v.tls.existingSecret) (not (and $v.tls.cert $v.tls.key)) }}
-{{- fail "tls.enabled needs tls.cert and tls.key, or tls.existingSecret" }}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) (or $v.tls.cert $v.tls.key) (not (and $v.tls.cert $v.tls.key)) }}
+{{- fail "tls.cert and tls.key go together: set both, or neither (the chart then generates a certificate), or use tls.existingSecret" }}
+{{- end }}
+{{- if and $v.tls.enabled $v.tls.clientAuth (not $v.tls.existingSecret) (not $v.tls.clientCa) }}
+{{- fail "tls.clientAuth needs tls.clientCa (or tls.existingSecret with a ca.crt): client certificates must come from a CA you control" }}
+{{- end }}
+{{- if and $v.tls.enabled $v.tls.clientCa (not (and $v.tls.cert $v.tls.key)) (not $v.tls.existingSecret) }}
+{{- fail "tls.clientCa needs tls.cert and tls.key: with a generated certificate, ca.crt of the TLS Secret holds the generated server CA" }}
 {{- end }}
 {{- $ca := $v.licensingServer.caBundle }}
 {{- if gt (len (compact (list $ca.content $ca.existingConfigMap $ca.existingSecret))) 1 }}
