@@ -216,13 +216,7 @@ impl App {
         // Before going, make sure the store holds what this replica saw: a store
         // that went back is repaired now, not left to replicas started later that
         // never saw the lost writes (a rolling restart).
-        match tokio::time::timeout(FINAL_CHECK, self.mirror.resync_now(self.store.as_ref())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "could not check the seat store before stopping")
-            }
-            Err(_) => tracing::warn!("checking the seat store before stopping took too long"),
-        }
+        final_check(&self.mirror, self.store.as_ref()).await;
         let _ = stop_tx.send(true);
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
@@ -233,6 +227,32 @@ impl App {
             tracing::warn!(%error, "metrics endpoint stopped with an error");
         }
         result
+    }
+}
+
+/// Before the replica goes: checks (and repairs) the store against what this
+/// replica saw, retrying for up to `FINAL_CHECK`. A Redis that just came back
+/// (restart, failover) fails the first command on a connection it dropped;
+/// giving up then would leave the writes only this replica knows to be lost
+/// with it.
+async fn final_check(mirror: &Mirror, store: &dyn Store) {
+    let deadline = tokio::time::Instant::now() + FINAL_CHECK;
+    loop {
+        match tokio::time::timeout_at(deadline, mirror.resync_now(store)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) if tokio::time::Instant::now() + FINAL_CHECK_RETRY < deadline => {
+                tracing::debug!(%error, "checking the seat store before stopping; retrying");
+                tokio::time::sleep(FINAL_CHECK_RETRY).await;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not check the seat store before stopping");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("checking the seat store before stopping took too long");
+                return;
+            }
+        }
     }
 }
 
@@ -302,6 +322,8 @@ async fn warn_about_eviction(redis: Arc<RedisStore>) {
 
 /// How long a stopping replica may take to check (and repair) the store.
 const FINAL_CHECK: Duration = Duration::from_secs(2);
+/// The pause between attempts of that check.
+const FINAL_CHECK_RETRY: Duration = Duration::from_millis(50);
 
 /// How often a replica looks at the schedule (reconcile due, lapse, time events).
 const SCHEDULE_TICK: Duration = Duration::from_secs(1);
