@@ -225,7 +225,8 @@ check_profile defaults --set serialNumber=CI-DEFAULTS
 
 # The defaults are secure: TLS with a certificate the chart generated for the Service's
 # names (verified with openssl against the CA it publishes), auth.mode enforce, and a
-# NetworkPolicy in front of the pods.
+# NetworkPolicy in front of the pods; the kubelet's gRPC probes ask the metrics port,
+# which serves health in plaintext.
 check_secure_defaults() {
   local dir="${WORK}/defaults"
   if ! "${PY}" - "${dir}" <<'PY' >"${dir}/secure.log" 2>&1; then
@@ -241,7 +242,14 @@ tls = [x for x in docs if x["kind"] == "Secret" and x.get("type") == "kubernetes
 assert len(tls) == 1, f"{len(tls)} TLS Secrets"
 for key in ("tls.crt", "tls.key", "ca.crt"):
     open(f"{d}/{key}", "wb").write(base64.b64decode(tls[0]["data"][key]))
-print("NetworkPolicy, auth.mode enforce, TLS Secret with a generated certificate")
+deployment = next(x for x in docs if x["kind"] == "Deployment")
+container = deployment["spec"]["template"]["spec"]["containers"][0]
+ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    grpc = container[probe].get("grpc")
+    assert grpc and grpc["port"] == ports["metrics"], f"{probe}: {container[probe]}"
+print("NetworkPolicy, auth.mode enforce, TLS Secret with a generated certificate, "
+      "gRPC probes on the metrics port")
 PY
     sed 's/^/        /' "${dir}/secure.log"
     fail "defaults: secure (TLS, enforce, NetworkPolicy)"

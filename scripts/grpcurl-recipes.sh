@@ -13,7 +13,8 @@
 #      story of the recipes can begin on a fresh PBX (tryout) and apply the license later.
 #      Callers: a bearer token made with `comtrexx-licensing auth token` ($TOKEN, role
 #      call_handling) and a client certificate (openssl, a CA of its own, in $CERTS).
-#      A second server ($TLS_ADDR) serves mTLS with auth.mode = enforce;
+#      A second server ($TLS_ADDR) serves mTLS with auth.mode = enforce, and its
+#      metrics and plaintext health on $METRICS_ADDR;
 #   4. waits (bounded) until the overview records the start-up reconcile, which the
 #      recipes' story begins after; smoke-checks the server through reflection only
 #      (list, describe, health);
@@ -189,9 +190,12 @@ SERVER_ENV=(
 )
 TLS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 TLS_ADDR="127.0.0.1:${TLS_PORT}"
+METRICS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+METRICS_ADDR="127.0.0.1:${METRICS_PORT}"
 TLS_SERVER_ENV=(
   "${SERVER_ENV[@]}"
   "LICENSING_LISTEN_ADDR=${TLS_ADDR}"
+  "LICENSING_METRICS_ADDR=${METRICS_ADDR}"
   "LICENSING_AUTH__MODE=enforce"
   "LICENSING_TLS__CERT_FILE=${CERTS}/server.pem"
   "LICENSING_TLS__KEY_FILE=${CERTS}/server.key"
@@ -412,7 +416,7 @@ while IFS=$'\t' read -r seq name expect line; do
   out="${WORK}/out/${name}.txt"
   before_recipe "${name}"
   rc=0
-  (cd "${WORK}/run" && ADDR="${ADDR}" TLS_ADDR="${TLS_ADDR}" TOKEN="${TOKEN}" CERTS="${CERTS}" \
+  (cd "${WORK}/run" && ADDR="${ADDR}" TLS_ADDR="${TLS_ADDR}" METRICS_ADDR="${METRICS_ADDR}" TOKEN="${TOKEN}" CERTS="${CERTS}" \
     timeout 60 bash -euo pipefail "${file}") </dev/null >"${out}" 2>&1 || rc=$?
   where="(${DOC##*/}:${line})"
   if [ "${expect}" = "-" ]; then

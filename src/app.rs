@@ -17,7 +17,7 @@ use crate::config::{Config, LicenseSourceConfig};
 use crate::domain::Clock;
 use crate::mirror::{Mirror, Verifier};
 use crate::reload::Reloads;
-use crate::server::{self, ServerOptions};
+use crate::server::{self, Health, ServerOptions};
 use crate::service::{Licensing, Settings};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
@@ -165,6 +165,7 @@ impl App {
                 tls,
                 auth,
                 limits: config.limits.clone(),
+                health: Health::default(),
             },
             callers,
             audit,
@@ -210,7 +211,8 @@ impl App {
         ));
         let metrics_task = metrics_listener.map(|listener| {
             let registry = crate::metrics::registry(self.licensing.clone());
-            tokio::spawn(crate::metrics::serve(listener, registry, stopped()))
+            let health = self.options.health.service();
+            tokio::spawn(crate::metrics::serve(listener, registry, health, stopped()))
         });
         let result = server::run(listener, self.licensing.clone(), self.options, shutdown).await;
         // Before going, make sure the store holds what this replica saw: a store
@@ -221,10 +223,16 @@ impl App {
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
         let _ = reload_task.await;
-        if let Some(task) = metrics_task
-            && let Ok(Err(error)) = task.await
-        {
-            tracing::warn!(%error, "metrics endpoint stopped with an error");
+        if let Some(mut task) = metrics_task {
+            // A scrape ends at once; a client watching health there would hold
+            // the graceful shutdown open: it gets a moment, then the end.
+            match tokio::time::timeout(METRICS_STOP, &mut task).await {
+                Ok(Ok(Err(error))) => {
+                    tracing::warn!(%error, "metrics endpoint stopped with an error")
+                }
+                Ok(_) => {}
+                Err(_) => task.abort(),
+            }
         }
         result
     }
@@ -322,6 +330,8 @@ async fn warn_about_eviction(redis: Arc<RedisStore>) {
 
 /// How long a stopping replica may take to check (and repair) the store.
 const FINAL_CHECK: Duration = Duration::from_secs(2);
+/// How long the metrics endpoint may take to close its connections at the end.
+const METRICS_STOP: Duration = Duration::from_secs(1);
 /// The pause between attempts of that check.
 const FINAL_CHECK_RETRY: Duration = Duration::from_millis(50);
 

@@ -708,10 +708,13 @@ fn openmetrics_to_text(om: &str) -> String {
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`, in the format the scraper asks
-/// for (OpenMetrics or the Prometheus text format).
+/// for (OpenMetrics or the Prometheus text format), and beside it the
+/// `grpc.health.v1.Health` service (HTTP/2 without TLS, no credentials) with
+/// reflection of health alone.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::header::{ACCEPT, CONTENT_TYPE};
@@ -737,6 +740,15 @@ pub async fn serve(
             }
         }),
     );
+    // The health status over gRPC (HTTP/2 without TLS) beside /metrics, for
+    // probes that cannot reach the gRPC port's TLS (server::Health), with
+    // reflection of health alone (so `grpcurl -plaintext HOST:PORT list` works).
+    let (reflection_v1, reflection_v1alpha) =
+        crate::grpc::reflection_services(&[]).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let grpc = tonic::service::Routes::new(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let app = app.merge(grpc.into_axum_router());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

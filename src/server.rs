@@ -1,5 +1,6 @@
 //! The gRPC server: `LicensingService`, health and reflection on an already-bound
 //! listener, until a shutdown future resolves (so tests run it on port 0).
+//! The health status is also served on the metrics port ([`Health`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::auth::layer::{AuthLayer, Authenticator};
 use crate::auth::tls::TlsMaterial;
@@ -28,6 +31,43 @@ pub struct ServerOptions {
     pub auth: Arc<Authenticator>,
     /// Request limits and load protection (`limits.*`).
     pub limits: Limits,
+    /// The health status this server reports.
+    pub health: Health,
+}
+
+/// This replica's health (`grpc.health.v1`): one status, served on the gRPC
+/// port and on the metrics port. There it is plaintext and needs no
+/// credentials, for probes that cannot speak TLS (the kubelet's gRPC probe)
+/// while the gRPC port serves TLS, perhaps with client certificates required.
+///
+/// `""` (the whole server) is `SERVING` from the start, and so is
+/// `comtrexx.licensing.v1.LicensingService` once the server runs; both turn
+/// `NOT_SERVING` when it drains. Readiness must not depend on Redis: `CheckSeat`
+/// keeps answering from memory while Redis is down.
+#[derive(Clone, Debug)]
+pub struct Health {
+    reporter: HealthReporter,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            reporter: HealthReporter::new(),
+        }
+    }
+}
+
+impl Health {
+    /// A `grpc.health.v1.Health` service answering with this status.
+    pub fn service(&self) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        for name in ["", SERVICE_NAME] {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
@@ -39,15 +79,11 @@ pub async fn run(
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // "" (the whole server) is SERVING from the start; readiness must not depend
-    // on Redis, because CheckSeat keeps answering from memory while it is down.
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    let health = options.health.clone();
+    health.set(ServingStatus::Serving).await;
 
     let (reflection_v1, reflection_v1alpha) =
-        crate::grpc::reflection_services(FILE_DESCRIPTOR_SET)?;
+        crate::grpc::reflection_services(&[FILE_DESCRIPTOR_SET])?;
 
     let limits_cfg = &options.limits;
     // Set when the server starts draining: open event streams end at once.
@@ -90,7 +126,7 @@ pub async fn run(
     let router = builder
         .layer(stack)
         .add_service(licensing_service)
-        .add_service(health_service)
+        .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
@@ -117,12 +153,7 @@ pub async fn run(
         drain_timeout_ms = options.drain_timeout.as_millis() as u64,
         "shutting down: draining in-flight calls"
     );
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    health.set(ServingStatus::NotServing).await;
     // Event streams end now with UNAVAILABLE ("reconnect") instead of holding
     // the drain open until its timeout.
     let _ = start_draining.send(true);

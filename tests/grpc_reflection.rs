@@ -7,37 +7,8 @@ mod common;
 use common::*;
 use prost::Message as _;
 use prost_types::FileDescriptorProto;
-use tokio_stream::StreamExt as _;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-/// Sends one reflection request and returns the answer.
-async fn ask(endpoint: &str, request: MessageRequest) -> MessageResponse {
-    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let outbound = tokio_stream::iter([ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
-    }]);
-    let mut answers = client
-        .server_reflection_info(outbound)
-        .await
-        .unwrap()
-        .into_inner();
-    answers
-        .next()
-        .await
-        .expect("an answer")
-        .unwrap()
-        .message_response
-        .expect("a message")
-}
 
 #[tokio::test]
 async fn v1_reflection_lists_services_and_serves_the_contract() {
@@ -45,7 +16,7 @@ async fn v1_reflection_lists_services_and_serves_the_contract() {
     let endpoint = server.endpoint();
 
     let MessageResponse::ListServicesResponse(list) =
-        ask(&endpoint, MessageRequest::ListServices(String::new())).await
+        reflection_ask(&endpoint, MessageRequest::ListServices(String::new())).await
     else {
         panic!("expected a service list");
     };
@@ -65,7 +36,7 @@ async fn v1_reflection_lists_services_and_serves_the_contract() {
         "{names:?}"
     );
 
-    let MessageResponse::FileDescriptorResponse(files) = ask(
+    let MessageResponse::FileDescriptorResponse(files) = reflection_ask(
         &endpoint,
         MessageRequest::FileContainingSymbol("comtrexx.licensing.v1.LicensingService".into()),
     )
@@ -110,7 +81,7 @@ async fn v1_reflection_lists_services_and_serves_the_contract() {
             .iter()
             .any(|d| d == "google/protobuf/timestamp.proto")
     );
-    let MessageResponse::FileDescriptorResponse(ts) = ask(
+    let MessageResponse::FileDescriptorResponse(ts) = reflection_ask(
         &endpoint,
         MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
     )
@@ -121,7 +92,7 @@ async fn v1_reflection_lists_services_and_serves_the_contract() {
     assert!(!ts.file_descriptor_proto.is_empty());
 
     // Error details decode by reflection too.
-    let MessageResponse::FileDescriptorResponse(info) = ask(
+    let MessageResponse::FileDescriptorResponse(info) = reflection_ask(
         &endpoint,
         MessageRequest::FileContainingSymbol("google.rpc.ErrorInfo".into()),
     )

@@ -240,3 +240,103 @@ fn exposition_check_catches_repeated_families() {
         );
     }
 }
+
+/// The metrics port also answers `grpc.health.v1.Health` (HTTP/2 without TLS,
+/// no credentials), with the same status as the gRPC port: for the kubelet's
+/// gRPC probe while the gRPC port speaks TLS and requires client certificates.
+#[tokio::test]
+async fn health_is_served_on_the_metrics_port_too() {
+    use comtrexx_licensing::grpc::SERVICE_NAME;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let pki = common::pki::Pki::new("health CA");
+    let (cert, key) = pki.write_server(&pki.server("server"));
+    let mut raw = config(None, &serial("health"));
+    raw.auth.mode = "enforce".into();
+    raw.tls.cert_file = Some(cert);
+    raw.tls.key_file = Some(key);
+    raw.tls.client_ca_file = Some(pki.ca_file());
+    let config = raw.validate().unwrap();
+    let app = App::build(&config, Arc::new(SystemClock)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(listener, Some(metrics_listener), async {
+        let _ = stopped.await;
+    }));
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{metrics_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(check(SERVICE_NAME))
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await,
+        "the licensing service is SERVING on the metrics port"
+    );
+    let overall = health.check(check("")).await.unwrap().into_inner();
+    assert_eq!(overall.status, ServingStatus::Serving as i32);
+    let unknown = health.check(check("nope")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // Only health: the licensing service is not reachable there.
+    let status = LicensingServiceClient::new(channel)
+        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    // Reflection there knows health (and itself) alone.
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let MessageResponse::ListServicesResponse(list) = reflection_ask(
+        &format!("http://{metrics_addr}"),
+        MessageRequest::ListServices(String::new()),
+    )
+    .await
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+    // And /metrics still answers plain HTTP/1.1.
+    check_exposition(body(&scrape(metrics_addr).await));
+
+    // Draining: a watcher hears NOT_SERVING, and an open watch does not hold
+    // the shutdown.
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let _ = stop.send(());
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+        .await
+        .expect("a status within the bound")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .expect("the service stops with a health watch open")
+        .unwrap()
+        .unwrap();
+}

@@ -33,10 +33,10 @@ pub const VENDOR_FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/vendor_descriptor.bin"));
 
 /// Reflection in both versions (`v1`, and `v1alpha`, which grpcurl 1.8 and many
-/// tools still speak only) over a descriptor set and the health service's.
+/// tools still speak only) over some descriptor sets and the health service's.
 #[allow(clippy::type_complexity)]
 pub fn reflection_services(
-    descriptor_set: &'static [u8],
+    descriptor_sets: &[&'static [u8]],
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -49,9 +49,11 @@ pub fn reflection_services(
     tonic_reflection::server::Error,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(descriptor_set)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

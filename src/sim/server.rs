@@ -492,7 +492,7 @@ pub async fn serve(
             .await;
     }
     let (reflection_v1, reflection_v1alpha) =
-        crate::grpc::reflection_services(VENDOR_FILE_DESCRIPTOR_SET)?;
+        crate::grpc::reflection_services(&[VENDOR_FILE_DESCRIPTOR_SET])?;
 
     let mut builder = Server::builder().tcp_nodelay(true);
     if let Some((cert, key)) = tls {

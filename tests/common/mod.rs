@@ -637,6 +637,38 @@ pub fn refusals_in(event: &comtrexx_licensing::grpc::pb::AuditEvent) -> u64 {
     }
 }
 
+/// Sends one `grpc.reflection.v1` request to `endpoint` and returns the answer.
+pub async fn reflection_ask(
+    endpoint: &str,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use tokio_stream::StreamExt as _;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let outbound = tokio_stream::iter([ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    }]);
+    let mut answers = client
+        .server_reflection_info(outbound)
+        .await
+        .unwrap()
+        .into_inner();
+    answers
+        .next()
+        .await
+        .expect("an answer")
+        .unwrap()
+        .message_response
+        .expect("a message")
+}
+
 /// Latency percentiles of a series, as the benches print them.
 pub fn percentiles(mut samples: Vec<Duration>) -> String {
     samples.sort();

@@ -156,11 +156,11 @@ Seconds the preStop hook sleeps (null = drainTimeoutSeconds).
 {{- end }}
 
 {{/*
-Effective probe mode: grpc or tcp.
+Effective probe mode: grpc or tcp (auto is grpc).
 */}}
 {{- define "comtrexx-licensing.probeMode" -}}
 {{- if eq .Values.probes.mode "auto" }}
-{{- ternary "tcp" "grpc" .Values.tls.enabled }}
+{{- "grpc" }}
 {{- else }}
 {{- .Values.probes.mode }}
 {{- end }}
@@ -172,8 +172,10 @@ Probe handler for one probe; argument: dict "root" $ "probe" <probe values>.
 {{- define "comtrexx-licensing.probeHandler" -}}
 {{- $root := .root }}
 {{- if eq (include "comtrexx-licensing.probeMode" $root) "grpc" }}
+{{- /* The kubelet's gRPC probe speaks no TLS: with TLS, it asks the metrics port,
+  which serves the same health status in plaintext. */}}
 grpc:
-  port: {{ $root.Values.containerPorts.grpc }}
+  port: {{ ternary $root.Values.containerPorts.metrics $root.Values.containerPorts.grpc $root.Values.tls.enabled }}
   service: {{ .probe.service | quote }}
 {{- else }}
 tcpSocket:
