@@ -630,6 +630,61 @@ async fn certificates_rotate_without_a_failed_call() {
     server.shutdown().await;
 }
 
+/// The client CA is re-read like the certificate and key: a CA swapped in
+/// (cert-manager rotating the issuer) admits its clients on new connections,
+/// without a restart, and the old CA's clients are refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_applies_to_new_connections() {
+    let old_ca = Pki::new("old client CA");
+    let new_ca = Pki::new("new client CA");
+    let tokens: Vec<(Role, String)> = vec![(Role::Monitoring, new_token())];
+    let mut raw: RawConfig = config(None, &common::serial("ca-rotate"));
+    let (cert, key) = old_ca.write_server(&old_ca.server("server"));
+    raw.tls.cert_file = Some(cert);
+    raw.tls.key_file = Some(key);
+    raw.tls.client_ca_file = Some(old_ca.ca_file());
+    raw.auth.mode = "enforce".into();
+    raw.auth.reload_interval_ms = 100;
+    raw.auth.callers_file = Some(callers_file(old_ca.dir.path(), &tokens));
+    let server = TestServer::start(raw).await;
+    let server_ca = old_ca.ca_pem();
+    let as_monitoring = |issuer: &Pki| Credential {
+        label: "monitoring certificate".into(),
+        channel: tls_channel_lazy(
+            server.addr,
+            &server_ca,
+            Some(&issuer.client(&spiffe(Role::Monitoring), false)),
+        ),
+        token: None,
+    };
+    assert_eq!(
+        call(&as_monitoring(&old_ca), "GetTryoutStatus", false).await,
+        Outcome::Code(Code::Ok)
+    );
+    assert_eq!(
+        call(&as_monitoring(&new_ca), "GetTryoutStatus", false).await,
+        Outcome::NoConnection
+    );
+    // The client CA file now holds the new CA (written atomically, as a
+    // Secret volume changes).
+    let tmp = old_ca.dir.path().join("ca.pem.tmp");
+    std::fs::write(&tmp, new_ca.ca_pem()).unwrap();
+    std::fs::rename(&tmp, old_ca.dir.path().join("ca.pem")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            call(&as_monitoring(&new_ca), "GetTryoutStatus", false).await == Outcome::Code(Code::Ok)
+        })
+        .await,
+        "a client of the new CA is admitted"
+    );
+    assert_eq!(
+        call(&as_monitoring(&old_ca), "GetTryoutStatus", false).await,
+        Outcome::NoConnection,
+        "a client of the old CA is refused on a new connection"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_file_changes_apply_without_restart() {
     let dir = tempfile::tempdir().unwrap();
