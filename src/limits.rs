@@ -22,6 +22,7 @@
 //! layers here for calls refused before their handler runs (shed, over-size,
 //! past the deadline), by the handler's own audit for the per-caller guards.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -228,24 +229,24 @@ fn count_refused(method: &str, refusal: &Refusal) {
 
 /// What the audit entry of a call refused by a layer says about the call,
 /// taken from the request before it goes on (the refusal may come later).
+/// Cheap to take on every call: the strings are made only for a refusal.
 struct RefusedCall {
-    method: String,
-    caller: String,
-    role: String,
+    method: Cow<'static, str>,
+    caller: Option<Caller>,
+    peer: Option<SocketAddr>,
     traceparent: Option<http::HeaderValue>,
 }
 
 impl RefusedCall {
     fn of<B>(method: &str, request: &http::Request<B>) -> Self {
         let ext = request.extensions();
-        let caller = ext.get::<Caller>();
         Self {
-            method: method.to_owned(),
-            caller: match caller {
-                Some(c) => c.name.clone(),
-                None => caller_key(None, peer_addr(ext)),
+            method: match crate::auth::policy::rule_of(method) {
+                Some(rule) => Cow::Borrowed(rule.method),
+                None => Cow::Owned(method.to_owned()),
             },
-            role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
+            caller: ext.get::<Caller>().cloned(),
+            peer: peer_addr(ext),
             traceparent: request.headers().get("traceparent").cloned(),
         }
     }
@@ -256,8 +257,15 @@ impl RefusedCall {
         let code = refusal_status(refusal).code();
         audit.record_refusal(AuditEvent {
             time: audit.now(),
-            caller: self.caller,
-            role: self.role,
+            caller: match &self.caller {
+                Some(c) => c.name.clone(),
+                None => caller_key(None, self.peer),
+            },
+            role: self
+                .caller
+                .as_ref()
+                .map(|c| c.role.to_string())
+                .unwrap_or_default(),
             method: AuditEvent::bounded(&self.method, 128),
             user_id: String::new(),
             feature: String::new(),
