@@ -26,9 +26,6 @@ use crate::store::{Store, StoreError};
 
 /// How many entries may wait for the store; beyond that they are logged only.
 const QUEUE_LEN: usize = 4096;
-/// `ListAuditEvents` page sizes.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-pub const MAX_PAGE_SIZE: usize = 1000;
 /// How many stored entries one filtered page reads at most before it returns
 /// what it found with a token to go on (a filter matching little must not make
 /// one call read the whole trail).
@@ -122,15 +119,7 @@ impl Auditor {
         page_size: i32,
         page_token: &str,
     ) -> Result<AuditPage, LicensingError> {
-        let size = match page_size {
-            n if n < 0 => {
-                return Err(InvalidInput::new("page_size", "must not be negative").into());
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            n => usize::try_from(n)
-                .unwrap_or(MAX_PAGE_SIZE)
-                .min(MAX_PAGE_SIZE),
-        };
+        let size = crate::domain::page_size(page_size)?;
         let mut before = if page_token.is_empty() {
             None
         } else {

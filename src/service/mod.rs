@@ -28,10 +28,6 @@ use crate::mirror::{Mirror, MirrorState};
 use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
 use crate::upstream::{Backoff, LicensingServer, UpstreamError};
 
-/// Default and largest `ListSeats` page sizes.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-pub const MAX_PAGE_SIZE: usize = 1000;
-
 /// How often a write re-plans after finding the mirror out of date before giving up.
 const WRITE_ATTEMPTS: usize = 3;
 
@@ -405,15 +401,7 @@ impl Licensing {
         } else {
             Some(Feature::parse_seat(feature)?)
         };
-        let size = match page_size {
-            n if n < 0 => {
-                return Err(InvalidInput::new("page_size", "must not be negative").into());
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            n => usize::try_from(n)
-                .unwrap_or(MAX_PAGE_SIZE)
-                .min(MAX_PAGE_SIZE),
-        };
+        let size = crate::domain::page_size(page_size)?;
         let after = if page_token.is_empty() {
             None
         } else {
