@@ -325,16 +325,6 @@ fn seconds_until(end: Option<chrono::DateTime<Utc>>, now: chrono::DateTime<Utc>)
     })
 }
 
-fn tryout_state_name(state: TryoutState) -> &'static str {
-    match state {
-        TryoutState::Available => "available",
-        TryoutState::Active => "active",
-        TryoutState::Expired => "expired",
-        TryoutState::Ended => "ended",
-        TryoutState::Unavailable => "unavailable",
-    }
-}
-
 fn activation_state_name(state: ActivationState) -> &'static str {
     match state {
         ActivationState::NotInitialized => "not_initialized",
@@ -394,7 +384,7 @@ fn state_gauges(licensing: &Licensing) -> Gauges {
     g.states(
         &TRYOUT_STATE,
         &["available", "active", "expired", "ended", "unavailable"],
-        Some(tryout_state_name(overview.tryout.state)),
+        Some(crate::domain::tryout::state_name(overview.tryout.state)),
     );
     let tryout_end = overview
         .tryout
