@@ -59,6 +59,21 @@ struct Inner {
 }
 
 impl Inner {
+    /// Takes the seats and records of `snapshot` (not its position, clock or
+    /// incident, which the callers decide).
+    fn load(&mut self, snapshot: &Snapshot) {
+        self.seats.clear();
+        self.counts.clear();
+        for seat in &snapshot.seats {
+            self.put(seat.clone());
+        }
+        self.license = snapshot.license.clone();
+        self.tryout = snapshot.tryout.clone();
+        self.reconcile = snapshot.reconcile.clone();
+        self.initialization = snapshot.initialization.clone();
+        self.retired_license = snapshot.retired_license.clone();
+    }
+
     /// Inserts or replaces a seat, keeping the counts.
     fn put(&mut self, seat: Seat) {
         *self.counts.entry((seat.feature, seat.source)).or_default() += 1;
@@ -139,16 +154,7 @@ impl MemoryStore {
         };
         inner.epoch = Some(position.epoch);
         inner.version = position.version;
-        inner.seats.clear();
-        inner.counts.clear();
-        for seat in &snapshot.seats {
-            inner.put(seat.clone());
-        }
-        inner.license = snapshot.license.clone();
-        inner.tryout = snapshot.tryout.clone();
-        inner.reconcile = snapshot.reconcile.clone();
-        inner.initialization = snapshot.initialization.clone();
-        inner.retired_license = snapshot.retired_license.clone();
+        inner.load(snapshot);
         inner.incident = snapshot.incident.clone();
         let v = position.version;
         inner.feed.retain(|c| c.version <= v);
@@ -474,16 +480,7 @@ impl Store for MemoryStore {
         if inner.epoch.is_some() {
             return Ok(false);
         }
-        inner.seats.clear();
-        inner.counts.clear();
-        for seat in &from.seats {
-            inner.put(seat.clone());
-        }
-        inner.license = from.license.clone();
-        inner.tryout = from.tryout.clone();
-        inner.reconcile = from.reconcile.clone();
-        inner.initialization = from.initialization.clone();
-        inner.retired_license = from.retired_license.clone();
+        inner.load(from);
         inner.high_water_ms = inner.high_water_ms.max(from.high_water_ms);
         inner.incident = None;
         inner.version = from.position.as_ref().map_or(0, |p| p.version);
