@@ -100,6 +100,9 @@ struct Loaded {
     acceptor: TlsAcceptor,
     /// The client CA's chain verifier, used after the handshake.
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// The handshake already verified the client's chain (certificates
+    /// required): after it only the identity is read.
+    verified_at_handshake: bool,
     /// The files' bytes this was built from, to notice changes.
     contents: Vec<Vec<u8>>,
 }
@@ -218,6 +221,7 @@ fn build(files: &TlsFiles, contents: Vec<Vec<u8>>) -> Result<Loaded, String> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Loaded {
         acceptor: TlsAcceptor::from(Arc::new(config)),
+        verified_at_handshake: client_verifier.is_some() && files.require_client_certificate,
         client_verifier,
         contents,
     })
@@ -281,6 +285,20 @@ impl ClientCertVerifier for HandshakeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+impl Loaded {
+    /// What the client certificate of an accepted connection says: verified
+    /// at the handshake already, or verified now against the client CA.
+    fn peer_certificate(&self, session: &rustls::ServerConnection) -> Option<PeerCertificate> {
+        let chain = session.peer_certificates()?;
+        if self.verified_at_handshake {
+            return chain.first().map(|end_entity| PeerCertificate::Verified {
+                identity: certificate_identity(end_entity),
+            });
+        }
+        verify_peer(self.client_verifier.as_deref()?, chain)
     }
 }
 
@@ -446,12 +464,7 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(stream)) => {
                         let mut peer = peer;
-                        if let (Some(verifier), Some(chain)) = (
-                            &loaded.client_verifier,
-                            stream.get_ref().1.peer_certificates(),
-                        ) {
-                            peer.certificate = verify_peer(verifier.as_ref(), chain);
-                        }
+                        peer.certificate = loaded.peer_certificate(stream.get_ref().1);
                         let _ = tx.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
                     }
                     Ok(Err((error, stream))) => {
