@@ -232,19 +232,6 @@ async fn seats(c: &mut Client) -> Vec<pb::Seat> {
     .seats
 }
 
-async fn reconcile(c: &mut Client) -> pb::ReconcileResponse {
-    c.reconcile(pb::ReconcileRequest {})
-        .await
-        .expect("Reconcile")
-        .into_inner()
-}
-
-async fn start_tryout(c: &mut Client) -> Result<pb::TryoutStatus, Status> {
-    c.start_tryout(pb::StartTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status"))
-}
-
 fn tryout_state(o: &pb::GetLicenseOverviewResponse) -> pb::TryoutState {
     o.tryout.as_ref().expect("tryout").state()
 }

@@ -196,34 +196,6 @@ async fn list_all(c: &mut Client, feature: &str, page_size: i32) -> Vec<pb::Seat
     panic!("ListSeats never reached the last page");
 }
 
-async fn tryout(c: &mut Client) -> pb::TryoutStatus {
-    c.get_tryout_status(pb::GetTryoutStatusRequest {})
-        .await
-        .expect("GetTryoutStatus")
-        .into_inner()
-        .status
-        .expect("status is set")
-}
-
-async fn start_tryout(c: &mut Client) -> Result<pb::TryoutStatus, Status> {
-    c.start_tryout(pb::StartTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status is set"))
-}
-
-async fn end_tryout(c: &mut Client) -> Result<pb::TryoutStatus, Status> {
-    c.end_tryout(pb::EndTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status is set"))
-}
-
-async fn reconcile(c: &mut Client) -> pb::ReconcileResponse {
-    c.reconcile(pb::ReconcileRequest {})
-        .await
-        .expect("Reconcile")
-        .into_inner()
-}
-
 /// The status's ErrorInfo, asserting it is in this service's domain.
 fn error_info(status: &Status) -> tonic_types::ErrorInfo {
     let info = status

@@ -130,15 +130,6 @@ async fn seats(c: &mut Client) -> Vec<pb::Seat> {
     page.seats
 }
 
-async fn tryout(c: &mut Client) -> pb::TryoutStatus {
-    c.get_tryout_status(pb::GetTryoutStatusRequest {})
-        .await
-        .expect("GetTryoutStatus")
-        .into_inner()
-        .status
-        .unwrap()
-}
-
 /// Polls `c` until the user's CheckSeat is `licensed`; returns how long it took.
 async fn until_licensed(c: &Client, user: &str, licensed: bool) -> Duration {
     let started = Instant::now();

@@ -83,17 +83,6 @@ async fn assign(c: &mut Client, user: &str) -> Result<pb::Seat, tonic::Status> {
     .map(|r| r.into_inner().seat.expect("seat"))
 }
 
-async fn licensed(c: &mut Client, user: &str) -> bool {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .expect("CheckSeat")
-    .into_inner()
-    .licensed
-}
-
 async fn listed(c: &mut Client) -> Vec<String> {
     c.list_seats(pb::ListSeatsRequest {
         feature: String::new(),

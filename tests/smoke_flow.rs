@@ -91,19 +91,6 @@ async fn license_assign_check_release_list() {
     server.shutdown().await;
 }
 
-/// Whether CheckSeat says `user` is licensed for `user` seats.
-async fn licensed(client: &mut Client, user: &str) -> bool {
-    client
-        .check_seat(pb::CheckSeatRequest {
-            user_id: user.to_owned(),
-            feature: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .licensed
-}
-
 /// A replica reads its own writes at once: every seat assigned through it is
 /// licensed on the very next `CheckSeat`, also in a burst of writes (the mirror
 /// never regresses to an older snapshot).

@@ -48,21 +48,6 @@ async fn register(sim: &SimProcess, serial: &str) {
         .expect("RegisterDevice");
 }
 
-async fn start_tryout(c: &mut Client) -> Result<pb::TryoutStatus, tonic::Status> {
-    c.start_tryout(pb::StartTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status"))
-}
-
-async fn tryout(c: &mut Client) -> pb::TryoutStatus {
-    c.get_tryout_status(pb::GetTryoutStatusRequest {})
-        .await
-        .expect("GetTryoutStatus")
-        .into_inner()
-        .status
-        .expect("status")
-}
-
 #[tokio::test]
 async fn the_tryout_is_refused_after_redis_is_flushed_and_the_replicas_restart() {
     let redis = RedisServer::start();

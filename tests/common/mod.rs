@@ -569,6 +569,54 @@ pub async fn overview(c: &mut Client) -> comtrexx_licensing::grpc::pb::GetLicens
         .into_inner()
 }
 
+/// `StartTryout`: the tryout status, or the refusal.
+pub async fn start_tryout(
+    c: &mut Client,
+) -> Result<comtrexx_licensing::grpc::pb::TryoutStatus, tonic::Status> {
+    c.start_tryout(comtrexx_licensing::grpc::pb::StartTryoutRequest {})
+        .await
+        .map(|r| r.into_inner().status.expect("status is set"))
+}
+
+/// `EndTryout`: the tryout status, or the refusal.
+pub async fn end_tryout(
+    c: &mut Client,
+) -> Result<comtrexx_licensing::grpc::pb::TryoutStatus, tonic::Status> {
+    c.end_tryout(comtrexx_licensing::grpc::pb::EndTryoutRequest {})
+        .await
+        .map(|r| r.into_inner().status.expect("status is set"))
+}
+
+/// `GetTryoutStatus` (panics on an error: for tests where it cannot fail).
+pub async fn tryout(c: &mut Client) -> comtrexx_licensing::grpc::pb::TryoutStatus {
+    c.get_tryout_status(comtrexx_licensing::grpc::pb::GetTryoutStatusRequest {})
+        .await
+        .expect("GetTryoutStatus")
+        .into_inner()
+        .status
+        .expect("status is set")
+}
+
+/// `Reconcile` (panics on an error: for tests where it cannot fail).
+pub async fn reconcile(c: &mut Client) -> comtrexx_licensing::grpc::pb::ReconcileResponse {
+    c.reconcile(comtrexx_licensing::grpc::pb::ReconcileRequest {})
+        .await
+        .expect("Reconcile")
+        .into_inner()
+}
+
+/// Whether `CheckSeat` says `user` holds a user seat (panics on an error).
+pub async fn licensed(c: &mut Client, user: &str) -> bool {
+    c.check_seat(comtrexx_licensing::grpc::pb::CheckSeatRequest {
+        user_id: user.into(),
+        feature: String::new(),
+    })
+    .await
+    .expect("CheckSeat")
+    .into_inner()
+    .licensed
+}
+
 /// Waits (bounded) until the license is applied: the start-up reconcile ran.
 pub async fn wait_active(client: &Client) {
     use comtrexx_licensing::grpc::pb;
