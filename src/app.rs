@@ -14,7 +14,7 @@ use crate::auth::callers::CallersFile;
 use crate::auth::layer::Authenticator;
 use crate::auth::tls::TlsMaterial;
 use crate::config::{Config, LicenseSourceConfig};
-use crate::domain::Clock;
+use crate::domain::{Clock, TimeAuthority};
 use crate::mirror::{Mirror, Verifier};
 use crate::reload::Reloads;
 use crate::server::{self, Health, ServerOptions};
@@ -54,10 +54,14 @@ impl App {
             )),
             None => None,
         };
+        // Embedded, the process's own clock is the reference; with Redis, its TIME.
         let store: Arc<dyn Store> = match &redis {
             Some(redis) => redis.clone(),
             None => Arc::new(MemoryStore::new(clock.clone())),
         };
+        // Everything else reads the node clock as the time authority corrects it.
+        let time = Arc::new(TimeAuthority::new(clock, config.clock_max_skew_ms));
+        let clock: Arc<dyn Clock> = time.clone();
         let verifier = Verifier {
             key: config.vendor_public_key,
             serial: config.serial_number.clone(),
@@ -98,7 +102,7 @@ impl App {
         let licensing = Arc::new(Licensing::new(
             store.clone(),
             mirror.clone(),
-            clock,
+            time,
             settings,
             source,
         ));

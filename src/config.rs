@@ -26,6 +26,9 @@ pub const DEV_SERIAL: &str = "DEV-0000000000";
 /// at build time, checked by `build.rs`); `None` in development builds.
 pub const EMBEDDED_VENDOR_PUBLIC_KEY: Option<&str> = option_env!("COMTREXX_VENDOR_PUBLIC_KEY");
 
+/// The largest `clock.max_skew_ms`: a year (ms).
+pub const MAX_CLOCK_SKEW_MS: u64 = 365 * 86_400_000;
+
 /// The configuration as written, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -60,6 +63,7 @@ pub struct RawConfig {
     pub drain_timeout_ms: u64,
     pub log: RawLog,
     pub mirror: RawMirror,
+    pub clock: RawClock,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
     pub limits: RawLimits,
@@ -150,6 +154,23 @@ pub struct RawTryout {
 pub struct RawLog {
     pub format: String,
     pub level: String,
+}
+
+/// The time authority (`domain::clock::judge`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawClock {
+    /// How far this node's clock may differ from the reference time (the seat
+    /// store's clock, Redis `TIME`) and still count.
+    pub max_skew_ms: u64,
+}
+
+impl Default for RawClock {
+    fn default() -> Self {
+        Self {
+            max_skew_ms: crate::domain::clock::DEFAULT_MAX_SKEW_MS as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -397,6 +418,7 @@ impl Default for RawConfig {
             drain_timeout_ms: 10_000,
             log: RawLog::default(),
             mirror: RawMirror::default(),
+            clock: RawClock::default(),
             tls: RawTls::default(),
             otlp_endpoint: None,
             limits: RawLimits::default(),
@@ -527,6 +549,9 @@ pub struct Config {
     /// Parent-based sampling ratio of new traces.
     pub trace_sampling_ratio: f64,
     pub mirror: MirrorConfig,
+    /// `clock.max_skew_ms`: how far this node's clock may differ from the
+    /// reference time and still count.
+    pub clock_max_skew_ms: i64,
     /// Certificate, key and client CA (PEM) for serving gRPC over TLS.
     pub tls: Option<TlsFiles>,
     pub auth: AuthConfig,
@@ -763,6 +788,15 @@ impl RawConfig {
         if self.mirror.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
+        // Below a second, ordinary network delay would look like a wrong clock;
+        // beyond a year nothing is checked any more.
+        if !(1_000..=MAX_CLOCK_SKEW_MS).contains(&self.clock.max_skew_ms) {
+            return Err(invalid(
+                "clock.max_skew_ms",
+                format!("must be 1000 to {MAX_CLOCK_SKEW_MS} (a year)"),
+            ));
+        }
+        let clock_max_skew_ms = i64::try_from(self.clock.max_skew_ms).unwrap_or(i64::MAX);
         if self.mirror.resync_interval_ms < 1000 {
             return Err(invalid(
                 "mirror.resync_interval_ms",
@@ -845,6 +879,7 @@ impl RawConfig {
                 resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
                 ..MirrorConfig::default()
             },
+            clock_max_skew_ms,
             tls,
             license_source,
             grace: chrono::Duration::days(i64::from(self.grace_days)),
@@ -1151,6 +1186,11 @@ mod tests {
                 "listen_addr",
             ),
             (Box::new(|c| c.redis_timeout_ms = 0), "redis_timeout_ms"),
+            (Box::new(|c| c.clock.max_skew_ms = 999), "clock.max_skew_ms"),
+            (
+                Box::new(|c| c.clock.max_skew_ms = MAX_CLOCK_SKEW_MS + 1),
+                "clock.max_skew_ms",
+            ),
             (
                 Box::new(|c| c.redis_url = Some("http://x".into())),
                 "redis_url",

@@ -39,6 +39,7 @@ pub struct Metrics {
     store_repairs: Family<Labels, Counter>,
     repaired_writes: Family<Labels, Counter>,
     clock_rollbacks: Counter,
+    clock_skews: Counter,
     corrupt_records: Counter,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
@@ -69,6 +70,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     store_repairs: Family::default(),
     repaired_writes: Family::default(),
     clock_rollbacks: Counter::default(),
+    clock_skews: Counter::default(),
     corrupt_records: Counter::default(),
     otel: OnceLock::new(),
 });
@@ -166,6 +168,11 @@ impl Metrics {
     /// Counts a node clock found behind the high-water clock.
     pub fn clock_rollback(&self) {
         self.clock_rollbacks.inc();
+    }
+
+    /// Counts a node clock found to disagree with the reference time.
+    pub fn clock_skew(&self) {
+        self.clock_skews.inc();
     }
 
     /// Counts a stored record that did not parse and was skipped.
@@ -287,6 +294,14 @@ const MIRROR_STALE: Desc = Desc {
 const MIRROR_STALENESS: Desc = Desc {
     name: "licensing_mirror_staleness_seconds",
     help: "Seconds since the seat store last answered this replica",
+};
+const CLOCK_SKEW: Desc = Desc {
+    name: "licensing_clock_skew_seconds",
+    help: "This node's clock minus the reference time (the seat store's clock), in seconds; positive: ahead",
+};
+const CLOCK_SKEWED: Desc = Desc {
+    name: "licensing_clock_skewed",
+    help: "1 while this node's clock is beyond clock.max_skew_ms from the reference time (decisions use the reference)",
 };
 
 /// One gauge family: every sample of one name.
@@ -442,6 +457,16 @@ fn state_gauges(licensing: &Licensing) -> Gauges {
         f64::from(u8::from(mirror.is_stale())),
     );
     g.set(
+        &CLOCK_SKEW,
+        Vec::new(),
+        overview.clock_skew_ms.unwrap_or(0) as f64 / 1000.0,
+    );
+    g.set(
+        &CLOCK_SKEWED,
+        Vec::new(),
+        f64::from(u8::from(overview.clock_skewed)),
+    );
+    g.set(
         &MIRROR_STALENESS,
         Vec::new(),
         mirror.seconds_since_contact().unwrap_or(f64::INFINITY),
@@ -570,6 +595,11 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         "licensing_clock_rollbacks",
         "Times this node's clock was found behind the high-water clock",
         m.clock_rollbacks.clone(),
+    );
+    registry.register(
+        "licensing_clock_skews",
+        "Times this node's clock was found beyond clock.max_skew_ms from the reference time (the seat store's clock)",
+        m.clock_skews.clone(),
     );
     registry.register(
         "licensing_corrupt_records",

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use common::proxy::{Fault, FaultProxy};
 use common::*;
 use comtrexx_licensing::config::RawConfig;
-use comtrexx_licensing::domain::Clock as _;
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
 
@@ -550,12 +549,16 @@ async fn rollback_during_a_rolling_restart() {
 /// Clock jumps (a manual clock): once the tryout has ended, setting the node
 /// clock back does not bring it back, also on a replica started later with the
 /// clock still wrong (the high-water clock is kept in the store); the rollback
-/// is an event and an overview field.
+/// is an event and an overview field. The tryout starts 15 days ago and ends
+/// now: the store keeps a mark only up to its own time (Redis `TIME`), so the
+/// time that ends it must be real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clock_jumps_back_and_time_does_not() {
     let redis = RedisServer::start();
     let serial = serial("clock");
-    let clock = manual_clock();
+    let clock = comtrexx_licensing::domain::ManualClock::new(
+        chrono::Utc::now() - chrono::Duration::days(15),
+    );
     let start = |clock: &comtrexx_licensing::domain::ManualClock| {
         TestServer::start_with_clock(
             tryout_config(&redis.url(), &serial, 3),
@@ -591,7 +594,7 @@ async fn clock_jumps_back_and_time_does_not() {
     assert!(check(&c).await.licensed);
 
     // The tryout ends; the schedule sees the new time.
-    let ended = clock.now() + chrono::Duration::days(15);
+    let ended = chrono::Utc::now();
     clock.set(ended);
     let seen = |c: &Client, at: chrono::DateTime<chrono::Utc>| {
         let c = c.clone();

@@ -11,24 +11,10 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::domain::{Edition, Feature, SystemClock};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The body of an HTTP response.
 fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
-}
-
-/// GETs `/metrics` over plain HTTP/1.1.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 /// Checks the structure of a text-format scrape as a strict parser would: every
@@ -93,18 +79,6 @@ fn check_exposition(body: &str) {
     }
 }
 
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn value(body: &str, prefix: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn metrics_follow_the_seats() {
     let redis = RedisServer::start();
@@ -149,6 +123,9 @@ async fn metrics_follow_the_seats() {
         "licensing_reconcile_interval_seconds",
         "licensing_mirror_staleness_seconds",
         "licensing_mirror_stale",
+        "licensing_clock_skew_seconds",
+        "licensing_clock_skewed",
+        "licensing_clock_skews_total",
         "licensing_redis_errors",
     ] {
         assert!(before.contains(name), "{name} missing in:\n{before}");
@@ -163,6 +140,7 @@ async fn metrics_follow_the_seats() {
         5.0
     );
     assert_eq!(value(&before, "licensing_mirror_stale "), 0.0);
+    assert_eq!(value(&before, "licensing_clock_skewed "), 0.0);
 
     for user in ["a", "b"] {
         client

@@ -187,6 +187,8 @@ conformance! {
     store: repair_writes_back_only_where_it_was_planned;
     store: release_reflag_is_guarded_by_the_stored_license;
     store: high_water_clock_only_grows;
+    store: high_water_clock_never_passes_the_store_time;
+    wipe: restore_caps_the_high_water_clock;
     store: audit_lists_newest_first_in_pages;
     store: audit_is_bounded_by_max_entries;
     store: audit_drops_entries_older_than_max_age;
@@ -2668,9 +2670,40 @@ async fn release_reflag_is_guarded_by_the_stored_license(store: &dyn Store) {
 async fn high_water_clock_only_grows(store: &dyn Store) {
     let start = snapshot(store).await.high_water_ms;
     let t = start.max(1_767_225_600_000) + 1000;
-    assert_eq!(store.advance_clock(t).await, Ok(t));
-    assert_eq!(store.advance_clock(t - 500).await, Ok(t));
+    assert_eq!(store.advance_clock(t).await.unwrap().high_water_ms, t);
+    assert_eq!(store.advance_clock(t - 500).await.unwrap().high_water_ms, t);
+    // 0 only reads.
+    assert_eq!(store.advance_clock(0).await.unwrap().high_water_ms, t);
     assert_eq!(snapshot(store).await.high_water_ms, t);
+}
+
+/// Days in ms, for clocks that leap.
+const DAY_MS: i64 = 86_400_000;
+
+/// A replica's clock 90 days ahead cannot carry the shared mark with it: the
+/// store raises it at most to its own time, which it reports as the reference.
+async fn high_water_clock_never_passes_the_store_time(store: &dyn Store) {
+    let wall = chrono::Utc::now().timestamp_millis();
+    let reading = store.advance_clock(wall + 90 * DAY_MS).await.unwrap();
+    // The reference is the store's clock (Redis TIME, or this process's own
+    // clock for the embedded store): here, the same host's.
+    assert!(
+        (reading.reference_ms - wall).abs() < 60_000,
+        "{reading:?} vs {wall}"
+    );
+    assert!(reading.high_water_ms <= reading.reference_ms, "{reading:?}");
+    assert!(snapshot(store).await.high_water_ms <= reading.reference_ms);
+}
+
+/// A restore writes back the replica's mark, but not beyond the store's time.
+async fn restore_caps_the_high_water_clock(store: &dyn Store, wipe: &(dyn Fn() + Send + Sync)) {
+    let mut old = snapshot(store).await;
+    let wall = chrono::Utc::now().timestamp_millis();
+    old.high_water_ms = wall + 90 * DAY_MS;
+    wipe();
+    assert!(store.restore(&old).await.unwrap());
+    let reference = store.advance_clock(0).await.unwrap().reference_ms;
+    assert!(snapshot(store).await.high_water_ms <= reference);
 }
 
 // ---------------------------------------------------------------------------

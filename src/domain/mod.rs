@@ -14,7 +14,7 @@ pub mod seats;
 pub mod tryout;
 
 pub use activation::{Activation, ActivationState, LapseAction};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, TimeAuthority};
 pub use error::{InvalidInput, LicensingError};
 pub use ids::{Edition, Feature, SerialNumber, UserId};
 pub use license::{Entitlement, LicensePayload, LicenseRejection, SignedLicense};

@@ -191,6 +191,8 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
             .unwrap_or_default(),
         time_high_water: Some(timestamp(o.time_high_water)),
         clock_rolled_back: o.clock_rolled_back,
+        clock_skew_ms: o.clock_skew_ms.unwrap_or(0),
+        clock_skewed: o.clock_skewed,
         corrupt_records: u32::try_from(o.corrupt_records).unwrap_or(u32::MAX),
         activation_reason: o.activation_reason.clone(),
         over_capacity: o

@@ -3,7 +3,7 @@
 //! at a time), grace and lapse, and the time-driven events.
 
 use std::future::Future;
-use std::time::Duration as StdDuration;
+use std::time::{Duration as StdDuration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -11,6 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 use rand::Rng as _;
 
 use super::{Licensing, Overview, ReconcileReport, WRITE_ATTEMPTS, store_error};
+use crate::domain::clock;
 use crate::domain::initcode::{InitializationCode, PendingInitialization};
 use crate::domain::{
     ActivationState, AppliedLicense, Feature, InvalidInput, LapseAction, LicensePayload,
@@ -497,7 +498,10 @@ impl Licensing {
         self.keep_high_water(seen).await;
         let now = self.now();
         self.announce_time_events(seen, now);
-        if self.source.is_none() || self.mirror.is_stale() {
+        // Before the reference was ever read this clock is unchecked: nothing it
+        // would stamp into the shared reconcile record (when it ran, when the
+        // next is due) is written yet.
+        if self.source.is_none() || self.mirror.is_stale() || self.time.skew_ms().is_none() {
             return;
         }
         let (due, lapsed) = self.mirror.read(|s| {
@@ -530,14 +534,81 @@ impl Licensing {
         }
     }
 
-    /// Raises the high-water clock to this node's time, or, when the node clock
-    /// went back behind it, says so once (event, metric, log) and keeps deciding
-    /// at the high-water time. Every few ticks the high-water clock goes to the
-    /// store, where every replica (and a restarted one) finds it.
+    /// Keeps time on each tick (the time authority). Reads the deployment's
+    /// reference (the store's own time, Redis `TIME`) together with the shared
+    /// high-water mark, judges this node's clock against it (`clock::judge`),
+    /// and decides from then on at the corrected time. A node clock beyond
+    /// `clock.max_skew_ms` from the reference is reported once (event, metric,
+    /// log) and moves nobody's time: it writes no mark, and the store caps every
+    /// mark at its own time anyway. A node clock that went back behind the mark
+    /// is reported too (`clock_rolled_back`); decisions keep the mark. Every few
+    /// ticks the mark goes to the store, where every replica (and a restarted
+    /// one) finds it.
     async fn keep_high_water(&self, seen: &mut TimeState) {
-        let node = self.clock.now();
-        let high = self.mirror.read(|s| s.high_water_ms);
-        let behind = high - node.timestamp_millis();
+        // Only an agreeing clock offers its time to the shared mark, and only
+        // what the store would take (up to its time): not a write every tick.
+        let mine = self.mirror.read(|s| s.high_water_ms);
+        let takes = seen.reference.map_or(mine, |(at, read)| {
+            mine.min(at.saturating_add(elapsed_ms(read)))
+        });
+        let offer = if !self.time.skewed() && takes - seen.high_water_stored >= HIGH_WATER_STEP_MS {
+            mine
+        } else {
+            0
+        };
+        match self.store.advance_clock(offer).await {
+            Ok(reading) => {
+                seen.high_water_stored = reading.high_water_ms;
+                seen.reference = Some((reading.reference_ms, Instant::now()));
+                self.mirror.raise_high_water(reading.high_water_ms);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "reference time not read; keeping the last reading")
+            }
+        }
+        let node = self.time.node_now();
+        let (previous_mark_ms, signed_floor_ms) = self.mirror.read(|s| {
+            (
+                s.high_water_ms,
+                s.newest_license_issued_at().map(|t| t.timestamp_millis()),
+            )
+        });
+        let verdict = clock::judge(clock::TimeInputs {
+            node_ms: node.timestamp_millis(),
+            reference: seen.reference.map(|(at_ms, read)| clock::Reference {
+                at_ms,
+                elapsed_ms: elapsed_ms(read),
+            }),
+            previous_mark_ms,
+            signed_floor_ms,
+            max_skew_ms: self.time.max_skew_ms(),
+        });
+        self.time.adopt(&verdict);
+        self.mirror.raise_high_water(verdict.mark_ms);
+        let skew = verdict.skew_ms.unwrap_or(0);
+        if verdict.skewed && !seen.clock_skewed {
+            metrics().clock_skew();
+            tracing::error!(
+                skew_ms = skew,
+                max_skew_ms = self.time.max_skew_ms(),
+                "this node's clock disagrees with the reference time (the seat store's clock); time-based decisions use the reference until it agrees"
+            );
+            self.mirror
+                .events()
+                .publish(
+                    LicenseEvent::new("clock_skewed", self.now()).detail(format!(
+                        "node clock {skew} ms from the reference time (tolerance {} ms)",
+                        self.time.max_skew_ms()
+                    )),
+                );
+        } else if !verdict.skewed && seen.clock_skewed {
+            tracing::info!(
+                skew_ms = skew,
+                "this node's clock agrees with the reference time again"
+            );
+        }
+        seen.clock_skewed = verdict.skewed;
+        let behind = previous_mark_ms - node.timestamp_millis();
         let rolled_back = behind > CLOCK_ROLLBACK_TOLERANCE_MS;
         if rolled_back && !seen.clock_rolled_back {
             metrics().clock_rollback();
@@ -552,22 +623,11 @@ impl Licensing {
                 )));
         }
         seen.clock_rolled_back = rolled_back;
-        self.mirror.raise_high_water(node.timestamp_millis());
-        let mine = self.mirror.read(|s| s.high_water_ms);
-        if mine - seen.high_water_stored >= HIGH_WATER_STEP_MS && !self.mirror.is_stale() {
-            match self.store.advance_clock(mine).await {
-                Ok(stored) => {
-                    seen.high_water_stored = stored;
-                    self.mirror.raise_high_water(stored);
-                }
-                Err(error) => tracing::debug!(%error, "high-water clock not stored"),
-            }
-        }
     }
 
     /// Whether this node's clock is behind the high-water clock now.
     pub(crate) fn clock_rolled_back(&self) -> bool {
-        let node = self.clock.now().timestamp_millis();
+        let node = self.time.node_now().timestamp_millis();
         self.mirror.read(|s| s.high_water_ms) - node > CLOCK_ROLLBACK_TOLERANCE_MS
     }
 
@@ -680,8 +740,19 @@ struct TimeState {
     activation: Option<ActivationState>,
     /// Whether the node clock was behind the high-water clock at the last tick.
     clock_rolled_back: bool,
+    /// Whether the node clock disagreed with the reference at the last tick.
+    clock_skewed: bool,
     /// The high-water clock as last stored.
     high_water_stored: i64,
+    /// The reference time last read (ms), and when by the monotonic clock: the
+    /// reference now is that plus the real time passed, also while the store
+    /// does not answer.
+    reference: Option<(i64, Instant)>,
+}
+
+/// Real time passed since `since` (ms), by the monotonic clock.
+fn elapsed_ms(since: Instant) -> i64 {
+    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
 }
 
 fn days_until(end: DateTime<Utc>, now: DateTime<Utc>) -> u32 {

@@ -22,7 +22,7 @@ use crate::domain::activation::{self, Activation};
 use crate::domain::{
     ActivationState, Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses,
     LicensingError, ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber,
-    TryoutPolicy, TryoutRecord, TryoutView, UserId, tryout,
+    TimeAuthority, TryoutPolicy, TryoutRecord, TryoutView, UserId, tryout,
 };
 use crate::mirror::{Mirror, MirrorState};
 use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
@@ -94,6 +94,10 @@ pub struct Overview {
     /// The high-water clock, and whether this node's clock is behind it.
     pub time_high_water: DateTime<Utc>,
     pub clock_rolled_back: bool,
+    /// This node's clock minus the reference time (ms), `None` before a reading.
+    pub clock_skew_ms: Option<i64>,
+    /// Whether that is beyond `clock.max_skew_ms` (decisions use the reference).
+    pub clock_skewed: bool,
     pub corrupt_records: usize,
     /// Why the PBX is in its activation state (one sentence).
     pub activation_reason: String,
@@ -135,7 +139,10 @@ struct PageToken {
 pub struct Licensing {
     store: Arc<dyn Store>,
     mirror: Arc<Mirror>,
+    /// The time decisions are made at: `time`, as a plain clock.
     clock: Arc<dyn Clock>,
+    /// Judges this node's clock against the reference (see `keep_high_water`).
+    time: Arc<TimeAuthority>,
     settings: Settings,
     /// The license source (licensing server or license file); `None`: none.
     source: Option<Arc<dyn LicensingServer>>,
@@ -169,14 +176,15 @@ impl Licensing {
     pub fn new(
         store: Arc<dyn Store>,
         mirror: Arc<Mirror>,
-        clock: Arc<dyn Clock>,
+        time: Arc<TimeAuthority>,
         settings: Settings,
         source: Option<Arc<dyn LicensingServer>>,
     ) -> Self {
         Self {
             store,
             mirror,
-            clock,
+            clock: time.clone(),
+            time,
             settings,
             source,
             reconcile_lock: AsyncMutex::new(()),
@@ -202,7 +210,8 @@ impl Licensing {
         a
     }
 
-    /// The time decisions are made at: the node clock, but never behind the
+    /// The time decisions are made at: the node clock as the time authority
+    /// corrects it (the reference while it disagrees), never behind the
     /// high-water clock (the largest time this PBX has seen).
     pub(crate) fn now(&self) -> DateTime<Utc> {
         let node = self.clock.now();
@@ -620,6 +629,8 @@ impl Licensing {
                     .single()
                     .unwrap_or_default(),
                 clock_rolled_back,
+                clock_skew_ms: self.time.skew_ms(),
+                clock_skewed: self.time.skewed(),
                 corrupt_records: state.corrupt_records,
             }
         })

@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, RepairWrite,
-    SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Incident, LicenseWrite, Position,
+    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
 use crate::domain::capacity::reflag;
@@ -481,7 +481,9 @@ impl Store for MemoryStore {
             return Ok(false);
         }
         inner.load(from);
-        inner.high_water_ms = inner.high_water_ms.max(from.high_water_ms);
+        // As in Redis: the replica's mark, but never beyond the store's time.
+        let now = self.clock.now().timestamp_millis();
+        inner.high_water_ms = inner.high_water_ms.max(from.high_water_ms.min(now));
         inner.incident = None;
         inner.version = from.position.as_ref().map_or(0, |p| p.version);
         inner.epoch = Some(new_epoch());
@@ -621,10 +623,16 @@ impl Store for MemoryStore {
         Ok(Some(changes))
     }
 
-    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError> {
+    async fn advance_clock(&self, ms: i64) -> Result<ClockReading, StoreError> {
+        // Embedded, there is no other clock to ask: this process's own clock is
+        // the reference (what Redis `TIME` is for replicas sharing a Redis).
+        let reference_ms = self.clock.now().timestamp_millis();
         let mut inner = self.inner.lock();
-        inner.high_water_ms = inner.high_water_ms.max(ms);
-        Ok(inner.high_water_ms)
+        inner.high_water_ms = inner.high_water_ms.max(ms.min(reference_ms));
+        Ok(ClockReading {
+            high_water_ms: inner.high_water_ms,
+            reference_ms,
+        })
     }
 
     fn describe(&self) -> String {

@@ -48,6 +48,15 @@ pub struct Position {
     pub version: u64,
 }
 
+/// What `Store::advance_clock` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockReading {
+    /// The stored high-water mark (ms).
+    pub high_water_ms: i64,
+    /// The store's own time (ms): Redis `TIME`, the deployment's reference.
+    pub reference_ms: i64,
+}
+
 /// Everything the store holds, read at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -324,9 +333,10 @@ pub trait Store: Send + Sync + 'static {
     /// to above `version_floor` first; every part is a feed entry, the incident last.
     async fn repair(&self, write: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError>;
 
-    /// Raises the stored high-water clock to `ms` if that is larger; returns the
-    /// stored value. Not a versioned write (no feed entry).
-    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError>;
+    /// Raises the stored high-water clock to `ms` if that is larger, but never
+    /// beyond the store's own time (`0` only reads); returns the stored mark and
+    /// that time, the deployment's reference. Not a versioned write (no feed entry).
+    async fn advance_clock(&self, ms: i64) -> Result<ClockReading, StoreError>;
     /// Appends an entry to the audit trail, then drops entries beyond
     /// `retention` (the oldest first, and any older than its age). The trail is
     /// outside the data epoch: it is written even before the store is initialized.

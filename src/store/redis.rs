@@ -40,8 +40,8 @@ use super::records::{
 };
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, LicenseWrite, Position, RepairWrite, SeatKey,
-    Snapshot, Store, StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, ClockReading, LicenseWrite, Position, RepairWrite,
+    SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::config::{RedisConfig, RedisTarget};
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
@@ -1066,14 +1066,20 @@ impl Store for RedisStore {
         }
     }
 
-    async fn advance_clock(&self, ms: i64) -> Result<i64, StoreError> {
+    async fn advance_clock(&self, ms: i64) -> Result<ClockReading, StoreError> {
         let mut inv = CLOCK.prepare_invoke();
         inv.key(self.keys.clock()).arg(ms);
         let mut conn = self.conn.clone();
-        let stored: String = self.bounded("clock", inv.invoke_async(&mut conn)).await?;
-        stored
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("high-water clock {stored:?}")))
+        let (stored, now): (String, String) =
+            self.bounded("clock", inv.invoke_async(&mut conn)).await?;
+        let ms = |v: &str| {
+            v.parse()
+                .map_err(|_| StoreError::Corrupt(format!("high-water clock {v:?}")))
+        };
+        Ok(ClockReading {
+            high_water_ms: ms(&stored)?,
+            reference_ms: ms(&now)?,
+        })
     }
 
     async fn append_audit(

@@ -268,10 +268,18 @@ pub struct AppParts {
 
 impl TestServer {
     pub async fn start(config: RawConfig) -> Self {
-        Self::start_with_clock(config, Arc::new(SystemClock)).await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, Arc::new(SystemClock), listener).await
     }
 
+    /// On a clock the test moves. Such a clock jumps by days while Redis's TIME
+    /// (the reference) does not: unless the test sets `clock.max_skew_ms`, it
+    /// counts as agreeing with the reference however far it is moved.
     pub async fn start_with_clock(config: RawConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut config = config;
+        if config.clock == comtrexx_licensing::config::RawClock::default() {
+            config.clock.max_skew_ms = comtrexx_licensing::config::MAX_CLOCK_SKEW_MS;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::start_on(config, clock, listener).await
     }
@@ -729,4 +737,30 @@ pub fn percentiles(mut samples: Vec<Duration>) -> String {
         samples[samples.len() - 1],
         samples.len()
     )
+}
+
+/// GETs `/metrics` over plain HTTP/1.1.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels).
+pub fn value(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

@@ -6,7 +6,7 @@
 -- ARGV[1] new epoch, ARGV[2] version, ARGV[3] license id, ARGV[4] license record,
 -- ARGV[5] tryout record, ARGV[6] reconcile record, ARGV[7] pending initialization,
 -- ARGV[8] retired license record ('' = none for each), ARGV[9] high-water clock
--- (ms), then seats as (pool index from 1, feature, user, record) quadruples from ARGV[10].
+-- (ms, capped at Redis TIME), then seats as (pool index from 1, feature, user, record) quadruples from ARGV[10].
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 2, #KEYS do
   if i ~= 10 then redis.call('DEL', KEYS[i]) end
@@ -16,8 +16,12 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[9], ARGV[8]) end
-local hw = tonumber(redis.call('GET', KEYS[10]) or '0')
-if tonumber(ARGV[9]) > hw then redis.call('SET', KEYS[10], ARGV[9]) end
+-- The replica's mark is kept, but never beyond Redis's TIME (see clock.lua).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local hw = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
+local mark = math.min(tonumber(ARGV[9]), now)
+if mark > hw then redis.call('SET', KEYS[10], string.format('%.0f', mark)) end
 for i = 10, #ARGV, 4 do
   redis.call('HSET', KEYS[10 + tonumber(ARGV[i])], ARGV[i + 2], ARGV[i + 3])
   redis.call('ZADD', KEYS[7], 0, ARGV[i + 1] .. '\0' .. ARGV[i + 2])
