@@ -95,7 +95,11 @@ impl Default for RawAuth {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAudit {
+    /// Accepted changes kept at most.
     pub max_entries: u64,
+    /// Refusals kept at most, apart from the changes (refusals never displace
+    /// a change).
+    pub max_refusals: u64,
     pub max_age_days: u32,
 }
 
@@ -104,6 +108,7 @@ impl Default for RawAudit {
         let r = AuditRetention::default();
         Self {
             max_entries: r.max_entries,
+            max_refusals: r.max_refusals,
             max_age_days: u32::try_from(r.max_age.num_days()).unwrap_or(400),
         }
     }
@@ -807,6 +812,9 @@ impl RawConfig {
         if !(1..=100_000_000).contains(&self.audit.max_entries) {
             return Err(invalid("audit.max_entries", "must be 1 to 100000000"));
         }
+        if !(1..=100_000_000).contains(&self.audit.max_refusals) {
+            return Err(invalid("audit.max_refusals", "must be 1 to 100000000"));
+        }
         if !(1..=36_500).contains(&self.audit.max_age_days) {
             return Err(invalid("audit.max_age_days", "must be 1 to 36500"));
         }
@@ -818,6 +826,7 @@ impl RawConfig {
             },
             audit: AuditRetention {
                 max_entries: self.audit.max_entries,
+                max_refusals: self.audit.max_refusals,
                 max_age: chrono::Duration::days(i64::from(self.audit.max_age_days)),
             },
             development_installation: self.development_installation,
@@ -1332,6 +1341,7 @@ mod tests {
                 "auth.reload_interval_ms",
             ),
             (Box::new(|c| c.audit.max_entries = 0), "audit.max_entries"),
+            (Box::new(|c| c.audit.max_refusals = 0), "audit.max_refusals"),
             (Box::new(|c| c.audit.max_age_days = 0), "audit.max_age_days"),
             (
                 Box::new(|c| c.tls.client_ca_file = Some("ca.pem".into())),

@@ -16,7 +16,7 @@ use super::policy::{self, Target};
 use super::tls::{Peer, PeerCertificate};
 use super::{AuthError, AuthMode, Caller, Role};
 use crate::audit::Auditor;
-use crate::domain::audit::AuditEvent;
+use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN, UNKNOWN_METHOD};
 
 /// What the layer decides with; shared by all connections.
 pub struct Authenticator {
@@ -105,15 +105,24 @@ impl Authenticator {
         let code = crate::grpc::handlers::code_label(code);
         crate::metrics::auth_metrics().refused(error.reason(), code);
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        let (method, detail) = match audit_method(path) {
+            Some(method) => (method.to_owned(), error.to_string()),
+            // Paths the service does not serve share one method label, so a
+            // client inventing paths floods one summary, not the trail.
+            None => (
+                UNKNOWN_METHOD.to_owned(),
+                format!("{}: {error}", AuditEvent::bounded(path, 64)),
+            ),
+        };
         self.audit.record_refusal(AuditEvent {
             time: self.audit.now(),
             caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
             role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
-            method: AuditEvent::bounded(method_name(path), 128),
+            method,
             user_id: String::new(),
             feature: String::new(),
             code: code.to_owned(),
-            detail: AuditEvent::bounded(&error.to_string(), crate::domain::audit::MAX_DETAIL_LEN),
+            detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
             trace_id: traceparent
                 .and_then(crate::telemetry::traceparent_trace_id)
                 .unwrap_or_default(),
@@ -125,6 +134,19 @@ impl Authenticator {
 fn method_name(path: &str) -> &str {
     path.strip_prefix(policy::SERVICE_PREFIX).unwrap_or(path)
 }
+
+/// The audit trail's method of a request path: the RPC's short name, or the
+/// path of a reflection RPC; `None` for a path the service does not serve.
+fn audit_method(path: &str) -> Option<&str> {
+    match policy::target(path) {
+        Target::Rpc(method) => policy::rule_of(method).map(|r| r.method),
+        Target::Reflection | Target::Health if path.ends_with(REFLECTION_METHOD) => Some(path),
+        Target::Reflection | Target::Health | Target::Other(_) => None,
+    }
+}
+
+/// The one method of both reflection services (`v1` and `v1alpha`).
+const REFLECTION_METHOD: &str = "/ServerReflectionInfo";
 
 /// The tower layer (`Server::builder().layer(AuthLayer::new(..))`).
 #[derive(Clone)]
@@ -260,6 +282,25 @@ mod tests {
             authenticator(AuthMode::Protected).identify(&headers, Some(&peer("127.0.0.1:5"))),
             Err(AuthError::UnknownToken)
         );
+    }
+
+    #[test]
+    fn paths_the_service_does_not_serve_share_one_method() {
+        assert_eq!(
+            audit_method("/comtrexx.licensing.v1.LicensingService/CheckSeat"),
+            Some("CheckSeat")
+        );
+        assert_eq!(
+            audit_method("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        );
+        for path in [
+            "/x.Y/Z1",
+            "/comtrexx.licensing.v1.LicensingService/Nope",
+            "/grpc.reflection.v1.ServerReflection/Z",
+        ] {
+            assert_eq!(audit_method(path), None, "{path}");
+        }
     }
 
     #[test]
