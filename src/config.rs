@@ -80,6 +80,12 @@ pub struct RawAuth {
     pub callers_file: Option<PathBuf>,
     /// How often the callers file and the TLS files are checked for changes.
     pub reload_interval_ms: u64,
+    /// Accept a callers file that names no callers (else it is refused at
+    /// start and on reload, keeping the callers in force).
+    pub allow_empty_callers_file: bool,
+    /// Accept bearer tokens over plaintext from peers that are not on loopback
+    /// (else refused: the token crossed the network in clear text).
+    pub allow_plaintext_tokens: bool,
 }
 
 impl Default for RawAuth {
@@ -88,6 +94,8 @@ impl Default for RawAuth {
             mode: "protected".into(),
             callers_file: None,
             reload_interval_ms: 5000,
+            allow_empty_callers_file: false,
+            allow_plaintext_tokens: false,
         }
     }
 }
@@ -120,6 +128,8 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     pub callers_file: Option<PathBuf>,
     pub reload_interval: Duration,
+    pub allow_empty_callers_file: bool,
+    pub allow_plaintext_tokens: bool,
 }
 
 /// Spans exported over OTLP, set independently of the log lines.
@@ -803,7 +813,7 @@ impl RawConfig {
             )
         })?;
         if let Some(path) = &self.auth.callers_file {
-            crate::auth::callers::CallersFile::load(Some(path))
+            crate::auth::callers::CallersFile::load(Some(path), self.auth.allow_empty_callers_file)
                 .map_err(|m| invalid("auth.callers_file", m))?;
         }
         if !(100..=3_600_000).contains(&self.auth.reload_interval_ms) {
@@ -823,6 +833,8 @@ impl RawConfig {
                 mode,
                 callers_file: self.auth.callers_file.clone(),
                 reload_interval: Duration::from_millis(self.auth.reload_interval_ms),
+                allow_empty_callers_file: self.auth.allow_empty_callers_file,
+                allow_plaintext_tokens: self.auth.allow_plaintext_tokens,
             },
             audit: AuditRetention {
                 max_entries: self.audit.max_entries,

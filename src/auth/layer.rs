@@ -23,6 +23,9 @@ pub struct Authenticator {
     pub mode: AuthMode,
     pub callers: Arc<CallersFile>,
     pub audit: Auditor,
+    /// Refuse bearer tokens from peers not on loopback: the listener serves
+    /// plaintext and `auth.allow_plaintext_tokens` is off.
+    pub refuse_plaintext_tokens: bool,
 }
 
 impl Authenticator {
@@ -39,6 +42,11 @@ impl Authenticator {
             });
         }
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            // A token that crossed the network in clear text is refused, valid
+            // or not: accepting it would make that the normal way to call.
+            if self.refuse_plaintext_tokens && !peer.is_some_and(Peer::is_loopback) {
+                return Err(AuthError::PlaintextToken);
+            }
             let token = bearer(value.as_bytes()).map_err(AuthError::MalformedToken)?;
             return self
                 .callers
@@ -240,9 +248,38 @@ mod tests {
             Auditor::new(store, Arc::new(SystemClock), AuditRetention::default());
         Authenticator {
             mode,
-            callers: Arc::new(CallersFile::load(None).unwrap()),
+            callers: Arc::new(CallersFile::load(None, false).unwrap()),
             audit,
+            refuse_plaintext_tokens: false,
         }
+    }
+
+    #[test]
+    fn a_token_over_plaintext_is_refused_unless_from_loopback() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer nope".parse().unwrap());
+        let auth = Authenticator {
+            refuse_plaintext_tokens: true,
+            ..authenticator(AuthMode::Enforce)
+        };
+        assert_eq!(
+            auth.identify(&headers, Some(&peer("10.1.2.3:5"))),
+            Err(AuthError::PlaintextToken)
+        );
+        assert_eq!(
+            auth.identify(&headers, None),
+            Err(AuthError::PlaintextToken)
+        );
+        // From loopback the token never crossed a network: checked as usual.
+        assert_eq!(
+            auth.identify(&headers, Some(&peer("127.0.0.1:5"))),
+            Err(AuthError::UnknownToken)
+        );
+        assert!(
+            AuthError::PlaintextToken
+                .to_string()
+                .contains("auth.allow_plaintext_tokens")
+        );
     }
 
     fn peer(addr: &str) -> Peer {
