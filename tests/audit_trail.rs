@@ -6,17 +6,25 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestServer, config, refusals_in};
+use common::{RedisServer, TestServer, config, refusals_in, with_token};
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
 
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
+/// A callers file of token callers `(name, role, token)` in `dir`.
+fn callers_file(dir: &std::path::Path, callers: &[(&str, &str, &str)]) -> std::path::PathBuf {
+    let text: String = callers
+        .iter()
+        .map(|(name, role, token)| {
+            format!(
+                "[[caller]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n\n",
+                token_sha256(token)
+            )
+        })
+        .collect();
+    let path = dir.join("callers.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 fn seat(user: &str) -> pb::AssignSeatRequest {
@@ -64,17 +72,13 @@ async fn a_second_replica_lists_what_the_first_recorded() {
     let serial = common::serial("audit");
     let (admin, pbx) = (new_token(), new_token());
     let dir = tempfile::tempdir().unwrap();
-    let callers = dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"admin-ui\"\nrole = \"user_management\"\ntoken_sha256 = \"{}\"\n\n\
-             [[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&admin),
-            token_sha256(&pbx)
-        ),
-    )
-    .unwrap();
+    let callers = callers_file(
+        dir.path(),
+        &[
+            ("admin-ui", "user_management", &admin),
+            ("pbx", "call_handling", &pbx),
+        ],
+    );
     let mut raw = config(Some(&redis), &serial);
     raw.auth.callers_file = Some(callers);
     let first = TestServer::start(raw.clone()).await;
@@ -151,15 +155,7 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
     let redis = RedisServer::start();
     let operator = new_token();
     let dir = tempfile::tempdir().unwrap();
-    let callers = dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"ops\"\nrole = \"operator\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&operator)
-        ),
-    )
-    .unwrap();
+    let callers = callers_file(dir.path(), &[("ops", "operator", &operator)]);
     let mut raw = config(Some(&redis), &common::serial("flood"));
     raw.auth.mode = "enforce".into();
     raw.auth.callers_file = Some(callers);
@@ -236,17 +232,13 @@ async fn small_trail() -> (RedisServer, TestServer, common::Client, String, Stri
     let redis = RedisServer::start();
     let (operator, pbx) = (new_token(), new_token());
     let dir = tempfile::tempdir().unwrap();
-    let callers = dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"ops\"\nrole = \"operator\"\ntoken_sha256 = \"{}\"\n\n\
-             [[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&operator),
-            token_sha256(&pbx)
-        ),
-    )
-    .unwrap();
+    let callers = callers_file(
+        dir.path(),
+        &[
+            ("ops", "operator", &operator),
+            ("pbx", "call_handling", &pbx),
+        ],
+    );
     let mut raw = config(Some(&redis), &common::serial("small-trail"));
     raw.auth.mode = "enforce".into();
     raw.auth.callers_file = Some(callers);

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::pki::{Pem, Pki, tls_channel, tls_channel_lazy};
-use common::{TestServer, audited, config, eventually};
+use common::{TestServer, audited, config, eventually, with_token};
 use comtrexx_licensing::auth::Role;
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::auth::policy::{POLICY, SERVICE_PREFIX};
@@ -461,15 +461,6 @@ impl Drop for Netns {
     }
 }
 
-/// `message` with `token` as its bearer token.
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
 /// How calls from a peer in a network namespace of the test's own end, on a
 /// plaintext server in `protected` mode whose callers file has a monitoring
 /// token: (no credentials, the token reading the overview, the token resetting
@@ -729,6 +720,8 @@ async fn callers_file_changes_apply_without_restart() {
     raw.auth.mode = "enforce".into();
     raw.auth.reload_interval_ms = 100;
     raw.auth.callers_file = Some(callers_file(dir.path(), &[]));
+    // Starting without callers is meant here (they come later).
+    raw.auth.allow_empty_callers_file = true;
     let server = TestServer::start(raw).await;
     let channel = Channel::from_shared(server.endpoint())
         .unwrap()

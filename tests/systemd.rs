@@ -231,6 +231,19 @@ async fn no_watchdog_pings_without_watchdog_usec() {
     assert_eq!(seen, None, "no notifications while idle without a watchdog");
 }
 
+/// Sends SIGHUP and checks that systemd hears `RELOADING=1`, then `READY=1`
+/// with a status line naming `part` as failed.
+async fn reload_fails_for(service: &Service, notify: &NotifySocket, part: &str) {
+    service.signal("HUP");
+    notify.expect("RELOADING=1", Duration::from_secs(10)).await;
+    let seen = notify.expect("READY=1", Duration::from_secs(30)).await;
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("STATUS=") && l.contains(part)),
+        "systemctl status names the part that failed: {seen:?}"
+    );
+}
+
 /// The purchased `user` quantity the service reports.
 async fn user_quantity(client: &mut Client) -> Option<u32> {
     overview(client)
@@ -278,14 +291,7 @@ async fn sighup_reloads_the_license_file_and_keeps_the_license_when_broken() {
 
     // A broken file: the reload fails, says so, and the running license stays.
     std::fs::write(&license, "{ not a license").unwrap();
-    service.signal("HUP");
-    notify.expect("RELOADING=1", Duration::from_secs(10)).await;
-    let seen = notify.expect("READY=1", Duration::from_secs(30)).await;
-    assert!(
-        seen.iter()
-            .any(|l| l.starts_with("STATUS=") && l.contains("license file")),
-        "systemctl status names the part that failed: {seen:?}"
-    );
+    reload_fails_for(&service, &notify, "license file").await;
     assert_eq!(user_quantity(&mut client).await, Some(9));
     let after_broken = overview(&mut client).await;
     assert_eq!(
@@ -387,12 +393,8 @@ fn monitoring_caller(token: &str) -> String {
 
 /// Whether `GetLicenseOverview` with `token` is answered.
 async fn overview_with(client: &mut Client, token: &str) -> Result<(), tonic::Code> {
-    let mut request = tonic::Request::new(pb::GetLicenseOverviewRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     client
-        .get_license_overview(request)
+        .get_license_overview(with_token(pb::GetLicenseOverviewRequest {}, token))
         .await
         .map(drop)
         .map_err(|s| s.code())
@@ -424,14 +426,7 @@ async fn an_empty_callers_file_is_refused_and_the_callers_stay() {
 
     // An editor truncates the file before writing it: SIGHUP refuses it...
     std::fs::write(&callers, "").unwrap();
-    service.signal("HUP");
-    notify.expect("RELOADING=1", Duration::from_secs(10)).await;
-    let seen = notify.expect("READY=1", Duration::from_secs(30)).await;
-    assert!(
-        seen.iter()
-            .any(|l| l.starts_with("STATUS=") && l.contains("callers file")),
-        "systemctl status names the part that failed: {seen:?}"
-    );
+    reload_fails_for(&service, &notify, "callers file").await;
     // ... and so does the periodic check, with a warning.
     assert!(
         eventually(Duration::from_secs(10), || async {
