@@ -159,6 +159,7 @@ async fn layer_cost(
         mode,
         callers: callers.clone(),
         audit,
+        refuse_plaintext_tokens: false,
     }));
     let request = || {
         let mut request = http::Request::new(());
@@ -358,7 +359,7 @@ async fn main() {
     }
 
     // The layer alone, in-process.
-    let callers = Arc::new(CallersFile::load(Some(&callers)).unwrap());
+    let callers = Arc::new(CallersFile::load(Some(&callers), false).unwrap());
     let loopback = "127.0.0.1:40000".parse().ok();
     let plain_peer = Peer {
         addr: loopback,

@@ -125,14 +125,18 @@ impl App {
             tracing::info!(client_certificates, "TLS on the gRPC listener");
         }
         let callers = Arc::new(
-            CallersFile::load(config.auth.callers_file.as_deref())
-                .map_err(anyhow::Error::msg)
-                .context("load auth.callers_file")?,
+            CallersFile::load(
+                config.auth.callers_file.as_deref(),
+                config.auth.allow_empty_callers_file,
+            )
+            .map_err(anyhow::Error::msg)
+            .context("load auth.callers_file")?,
         );
         let auth = Arc::new(Authenticator {
             mode: config.auth.mode,
             callers: callers.clone(),
             audit: audit.clone(),
+            refuse_plaintext_tokens: tls.is_none() && !config.auth.allow_plaintext_tokens,
         });
         // What SIGHUP (`systemctl reload`) re-reads; a part that fails keeps its state.
         let mut reloads = Reloads::default();

@@ -4,10 +4,12 @@
 //! the call it records and never changes its answer: a full queue or a store
 //! that cannot take the entry leaves the log line and a counter.
 //!
-//! Refusals made before a handler ran ([`Auditor::record_refusal`]: the
-//! authorization layer, the limits, the TLS handshake) are stored one by one
-//! up to a limit per caller, method and code each second; the rest of a flood
-//! becomes one summary entry a second ([`RefusalFloods`]).
+//! Every refusal ([`Auditor::record_refusal`]: by the authorization layer, the
+//! limits, the TLS handshake or a handler) is stored one by one up to a limit
+//! per caller, method and code and a limit in total each second; the rest of a
+//! flood becomes summary entries, at most a few a second ([`RefusalFloods`]).
+//! The store keeps refusals apart from accepted changes, each under its own
+//! bound, so refusals never push a change out of the trail.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,9 +90,9 @@ impl Auditor {
         self.clock.now()
     }
 
-    /// Records a call refused before a handler ran: on its own while its
-    /// caller, method and code are within their allowance, else counted into
-    /// the next summary entry.
+    /// Records a refused call: on its own while its caller, method and code
+    /// (and all refusals together) are within their allowance, else counted
+    /// into the next summary entry. O(1) under the lock.
     pub fn record_refusal(&self, event: AuditEvent) {
         if self.floods.lock().admit(&event, Instant::now()) {
             self.record(event);

@@ -84,6 +84,12 @@ pub struct RawAuth {
     pub callers_file: Option<PathBuf>,
     /// How often the callers file and the TLS files are checked for changes.
     pub reload_interval_ms: u64,
+    /// Accept a callers file that names no callers (else it is refused at
+    /// start and on reload, keeping the callers in force).
+    pub allow_empty_callers_file: bool,
+    /// Accept bearer tokens over plaintext from peers that are not on loopback
+    /// (else refused: the token crossed the network in clear text).
+    pub allow_plaintext_tokens: bool,
 }
 
 impl Default for RawAuth {
@@ -92,6 +98,8 @@ impl Default for RawAuth {
             mode: "protected".into(),
             callers_file: None,
             reload_interval_ms: 5000,
+            allow_empty_callers_file: false,
+            allow_plaintext_tokens: false,
         }
     }
 }
@@ -99,7 +107,11 @@ impl Default for RawAuth {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAudit {
+    /// Accepted changes kept at most.
     pub max_entries: u64,
+    /// Refusals kept at most, apart from the changes (refusals never displace
+    /// a change).
+    pub max_refusals: u64,
     pub max_age_days: u32,
 }
 
@@ -108,6 +120,7 @@ impl Default for RawAudit {
         let r = AuditRetention::default();
         Self {
             max_entries: r.max_entries,
+            max_refusals: r.max_refusals,
             max_age_days: u32::try_from(r.max_age.num_days()).unwrap_or(400),
         }
     }
@@ -119,6 +132,8 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     pub callers_file: Option<PathBuf>,
     pub reload_interval: Duration,
+    pub allow_empty_callers_file: bool,
+    pub allow_plaintext_tokens: bool,
 }
 
 /// Spans exported over OTLP, set independently of the log lines.
@@ -832,7 +847,7 @@ impl RawConfig {
             )
         })?;
         if let Some(path) = &self.auth.callers_file {
-            crate::auth::callers::CallersFile::load(Some(path))
+            crate::auth::callers::CallersFile::load(Some(path), self.auth.allow_empty_callers_file)
                 .map_err(|m| invalid("auth.callers_file", m))?;
         }
         if !(100..=3_600_000).contains(&self.auth.reload_interval_ms) {
@@ -840,6 +855,9 @@ impl RawConfig {
         }
         if !(1..=100_000_000).contains(&self.audit.max_entries) {
             return Err(invalid("audit.max_entries", "must be 1 to 100000000"));
+        }
+        if !(1..=100_000_000).contains(&self.audit.max_refusals) {
+            return Err(invalid("audit.max_refusals", "must be 1 to 100000000"));
         }
         if !(1..=36_500).contains(&self.audit.max_age_days) {
             return Err(invalid("audit.max_age_days", "must be 1 to 36500"));
@@ -849,9 +867,12 @@ impl RawConfig {
                 mode,
                 callers_file: self.auth.callers_file.clone(),
                 reload_interval: Duration::from_millis(self.auth.reload_interval_ms),
+                allow_empty_callers_file: self.auth.allow_empty_callers_file,
+                allow_plaintext_tokens: self.auth.allow_plaintext_tokens,
             },
             audit: AuditRetention {
                 max_entries: self.audit.max_entries,
+                max_refusals: self.audit.max_refusals,
                 max_age: chrono::Duration::days(i64::from(self.audit.max_age_days)),
             },
             development_installation: self.development_installation,
@@ -1372,6 +1393,7 @@ mod tests {
                 "auth.reload_interval_ms",
             ),
             (Box::new(|c| c.audit.max_entries = 0), "audit.max_entries"),
+            (Box::new(|c| c.audit.max_refusals = 0), "audit.max_refusals"),
             (Box::new(|c| c.audit.max_age_days = 0), "audit.max_age_days"),
             (
                 Box::new(|c| c.tls.client_ca_file = Some("ca.pem".into())),

@@ -6,17 +6,25 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestServer, config, refusals_in};
+use common::{RedisServer, TestServer, config, refusals_in, with_token};
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
 
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
+/// A callers file of token callers `(name, role, token)` in `dir`.
+fn callers_file(dir: &std::path::Path, callers: &[(&str, &str, &str)]) -> std::path::PathBuf {
+    let text: String = callers
+        .iter()
+        .map(|(name, role, token)| {
+            format!(
+                "[[caller]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n\n",
+                token_sha256(token)
+            )
+        })
+        .collect();
+    let path = dir.join("callers.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 fn seat(user: &str) -> pb::AssignSeatRequest {
@@ -64,17 +72,13 @@ async fn a_second_replica_lists_what_the_first_recorded() {
     let serial = common::serial("audit");
     let (admin, pbx) = (new_token(), new_token());
     let dir = tempfile::tempdir().unwrap();
-    let callers = dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"admin-ui\"\nrole = \"user_management\"\ntoken_sha256 = \"{}\"\n\n\
-             [[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&admin),
-            token_sha256(&pbx)
-        ),
-    )
-    .unwrap();
+    let callers = callers_file(
+        dir.path(),
+        &[
+            ("admin-ui", "user_management", &admin),
+            ("pbx", "call_handling", &pbx),
+        ],
+    );
     let mut raw = config(Some(&redis), &serial);
     raw.auth.callers_file = Some(callers);
     let first = TestServer::start(raw.clone()).await;
@@ -151,15 +155,7 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
     let redis = RedisServer::start();
     let operator = new_token();
     let dir = tempfile::tempdir().unwrap();
-    let callers = dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"ops\"\nrole = \"operator\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&operator)
-        ),
-    )
-    .unwrap();
+    let callers = callers_file(dir.path(), &[("ops", "operator", &operator)]);
     let mut raw = config(Some(&redis), &common::serial("flood"));
     raw.auth.mode = "enforce".into();
     raw.auth.callers_file = Some(callers);
@@ -221,5 +217,183 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
         "{} entries for {FLOOD} refusals",
         entries.len()
     );
+    server.shutdown().await;
+}
+
+/// How many calls each flood below makes.
+const FLOOD_CALLS: u64 = 4000;
+/// How many of them are in flight at once.
+const FLOOD_CONCURRENCY: usize = 50;
+
+/// A server on its own Redis in `enforce` mode with a small trail
+/// (`audit.max_entries = 50`) and an operator (`ops`) and call handling
+/// (`pbx`) token; the operator's `StartTryout` is the trail's first entry.
+async fn small_trail() -> (RedisServer, TestServer, common::Client, String, String) {
+    let redis = RedisServer::start();
+    let (operator, pbx) = (new_token(), new_token());
+    let dir = tempfile::tempdir().unwrap();
+    let callers = callers_file(
+        dir.path(),
+        &[
+            ("ops", "operator", &operator),
+            ("pbx", "call_handling", &pbx),
+        ],
+    );
+    let mut raw = config(Some(&redis), &common::serial("small-trail"));
+    raw.auth.mode = "enforce".into();
+    raw.auth.callers_file = Some(callers);
+    raw.audit.max_entries = 50;
+    let server = TestServer::start(raw).await;
+    // The config was validated at start: the file is no longer needed.
+    drop(dir);
+    let mut client = server.client().await;
+    client
+        .start_tryout(with_token(pb::StartTryoutRequest {}, &operator))
+        .await
+        .expect("the operator starts the tryout");
+    (redis, server, client, operator, pbx)
+}
+
+/// Every entry of the trail, newest first (paged).
+async fn whole_trail(client: &common::Client, operator: &str) -> Vec<pb::AuditEvent> {
+    let mut events = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .clone()
+            .list_audit_events(with_token(
+                pb::ListAuditEventsRequest {
+                    page_size: 1000,
+                    page_token: token,
+                    user_id: String::new(),
+                },
+                operator,
+            ))
+            .await
+            .expect("list the audit trail")
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Runs `FLOOD_CALLS` calls of `call(i)`, `FLOOD_CONCURRENCY` at a time, and
+/// checks each ends with `code`; the flood's duration in whole seconds, rounded up.
+async fn flood<F, Fut>(code: Code, call: F) -> u64
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Code>,
+{
+    use futures::StreamExt as _;
+    let started = std::time::Instant::now();
+    let codes: Vec<Code> = futures::stream::iter(0..FLOOD_CALLS)
+        .map(call)
+        .buffer_unordered(FLOOD_CONCURRENCY)
+        .collect()
+        .await;
+    assert!(codes.iter().all(|c| *c == code), "every call ends {code:?}");
+    started.elapsed().as_secs() + 1
+}
+
+/// Waits (bounded) until the refusals that `matches` account for the whole
+/// flood (their summaries are written a second after it); checks that the
+/// operator's `StartTryout` is still listed and that the refusals were
+/// bounded in total and summarized; returns them.
+async fn check_flood_bounded(
+    client: &common::Client,
+    operator: &str,
+    seconds: u64,
+    matches: impl Fn(&pb::AuditEvent) -> bool,
+) -> Vec<pb::AuditEvent> {
+    let accounted = common::eventually(Duration::from_secs(15), || {
+        let client = client.clone();
+        let matches = &matches;
+        async move {
+            let trail = whole_trail(&client, operator).await;
+            let refusals: u64 = trail.iter().filter(|e| matches(e)).map(refusals_in).sum();
+            refusals == FLOOD_CALLS
+        }
+    })
+    .await;
+    let trail = whole_trail(client, operator).await;
+    let refusals: Vec<pb::AuditEvent> = trail.iter().filter(|e| matches(e)).cloned().collect();
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.method == "StartTryout" && e.caller == "ops" && e.code == "OK"),
+        "the operator's StartTryout is still listed ({} entries)",
+        trail.len()
+    );
+    assert!(accounted, "every refusal is accounted for: {refusals:#?}");
+    use comtrexx_licensing::domain::audit::{
+        REFUSALS_STORED_PER_INTERVAL_TOTAL, SUMMARIES_PER_INTERVAL,
+    };
+    // Per second of the flood (and the one after it): the total allowance
+    // and the summaries, whatever the keys.
+    let bound = (u64::from(REFUSALS_STORED_PER_INTERVAL_TOTAL) + SUMMARIES_PER_INTERVAL as u64 + 1)
+        * (seconds + 1);
+    assert!(
+        (refusals.len() as u64) <= bound,
+        "{} refusal entries for {FLOOD_CALLS} refusals in {seconds} s (bound {bound})",
+        refusals.len()
+    );
+    assert!(
+        refusals.iter().any(|e| refusals_in(e) > 1),
+        "the flood is summarized"
+    );
+    refusals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_paths_never_push_an_operators_change_out() {
+    let (_redis, server, client, operator, _) = small_trail().await;
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let seconds = flood(Code::Unauthenticated, |i| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        async move {
+            grpc.ready().await.unwrap();
+            let path = http::uri::PathAndQuery::try_from(format!("/x.Y/Z{i}")).unwrap();
+            let codec = tonic_prost::ProstCodec::<(), ()>::default();
+            grpc.unary(tonic::Request::new(()), path, codec)
+                .await
+                .unwrap_err()
+                .code()
+        }
+    })
+    .await;
+    let refusals =
+        check_flood_bounded(&client, &operator, seconds, |e| e.code == "UNAUTHENTICATED").await;
+    // One method for every path the service does not serve; the path is in the detail.
+    for event in &refusals {
+        assert_eq!(event.method, "(unknown)", "{event:?}");
+    }
+    assert!(
+        refusals.iter().any(|e| e.detail.contains("/x.Y/Z")),
+        "{refusals:#?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_handler_refusals_never_pushes_an_operators_change_out() {
+    let (_redis, server, client, operator, pbx) = small_trail().await;
+    // A misconfigured PBX: CheckSeat without a user id, again and again.
+    let seconds = flood(Code::InvalidArgument, |_| {
+        let mut client = client.clone();
+        let request = with_token(pb::CheckSeatRequest::default(), &pbx);
+        async move { client.check_seat(request).await.unwrap_err().code() }
+    })
+    .await;
+    check_flood_bounded(&client, &operator, seconds, |e| {
+        e.method == "CheckSeat" && e.code == "INVALID_ARGUMENT"
+    })
+    .await;
     server.shutdown().await;
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::pki::{Pem, Pki, tls_channel, tls_channel_lazy};
-use common::{TestServer, audited, config, eventually};
+use common::{TestServer, audited, config, eventually, with_token};
 use comtrexx_licensing::auth::Role;
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
 use comtrexx_licensing::auth::policy::{POLICY, SERVICE_PREFIX};
@@ -461,8 +461,11 @@ impl Drop for Netns {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protected_mode_asks_a_remote_peer_for_credentials() {
+/// How calls from a peer in a network namespace of the test's own end, on a
+/// plaintext server in `protected` mode whose callers file has a monitoring
+/// token: (no credentials, the token reading the overview, the token resetting
+/// the activation), each `None` for OK or the refusal's (code, reason).
+async fn remote_plaintext_calls(allow_plaintext_tokens: bool) -> [Option<(Code, String)>; 3] {
     let netns = Netns::create();
     let token = new_token();
     let dir = tempfile::tempdir().unwrap();
@@ -471,18 +474,29 @@ async fn protected_mode_asks_a_remote_peer_for_credentials() {
         dir.path(),
         &[(Role::Monitoring, token.clone())],
     ));
+    raw.auth.allow_plaintext_tokens = allow_plaintext_tokens;
     let listener = tokio::net::TcpListener::bind(format!("{}:0", netns.host_ip))
         .await
         .expect("bind the host end of the veth pair");
     let server = TestServer::start_on(raw, Arc::new(SystemClock), listener).await;
     let endpoint = format!("http://{}", server.addr);
-    let codes = netns
+    let outcomes = netns
         .run(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async move {
+                use tonic_types::StatusExt as _;
+                let outcome = |result: Result<(), tonic::Status>| {
+                    result.err().map(|s| {
+                        let reason = s
+                            .get_details_error_info()
+                            .map(|i| i.reason)
+                            .unwrap_or_default();
+                        (s.code(), reason)
+                    })
+                };
                 let channel = Channel::from_shared(endpoint)
                     .unwrap()
                     .connect_timeout(Duration::from_secs(5))
@@ -493,39 +507,52 @@ async fn protected_mode_asks_a_remote_peer_for_credentials() {
                 let anonymous = client
                     .get_license_overview(pb::GetLicenseOverviewRequest {})
                     .await
-                    .err()
-                    .map(|s| s.code());
-                let mut request = tonic::Request::new(pb::GetLicenseOverviewRequest {});
-                request
-                    .metadata_mut()
-                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
-                let with_token = client
-                    .get_license_overview(request)
+                    .map(drop);
+                let overview = client
+                    .get_license_overview(with_token(pb::GetLicenseOverviewRequest {}, &token))
                     .await
-                    .err()
-                    .map(|s| s.code());
-                let mut request = tonic::Request::new(pb::ResetActivationRequest {});
-                request
-                    .metadata_mut()
-                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                    .map(drop);
                 let reset = client
-                    .reset_activation(request)
+                    .reset_activation(with_token(pb::ResetActivationRequest {}, &token))
                     .await
-                    .err()
-                    .map(|s| s.code());
-                (anonymous, with_token, reset)
+                    .map(drop);
+                [outcome(anonymous), outcome(overview), outcome(reset)]
             })
         })
         .join()
         .expect("the namespace client");
-    assert_eq!(codes.0, Some(Code::Unauthenticated), "no credentials");
-    assert_eq!(codes.1, None, "a monitoring token may read the overview");
+    server.shutdown().await;
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_mode_refuses_a_remote_token_over_plaintext() {
+    let [anonymous, overview, reset] = remote_plaintext_calls(false).await;
+    let refused = Some((Code::Unauthenticated, "PLAINTEXT_TOKEN".to_owned()));
     assert_eq!(
-        codes.2,
+        anonymous,
+        Some((Code::Unauthenticated, "NO_CREDENTIALS".to_owned())),
+        "no credentials"
+    );
+    assert_eq!(overview, refused, "a token in clear text from another host");
+    assert_eq!(reset, refused, "refused before the role is looked at");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_mode_asks_a_remote_peer_for_credentials() {
+    // Plaintext tokens allowed explicitly (a network protected otherwise).
+    let [anonymous, overview, reset] = remote_plaintext_calls(true).await;
+    assert_eq!(
+        anonymous.map(|o| o.0),
+        Some(Code::Unauthenticated),
+        "no credentials"
+    );
+    assert_eq!(overview, None, "a monitoring token may read the overview");
+    assert_eq!(
+        reset.map(|o| o.0),
         Some(Code::PermissionDenied),
         "but not reset activation"
     );
-    server.shutdown().await;
 }
 
 /// The server certificate a fresh TLS connection is shown.
@@ -693,6 +720,8 @@ async fn callers_file_changes_apply_without_restart() {
     raw.auth.mode = "enforce".into();
     raw.auth.reload_interval_ms = 100;
     raw.auth.callers_file = Some(callers_file(dir.path(), &[]));
+    // Starting without callers is meant here (they come later).
+    raw.auth.allow_empty_callers_file = true;
     let server = TestServer::start(raw).await;
     let channel = Channel::from_shared(server.endpoint())
         .unwrap()

@@ -28,6 +28,17 @@ fn packaged_configuration_is_valid_and_uses_the_local_redis() {
         let redis = config.redis.expect("a Redis store, not the in-memory one");
         assert_eq!(redis.url, "redis://127.0.0.1:6379/0");
         assert!(matches!(config.license_source, LicenseSourceConfig::None));
+        // The VM's own services call it locally: nothing listens beyond loopback.
+        assert!(
+            config.listen_addr.ip().is_loopback(),
+            "{}",
+            config.listen_addr
+        );
+        assert!(
+            config.metrics_addr.is_none_or(|a| a.ip().is_loopback()),
+            "{:?}",
+            config.metrics_addr
+        );
         Ok(())
     });
 }

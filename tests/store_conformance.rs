@@ -191,6 +191,7 @@ conformance! {
     wipe: restore_caps_the_high_water_clock;
     store: audit_lists_newest_first_in_pages;
     store: audit_is_bounded_by_max_entries;
+    store: audit_refusals_never_displace_changes;
     store: audit_drops_entries_older_than_max_age;
 }
 
@@ -2766,7 +2767,8 @@ async fn audit_is_bounded_by_max_entries(store: &dyn Store) {
         max_entries: 5,
         ..AuditRetention::default()
     };
-    for n in 0..12 {
+    // Accepted changes only (even numbers): the newest max_entries are kept.
+    for n in (0..24).step_by(2) {
         store
             .append_audit(&audit_event(n), &retention)
             .await
@@ -2775,9 +2777,49 @@ async fn audit_is_bounded_by_max_entries(store: &dyn Store) {
     let kept = audit_users(store, None, 100).await;
     assert_eq!(
         kept,
-        ["user-11", "user-10", "user-9", "user-8", "user-7"],
+        ["user-22", "user-20", "user-18", "user-16", "user-14"],
         "the newest max_entries are kept"
     );
+}
+
+/// Refusals (odd numbers) are bounded apart from the changes: however many
+/// come, the changes stay; the listing merges both, newest first, and pages
+/// visit every entry once.
+async fn audit_refusals_never_displace_changes(store: &dyn Store) {
+    let retention = AuditRetention {
+        max_entries: 3,
+        max_refusals: 4,
+        ..AuditRetention::default()
+    };
+    for n in [0, 1, 2, 4] {
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
+    }
+    for n in (5..200).step_by(2) {
+        store
+            .append_audit(&audit_event(n), &retention)
+            .await
+            .unwrap();
+    }
+    store
+        .append_audit(&audit_event(200), &retention)
+        .await
+        .unwrap();
+    let expected = [
+        "user-200", "user-199", "user-197", "user-195", "user-193", "user-4", "user-2",
+    ];
+    assert_eq!(audit_users(store, None, 100).await, expected);
+    let mut paged = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = store.list_audit(before.as_deref(), 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(last.id.clone());
+        paged.extend(page.into_iter().map(|e| e.event.user_id));
+    }
+    assert_eq!(paged, expected, "pages of 2 visit every entry once");
 }
 
 async fn audit_drops_entries_older_than_max_age(store: &dyn Store) {

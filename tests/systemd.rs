@@ -231,6 +231,19 @@ async fn no_watchdog_pings_without_watchdog_usec() {
     assert_eq!(seen, None, "no notifications while idle without a watchdog");
 }
 
+/// Sends SIGHUP and checks that systemd hears `RELOADING=1`, then `READY=1`
+/// with a status line naming `part` as failed.
+async fn reload_fails_for(service: &Service, notify: &NotifySocket, part: &str) {
+    service.signal("HUP");
+    notify.expect("RELOADING=1", Duration::from_secs(10)).await;
+    let seen = notify.expect("READY=1", Duration::from_secs(30)).await;
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("STATUS=") && l.contains(part)),
+        "systemctl status names the part that failed: {seen:?}"
+    );
+}
+
 /// The purchased `user` quantity the service reports.
 async fn user_quantity(client: &mut Client) -> Option<u32> {
     overview(client)
@@ -278,14 +291,7 @@ async fn sighup_reloads_the_license_file_and_keeps_the_license_when_broken() {
 
     // A broken file: the reload fails, says so, and the running license stays.
     std::fs::write(&license, "{ not a license").unwrap();
-    service.signal("HUP");
-    notify.expect("RELOADING=1", Duration::from_secs(10)).await;
-    let seen = notify.expect("READY=1", Duration::from_secs(30)).await;
-    assert!(
-        seen.iter()
-            .any(|l| l.starts_with("STATUS=") && l.contains("license file")),
-        "systemctl status names the part that failed: {seen:?}"
-    );
+    reload_fails_for(&service, &notify, "license file").await;
     assert_eq!(user_quantity(&mut client).await, Some(9));
     let after_broken = overview(&mut client).await;
     assert_eq!(
@@ -374,5 +380,81 @@ async fn logs_in_the_journal_form_only_when_stdout_is_the_journal_stream() {
         lines
             .iter()
             .any(|l| l.starts_with("<6>") && l.contains("serving gRPC"))
+    );
+}
+
+/// A callers file with one monitoring caller of `token`.
+fn monitoring_caller(token: &str) -> String {
+    format!(
+        "[[caller]]\nname = \"monitor\"\nrole = \"monitoring\"\ntoken_sha256 = \"{}\"\n",
+        comtrexx_licensing::auth::callers::token_sha256(token)
+    )
+}
+
+/// Whether `GetLicenseOverview` with `token` is answered.
+async fn overview_with(client: &mut Client, token: &str) -> Result<(), tonic::Code> {
+    client
+        .get_license_overview(with_token(pb::GetLicenseOverviewRequest {}, token))
+        .await
+        .map(drop)
+        .map_err(|s| s.code())
+}
+
+#[tokio::test]
+async fn an_empty_callers_file_is_refused_and_the_callers_stay() {
+    use comtrexx_licensing::auth::callers::new_token;
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let callers = dir.path().join("callers.toml");
+    let (first, second) = (new_token(), new_token());
+    std::fs::write(&callers, monitoring_caller(&first)).unwrap();
+    let service = Service::start(
+        dir.path(),
+        &notify,
+        &[
+            ("LICENSING_AUTH__MODE", "enforce"),
+            ("LICENSING_AUTH__CALLERS_FILE", callers.to_str().unwrap()),
+            ("LICENSING_AUTH__RELOAD_INTERVAL_MS", "100"),
+        ],
+    );
+    notify.expect("READY=1", START).await;
+    let mut client =
+        pb::licensing_service_client::LicensingServiceClient::connect(service.endpoint())
+            .await
+            .unwrap();
+    assert_eq!(overview_with(&mut client, &first).await, Ok(()));
+
+    // An editor truncates the file before writing it: SIGHUP refuses it...
+    std::fs::write(&callers, "").unwrap();
+    reload_fails_for(&service, &notify, "callers file").await;
+    // ... and so does the periodic check, with a warning.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            service
+                .log_text()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("callers file not reloaded"))
+        })
+        .await,
+        "the periodic check warns:\n{}",
+        service.log_text()
+    );
+    // The previous callers stay in force.
+    assert_eq!(overview_with(&mut client, &first).await, Ok(()));
+
+    // The finished file is taken.
+    std::fs::write(&callers, monitoring_caller(&second)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            let second = second.clone();
+            async move { overview_with(&mut client, &second).await.is_ok() }
+        })
+        .await,
+        "the new callers file is in force"
+    );
+    assert_eq!(
+        overview_with(&mut client, &first).await,
+        Err(tonic::Code::Unauthenticated)
     );
 }

@@ -3,7 +3,11 @@
 //! constant time. The file is validated as a whole (an entry with an unknown
 //! role, a duplicate name or no credential refuses the file, naming the entry)
 //! and can be re-read at run time; a file that does not validate leaves the
-//! callers in force unchanged.
+//! callers in force unchanged. A file that names no callers is refused too
+//! (an editor that truncates before writing would otherwise lock every caller
+//! out), unless `auth.allow_empty_callers_file` says the deployment means it.
+//! Reloads (SIGHUP and the periodic check) are serialised: read, parse and
+//! swap happen under one lock, so older content never replaces newer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +15,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -187,20 +191,28 @@ pub fn bearer(value: &[u8]) -> Result<&str, &'static str> {
 pub struct CallersFile {
     /// `None`: no callers file configured (only loopback or `disabled` callers).
     path: Option<PathBuf>,
+    /// Whether a file that names no callers is accepted.
+    allow_empty: bool,
     // Swapped whole on reload; readers clone the Arc and never hold the lock.
     current: RwLock<(Arc<Callers>, Vec<u8>)>,
+    // Held by a reload from reading the file to the swap: a reload that read
+    // older content can never swap it in after one that read newer.
+    reloading: Mutex<()>,
 }
 
 impl CallersFile {
     /// Reads and validates the file; an error names the path and the entry.
-    pub fn load(path: Option<&Path>) -> Result<Self, String> {
+    /// A file without callers is refused unless `allow_empty`.
+    pub fn load(path: Option<&Path>, allow_empty: bool) -> Result<Self, String> {
         let (callers, bytes) = match path {
-            Some(path) => read(path)?,
+            Some(path) => read(path, allow_empty)?,
             None => (Callers::default(), Vec::new()),
         };
         Ok(Self {
             path: path.map(Path::to_owned),
+            allow_empty,
             current: RwLock::new((Arc::new(callers), bytes)),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -219,25 +231,37 @@ impl CallersFile {
         let Some(path) = &self.path else {
             return Ok(false);
         };
+        let _serialised = self.reloading.lock();
         let bytes = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
         if bytes == self.current.read().1 {
             return Ok(false);
         }
-        let (callers, bytes) = parse_file(path, bytes)?;
+        let (callers, bytes) = parse_file(path, bytes, self.allow_empty)?;
         *self.current.write() = (Arc::new(callers), bytes);
         Ok(true)
     }
 }
 
-fn read(path: &Path) -> Result<(Callers, Vec<u8>), String> {
+fn read(path: &Path, allow_empty: bool) -> Result<(Callers, Vec<u8>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
-    parse_file(path, bytes)
+    parse_file(path, bytes, allow_empty)
 }
 
-fn parse_file(path: &Path, bytes: Vec<u8>) -> Result<(Callers, Vec<u8>), String> {
+fn parse_file(
+    path: &Path,
+    bytes: Vec<u8>,
+    allow_empty: bool,
+) -> Result<(Callers, Vec<u8>), String> {
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     let callers = Callers::parse(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if callers.is_empty() && !allow_empty {
+        return Err(format!(
+            "{}: names no callers, which would refuse every caller (a file truncated while \
+             being written?); set auth.allow_empty_callers_file = true if that is meant",
+            path.display()
+        ));
+    }
     Ok((callers, bytes))
 }
 
@@ -325,7 +349,7 @@ token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("callers.toml");
         std::fs::write(&path, FILE).unwrap();
-        let file = CallersFile::load(Some(&path)).unwrap();
+        let file = CallersFile::load(Some(&path), false).unwrap();
         assert_eq!(file.reload_if_changed(), Ok(false));
         std::fs::write(
             &path,
@@ -335,8 +359,60 @@ token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
         let err = file.reload().unwrap_err();
         assert!(err.contains("caller[0]"), "{err}");
         assert_eq!(file.current().len(), 2);
+        // An empty file (an editor truncated it first): refused, the callers stay.
+        for empty in ["", "# all callers removed\n"] {
+            std::fs::write(&path, empty).unwrap();
+            let err = file.reload_if_changed().unwrap_err();
+            assert!(err.contains("auth.allow_empty_callers_file"), "{err}");
+            assert_eq!(file.current().len(), 2);
+        }
+        assert!(CallersFile::load(Some(&path), false).is_err());
+        // Unless the deployment says so.
+        let allowed = CallersFile::load(Some(&path), true).unwrap();
+        assert!(allowed.current().is_empty());
+        std::fs::write(&path, FILE).unwrap();
+        let allowed = CallersFile::load(Some(&path), true).unwrap();
         std::fs::write(&path, "").unwrap();
-        assert_eq!(file.reload_if_changed(), Ok(true));
-        assert!(file.current().is_empty());
+        assert_eq!(allowed.reload_if_changed(), Ok(true));
+        assert!(allowed.current().is_empty());
+    }
+
+    /// A caller file of one caller named `v<n>`.
+    fn version(n: u32) -> String {
+        format!("[[caller]]\nname = \"v{n}\"\nrole = \"operator\"\ncertificate = \"c\"\n")
+    }
+
+    #[test]
+    fn concurrent_reloads_leave_the_newest_content_in_force() {
+        const ROUNDS: u32 = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callers.toml");
+        std::fs::write(&path, version(0)).unwrap();
+        let file = Arc::new(CallersFile::load(Some(&path), false).unwrap());
+        for n in 1..=ROUNDS {
+            // Replaced atomically, as an editor or a Secret mount does.
+            let next = dir.path().join("next.toml");
+            std::fs::write(&next, version(n)).unwrap();
+            // Reloads in flight while the file changes (SIGHUP and the check).
+            let reloads: Vec<_> = (0..3)
+                .map(|_| {
+                    let file = file.clone();
+                    std::thread::spawn(move || file.reload_if_changed())
+                })
+                .collect();
+            std::fs::rename(&next, &path).unwrap();
+            let last = file.reload_if_changed();
+            for reload in reloads {
+                reload.join().unwrap().unwrap();
+            }
+            last.unwrap();
+            assert!(
+                file.current()
+                    .by_certificate("c")
+                    .is_some_and(|c| c.name == format!("v{n}")),
+                "round {n}: {:?}",
+                file.current().by_certificate("c")
+            );
+        }
     }
 }

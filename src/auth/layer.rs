@@ -16,13 +16,16 @@ use super::policy::{self, Target};
 use super::tls::{Peer, PeerCertificate};
 use super::{AuthError, AuthMode, Caller, Role};
 use crate::audit::Auditor;
-use crate::domain::audit::AuditEvent;
+use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN, UNKNOWN_METHOD};
 
 /// What the layer decides with; shared by all connections.
 pub struct Authenticator {
     pub mode: AuthMode,
     pub callers: Arc<CallersFile>,
     pub audit: Auditor,
+    /// Refuse bearer tokens from peers not on loopback: the listener serves
+    /// plaintext and `auth.allow_plaintext_tokens` is off.
+    pub refuse_plaintext_tokens: bool,
 }
 
 impl Authenticator {
@@ -39,6 +42,11 @@ impl Authenticator {
             });
         }
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            // A token that crossed the network in clear text is refused, valid
+            // or not: accepting it would make that the normal way to call.
+            if self.refuse_plaintext_tokens && !peer.is_some_and(Peer::is_loopback) {
+                return Err(AuthError::PlaintextToken);
+            }
             let token = bearer(value.as_bytes()).map_err(AuthError::MalformedToken)?;
             return self
                 .callers
@@ -105,15 +113,24 @@ impl Authenticator {
         let code = crate::grpc::handlers::code_label(code);
         crate::metrics::auth_metrics().refused(error.reason(), code);
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        let (method, detail) = match audit_method(path) {
+            Some(method) => (method.to_owned(), error.to_string()),
+            // Paths the service does not serve share one method label, so a
+            // client inventing paths floods one summary, not the trail.
+            None => (
+                UNKNOWN_METHOD.to_owned(),
+                format!("{}: {error}", AuditEvent::bounded(path, 64)),
+            ),
+        };
         self.audit.record_refusal(AuditEvent {
             time: self.audit.now(),
             caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
             role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
-            method: AuditEvent::bounded(method_name(path), 128),
+            method,
             user_id: String::new(),
             feature: String::new(),
             code: code.to_owned(),
-            detail: AuditEvent::bounded(&error.to_string(), crate::domain::audit::MAX_DETAIL_LEN),
+            detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
             trace_id: traceparent
                 .and_then(crate::telemetry::traceparent_trace_id)
                 .unwrap_or_default(),
@@ -125,6 +142,19 @@ impl Authenticator {
 fn method_name(path: &str) -> &str {
     path.strip_prefix(policy::SERVICE_PREFIX).unwrap_or(path)
 }
+
+/// The audit trail's method of a request path: the RPC's short name, or the
+/// path of a reflection RPC; `None` for a path the service does not serve.
+fn audit_method(path: &str) -> Option<&str> {
+    match policy::target(path) {
+        Target::Rpc(method) => policy::rule_of(method).map(|r| r.method),
+        Target::Reflection | Target::Health if path.ends_with(REFLECTION_METHOD) => Some(path),
+        Target::Reflection | Target::Health | Target::Other(_) => None,
+    }
+}
+
+/// The one method of both reflection services (`v1` and `v1alpha`).
+const REFLECTION_METHOD: &str = "/ServerReflectionInfo";
 
 /// The tower layer (`Server::builder().layer(AuthLayer::new(..))`).
 #[derive(Clone)]
@@ -218,9 +248,38 @@ mod tests {
             Auditor::new(store, Arc::new(SystemClock), AuditRetention::default());
         Authenticator {
             mode,
-            callers: Arc::new(CallersFile::load(None).unwrap()),
+            callers: Arc::new(CallersFile::load(None, false).unwrap()),
             audit,
+            refuse_plaintext_tokens: false,
         }
+    }
+
+    #[test]
+    fn a_token_over_plaintext_is_refused_unless_from_loopback() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer nope".parse().unwrap());
+        let auth = Authenticator {
+            refuse_plaintext_tokens: true,
+            ..authenticator(AuthMode::Enforce)
+        };
+        assert_eq!(
+            auth.identify(&headers, Some(&peer("10.1.2.3:5"))),
+            Err(AuthError::PlaintextToken)
+        );
+        assert_eq!(
+            auth.identify(&headers, None),
+            Err(AuthError::PlaintextToken)
+        );
+        // From loopback the token never crossed a network: checked as usual.
+        assert_eq!(
+            auth.identify(&headers, Some(&peer("127.0.0.1:5"))),
+            Err(AuthError::UnknownToken)
+        );
+        assert!(
+            AuthError::PlaintextToken
+                .to_string()
+                .contains("auth.allow_plaintext_tokens")
+        );
     }
 
     fn peer(addr: &str) -> Peer {
@@ -260,6 +319,25 @@ mod tests {
             authenticator(AuthMode::Protected).identify(&headers, Some(&peer("127.0.0.1:5"))),
             Err(AuthError::UnknownToken)
         );
+    }
+
+    #[test]
+    fn paths_the_service_does_not_serve_share_one_method() {
+        assert_eq!(
+            audit_method("/comtrexx.licensing.v1.LicensingService/CheckSeat"),
+            Some("CheckSeat")
+        );
+        assert_eq!(
+            audit_method("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        );
+        for path in [
+            "/x.Y/Z1",
+            "/comtrexx.licensing.v1.LicensingService/Nope",
+            "/grpc.reflection.v1.ServerReflection/Z",
+        ] {
+            assert_eq!(audit_method(path), None, "{path}");
+        }
     }
 
     #[test]

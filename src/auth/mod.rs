@@ -109,6 +109,12 @@ pub enum AuthError {
     MalformedToken(&'static str),
     #[error("bearer token is not known (not in the callers file)")]
     UnknownToken,
+    #[error(
+        "bearer token refused: sent without TLS from a peer that is not on loopback, so it \
+         crossed the network in clear text; serve gRPC over TLS (tls.cert_file, tls.key_file), \
+         or set auth.allow_plaintext_tokens = true where the network itself is protected"
+    )]
+    PlaintextToken,
     #[error("client certificate does not verify against tls.client_ca_file: {0}")]
     CertificateRejected(String),
     #[error("client certificate identity {0:?} is not in the callers file")]
@@ -128,6 +134,7 @@ impl AuthError {
             AuthError::MissingCredentials => "NO_CREDENTIALS",
             AuthError::MalformedToken(_) => "MALFORMED_TOKEN",
             AuthError::UnknownToken => "UNKNOWN_TOKEN",
+            AuthError::PlaintextToken => "PLAINTEXT_TOKEN",
             AuthError::CertificateRejected(_) => "CERTIFICATE_REJECTED",
             AuthError::UnknownCertificate(_) => "UNKNOWN_CERTIFICATE",
             AuthError::Denied { .. } => "ROLE_NOT_ALLOWED",

@@ -29,6 +29,12 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
+    /// Whether the entry is a refusal (any code but `OK`), kept under the
+    /// refusals' retention; else an accepted change.
+    pub fn is_refusal(&self) -> bool {
+        self.code != "OK"
+    }
+
     /// Cuts a detail (or a user id echoed from a bad request) to a bounded length
     /// on a character boundary.
     pub fn bounded(text: &str, max: usize) -> String {
@@ -43,17 +49,34 @@ impl AuditEvent {
     }
 }
 
-/// How much of the trail the store keeps.
+/// How much of the trail the store keeps. Accepted changes and refusals are
+/// bounded separately: refusals, which anyone can cause, never displace a
+/// change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditRetention {
+    /// Accepted changes kept at most.
     pub max_entries: u64,
+    /// Refusals kept at most.
+    pub max_refusals: u64,
     pub max_age: chrono::Duration,
+}
+
+impl AuditRetention {
+    /// The bound of the entries of `event`'s kind.
+    pub fn max_of(&self, event: &AuditEvent) -> u64 {
+        if event.is_refusal() {
+            self.max_refusals
+        } else {
+            self.max_entries
+        }
+    }
 }
 
 impl Default for AuditRetention {
     fn default() -> Self {
         Self {
             max_entries: 100_000,
+            max_refusals: 100_000,
             max_age: chrono::Duration::days(400),
         }
     }
@@ -73,36 +96,104 @@ pub fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// Refusals made before a handler ran (authentication, authorization, limits,
-/// the TLS handshake) are stored one by one up to this many per caller,
-/// method and code in each summary interval; the rest of a flood is counted
-/// into one summary entry. A client hammering the service can neither turn the
-/// trail into one more load on the store nor push older entries out of it
-/// (`audit.max_entries`) with its own.
+/// Merges two lists of entries, each newest first (the changes and the
+/// refusals), into one newest first, at most `limit` long. Ids are unique
+/// across both lists (the stores make them so), so paging by "strictly older
+/// than the last id" visits every entry once.
+pub fn merge_newest_first(
+    changes: Vec<AuditEntry>,
+    refusals: Vec<AuditEntry>,
+    limit: usize,
+) -> Vec<AuditEntry> {
+    let key = |e: &AuditEntry| parse_entry_id(&e.id).unwrap_or_default();
+    let mut out = Vec::with_capacity(limit.min(changes.len() + refusals.len()));
+    let (mut a, mut b) = (
+        changes.into_iter().peekable(),
+        refusals.into_iter().peekable(),
+    );
+    while out.len() < limit {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if key(x) >= key(y) => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(entry) => out.push(entry),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Refusals (entries whose code is not `OK`) are kept apart from accepted
+/// changes in the store, under a retention of their own
+/// ([`AuditRetention::max_refusals`]), so that no amount of them can push an
+/// operator's change out of the trail. Before they get there, refusals pass
+/// [`RefusalFloods`]: a client hammering the service can neither turn the
+/// trail into one more load on the store nor fill the refusals' share with
+/// its own.
+/// Refusals are stored one by one up to this many per caller, method and code
+/// in each summary interval; the rest of a flood is counted into one summary
+/// entry.
 pub const REFUSALS_STORED_PER_INTERVAL: u32 = 20;
+/// And up to this many in total per interval, whatever their keys: many
+/// callers, methods or codes at once cannot multiply the allowance.
+pub const REFUSALS_STORED_PER_INTERVAL_TOTAL: u32 = 100;
+/// At most this many summary entries per interval; the floods beyond share one
+/// more summary (caller [`MANY_CALLERS`], method and code [`VARIOUS`]).
+pub const SUMMARIES_PER_INTERVAL: usize = 20;
 /// How often summaries of floods are written.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
-/// Past this many (caller, method, code) keys tracked at once, refusals of new
-/// keys share one key under this caller name.
+/// Past [`MAX_FLOOD_KEYS`] (caller, method, code) keys tracked at once,
+/// refusals of new keys share one key under this caller name.
 pub const MANY_CALLERS: &str = "(many callers)";
-const MAX_FLOOD_KEYS: usize = 4096;
+/// The method and code of that shared key, and of the summary of the floods
+/// beyond [`SUMMARIES_PER_INTERVAL`].
+pub const VARIOUS: &str = "(various)";
+/// The method name of every request path the service does not serve: a client
+/// inventing paths gets one key, not one per path (the path goes into the detail).
+pub const UNKNOWN_METHOD: &str = "(unknown)";
+/// How many keys are tracked at once (the state is bounded by this, whatever
+/// comes in).
+pub const MAX_FLOOD_KEYS: usize = 1024;
 /// A key without refusals for this long is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// How long a key's strings may be (callers file names and methods are
+/// shorter; this only bounds the state against a caller that is not).
+const MAX_KEY_LEN: usize = 128;
+
+type FloodKey = (String, String, String);
 
 /// Which refusals are stored one by one and which are summarized. Pure: the
 /// caller passes the time and stores what comes out.
+///
+/// Each call of [`RefusalFloods::admit`] is O(1): one map look-up, counters,
+/// no sweep over the keys. The allowances renew lazily: each key remembers the
+/// interval its counters belong to, and a key of an older interval counts as
+/// fresh. Sweeps (forgetting idle keys) happen only in
+/// [`RefusalFloods::summaries`], once per interval.
 #[derive(Debug, Default)]
 pub struct RefusalFloods {
-    windows: HashMap<(String, String, String), FloodWindow>,
+    windows: HashMap<FloodKey, FloodWindow>,
+    /// The number of the current interval, and when it began (`None` before
+    /// the first refusal).
+    interval: u64,
+    started: Option<Instant>,
+    /// Refusals stored one by one in the current interval, all keys together.
+    stored: u32,
+    /// Refusals counted into summaries not yet written, all keys together.
+    pending: u64,
 }
 
 #[derive(Debug)]
 struct FloodWindow {
-    /// When the current interval began.
-    started: Instant,
+    /// The interval `stored` belongs to.
+    interval: u64,
     /// Entries stored one by one in it.
     stored: u32,
-    /// Refusals counted (not stored) in it, and the first one's detail.
+    /// Refusals counted (not stored) since the last summary, and the first
+    /// one's detail.
     summarized: u64,
     example: String,
     role: String,
@@ -113,78 +204,141 @@ impl RefusalFloods {
     /// Whether the refusal `event` is stored on its own (`true`), or counted
     /// into the next summary (`false`).
     pub fn admit(&mut self, event: &AuditEvent, now: Instant) -> bool {
-        let mut key = (
-            event.caller.clone(),
-            event.method.clone(),
-            event.code.clone(),
-        );
-        if !self.windows.contains_key(&key) && self.windows.len() >= MAX_FLOOD_KEYS {
-            self.forget_idle(now);
-            if self.windows.len() >= MAX_FLOOD_KEYS {
-                key.0 = MANY_CALLERS.to_owned();
-            }
+        let started = *self.started.get_or_insert(now);
+        // A new interval begins by itself only when no summary is waiting:
+        // a flood is summarized before its allowance renews.
+        if self.pending == 0 && now.duration_since(started) >= SUMMARY_INTERVAL {
+            self.next_interval(now);
         }
+        let key = (
+            bounded_key(&event.caller),
+            bounded_key(&event.method),
+            bounded_key(&event.code),
+        );
+        let key = if self.windows.contains_key(&key) || self.windows.len() < MAX_FLOOD_KEYS {
+            key
+        } else {
+            (
+                MANY_CALLERS.to_owned(),
+                VARIOUS.to_owned(),
+                VARIOUS.to_owned(),
+            )
+        };
+        let interval = self.interval;
         let window = self.windows.entry(key).or_insert_with(|| FloodWindow {
-            started: now,
+            interval,
             stored: 0,
             summarized: 0,
             example: String::new(),
-            role: event.role.clone(),
+            role: AuditEvent::bounded(&event.role, MAX_KEY_LEN),
             last_seen: now,
         });
         window.last_seen = now;
-        if window.summarized == 0 && now.duration_since(window.started) >= SUMMARY_INTERVAL {
-            window.started = now;
+        if window.interval != interval {
+            window.interval = interval;
             window.stored = 0;
         }
-        if window.stored < REFUSALS_STORED_PER_INTERVAL {
+        if window.stored < REFUSALS_STORED_PER_INTERVAL
+            && self.stored < REFUSALS_STORED_PER_INTERVAL_TOTAL
+        {
             window.stored += 1;
+            self.stored += 1;
             return true;
         }
         if window.summarized == 0 {
-            window.example = event.detail.clone();
+            window.example = AuditEvent::bounded(&event.detail, MAX_DETAIL_LEN);
         }
         window.summarized += 1;
+        self.pending += 1;
         false
     }
 
-    /// One summary entry (dated `time`) for each key with refusals counted
-    /// since the last call; their intervals start anew.
+    /// The summary entries (dated `time`) of the refusals counted since the
+    /// last call: one per key, at most [`SUMMARIES_PER_INTERVAL`] and one for
+    /// the rest (the largest floods get their own). A new interval starts.
     pub fn summaries(&mut self, now: Instant, time: DateTime<Utc>) -> Vec<AuditEvent> {
+        let seconds = self
+            .started
+            .map_or(0.0, |s| now.duration_since(s).as_secs_f64());
+        let mut floods: Vec<(&FloodKey, &mut FloodWindow)> = self
+            .windows
+            .iter_mut()
+            .filter(|(_, w)| w.summarized > 0)
+            .collect();
+        floods.sort_by_key(|f| std::cmp::Reverse(f.1.summarized));
         let mut out = Vec::new();
-        for ((caller, method, code), window) in &mut self.windows {
-            if window.summarized == 0 {
-                continue;
+        let mut rest = (0u64, String::new());
+        for (i, ((caller, method, code), window)) in floods.into_iter().enumerate() {
+            if i < SUMMARIES_PER_INTERVAL {
+                out.push(summary(
+                    time,
+                    (caller, &window.role, method, code),
+                    window.summarized,
+                    seconds,
+                    &window.example,
+                ));
+            } else {
+                if rest.0 == 0 {
+                    rest.1 = format!("{caller} {method} {code}: {}", window.example);
+                }
+                rest.0 += window.summarized;
             }
-            let detail = format!(
-                "{} more refused like this in {:.1} s, summarized (first: {})",
-                window.summarized,
-                now.duration_since(window.started).as_secs_f64(),
-                window.example
-            );
-            out.push(AuditEvent {
-                time,
-                caller: caller.clone(),
-                role: window.role.clone(),
-                method: method.clone(),
-                user_id: String::new(),
-                feature: String::new(),
-                code: code.clone(),
-                detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
-                trace_id: String::new(),
-            });
-            window.started = now;
-            window.stored = 0;
             window.summarized = 0;
             window.example.clear();
         }
-        self.forget_idle(now);
+        if rest.0 > 0 {
+            out.push(summary(
+                time,
+                (MANY_CALLERS, "", VARIOUS, VARIOUS),
+                rest.0,
+                seconds,
+                &rest.1,
+            ));
+        }
+        self.pending = 0;
+        self.next_interval(now);
+        self.windows
+            .retain(|_, w| now.duration_since(w.last_seen) < FORGET_AFTER);
         out
     }
 
-    fn forget_idle(&mut self, now: Instant) {
-        self.windows
-            .retain(|_, w| w.summarized > 0 || now.duration_since(w.last_seen) < FORGET_AFTER);
+    /// How many keys are tracked (bounded by [`MAX_FLOOD_KEYS`] + 1).
+    pub fn tracked_keys(&self) -> usize {
+        self.windows.len()
+    }
+
+    fn next_interval(&mut self, now: Instant) {
+        self.interval += 1;
+        self.started = Some(now);
+        self.stored = 0;
+    }
+}
+
+fn bounded_key(text: &str) -> String {
+    AuditEvent::bounded(text, MAX_KEY_LEN)
+}
+
+/// One summary entry: `(caller, role, method, code)` refused `count` more
+/// times in `seconds`.
+fn summary(
+    time: DateTime<Utc>,
+    (caller, role, method, code): (&str, &str, &str, &str),
+    count: u64,
+    seconds: f64,
+    example: &str,
+) -> AuditEvent {
+    let detail =
+        format!("{count} more refused like this in {seconds:.1} s, summarized (first: {example})");
+    AuditEvent {
+        time,
+        caller: caller.to_owned(),
+        role: role.to_owned(),
+        method: method.to_owned(),
+        user_id: String::new(),
+        feature: String::new(),
+        code: code.to_owned(),
+        detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
+        trace_id: String::new(),
     }
 }
 
@@ -255,26 +409,91 @@ mod tests {
         );
     }
 
+    fn with_method(caller: &str, method: &str) -> AuditEvent {
+        AuditEvent {
+            method: method.into(),
+            ..refusal(caller, "x")
+        }
+    }
+
     #[test]
-    fn many_callers_share_one_key_and_idle_ones_are_forgotten() {
+    fn distinct_keys_share_a_total_allowance_and_a_bounded_state() {
+        const CALLS: usize = 50_000;
         let mut floods = RefusalFloods::default();
         let t0 = Instant::now();
-        for i in 0..MAX_FLOOD_KEYS {
-            assert!(floods.admit(&refusal(&format!("peer:{i}"), "x"), t0));
-        }
-        // The table is full: new callers share one key and its allowance.
-        let admitted = (0..50)
-            .filter(|i| floods.admit(&refusal(&format!("new:{i}"), "x"), t0))
+        // Every call a new caller and method: the per-key allowance alone
+        // would store them all.
+        let admitted = (0..CALLS)
+            .filter(|i| {
+                floods.admit(
+                    &with_method(&format!("peer:{i}"), &format!("/x.Y/Z{i}")),
+                    t0,
+                )
+            })
             .count();
-        assert_eq!(admitted, REFUSALS_STORED_PER_INTERVAL as usize);
+        assert_eq!(admitted, REFUSALS_STORED_PER_INTERVAL_TOTAL as usize);
+        // The state stays bounded: the keys beyond the table share one.
+        assert_eq!(floods.tracked_keys(), MAX_FLOOD_KEYS + 1);
         let summaries = floods.summaries(t0 + SUMMARY_INTERVAL, Utc::now());
-        assert_eq!(summaries.len(), 1);
-        assert_eq!(summaries[0].caller, MANY_CALLERS);
+        // A bounded number of summaries, accounting for every refusal.
+        assert_eq!(summaries.len(), SUMMARIES_PER_INTERVAL + 1);
+        let counted: u64 = summaries
+            .iter()
+            .map(|s| s.detail.split_once(' ').unwrap().0.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(counted as usize + admitted, CALLS);
+        // The largest flood (the shared key) comes first, the rest last.
+        assert_eq!(
+            (summaries[0].caller.as_str(), summaries[0].method.as_str()),
+            (MANY_CALLERS, VARIOUS)
+        );
+        let rest = summaries.last().unwrap();
+        assert_eq!(
+            (rest.caller.as_str(), rest.code.as_str()),
+            (MANY_CALLERS, VARIOUS)
+        );
+        assert!(
+            rest.detail.contains("UNAUTHENTICATED: x"),
+            "{}",
+            rest.detail
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_once_an_interval() {
+        let mut floods = RefusalFloods::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_FLOOD_KEYS * 2 {
+            floods.admit(&refusal(&format!("peer:{i}"), "x"), t0);
+        }
+        assert_eq!(floods.tracked_keys(), MAX_FLOOD_KEYS + 1);
+        assert!(
+            !floods
+                .summaries(t0 + SUMMARY_INTERVAL, Utc::now())
+                .is_empty()
+        );
         // A minute later the idle keys are gone and a new caller gets its own.
         let later = t0 + FORGET_AFTER + SUMMARY_INTERVAL;
         assert!(floods.summaries(later, Utc::now()).is_empty());
-        assert!(floods.windows.is_empty());
+        assert_eq!(floods.tracked_keys(), 0);
         assert!(floods.admit(&refusal("peer:new", "x"), later));
+    }
+
+    #[test]
+    fn refusals_and_changes_have_their_own_bounds() {
+        let retention = AuditRetention {
+            max_entries: 5,
+            max_refusals: 7,
+            ..AuditRetention::default()
+        };
+        let refused = refusal("-", "x");
+        let accepted = AuditEvent {
+            code: "OK".into(),
+            ..refusal("ops", "")
+        };
+        assert!(refused.is_refusal() && !accepted.is_refusal());
+        assert_eq!(retention.max_of(&refused), 7);
+        assert_eq!(retention.max_of(&accepted), 5);
     }
 
     #[test]

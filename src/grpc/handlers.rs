@@ -131,7 +131,7 @@ async fn observe<M: AuditKeys, T>(
             .metadata()
             .get("traceparent")
             .and_then(|v| v.to_str().ok());
-        audit.record(AuditEvent {
+        let event = AuditEvent {
             time: audit.now(),
             caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
             role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
@@ -144,7 +144,15 @@ async fn observe<M: AuditKeys, T>(
                 Err(status) => AuditEvent::bounded(status.message(), MAX_DETAIL_LEN),
             },
             trace_id: crate::telemetry::trace_id(&span, traceparent),
-        });
+        };
+        // A refusal goes through the same bound as those made before a
+        // handler (a misconfigured client repeating a bad request floods a
+        // summary, not the trail); an accepted change is always stored.
+        if code == Code::Ok {
+            audit.record(event);
+        } else {
+            audit.record_refusal(event);
+        }
     }
     result
 }

@@ -13,7 +13,9 @@ use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Incident, LicenseWrite, Position,
     RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
-use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
+use crate::domain::audit::{
+    AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
+};
 use crate::domain::capacity::reflag;
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
@@ -32,9 +34,19 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     // The writer's floor (see `Store::set_floor`).
     floor: Mutex<Option<Position>>,
-    // The audit trail, oldest first, with the last id's (ms, seq). Its own lock:
-    // audit writes never wait for seat writes or the other way round.
-    audit: Mutex<(VecDeque<AuditEntry>, (u64, u64))>,
+    // The audit trail. Its own lock: audit writes never wait for seat writes
+    // or the other way round.
+    audit: Mutex<AuditLog>,
+}
+
+/// The audit trail as two lists under their own bounds (as the two streams in
+/// Redis), oldest first, ids unique across both.
+#[derive(Default)]
+struct AuditLog {
+    changes: VecDeque<AuditEntry>,
+    refusals: VecDeque<AuditEntry>,
+    // The last id's (ms, seq), over both lists.
+    last: (u64, u64),
 }
 
 struct Inner {
@@ -127,7 +139,7 @@ impl MemoryStore {
             version_tx,
             clock,
             floor: Mutex::new(None),
-            audit: Mutex::new((VecDeque::new(), (0, 0))),
+            audit: Mutex::new(AuditLog::default()),
         }
     }
 
@@ -513,19 +525,23 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let now_ms = u64::try_from(self.clock.now().timestamp_millis()).unwrap_or(0);
         let mut audit = self.audit.lock();
-        let (entries, last) = &mut *audit;
         // Ids as Redis stream ids: the time in ms, then a sequence within it.
-        let id = if now_ms > last.0 {
+        let id = if now_ms > audit.last.0 {
             (now_ms, 0)
         } else {
-            (last.0, last.1 + 1)
+            (audit.last.0, audit.last.1 + 1)
         };
-        *last = id;
+        audit.last = id;
+        let entries = if event.is_refusal() {
+            &mut audit.refusals
+        } else {
+            &mut audit.changes
+        };
         entries.push_back(AuditEntry {
             id: format!("{}-{}", id.0, id.1),
             event: event.clone(),
         });
-        let max = usize::try_from(retention.max_entries).unwrap_or(usize::MAX);
+        let max = usize::try_from(retention.max_of(event)).unwrap_or(usize::MAX);
         while entries.len() > max {
             entries.pop_front();
         }
@@ -537,12 +553,15 @@ impl Store for MemoryStore {
                 .saturating_sub(retention.max_age.num_milliseconds()),
         )
         .unwrap_or(0);
-        while entries
-            .front()
-            .and_then(|e| parse_entry_id(&e.id))
-            .is_some_and(|(ms, _)| ms < min_ms)
-        {
-            entries.pop_front();
+        let audit = &mut *audit;
+        for entries in [&mut audit.changes, &mut audit.refusals] {
+            while entries
+                .front()
+                .and_then(|e| parse_entry_id(&e.id))
+                .is_some_and(|(ms, _)| ms < min_ms)
+            {
+                entries.pop_front();
+            }
         }
         Ok(())
     }
@@ -560,14 +579,19 @@ impl Store for MemoryStore {
             None => None,
         };
         let audit = self.audit.lock();
-        Ok(audit
-            .0
-            .iter()
-            .rev()
-            .filter(|e| before.is_none_or(|b| parse_entry_id(&e.id).is_some_and(|id| id < b)))
-            .take(limit)
-            .cloned()
-            .collect())
+        let newer = |list: &VecDeque<AuditEntry>| -> Vec<AuditEntry> {
+            list.iter()
+                .rev()
+                .filter(|e| before.is_none_or(|b| parse_entry_id(&e.id).is_some_and(|id| id < b)))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        Ok(merge_newest_first(
+            newer(&audit.changes),
+            newer(&audit.refusals),
+            limit,
+        ))
     }
 
     async fn repair(&self, w: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError> {

@@ -19,7 +19,9 @@
 //! | `lic:{S}:retired_license` | string | [`LicenseRecordV1`] a re-setup removed |
 //! | `lic:{S}:clock` | string | high-water clock: the largest time seen (ms) |
 //! | `lic:{S}:incident` | string | [`IncidentRecordV1`]: the last repair of lost data |
-//! | `lic:{S}:audit` | stream | the audit trail, field `record` ([`AuditRecordV1`]) |
+//! | `lic:{S}:audit` | stream | the audit trail's accepted changes, field `record` ([`AuditRecordV1`]) |
+//! | `lic:{S}:audit_refusals` | stream | the audit trail's refusals (bounded apart), field `record` |
+//! | `lic:{S}:audit_last` | string | the last audit entry id given, unique across both streams |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
@@ -44,7 +46,9 @@ use super::{
     SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::config::{RedisConfig, RedisTarget};
-use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention, parse_entry_id};
+use crate::domain::audit::{
+    AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
+};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
@@ -82,6 +86,8 @@ static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/l
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static REPAIR: LazyLock<Script> = script!("repair.lua");
 static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/clock.lua")));
+static AUDIT_APPEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/audit_append.lua")));
 
 /// The key names of one serial number.
 #[derive(Debug, Clone)]
@@ -139,6 +145,12 @@ impl Keys {
     }
     fn audit(&self) -> String {
         self.key("audit")
+    }
+    fn audit_refusals(&self) -> String {
+        self.key("audit_refusals")
+    }
+    fn audit_last(&self) -> String {
+        self.key("audit_last")
     }
     fn pool(&self, feature: Feature, source: SeatSource) -> String {
         self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
@@ -1094,27 +1106,23 @@ impl Store for RedisStore {
             .timestamp_millis()
             .saturating_sub(retention.max_age.num_milliseconds())
             .max(0);
-        let key = self.keys.audit();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XADD")
-            .arg(&key)
-            .arg("MAXLEN")
-            .arg("=")
-            .arg(retention.max_entries)
-            .arg("*")
-            .arg("record")
-            .arg(AuditRecordV1::encode(event))
-            .ignore()
-            .cmd("XTRIM")
-            .arg(&key)
-            .arg("MINID")
-            .arg("=")
+        let (changes, refusals) = (self.keys.audit(), self.keys.audit_refusals());
+        let (own, other) = if event.is_refusal() {
+            (refusals, changes)
+        } else {
+            (changes, refusals)
+        };
+        let mut inv = AUDIT_APPEND.prepare_invoke();
+        inv.key(own)
+            .key(other)
+            .key(self.keys.audit_last())
+            .arg(retention.max_of(event))
             .arg(min_id)
-            .ignore();
+            .arg(AuditRecordV1::encode(event));
         let mut conn = self.conn.clone();
-        self.bounded("audit_append", pipe.query_async::<()>(&mut conn))
+        self.bounded("audit_append", inv.invoke_async::<String>(&mut conn))
             .await
+            .map(drop)
     }
 
     async fn list_audit(
@@ -1132,37 +1140,52 @@ impl Store for RedisStore {
                 None => return Err(StoreError::Corrupt(format!("audit id {id:?}"))),
             },
         };
+        let range = |key: String| {
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(limit)
+                .to_owned()
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(range(self.keys.audit()))
+            .add_command(range(self.keys.audit_refusals()));
         let mut conn = self.conn.clone();
-        let reply: redis::streams::StreamRangeReply = self
-            .bounded(
-                "audit_list",
-                redis::cmd("XREVRANGE")
-                    .arg(self.keys.audit())
-                    .arg(end)
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(limit)
-                    .query_async(&mut conn),
-            )
+        let (changes, refusals): (
+            redis::streams::StreamRangeReply,
+            redis::streams::StreamRangeReply,
+        ) = self
+            .bounded("audit_list", pipe.query_async(&mut conn))
             .await?;
-        reply
-            .ids
-            .into_iter()
-            .map(|entry| {
-                let record: String = entry
-                    .get("record")
-                    .ok_or_else(|| StoreError::Corrupt(format!("audit entry {}", entry.id)))?;
-                Ok(AuditEntry {
-                    event: AuditRecordV1::decode(&record)?,
-                    id: entry.id,
-                })
-            })
-            .collect()
+        Ok(merge_newest_first(
+            audit_entries(changes)?,
+            audit_entries(refusals)?,
+            limit,
+        ))
     }
 
     fn describe(&self) -> String {
         format!("redis at {}", self.url_for_display)
     }
+}
+
+/// The entries of an `XREVRANGE` of an audit stream.
+fn audit_entries(reply: redis::streams::StreamRangeReply) -> Result<Vec<AuditEntry>, StoreError> {
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let record: String = entry
+                .get("record")
+                .ok_or_else(|| StoreError::Corrupt(format!("audit entry {}", entry.id)))?;
+            Ok(AuditEntry {
+                event: AuditRecordV1::decode(&record)?,
+                id: entry.id,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

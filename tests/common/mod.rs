@@ -684,6 +684,15 @@ pub async fn audited_until(
     }
 }
 
+/// `message` with `token` as its bearer token.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// How many refusals an audit entry stands for: the count of a summary of a
 /// flood ("N more refused like this …"), else 1.
 pub fn refusals_in(event: &comtrexx_licensing::grpc::pb::AuditEvent) -> u64 {
