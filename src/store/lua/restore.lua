@@ -8,6 +8,8 @@
 -- ARGV[8] retired license record ('' = none for each), ARGV[9] high-water clock
 -- (ms), then seats as (pool index from 1, feature, user, record) quadruples from ARGV[10].
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- Read before the first write (a corrupt clock counts as 0).
+local hw = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
 for i = 2, #KEYS do
   if i ~= 10 then redis.call('DEL', KEYS[i]) end
 end
@@ -16,7 +18,6 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[9], ARGV[8]) end
-local hw = tonumber(redis.call('GET', KEYS[10]) or '0')
 if tonumber(ARGV[9]) > hw then redis.call('SET', KEYS[10], ARGV[9]) end
 for i = 10, #ARGV, 4 do
   redis.call('HSET', KEYS[10 + tonumber(ARGV[i])], ARGV[i + 2], ARGV[i + 3])
