@@ -2797,6 +2797,7 @@ redis_only! {
     corrupt_seat_does_not_stop_a_release;
     corrupt_own_seat_is_replaced_in_its_slot;
     corrupt_tryout_record_is_replaced_by_compare_and_set;
+    corrupt_license_record_is_replaced_by_the_next_license;
     records_with_unknown_fields_can_be_compared_and_set;
     corrupt_fence_does_not_leave_a_lease_taken;
     bad_version_counter_refuses_writes_before_any;
@@ -3007,6 +3008,24 @@ async fn corrupt_tryout_record_is_replaced_by_compare_and_set(subject: &Subject)
     let snap = snapshot(store).await;
     assert_eq!(snap.tryout, Some(new));
     assert!(snap.corrupt.is_empty(), "{:?}", snap.corrupt);
+}
+
+/// A replica reads a corrupt license record as none (every seat unlicensed):
+/// the next license applied, expecting none, must replace it, not conflict for ever.
+async fn corrupt_license_record_is_replaced_by_the_next_license(subject: &Subject) {
+    let store = &*subject.store;
+    with_license(store, "corrupt-license").await;
+    Raw(subject).hset("license", "record", "garbage");
+    let snap = snapshot(store).await;
+    assert_eq!(snap.license, None);
+    assert!(!snap.corrupt.is_empty());
+
+    let next = license("corrupt-license-2", 5);
+    let changes = apply(store, plain(None, &next))
+        .await
+        .expect("the corrupt record read as none is replaced");
+    assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(next.clone()));
+    assert_eq!(snapshot(store).await.license, Some(next));
 }
 
 /// During a rolling upgrade a newer replica writes records with a field this

@@ -174,8 +174,9 @@ pub struct RedisStore {
     seen: parking_lot::Mutex<SeenTexts>,
 }
 
-/// A compare-and-set record as this replica last read it: its re-encoding by
-/// this code (`""`: absent or corrupt) and the exact text stored.
+/// A compare-and-set value as this replica last read it: what this code makes
+/// of it (its re-encoding of the record, or the id; `""`: absent or corrupt)
+/// and the exact text stored.
 #[derive(Debug, Default)]
 struct Seen {
     encoded: String,
@@ -186,6 +187,7 @@ struct Seen {
 struct SeenTexts {
     tryout: Seen,
     initialization: Seen,
+    license_id: Seen,
 }
 
 /// Which compare-and-set record.
@@ -193,6 +195,8 @@ struct SeenTexts {
 enum CasRecord {
     Tryout,
     Initialization,
+    /// The applied license's id (the `id` field beside its record).
+    LicenseId,
 }
 
 impl SeenTexts {
@@ -200,6 +204,7 @@ impl SeenTexts {
         match which {
             CasRecord::Tryout => &mut self.tryout,
             CasRecord::Initialization => &mut self.initialization,
+            CasRecord::LicenseId => &mut self.license_id,
         }
     }
 }
@@ -372,8 +377,13 @@ impl RedisStore {
                 &stored(),
                 Some(InitializationRecordV1::encode(p)),
             ),
-            ChangeKind::InitializationConsumed | ChangeKind::Reset => {
+            ChangeKind::InitializationConsumed => self.saw(CasRecord::Initialization, "", None),
+            ChangeKind::Reset => {
                 self.saw(CasRecord::Initialization, "", None);
+                self.saw(CasRecord::LicenseId, "", None);
+            }
+            ChangeKind::LicenseApplied(l) => {
+                self.saw(CasRecord::LicenseId, l.id(), Some(l.id().to_owned()));
             }
             _ => {}
         }
@@ -545,7 +555,7 @@ impl Store for RedisStore {
         let reply: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if reply.len() != 9 + pools.len() {
+        if reply.len() != 10 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -574,6 +584,13 @@ impl Store for RedisStore {
             &mut corrupt,
         );
         let incident = record(&reply[8], "incident", IncidentRecordV1::parse, &mut corrupt);
+        // A corrupt license record leaves its id readable: a replica reads the
+        // license as none, and applying one expecting none replaces it.
+        self.saw(
+            CasRecord::LicenseId,
+            &text(&reply[9 + pools.len()]).unwrap_or_default(),
+            license.as_ref().map(|l| l.id().to_owned()),
+        );
         self.saw(
             CasRecord::Tryout,
             &text(&reply[3]).unwrap_or_default(),
@@ -862,7 +879,7 @@ impl Store for RedisStore {
                 for (feature, _) in w.capacities {
                     inv.key(self.keys.pool(*feature, SeatSource::Purchased));
                 }
-                inv.arg(w.expected_id.unwrap_or(""))
+                inv.arg(self.expected_text(CasRecord::LicenseId, w.expected_id.map(str::to_owned)))
                     .arg(w.license.id())
                     .arg(record)
                     .arg(w.tryout.map_or_else(String::new, |(e, _)| {
@@ -884,6 +901,8 @@ impl Store for RedisStore {
         match words(&reply).as_slice() {
             ["conflict"] | ["fenced"] => Ok(None),
             ["ok", v, tryout_v, init_v, flags @ ..] => {
+                let id = w.license.id();
+                self.saw(CasRecord::LicenseId, id, Some(id.to_owned()));
                 let mut changes = vec![Change {
                     version: version_of(v)?,
                     kind: ChangeKind::LicenseApplied(w.license.clone()),
