@@ -182,6 +182,43 @@ pub struct RedisStore {
     url_for_display: String,
     // The writer's floor (see `Store::set_floor`), sent with every write.
     floor: parking_lot::Mutex<Option<Position>>,
+    // The compare-and-set records as last read (see `Self::expected_text`).
+    seen: parking_lot::Mutex<SeenTexts>,
+}
+
+/// A compare-and-set value as this replica last read it: what this code makes
+/// of it (its re-encoding of the record, or the id; `""`: absent or corrupt)
+/// and the exact text stored.
+#[derive(Debug, Default)]
+struct Seen {
+    encoded: String,
+    stored: String,
+}
+
+#[derive(Debug, Default)]
+struct SeenTexts {
+    tryout: Seen,
+    initialization: Seen,
+    license_id: Seen,
+}
+
+/// Which compare-and-set record.
+#[derive(Debug, Clone, Copy)]
+enum CasRecord {
+    Tryout,
+    Initialization,
+    /// The applied license's id (the `id` field beside its record).
+    LicenseId,
+}
+
+impl SeenTexts {
+    fn slot(&mut self, which: CasRecord) -> &mut Seen {
+        match which {
+            CasRecord::Tryout => &mut self.tryout,
+            CasRecord::Initialization => &mut self.initialization,
+            CasRecord::LicenseId => &mut self.license_id,
+        }
+    }
 }
 
 impl RedisStore {
@@ -221,6 +258,7 @@ impl RedisStore {
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
             url_for_display: redact_url(&config.url),
             floor: parking_lot::Mutex::new(None),
+            seen: parking_lot::Mutex::new(SeenTexts::default()),
         })
     }
 
@@ -290,16 +328,97 @@ impl RedisStore {
             .arg(floor);
         configure(&mut inv);
         let mut conn = self.write_conn.pick();
-        let reply = strings(
-            self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
-                .await?,
+        let reply = skip_corrupt(
+            operation,
+            strings(
+                self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
+                    .await?,
+            )?,
         )?;
         match reply.first().map(String::as_str) {
             Some("noepoch") => Err(StoreError::NotInitialized),
             Some("moved") => Err(StoreError::Moved),
+            Some("badversion") => Err(StoreError::Corrupt(
+                "the version counter is not a number or behind the change feed".into(),
+            )),
             _ => Ok(reply),
         }
     }
+
+    /// Notes how a compare-and-set record was read: `stored` is the text in the
+    /// store (`""`: absent), `encoded` this code's re-encoding of what it parsed
+    /// to (`None`: absent or corrupt).
+    fn saw(&self, which: CasRecord, stored: &str, encoded: Option<String>) {
+        *self.seen.lock().slot(which) = Seen {
+            encoded: encoded.unwrap_or_default(),
+            stored: stored.to_owned(),
+        };
+    }
+
+    /// What a compare-and-set sends as the expected record: the exact text this
+    /// replica read when that is the record it expects, otherwise its own
+    /// encoding. Comparing re-encoded text would conflict for ever with a record
+    /// that has a field this code does not know (a newer replica's, during a
+    /// rolling upgrade). A corrupt record this replica read is expected as
+    /// "absent" (that is how every replica treats it), so the write replaces it.
+    /// A stale note only costs one conflict: the caller re-reads, which notes again.
+    fn expected_text(&self, which: CasRecord, encoded: Option<String>) -> String {
+        let encoded = encoded.unwrap_or_default();
+        let mut seen = self.seen.lock();
+        let slot = seen.slot(which);
+        if slot.encoded == encoded {
+            slot.stored.clone()
+        } else {
+            encoded
+        }
+    }
+
+    /// Notes the compare-and-set records a feed entry carries.
+    fn saw_change(&self, map: &std::collections::HashMap<String, Value>, change: &Change) {
+        let stored = || map.get("d").and_then(|v| text(v).ok()).unwrap_or_default();
+        match &change.kind {
+            ChangeKind::TryoutChanged(r) => {
+                self.saw(
+                    CasRecord::Tryout,
+                    &stored(),
+                    Some(TryoutRecordV1::encode(r)),
+                );
+            }
+            ChangeKind::InitializationIssued(p) => self.saw(
+                CasRecord::Initialization,
+                &stored(),
+                Some(InitializationRecordV1::encode(p)),
+            ),
+            ChangeKind::InitializationConsumed => self.saw(CasRecord::Initialization, "", None),
+            ChangeKind::Reset => {
+                self.saw(CasRecord::Initialization, "", None);
+                self.saw(CasRecord::LicenseId, "", None);
+            }
+            ChangeKind::LicenseApplied(l) => {
+                self.saw(CasRecord::LicenseId, l.id(), Some(l.id().to_owned()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Takes the names of the corrupt records a script skipped off the front of its
+/// reply (`'corrupt', count, names...`, see `lua/prelude.lua`): each is logged
+/// and counted (`licensing_corrupt_records_total`), like those a snapshot skips.
+fn skip_corrupt(operation: &str, mut reply: Vec<String>) -> Result<Vec<String>, StoreError> {
+    if reply.first().map(String::as_str) != Some("corrupt") {
+        return Ok(reply);
+    }
+    let count = reply
+        .get(1)
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| reply.len() >= 2 + n)
+        .ok_or_else(|| StoreError::Corrupt(format!("{operation} replied {reply:?}")))?;
+    for name in reply.drain(..2 + count).skip(2) {
+        tracing::error!(record = %name, operation, "corrupt record in the seat store skipped");
+        crate::metrics::metrics().corrupt_record();
+    }
+    Ok(reply)
 }
 
 fn classify(e: RedisError) -> StoreError {
@@ -448,7 +567,7 @@ impl Store for RedisStore {
         let reply: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if reply.len() != 9 + pools.len() {
+        if reply.len() != 10 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -477,6 +596,23 @@ impl Store for RedisStore {
             &mut corrupt,
         );
         let incident = record(&reply[8], "incident", IncidentRecordV1::parse, &mut corrupt);
+        // A corrupt license record leaves its id readable: a replica reads the
+        // license as none, and applying one expecting none replaces it.
+        self.saw(
+            CasRecord::LicenseId,
+            &text(&reply[9 + pools.len()]).unwrap_or_default(),
+            license.as_ref().map(|l| l.id().to_owned()),
+        );
+        self.saw(
+            CasRecord::Tryout,
+            &text(&reply[3]).unwrap_or_default(),
+            tryout.as_ref().map(TryoutRecordV1::encode),
+        );
+        self.saw(
+            CasRecord::Initialization,
+            &text(&reply[5]).unwrap_or_default(),
+            initialization.as_ref().map(InitializationRecordV1::encode),
+        );
         let epoch = text(&reply[0])?;
         let version = version_of(&text(&reply[1])?)?;
         let high_water_ms = text(&reply[7])?.parse::<i64>().unwrap_or_else(|_| {
@@ -578,7 +714,9 @@ impl Store for RedisStore {
                 // A gap: history was trimmed, or written by something else.
                 return Ok(Changes::Resync);
             }
-            changes.push(feed_change(v, &entry.map)?);
+            let change = feed_change(v, &entry.map)?;
+            self.saw_change(&entry.map, &change);
+            changes.push(change);
         }
         Ok(Changes::Events(changes))
     }
@@ -716,19 +854,25 @@ impl Store for RedisStore {
         expected: Option<&TryoutRecord>,
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError> {
+        let new_text = TryoutRecordV1::encode(new);
         let reply = self
             .write("cas_tryout", &CAS_TRYOUT, |inv| {
                 inv.key(self.keys.tryout())
-                    .arg(expected.map(TryoutRecordV1::encode).unwrap_or_default())
-                    .arg(TryoutRecordV1::encode(new));
+                    .arg(
+                        self.expected_text(CasRecord::Tryout, expected.map(TryoutRecordV1::encode)),
+                    )
+                    .arg(&new_text);
             })
             .await?;
         match words(&reply).as_slice() {
             ["conflict"] => Ok(None),
-            ["ok", v] => Ok(Some(Change {
-                version: version_of(v)?,
-                kind: ChangeKind::TryoutChanged(new.clone()),
-            })),
+            ["ok", v] => {
+                self.saw(CasRecord::Tryout, &new_text, Some(new_text.clone()));
+                Ok(Some(Change {
+                    version: version_of(v)?,
+                    kind: ChangeKind::TryoutChanged(new.clone()),
+                }))
+            }
             other => Err(StoreError::Corrupt(format!(
                 "tryout write replied {other:?}"
             ))),
@@ -737,6 +881,7 @@ impl Store for RedisStore {
 
     async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
         let record = LicenseRecordV1::encode(w.license);
+        let new_tryout = w.tryout.map(|(_, n)| TryoutRecordV1::encode(n));
         let reply = self
             .write("apply_license", &APPLY_LICENSE, |inv| {
                 inv.key(self.keys.license())
@@ -746,25 +891,19 @@ impl Store for RedisStore {
                 for (feature, _) in w.capacities {
                     inv.key(self.keys.pool(*feature, SeatSource::Purchased));
                 }
-                inv.arg(w.expected_id.unwrap_or(""))
+                inv.arg(self.expected_text(CasRecord::LicenseId, w.expected_id.map(str::to_owned)))
                     .arg(w.license.id())
                     .arg(record)
-                    .arg(
-                        w.tryout
-                            .and_then(|(e, _)| e)
-                            .map(TryoutRecordV1::encode)
-                            .unwrap_or_default(),
-                    )
-                    .arg(
-                        w.tryout
-                            .map(|(_, n)| TryoutRecordV1::encode(n))
-                            .unwrap_or_default(),
-                    )
-                    .arg(
-                        w.consume_initialization
-                            .map(InitializationRecordV1::encode)
-                            .unwrap_or_default(),
-                    )
+                    .arg(w.tryout.map_or_else(String::new, |(e, _)| {
+                        self.expected_text(CasRecord::Tryout, e.map(TryoutRecordV1::encode))
+                    }))
+                    .arg(new_tryout.clone().unwrap_or_default())
+                    .arg(w.consume_initialization.map_or_else(String::new, |p| {
+                        self.expected_text(
+                            CasRecord::Initialization,
+                            Some(InitializationRecordV1::encode(p)),
+                        )
+                    }))
                     .arg(w.fence.map(|f| f.to_string()).unwrap_or_default());
                 for (feature, quantity) in w.capacities {
                     inv.arg(feature.as_str()).arg(*quantity);
@@ -774,17 +913,23 @@ impl Store for RedisStore {
         match words(&reply).as_slice() {
             ["conflict"] | ["fenced"] => Ok(None),
             ["ok", v, tryout_v, init_v, flags @ ..] => {
+                let id = w.license.id();
+                self.saw(CasRecord::LicenseId, id, Some(id.to_owned()));
                 let mut changes = vec![Change {
                     version: version_of(v)?,
                     kind: ChangeKind::LicenseApplied(w.license.clone()),
                 }];
                 if let (Some((_, new)), false) = (w.tryout, tryout_v.is_empty()) {
+                    if let Some(text) = &new_tryout {
+                        self.saw(CasRecord::Tryout, text, Some(text.clone()));
+                    }
                     changes.push(Change {
                         version: version_of(tryout_v)?,
                         kind: ChangeKind::TryoutChanged(new.clone()),
                     });
                 }
                 if !init_v.is_empty() {
+                    self.saw(CasRecord::Initialization, "", None);
                     changes.push(Change {
                         version: version_of(init_v)?,
                         kind: ChangeKind::InitializationConsumed,
@@ -954,7 +1099,10 @@ impl Store for RedisStore {
                 continue;
             };
             match feed_change(v, &entry.map) {
-                Ok(change) => changes.push(change),
+                Ok(change) => {
+                    self.saw_change(&entry.map, &change);
+                    changes.push(change);
+                }
                 Err(error) => tracing::warn!(%error, version = v, "corrupt feed entry skipped"),
             }
         }

@@ -3,22 +3,33 @@
 -- KEYS[6] the pending initialization, KEYS[7] the lease's fencing counter,
 -- KEYS[8..] the purchased pool of each feature in ARGV's capacity list.
 -- ARGV[2] expected license id ('' = none), ARGV[3] new id, ARGV[4] new record,
--- ARGV[5] expected tryout record ('' = none), ARGV[6] new tryout record ('' = no change),
+-- ARGV[5] expected tryout record as read ('' = none), ARGV[6] new tryout record ('' = no change),
 -- ARGV[7] pending initialization to consume ('' = none), ARGV[8] fence ('' = none),
 -- ARGV[9..] feature, quantity pairs (aligned with KEYS[8..]).
+-- Reads and checks everything first, then writes: a script that stops half-way
+-- stays half-written (Redis does not roll back).
 local refusal = refused()
-if refusal then return refusal end
-if (redis.call('HGET', KEYS[4], 'id') or '') ~= ARGV[2] then return {'conflict'} end
+if refusal then return reply(refusal) end
+if (redis.call('HGET', KEYS[4], 'id') or '') ~= ARGV[2] then return reply({'conflict'}) end
+-- Expected records are the text this replica read, not its re-encoding (see
+-- RedisStore::expected_text), so a field a newer replica added does not conflict.
 local change_tryout = ARGV[6] ~= ''
 if change_tryout and (redis.call('GET', KEYS[5]) or '') ~= ARGV[5] then
-  return {'conflict'}
+  return reply({'conflict'})
 end
 if ARGV[7] ~= '' and (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then
-  return {'conflict'}
+  return reply({'conflict'})
 end
 if ARGV[8] ~= '' and (redis.call('GET', KEYS[7]) or '') ~= ARGV[8] then
-  return {'fenced'}
+  return reply({'fenced'})
 end
+local plans = {}
+local k = 8
+for i = 9, #ARGV, 2 do
+  table.insert(plans, plan_flags(KEYS[k], ARGV[i], tonumber(ARGV[i + 1]), nil))
+  k = k + 1
+end
+
 redis.call('HSET', KEYS[4], 'id', ARGV[3], 'record', ARGV[4])
 -- Reply: 'ok', license version, tryout version or '', consumed-initialization
 -- version or '', then the flag changes as quadruples.
@@ -31,10 +42,6 @@ if ARGV[7] ~= '' then
   redis.call('DEL', KEYS[6])
   out[4] = tostring(bump({'k', 'init_used'}))
 end
-local k = 8
-for i = 9, #ARGV, 2 do
-  reflag(KEYS[k], ARGV[i], tonumber(ARGV[i + 1]))
-  k = k + 1
-end
+for _, plan in ipairs(plans) do write_flags(plan) end
 for _, x in ipairs(flagged) do table.insert(out, x) end
-return out
+return reply(out)

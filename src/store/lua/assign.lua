@@ -4,27 +4,38 @@
 -- ARGV[2] user, ARGV[3] feature, ARGV[4] 'purchased' | 'tryout', ARGV[5] capacity,
 -- ARGV[6] the license id the plan was made against (purchased only).
 local refusal = refused()
-if refusal then return refusal end
+if refusal then return reply(refusal) end
 local user, feature, plan, capacity = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local name = 'seat ' .. feature .. '/' .. user
 
--- Idempotent: a retried assign finds its own seat.
+-- Idempotent: a retried assign finds its own seat. A corrupt record of the user
+-- is no seat to give back: it is skipped here and replaced below, in its own slot.
 local purchased = redis.call('HGET', KEYS[4], user)
-if purchased then return {'existing', purchased} end
+if purchased and seat_record(name, purchased) then return reply({'existing', purchased}) end
 local tryout = redis.call('HGET', KEYS[5], user)
-if tryout and plan == 'tryout' then return {'existing', tryout} end
-
-local pool = KEYS[5]
-if plan == 'purchased' then
-  if redis.call('HGET', KEYS[7], 'id') ~= ARGV[6] then return {'license_changed'} end
-  pool = KEYS[4]
+if tryout and seat_record(name, tryout) and plan == 'tryout' then
+  return reply({'existing', tryout})
 end
+
+local pool, own = KEYS[5], tryout
+if plan == 'purchased' then
+  if redis.call('HGET', KEYS[7], 'id') ~= ARGV[6] then return reply({'license_changed'}) end
+  pool, own = KEYS[4], purchased
+end
+-- Corrupt records count as seats in use. Replacing the user's own corrupt record
+-- takes no new slot, but only while the others leave room for it: a pool
+-- already over its quantity is not helped over it.
 local used = redis.call('HLEN', pool)
-if used >= capacity then return {'exhausted', tostring(capacity), tostring(used)} end
+local others = used
+if own then others = used - 1 end
+if others >= capacity then
+  return reply({'exhausted', tostring(capacity), tostring(used)})
+end
 
 local seat = string.format('{"v":1,"source":"%s","assigned_at_ms":%.0f}', plan, now_ms())
 redis.call('HSET', pool, user, seat)
 -- A purchased seat replaces the user's tryout seat.
-if tryout then redis.call('HDEL', KEYS[5], user) end
+if tryout and plan == 'purchased' then redis.call('HDEL', KEYS[5], user) end
 redis.call('ZADD', KEYS[6], 0, feature .. '\0' .. user)
 local v = bump({'k', 'seat', 'f', feature, 'u', user, 'd', seat})
-return {'created', seat, tostring(v)}
+return reply({'created', seat, tostring(v)})

@@ -5,16 +5,25 @@
 -- ARGV[2] user, ARGV[3] feature, ARGV[4] purchased capacity ('' = leave flags),
 -- ARGV[5] the license id the capacity was read from: like an assignment, the
 -- flags are set only against the stored license (otherwise 'moved': re-read).
+-- Reads and checks everything first, then writes (Redis does not roll back a
+-- script that stops half-way).
 local refusal = refused()
-if refusal then return refusal end
+if refusal then return reply(refusal) end
 if ARGV[4] ~= '' and (redis.call('HGET', KEYS[7], 'id') or '') ~= ARGV[5] then
-  return {'moved'}
+  return reply({'moved'})
 end
-local removed = redis.call('HDEL', KEYS[4], ARGV[2]) + redis.call('HDEL', KEYS[5], ARGV[2])
-if removed == 0 then return {'none'} end
-redis.call('ZREM', KEYS[6], ARGV[3] .. '\0' .. ARGV[2])
-local v = bump({'k', 'release', 'f', ARGV[3], 'u', ARGV[2]})
-if ARGV[4] ~= '' then reflag(KEYS[4], ARGV[3], tonumber(ARGV[4])) end
+local user, feature = ARGV[2], ARGV[3]
+if redis.call('HEXISTS', KEYS[4], user) == 0 and redis.call('HEXISTS', KEYS[5], user) == 0 then
+  return reply({'none'})
+end
+local plan = nil
+if ARGV[4] ~= '' then plan = plan_flags(KEYS[4], feature, tonumber(ARGV[4]), user) end
+
+redis.call('HDEL', KEYS[4], user)
+redis.call('HDEL', KEYS[5], user)
+redis.call('ZREM', KEYS[6], feature .. '\0' .. user)
+local v = bump({'k', 'release', 'f', feature, 'u', user})
+if plan then write_flags(plan) end
 local out = {'released', tostring(v)}
 for _, x in ipairs(flagged) do table.insert(out, x) end
-return out
+return reply(out)

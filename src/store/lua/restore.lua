@@ -8,6 +8,8 @@
 -- ARGV[8] retired license record ('' = none for each), ARGV[9] high-water clock
 -- (ms, capped at Redis TIME), then seats as (pool index from 1, feature, user, record) quadruples from ARGV[10].
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- Read before the first write (a corrupt clock counts as 0).
+local hw = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
 for i = 2, #KEYS do
   if i ~= 10 then redis.call('DEL', KEYS[i]) end
 end
@@ -19,7 +21,6 @@ if ARGV[8] ~= '' then redis.call('SET', KEYS[9], ARGV[8]) end
 -- The replica's mark is kept, but never beyond Redis's TIME (see clock.lua).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local hw = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
 local mark = math.min(tonumber(ARGV[9]), now)
 if mark > hw then redis.call('SET', KEYS[10], string.format('%.0f', mark)) end
 for i = 10, #ARGV, 4 do
