@@ -71,7 +71,8 @@ pub struct RawConfig {
     pub auth: RawAuth,
     pub audit: RawAudit,
     /// Declares a development installation: a `vendor_public_key` other than
-    /// the one built into a release binary is then trusted (and shown as such).
+    /// the one built into a release binary is then trusted (and shown as such),
+    /// and a plain `http://` `licensing_server.url` is accepted.
     pub development_installation: bool,
 }
 
@@ -198,7 +199,7 @@ pub struct RawMirror {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLicensingServer {
-    /// `https://host:port` (or `http://` for a local simulator); unset = none.
+    /// `https://host:port` (`http://` only with `development_installation`); unset = none.
     pub url: Option<String>,
     /// PEM CA bundle to verify the server with (default: public web roots).
     pub ca_file: Option<PathBuf>,
@@ -715,6 +716,17 @@ impl RawConfig {
                     return Err(invalid(
                         "licensing_server.url",
                         "must start with https:// (or http:// for a local simulator)",
+                    ));
+                }
+                // Plain HTTP lets anyone on the path answer for the licensing
+                // server; only a development installation (which may trust any
+                // vendor key anyway) accepts it.
+                if url.starts_with("http://") && !self.development_installation {
+                    return Err(invalid(
+                        "licensing_server.url",
+                        format!(
+                            "{url:?} is plain http://: use https:// (with licensing_server.ca_file for a private CA), or set development_installation = true for a development installation (e.g. licensing-sim on this machine)"
+                        ),
                     ));
                 }
                 if !(100..=120_000).contains(&self.licensing_server.timeout_ms) {
@@ -1482,6 +1494,32 @@ mod tests {
         assert_eq!(c.vendor_public_key, Some(parse_public_key(&other).unwrap()));
         // Without a built-in key any configured key is trusted, as before.
         raw.development_installation = false;
+        assert!(raw.validate_with_anchor(None).is_ok());
+    }
+
+    #[test]
+    fn a_plain_http_licensing_server_needs_a_development_installation() {
+        let key = encode_public_key(&SigningKey::from_bytes(&[1; 32]).verifying_key());
+        let mut raw = RawConfig {
+            vendor_public_key: Some(key),
+            licensing_server: RawLicensingServer {
+                url: Some("http://127.0.0.1:7443".into()),
+                ..RawLicensingServer::default()
+            },
+            ..RawConfig::default()
+        };
+        match raw.validate_with_anchor(None) {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert_eq!(key, "licensing_server.url");
+                assert!(message.contains("https://"), "{message}");
+                assert!(message.contains("development_installation"), "{message}");
+            }
+            other => panic!("http:// must be refused, got {other:?}"),
+        }
+        raw.development_installation = true;
+        assert!(raw.validate_with_anchor(None).is_ok());
+        raw.development_installation = false;
+        raw.licensing_server.url = Some("https://cic.example".into());
         assert!(raw.validate_with_anchor(None).is_ok());
     }
 

@@ -101,7 +101,7 @@ pub fn log_startup(config: &config::Config, store: String) {
     }
     if config.development_installation {
         tracing::warn!(
-            "development_installation is set: licenses signed with the configured vendor_public_key are trusted, not only the vendor's"
+            "development_installation is set: licenses signed with the configured vendor_public_key are trusted, not only the vendor's, and a plain http:// licensing server is accepted"
         );
     }
     if config.serial_is_placeholder {

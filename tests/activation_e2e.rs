@@ -149,6 +149,8 @@ fn sim_config(redis: &RedisServer, sim: &Sim, serial: &str, edition: Edition) ->
             ca_file: None,
             timeout_ms: 1000,
         },
+        // The simulator over plain http.
+        development_installation: true,
         ..config(Some(redis), serial)
     })
 }

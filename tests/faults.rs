@@ -687,6 +687,8 @@ async fn licensing_server_faults_leave_seats_alone() {
             ca_file: None,
             timeout_ms: 500,
         },
+        // The simulator over plain http.
+        development_installation: true,
         ..config(Some(&redis), &serial)
     };
     let a = TestServer::start(config.clone()).await;

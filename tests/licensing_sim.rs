@@ -10,8 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use comtrexx_licensing::domain::initcode::InitializationCode;
 use comtrexx_licensing::domain::license::parse_public_key;
+use comtrexx_licensing::domain::signed_tryout::{TryoutQuestion, VendorTryout, new_nonce};
 use comtrexx_licensing::domain::{
-    Edition, Feature, LicensePayload, LicenseRejection, SerialNumber, SignedLicense,
+    Edition, Feature, LicensePayload, LicenseRejection, SerialNumber, SignedLicense, SignedTryout,
+    TryoutPolicy, TryoutRejection,
 };
 use comtrexx_licensing::grpc::vendor_pb::vendor_admin_service_client::VendorAdminServiceClient;
 use comtrexx_licensing::grpc::vendor_pb::{self as pb, Fault};
@@ -132,6 +134,29 @@ async fn fetch_verified(sim: &Sim, s: &str, edition: Edition) -> LicensePayload 
         .unwrap()
         .verify(&sim.key(), &serial(s), edition)
         .unwrap()
+}
+
+/// Asks `upstream` to start the tryout of `s` at `at` with a fresh nonce and
+/// verifies the signed answer with the simulator's key, as the service does.
+async fn start_tryout_verified(
+    sim: &Sim,
+    upstream: &GrpcLicensingServer,
+    s: &str,
+    at: DateTime<Utc>,
+) -> Result<Result<VendorTryout, TryoutRejection>, UpstreamError> {
+    let nonce = new_nonce();
+    let claim = upstream
+        .start_tryout(&serial(s), at, &nonce)
+        .await?
+        .expect("the licensing server keeps tryout records");
+    let question = TryoutQuestion {
+        serial: &serial(s),
+        nonce: &nonce,
+        now: Utc::now(),
+        policy: TryoutPolicy::default(),
+    };
+    Ok(SignedTryout::from_json(&claim.signed_tryout)
+        .and_then(|signed| signed.verify(&sim.key(), &question)))
 }
 
 #[tokio::test]
@@ -329,34 +354,52 @@ async fn a_tryout_start_is_recorded_once_and_survives_a_restart() {
     let mut admin = sim.admin().await;
     register(&mut admin, "S1", pb::Edition::Vm).await;
     let first: DateTime<Utc> = "2026-03-01T10:00:00.123456789Z".parse().unwrap();
-    let claim = sim
-        .upstream()
-        .start_tryout(&serial("S1"), first)
+    let claim = start_tryout_verified(&sim, &sim.upstream(), "S1", first)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((claim.started_at, claim.recorded), (first, true));
+    let fourteen_days = chrono::Duration::days(14);
+    assert_eq!(
+        (claim.started_at, claim.ends_at, claim.recorded),
+        (first, first + fourteen_days, true)
+    );
     sim.stop();
     let sim = Sim::start(&state);
     let upstream = sim.upstream();
-    let again = upstream
-        .start_tryout(&serial("S1"), Utc::now())
+    let again = start_tryout_verified(&sim, &upstream, "S1", Utc::now())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((again.started_at, again.recorded), (first, false));
-    let unknown = upstream
-        .start_tryout(&serial("UNKNOWN1"), Utc::now())
+    assert_eq!(
+        (again.started_at, again.ends_at, again.recorded),
+        (first, first + fourteen_days, false)
+    );
+    let unknown = start_tryout_verified(&sim, &upstream, "UNKNOWN1", Utc::now())
         .await
         .unwrap_err();
     assert!(
         matches!(unknown, UpstreamError::Conclusive(_)),
         "{unknown:?}"
     );
+    // The document faults apply to the signed tryout answer too.
+    let mut admin = sim.admin().await;
+    set_fault(&mut admin, Fault::BadSignature).await;
+    assert_eq!(
+        start_tryout_verified(&sim, &upstream, "S1", Utc::now())
+            .await
+            .unwrap(),
+        Err(TryoutRejection::BadSignature)
+    );
+    set_fault(&mut admin, Fault::WrongSerial).await;
+    assert!(matches!(
+        start_tryout_verified(&sim, &upstream, "S1", Utc::now())
+            .await
+            .unwrap(),
+        Err(TryoutRejection::WrongSerial { .. })
+    ));
     let mut admin = sim.admin().await;
     set_fault(&mut admin, Fault::Unavailable).await;
-    let down = upstream
-        .start_tryout(&serial("S1"), Utc::now())
+    let down = start_tryout_verified(&sim, &upstream, "S1", Utc::now())
         .await
         .unwrap_err();
     assert!(matches!(down, UpstreamError::Transient(_)), "{down:?}");
@@ -434,11 +477,10 @@ async fn stats_count_the_licensing_calls() {
         .report_tryout(&serial("S1"), Utc::now())
         .await
         .unwrap();
-    let claim = upstream
-        .start_tryout(&serial("S1"), Utc::now())
+    let claim = start_tryout_verified(&sim, &upstream, "S1", Utc::now())
         .await
         .unwrap()
-        .expect("the licensing server keeps tryout records");
+        .unwrap();
     // Reported before: the first report is the start it keeps.
     assert!(!claim.recorded);
     let stats = admin

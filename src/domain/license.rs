@@ -95,12 +95,11 @@ impl SignedLicense {
     /// Signs a payload. Used by the development licensing tools and tests; the real
     /// vendor signs on its side.
     pub fn sign(payload: &LicensePayload, key: &SigningKey) -> Self {
-        let bytes = serde_json::to_vec(payload).expect("a payload always serializes");
-        let signature = key.sign(&bytes);
+        let (payload, signature) = sign_json(payload, key);
         Self {
             format: LICENSE_FORMAT.to_owned(),
-            payload: B64.encode(&bytes),
-            signature: B64.encode(signature.to_bytes()),
+            payload,
+            signature,
         }
     }
 
@@ -112,16 +111,7 @@ impl SignedLicense {
         serial: &SerialNumber,
         edition: Edition,
     ) -> Result<LicensePayload, LicenseRejection> {
-        let bytes = B64
-            .decode(&self.payload)
-            .map_err(|e| LicenseRejection::Malformed(format!("payload is not base64: {e}")))?;
-        let sig_bytes = B64
-            .decode(&self.signature)
-            .map_err(|e| LicenseRejection::Malformed(format!("signature is not base64: {e}")))?;
-        let signature =
-            Signature::from_slice(&sig_bytes).map_err(|_| LicenseRejection::BadSignature)?;
-        key.verify(&bytes, &signature)
-            .map_err(|_| LicenseRejection::BadSignature)?;
+        let bytes = verified_bytes(key, &self.payload, &self.signature)?;
         let payload: LicensePayload = serde_json::from_slice(&bytes)
             .map_err(|e| LicenseRejection::Malformed(format!("payload: {e}")))?;
         if payload.serial_number != serial.as_str() {
@@ -149,6 +139,35 @@ impl SignedLicense {
         }
         Ok(payload)
     }
+}
+
+/// The base64 of a payload's JSON bytes and of the Ed25519 signature over them:
+/// the two signed fields of every document the vendor signs.
+pub(crate) fn sign_json(payload: &impl Serialize, key: &SigningKey) -> (String, String) {
+    let bytes = serde_json::to_vec(payload).expect("a payload always serializes");
+    let signature = key.sign(&bytes);
+    (B64.encode(&bytes), B64.encode(signature.to_bytes()))
+}
+
+/// The payload bytes of a signed document, only once its signature verifies over
+/// them with `key` (checked before the payload is parsed: re-serializing would
+/// change the bytes).
+pub(crate) fn verified_bytes(
+    key: &VerifyingKey,
+    payload: &str,
+    signature: &str,
+) -> Result<Vec<u8>, LicenseRejection> {
+    let bytes = B64
+        .decode(payload)
+        .map_err(|e| LicenseRejection::Malformed(format!("payload is not base64: {e}")))?;
+    let sig_bytes = B64
+        .decode(signature)
+        .map_err(|e| LicenseRejection::Malformed(format!("signature is not base64: {e}")))?;
+    let signature =
+        Signature::from_slice(&sig_bytes).map_err(|_| LicenseRejection::BadSignature)?;
+    key.verify(&bytes, &signature)
+        .map_err(|_| LicenseRejection::BadSignature)?;
+    Ok(bytes)
 }
 
 /// Decodes a base64 Ed25519 public key (32 bytes), as configured in `vendor_public_key`.

@@ -11,6 +11,7 @@ pub mod initcode;
 pub mod license;
 pub mod reconcile;
 pub mod seats;
+pub mod signed_tryout;
 pub mod tryout;
 
 pub use activation::{Activation, ActivationState, LapseAction};
@@ -20,6 +21,7 @@ pub use ids::{Edition, Feature, SerialNumber, UserId};
 pub use license::{Entitlement, LicensePayload, LicenseRejection, SignedLicense};
 pub use reconcile::{ReconcileOutcome, ReconcileStatus};
 pub use seats::{AppliedLicense, AssignPlan, Licenses, Seat, SeatCheck, SeatReason, SeatSource};
+pub use signed_tryout::{SignedTryout, TryoutPayload, TryoutRejection};
 pub use tryout::{TryoutPolicy, TryoutRecord, TryoutState, TryoutView};
 
 /// Default and largest page sizes of the listing RPCs (`ListSeats`,

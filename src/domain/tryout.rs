@@ -106,7 +106,15 @@ pub fn start(
     match state(edition, record, now) {
         TryoutState::Available => Ok(TryoutRecord::Started {
             started_at: now,
-            ends_at: now + Duration::days(i64::from(policy.days)),
+            // Checked: `now` may come from a stored clock, which nothing bounds.
+            ends_at: now
+                .checked_add_signed(Duration::days(i64::from(policy.days)))
+                .ok_or_else(|| {
+                    LicensingError::Internal(format!(
+                        "the time {now} plus the tryout's {} days is beyond the representable range (a broken clock)",
+                        policy.days
+                    ))
+                })?,
             ended: None,
         }),
         TryoutState::Unavailable if !edition.has_tryout() => Err(LicensingError::precondition(
@@ -243,6 +251,18 @@ mod tests {
             state(Edition::Vm, Some(&r), t0() + Duration::days(14)),
             TryoutState::Expired
         );
+    }
+
+    #[test]
+    fn a_start_at_the_end_of_time_is_an_error_not_a_panic() {
+        let err = start(
+            Edition::Vm,
+            None,
+            DateTime::<Utc>::MAX_UTC,
+            TryoutPolicy::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, LicensingError::Internal(_)), "{err:?}");
     }
 
     #[test]

@@ -54,10 +54,16 @@ impl Licensing {
     pub async fn create_initialization_code(&self) -> Result<String, LicensingError> {
         let now = self.now();
         let code = InitializationCode::new(self.settings.serial.clone(), self.settings.edition);
+        // Checked: `now` may come from a stored clock, which nothing bounds.
+        let expires_at = now.checked_add_signed(self.settings.code_ttl).ok_or_else(|| {
+            LicensingError::Internal(format!(
+                "the time {now} plus the code's lifetime is beyond the representable range (a broken clock)"
+            ))
+        })?;
         let pending = PendingInitialization {
             nonce: code.nonce.clone(),
             issued_at: now,
-            expires_at: now + self.settings.code_ttl,
+            expires_at,
         };
         let change = self
             .write(|| self.store.set_initialization(&pending))

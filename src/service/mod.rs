@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::domain::activation::{self, Activation};
+use crate::domain::signed_tryout::{self, SignedTryout, TryoutQuestion, VendorTryout};
 use crate::domain::{
     ActivationState, Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses,
     LicensingError, ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber,
@@ -26,7 +27,7 @@ use crate::domain::{
 };
 use crate::mirror::{Mirror, MirrorState};
 use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
-use crate::upstream::{Backoff, LicensingServer, UpstreamError};
+use crate::upstream::{Backoff, LicensingServer, TryoutClaim, UpstreamError};
 
 /// How often a write re-plans after finding the mirror out of date before giving up.
 const WRITE_ATTEMPTS: usize = 3;
@@ -467,8 +468,9 @@ impl Licensing {
         else {
             return self.change_tryout(start).await;
         };
+        let nonce = signed_tryout::new_nonce();
         let claim = source
-            .start_tryout(&self.settings.serial, started_at)
+            .start_tryout(&self.settings.serial, started_at, &nonce)
             .await
             .map_err(|e| match e {
                 UpstreamError::Transient(m) => LicensingError::Unavailable(format!(
@@ -482,13 +484,10 @@ impl Licensing {
         let Some(claim) = claim else {
             return self.change_tryout(start).await;
         };
-        // The licensing server's start is the one kept, here too.
-        let record = TryoutRecord::Started {
-            started_at: claim.started_at,
-            ends_at: claim.started_at + Duration::days(i64::from(policy.days)),
-            ended: None,
-        };
-        if claim.recorded {
+        // The licensing server's start is the one kept, here too, once verified.
+        let answer = self.verify_tryout(&claim, &nonce, source.as_ref())?;
+        let record = answer.record();
+        if answer.recorded {
             return self
                 .change_tryout(|current, now| match current {
                     None => Ok(Some(record.clone())),
@@ -510,9 +509,48 @@ impl Licensing {
             "TRYOUT_NOT_AVAILABLE",
             format!(
                 "the licensing server recorded the tryout start of {} at {}; it can be used only once per serial number",
-                self.settings.serial, claim.started_at
+                self.settings.serial, answer.started_at
             ),
         ))
+    }
+
+    /// The licensing server's signed tryout answer, verified against this request
+    /// (serial, nonce) and the reference time. An answer that is not trusted is
+    /// conclusive, like a license with a bad signature: nothing starts, and the
+    /// operator learns why (log line here, the refusal in the audit trail).
+    fn verify_tryout(
+        &self,
+        claim: &TryoutClaim,
+        nonce: &str,
+        source: &dyn LicensingServer,
+    ) -> Result<VendorTryout, LicensingError> {
+        let key = self.settings.vendor_key.as_ref().ok_or_else(|| {
+            LicensingError::precondition(
+                "NO_VENDOR_KEY",
+                "no vendor_public_key configured: the licensing server's tryout answer cannot be verified",
+            )
+        })?;
+        let question = TryoutQuestion {
+            serial: &self.settings.serial,
+            nonce,
+            now: self.now(),
+            policy: self.settings.tryout,
+        };
+        SignedTryout::from_json(&claim.signed_tryout)
+            .and_then(|signed| signed.verify(key, &question))
+            .map_err(|rejection| {
+                tracing::error!(
+                    %rejection,
+                    licensing_server = %source.describe(),
+                    "tryout answer of the licensing server refused; nothing was started"
+                );
+                LicensingError::precondition(
+                    "TRYOUT_NOT_CONFIRMED",
+                    format!(
+                        "the licensing server's tryout answer is not trusted ({rejection}); nothing was started: check licensing_server.url and vendor_public_key"
+                    ),
+                )
+            })
     }
 
     pub async fn end_tryout(&self) -> Result<TryoutView, LicensingError> {

@@ -17,7 +17,10 @@ use tonic_health::ServingStatus;
 
 use super::state::{Device, STATE_FILE, SimError, SimState, load_or_create_key};
 use crate::domain::initcode::InitializationCode;
-use crate::domain::{Edition, Feature, LicensePayload, SerialNumber, SignedLicense};
+use crate::domain::{
+    Edition, Feature, LicensePayload, SerialNumber, SignedLicense, SignedTryout, TryoutPayload,
+    TryoutPolicy,
+};
 use crate::grpc::VENDOR_FILE_DESCRIPTOR_SET;
 use crate::grpc::vendor_pb::vendor_admin_service_server::{
     VendorAdminService, VendorAdminServiceServer,
@@ -153,19 +156,29 @@ impl Simulator {
         }
     }
 
+    /// The key to sign with, as the document faults say: a fresh random one under
+    /// `BAD_SIGNATURE`; under `WRONG_SERIAL` the document's `serial` is replaced.
+    fn signer(&self, serial: &mut String) -> SigningKey {
+        match self.fault() {
+            Fault::BadSignature => SigningKey::generate(&mut rand::rngs::OsRng),
+            Fault::WrongSerial => {
+                WRONG_SERIAL.clone_into(serial);
+                self.inner.key.clone()
+            }
+            _ => self.inner.key.clone(),
+        }
+    }
+
     /// Signs a document, as the document faults say.
     fn sign(&self, mut payload: LicensePayload) -> String {
-        match self.fault() {
-            Fault::BadSignature => {
-                let other = SigningKey::generate(&mut rand::rngs::OsRng);
-                SignedLicense::sign(&payload, &other).to_json()
-            }
-            Fault::WrongSerial => {
-                WRONG_SERIAL.clone_into(&mut payload.serial_number);
-                SignedLicense::sign(&payload, &self.inner.key).to_json()
-            }
-            _ => SignedLicense::sign(&payload, &self.inner.key).to_json(),
-        }
+        let key = self.signer(&mut payload.serial_number);
+        SignedLicense::sign(&payload, &key).to_json()
+    }
+
+    /// Signs a tryout answer, as the document faults say.
+    fn sign_tryout(&self, mut payload: TryoutPayload) -> String {
+        let key = self.signer(&mut payload.serial_number);
+        SignedTryout::sign(&payload, &key).to_json()
     }
 
     /// Applies a change to a copy of the state, writes it, and only then makes it
@@ -258,6 +271,16 @@ fn device_to_pb(d: &Device) -> pb::Device {
     }
 }
 
+/// When a tryout started at `started_at` ends: the product's tryout length
+/// (`TryoutPolicy::default`, 14 days).
+fn tryout_end(started_at: DateTime<Utc>) -> Result<DateTime<Utc>, Status> {
+    started_at
+        .checked_add_signed(chrono::Duration::days(i64::from(
+            TryoutPolicy::default().days,
+        )))
+        .ok_or_else(|| Status::invalid_argument("started_at: out of range"))
+}
+
 fn time_from_pb(field: &str, ts: &prost_types::Timestamp) -> Result<DateTime<Utc>, Status> {
     from_timestamp(ts).ok_or_else(|| Status::invalid_argument(format!("{field}: out of range")))
 }
@@ -331,15 +354,27 @@ impl VendorLicensingService for Simulator {
                 request.started_at.as_ref(),
             )
             .await?;
-        // A start already recorded is answered without writing the state again.
+        // A start already recorded is answered without writing the state again;
+        // a new one only when its end can be represented.
         let (started_at, recorded) = match earlier {
             Some(earlier) => (earlier, false),
-            None => self.change(|s| s.start_tryout(&serial, started_at)).await?,
+            None => {
+                tryout_end(started_at)?;
+                self.change(|s| s.start_tryout(&serial, started_at)).await?
+            }
         };
+        let signed_tryout = self.sign_tryout(TryoutPayload {
+            serial_number: serial.as_str().to_owned(),
+            nonce: request.nonce,
+            started_at,
+            ends_at: tryout_end(started_at)?,
+            recorded,
+        });
         tracing::info!(%serial, %started_at, recorded, "StartTryout answered");
         Ok(Response::new(pb::StartTryoutResponse {
             started_at: Some(timestamp(started_at)),
             recorded,
+            signed_tryout,
         }))
     }
 }

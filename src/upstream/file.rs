@@ -47,6 +47,7 @@ impl LicensingServer for LicenseFile {
         &self,
         _serial: &SerialNumber,
         _started_at: DateTime<Utc>,
+        _nonce: &str,
     ) -> Result<Option<TryoutClaim>, UpstreamError> {
         Ok(None) // nobody to ask at an air-gapped site: the store's record counts
     }

@@ -6,7 +6,7 @@
 //! are classified by [`classify`]: unreachable, timed out or server-side failures
 //! are [`UpstreamError::Transient`]; final answers (unknown serial, bad code, not
 //! allowed) are [`UpstreamError::Conclusive`]. Signatures are not checked here:
-//! the service verifies every document it is handed.
+//! the service verifies every document and signed tryout answer it is handed.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -214,27 +214,21 @@ impl LicensingServer for GrpcLicensingServer {
         &self,
         serial: &SerialNumber,
         started_at: DateTime<Utc>,
+        nonce: &str,
     ) -> Result<Option<TryoutClaim>, UpstreamError> {
         let mut client = self.client();
         let request = vendor_pb::StartTryoutRequest {
             serial_number: serial.as_str().to_owned(),
             started_at: Some(timestamp(started_at)),
+            nonce: nonce.to_owned(),
         };
         let response = self
             .call("StartTryout", client.start_tryout(request))
             .await?;
-        let started_at = response
-            .started_at
-            .as_ref()
-            .and_then(from_timestamp)
-            .ok_or_else(|| {
-                UpstreamError::Transient(
-                    "StartTryout: the answer has no valid started_at (a broken server)".into(),
-                )
-            })?;
+        // The unsigned `started_at` and `recorded` are for older clients: the
+        // service decides with the signed record only.
         Ok(Some(TryoutClaim {
-            started_at,
-            recorded: response.recorded,
+            signed_tryout: response.signed_tryout,
         }))
     }
 

@@ -30,13 +30,13 @@ pub enum UpstreamError {
     Conclusive(String),
 }
 
-/// The licensing server's answer to a tryout start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The licensing server's answer to a tryout start, as received: nothing in it is
+/// trusted before the service verified it (`domain::signed_tryout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TryoutClaim {
-    /// The start it holds: the one asked for, or an earlier one.
-    pub started_at: DateTime<Utc>,
-    /// Whether this request recorded it (`false`: the serial already used its tryout).
-    pub recorded: bool,
+    /// The signed tryout record (JSON, `comtrexx-tryout/v1`); empty from a server
+    /// that does not sign its tryout answers.
+    pub signed_tryout: String,
 }
 
 /// What the service needs from the vendor's licensing server.
@@ -58,12 +58,14 @@ pub trait LicensingServer: Send + Sync + 'static {
 
     /// Asks the licensing server whether the serial may start its tryout at
     /// `started_at`, recording the start if it may: its record is authoritative
-    /// (once per serial, ever). `Ok(None)`: the source keeps no such record (a
-    /// license file), so only the store's record counts.
+    /// (once per serial, ever). The signed answer carries `nonce`. `Ok(None)`:
+    /// the source keeps no such record (a license file), so only the store's
+    /// record counts.
     async fn start_tryout(
         &self,
         serial: &SerialNumber,
         started_at: DateTime<Utc>,
+        nonce: &str,
     ) -> Result<Option<TryoutClaim>, UpstreamError>;
 
     /// Where it is, for logs and the overview (no secrets).
