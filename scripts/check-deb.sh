@@ -100,7 +100,10 @@ if printf '%s\n' "${verify}" | grep -F "${PKG}"; then
   die "systemd-analyze verify reports problems with the unit"
 fi
 log "the packaged configuration is valid"
-/usr/bin/${PKG} --config "${CONF}" config >/dev/null
+effective="$(/usr/bin/${PKG} --config "${CONF}" config)"
+# The VM's own services call it locally: the packaged service listens on loopback only.
+grep -qx 'listen_addr = "127.0.0.1:50051"' <<<"${effective}" \
+  || die "the packaged configuration should listen on 127.0.0.1:50051"
 
 # --- 5. run as the unit would ----------------------------------------------------------
 redis_port="$(free_port)"

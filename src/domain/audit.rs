@@ -1,6 +1,14 @@
 //! One entry of the audit trail (API.md, "Audit"): who did what, with which
 //! outcome. Plain data; the store keeps it and the gRPC layer shows it. Also
 //! the rule that summarizes floods of refusals ([`RefusalFloods`]).
+//!
+//! Refusals (entries whose code is not `OK`) are kept apart from accepted
+//! changes in the store, under a retention of their own
+//! ([`AuditRetention::max_refusals`]), so that no amount of them can push an
+//! operator's change out of the trail. Before they get there, refusals pass
+//! [`RefusalFloods`]: a client hammering the service can neither turn the
+//! trail into one more load on the store nor fill the refusals' share with
+//! its own.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,13 +134,6 @@ pub fn merge_newest_first(
     out
 }
 
-/// Refusals (entries whose code is not `OK`) are kept apart from accepted
-/// changes in the store, under a retention of their own
-/// ([`AuditRetention::max_refusals`]), so that no amount of them can push an
-/// operator's change out of the trail. Before they get there, refusals pass
-/// [`RefusalFloods`]: a client hammering the service can neither turn the
-/// trail into one more load on the store nor fill the refusals' share with
-/// its own.
 /// Refusals are stored one by one up to this many per caller, method and code
 /// in each summary interval; the rest of a flood is counted into one summary
 /// entry.
