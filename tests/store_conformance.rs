@@ -2872,15 +2872,20 @@ async fn corrupt_seat_does_not_stop_a_smaller_license(subject: &Subject) {
     .await;
     Raw(subject).hset(USER_POOL, "bob", "garbage");
 
-    let smaller = license("corrupt-drop-2", 2);
-    let changes = store
-        .apply_license(LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(lic.id()), &smaller)
-        })
+    // Applies `next` over `current` with two user seats.
+    let two_users = async |current: &StoredLicense, next: &StoredLicense| {
+        apply(
+            store,
+            LicenseWrite {
+                capacities: &[(Feature::User, 2)],
+                ..plain(Some(current.id()), next)
+            },
+        )
         .await
-        .expect("a corrupt seat does not stop the license write")
-        .expect("expectations hold");
+        .expect("expectations hold")
+    };
+    let smaller = license("corrupt-drop-2", 2);
+    let changes = two_users(&lic, &smaller).await;
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(smaller.clone()));
     // Five seats for two: bob's unreadable record still takes its slot, so the
     // three most recent readable seats are flagged and no more than two are left.
@@ -2901,16 +2906,7 @@ async fn corrupt_seat_does_not_stop_a_smaller_license(subject: &Subject) {
     );
 
     // The next reconcile at the same quantity finds the flags in place.
-    let same = license("corrupt-drop-3", 2);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(smaller.id()), &same)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = two_users(&smaller, &license("corrupt-drop-3", 2)).await;
     assert_eq!(changes.len(), 1, "only the license: {changes:?}");
 }
 
@@ -2960,16 +2956,15 @@ async fn corrupt_own_seat_is_replaced_in_its_slot(subject: &Subject) {
         ["alice"]
     );
     assert_eq!(users_of(&snapshot(store).await.seats), ["alice"]);
-    assert_eq!(
-        assign(store, "carol", Feature::User, &purchased(&lic, 2)).await,
-        AssignOutcome::Exhausted {
-            capacity: 2,
-            in_use: 2
-        }
-    );
+    let two = purchased(&lic, 2);
+    let full = |in_use| AssignOutcome::Exhausted {
+        capacity: 2,
+        in_use,
+    };
+    assert_eq!(assign(store, "carol", Feature::User, &two).await, full(2));
 
     // Bob gets a readable seat in his own slot.
-    let (seat, _) = created(assign(store, "bob", Feature::User, &purchased(&lic, 2)).await);
+    let (seat, _) = created(assign(store, "bob", Feature::User, &two).await);
     assert_eq!(seat.source, SeatSource::Purchased);
     let snap = snapshot(store).await;
     assert_eq!(users_of(&snap.seats), ["alice", "bob"]);
@@ -2978,13 +2973,7 @@ async fn corrupt_own_seat_is_replaced_in_its_slot(subject: &Subject) {
     // Where the others already fill the pool, a corrupt record stays as it is:
     // replacing it would give one seat more than the quantity.
     raw.hset(USER_POOL, "dave", "garbage");
-    assert_eq!(
-        assign(store, "dave", Feature::User, &purchased(&lic, 2)).await,
-        AssignOutcome::Exhausted {
-            capacity: 2,
-            in_use: 3
-        }
-    );
+    assert_eq!(assign(store, "dave", Feature::User, &two).await, full(3));
 }
 
 /// Every replica reads a corrupt tryout record as none, so a write expecting
