@@ -1323,6 +1323,21 @@ mod tests {
     }
 
     #[test]
+    fn skipped_corrupt_records_are_taken_off_a_reply() {
+        let reply = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            skip_corrupt("t", reply(&["corrupt", "2", "a", "b", "ok", "7"])).unwrap(),
+            reply(&["ok", "7"])
+        );
+        assert_eq!(
+            skip_corrupt("t", reply(&["ok", "7"])).unwrap(),
+            reply(&["ok", "7"])
+        );
+        assert!(skip_corrupt("t", reply(&["corrupt", "3", "a"])).is_err());
+        assert!(skip_corrupt("t", reply(&["corrupt", "x"])).is_err());
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("redis://:secret@host:6379/0"),
