@@ -2914,8 +2914,14 @@ async fn corrupt_seat_does_not_stop_a_release(subject: &Subject) {
     let store = &*subject.store;
     let lic = with_license(store, "corrupt-release").await;
     assign_in_order(store, &lic, Feature::User, &["u1", "u2", "u3"]).await;
-    // JSON, but no seat record (no assignment time).
+    // JSON, but no seat record (no assignment time); and bytes that are not text.
     Raw(subject).hset(USER_POOL, "bob", r#"{"v":1}"#);
+    Raw(subject).run::<i64>(
+        redis::cmd("HSET")
+            .arg(Raw(subject).key(USER_POOL))
+            .arg(&b"\xff\xfe"[..])
+            .arg(&b"\xff"[..]),
+    );
 
     let changes = release(store, "u1", Feature::User, Some(2))
         .await
@@ -2927,11 +2933,12 @@ async fn corrupt_seat_does_not_stop_a_release(subject: &Subject) {
             user_id: uid("u1"),
         }
     );
-    // u2, u3 and bob's record are left for two: the most recent readable is flagged.
-    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["u3"]);
+    // u2, u3 and two corrupt records are left for two: both readable are flagged.
+    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["u2", "u3"]);
     let snap = snapshot(store).await;
     assert_eq!(users_of(&snap.seats), ["u2", "u3"]);
-    assert_eq!(flagged_users(&snap, Feature::User), ["u3"]);
+    assert_eq!(flagged_users(&snap, Feature::User), ["u2", "u3"]);
+    assert_eq!(snap.corrupt.len(), 2, "{:?}", snap.corrupt);
     assert!(
         Raw(subject).hexists(USER_POOL, "bob"),
         "a corrupt record is skipped, not removed"
