@@ -2947,15 +2947,20 @@ async fn corrupt_seat_does_not_stop_a_smaller_license(subject: &Subject) {
     .await;
     Raw(subject).hset(USER_POOL, "bob", "garbage");
 
-    let smaller = license("corrupt-drop-2", 2);
-    let changes = store
-        .apply_license(LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(lic.id()), &smaller)
-        })
+    // Applies `next` over `current` with two user seats.
+    let two_users = async |current: &StoredLicense, next: &StoredLicense| {
+        apply(
+            store,
+            LicenseWrite {
+                capacities: &[(Feature::User, 2)],
+                ..plain(Some(current.id()), next)
+            },
+        )
         .await
-        .expect("a corrupt seat does not stop the license write")
-        .expect("expectations hold");
+        .expect("expectations hold")
+    };
+    let smaller = license("corrupt-drop-2", 2);
+    let changes = two_users(&lic, &smaller).await;
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(smaller.clone()));
     // Five seats for two: bob's unreadable record still takes its slot, so the
     // three most recent readable seats are flagged and no more than two are left.
@@ -2976,16 +2981,7 @@ async fn corrupt_seat_does_not_stop_a_smaller_license(subject: &Subject) {
     );
 
     // The next reconcile at the same quantity finds the flags in place.
-    let same = license("corrupt-drop-3", 2);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(smaller.id()), &same)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = two_users(&smaller, &license("corrupt-drop-3", 2)).await;
     assert_eq!(changes.len(), 1, "only the license: {changes:?}");
 }
 
@@ -2993,8 +2989,14 @@ async fn corrupt_seat_does_not_stop_a_release(subject: &Subject) {
     let store = &*subject.store;
     let lic = with_license(store, "corrupt-release").await;
     assign_in_order(store, &lic, Feature::User, &["u1", "u2", "u3"]).await;
-    // JSON, but no seat record (no assignment time).
+    // JSON, but no seat record (no assignment time); and bytes that are not text.
     Raw(subject).hset(USER_POOL, "bob", r#"{"v":1}"#);
+    Raw(subject).run::<i64>(
+        redis::cmd("HSET")
+            .arg(Raw(subject).key(USER_POOL))
+            .arg(&b"\xff\xfe"[..])
+            .arg(&b"\xff"[..]),
+    );
 
     let changes = release(store, "u1", Feature::User, Some(2))
         .await
@@ -3006,11 +3008,12 @@ async fn corrupt_seat_does_not_stop_a_release(subject: &Subject) {
             user_id: uid("u1"),
         }
     );
-    // u2, u3 and bob's record are left for two: the most recent readable is flagged.
-    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["u3"]);
+    // u2, u3 and two corrupt records are left for two: both readable are flagged.
+    assert_eq!(users_of(&flagged_seats(&changes[1..])), ["u2", "u3"]);
     let snap = snapshot(store).await;
     assert_eq!(users_of(&snap.seats), ["u2", "u3"]);
-    assert_eq!(flagged_users(&snap, Feature::User), ["u3"]);
+    assert_eq!(flagged_users(&snap, Feature::User), ["u2", "u3"]);
+    assert_eq!(snap.corrupt.len(), 2, "{:?}", snap.corrupt);
     assert!(
         Raw(subject).hexists(USER_POOL, "bob"),
         "a corrupt record is skipped, not removed"
@@ -3035,16 +3038,15 @@ async fn corrupt_own_seat_is_replaced_in_its_slot(subject: &Subject) {
         ["alice"]
     );
     assert_eq!(users_of(&snapshot(store).await.seats), ["alice"]);
-    assert_eq!(
-        assign(store, "carol", Feature::User, &purchased(&lic, 2)).await,
-        AssignOutcome::Exhausted {
-            capacity: 2,
-            in_use: 2
-        }
-    );
+    let two = purchased(&lic, 2);
+    let full = |in_use| AssignOutcome::Exhausted {
+        capacity: 2,
+        in_use,
+    };
+    assert_eq!(assign(store, "carol", Feature::User, &two).await, full(2));
 
     // Bob gets a readable seat in his own slot.
-    let (seat, _) = created(assign(store, "bob", Feature::User, &purchased(&lic, 2)).await);
+    let (seat, _) = created(assign(store, "bob", Feature::User, &two).await);
     assert_eq!(seat.source, SeatSource::Purchased);
     let snap = snapshot(store).await;
     assert_eq!(users_of(&snap.seats), ["alice", "bob"]);
@@ -3053,13 +3055,7 @@ async fn corrupt_own_seat_is_replaced_in_its_slot(subject: &Subject) {
     // Where the others already fill the pool, a corrupt record stays as it is:
     // replacing it would give one seat more than the quantity.
     raw.hset(USER_POOL, "dave", "garbage");
-    assert_eq!(
-        assign(store, "dave", Feature::User, &purchased(&lic, 2)).await,
-        AssignOutcome::Exhausted {
-            capacity: 2,
-            in_use: 3
-        }
-    );
+    assert_eq!(assign(store, "dave", Feature::User, &two).await, full(3));
 }
 
 /// Every replica reads a corrupt tryout record as none, so a write expecting

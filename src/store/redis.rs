@@ -466,6 +466,33 @@ fn strings(v: Value) -> Result<Vec<String>, StoreError> {
     redis::from_redis_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// A reply of stored bytes, each as text, or (`Err`) as shown in a log when it is
+/// not UTF-8: hand-written bytes make one entry corrupt, not the whole reply.
+fn texts(v: Value) -> Result<Vec<Result<String, String>>, StoreError> {
+    let raw: Vec<Vec<u8>> =
+        redis::from_redis_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(raw
+        .into_iter()
+        .map(|b| {
+            String::from_utf8(b).map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        })
+        .collect())
+}
+
+/// A stored seat from its (user, record) text.
+fn stored_seat(
+    feature: Feature,
+    user: &Result<String, String>,
+    record: &Result<String, String>,
+) -> Result<Seat, StoreError> {
+    match (user, record) {
+        (Ok(user), Ok(record)) => {
+            SeatRecordV1::parse(record)?.into_seat(parse_user(user)?, feature)
+        }
+        _ => Err(StoreError::Corrupt("not UTF-8".into())),
+    }
+}
+
 fn version_of(s: &str) -> Result<u64, StoreError> {
     s.parse()
         .map_err(|_| StoreError::Corrupt(format!("version {s:?} is not a number")))
@@ -621,13 +648,14 @@ impl Store for RedisStore {
         });
         let mut seats = Vec::new();
         for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(9)) {
-            let flat = strings(value)?;
+            let flat = texts(value)?;
             for pair in flat.chunks_exact(2) {
-                match parse_user(&pair[0])
-                    .and_then(|user| SeatRecordV1::parse(&pair[1])?.into_seat(user, *feature))
-                {
+                match stored_seat(*feature, &pair[0], &pair[1]) {
                     Ok(seat) => seats.push(seat),
-                    Err(e) => corrupt.push(format!("seat {feature}/{:?}: {e}", pair[0])),
+                    Err(e) => {
+                        let user = pair[0].as_ref().unwrap_or_else(|lossy| lossy);
+                        corrupt.push(format!("seat {feature}/{user:?}: {e}"));
+                    }
                 }
             }
         }
@@ -832,16 +860,18 @@ impl Store for RedisStore {
             inv.arg(f.as_str());
         }
         let mut conn = self.conn.clone();
-        let flat = strings(self.bounded("list", inv.invoke_async(&mut conn)).await?)?;
+        let flat = texts(self.bounded("list", inv.invoke_async(&mut conn)).await?)?;
         Ok(flat
             .chunks_exact(3)
             .filter_map(|t| {
-                let seat = parse_feature(&t[0]).and_then(|f| {
-                    let u = parse_user(&t[1])?;
-                    SeatRecordV1::parse(&t[2])?.into_seat(u, f)
-                });
+                let seat = t[0]
+                    .as_deref()
+                    .map_err(|_| StoreError::Corrupt("feature not UTF-8".into()))
+                    .and_then(parse_feature)
+                    .and_then(|f| stored_seat(f, &t[1], &t[2]));
+                let user = t[1].as_ref().unwrap_or_else(|lossy| lossy);
                 seat.inspect_err(|error| {
-                    tracing::error!(%error, user = %t[1], "corrupt seat record skipped in a listing");
+                    tracing::error!(%error, user = %user, "corrupt seat record skipped in a listing");
                     crate::metrics::metrics().corrupt_record();
                 })
                 .ok()
@@ -1349,6 +1379,21 @@ mod tests {
             "lic:{AB12}:seats:user:tryout"
         );
         assert_eq!(keys.pools().len(), 4);
+    }
+
+    #[test]
+    fn skipped_corrupt_records_are_taken_off_a_reply() {
+        let reply = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            skip_corrupt("t", reply(&["corrupt", "2", "a", "b", "ok", "7"])).unwrap(),
+            reply(&["ok", "7"])
+        );
+        assert_eq!(
+            skip_corrupt("t", reply(&["ok", "7"])).unwrap(),
+            reply(&["ok", "7"])
+        );
+        assert!(skip_corrupt("t", reply(&["corrupt", "3", "a"])).is_err());
+        assert!(skip_corrupt("t", reply(&["corrupt", "x"])).is_err());
     }
 
     #[test]

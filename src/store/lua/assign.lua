@@ -6,7 +6,7 @@
 local refusal = refused()
 if refusal then return reply(refusal) end
 local user, feature, plan, capacity = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local name = 'seat ' .. feature .. '/' .. user
+local name = 'seat ' .. feature .. '/' .. printable(user)
 
 -- Idempotent: a retried assign finds its own seat. A corrupt record of the user
 -- is no seat to give back: it is skipped here and replaced below, in its own slot.

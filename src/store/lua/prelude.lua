@@ -58,6 +58,13 @@ local function reply(out)
   return framed
 end
 
+-- A stored user id as a name for `skipped`: as it is when printable ASCII,
+-- otherwise in hex (the reply must stay valid text whatever the bytes).
+local function printable(user)
+  if string.match(user, '^[%w%p ]*$') then return user end
+  return 'hex:' .. (string.gsub(user, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
+
 -- A time in milliseconds as the replicas read it (chrono's range), or nil.
 local function millis(x)
   if type(x) == 'number' and x == math.floor(x) and math.abs(x) <= 8e15 then return x end
@@ -101,7 +108,7 @@ local function plan_flags(pool, feature, quantity, leaving)
     local user = flat[i]
     if user ~= leaving then
       count = count + 1
-      local rec = seat_record('seat ' .. feature .. '/' .. user, flat[i + 1])
+      local rec = seat_record('seat ' .. feature .. '/' .. printable(user), flat[i + 1])
       if rec then
         table.insert(seats, {user = user, rec = rec})
         if rec.over_capacity_since_ms then marked = marked + 1 end
