@@ -60,6 +60,9 @@ pub struct RawConfig {
     pub drain_timeout_ms: u64,
     pub log: RawLog,
     pub mirror: RawMirror,
+    /// Where the replica keeps its last known state, to answer reads after a
+    /// restart while the store is unreachable; unset or empty: nowhere.
+    pub state_dir: Option<PathBuf>,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
     pub limits: RawLimits,
@@ -397,6 +400,7 @@ impl Default for RawConfig {
             drain_timeout_ms: 10_000,
             log: RawLog::default(),
             mirror: RawMirror::default(),
+            state_dir: None,
             tls: RawTls::default(),
             otlp_endpoint: None,
             limits: RawLimits::default(),
@@ -527,6 +531,8 @@ pub struct Config {
     /// Parent-based sampling ratio of new traces.
     pub trace_sampling_ratio: f64,
     pub mirror: MirrorConfig,
+    /// The directory of the state file (`state_dir`); `None`: none kept.
+    pub state_dir: Option<PathBuf>,
     /// Certificate, key and client CA (PEM) for serving gRPC over TLS.
     pub tls: Option<TlsFiles>,
     pub auth: AuthConfig,
@@ -760,6 +766,18 @@ impl RawConfig {
         if !(0.0..=1.0).contains(&self.trace.sampling_ratio) {
             return Err(invalid("trace.sampling_ratio", "must be 0.0 to 1.0"));
         }
+        let state_dir = self.state_dir.clone().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = &state_dir
+            && dir.is_file()
+        {
+            return Err(invalid(
+                "state_dir",
+                format!(
+                    "{} is a file; it must be a directory (created if missing)",
+                    dir.display()
+                ),
+            ));
+        }
         if self.mirror.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
@@ -845,6 +863,7 @@ impl RawConfig {
                 resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
                 ..MirrorConfig::default()
             },
+            state_dir,
             tls,
             license_source,
             grace: chrono::Duration::days(i64::from(self.grace_days)),
@@ -1151,6 +1170,10 @@ mod tests {
                 "listen_addr",
             ),
             (Box::new(|c| c.redis_timeout_ms = 0), "redis_timeout_ms"),
+            (
+                Box::new(|c| c.state_dir = Some("Cargo.toml".into())),
+                "state_dir",
+            ),
             (
                 Box::new(|c| c.redis_url = Some("http://x".into())),
                 "redis_url",
