@@ -16,7 +16,6 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature, SystemClock};
 use comtrexx_licensing::grpc::pb;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -68,17 +67,6 @@ fn assert_no_state<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &
         .unwrap_or_else(|| panic!("{what}: no ErrorInfo in {status:?}"));
     assert_eq!(info.reason, "NO_STATE_YET", "{what}: {status:?}");
     assert!(status.message().contains("no state yet"), "{status:?}");
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 fn with_state_dir(config: RawConfig, dir: &Path) -> RawConfig {
@@ -160,34 +148,33 @@ async fn a_replica_started_without_redis_and_without_state_is_not_serving() {
     task.await.unwrap().unwrap();
 }
 
-/// Runs a replica with `state_dir` against `redis`, assigns `users`, and stops it
-/// (its last state goes to disk).
-async fn run_once(config: RawConfig, users: &[&str]) {
-    let server = TestServer::start(config).await;
+/// A Redis, a license of 2 users, and a replica with `state_dir` that ran
+/// against them, assigned alice and stopped (its last state went to disk).
+async fn ran_once(tag: &str) -> (RedisServer, Vendor, String, tempfile::TempDir, RawConfig) {
+    let redis = RedisServer::start();
+    let vendor = Vendor::new();
+    let serial = serial(tag);
+    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_state_dir(licensed_config(Some(&redis), &serial, &vendor), dir.path());
+    let server = TestServer::start(config.clone()).await;
     let mut c = server.client().await;
     wait_active(&c).await;
-    for user in users {
-        c.assign_seat(pb::AssignSeatRequest {
-            user_id: (*user).into(),
-            feature: String::new(),
-        })
-        .await
-        .expect("AssignSeat");
-    }
+    c.assign_seat(pb::AssignSeatRequest {
+        user_id: "alice".into(),
+        feature: String::new(),
+    })
+    .await
+    .expect("AssignSeat");
     server.shutdown().await;
+    assert!(dir.path().join("state.json").is_file());
+    (redis, vendor, serial, dir, config)
 }
 
 #[tokio::test]
 async fn a_replica_restarted_during_an_outage_answers_from_its_state_dir() {
-    let mut redis = RedisServer::start();
-    let vendor = Vendor::new();
-    let serial = serial("warm");
-    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 2)]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = with_state_dir(licensed_config(Some(&redis), &serial, &vendor), dir.path());
+    let (mut redis, vendor, serial, _dir, config) = ran_once("warm").await;
     let with_dir = || config.clone();
-    run_once(with_dir(), &["alice"]).await;
-    assert!(dir.path().join("state.json").is_file());
 
     // While it is stopped the store moves on (another replica, no state_dir):
     // alice released, bob assigned. Then Redis goes down.
@@ -253,14 +240,8 @@ async fn a_replica_restarted_during_an_outage_answers_from_its_state_dir() {
 
 #[tokio::test]
 async fn a_corrupt_or_truncated_state_file_is_ignored() {
-    let mut redis = RedisServer::start();
-    let vendor = Vendor::new();
-    let serial = serial("torn");
-    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 2)]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = with_state_dir(licensed_config(Some(&redis), &serial, &vendor), dir.path());
+    let (mut redis, _vendor, _serial, dir, config) = ran_once("torn").await;
     let with_dir = || config.clone();
-    run_once(with_dir(), &["alice"]).await;
     let file = dir.path().join("state.json");
     let good = std::fs::read(&file).unwrap();
     redis.kill();

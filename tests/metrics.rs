@@ -11,24 +11,10 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::domain::{Edition, Feature, SystemClock};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The body of an HTTP response.
 fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
-}
-
-/// GETs `/metrics` over plain HTTP/1.1.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 /// Checks the structure of a text-format scrape as a strict parser would: every
