@@ -1005,3 +1005,54 @@ fn report(incident: &Incident, went_back: bool) {
         "seat store had lost writes; wrote back what this replica holds"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{SeatSource, SystemClock};
+    use crate::store::memory::MemoryStore;
+
+    fn mirror(clock: Arc<dyn Clock>) -> Mirror {
+        let verifier = Verifier {
+            key: None,
+            serial: SerialNumber::parse("MIRROR-1").unwrap(),
+            edition: Edition::Vm,
+        };
+        Mirror::new(verifier, MirrorConfig::default(), clock)
+    }
+
+    /// The state file answers reads until the first snapshot, and never reaches
+    /// the store: an empty store stays empty, its clock is not moved.
+    #[tokio::test]
+    async fn disk_state_serves_reads_only_and_is_never_restored() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mirror = mirror(clock.clone());
+        assert_eq!(mirror.source(), StateSource::None);
+        assert!(!mirror.read(MirrorState::has_state));
+        let far = clock.now().timestamp_millis() + 86_400_000 * 365;
+        mirror.load_disk(Snapshot {
+            seats: vec![Seat {
+                user_id: UserId::parse("alice").unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Tryout,
+                assigned_at: clock.now(),
+                over_capacity_since: None,
+            }],
+            high_water_ms: far,
+            ..Snapshot::default()
+        });
+        assert_eq!(mirror.source(), StateSource::Disk);
+        assert!(mirror.read(|s| s.seat(Feature::User, "alice").is_some()));
+
+        // A store that lost everything (no epoch): the first to notice re-creates it.
+        let store = MemoryStore::new(clock.clone());
+        store.wipe();
+        mirror.resync_now(&store).await.unwrap();
+        assert_eq!(mirror.source(), StateSource::Store);
+        assert!(mirror.read(|s| s.seat(Feature::User, "alice").is_none()));
+        let stored = store.snapshot().await.unwrap();
+        assert!(stored.seats.is_empty(), "{stored:?}");
+        assert!(stored.high_water_ms < far);
+        assert!(mirror.read(|s| s.high_water_ms) < far);
+    }
+}

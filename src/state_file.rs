@@ -296,6 +296,9 @@ pub async fn run_saver(
 ) {
     tokio::pin!(stopped);
     let mut versions = mirror.version_watch();
+    // The state as it is at start goes to disk too (a first write soon after
+    // start, not only after the next change).
+    versions.mark_changed();
     let mut saved = None;
     loop {
         tokio::select! {
