@@ -284,6 +284,7 @@ async fn main() {
             licensed += usize::from(
                 licensing
                     .check_seat(&ids[i % users], Feature::User)
+                    .expect("the mirror has synced")
                     .check
                     .licensed,
             );

@@ -19,6 +19,7 @@ use crate::mirror::{Mirror, Verifier};
 use crate::reload::Reloads;
 use crate::server::{self, Health, ServerOptions};
 use crate::service::{Licensing, Settings};
+use crate::state_file::StateFile;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -43,6 +44,8 @@ pub struct App {
     // Taken by `run`, which starts it.
     audit_writer: Option<AuditWriter>,
     reload_interval: Duration,
+    // The state file (`state_dir`), written while running and at the end.
+    state_file: Option<StateFile>,
 }
 
 impl App {
@@ -68,8 +71,16 @@ impl App {
             edition: config.edition,
         };
         let mirror = Arc::new(
-            Mirror::new(verifier, config.mirror, clock.clone()).with_tryout(config.tryout),
+            Mirror::new(verifier.clone(), config.mirror, clock.clone()).with_tryout(config.tryout),
         );
+        let state_file = match &config.state_dir {
+            Some(dir) => {
+                let file = StateFile::in_dir(dir).context("create state_dir")?;
+                crate::state_file::load_into(&file, &mirror, &verifier);
+                Some(file)
+            }
+            None => None,
+        };
         let settings = Settings {
             serial: config.serial_number.clone(),
             edition: config.edition,
@@ -179,6 +190,7 @@ impl App {
             audit,
             audit_writer: Some(audit_writer),
             reload_interval: config.auth.reload_interval,
+            state_file,
         })
     }
 
@@ -217,6 +229,16 @@ impl App {
             self.reload_interval,
             stopped(),
         ));
+        // Before the metrics port serves health: NOT_SERVING without state.
+        self.options.health.starting(&self.mirror).await;
+        let saver_task = self.state_file.take().map(|file| {
+            tokio::spawn(crate::state_file::run_saver(
+                file,
+                self.mirror.clone(),
+                self.licensing.settings().serial.clone(),
+                stopped(),
+            ))
+        });
         let metrics_task = metrics_listener.map(|listener| {
             let registry = crate::metrics::registry(self.licensing.clone());
             let health = self.options.health.service();
@@ -231,6 +253,10 @@ impl App {
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
         let _ = reload_task.await;
+        if let Some(task) = saver_task {
+            // Its last write holds what the final check saw.
+            let _ = task.await;
+        }
         if let Some(mut task) = metrics_task {
             // A scrape ends at once; a client watching health there would hold
             // the graceful shutdown open: it gets a moment, then the end.

@@ -64,6 +64,9 @@ pub struct RawConfig {
     pub log: RawLog,
     pub mirror: RawMirror,
     pub clock: RawClock,
+    /// Where the replica keeps its last known state, to answer reads after a
+    /// restart while the store is unreachable; unset or empty: nowhere.
+    pub state_dir: Option<PathBuf>,
     pub tls: RawTls,
     pub otlp_endpoint: Option<String>,
     pub limits: RawLimits,
@@ -435,6 +438,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             mirror: RawMirror::default(),
             clock: RawClock::default(),
+            state_dir: None,
             tls: RawTls::default(),
             otlp_endpoint: None,
             limits: RawLimits::default(),
@@ -568,6 +572,8 @@ pub struct Config {
     /// `clock.max_skew_ms`: how far this node's clock may differ from the
     /// reference time and still count.
     pub clock_max_skew_ms: i64,
+    /// The directory of the state file (`state_dir`); `None`: none kept.
+    pub state_dir: Option<PathBuf>,
     /// Certificate, key and client CA (PEM) for serving gRPC over TLS.
     pub tls: Option<TlsFiles>,
     pub auth: AuthConfig,
@@ -812,6 +818,18 @@ impl RawConfig {
         if !(0.0..=1.0).contains(&self.trace.sampling_ratio) {
             return Err(invalid("trace.sampling_ratio", "must be 0.0 to 1.0"));
         }
+        let state_dir = self.state_dir.clone().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = &state_dir
+            && dir.is_file()
+        {
+            return Err(invalid(
+                "state_dir",
+                format!(
+                    "{} is a file; it must be a directory (created if missing)",
+                    dir.display()
+                ),
+            ));
+        }
         if self.mirror.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
@@ -913,6 +931,7 @@ impl RawConfig {
                 ..MirrorConfig::default()
             },
             clock_max_skew_ms,
+            state_dir,
             tls,
             license_source,
             grace: chrono::Duration::days(i64::from(self.grace_days)),
@@ -1223,6 +1242,10 @@ mod tests {
             (
                 Box::new(|c| c.clock.max_skew_ms = MAX_CLOCK_SKEW_MS + 1),
                 "clock.max_skew_ms",
+            ),
+            (
+                Box::new(|c| c.state_dir = Some("Cargo.toml".into())),
+                "state_dir",
             ),
             (
                 Box::new(|c| c.redis_url = Some("http://x".into())),

@@ -8,6 +8,8 @@
 //! - [`store`]: the `Store` trait with the Redis and embedded in-memory stores.
 //! - [`mirror`]: each replica's in-memory copy of the store, followed through the
 //!   store's change feed; the hot path reads it.
+//! - [`state_file`]: the replica's last known state on local disk (`state_dir`),
+//!   answering reads after a restart while the store is unreachable.
 //! - [`events`]: license events for WatchLicenseEvents (from the change feed and the clock).
 //! - [`service`]: the application service (validate, decide, write, read).
 //! - [`grpc`]: the gRPC adapter: generated types, conversions, error table, handlers.
@@ -44,6 +46,7 @@ pub mod repair;
 pub mod server;
 pub mod service;
 pub mod sim;
+pub mod state_file;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

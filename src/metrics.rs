@@ -41,6 +41,8 @@ pub struct Metrics {
     clock_rollbacks: Counter,
     clock_skews: Counter,
     corrupt_records: Counter,
+    // State files that could not be read (ignored) or written, by operation.
+    state_file_failures: Family<Labels, Counter>,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -72,6 +74,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     clock_rollbacks: Counter::default(),
     clock_skews: Counter::default(),
     corrupt_records: Counter::default(),
+    state_file_failures: Family::default(),
     otel: OnceLock::new(),
 });
 
@@ -178,6 +181,13 @@ impl Metrics {
     /// Counts a stored record that did not parse and was skipped.
     pub fn corrupt_record(&self) {
         self.corrupt_records.inc();
+    }
+
+    /// Counts a state file (`state_dir`) ignored on `load` or not written on `save`.
+    pub fn state_file_failure(&self, op: &'static str) {
+        self.state_file_failures
+            .get_or_create(&vec![("op", op.to_owned())])
+            .inc();
     }
 
     /// Creates the OTLP instruments from the global meter provider (call after
@@ -290,6 +300,10 @@ const RECONCILE_INTERVAL: Desc = Desc {
 const MIRROR_STALE: Desc = Desc {
     name: "licensing_mirror_stale",
     help: "1 when CheckSeat answers from a copy that may be out of date (store unreachable)",
+};
+const STATE_SOURCE: Desc = Desc {
+    name: "licensing_state_source",
+    help: "1 for where this replica's answers come from: store (a snapshot of it), disk (state_dir, store not reached since start), none (no state: NOT_SERVING, reads answer NO_STATE_YET)",
 };
 const MIRROR_STALENESS: Desc = Desc {
     name: "licensing_mirror_staleness_seconds",
@@ -456,6 +470,14 @@ fn state_gauges(licensing: &Licensing) -> Gauges {
         Vec::new(),
         f64::from(u8::from(mirror.is_stale())),
     );
+    let source = mirror.source();
+    for each in crate::mirror::StateSource::ALL {
+        g.set(
+            &STATE_SOURCE,
+            vec![("source", each.as_str().to_owned())],
+            f64::from(u8::from(each == source)),
+        );
+    }
     g.set(
         &CLOCK_SKEW,
         Vec::new(),
@@ -605,6 +627,11 @@ pub fn registry(licensing: Arc<Licensing>) -> Registry {
         "licensing_corrupt_records",
         "Stored records that did not parse and were skipped",
         m.corrupt_records.clone(),
+    );
+    registry.register(
+        "licensing_state_file_failures",
+        "State files (state_dir) ignored at start (corrupt, truncated, another serial, unverified license) or not written, by op",
+        m.state_file_failures.clone(),
     );
     registry.register_collector(Box::new(StateCollector { licensing }));
     register_auth_metrics(&mut registry);

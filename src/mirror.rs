@@ -150,6 +150,9 @@ pub struct MirrorState {
     pub high_water_ms: i64,
     /// The changes applied since the last snapshot, in order (bounded).
     journal: VecDeque<Change>,
+    /// Loaded from the state file, not (yet) from the store: it serves reads
+    /// only, is never written back to the store and never plans a repair.
+    pub from_disk: bool,
 }
 
 impl MirrorState {
@@ -172,6 +175,12 @@ impl MirrorState {
                     (n + 1, Some(first.map_or(since, |f| f.min(since))))
                 })
         })
+    }
+
+    /// Whether there is anything to answer from: a snapshot of the store, or
+    /// the state file.
+    pub fn has_state(&self) -> bool {
+        self.position.is_some() || self.from_disk
     }
 
     pub fn seat_total(&self) -> usize {
@@ -348,6 +357,40 @@ impl Applied {
     }
 }
 
+/// Where the copy's state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSource {
+    /// A snapshot of the store (and its feed since).
+    Store,
+    /// The state file: the last state known before this process started.
+    Disk,
+    /// Nothing: the store was not reached since start and no state file was
+    /// loaded. Nothing can be answered definitely.
+    None,
+}
+
+impl StateSource {
+    pub const ALL: [StateSource; 3] = [StateSource::Store, StateSource::Disk, StateSource::None];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateSource::Store => "store",
+            StateSource::Disk => "disk",
+            StateSource::None => "none",
+        }
+    }
+
+    fn of(state: &MirrorState) -> Self {
+        if state.position.is_some() {
+            StateSource::Store
+        } else if state.from_disk {
+            StateSource::Disk
+        } else {
+            StateSource::None
+        }
+    }
+}
+
 /// A replica's mirror, shared by the request handlers and its sync task.
 pub struct Mirror {
     // Read on every CheckSeat, written by the sync task and after local writes;
@@ -375,6 +418,12 @@ pub struct Mirror {
     resyncs_started: AtomicU64,
     // The store this mirror follows (set by `run`): it learns the writer's floor.
     store: OnceLock<Arc<dyn Store>>,
+    // Where the state comes from; health follows it (NOT_SERVING while `None`).
+    source_tx: watch::Sender<StateSource>,
+    // The last error reaching the store, and why no state file was loaded: the
+    // message of a NO_STATE_YET answer.
+    last_error: Mutex<Option<String>>,
+    disk_problem: Mutex<Option<String>>,
 }
 
 /// How the store relates to this replica's copy.
@@ -402,7 +451,76 @@ impl Mirror {
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
             resyncs_started: AtomicU64::new(0),
             store: OnceLock::new(),
+            source_tx: watch::channel(StateSource::None).0,
+            last_error: Mutex::new(None),
+            disk_problem: Mutex::new(Some("state_dir not set".into())),
         }
+    }
+
+    /// Answers from the last known state of the state file until the store is
+    /// reached (only before the first snapshot; a copy from the store wins).
+    pub fn load_disk(&self, snapshot: Snapshot) {
+        let mut state = self.state.write();
+        if state.position.is_some() {
+            return;
+        }
+        *state = MirrorState::load(snapshot, &self.verifier);
+        state.position = None;
+        state.from_disk = true;
+        *self.disk_problem.lock() = None;
+        self.publish_source(&state);
+    }
+
+    /// Why no state file was loaded (part of the NO_STATE_YET message).
+    pub fn set_disk_problem(&self, problem: String) {
+        *self.disk_problem.lock() = Some(problem);
+    }
+
+    /// Where the state comes from now.
+    pub fn source(&self) -> StateSource {
+        *self.source_tx.borrow()
+    }
+
+    /// Follows [`Mirror::source`].
+    pub fn source_watch(&self) -> watch::Receiver<StateSource> {
+        self.source_tx.subscribe()
+    }
+
+    /// Follows the version the copy reached (it moves with every change).
+    pub fn version_watch(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    /// Why there is no state: the store not reached since start (and its last
+    /// error), and why no state file was loaded.
+    pub fn why_no_state(&self) -> String {
+        let store = self
+            .last_error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "not answered yet".into());
+        let disk = self
+            .disk_problem
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        format!(
+            "seat store unreachable since this replica started ({store}); no saved state ({disk})"
+        )
+    }
+
+    fn publish_source(&self, state: &MirrorState) {
+        let source = StateSource::of(state);
+        self.source_tx.send_if_modified(|s| {
+            let changed = *s != source;
+            if changed && source == StateSource::Store && *s == StateSource::Disk {
+                tracing::info!(
+                    "seat store reached; its snapshot replaces the state from state_dir"
+                );
+            }
+            *s = source;
+            changed
+        });
     }
 
     /// The tryout policy (seats of restored tryout seats fit within it).
@@ -522,7 +640,12 @@ impl Mirror {
                 (Some(_), None) => true,
             };
             let journal = std::mem::take(&mut state.journal);
-            let high_water = state.high_water_ms;
+            // The state file's clock serves its reads only: the store's decides.
+            let high_water = if state.from_disk {
+                i64::MIN
+            } else {
+                state.high_water_ms
+            };
             *state = loaded;
             state.high_water_ms = state.high_water_ms.max(high_water);
             if !skipped {
@@ -535,6 +658,7 @@ impl Mirror {
             }
         }
         self.publish_version(&state);
+        self.publish_source(&state);
     }
 
     /// Reads a fresh snapshot now (after a write found the copy out of date).
@@ -572,7 +696,15 @@ impl Mirror {
                 // The store lost its data (or is new): write back what this replica
                 // knows, then read again. Another replica may win the race; its
                 // copy is then merged with this one below.
-                let ours = self.state.read().to_snapshot();
+                // A copy from the state file may be older than what the store
+                // had: never written back (it would invent or undo writes).
+                let ours = self.read(|s| {
+                    if s.from_disk {
+                        Snapshot::default()
+                    } else {
+                        s.to_snapshot()
+                    }
+                });
                 let seats = ours.seats.len();
                 if store.restore(&ours).await? {
                     if let Some(from) = &ours.position {
@@ -833,7 +965,10 @@ impl Mirror {
                 Err(error) => {
                     if self.connected.load(Ordering::Relaxed) {
                         tracing::warn!(%error, "mirror lost the seat store");
+                    } else if self.last_error.lock().is_none() {
+                        tracing::warn!(%error, source = self.source().as_str(), "seat store not reachable at start");
                     }
+                    *self.last_error.lock() = Some(error.to_string());
                     self.contact(false);
                     // Resync after an outage: the feed may have moved on without us.
                     need_resync = true;
@@ -869,4 +1004,55 @@ fn report(incident: &Incident, went_back: bool) {
         what = ?incident.restored,
         "seat store had lost writes; wrote back what this replica holds"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{SeatSource, SystemClock};
+    use crate::store::memory::MemoryStore;
+
+    fn mirror(clock: Arc<dyn Clock>) -> Mirror {
+        let verifier = Verifier {
+            key: None,
+            serial: SerialNumber::parse("MIRROR-1").unwrap(),
+            edition: Edition::Vm,
+        };
+        Mirror::new(verifier, MirrorConfig::default(), clock)
+    }
+
+    /// The state file answers reads until the first snapshot, and never reaches
+    /// the store: an empty store stays empty, its clock is not moved.
+    #[tokio::test]
+    async fn disk_state_serves_reads_only_and_is_never_restored() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mirror = mirror(clock.clone());
+        assert_eq!(mirror.source(), StateSource::None);
+        assert!(!mirror.read(MirrorState::has_state));
+        let far = clock.now().timestamp_millis() + 86_400_000 * 365;
+        mirror.load_disk(Snapshot {
+            seats: vec![Seat {
+                user_id: UserId::parse("alice").unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Tryout,
+                assigned_at: clock.now(),
+                over_capacity_since: None,
+            }],
+            high_water_ms: far,
+            ..Snapshot::default()
+        });
+        assert_eq!(mirror.source(), StateSource::Disk);
+        assert!(mirror.read(|s| s.seat(Feature::User, "alice").is_some()));
+
+        // A store that lost everything (no epoch): the first to notice re-creates it.
+        let store = MemoryStore::new(clock.clone());
+        store.wipe();
+        mirror.resync_now(&store).await.unwrap();
+        assert_eq!(mirror.source(), StateSource::Store);
+        assert!(mirror.read(|s| s.seat(Feature::User, "alice").is_none()));
+        let stored = store.snapshot().await.unwrap();
+        assert!(stored.seats.is_empty(), "{stored:?}");
+        assert!(stored.high_water_ms < far);
+        assert!(mirror.read(|s| s.high_water_ms) < far);
+    }
 }

@@ -18,6 +18,7 @@ use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
 use crate::limits::{self, AgedConnection, Guards, Limits};
+use crate::mirror::{Mirror, StateSource};
 use crate::service::Licensing;
 
 /// How the server runs.
@@ -35,15 +36,22 @@ pub struct ServerOptions {
     pub health: Health,
 }
 
+/// The health service name that only says the process runs (liveness probes).
+pub const LIVENESS: &str = "liveness";
+
 /// This replica's health (`grpc.health.v1`): one status, served on the gRPC
 /// port and on the metrics port. There it is plaintext and needs no
 /// credentials, for probes that cannot speak TLS (the kubelet's gRPC probe)
 /// while the gRPC port serves TLS, perhaps with client certificates required.
 ///
-/// `""` (the whole server) is `SERVING` from the start, and so is
-/// `comtrexx.licensing.v1.LicensingService` once the server runs; both turn
-/// `NOT_SERVING` when it drains. Readiness must not depend on Redis: `CheckSeat`
-/// keeps answering from memory while Redis is down.
+/// `""` (the whole server) and `comtrexx.licensing.v1.LicensingService` are
+/// `SERVING` once the replica has state to answer from (a snapshot of the store,
+/// or its state file), `NOT_SERVING` before (a replica started while Redis is
+/// down and nothing on disk: it would answer nothing definitely) and when it
+/// drains. Readiness does not otherwise depend on Redis: `CheckSeat` keeps
+/// answering from memory while Redis is down. [`LIVENESS`] is `SERVING` while
+/// the process runs, for liveness and start-up probes: a replica waiting for
+/// Redis must not be restarted for it.
 #[derive(Clone, Debug)]
 pub struct Health {
     reporter: HealthReporter,
@@ -68,6 +76,34 @@ impl Health {
             self.reporter.set_service_status(name, status).await;
         }
     }
+
+    /// Sets the status from whether the replica has state now (before serving,
+    /// also on the metrics port); `true` when it has.
+    pub async fn starting(&self, mirror: &Mirror) -> bool {
+        self.reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        let has = mirror.source() != StateSource::None;
+        let status = if has {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.set(status).await;
+        has
+    }
+
+    /// `SERVING` once the replica has state (it never loses it again).
+    fn serve_when_state(&self, mirror: &Mirror) -> tokio::task::JoinHandle<()> {
+        let mut source = mirror.source_watch();
+        let health = self.clone();
+        tokio::spawn(async move {
+            if source.wait_for(|s| *s != StateSource::None).await.is_ok() {
+                health.set(ServingStatus::Serving).await;
+                tracing::info!("replica has state: health SERVING");
+            }
+        })
+    }
 }
 
 /// Serves until `shutdown` resolves; then health says `NOT_SERVING`, no new calls
@@ -80,7 +116,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let health = options.health.clone();
-    health.set(ServingStatus::Serving).await;
+    let follow_state = if health.starting(licensing.mirror()).await {
+        None
+    } else {
+        tracing::warn!(
+            "no state yet (seat store not reached, no state file): health NOT_SERVING, reads answer NO_STATE_YET"
+        );
+        Some(health.serve_when_state(licensing.mirror()))
+    };
 
     let (reflection_v1, reflection_v1alpha) =
         crate::grpc::reflection_services(&[FILE_DESCRIPTOR_SET])?;
@@ -141,8 +184,9 @@ pub async fn run(
         let _ = stop_signal.await;
     });
     tokio::pin!(serve);
-    // Health says SERVING and the bound listener's connections are taken from the
-    // first poll of `serve`, just below: tell systemd (Type=notify) now.
+    // The bound listener's connections are taken from the first poll of `serve`,
+    // just below: tell systemd (Type=notify) now. (Health may say NOT_SERVING
+    // until the replica has state; the process itself has started.)
     crate::systemd::ready("serving");
     tokio::select! {
         result = &mut serve => return Ok(result?),
@@ -153,6 +197,11 @@ pub async fn run(
         drain_timeout_ms = options.drain_timeout.as_millis() as u64,
         "shutting down: draining in-flight calls"
     );
+    if let Some(follow) = follow_state {
+        // Stopped first, so it cannot say SERVING after the drain said NOT_SERVING.
+        follow.abort();
+        let _ = follow.await;
+    }
     health.set(ServingStatus::NotServing).await;
     // Event streams end now with UNAVAILABLE ("reconnect") instead of holding
     // the drain open until its timeout.

@@ -321,20 +321,33 @@ async fn service_starts_while_redis_is_down() {
     let server = TestServer::start_unsynced(config).await;
     let mut c = server.client().await;
 
-    assert_eq!(health(&server).await, [ServingStatus::Serving; 2]);
-    let ck = check(&mut c, "alice", "").await;
-    assert!(ck.stale, "{ck:?}");
-    assert!(!ck.licensed);
-    // It knows no license yet: the PBX's cause, flagged stale.
-    assert_eq!(ck.reason(), pb::SeatReason::NotActivated);
+    // It knows nothing yet: not a definite "not licensed", but no state and
+    // out of the Service's endpoints.
+    assert_eq!(health(&server).await, [ServingStatus::NotServing; 2]);
+    let status = c
+        .check_seat(pb::CheckSeatRequest {
+            user_id: "alice".into(),
+            feature: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().map(|i| i.reason),
+        Some("NO_STATE_YET".to_owned()),
+        "{status:?}"
+    );
     let (r, took) = timed(assign(&mut c, "alice", "")).await;
     assert_unavailable(r, took, "AssignSeat without Redis");
     let (r, took) = timed(list(&mut c)).await;
     assert_unavailable(r, took, "ListSeats without Redis");
     let (r, took) = timed(c.start_tryout(pb::StartTryoutRequest {})).await;
     assert_unavailable(r, took, "StartTryout without Redis");
-    let o = overview(&mut c).await;
-    assert_eq!(o.activation_state(), pb::ActivationState::NotInitialized);
+    let o = c
+        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(o.code(), Code::Unavailable, "{o:?}");
 
     // Redis comes up: the replica initializes it, applies the license and
     // takes writes.
@@ -342,12 +355,19 @@ async fn service_starts_while_redis_is_down() {
     let ready = eventually(WAIT, || {
         let mut c = c.clone();
         async move {
-            !check(&mut c, "alice", "").await.stale
+            let checked = c
+                .check_seat(pb::CheckSeatRequest {
+                    user_id: "alice".into(),
+                    feature: String::new(),
+                })
+                .await;
+            checked.is_ok_and(|r| !r.into_inner().stale)
                 && overview(&mut c).await.activation_state() == pb::ActivationState::Active
         }
     })
     .await;
     assert!(ready, "the replica never recovered once Redis came up");
+    assert_eq!(health(&server).await, [ServingStatus::Serving; 2]);
     assert!(assign(&mut c, "alice", "").await.unwrap().created);
     assert!(check(&mut c, "alice", "").await.licensed);
     server.shutdown().await;

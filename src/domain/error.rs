@@ -56,6 +56,11 @@ pub enum LicensingError {
     #[error("seat store unavailable: {0}")]
     Unavailable(String),
 
+    /// The replica knows nothing yet (never reached the store, no state file):
+    /// a read that would answer definitely from nothing is refused instead.
+    #[error("no state yet: {0}")]
+    NoStateYet(String),
+
     /// Something that must not happen did (corrupt stored data, a bug).
     #[error("internal error: {0}")]
     Internal(String),

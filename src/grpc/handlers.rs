@@ -206,7 +206,10 @@ impl LicensingService for LicensingApi {
         rpc!(self, "CheckSeat", request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
-            let answer = self.licensing.check_seat(&req.user_id, req.feature);
+            let answer = self
+                .licensing
+                .check_seat(&req.user_id, req.feature)
+                .map_err(to_status)?;
             Ok(Response::new(convert::check_response(&answer)))
         })
     }
@@ -278,6 +281,7 @@ impl LicensingService for LicensingApi {
         request: Request<pb::GetTryoutStatusRequest>,
     ) -> Result<Response<pb::GetTryoutStatusResponse>, Status> {
         rpc!(self, "GetTryoutStatus", request, async {
+            self.licensing.require_state().map_err(to_status)?;
             let status = self.licensing.tryout_status();
             Ok(Response::new(pb::GetTryoutStatusResponse {
                 status: Some(convert::tryout_status(&status)),
@@ -316,6 +320,7 @@ impl LicensingService for LicensingApi {
         request: Request<pb::GetLicenseOverviewRequest>,
     ) -> Result<Response<pb::GetLicenseOverviewResponse>, Status> {
         rpc!(self, "GetLicenseOverview", request, async {
+            self.licensing.require_state().map_err(to_status)?;
             Ok(Response::new(convert::overview(&self.licensing.overview())))
         })
     }

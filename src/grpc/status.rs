@@ -39,6 +39,8 @@ pub fn to_status(error: LicensingError) -> Status {
             (Code::FailedPrecondition, *reason, HashMap::new())
         }
         LicensingError::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE", HashMap::new()),
+        // Retry shortly, or ask another replica: never a definite "not licensed".
+        LicensingError::NoStateYet(_) => (Code::Unavailable, "NO_STATE_YET", HashMap::new()),
         LicensingError::Internal(_) => (Code::Internal, "INTERNAL", HashMap::new()),
     };
     if code == Code::Internal {

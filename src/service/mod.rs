@@ -282,21 +282,46 @@ impl Licensing {
         )
     }
 
+    /// Refuses a read that would answer definitely from an empty copy: the
+    /// replica never reached the store since it started and loaded no state file.
+    pub fn require_state(&self) -> Result<(), LicensingError> {
+        if self.mirror.read(MirrorState::has_state) {
+            Ok(())
+        } else {
+            Err(self.no_state())
+        }
+    }
+
+    fn no_state(&self) -> LicensingError {
+        LicensingError::NoStateYet(self.mirror.why_no_state())
+    }
+
     /// The hot path: answered from the mirror, never waiting for the store.
-    pub fn check_seat(&self, user: &UserId, feature: Feature) -> CheckAnswer {
+    pub fn check_seat(
+        &self,
+        user: &UserId,
+        feature: Feature,
+    ) -> Result<CheckAnswer, LicensingError> {
         let node = self.clock.now();
         let check = self.mirror.read(|state| {
+            // Checked under the lock the answer takes anyway (no second lock).
+            if !state.has_state() {
+                return None;
+            }
             let now = state.now(node);
             let seat = state
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
-            self.licenses(state, now)
-                .check_seat(feature, seat.as_ref(), now)
+            Some(
+                self.licenses(state, now)
+                    .check_seat(feature, seat.as_ref(), now),
+            )
         });
-        CheckAnswer {
+        let check = check.ok_or_else(|| self.no_state())?;
+        Ok(CheckAnswer {
             check,
             stale: self.mirror.is_stale(),
-        }
+        })
     }
 
     /// Gives the user a seat; `created` is false when they already held one.
