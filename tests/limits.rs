@@ -43,19 +43,6 @@ fn assign(user: &str) -> pb::AssignSeatRequest {
     }
 }
 
-/// Pauses every client of `redis` (Lua scripts included) for `ms`: a store
-/// that answers slowly. (It cannot be lifted early: the pause holds the
-/// unpause command too.)
-fn pause_redis(redis: &RedisServer, ms: u64) {
-    let mut conn = redis.connection();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("ALL")
-        .query(&mut conn)
-        .unwrap();
-}
-
 #[tokio::test]
 async fn an_oversize_request_is_refused_and_the_server_lives() {
     let server = TestServer::start(config(None, &serial("size"))).await;

@@ -2,6 +2,7 @@
 //! service on port 0 talking real gRPC.
 #![allow(dead_code)]
 
+pub mod flood;
 pub mod pki;
 pub mod redis_node;
 
@@ -729,4 +730,17 @@ pub fn percentiles(mut samples: Vec<Duration>) -> String {
         samples[samples.len() - 1],
         samples.len()
     )
+}
+
+/// Pauses every client of `redis` (Lua scripts included) for `ms`: a store
+/// that answers slowly. (It cannot be lifted early: the pause holds the
+/// unpause command too.)
+pub fn pause_redis(redis: &RedisServer, ms: u64) {
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query(&mut conn)
+        .unwrap();
 }
