@@ -108,6 +108,9 @@ async fn check_seat_under_burst() {
     let mut cfg = licensed_config(Some(&redis), &serial, &vendor);
     cfg.limits.concurrent_writes = 16;
     cfg.limits.concurrent_operator_reads = 4;
+    // The burst comes from one host (one caller): this row measures the
+    // classes' budgets, not one caller's share of them.
+    cfg.limits.caller_share_percent = 100;
     let server = TestServer::start(cfg).await;
     let client = server.client().await;
     wait_active(&client).await;

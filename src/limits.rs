@@ -432,32 +432,26 @@ impl ClassBudget {
         })
     }
 
-    /// A permit for `caller`, unless the class is full or the caller holds its share.
+    /// A permit for `caller`, unless the class is full (first: that is the
+    /// server's state) or the caller holds its share.
     fn acquire(self: &Arc<Self>, caller: u64) -> Result<ClassPermit, Refusal> {
-        {
-            let mut held = self.held.lock();
-            let mine = held.entry(caller).or_insert(0);
-            if *mine >= self.per_caller {
-                return Err(Refusal::CallerShare {
-                    class: self.class,
-                    limit: self.per_caller,
-                });
-            }
-            *mine += 1;
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(Refusal::Overloaded { class: self.class });
+        };
+        let mut held = self.held.lock();
+        let mine = held.entry(caller).or_insert(0);
+        if *mine >= self.per_caller {
+            return Err(Refusal::CallerShare {
+                class: self.class,
+                limit: self.per_caller,
+            });
         }
-        // Built before the semaphore is tried: its drop gives the share back.
-        let mut permit = ClassPermit {
+        *mine += 1;
+        Ok(ClassPermit {
             budget: self.clone(),
             caller,
-            _permit: None,
-        };
-        match self.permits.clone().try_acquire_owned() {
-            Ok(p) => {
-                permit._permit = Some(p);
-                Ok(permit)
-            }
-            Err(_) => Err(Refusal::Overloaded { class: self.class }),
-        }
+            _permit: permit,
+        })
     }
 }
 
@@ -465,7 +459,7 @@ impl ClassBudget {
 struct ClassPermit {
     budget: Arc<ClassBudget>,
     caller: u64,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for ClassPermit {

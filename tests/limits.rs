@@ -210,6 +210,9 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     cfg.redis_timeout_ms = 1000;
     cfg.limits.concurrent_writes = 2;
     cfg.limits.concurrent_operator_reads = 1;
+    // One client makes the whole burst: this is about the classes' budgets
+    // (tests/hot_path_isolation.rs has the share of one caller).
+    cfg.limits.caller_share_percent = 100;
     let server = TestServer::start(cfg).await;
     let client = server.client().await;
     wait_active(&client).await;

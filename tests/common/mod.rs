@@ -373,6 +373,7 @@ pub fn without_load_limits(mut config: RawConfig) -> RawConfig {
     config.limits.concurrent_writes = 100_000;
     config.limits.concurrent_operator_reads = 100_000;
     config.limits.activation_burst = 10_000;
+    config.limits.caller_share_percent = 100;
     config
 }
 
