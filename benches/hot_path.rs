@@ -257,7 +257,8 @@ async fn check_seat_under_flood() {
     }
     let m = comtrexx_licensing::metrics::metrics();
     println!(
-        "    flood meanwhile: {opened} bodiless streams held ({answered} answered REQUEST_INCOMPLETE),          {sockets} idle sockets opened ({} refused per peer, {} closed without preface)",
+        "    flood meanwhile: {opened} bodiless streams held ({answered} answered REQUEST_INCOMPLETE), \
+         {sockets} idle sockets opened ({} refused per peer, {} closed without preface)",
         m.connections_refused_count("per_peer"),
         m.connections_refused_count("preface_timeout"),
     );
