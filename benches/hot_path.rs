@@ -92,6 +92,23 @@ async fn check_over_grpc(label: &str, client: &Client, users: usize) {
     );
 }
 
+/// A server of `cfg` (with a license) once seats `u0` to `u999` are assigned.
+async fn serve_with_seats(cfg: comtrexx_licensing::config::RawConfig) -> (TestServer, Client) {
+    let server = TestServer::start(cfg).await;
+    let client = server.client().await;
+    wait_active(&client).await;
+    let mut c = client.clone();
+    for i in 0..1000 {
+        c.assign_seat(pb::AssignSeatRequest {
+            user_id: format!("u{i}"),
+            feature: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    (server, client)
+}
+
 /// Row 6: `CheckSeat` on one replica (Redis store) alone, then while 192
 /// callers hammer it with `AssignSeat`/`ReleaseSeat` and 64 with
 /// `GetLicenseOverview`/`ListSeats`, over budgets of 16 writes and 4 operator reads.
@@ -111,18 +128,7 @@ async fn check_seat_under_burst() {
     // The burst comes from one host (one caller): this row measures the
     // classes' budgets, not one caller's share of them.
     cfg.limits.caller_share_percent = 100;
-    let server = TestServer::start(cfg).await;
-    let client = server.client().await;
-    wait_active(&client).await;
-    let mut c = client.clone();
-    for i in 0..1000 {
-        c.assign_seat(pb::AssignSeatRequest {
-            user_id: format!("u{i}"),
-            feature: String::new(),
-        })
-        .await
-        .unwrap();
-    }
+    let (server, client) = serve_with_seats(cfg).await;
     let sample = |label: &'static str, n: usize| {
         let mut c = client.clone();
         async move {
@@ -187,18 +193,7 @@ async fn check_seat_under_flood() {
     vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 10_000)]);
     let mut cfg = licensed_config(None, &serial, &vendor);
     cfg.limits.handshake_timeout_ms = 1000;
-    let server = TestServer::start(cfg).await;
-    let client = server.client().await;
-    wait_active(&client).await;
-    let mut c = client.clone();
-    for i in 0..1000 {
-        c.assign_seat(pb::AssignSeatRequest {
-            user_id: format!("u{i}"),
-            feature: String::new(),
-        })
-        .await
-        .unwrap();
-    }
+    let (server, client) = serve_with_seats(cfg).await;
     let sample = |label: &'static str| {
         let mut c = client.clone();
         async move {

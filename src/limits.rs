@@ -20,7 +20,7 @@
 //!   `grpc-timeout` still wins. A stream is bounded only until it is opened.
 //! - **A message size limit** (tonic's, answered as `RESOURCE_EXHAUSTED`: [`message_size`]).
 //! - **A maximum connection age** (HTTP/2 `GOAWAY` from tonic) and its grace, after
-//!   which a connection still open is closed ([`AgedConnection`]), so clients
+//!   which a connection still open is closed ([`AdmittedConnection`]), so clients
 //!   reconnect and spread over the replicas.
 //! - **Per caller** ([`Guards`]): `WatchLicenseEvents` streams capped, ended with
 //!   `UNAVAILABLE` when the server drains; `CreateInitializationCode` and
@@ -780,81 +780,6 @@ impl Policy for MessageSize {
     }
 }
 
-/// A connection that is closed once its age passes `max_connection_age` plus
-/// the grace. tonic sends `GOAWAY` at `max_connection_age` (new calls go to a new
-/// connection, possibly to another replica) but never closes a connection whose
-/// streams stay open; this ends them, so every connection is gone by then.
-pub struct AgedConnection<T> {
-    inner: T,
-    // Fires at the end of the grace; boxed so the wrapper stays `Unpin`.
-    closes_at: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl<T> AgedConnection<T> {
-    pub fn new(inner: T, lifetime: Duration) -> Self {
-        Self {
-            inner,
-            closes_at: Box::pin(tokio::time::sleep(lifetime)),
-        }
-    }
-
-    /// Once the lifetime has passed, every read and write fails, and hyper
-    /// closes the connection.
-    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        self.closes_at.as_mut().poll(cx).is_ready().then(|| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "maximum connection age and grace passed",
-            )
-        })
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for AgedConnection<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(e) = this.expired(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for AgedConnection<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(e) = this.expired(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<T: Connected> Connected for AgedConnection<T> {
-    // The inner connection's info, so `Request::remote_addr` keeps working.
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
 /// Why a connection was closed by the limits, as the metrics label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionRefusal {
@@ -898,6 +823,8 @@ pub struct Connections {
     max_per_peer: usize,
     /// From accept: TLS handshake done and HTTP/2 preface read within this.
     pub handshake_timeout: Duration,
+    /// `max_connection_age` plus its grace: then a connection still open is closed.
+    lifetime: Duration,
     /// Open connections per peer address; the sum is the total.
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
     /// When a refusal was last logged.
@@ -910,6 +837,7 @@ impl Connections {
             max_total: limits.max_connections,
             max_per_peer: limits.max_connections_per_peer,
             handshake_timeout: limits.handshake_timeout,
+            lifetime: limits.max_connection_age + limits.max_connection_age_grace,
             open: Mutex::new((0, HashMap::new())),
             logged: Mutex::new(None),
         })
@@ -990,16 +918,22 @@ impl Drop for ConnectionSlot {
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4), in bytes.
 const H2_PREFACE_LEN: usize = 24;
 
-/// An accepted connection holding its [`ConnectionSlot`], closed when the
-/// HTTP/2 preface has not arrived by its deadline (hyper itself waits for it
-/// as long as the socket lives).
+/// An accepted connection, holding its [`ConnectionSlot`] while it lives.
+///
+/// It is closed when the HTTP/2 preface has not arrived by its deadline
+/// (hyper itself waits for it as long as the socket lives), and once its age
+/// passes `max_connection_age` plus the grace: tonic sends `GOAWAY` at
+/// `max_connection_age` (new calls go to a new connection, possibly to another
+/// replica) but never closes a connection whose streams stay open; this ends
+/// them, so every connection is gone by then.
 pub struct AdmittedConnection<T> {
     inner: T,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
     peer: SocketAddr,
-    connections: Arc<Connections>,
     /// Until the preface is read: its deadline and the bytes still missing.
     preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+    // Fires at the end of the grace; boxed so the wrapper stays `Unpin`.
+    closes_at: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> AdmittedConnection<T> {
@@ -1010,14 +944,25 @@ impl<T> AdmittedConnection<T> {
         peer: SocketAddr,
         deadline: tokio::time::Instant,
     ) -> Self {
-        let connections = slot.connections.clone();
+        let lifetime = slot.connections.lifetime;
         Self {
             inner,
-            _slot: slot,
+            slot,
             peer,
-            connections,
             preface: Some((Box::pin(tokio::time::sleep_until(deadline)), H2_PREFACE_LEN)),
+            closes_at: Box::pin(tokio::time::sleep(lifetime)),
         }
+    }
+
+    /// Once the lifetime has passed, every read and write fails, and hyper
+    /// closes the connection.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.closes_at.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "maximum connection age and grace passed",
+            )
+        })
     }
 }
 
@@ -1028,6 +973,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for AdmittedConnection<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Some((deadline, missing)) = &mut this.preface {
@@ -1038,7 +986,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for AdmittedConnection<T> {
                 *missing -= read;
                 if result.is_pending() && deadline.as_mut().poll(cx).is_ready() {
                     this.preface = None;
-                    this.connections
+                    this.slot
+                        .connections
                         .refused(this.peer, ConnectionRefusal::PrefaceTimeout);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -1057,19 +1006,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AdmittedConnection<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1082,6 +1023,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AdmittedConnection<T> {
 }
 
 impl<T: Connected> Connected for AdmittedConnection<T> {
+    // The inner connection's info, so `Request::remote_addr` keeps working.
     type ConnectInfo = T::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
@@ -17,9 +16,7 @@ use crate::auth::layer::{AuthLayer, Authenticator};
 use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
-use crate::limits::{
-    self, AgedConnection, BoundedHealth, Connections, Guards, HealthWatches, Limits,
-};
+use crate::limits::{self, BoundedHealth, Connections, Guards, HealthWatches, Limits};
 use crate::service::Licensing;
 
 /// How the server runs.
@@ -117,7 +114,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(limits_cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(limits_cfg.keepalive_timeout))
         // GOAWAY after this age: clients reconnect, and spread over replicas added since.
-        // (Not tonic's grace: with one set it closes without a GOAWAY; see AgedConnection.)
+        // (Not tonic's grace: with one set it closes without a GOAWAY; see AdmittedConnection.)
         .max_connection_age(limits_cfg.max_connection_age)
         // SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot open streams
         // without bound (tonic advertises no limit of its own).
@@ -158,10 +155,8 @@ pub async fn run(
     // connections per peer and in total, and closes one without its TLS
     // handshake and HTTP/2 preface in time. Each connection is closed after
     // its age and grace (streams included).
-    let lifetime = limits_cfg.max_connection_age + limits_cfg.max_connection_age_grace;
     let connections = Connections::new(limits_cfg);
-    let incoming = crate::auth::tls::incoming(listener, options.tls.clone(), audit, connections)
-        .map(move |conn| conn.map(|conn| AgedConnection::new(conn, lifetime)));
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone(), audit, connections);
     let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;
     });

@@ -105,10 +105,13 @@ def main():
 
     reset = answered = closed = 0
     statuses = {}
+    # Streams answered or reset (an answered stream is often reset after, as
+    # its request never ended).
+    ended = set()
     open_socks = {sock: conn for sock, conn in conns}
     until = args.until_answered and time.monotonic() + args.until_answered
     while True:
-        if until and (reset + answered >= opened or time.monotonic() > until):
+        if until and (len(ended) >= opened or time.monotonic() > until):
             break
         timeout = max(0.01, until - time.monotonic()) if until else None
         readable, _, _ = select.select([sys.stdin, *open_socks], [], [], timeout)
@@ -126,12 +129,14 @@ def main():
             for event in events:
                 if isinstance(event, h2.events.StreamReset):
                     reset += 1
+                    ended.add((sock.fileno(), event.stream_id))
                 elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
                     status = dict(event.headers).get("grpc-status")
                     if status is not None:
                         # Trailers-only answers carry it in the response headers.
                         answered += 1
                         statuses[status] = statuses.get(status, 0) + 1
+                        ended.add((sock.fileno(), event.stream_id))
     report = {"reset": reset, "answered": answered, "statuses": statuses, "closed_connections": closed}
     print(json.dumps(report), flush=True)
 
