@@ -464,13 +464,7 @@ struct ClassPermit {
 
 impl Drop for ClassPermit {
     fn drop(&mut self) {
-        let mut held = self.budget.held.lock();
-        if let Some(mine) = held.get_mut(&self.caller) {
-            *mine -= 1;
-            if *mine == 0 {
-                held.remove(&self.caller);
-            }
-        }
+        give_back(&mut self.budget.held.lock(), &self.caller);
     }
 }
 
@@ -905,13 +899,19 @@ impl Drop for ConnectionSlot {
         let mut open = self.connections.open.lock();
         let (total, per_peer) = &mut *open;
         *total -= 1;
-        if let Some(mine) = per_peer.get_mut(&self.ip) {
-            *mine -= 1;
-            if *mine == 0 {
-                per_peer.remove(&self.ip);
-            }
-        }
+        give_back(per_peer, &self.ip);
         metrics().connections_open(-1);
+    }
+}
+
+/// Gives one place of `key` back; a key without places is forgotten, so the
+/// map holds only those with something open.
+fn give_back<K: std::hash::Hash + Eq>(held: &mut HashMap<K, usize>, key: &K) {
+    if let Some(mine) = held.get_mut(key) {
+        *mine -= 1;
+        if *mine == 0 {
+            held.remove(key);
+        }
     }
 }
 
@@ -1104,12 +1104,7 @@ impl Drop for WatchPlace {
         let mut open = self.watches.open.lock();
         let (total, per_peer) = &mut *open;
         *total -= 1;
-        if let Some(mine) = per_peer.get_mut(&self.peer) {
-            *mine -= 1;
-            if *mine == 0 {
-                per_peer.remove(&self.peer);
-            }
-        }
+        give_back(per_peer, &self.peer);
         metrics().health_watches(-1);
     }
 }
@@ -1370,13 +1365,7 @@ pub struct WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut watchers = self.guards.watchers.lock();
-        if let Some(open) = watchers.get_mut(&self.caller) {
-            *open -= 1;
-            if *open == 0 {
-                watchers.remove(&self.caller);
-            }
-        }
+        give_back(&mut self.guards.watchers.lock(), &self.caller);
         metrics().watch_subscribers(-1);
     }
 }
@@ -1465,6 +1454,59 @@ mod tests {
             assert_eq!(bucket.take(much_later, per_second, 3), Ok(()));
         }
         assert!(bucket.take(much_later, per_second, 3).is_err());
+    }
+
+    #[test]
+    fn a_caller_holds_at_most_its_share_and_a_full_class_says_so_first() {
+        let budget = ClassBudget::new(RpcClass::HotPath, 4, 50);
+        let (a, b) = (1, 2);
+        let held: Vec<_> = (0..2).map(|_| budget.acquire(a).unwrap()).collect();
+        assert_eq!(
+            budget.acquire(a).err(),
+            Some(Refusal::CallerShare {
+                class: RpcClass::HotPath,
+                limit: 2
+            })
+        );
+        let others: Vec<_> = (0..2).map(|_| budget.acquire(b).unwrap()).collect();
+        assert_eq!(
+            budget.acquire(3).err(),
+            Some(Refusal::Overloaded {
+                class: RpcClass::HotPath
+            })
+        );
+        drop(held);
+        budget.acquire(a).unwrap();
+        drop(others);
+        assert!(
+            budget.held.lock().len() <= 1,
+            "callers without permits are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_per_peer_and_in_total() {
+        let limits = Limits {
+            max_connections: 3,
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let connections = Connections::new(&limits);
+        let peer = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 4711);
+        let first = connections.admit(peer("10.0.0.1")).unwrap();
+        let _second = connections.admit(peer("10.0.0.1")).unwrap();
+        assert_eq!(
+            connections.admit(peer("10.0.0.1")).err(),
+            Some(ConnectionRefusal::PerPeer)
+        );
+        let _third = connections.admit(peer("10.0.0.2")).unwrap();
+        assert_eq!(
+            connections.admit(peer("10.0.0.3")).err(),
+            Some(ConnectionRefusal::Total)
+        );
+        drop(first);
+        assert_eq!(connections.open(), 2);
+        connections.admit(peer("10.0.0.3")).unwrap();
     }
 
     #[test]
