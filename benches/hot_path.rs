@@ -6,9 +6,12 @@
 //! 4. Cross-replica visibility: assign on A until `CheckSeat` on B says licensed.
 //! 5. Mirror memory for many seats (resident set growth).
 //! 6. `CheckSeat` latency while a burst of writes and overview calls is shed.
+//! 7. `CheckSeat` latency while another caller floods with bodiless streams and
+//!    idle connections.
 //!
-//! Needs `redis-server` on PATH (each run starts its own on a free port).
-//! `cargo bench --bench hot_path -- burst` runs only row 6.
+//! Needs `redis-server` on PATH (each run starts its own on a free port) and,
+//! for row 7, Debian's python3 with h2.
+//! `cargo bench --bench hot_path -- burst` runs only row 6, `-- flood` only row 7.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -89,6 +92,23 @@ async fn check_over_grpc(label: &str, client: &Client, users: usize) {
     );
 }
 
+/// A server of `cfg` (with a license) once seats `u0` to `u999` are assigned.
+async fn serve_with_seats(cfg: comtrexx_licensing::config::RawConfig) -> (TestServer, Client) {
+    let server = TestServer::start(cfg).await;
+    let client = server.client().await;
+    wait_active(&client).await;
+    let mut c = client.clone();
+    for i in 0..1000 {
+        c.assign_seat(pb::AssignSeatRequest {
+            user_id: format!("u{i}"),
+            feature: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    (server, client)
+}
+
 /// Row 6: `CheckSeat` on one replica (Redis store) alone, then while 192
 /// callers hammer it with `AssignSeat`/`ReleaseSeat` and 64 with
 /// `GetLicenseOverview`/`ListSeats`, over budgets of 16 writes and 4 operator reads.
@@ -105,18 +125,10 @@ async fn check_seat_under_burst() {
     let mut cfg = licensed_config(Some(&redis), &serial, &vendor);
     cfg.limits.concurrent_writes = 16;
     cfg.limits.concurrent_operator_reads = 4;
-    let server = TestServer::start(cfg).await;
-    let client = server.client().await;
-    wait_active(&client).await;
-    let mut c = client.clone();
-    for i in 0..1000 {
-        c.assign_seat(pb::AssignSeatRequest {
-            user_id: format!("u{i}"),
-            feature: String::new(),
-        })
-        .await
-        .unwrap();
-    }
+    // The burst comes from one host (one caller): this row measures the
+    // classes' budgets, not one caller's share of them.
+    cfg.limits.caller_share_percent = 100;
+    let (server, client) = serve_with_seats(cfg).await;
     let sample = |label: &'static str, n: usize| {
         let mut c = client.clone();
         async move {
@@ -167,6 +179,84 @@ async fn check_seat_under_burst() {
             shed as f64 / secs
         );
     }
+    server.shutdown().await;
+}
+
+/// Row 7: `CheckSeat` from call handling (127.0.0.1) on its own connection,
+/// alone and then while another host (127.0.0.2) holds 4 connections full of
+/// `CheckSeat` and `GetTryoutStatus` streams whose bodies never come and a
+/// third (127.0.0.3) keeps opening sockets that never send the HTTP/2 preface.
+async fn check_seat_under_flood() {
+    use common::flood::{Flood, idle_socket};
+    let serial = serial("bench-flood");
+    let vendor = Vendor::new();
+    vendor.write_license(&serial, Edition::Vm, Utc::now(), &[(Feature::User, 10_000)]);
+    let mut cfg = licensed_config(None, &serial, &vendor);
+    cfg.limits.handshake_timeout_ms = 1000;
+    let (server, client) = serve_with_seats(cfg).await;
+    let sample = |label: &'static str| {
+        let mut c = client.clone();
+        async move {
+            let mut samples = Vec::with_capacity(5000);
+            for i in 0..5000 {
+                let t = Instant::now();
+                let answer = c.check_seat(req(&format!("u{}", i % 1000))).await;
+                samples.push(t.elapsed());
+                assert!(answer.expect("CheckSeat answers OK").into_inner().licensed);
+            }
+            println!(
+                "  CheckSeat latency, 1 caller, {label} {}",
+                percentiles(samples)
+            );
+        }
+    };
+    println!(
+        "7. CheckSeat while another caller floods with bodiless streams and idle connections:"
+    );
+    sample("alone:       ").await;
+    let source = ["--source", "127.0.0.2"];
+    let mut floods = Vec::new();
+    for method in ["CheckSeat", "GetTryoutStatus"] {
+        floods.push(Flood::start(server.addr, method, None, (1000, 2), &source));
+    }
+    let mut opened = 0;
+    for flood in &mut floods {
+        opened += flood.line().await["opened"].as_u64().unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let idle = {
+        let stop = stop.clone();
+        let addr = server.addr;
+        tokio::spawn(async move {
+            // At most 300 of ours open at once: the per-peer cap (256) refuses
+            // the rest, the handshake timeout closes the others.
+            let mut open = std::collections::VecDeque::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                open.push_back(idle_socket("127.0.0.3", addr).await);
+                if open.len() > 300 {
+                    open.pop_front().unwrap().abort();
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            n
+        })
+    };
+    sample("during flood:").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sockets = idle.await.unwrap();
+    let mut answered = 0;
+    for flood in floods {
+        answered += flood.finish().await["answered"].as_u64().unwrap();
+    }
+    let m = comtrexx_licensing::metrics::metrics();
+    println!(
+        "    flood meanwhile: {opened} bodiless streams held ({answered} answered REQUEST_INCOMPLETE), \
+         {sockets} idle sockets opened ({} refused per peer, {} closed without preface)",
+        m.connections_refused_count("per_peer"),
+        m.connections_refused_count("preface_timeout"),
+    );
     server.shutdown().await;
 }
 
@@ -231,6 +321,10 @@ async fn burst_caller(
 async fn main() {
     if std::env::args().any(|a| a == "burst") {
         check_seat_under_burst().await;
+        return;
+    }
+    if std::env::args().any(|a| a == "flood") {
+        check_seat_under_flood().await;
         return;
     }
     println!(
@@ -395,6 +489,7 @@ async fn main() {
     }
 
     check_seat_under_burst().await;
+    check_seat_under_flood().await;
 
     // 5. Mirror memory.
     {

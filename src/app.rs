@@ -184,7 +184,7 @@ impl App {
                 tls,
                 auth,
                 limits: config.limits.clone(),
-                health: Health::default(),
+                health: Health::new(&config.limits),
             },
             callers,
             audit,

@@ -238,16 +238,30 @@ pub struct RawLimits {
     pub max_connection_age_ms: u64,
     /// A connection still open this long after its `GOAWAY` is closed.
     pub max_connection_age_grace_ms: u64,
-    /// Concurrent `CheckSeat` and `GetTryoutStatus` calls.
+    /// Concurrent `CheckSeat` calls.
     pub concurrent_hot_path: u32,
     /// Concurrent writes (seats, tryout, activation, reconcile).
     pub concurrent_writes: u32,
-    /// Concurrent operator reads (overview, seat lists).
+    /// Concurrent operator reads (overview, seat lists, tryout status).
     pub concurrent_operator_reads: u32,
     pub watch_subscribers_per_caller: u32,
     /// `CreateInitializationCode` / `ApplyActivation` calls per caller and minute.
     pub activation_per_minute: u32,
     pub activation_burst: u32,
+    /// Share (percent) of each concurrency budget one caller may hold.
+    pub caller_share_percent: u32,
+    /// How long a request may take to arrive whole before it is refused.
+    pub request_body_timeout_ms: u64,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` of every connection.
+    pub max_streams_per_connection: u32,
+    /// From accept to the TLS handshake done and the HTTP/2 preface read.
+    pub handshake_timeout_ms: u64,
+    /// Open connections in total and per peer address.
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// Open health watches in total and per peer address.
+    pub health_watches: u32,
+    pub health_watches_per_peer: u32,
 }
 
 impl Default for RawLimits {
@@ -266,6 +280,14 @@ impl Default for RawLimits {
             watch_subscribers_per_caller: l.watch_subscribers_per_caller as u32,
             activation_per_minute: l.activation_per_minute,
             activation_burst: l.activation_burst,
+            caller_share_percent: l.caller_share_percent,
+            request_body_timeout_ms: l.request_body_timeout.as_millis() as u64,
+            max_streams_per_connection: l.max_streams_per_connection,
+            handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
+            max_connections: l.max_connections as u32,
+            max_connections_per_peer: l.max_connections_per_peer as u32,
+            health_watches: l.health_watches as u32,
+            health_watches_per_peer: l.health_watches_per_peer as u32,
         }
     }
 }
@@ -344,7 +366,51 @@ impl RawLimits {
             1,
             10_000,
         )?;
+        let caller_share_percent = within(
+            "limits.caller_share_percent",
+            u64::from(self.caller_share_percent),
+            1,
+            100,
+        )? as u32;
+        let request_body_timeout = within(
+            "limits.request_body_timeout_ms",
+            self.request_body_timeout_ms,
+            100,
+            600_000,
+        )?;
+        let max_streams_per_connection = within(
+            "limits.max_streams_per_connection",
+            u64::from(self.max_streams_per_connection),
+            1,
+            100_000,
+        )? as u32;
+        let handshake_timeout = within(
+            "limits.handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            100,
+            60_000,
+        )?;
+        let max_connections = count("limits.max_connections", self.max_connections, 1_000_000)?;
+        let max_connections_per_peer = count(
+            "limits.max_connections_per_peer",
+            self.max_connections_per_peer,
+            1_000_000,
+        )?;
+        let health_watches = count("limits.health_watches", self.health_watches, 100_000)?;
+        let health_watches_per_peer = count(
+            "limits.health_watches_per_peer",
+            self.health_watches_per_peer,
+            100_000,
+        )?;
         Ok(crate::limits::Limits {
+            caller_share_percent,
+            request_body_timeout: ms(request_body_timeout),
+            max_streams_per_connection,
+            handshake_timeout: ms(handshake_timeout),
+            max_connections,
+            max_connections_per_peer,
+            health_watches,
+            health_watches_per_peer,
             max_message_bytes: max_message_bytes as usize,
             rpc_deadline: ms(rpc_deadline),
             keepalive_interval: ms(keepalive_interval),
@@ -1413,6 +1479,38 @@ mod tests {
             (
                 Box::new(|c| c.limits.activation_per_minute = 0),
                 "limits.activation_per_minute",
+            ),
+            (
+                Box::new(|c| c.limits.caller_share_percent = 101),
+                "limits.caller_share_percent",
+            ),
+            (
+                Box::new(|c| c.limits.request_body_timeout_ms = 0),
+                "limits.request_body_timeout_ms",
+            ),
+            (
+                Box::new(|c| c.limits.max_streams_per_connection = 0),
+                "limits.max_streams_per_connection",
+            ),
+            (
+                Box::new(|c| c.limits.handshake_timeout_ms = 60_001),
+                "limits.handshake_timeout_ms",
+            ),
+            (
+                Box::new(|c| c.limits.max_connections = 0),
+                "limits.max_connections",
+            ),
+            (
+                Box::new(|c| c.limits.max_connections_per_peer = 0),
+                "limits.max_connections_per_peer",
+            ),
+            (
+                Box::new(|c| c.limits.health_watches = 0),
+                "limits.health_watches",
+            ),
+            (
+                Box::new(|c| c.limits.health_watches_per_peer = 0),
+                "limits.health_watches_per_peer",
             ),
             (
                 Box::new(|c| c.limits.activation_burst = 0),

@@ -1,16 +1,26 @@
 //! Request limits and load protection: what one caller, or one burst, may cost
 //! the others.
 //!
-//! - **Budgets per class of RPC** ([`shed`]): the hot path (`CheckSeat`),
+//! - **Budgets per class of RPC** ([`shed`]): the hot path (`CheckSeat` alone),
 //!   writes and operator reads each have their own concurrency budget. A call
 //!   whose class is full is refused at once (no queue) with `UNAVAILABLE`
 //!   (`OVERLOADED`, safe to retry: nothing was done), so a burst of writes or
-//!   overview calls never takes `CheckSeat`'s capacity.
+//!   overview calls never takes `CheckSeat`'s capacity. One caller holds at
+//!   most its share of a budget (`RESOURCE_EXHAUSTED`, `CALLER_SHARE_EXCEEDED`),
+//!   and a call takes its budget only once its request has arrived whole
+//!   (within `request_body_timeout`): streams whose bodies never come hold nothing.
+//! - **Connections** ([`Connections`]): a cap per peer address and in total,
+//!   a deadline for the TLS handshake and the HTTP/2 preface
+//!   ([`AdmittedConnection`]), a stream limit per connection (HTTP/2
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS`, set in `server::run`).
+//! - **Health watches** ([`HealthWatches`]): `grpc.health.v1.Health/Watch`
+//!   needs no credentials, so its streams are capped per peer and in total, and
+//!   end when the server drains.
 //! - **A server-side deadline** per call ([`deadline`]); a client's shorter
 //!   `grpc-timeout` still wins. A stream is bounded only until it is opened.
 //! - **A message size limit** (tonic's, answered as `RESOURCE_EXHAUSTED`: [`message_size`]).
 //! - **A maximum connection age** (HTTP/2 `GOAWAY` from tonic) and its grace, after
-//!   which a connection still open is closed ([`AgedConnection`]), so clients
+//!   which a connection still open is closed ([`AdmittedConnection`]), so clients
 //!   reconnect and spread over the replicas.
 //! - **Per caller** ([`Guards`]): `WatchLicenseEvents` streams capped, ended with
 //!   `UNAVAILABLE` when the server drains; `CreateInitializationCode` and
@@ -26,7 +36,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -71,6 +81,22 @@ pub struct Limits {
     /// own, per caller): refill per minute and burst.
     pub activation_per_minute: u32,
     pub activation_burst: u32,
+    /// Share of each class's budget (percent) one caller may hold at once.
+    pub caller_share_percent: u32,
+    /// How long a budgeted call's request may take to arrive whole; until then
+    /// it holds no budget.
+    pub request_body_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once (advertised as
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// From accept to the TLS handshake done and the HTTP/2 preface read.
+    pub handshake_timeout: Duration,
+    /// Open connections (handshakes included) in total and per peer address.
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// Open `grpc.health.v1.Health/Watch` streams in total and per peer address.
+    pub health_watches: usize,
+    pub health_watches_per_peer: usize,
 }
 
 /// Concurrent calls allowed per [`RpcClass`].
@@ -98,6 +124,14 @@ impl Default for Limits {
             watch_subscribers_per_caller: 8,
             activation_per_minute: 6,
             activation_burst: 3,
+            caller_share_percent: 50,
+            request_body_timeout: Duration::from_secs(5),
+            max_streams_per_connection: 256,
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_connections_per_peer: 256,
+            health_watches: 256,
+            health_watches_per_peer: 8,
         }
     }
 }
@@ -109,7 +143,7 @@ pub enum RpcClass {
     HotPath,
     /// Goes to the store (or the licensing server) and changes state.
     Writes,
-    /// Operator and monitoring reads (overview, seat lists): may be heavy.
+    /// Operator and monitoring reads (overview, seat lists, tryout status).
     OperatorReads,
 }
 
@@ -128,10 +162,11 @@ const SERVICE_PREFIX: &str = "/comtrexx.licensing.v1.LicensingService/";
 
 /// The class of each method, as data. `None`: no concurrency budget
 /// (`WatchLicenseEvents` is capped per caller instead). A method of the service
-/// missing here counts as an operator read.
+/// missing here counts as an operator read. `CheckSeat` is alone in its class:
+/// no other RPC can take its capacity.
 pub const CLASSES: [(&str, Option<RpcClass>); 15] = [
     ("CheckSeat", Some(RpcClass::HotPath)),
-    ("GetTryoutStatus", Some(RpcClass::HotPath)),
+    ("GetTryoutStatus", Some(RpcClass::OperatorReads)),
     ("AssignSeat", Some(RpcClass::Writes)),
     ("ReleaseSeat", Some(RpcClass::Writes)),
     ("StartTryout", Some(RpcClass::Writes)),
@@ -172,6 +207,12 @@ pub enum Refusal {
     DeadlineExceeded { deadline: Duration },
     #[error("request message larger than {limit} bytes")]
     MessageTooLarge { limit: usize },
+    #[error("this caller already holds {limit} concurrent {} calls, its share; nothing was done, retry with backoff", class.as_str())]
+    CallerShare { class: RpcClass, limit: usize },
+    #[error("request did not arrive whole within {} ms", timeout.as_millis())]
+    RequestIncomplete { timeout: Duration },
+    #[error("too many health watches (at most {limit})")]
+    TooManyWatches { limit: usize },
 }
 
 impl Refusal {
@@ -184,6 +225,9 @@ impl Refusal {
             Refusal::ShuttingDown => "shutting_down",
             Refusal::DeadlineExceeded { .. } => "deadline_exceeded",
             Refusal::MessageTooLarge { .. } => "message_too_large",
+            Refusal::CallerShare { .. } => "caller_share",
+            Refusal::RequestIncomplete { .. } => "request_incomplete",
+            Refusal::TooManyWatches { .. } => "too_many_watches",
         }
     }
 }
@@ -194,19 +238,48 @@ impl Refusal {
 /// without credentials (`loopback`, `anonymous`) are no identity: those are
 /// keyed by their address too, so they do not share one budget.
 pub fn caller_key(caller: Option<&Caller>, peer: Option<SocketAddr>) -> String {
-    let identified = caller.filter(|c| !matches!(c.name.as_str(), "loopback" | "anonymous"));
-    match (identified, peer) {
-        (Some(c), _) => format!("caller:{}", c.name),
-        (None, Some(addr)) => format!("peer:{}", addr.ip()),
-        (None, None) => "unknown".to_owned(),
+    match CallerId::of(caller, peer) {
+        CallerId::Named(name) => format!("caller:{name}"),
+        CallerId::Peer(ip) => format!("peer:{ip}"),
+        CallerId::Unknown => "unknown".to_owned(),
     }
 }
 
-/// The peer address of a request, as the acceptor (`auth::tls::incoming`) or
-/// tonic's own TCP/TLS listener recorded it.
+/// Who is calling, as [`caller_key`] names it, without building the string
+/// (the budgets look it up on every call).
+#[derive(Hash)]
+enum CallerId<'a> {
+    Named(&'a str),
+    Peer(IpAddr),
+    Unknown,
+}
+
+impl<'a> CallerId<'a> {
+    fn of(caller: Option<&'a Caller>, peer: Option<SocketAddr>) -> Self {
+        let identified = caller.filter(|c| !matches!(c.name.as_str(), "loopback" | "anonymous"));
+        match (identified, peer) {
+            (Some(c), _) => CallerId::Named(&c.name),
+            (None, Some(addr)) => CallerId::Peer(addr.ip().to_canonical()),
+            (None, None) => CallerId::Unknown,
+        }
+    }
+
+    /// A digest of the identity: two callers with one digest share a share.
+    fn digest(&self) -> u64 {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(self)
+    }
+}
+
+/// The peer address of a request, as the acceptor (`auth::tls::incoming`),
+/// tonic's own TCP/TLS listener or axum (the metrics port) recorded it.
 fn peer_addr(ext: &http::Extensions) -> Option<SocketAddr> {
     ext.get::<Peer>()
         .and_then(|p| p.addr)
+        .or_else(|| {
+            ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|i| i.0)
+        })
         .or_else(|| {
             ext.get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr)
@@ -339,88 +412,250 @@ where
     }
 }
 
-/// Sheds a call at once when its class is at its budget.
+/// One class's concurrency budget, and what each caller holds of it.
+struct ClassBudget {
+    class: RpcClass,
+    permits: Arc<Semaphore>,
+    /// Most permits one caller may hold (its share of the budget).
+    per_caller: usize,
+    /// Permits held, by caller digest; a caller without permits has no entry.
+    held: Mutex<HashMap<u64, usize>>,
+}
+
+impl ClassBudget {
+    fn new(class: RpcClass, budget: usize, share_percent: u32) -> Arc<Self> {
+        Arc::new(Self {
+            class,
+            permits: Arc::new(Semaphore::new(budget)),
+            per_caller: (budget * share_percent as usize / 100).max(1),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A permit for `caller`, unless the class is full (first: that is the
+    /// server's state) or the caller holds its share.
+    fn acquire(self: &Arc<Self>, caller: u64) -> Result<ClassPermit, Refusal> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(Refusal::Overloaded { class: self.class });
+        };
+        let mut held = self.held.lock();
+        let mine = held.entry(caller).or_insert(0);
+        if *mine >= self.per_caller {
+            return Err(Refusal::CallerShare {
+                class: self.class,
+                limit: self.per_caller,
+            });
+        }
+        *mine += 1;
+        Ok(ClassPermit {
+            budget: self.clone(),
+            caller,
+            _permit: permit,
+        })
+    }
+}
+
+/// A call's place in its class's budget and in its caller's share.
+struct ClassPermit {
+    budget: Arc<ClassBudget>,
+    caller: u64,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ClassPermit {
+    fn drop(&mut self) {
+        give_back(&mut self.budget.held.lock(), &self.caller);
+    }
+}
+
+/// Budgets per class of RPC (and per caller within each): a call whose class
+/// is full, or whose caller holds its share, is refused at once. The budget is
+/// taken only once the request has arrived whole: a stream whose body never
+/// comes (within `request_body_timeout`) holds nothing and is then refused.
 #[derive(Clone)]
-pub struct Shed {
-    // One semaphore per `RpcClass`, in its order.
-    semaphores: Arc<[Arc<Semaphore>; 3]>,
-    // Most bytes of a shed request read before answering (see `drain`).
-    drain_limit: usize,
+pub struct ShedLayer {
+    // One budget per `RpcClass`, in its order.
+    budgets: Arc<[Arc<ClassBudget>; 3]>,
+    // Most bytes of a request read: one message of the largest size and its prefix.
+    body_limit: usize,
+    max_message_bytes: usize,
+    body_timeout: Duration,
     audit: Auditor,
 }
 
-/// Budgets per class of RPC: a call whose class is full is refused at once
-/// with `UNAVAILABLE` (`OVERLOADED`).
-pub fn shed(budgets: Budgets, max_message_bytes: usize, audit: Auditor) -> LimitLayer<Shed> {
-    LimitLayer(Shed {
+/// The [`ShedLayer`] of `limits`.
+pub fn shed(limits: &Limits, audit: Auditor) -> ShedLayer {
+    let share = limits.caller_share_percent;
+    ShedLayer {
         audit,
-        drain_limit: max_message_bytes + GRPC_FRAME_HEADER,
-        semaphores: Arc::new([
-            Arc::new(Semaphore::new(budgets.hot_path)),
-            Arc::new(Semaphore::new(budgets.writes)),
-            Arc::new(Semaphore::new(budgets.operator_reads)),
+        body_limit: limits.max_message_bytes + GRPC_FRAME_HEADER,
+        max_message_bytes: limits.max_message_bytes,
+        body_timeout: limits.request_body_timeout,
+        budgets: Arc::new([
+            ClassBudget::new(RpcClass::HotPath, limits.budgets.hot_path, share),
+            ClassBudget::new(RpcClass::Writes, limits.budgets.writes, share),
+            ClassBudget::new(
+                RpcClass::OperatorReads,
+                limits.budgets.operator_reads,
+                share,
+            ),
         ]),
-    })
+    }
 }
 
-impl Policy for Shed {
-    fn call<S, B>(&self, inner: &mut S, request: http::Request<B>) -> Answer<S::Error>
-    where
-        S: tower::Service<http::Request<B>, Response = HttpResponse>,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        B: HttpBody + Send + 'static,
-    {
-        let Some((method, class)) = classify(request.uri().path()) else {
-            return Box::pin(inner.call(request));
-        };
-        match self.semaphores[class as usize].clone().try_acquire_owned() {
-            Ok(permit) => {
-                let call = inner.call(request);
-                Box::pin(async move {
-                    let response = call.await;
-                    drop(permit);
-                    response
-                })
-            }
-            Err(_) => {
-                let refusal = Refusal::Overloaded { class };
-                RefusedCall::of(method, &request).record(&self.audit, &refusal);
-                let response = refusal_status(&refusal).into_http();
-                let limit = self.drain_limit;
-                Box::pin(async move {
-                    drain(request.into_body(), limit).await;
-                    Ok(response)
-                })
-            }
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            layer: self.clone(),
         }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    layer: ShedLayer,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Shed<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = HttpResponse>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some((method, class)) = classify(request.uri().path()) else {
+            return Box::pin(self.inner.call(request.map(tonic::body::Body::new)));
+        };
+        // The service that was polled ready goes into the future; a clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        let method: &'static str = CLASSES
+            .iter()
+            .find(|(m, _)| *m == method)
+            .map_or("(unknown)", |(m, _)| m);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let read = tokio::time::timeout(layer.body_timeout, collect(body, layer.body_limit));
+            let refusal = match read.await {
+                Ok(Ok(bytes)) => {
+                    let request = http::Request::from_parts(parts, Buffered(Some(bytes)));
+                    let ext = request.extensions();
+                    let caller = CallerId::of(ext.get::<Caller>(), peer_addr(ext)).digest();
+                    match layer.budgets[class as usize].acquire(caller) {
+                        Ok(permit) => {
+                            let response = inner.call(request.map(tonic::body::Body::new)).await;
+                            drop(permit);
+                            return response;
+                        }
+                        Err(refusal) => {
+                            RefusedCall::of(method, &request).record(&layer.audit, &refusal);
+                            return Ok(refusal_status(&refusal).into_http());
+                        }
+                    }
+                }
+                Ok(Err(BodyError::TooLarge)) => Refusal::MessageTooLarge {
+                    limit: layer.max_message_bytes,
+                },
+                Ok(Err(BodyError::Failed)) | Err(_) => Refusal::RequestIncomplete {
+                    timeout: layer.body_timeout,
+                },
+            };
+            let request = http::Request::from_parts(parts, ());
+            RefusedCall::of(method, &request).record(&layer.audit, &refusal);
+            Ok(refusal_status(&refusal).into_http())
+        })
     }
 }
 
 /// The 5-byte prefix of a gRPC message (compression flag, length).
 const GRPC_FRAME_HEADER: usize = 5;
 
-/// How long a shed request's body is read at most before the answer goes out.
-const DRAIN_WAIT: Duration = Duration::from_millis(200);
+/// Why a request body was not read whole.
+enum BodyError {
+    /// More than one message of the largest size.
+    TooLarge,
+    /// The client reset the stream or the connection went away.
+    Failed,
+}
 
-/// Reads a request body to its end (at most `limit` bytes, at most
-/// `DRAIN_WAIT`) and discards it. Answering while the client is still sending
-/// makes HTTP/2 reset the stream, and hyper closes a connection whose peer
-/// causes many resets (its guard against reset floods): without this, a
-/// client whose calls are shed by the thousand loses its connection
-/// (seen in the burst row of the bench).
-async fn drain<B: HttpBody>(body: B, limit: usize) {
+/// Reads a request body to its end, at most `limit` bytes. A body of one
+/// frame (a unary call's usual) is kept as it came, without a copy.
+async fn collect<B: HttpBody<Data = bytes::Bytes>>(
+    body: B,
+    limit: usize,
+) -> Result<bytes::Bytes, BodyError> {
     let mut body = std::pin::pin!(body);
+    let mut first: Option<bytes::Bytes> = None;
+    let mut more = bytes::BytesMut::new();
     let mut read = 0;
-    let _ = tokio::time::timeout(DRAIN_WAIT, async {
-        while read <= limit {
-            match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.remaining()),
-                _ => return,
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let Ok(frame) = frame else {
+            return Err(BodyError::Failed);
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: gRPC requests carry none that matter
+        };
+        read += data.remaining();
+        if read > limit {
+            return Err(BodyError::TooLarge);
+        }
+        match &first {
+            None => first = Some(data),
+            Some(f) => {
+                if more.is_empty() {
+                    more.extend_from_slice(f);
+                }
+                more.extend_from_slice(&data);
             }
         }
+    }
+    Ok(if more.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        more.freeze()
     })
-    .await;
+}
+
+/// A request body read whole, handed on as one frame.
+struct Buffered(Option<bytes::Bytes>);
+
+impl HttpBody for Buffered {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        Poll::Ready(
+            self.get_mut()
+                .0
+                .take()
+                .map(|d| Ok(http_body::Frame::data(d))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
 }
 
 /// Ends a call that has not answered within its deadline with
@@ -539,20 +774,182 @@ impl Policy for MessageSize {
     }
 }
 
-/// A connection that is closed once its age passes `max_connection_age` plus
-/// the grace. tonic sends `GOAWAY` at `max_connection_age` (new calls go to a new
-/// connection, possibly to another replica) but never closes a connection whose
-/// streams stay open; this ends them, so every connection is gone by then.
-pub struct AgedConnection<T> {
+/// Why a connection was closed by the limits, as the metrics label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// Its peer address already had `max_connections_per_peer` open.
+    PerPeer,
+    /// The replica already had `max_connections` open.
+    Total,
+    /// The TLS handshake did not finish within `handshake_timeout`.
+    HandshakeTimeout,
+    /// The HTTP/2 preface did not arrive within `handshake_timeout`.
+    PrefaceTimeout,
+}
+
+impl ConnectionRefusal {
+    pub const ALL: [ConnectionRefusal; 4] = [
+        ConnectionRefusal::PerPeer,
+        ConnectionRefusal::Total,
+        ConnectionRefusal::HandshakeTimeout,
+        ConnectionRefusal::PrefaceTimeout,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            ConnectionRefusal::PerPeer => "per_peer",
+            ConnectionRefusal::Total => "total",
+            ConnectionRefusal::HandshakeTimeout => "handshake_timeout",
+            ConnectionRefusal::PrefaceTimeout => "preface_timeout",
+        }
+    }
+}
+
+/// How often a refused connection is logged at most (each is counted).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The open connections of one listener, per peer address and in total.
+/// A connection counts from accept (before its TLS handshake) until it closes,
+/// so idle sockets and slow handshakes cannot use up the file descriptors.
+#[derive(Debug)]
+pub struct Connections {
+    max_total: usize,
+    max_per_peer: usize,
+    /// From accept: TLS handshake done and HTTP/2 preface read within this.
+    pub handshake_timeout: Duration,
+    /// `max_connection_age` plus its grace: then a connection still open is closed.
+    lifetime: Duration,
+    /// Open connections per peer address; the sum is the total.
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// When a refusal was last logged.
+    logged: Mutex<Option<Instant>>,
+}
+
+impl Connections {
+    pub fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
+            max_total: limits.max_connections,
+            max_per_peer: limits.max_connections_per_peer,
+            handshake_timeout: limits.handshake_timeout,
+            lifetime: limits.max_connection_age + limits.max_connection_age_grace,
+            open: Mutex::new((0, HashMap::new())),
+            logged: Mutex::new(None),
+        })
+    }
+
+    /// A place for one more connection from `peer`, or why not (counted and
+    /// logged here; the caller closes the socket).
+    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<ConnectionSlot, ConnectionRefusal> {
+        let ip = peer.ip().to_canonical();
+        let refusal = {
+            let mut open = self.open.lock();
+            let (total, per_peer) = &mut *open;
+            let mine = per_peer.get(&ip).copied().unwrap_or(0);
+            if *total >= self.max_total {
+                ConnectionRefusal::Total
+            } else if mine >= self.max_per_peer {
+                ConnectionRefusal::PerPeer
+            } else {
+                *total += 1;
+                per_peer.insert(ip, mine + 1);
+                metrics().connections_open(1);
+                return Ok(ConnectionSlot {
+                    connections: self.clone(),
+                    ip,
+                });
+            }
+        };
+        self.refused(peer, refusal);
+        Err(refusal)
+    }
+
+    /// Counts a connection closed by a limit; logs a warning now and then.
+    pub fn refused(&self, peer: SocketAddr, refusal: ConnectionRefusal) {
+        metrics().connection_refused(refusal.reason());
+        let now = Instant::now();
+        let mut logged = self.logged.lock();
+        if logged.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+            *logged = Some(now);
+            tracing::warn!(
+                %peer,
+                reason = refusal.reason(),
+                max_connections = self.max_total,
+                max_connections_per_peer = self.max_per_peer,
+                handshake_timeout_ms = self.handshake_timeout.as_millis() as u64,
+                "connection closed by a limit (further ones for 10 s only counted: licensing_connections_refused_total)"
+            );
+        }
+    }
+
+    /// Open connections in total.
+    pub fn open(&self) -> usize {
+        self.open.lock().0
+    }
+}
+
+/// One open connection, counted against its peer until dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock();
+        let (total, per_peer) = &mut *open;
+        *total -= 1;
+        give_back(per_peer, &self.ip);
+        metrics().connections_open(-1);
+    }
+}
+
+/// Gives one place of `key` back; a key without places is forgotten, so the
+/// map holds only those with something open.
+fn give_back<K: std::hash::Hash + Eq>(held: &mut HashMap<K, usize>, key: &K) {
+    if let Some(mine) = held.get_mut(key) {
+        *mine -= 1;
+        if *mine == 0 {
+            held.remove(key);
+        }
+    }
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113, section 3.4), in bytes.
+const H2_PREFACE_LEN: usize = 24;
+
+/// An accepted connection, holding its [`ConnectionSlot`] while it lives.
+///
+/// It is closed when the HTTP/2 preface has not arrived by its deadline
+/// (hyper itself waits for it as long as the socket lives), and once its age
+/// passes `max_connection_age` plus the grace: tonic sends `GOAWAY` at
+/// `max_connection_age` (new calls go to a new connection, possibly to another
+/// replica) but never closes a connection whose streams stay open; this ends
+/// them, so every connection is gone by then.
+pub struct AdmittedConnection<T> {
     inner: T,
+    slot: ConnectionSlot,
+    peer: SocketAddr,
+    /// Until the preface is read: its deadline and the bytes still missing.
+    preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
     // Fires at the end of the grace; boxed so the wrapper stays `Unpin`.
     closes_at: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl<T> AgedConnection<T> {
-    pub fn new(inner: T, lifetime: Duration) -> Self {
+impl<T> AdmittedConnection<T> {
+    /// `deadline`: accept time plus the handshake timeout.
+    pub fn new(
+        inner: T,
+        slot: ConnectionSlot,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        let lifetime = slot.connections.lifetime;
         Self {
             inner,
+            slot,
+            peer,
+            preface: Some((Box::pin(tokio::time::sleep_until(deadline)), H2_PREFACE_LEN)),
             closes_at: Box::pin(tokio::time::sleep(lifetime)),
         }
     }
@@ -569,7 +966,7 @@ impl<T> AgedConnection<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for AgedConnection<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for AdmittedConnection<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -579,11 +976,31 @@ impl<T: AsyncRead + Unpin> AsyncRead for AgedConnection<T> {
         if let Some(e) = this.expired(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some((deadline, missing)) = &mut this.preface {
+            let read = buf.filled().len() - before;
+            if read >= *missing {
+                this.preface = None;
+            } else {
+                *missing -= read;
+                if result.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                    this.preface = None;
+                    this.slot
+                        .connections
+                        .refused(this.peer, ConnectionRefusal::PrefaceTimeout);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout",
+                    )));
+                }
+            }
+        }
+        result
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for AgedConnection<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for AdmittedConnection<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -605,12 +1022,204 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AgedConnection<T> {
     }
 }
 
-impl<T: Connected> Connected for AgedConnection<T> {
+impl<T: Connected> Connected for AdmittedConnection<T> {
     // The inner connection's info, so `Request::remote_addr` keeps working.
     type ConnectInfo = T::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
+    }
+}
+
+/// The path of the health watch, the one stream anyone may open.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// Open `grpc.health.v1.Health/Watch` streams, per peer address and in
+/// total, on the gRPC port and the metrics port together; they end when the
+/// server drains ([`HealthWatches::drain`]).
+#[derive(Debug)]
+pub struct HealthWatches {
+    max_total: usize,
+    max_per_peer: usize,
+    open: Mutex<(usize, HashMap<Option<IpAddr>, usize>)>,
+    draining: watch::Sender<bool>,
+}
+
+impl HealthWatches {
+    pub fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
+            max_total: limits.health_watches,
+            max_per_peer: limits.health_watches_per_peer,
+            open: Mutex::new((0, HashMap::new())),
+            draining: watch::channel(false).0,
+        })
+    }
+
+    /// Ends every open watch (after the answer already queued, e.g. `NOT_SERVING`)
+    /// with `UNAVAILABLE`, and refuses new ones the same way.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Open watches in total.
+    pub fn open(&self) -> usize {
+        self.open.lock().0
+    }
+
+    fn join(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<WatchPlace, Refusal> {
+        if *self.draining.borrow() {
+            return Err(Refusal::ShuttingDown);
+        }
+        let mut open = self.open.lock();
+        let (total, per_peer) = &mut *open;
+        let mine = per_peer.entry(peer).or_insert(0);
+        let limit = if *total >= self.max_total {
+            self.max_total
+        } else if *mine >= self.max_per_peer {
+            self.max_per_peer
+        } else {
+            *total += 1;
+            *mine += 1;
+            metrics().health_watches(1);
+            return Ok(WatchPlace {
+                watches: self.clone(),
+                peer,
+            });
+        };
+        if *mine == 0 {
+            per_peer.remove(&peer);
+        }
+        Err(Refusal::TooManyWatches { limit })
+    }
+}
+
+/// One open health watch.
+struct WatchPlace {
+    watches: Arc<HealthWatches>,
+    peer: Option<IpAddr>,
+}
+
+impl Drop for WatchPlace {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock();
+        let (total, per_peer) = &mut *open;
+        *total -= 1;
+        give_back(per_peer, &self.peer);
+        metrics().health_watches(-1);
+    }
+}
+
+/// A health service (`S`) whose watches are bounded by [`HealthWatches`].
+#[derive(Clone)]
+pub struct BoundedHealth<S> {
+    inner: S,
+    watches: Arc<HealthWatches>,
+}
+
+impl<S> BoundedHealth<S> {
+    pub fn new(inner: S, watches: Arc<HealthWatches>) -> Self {
+        Self { inner, watches }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for BoundedHealth<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for BoundedHealth<S>
+where
+    S: tower::Service<http::Request<B>, Response = HttpResponse>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != HEALTH_WATCH {
+            return Box::pin(self.inner.call(request));
+        }
+        let peer = peer_addr(request.extensions()).map(|a| a.ip().to_canonical());
+        let place = match self.watches.join(peer) {
+            Ok(place) => place,
+            Err(refusal) => {
+                // No audit entry: health needs no caller, and a flood of
+                // watches must not write to the trail.
+                metrics().refused("grpc.health.v1.Health/Watch", refusal.reason());
+                return Box::pin(std::future::ready(Ok(refusal_status(&refusal).into_http())));
+            }
+        };
+        let mut draining = self.watches.draining.subscribe();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            let ends = Box::pin(async move {
+                let _ = draining.wait_for(|d| *d).await;
+            });
+            Ok(response.map(|body| {
+                tonic::body::Body::new(WatchBody {
+                    inner: body,
+                    _place: place,
+                    ends,
+                    draining: false,
+                    done: false,
+                })
+            }))
+        })
+    }
+}
+
+/// A health watch's response: the inner stream, ended with `UNAVAILABLE`
+/// (`SHUTTING_DOWN`) once the server drains.
+struct WatchBody {
+    inner: tonic::body::Body,
+    _place: WatchPlace,
+    ends: BoxFuture<'static, ()>,
+    /// `ends` has resolved.
+    draining: bool,
+    done: bool,
+}
+
+impl HttpBody for WatchBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let inner = Pin::new(&mut this.inner).poll_frame(cx);
+        // `ends` is polled until it is ready, never after.
+        if !this.draining {
+            if this.ends.as_mut().poll(cx).is_pending() {
+                return inner;
+            }
+            this.draining = true;
+        }
+        // Draining: what the stream already has (the NOT_SERVING answer) goes
+        // out, then the end.
+        if let Poll::Ready(Some(Ok(frame))) = &inner
+            && frame.is_data()
+        {
+            return inner;
+        }
+        this.done = true;
+        let mut trailers = http::HeaderMap::new();
+        let _ = refusal_status(&Refusal::ShuttingDown).add_header(&mut trailers);
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
@@ -756,13 +1365,7 @@ pub struct WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut watchers = self.guards.watchers.lock();
-        if let Some(open) = watchers.get_mut(&self.caller) {
-            *open -= 1;
-            if *open == 0 {
-                watchers.remove(&self.caller);
-            }
-        }
+        give_back(&mut self.guards.watchers.lock(), &self.caller);
         metrics().watch_subscribers(-1);
     }
 }
@@ -851,6 +1454,59 @@ mod tests {
             assert_eq!(bucket.take(much_later, per_second, 3), Ok(()));
         }
         assert!(bucket.take(much_later, per_second, 3).is_err());
+    }
+
+    #[test]
+    fn a_caller_holds_at_most_its_share_and_a_full_class_says_so_first() {
+        let budget = ClassBudget::new(RpcClass::HotPath, 4, 50);
+        let (a, b) = (1, 2);
+        let held: Vec<_> = (0..2).map(|_| budget.acquire(a).unwrap()).collect();
+        assert_eq!(
+            budget.acquire(a).err(),
+            Some(Refusal::CallerShare {
+                class: RpcClass::HotPath,
+                limit: 2
+            })
+        );
+        let others: Vec<_> = (0..2).map(|_| budget.acquire(b).unwrap()).collect();
+        assert_eq!(
+            budget.acquire(3).err(),
+            Some(Refusal::Overloaded {
+                class: RpcClass::HotPath
+            })
+        );
+        drop(held);
+        budget.acquire(a).unwrap();
+        drop(others);
+        assert!(
+            budget.held.lock().len() <= 1,
+            "callers without permits are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_per_peer_and_in_total() {
+        let limits = Limits {
+            max_connections: 3,
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let connections = Connections::new(&limits);
+        let peer = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 4711);
+        let first = connections.admit(peer("10.0.0.1")).unwrap();
+        let _second = connections.admit(peer("10.0.0.1")).unwrap();
+        assert_eq!(
+            connections.admit(peer("10.0.0.1")).err(),
+            Some(ConnectionRefusal::PerPeer)
+        );
+        let _third = connections.admit(peer("10.0.0.2")).unwrap();
+        assert_eq!(
+            connections.admit(peer("10.0.0.3")).err(),
+            Some(ConnectionRefusal::Total)
+        );
+        drop(first);
+        assert_eq!(connections.open(), 2);
+        connections.admit(peer("10.0.0.3")).unwrap();
     }
 
     #[test]

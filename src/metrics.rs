@@ -155,6 +155,37 @@ impl Metrics {
         self.limits.watch_subscribers.inc_by(delta);
     }
 
+    /// Moves the number of open gRPC connections (handshakes included).
+    pub fn connections_open(&self, delta: i64) {
+        self.limits.connections_open.inc_by(delta);
+    }
+
+    /// Counts a connection closed by a limit (`limits::ConnectionRefusal`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.limits
+            .connections_refused
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// Connections closed by a limit so far, for one reason.
+    pub fn connections_refused_count(&self, reason: &'static str) -> u64 {
+        self.limits
+            .connections_refused
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .get()
+    }
+
+    /// Counts a failed `accept` (out of file descriptors and the like).
+    pub fn accept_error(&self) {
+        self.limits.accept_errors.inc();
+    }
+
+    /// Moves the number of open `grpc.health.v1.Health/Watch` streams.
+    pub fn health_watches(&self, delta: i64) {
+        self.limits.health_watches.inc_by(delta);
+    }
+
     /// Counts a repair of a store that lost writes (`cause`: `rolled_back`,
     /// `replaced`, `lost_epoch`) with the writes it restored and those it lost.
     pub fn store_repair(&self, cause: &'static str, restored: u32, lost: u32) {
@@ -218,6 +249,15 @@ struct LimitMetrics {
     refused: Family<Labels, Counter>,
     /// `licensing_watch_subscribers`: open `WatchLicenseEvents` streams.
     watch_subscribers: Gauge,
+    /// `licensing_connections_open`: open gRPC connections, handshakes included.
+    connections_open: Gauge,
+    /// `licensing_connections_refused_total{reason}`: connections closed by a
+    /// limit (per_peer, total, handshake_timeout, preface_timeout).
+    connections_refused: Family<Labels, Counter>,
+    /// `licensing_accept_errors_total`: failed accepts (EMFILE and the like).
+    accept_errors: Counter,
+    /// `licensing_health_watches`: open health watches, both ports.
+    health_watches: Gauge,
 }
 
 impl LimitMetrics {
@@ -231,6 +271,31 @@ impl LimitMetrics {
             "licensing_watch_subscribers",
             "Open WatchLicenseEvents streams",
             self.watch_subscribers.clone(),
+        );
+        for refusal in crate::limits::ConnectionRefusal::ALL {
+            self.connections_refused
+                .get_or_create(&vec![("reason", refusal.reason().to_owned())])
+                .inc_by(0);
+        }
+        registry.register(
+            "licensing_connections_open",
+            "Open gRPC connections, TLS handshakes in progress included",
+            self.connections_open.clone(),
+        );
+        registry.register(
+            "licensing_connections_refused",
+            "gRPC connections closed by a limit, by reason (per_peer, total, handshake_timeout, preface_timeout)",
+            self.connections_refused.clone(),
+        );
+        registry.register(
+            "licensing_accept_errors",
+            "Failed accepts on the gRPC port (out of file descriptors and the like)",
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            "licensing_health_watches",
+            "Open grpc.health.v1.Health/Watch streams (gRPC and metrics port)",
+            self.health_watches.clone(),
         );
     }
 }
@@ -761,7 +826,9 @@ fn openmetrics_to_text(om: &str) -> String {
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
-    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    health: crate::limits::BoundedHealth<
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    >,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::header::{ACCEPT, CONTENT_TYPE};
@@ -796,9 +863,13 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let app = app.merge(grpc.into_axum_router());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer's address reaches the health watches' per-peer bound.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 // ---------------------------------------------------------------------------

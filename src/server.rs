@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
@@ -17,7 +16,7 @@ use crate::auth::layer::{AuthLayer, Authenticator};
 use crate::auth::tls::TlsMaterial;
 use crate::grpc::pb::licensing_service_server::LicensingServiceServer;
 use crate::grpc::{FILE_DESCRIPTOR_SET, LicensingApi, SERVICE_NAME};
-use crate::limits::{self, AgedConnection, Guards, Limits};
+use crate::limits::{self, BoundedHealth, Connections, Guards, HealthWatches, Limits};
 use crate::mirror::{Mirror, StateSource};
 use crate::service::Licensing;
 
@@ -52,23 +51,42 @@ pub const LIVENESS: &str = "liveness";
 /// answering from memory while Redis is down. [`LIVENESS`] is `SERVING` while
 /// the process runs, for liveness and start-up probes: a replica waiting for
 /// Redis must not be restarted for it.
+///
+/// Its watches need no credentials: both ports together hold at most
+/// `limits.health_watches` (`limits.health_watches_per_peer` per peer
+/// address), and every one ends when the server drains.
 #[derive(Clone, Debug)]
 pub struct Health {
     reporter: HealthReporter,
+    watches: Arc<HealthWatches>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Self {
-            reporter: HealthReporter::new(),
-        }
+        Self::new(&Limits::default())
     }
 }
 
 impl Health {
+    /// The health status, its watches bounded by `limits`.
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            reporter: HealthReporter::new(),
+            watches: HealthWatches::new(limits),
+        }
+    }
+
     /// A `grpc.health.v1.Health` service answering with this status.
-    pub fn service(&self) -> HealthServer<HealthService> {
-        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+    pub fn service(&self) -> BoundedHealth<HealthServer<HealthService>> {
+        BoundedHealth::new(
+            HealthServer::new(HealthService::from_health_reporter(self.reporter.clone())),
+            self.watches.clone(),
+        )
+    }
+
+    /// Open watches on both ports.
+    pub fn watches(&self) -> usize {
+        self.watches.open()
     }
 
     async fn set(&self, status: ServingStatus) {
@@ -139,20 +157,21 @@ pub async fn run(
         .http2_keepalive_interval(Some(limits_cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(limits_cfg.keepalive_timeout))
         // GOAWAY after this age: clients reconnect, and spread over replicas added since.
-        // (Not tonic's grace: with one set it closes without a GOAWAY; see AgedConnection.)
-        .max_connection_age(limits_cfg.max_connection_age);
+        // (Not tonic's grace: with one set it closes without a GOAWAY; see AdmittedConnection.)
+        .max_connection_age(limits_cfg.max_connection_age)
+        // SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot open streams
+        // without bound (tonic advertises no limit of its own).
+        .max_concurrent_streams(limits_cfg.max_streams_per_connection);
     let audit = options.auth.audit.clone();
     let stack = tower::ServiceBuilder::new()
         // Every call but health comes from a known caller whose role allows it;
         // the caller travels on as a request extension (src/auth/layer.rs).
         .layer(AuthLayer::new(options.auth.clone()))
-        // Refuse at once (UNAVAILABLE) a call whose class is at its budget, so a
-        // burst of writes or overview calls never takes CheckSeat's capacity.
-        .layer(limits::shed(
-            limits_cfg.budgets,
-            limits_cfg.max_message_bytes,
-            audit.clone(),
-        ))
+        // Read the request whole (bounded in time and size), then refuse at once
+        // (UNAVAILABLE) a call whose class is at its budget, or whose caller
+        // holds its share: a burst of writes or overview calls, or one caller's
+        // streams without bodies, never takes CheckSeat's capacity.
+        .layer(limits::shed(limits_cfg, audit.clone()))
         // Bound every admitted call (a stream until it opens), or sooner the
         // client's grpc-timeout: DEADLINE_EXCEEDED, not tonic's CANCELLED.
         .layer(limits::deadline(limits_cfg.rpc_deadline, audit.clone()))
@@ -175,11 +194,12 @@ pub async fn run(
 
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
     // Our own acceptor: TLS material is re-read at run time, and the peer's
-    // address and client certificate reach the authorization layer. Each
-    // connection is closed after its age and grace (streams included).
-    let lifetime = limits_cfg.max_connection_age + limits_cfg.max_connection_age_grace;
-    let incoming = crate::auth::tls::incoming(listener, options.tls.clone(), audit)
-        .map(move |conn| conn.map(|conn| AgedConnection::new(conn, lifetime)));
+    // address and client certificate reach the authorization layer. It caps
+    // connections per peer and in total, and closes one without its TLS
+    // handshake and HTTP/2 preface in time. Each connection is closed after
+    // its age and grace (streams included).
+    let connections = Connections::new(limits_cfg);
+    let incoming = crate::auth::tls::incoming(listener, options.tls.clone(), audit, connections);
     let serve = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_signal.await;
     });
@@ -203,9 +223,10 @@ pub async fn run(
         let _ = follow.await;
     }
     health.set(ServingStatus::NotServing).await;
-    // Event streams end now with UNAVAILABLE ("reconnect") instead of holding
-    // the drain open until its timeout.
+    // Event streams and health watches end now with UNAVAILABLE ("reconnect")
+    // instead of holding the drain open until its timeout.
     let _ = start_draining.send(true);
+    health.watches.drain();
     let _ = stop_accepting.send(());
     match tokio::time::timeout(options.drain_timeout, &mut serve).await {
         Ok(result) => result?,

@@ -43,19 +43,6 @@ fn assign(user: &str) -> pb::AssignSeatRequest {
     }
 }
 
-/// Pauses every client of `redis` (Lua scripts included) for `ms`: a store
-/// that answers slowly. (It cannot be lifted early: the pause holds the
-/// unpause command too.)
-fn pause_redis(redis: &RedisServer, ms: u64) {
-    let mut conn = redis.connection();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("ALL")
-        .query(&mut conn)
-        .unwrap();
-}
-
 #[tokio::test]
 async fn an_oversize_request_is_refused_and_the_server_lives() {
     let server = TestServer::start(config(None, &serial("size"))).await;
@@ -223,6 +210,9 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     cfg.redis_timeout_ms = 1000;
     cfg.limits.concurrent_writes = 2;
     cfg.limits.concurrent_operator_reads = 1;
+    // One client makes the whole burst: this is about the classes' budgets
+    // (tests/hot_path_isolation.rs has the share of one caller).
+    cfg.limits.caller_share_percent = 100;
     let server = TestServer::start(cfg).await;
     let client = server.client().await;
     wait_active(&client).await;

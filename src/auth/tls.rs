@@ -45,9 +45,7 @@ use tonic::transport::server::Connected;
 use super::AuthError;
 use crate::audit::Auditor;
 use crate::domain::audit::AuditEvent;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::limits::{AdmittedConnection, ConnectionRefusal, Connections};
 
 /// Who is on the other end of a connection, as the transport knows it. Tonic
 /// puts it into every request's extensions.
@@ -420,6 +418,10 @@ impl AsyncWrite for Conn {
 /// in a task of its own and each handshake in another, so a slow or silent
 /// client never holds up the others. The task ends when the stream is dropped.
 ///
+/// Each connection takes a place in `connections` at accept (a peer or the
+/// replica at its cap: closed at once) and must finish its TLS handshake and
+/// send the HTTP/2 preface within `connections.handshake_timeout`.
+///
 /// A client refused at the handshake for its certificate (none, or one that
 /// does not verify, with `tls.require_client_certificate`) is recorded in
 /// `audit`; other failed handshakes (port scans, TCP probes) are only counted.
@@ -427,22 +429,30 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsMaterial>>,
     audit: Auditor,
-) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Conn, io::Error>>(64);
+    connections: Arc<Connections>,
+) -> impl Stream<Item = Result<AdmittedConnection<Conn>, io::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<AdmittedConnection<Conn>, io::Error>>(64);
     tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
                 accepted = listener.accept() => accepted,
             };
             let (stream, addr) = match accepted {
-                Ok(ok) => ok,
+                Ok(ok) => {
+                    backoff.reset();
+                    ok
+                }
                 Err(error) => {
                     // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.wait(&error).await;
                     continue;
                 }
+            };
+            let deadline = tokio::time::Instant::now() + connections.handshake_timeout;
+            let Ok(slot) = connections.admit(addr) else {
+                continue; // dropping the socket closes it
             };
             // Call handling sends small, latency-sensitive requests.
             let _ = stream.set_nodelay(true);
@@ -451,7 +461,8 @@ pub fn incoming(
                 certificate: None,
             };
             let Some(tls) = &tls else {
-                if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
+                let conn = AdmittedConnection::new(Conn::Plain(stream, peer), slot, addr, deadline);
+                if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
                 continue;
@@ -459,13 +470,17 @@ pub fn incoming(
             let loaded = tls.current();
             let tx = tx.clone();
             let audit = audit.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 let handshake = loaded.acceptor.accept(stream).into_fallible();
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(stream)) => {
                         let mut peer = peer;
                         peer.certificate = loaded.peer_certificate(stream.get_ref().1);
-                        let _ = tx.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
+                        let conn = Conn::Tls(Box::new(stream), peer);
+                        let _ = tx
+                            .send(Ok(AdmittedConnection::new(conn, slot, addr, deadline)))
+                            .await;
                     }
                     Ok(Err((error, stream))) => {
                         tracing::debug!(%addr, %error, "TLS handshake failed");
@@ -478,12 +493,42 @@ pub fn incoming(
                     Err(_) => {
                         tracing::debug!(%addr, "TLS handshake timed out");
                         crate::metrics::auth_metrics().tls_handshake_failed();
+                        connections.refused(addr, ConnectionRefusal::HandshakeTimeout);
                     }
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The pause after a failed accept: 10 ms, doubling to 1 s while accepts keep
+/// failing (EMFILE does not go away by retrying at once). Each failure is
+/// counted; the first of a run is logged.
+#[derive(Default)]
+struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    async fn wait(&mut self, error: &io::Error) {
+        crate::metrics::metrics().accept_error();
+        if self.failures == 0 {
+            tracing::warn!(%error, "accept failed; backing off (licensing_accept_errors_total)");
+        }
+        let pause = Self::FIRST
+            .saturating_mul(1 << self.failures.min(7))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        tokio::time::sleep(pause).await;
+    }
 }
 
 /// How long a refused client has to read the TLS alert that says why.

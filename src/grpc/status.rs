@@ -91,6 +91,29 @@ pub fn refusal_status(refusal: &Refusal) -> Status {
             None,
             entry("limit_bytes", limit.to_string()),
         ),
+        // One caller over its share of a budget: its quota, not the server's
+        // capacity; the others are still served.
+        Refusal::CallerShare { class, limit } => (
+            Code::ResourceExhausted,
+            "CALLER_SHARE_EXCEEDED",
+            Some(OVERLOAD_RETRY_DELAY),
+            HashMap::from([
+                ("class".to_owned(), class.as_str().to_owned()),
+                ("limit".to_owned(), limit.to_string()),
+            ]),
+        ),
+        Refusal::RequestIncomplete { timeout } => (
+            Code::DeadlineExceeded,
+            "REQUEST_INCOMPLETE",
+            None,
+            entry("timeout_ms", timeout.as_millis().to_string()),
+        ),
+        Refusal::TooManyWatches { limit } => (
+            Code::ResourceExhausted,
+            "TOO_MANY_WATCHES",
+            None,
+            entry("limit", limit.to_string()),
+        ),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     if retry_delay.is_some() {
@@ -212,6 +235,29 @@ mod tests {
                 Refusal::MessageTooLarge { limit: 65536 },
                 Code::ResourceExhausted,
                 "MESSAGE_TOO_LARGE",
+                false,
+            ),
+            (
+                Refusal::CallerShare {
+                    class: crate::limits::RpcClass::HotPath,
+                    limit: 512,
+                },
+                Code::ResourceExhausted,
+                "CALLER_SHARE_EXCEEDED",
+                true,
+            ),
+            (
+                Refusal::RequestIncomplete {
+                    timeout: Duration::from_secs(5),
+                },
+                Code::DeadlineExceeded,
+                "REQUEST_INCOMPLETE",
+                false,
+            ),
+            (
+                Refusal::TooManyWatches { limit: 8 },
+                Code::ResourceExhausted,
+                "TOO_MANY_WATCHES",
                 false,
             ),
         ];

@@ -2,6 +2,7 @@
 //! service on port 0 talking real gRPC.
 #![allow(dead_code)]
 
+pub mod flood;
 pub mod pki;
 pub mod redis_node;
 
@@ -380,6 +381,7 @@ pub fn without_load_limits(mut config: RawConfig) -> RawConfig {
     config.limits.concurrent_writes = 100_000;
     config.limits.concurrent_operator_reads = 100_000;
     config.limits.activation_burst = 10_000;
+    config.limits.caller_share_percent = 100;
     config
 }
 
@@ -772,4 +774,17 @@ pub fn value(body: &str, prefix: &str) -> f64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// Pauses every client of `redis` (Lua scripts included) for `ms`: a store
+/// that answers slowly. (It cannot be lifted early: the pause holds the
+/// unpause command too.)
+pub fn pause_redis(redis: &RedisServer, ms: u64) {
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query(&mut conn)
+        .unwrap();
 }
