@@ -382,7 +382,8 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_what_reads_need_and_no_position() {
-        let bytes = encode(&snapshot(), &serial(), 42);
+        let original = snapshot();
+        let bytes = encode(&original, &serial(), 42);
         let loaded = decode(&bytes, &verifier()).unwrap();
         assert_eq!(loaded.saved_at_ms, 42);
         assert_eq!(loaded.snapshot.position, None);
@@ -392,7 +393,7 @@ mod tests {
         assert_eq!(seats[0].user_id.as_str(), "alice");
         assert_eq!(
             seats[0].assigned_at.timestamp_millis(),
-            snapshot().seats[0].assigned_at.timestamp_millis()
+            original.seats[0].assigned_at.timestamp_millis()
         );
     }
 
