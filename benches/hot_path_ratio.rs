@@ -6,7 +6,8 @@
 //! gRPC framing). What `CheckSeat` costs beyond that floor is ours: authorization,
 //! limits, span, metrics, the decision, the response. The target is a ratio of 0.95.
 //!
-//! Set-up: the service runs in this process, pinned to CPU 0; `h2load` (Debian's
+//! Set-up: the release binary runs as a process of its own, as deployed (with its log
+//! subscriber and metrics), pinned to CPU 0 with `taskset`; `h2load` (Debian's
 //! `nghttp2-client`) runs pinned to CPU 1, so server and client each have a core of
 //! their own. Both calls carry the same headers (the bearer token too: health ignores
 //! it), so the transport does the same work for each. Each round runs the two calls
@@ -20,14 +21,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::pki::{Pki, tls_channel};
 use common::*;
 
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
-use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
@@ -40,20 +40,6 @@ const REQUESTS: u32 = 60_000;
 /// h2load's connections and concurrent streams per connection.
 const CONNECTIONS: u32 = 4;
 const STREAMS: u32 = 16;
-
-/// Pins this process (and every thread it starts later) to `cpu`.
-fn pin_to(cpu: usize) {
-    // SAFETY: the set is a plain bit mask on the stack; sched_setaffinity only reads it.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pin the server to CPU {cpu}"
-        );
-    }
-}
 
 /// A gRPC request body as h2load sends it: the 5-byte frame header, then the message.
 fn grpc_frame(message: &impl prost::Message) -> Vec<u8> {
@@ -94,11 +80,60 @@ fn h2load(url: &str, body: &Path, token: &str) -> f64 {
         .unwrap_or_else(|| panic!("no req/s in h2load's output:\n{text}"))
 }
 
+/// The service binary (built by `cargo bench` for its benches).
+const BIN: &str = env!("CARGO_BIN_EXE_comtrexx-licensing");
+
 struct Setup {
     label: &'static str,
-    server: TestServer,
+    process: Child,
+    port: u16,
     scheme: &'static str,
     channel: Channel,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Starts the binary on CPU 0 with `env`, and connects once it answers (bounded).
+async fn start(env: &[(&str, String)], port: u16, ca: Option<&str>) -> (Child, Channel) {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0", BIN, "serve"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LICENSING_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "LICENSING_METRICS_ADDR",
+            format!("127.0.0.1:{}", unused_port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start the service binary");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the service exited: {status}");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let channel = match ca {
+                Some(ca) => tls_channel(addr, ca, None).await,
+                None => Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            };
+            return (child, channel);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the service never listened on {addr}");
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -107,16 +142,8 @@ fn median(values: &mut [f64]) -> f64 {
     (values[(n - 1) / 2] + values[n / 2]) / 2.0
 }
 
-fn main() {
-    pin_to(0);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     println!(
         "CheckSeat against Health/Check on the same server: server on CPU 0, h2load on CPU 1; \
          {ROUNDS} rounds of {REQUESTS} calls each, {CONNECTIONS} connections × {STREAMS} streams"
@@ -151,7 +178,6 @@ async fn run() {
         grpc_frame(&pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
-            ..Default::default()
         }),
     )
     .unwrap();
@@ -164,30 +190,25 @@ async fn run() {
         ("TLS, enforce, bearer token", true),
         ("plaintext, enforce, bearer token", false),
     ] {
-        let mut raw: RawConfig = licensed_config(None, &serial, &vendor);
-        raw.auth.mode = "enforce".into();
-        raw.auth.callers_file = Some(callers.clone());
+        let mut env = vec![
+            ("LICENSING_SERIAL_NUMBER", serial.clone()),
+            ("LICENSING_LICENSE_FILE", path(&vendor.license_path())),
+            ("LICENSING_VENDOR_PUBLIC_KEY", vendor.public_key()),
+            ("LICENSING_AUTH__MODE", "enforce".to_owned()),
+            ("LICENSING_AUTH__CALLERS_FILE", path(&callers)),
+        ];
         if tls {
-            raw.tls.cert_file = Some(cert.clone());
-            raw.tls.key_file = Some(key.clone());
+            env.push(("LICENSING_TLS__CERT_FILE", path(&cert)));
+            env.push(("LICENSING_TLS__KEY_FILE", path(&key)));
         }
-        let server = TestServer::start(raw).await;
-        let channel = if tls {
-            tls_channel(server.addr, &ca, None).await
-        } else {
-            Channel::from_shared(server.endpoint())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        };
+        let port = unused_port();
+        let (process, channel) = start(&env, port, tls.then_some(ca.as_str())).await;
         let mut client = LicensingServiceClient::new(channel.clone());
         let assigned = client
             .assign_seat(with_token(
                 pb::AssignSeatRequest {
                     user_id: "alice".into(),
                     feature: String::new(),
-                    ..Default::default()
                 },
                 &user_management,
             ))
@@ -195,14 +216,15 @@ async fn run() {
         assert!(assigned.is_ok(), "assign alice: {assigned:?}");
         setups.push(Setup {
             label,
-            server,
+            process,
+            port,
             scheme: if tls { "https" } else { "http" },
             channel,
         });
     }
 
     for setup in &setups {
-        let base = format!("{}://127.0.0.1:{}", setup.scheme, setup.server.addr.port());
+        let base = format!("{}://127.0.0.1:{}", setup.scheme, setup.port);
         let check_url = format!("{base}/comtrexx.licensing.v1.LicensingService/CheckSeat");
         let health_url = format!("{base}/grpc.health.v1.Health/Check");
         // Warm-up of both, then the rounds.
@@ -222,7 +244,6 @@ async fn run() {
                 pb::CheckSeatRequest {
                     user_id: "alice".into(),
                     feature: String::new(),
-                    ..Default::default()
                 },
                 &call_handling,
             ))
@@ -241,8 +262,8 @@ async fn run() {
             rounds.join(" "),
         );
     }
-    for setup in setups {
-        setup.server.shutdown().await;
-    }
-    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().expect("a UTF-8 temporary path").to_owned()
 }

@@ -553,8 +553,14 @@ where
             .map_or("(unknown)", |(m, _)| m);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let read = tokio::time::timeout(layer.body_timeout, collect(body, layer.body_limit));
-            let refusal = match read.await {
+            let mut read = std::pin::pin!(collect(body, layer.body_limit));
+            // A unary call's body has usually come with its headers: look once
+            // before arming a timer, so the common case costs no timer at all.
+            let read = match futures::poll!(read.as_mut()) {
+                Poll::Ready(read) => Ok(read),
+                Poll::Pending => tokio::time::timeout(layer.body_timeout, read).await,
+            };
+            let refusal = match read {
                 Ok(Ok(bytes)) => {
                     let request = http::Request::from_parts(parts, Buffered(Some(bytes)));
                     let ext = request.extensions();

@@ -5,6 +5,7 @@
 //! (seats, capacity, tryout, staleness) are read from a replica's mirror at scrape
 //! time, so they are never out of step with what `CheckSeat` answers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
@@ -26,10 +27,16 @@ use crate::service::Licensing;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// An RPC's method and status code, as its metrics label it.
+type RpcKey = (&'static str, &'static str);
+
 /// The process-wide event counters.
 pub struct Metrics {
     rpc_requests: Family<Labels, Counter>,
     rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    // The two series of each (method, code) seen so far, so that counting an RPC
+    // (every CheckSeat) neither allocates labels nor looks them up in both families.
+    rpc_series: parking_lot::RwLock<HashMap<RpcKey, (Counter, Histogram)>>,
     reconciles: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
     redis_master_lookups: Family<Labels, Counter>,
@@ -64,6 +71,7 @@ fn rpc_histogram() -> Histogram {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     rpc_requests: Family::default(),
     rpc_duration: Family::new_with_constructor(rpc_histogram),
+    rpc_series: parking_lot::RwLock::default(),
     reconciles: Family::default(),
     redis_errors: Family::default(),
     redis_master_lookups: Family::default(),
@@ -86,15 +94,29 @@ pub fn metrics() -> &'static Metrics {
 impl Metrics {
     /// Counts one finished RPC.
     pub fn rpc(&self, method: &'static str, code: &'static str, elapsed: Duration) {
-        let labels = vec![("method", method.to_owned()), ("code", code.to_owned())];
-        self.rpc_requests.get_or_create(&labels).inc();
-        self.rpc_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        let known = self
+            .rpc_series
+            .read()
+            .get(&(method, code))
+            .map(|(count, duration)| {
+                count.inc();
+                duration.observe(seconds);
+            });
+        if known.is_none() {
+            let labels = vec![("method", method.to_owned()), ("code", code.to_owned())];
+            let count = self.rpc_requests.get_or_create(&labels).clone();
+            let duration = self.rpc_duration.get_or_create(&labels).clone();
+            count.inc();
+            duration.observe(seconds);
+            self.rpc_series
+                .write()
+                .insert((method, code), (count, duration));
+        }
         if let Some(otel) = self.otel.get() {
             let attrs = [KeyValue::new("method", method), KeyValue::new("code", code)];
             otel.rpc_requests.add(1, &attrs);
-            otel.rpc_duration.record(elapsed.as_secs_f64(), &attrs);
+            otel.rpc_duration.record(seconds, &attrs);
         }
     }
 
