@@ -88,21 +88,29 @@ fn invalid(e: crate::domain::InvalidInput) -> Status {
     to_status(LicensingError::from(e))
 }
 
-/// The span of one RPC: method and serial number, the caller's trace as parent;
-/// handlers add user and feature once validated.
+/// The span of one RPC at `$level`: method and serial number; handlers add
+/// user and feature once validated.
+macro_rules! span_at {
+    ($level:expr, $method:expr, $licensing:expr) => {
+        tracing::span!(
+            $level,
+            "rpc",
+            otel.name = $method,
+            rpc = $method,
+            serial_number = %$licensing.settings().serial,
+            user_id = tracing::field::Empty,
+            feature = tracing::field::Empty,
+        )
+    };
+}
+
+/// The span of one RPC, the caller's trace as parent.
 fn rpc_span(
     method: &'static str,
     licensing: &Licensing,
     metadata: &tonic::metadata::MetadataMap,
 ) -> tracing::Span {
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = method,
-        rpc = method,
-        serial_number = %licensing.settings().serial,
-        user_id = tracing::field::Empty,
-        feature = tracing::field::Empty,
-    );
+    let span = span_at!(tracing::Level::INFO, method, licensing);
     crate::telemetry::set_remote_parent(&span, metadata);
     span
 }
@@ -110,9 +118,9 @@ fn rpc_span(
 /// The span of a hot-path call (`CheckSeat`): the same span, at INFO when the
 /// caller sent trace context (its trace goes on through us), else at DEBUG. An
 /// INFO span on every call of every PBX user costs the log subscriber a field
-/// formatting and a registry entry per call (about 6 % of the call's CPU, measured
-/// in BENCHMARKS.md) for a span that, without a trace to join and with nothing
-/// logged inside it, nobody reads; `log.level = debug` brings it back.
+/// formatting and a registry entry per call (measured in BENCHMARKS.md) for a
+/// span that, without a trace to join and with nothing logged inside it, nobody
+/// reads; a `debug` log or trace level brings it back.
 fn hot_path_span(
     method: &'static str,
     licensing: &Licensing,
@@ -121,14 +129,7 @@ fn hot_path_span(
     if metadata.get("traceparent").is_some() {
         return rpc_span(method, licensing, metadata);
     }
-    tracing::debug_span!(
-        "rpc",
-        otel.name = method,
-        rpc = method,
-        serial_number = %licensing.settings().serial,
-        user_id = tracing::field::Empty,
-        feature = tracing::field::Empty,
-    )
+    span_at!(tracing::Level::DEBUG, method, licensing)
 }
 
 /// Runs one handler inside its span, counts it (method, status code, latency)
