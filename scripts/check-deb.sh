@@ -115,6 +115,14 @@ metrics_port="$(free_port)"
 exec_start="$(sed -n 's/^ExecStart=//p' "${UNIT}")"
 user="$(sed -n 's/^User=//p' "${UNIT}")"
 [ -n "${exec_start}" ] && [ "${user}" = "${PKG}" ] || die "unit has no ExecStart or User=${PKG}"
+# What systemd does before ExecStart: the unit's StateDirectory= (state_dir of the
+# packaged configuration), owned by the service's user, with the unit's mode.
+state_name="$(sed -n 's/^StateDirectory=//p' "${UNIT}")"
+state_mode="$(sed -n 's/^StateDirectoryMode=//p' "${UNIT}")"
+[ -n "${state_name}" ] || die "unit has no StateDirectory="
+grep -qx "state_dir = \"/var/lib/${state_name}\"" <<<"${effective}" \
+  || die "the packaged configuration should keep its state in /var/lib/${state_name}"
+install -d -o "${user}" -g "${user}" -m "${state_mode:-0755}" "/var/lib/${state_name}"
 log "starting '${exec_start}' as ${user} (redis on ${redis_port}, gRPC on ${grpc_port})"
 # Like the unit: its user and group, no new privileges, no capabilities. Only the
 # addresses differ (free ports), through the environment, which overrides the file.
@@ -186,4 +194,5 @@ dpkg --purge "${PKG}"
 [ ! -e /usr/bin/${PKG} ] || die "/usr/bin/${PKG} left after purge"
 [ ! -e "${CONF}" ] || die "${CONF} left after purge"
 [ ! -e "${UNIT}" ] || die "${UNIT} left after purge"
+[ ! -e "/var/lib/${state_name}" ] || die "/var/lib/${state_name} left after purge"
 log "package checks passed"
