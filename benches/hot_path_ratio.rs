@@ -27,7 +27,7 @@ use std::time::Duration;
 use common::pki::{Pki, tls_channel};
 use common::*;
 
-use comtrexx_licensing::auth::callers::{new_token, token_sha256};
+use comtrexx_licensing::auth::callers::new_token;
 use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
@@ -160,17 +160,13 @@ async fn main() {
         &[(Feature::User, 100)],
     );
     let (call_handling, user_management) = (new_token(), new_token());
-    let callers = pki.dir.path().join("callers.toml");
-    std::fs::write(
-        &callers,
-        format!(
-            "[[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ntoken_sha256 = \"{}\"\n\n\
-             [[caller]]\nname = \"users\"\nrole = \"user_management\"\ntoken_sha256 = \"{}\"\n",
-            token_sha256(&call_handling),
-            token_sha256(&user_management),
-        ),
-    )
-    .unwrap();
+    let callers = token_callers_file(
+        pki.dir.path(),
+        &[
+            ("pbx", "call_handling", &call_handling),
+            ("users", "user_management", &user_management),
+        ],
+    );
     let dir = tempfile::tempdir().unwrap();
     let check = dir.path().join("check.bin");
     std::fs::write(

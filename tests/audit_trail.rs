@@ -6,26 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestServer, config, refusals_in, with_token};
-use comtrexx_licensing::auth::callers::{new_token, token_sha256};
+use common::{RedisServer, TestServer, config, refusals_in, token_callers_file, with_token};
+use comtrexx_licensing::auth::callers::new_token;
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
-
-/// A callers file of token callers `(name, role, token)` in `dir`.
-fn callers_file(dir: &std::path::Path, callers: &[(&str, &str, &str)]) -> std::path::PathBuf {
-    let text: String = callers
-        .iter()
-        .map(|(name, role, token)| {
-            format!(
-                "[[caller]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n\n",
-                token_sha256(token)
-            )
-        })
-        .collect();
-    let path = dir.join("callers.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn seat(user: &str) -> pb::AssignSeatRequest {
     pb::AssignSeatRequest {
@@ -72,7 +56,7 @@ async fn a_second_replica_lists_what_the_first_recorded() {
     let serial = common::serial("audit");
     let (admin, pbx) = (new_token(), new_token());
     let dir = tempfile::tempdir().unwrap();
-    let callers = callers_file(
+    let callers = token_callers_file(
         dir.path(),
         &[
             ("admin-ui", "user_management", &admin),
@@ -155,7 +139,7 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
     let redis = RedisServer::start();
     let operator = new_token();
     let dir = tempfile::tempdir().unwrap();
-    let callers = callers_file(dir.path(), &[("ops", "operator", &operator)]);
+    let callers = token_callers_file(dir.path(), &[("ops", "operator", &operator)]);
     let mut raw = config(Some(&redis), &common::serial("flood"));
     raw.auth.mode = "enforce".into();
     raw.auth.callers_file = Some(callers);
@@ -232,7 +216,7 @@ async fn small_trail() -> (RedisServer, TestServer, common::Client, String, Stri
     let redis = RedisServer::start();
     let (operator, pbx) = (new_token(), new_token());
     let dir = tempfile::tempdir().unwrap();
-    let callers = callers_file(
+    let callers = token_callers_file(
         dir.path(),
         &[
             ("ops", "operator", &operator),

@@ -15,7 +15,7 @@ use common::flood::{Flood, idle_socket};
 use common::pki::{Pki, tls_channel};
 use common::*;
 use comtrexx_licensing::auth::Role;
-use comtrexx_licensing::auth::callers::{new_token, token_sha256};
+use comtrexx_licensing::auth::callers::new_token;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
@@ -56,16 +56,14 @@ fn enforce(raw: &mut RawConfig, dir: &Path, callers: &[(&str, Role)]) -> Vec<Str
 /// token; returns the tokens in that order.
 fn with_callers(raw: &mut RawConfig, dir: &Path, callers: &[(&str, Role)]) -> Vec<String> {
     let tokens: Vec<String> = callers.iter().map(|_| new_token()).collect();
-    let mut text = String::new();
-    for ((name, role), token) in callers.iter().zip(&tokens) {
-        text += &format!(
-            "[[caller]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n\n",
-            token_sha256(token)
-        );
-    }
-    let path = dir.join("callers.toml");
-    std::fs::write(&path, text).unwrap();
-    raw.auth.callers_file = Some(path);
+    let roles: Vec<String> = callers.iter().map(|(_, role)| role.to_string()).collect();
+    let entries: Vec<(&str, &str, &str)> = callers
+        .iter()
+        .zip(&roles)
+        .zip(&tokens)
+        .map(|(((name, _), role), token)| (*name, role.as_str(), token.as_str()))
+        .collect();
+    raw.auth.callers_file = Some(token_callers_file(dir, &entries));
     tokens
 }
 

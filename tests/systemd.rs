@@ -383,14 +383,6 @@ async fn logs_in_the_journal_form_only_when_stdout_is_the_journal_stream() {
     );
 }
 
-/// A callers file with one monitoring caller of `token`.
-fn monitoring_caller(token: &str) -> String {
-    format!(
-        "[[caller]]\nname = \"monitor\"\nrole = \"monitoring\"\ntoken_sha256 = \"{}\"\n",
-        comtrexx_licensing::auth::callers::token_sha256(token)
-    )
-}
-
 /// Whether `GetLicenseOverview` with `token` is answered.
 async fn overview_with(client: &mut Client, token: &str) -> Result<(), tonic::Code> {
     client
@@ -405,9 +397,8 @@ async fn an_empty_callers_file_is_refused_and_the_callers_stay() {
     use comtrexx_licensing::auth::callers::new_token;
     let dir = tempfile::tempdir().unwrap();
     let notify = NotifySocket::bind(dir.path());
-    let callers = dir.path().join("callers.toml");
     let (first, second) = (new_token(), new_token());
-    std::fs::write(&callers, monitoring_caller(&first)).unwrap();
+    let callers = token_callers_file(dir.path(), &[("monitor", "monitoring", &first)]);
     let service = Service::start(
         dir.path(),
         &notify,
@@ -443,7 +434,7 @@ async fn an_empty_callers_file_is_refused_and_the_callers_stay() {
     assert_eq!(overview_with(&mut client, &first).await, Ok(()));
 
     // The finished file is taken.
-    std::fs::write(&callers, monitoring_caller(&second)).unwrap();
+    token_callers_file(dir.path(), &[("monitor", "monitoring", &second)]);
     assert!(
         eventually(Duration::from_secs(10), || {
             let mut client = client.clone();

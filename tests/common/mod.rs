@@ -686,6 +686,23 @@ pub async fn audited_until(
     }
 }
 
+/// A callers file of bearer-token callers `(name, role, token)` in `dir`; the
+/// file stores each token's SHA-256, as an operator's would.
+pub fn token_callers_file(dir: &Path, callers: &[(&str, &str, &str)]) -> PathBuf {
+    let text: String = callers
+        .iter()
+        .map(|(name, role, token)| {
+            format!(
+                "[[caller]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n\n",
+                comtrexx_licensing::auth::callers::token_sha256(token)
+            )
+        })
+        .collect();
+    let path = dir.join("callers.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// `message` with `token` as its bearer token.
 pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
