@@ -59,7 +59,7 @@ free_port() {
 
 # --- 1. build ------------------------------------------------------------------------
 log "cargo deb --no-build"
-deb="$(cargo deb --no-build --locked --output "${work}/" 2>"${work}/cargo-deb.log" | tail -n 1)" \
+deb="$(cargo deb --package comtrexx-licensing --no-build --locked --output "${work}/" 2>"${work}/cargo-deb.log" | tail -n 1)" \
   || { cat "${work}/cargo-deb.log" >&2; die "cargo deb failed"; }
 [ -f "${deb}" ] || { cat "${work}/cargo-deb.log" >&2; die "cargo deb made no package (${deb})"; }
 log "built ${deb}"
@@ -178,7 +178,7 @@ log "SIGTERM: drained and exited 0"
 # --- 6. an upgrade keeps the operator's configuration ----------------------------------
 log "upgrade to revision 2 keeps a changed configuration"
 mkdir -p "${work}/upgrade"
-upgrade="$(cargo deb --no-build --locked --fast --deb-revision 2 --output "${work}/upgrade/" \
+upgrade="$(cargo deb --package comtrexx-licensing --no-build --locked --fast --deb-revision 2 --output "${work}/upgrade/" \
   2>"${work}/cargo-deb-upgrade.log" | tail -n 1)" \
   || { cat "${work}/cargo-deb-upgrade.log" >&2; die "cargo deb (revision 2) failed"; }
 sed -i 's/^edition = "vm"$/edition = "business"/' "${CONF}"

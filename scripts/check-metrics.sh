@@ -226,8 +226,8 @@ if promtool check rules "${CHART_FILES}/alerts.yaml" >"${WORK}/rules.txt" 2>&1; 
 else
   fail "promtool check rules" "${WORK}/rules.txt"
 fi
-if promtool test rules "${ROOT}/tests/alerts/alerts.test.yaml" >"${WORK}/rules-test.txt" 2>&1; then
-  pass "promtool test rules ($(grep -c 'alertname:' "${ROOT}/tests/alerts/alerts.test.yaml") cases)"
+if promtool test rules "${ROOT}/helm/tests/alerts.test.yaml" >"${WORK}/rules-test.txt" 2>&1; then
+  pass "promtool test rules ($(grep -c 'alertname:' "${ROOT}/helm/tests/alerts.test.yaml") cases)"
 else
   fail "promtool test rules" "${WORK}/rules-test.txt"
 fi

@@ -12,7 +12,7 @@
 #   openssl              apt package openssl (only when missing): certificates for the
 #                        mTLS grpcurl recipes
 #   ip                   apt package iproute2 (only when missing): the network-namespace
-#                        test of auth.mode protected (tests/auth_matrix.rs, needs root)
+#                        test of auth.mode protected (crates/service/tests/auth_matrix.rs, needs root)
 #   faketime, python3-h2 apt packages faketime, python3-h2, nghttp2-client (only when
 #   h2load               missing): the fault tests of a leaping clock, of bodiless HTTP/2
 #                        streams, and the flood bench
@@ -92,12 +92,12 @@ else
 fi
 # The Sentinel and TLS tests need a redis-server built with TLS (Debian's is).
 if ! grep -q "tls-cert-file" "$(command -v redis-server)" 2>/dev/null; then
-  log "warning: this redis-server seems to lack TLS support; tests/redis_tls_acl.rs needs it"
+  log "warning: this redis-server seems to lack TLS support; crates/service/tests/redis_tls_acl.rs needs it"
 fi
 
 command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl; }
 command -v ip >/dev/null 2>&1 || { log "installing iproute2"; apt_install iproute2; }
-# The fault tests: faketime (a replica whose clock leaps, tests/clock_faults.rs), Python's
+# The fault tests: faketime (a replica whose clock leaps, crates/service/tests/clock_leap.rs), Python's
 # h2 for Debian's /usr/bin/python3 (raw HTTP/2 streams whose bodies never come) and h2load
 # (the flood bench).
 command -v faketime >/dev/null 2>&1 || { log "installing faketime"; apt_install faketime; }

@@ -1,0 +1,181 @@
+//! The service's test harness: the real service on port 0 talking real gRPC, on
+//! a private `redis-server` or the embedded store. Everything that does not need
+//! the service itself (Redis processes, ports, `eventually`, PKI, call helpers)
+//! is in the test-support crate, re-exported here.
+#![allow(dead_code, unused_imports)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use comtrexx_licensing::app::App;
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::{Clock, ManualClock, SystemClock};
+use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use comtrexx_licensing_test_support::*;
+
+/// The service, running on 127.0.0.1:0 until dropped or shut down.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub app_parts: Option<AppParts>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Handles into the running app, for tests that look inside.
+pub struct AppParts {
+    pub mirror: Arc<comtrexx_licensing::mirror::Mirror>,
+}
+
+impl TestServer {
+    pub async fn start(config: RawConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, Arc::new(SystemClock), listener).await
+    }
+
+    /// On a clock the test moves. Such a clock jumps by days while Redis's TIME
+    /// (the reference) does not: unless the test sets `clock.max_skew_ms`, it
+    /// counts as agreeing with the reference however far it is moved.
+    pub async fn start_with_clock(config: RawConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut config = config;
+        if config.clock == comtrexx_licensing::config::RawClock::default() {
+            config.clock.max_skew_ms = comtrexx_licensing::config::MAX_CLOCK_SKEW_MS;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, clock, listener).await
+    }
+
+    /// Like [`TestServer::start_with_clock`], on a listener the test bound itself
+    /// (e.g. on an address of a network namespace it made).
+    pub async fn start_on(
+        config: RawConfig,
+        clock: Arc<dyn Clock>,
+        listener: tokio::net::TcpListener,
+    ) -> Self {
+        let mut config = config;
+        config.listen_addr = "127.0.0.1:0".into();
+        config.metrics_addr = String::new();
+        let config = config.validate().expect("test config is valid");
+        let app = App::build(&config, clock).expect("build app");
+        let parts = AppParts {
+            mirror: app.mirror.clone(),
+        };
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(listener, None, async {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            app_parts: Some(parts),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_synced().await;
+        server
+    }
+
+    /// Waits until the mirror has read the store once (bounded).
+    async fn wait_synced(&self) {
+        let mirror = &self.app_parts.as_ref().unwrap().mirror;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mirror.read(|s| s.position.is_none()) {
+            if Instant::now() > deadline {
+                return; // store unreachable: tests of that case go on
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        LicensingServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to the test server")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A config for a server on the given Redis (or the memory store when `None`).
+pub fn config(redis: Option<&RedisServer>, serial: &str) -> RawConfig {
+    RawConfig {
+        redis_url: redis.map(RedisServer::url),
+        serial_number: serial.to_owned(),
+        ..RawConfig::default()
+    }
+}
+
+/// A config that trusts `vendor` and reads its license file.
+pub fn licensed_config(redis: Option<&RedisServer>, serial: &str, vendor: &Vendor) -> RawConfig {
+    RawConfig {
+        license_file: Some(vendor.license_path()),
+        vendor_public_key: Some(vendor.public_key()),
+        ..config(redis, serial)
+    }
+}
+
+/// `config` with limits that no burst of a test reaches: tests of other
+/// behaviour send hundreds of concurrent writes or many activations in a row
+/// (`tests/limits.rs` tests the limits themselves).
+pub fn without_load_limits(mut config: RawConfig) -> RawConfig {
+    config.limits.concurrent_writes = 100_000;
+    config.limits.concurrent_operator_reads = 100_000;
+    config.limits.activation_burst = 10_000;
+    config.limits.caller_share_percent = 100;
+    config
+}
+
+pub fn manual_clock() -> ManualClock {
+    ManualClock::new(Utc::now())
+}
+
+impl TestServer {
+    /// Like [`TestServer::start`], but returns as soon as the server listens,
+    /// without waiting for the first store sync (for a store that is down).
+    pub async fn start_unsynced(config: RawConfig) -> Self {
+        let mut config = config;
+        config.listen_addr = "127.0.0.1:0".into();
+        config.metrics_addr = String::new();
+        let config = config.validate().expect("test config is valid");
+        let app = App::build(&config, Arc::new(SystemClock)).expect("build app");
+        let parts = AppParts {
+            mirror: app.mirror.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(listener, None, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            app_parts: Some(parts),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
