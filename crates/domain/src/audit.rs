@@ -36,7 +36,69 @@ pub struct AuditEvent {
     pub trace_id: String,
 }
 
+/// Who made a call, as the audit trail names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who<'a> {
+    /// A caller the authorization layer established: its name and role.
+    Caller { name: &'a str, role: &'a str },
+    /// No caller established (refused before, or never asked): the peer's
+    /// address when known.
+    Anonymous(Option<std::net::IpAddr>),
+}
+
+impl Who<'_> {
+    /// The one spelling of a caller without an established identity:
+    /// `peer:<address>`, or `-` when not even the address is known.
+    pub fn anonymous_name(peer: Option<std::net::IpAddr>) -> String {
+        peer.map_or_else(
+            || "-".to_owned(),
+            |ip| format!("peer:{}", ip.to_canonical()),
+        )
+    }
+}
+
+/// Bounds of an entry's fields (an entry is a line, not a report).
+const MAX_METHOD_LEN: usize = 128;
+const MAX_USER_ID_LEN: usize = 160;
+const MAX_FEATURE_LEN: usize = 64;
+
 impl AuditEvent {
+    /// The one constructor of an entry: `who` called `method` with the outcome
+    /// `code` (the status code's canonical name) and `detail` (empty for an
+    /// accepted call). Every field is bounded; add the request's keys with
+    /// [`AuditEvent::with_keys`] and its trace with [`AuditEvent::with_trace`].
+    pub fn new(time: DateTime<Utc>, who: Who<'_>, method: &str, code: &str, detail: &str) -> Self {
+        let (caller, role) = match who {
+            Who::Caller { name, role } => (name.to_owned(), role.to_owned()),
+            Who::Anonymous(peer) => (Who::anonymous_name(peer), String::new()),
+        };
+        Self {
+            time,
+            caller,
+            role,
+            method: Self::bounded(method, MAX_METHOD_LEN),
+            user_id: String::new(),
+            feature: String::new(),
+            code: code.to_owned(),
+            detail: Self::bounded(detail, MAX_DETAIL_LEN),
+            trace_id: String::new(),
+        }
+    }
+
+    /// The request's business keys, raw as sent (a refused request's bad user
+    /// id is worth seeing), bounded.
+    pub fn with_keys(mut self, user_id: &str, feature: &str) -> Self {
+        self.user_id = Self::bounded(user_id, MAX_USER_ID_LEN);
+        self.feature = Self::bounded(feature, MAX_FEATURE_LEN);
+        self
+    }
+
+    /// The W3C trace id of the call (empty when it had none).
+    pub fn with_trace(mut self, trace_id: String) -> Self {
+        self.trace_id = trace_id;
+        self
+    }
+
     /// Whether the entry is a refusal (any code but `OK`), kept under the
     /// refusals' retention; else an accepted change.
     pub fn is_refusal(&self) -> bool {
@@ -331,21 +393,52 @@ fn summary(
     let detail =
         format!("{count} more refused like this in {seconds:.1} s, summarized (first: {example})");
     AuditEvent {
-        time,
         caller: caller.to_owned(),
         role: role.to_owned(),
-        method: method.to_owned(),
-        user_id: String::new(),
-        feature: String::new(),
-        code: code.to_owned(),
-        detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
-        trace_id: String::new(),
+        ..AuditEvent::new(time, Who::Anonymous(None), method, code, &detail)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_constructor_bounds_every_field_and_spells_anonymous_callers_once() {
+        let t = Utc::now();
+        let long = "x".repeat(1000);
+        let e = AuditEvent::new(
+            t,
+            Who::Caller {
+                name: "pbx",
+                role: "operator",
+            },
+            &long,
+            "OK",
+            &long,
+        )
+        .with_keys(&long, &long)
+        .with_trace("abc".into());
+        assert_eq!((e.caller.as_str(), e.role.as_str()), ("pbx", "operator"));
+        assert!(e.method.len() <= MAX_METHOD_LEN + 3);
+        assert!(e.detail.len() <= MAX_DETAIL_LEN + 3);
+        assert!(e.user_id.len() <= MAX_USER_ID_LEN + 3);
+        assert!(e.feature.len() <= MAX_FEATURE_LEN + 3);
+        assert_eq!(e.trace_id, "abc");
+        assert!(!e.is_refusal());
+        let peer = "::ffff:10.0.0.7".parse().ok();
+        let anonymous = AuditEvent::new(
+            t,
+            Who::Anonymous(peer),
+            "(TLS handshake)",
+            "UNAUTHENTICATED",
+            "no",
+        );
+        assert_eq!(anonymous.caller, "peer:10.0.0.7");
+        assert_eq!(anonymous.role, "");
+        assert!(anonymous.is_refusal());
+        assert_eq!(Who::anonymous_name(None), "-");
+    }
 
     fn refusal(caller: &str, detail: &str) -> AuditEvent {
         AuditEvent {

@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod reload;
 pub mod repair;
+pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod state_file;

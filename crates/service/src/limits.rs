@@ -32,7 +32,6 @@
 //! layers here for calls refused before their handler runs (shed, over-size,
 //! past the deadline), by the handler's own audit for the per-caller guards.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -53,10 +52,11 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use crate::audit::Auditor;
 use crate::auth::Caller;
 use crate::auth::tls::Peer;
-use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN};
-use crate::grpc::handlers::code_label;
+use crate::domain::audit::{AuditEvent, Who};
 use crate::grpc::status::refusal_status;
 use crate::metrics::metrics;
+pub use crate::rpc::RpcClass;
+use crate::rpc::{self, code_label};
 
 /// The validated `limits.*` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,59 +136,15 @@ impl Default for Limits {
     }
 }
 
-/// Which budget a call draws from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RpcClass {
-    /// Answered from memory for call handling; must keep answering under load.
-    HotPath,
-    /// Goes to the store (or the licensing server) and changes state.
-    Writes,
-    /// Operator and monitoring reads (overview, seat lists, tryout status).
-    OperatorReads,
-}
-
-impl RpcClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RpcClass::HotPath => "hot_path",
-            RpcClass::Writes => "writes",
-            RpcClass::OperatorReads => "operator_reads",
-        }
-    }
-}
-
-/// The gRPC path prefix of the licensing service.
-const SERVICE_PREFIX: &str = "/comtrexx.licensing.v1.LicensingService/";
-
-/// The class of each method, as data. `None`: no concurrency budget
-/// (`WatchLicenseEvents` is capped per caller instead). A method of the service
-/// missing here counts as an operator read. `CheckSeat` is alone in its class:
-/// no other RPC can take its capacity.
-pub const CLASSES: [(&str, Option<RpcClass>); 15] = [
-    ("CheckSeat", Some(RpcClass::HotPath)),
-    ("GetTryoutStatus", Some(RpcClass::OperatorReads)),
-    ("AssignSeat", Some(RpcClass::Writes)),
-    ("ReleaseSeat", Some(RpcClass::Writes)),
-    ("StartTryout", Some(RpcClass::Writes)),
-    ("EndTryout", Some(RpcClass::Writes)),
-    ("Reconcile", Some(RpcClass::Writes)),
-    ("CreateInitializationCode", Some(RpcClass::Writes)),
-    ("ApplyActivation", Some(RpcClass::Writes)),
-    ("ResetActivation", Some(RpcClass::Writes)),
-    ("ActivateOnline", Some(RpcClass::Writes)),
-    ("GetLicenseOverview", Some(RpcClass::OperatorReads)),
-    ("ListSeats", Some(RpcClass::OperatorReads)),
-    ("ListAuditEvents", Some(RpcClass::OperatorReads)),
-    ("WatchLicenseEvents", None),
-];
-
-/// The method name and class of a request path; `None` for other services
-/// (health, reflection) and unbudgeted methods.
-pub fn classify(path: &str) -> Option<(&str, RpcClass)> {
-    let method = path.strip_prefix(SERVICE_PREFIX)?;
-    match CLASSES.iter().find(|(m, _)| *m == method) {
-        Some((_, class)) => class.map(|c| (method, c)),
-        None => Some((method, RpcClass::OperatorReads)),
+/// The method (its label: a known RPC's name, else `(unknown)`) and class of a
+/// request path, from the RPC table; `None` for other services (health,
+/// reflection) and unbudgeted methods. A method of the service missing from
+/// the table counts as an operator read.
+pub fn classify(path: &str) -> Option<(&'static str, RpcClass)> {
+    let method = path.strip_prefix(rpc::SERVICE_PREFIX)?;
+    match rpc::by_name(method) {
+        Some(rpc) => rpc.class.map(|c| (rpc.name, c)),
+        None => Some((rpc::UNKNOWN_METHOD, RpcClass::OperatorReads)),
     }
 }
 
@@ -304,53 +260,55 @@ fn count_refused(method: &str, refusal: &Refusal) {
 /// taken from the request before it goes on (the refusal may come later).
 /// Cheap to take on every call: the strings are made only for a refusal.
 struct RefusedCall {
-    method: Cow<'static, str>,
+    method: &'static str,
     caller: Option<Caller>,
     peer: Option<SocketAddr>,
     traceparent: Option<http::HeaderValue>,
 }
 
 impl RefusedCall {
-    fn of<B>(method: &str, request: &http::Request<B>) -> Self {
+    /// The call of a request to `LicensingService`; `None` for other services.
+    fn of<B>(request: &http::Request<B>) -> Option<Self> {
+        let path = request.uri().path();
+        if !path.starts_with(rpc::SERVICE_PREFIX) {
+            return None;
+        }
         let ext = request.extensions();
-        Self {
-            method: match crate::auth::policy::rule_of(method) {
-                Some(rule) => Cow::Borrowed(rule.method),
-                None => Cow::Owned(method.to_owned()),
-            },
+        Some(Self {
+            method: rpc::method_label(path),
             caller: ext.get::<Caller>().cloned(),
             peer: peer_addr(ext),
             traceparent: request.headers().get("traceparent").cloned(),
-        }
+        })
     }
 
     /// Counts the refusal and records it in the audit trail.
     fn record(self, audit: &Auditor, refusal: &Refusal) {
-        metrics().refused(&self.method, refusal.reason());
+        metrics().refused(self.method, refusal.reason());
         let code = refusal_status(refusal).code();
-        audit.record_refusal(AuditEvent {
-            time: audit.now(),
-            caller: match &self.caller {
-                Some(c) => c.name.clone(),
-                None => caller_key(None, self.peer),
+        let who = match &self.caller {
+            Some(c) => Who::Caller {
+                name: &c.name,
+                role: c.role.as_str(),
             },
-            role: self
-                .caller
-                .as_ref()
-                .map(|c| c.role.to_string())
-                .unwrap_or_default(),
-            method: AuditEvent::bounded(&self.method, 128),
-            user_id: String::new(),
-            feature: String::new(),
-            code: code_label(code).to_owned(),
-            detail: AuditEvent::bounded(&refusal.to_string(), MAX_DETAIL_LEN),
-            trace_id: self
-                .traceparent
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::telemetry::traceparent_trace_id)
-                .unwrap_or_default(),
-        });
+            None => Who::Anonymous(self.peer.map(|p| p.ip())),
+        };
+        let trace_id = self
+            .traceparent
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::telemetry::traceparent_trace_id)
+            .unwrap_or_default();
+        audit.record_refusal(
+            AuditEvent::new(
+                audit.now(),
+                who,
+                self.method,
+                code_label(code),
+                &refusal.to_string(),
+            )
+            .with_trace(trace_id),
+        );
     }
 }
 
@@ -540,17 +498,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some((method, class)) = classify(request.uri().path()) else {
+        let Some((_, class)) = classify(request.uri().path()) else {
             return Box::pin(self.inner.call(request.map(tonic::body::Body::new)));
         };
         // The service that was polled ready goes into the future; a clone stays.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let method: &'static str = CLASSES
-            .iter()
-            .find(|(m, _)| *m == method)
-            .map_or("(unknown)", |(m, _)| m);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let mut read = std::pin::pin!(collect(body, layer.body_limit));
@@ -572,7 +526,9 @@ where
                             return response;
                         }
                         Err(refusal) => {
-                            RefusedCall::of(method, &request).record(&layer.audit, &refusal);
+                            if let Some(call) = RefusedCall::of(&request) {
+                                call.record(&layer.audit, &refusal);
+                            }
                             return Ok(refusal_status(&refusal).into_http());
                         }
                     }
@@ -585,7 +541,9 @@ where
                 },
             };
             let request = http::Request::from_parts(parts, ());
-            RefusedCall::of(method, &request).record(&layer.audit, &refusal);
+            if let Some(call) = RefusedCall::of(&request) {
+                call.record(&layer.audit, &refusal);
+            }
             Ok(refusal_status(&refusal).into_http())
         })
     }
@@ -692,11 +650,7 @@ impl Policy for Deadline {
         };
         // The handler, and with it its own audit entry, is dropped when the
         // deadline passes: the entry of a call cut off is written here.
-        let call_info = request
-            .uri()
-            .path()
-            .strip_prefix(SERVICE_PREFIX)
-            .map(|method| RefusedCall::of(method, &request));
+        let call_info = RefusedCall::of(&request);
         let audit = self.audit.clone();
         let call = inner.call(request);
         Box::pin(async move {
@@ -758,10 +712,9 @@ impl Policy for MessageSize {
         S::Error: Send + 'static,
         B: HttpBody + Send + 'static,
     {
-        let Some(method) = request.uri().path().strip_prefix(SERVICE_PREFIX) else {
+        let Some(call_info) = RefusedCall::of(&request) else {
             return Box::pin(inner.call(request));
         };
-        let call_info = RefusedCall::of(method, &request);
         let audit = self.audit.clone();
         let limit = self.limit;
         let call = inner.call(request);
@@ -1288,13 +1241,18 @@ impl Guards {
         })
     }
 
-    /// Takes a token of `method`'s bucket for the request's caller; refusals
-    /// are counted and audited here.
+    /// Takes a token of the RPC's bucket for the request's caller, when the
+    /// RPC table gives it a rate limit; a refusal is counted here and audited
+    /// by the handler.
     pub fn rate_limit<T>(
         &self,
-        method: &'static str,
+        rpc: &'static rpc::Rpc,
         request: &tonic::Request<T>,
     ) -> Result<(), Refusal> {
+        let method = rpc.name;
+        let Some(rpc::RateLimit::Activation) = rpc.rate_limit else {
+            return Ok(());
+        };
         let caller = caller_of(request);
         let now = Instant::now();
         let outcome = {
@@ -1392,31 +1350,13 @@ mod tests {
         );
         assert_eq!(
             classify("/comtrexx.licensing.v1.LicensingService/SomethingNew"),
-            Some(("SomethingNew", RpcClass::OperatorReads))
+            Some(("(unknown)", RpcClass::OperatorReads))
         );
         assert_eq!(
             classify("/comtrexx.licensing.v1.LicensingService/WatchLicenseEvents"),
             None
         );
         assert_eq!(classify("/grpc.health.v1.Health/Check"), None);
-        // Every RPC of the contract is in the table.
-        let descriptor = <prost_types::FileDescriptorSet as prost::Message>::decode(
-            crate::grpc::FILE_DESCRIPTOR_SET,
-        )
-        .unwrap();
-        let service = descriptor
-            .file
-            .iter()
-            .flat_map(|f| &f.service)
-            .find(|s| s.name() == "LicensingService")
-            .unwrap();
-        for method in &service.method {
-            assert!(
-                CLASSES.iter().any(|(m, _)| *m == method.name()),
-                "{} has no class",
-                method.name()
-            );
-        }
     }
 
     #[test]

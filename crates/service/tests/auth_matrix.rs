@@ -18,12 +18,12 @@ use common::pki::{Pem, Pki, tls_channel, tls_channel_lazy};
 use common::{TestServer, audited, config, eventually, with_token};
 use comtrexx_licensing::auth::Role;
 use comtrexx_licensing::auth::callers::{new_token, token_sha256};
-use comtrexx_licensing::auth::policy::{POLICY, SERVICE_PREFIX};
 use comtrexx_licensing::auth::tls::HANDSHAKE_METHOD;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::SystemClock;
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
+use comtrexx_licensing::rpc::{RPCS, SERVICE_PREFIX};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -240,19 +240,19 @@ async fn matrix(require_certificate: bool) {
     }
 
     let mut failures = Vec::new();
-    for rule in POLICY {
-        let streaming = rule.method == "WatchLicenseEvents";
+    for rule in RPCS {
+        let streaming = rule.class.is_none();
         for (expected, cred) in &refused {
-            let code = call(cred, rule.method, streaming).await;
+            let code = call(cred, rule.name, streaming).await;
             if code != *expected {
                 failures.push(format!(
                     "{} with {}: {code:?}, expected {expected:?}",
-                    rule.method, cred.label
+                    rule.name, cred.label
                 ));
             }
         }
         for (role, cred) in &valid {
-            let code = call(cred, rule.method, streaming).await;
+            let code = call(cred, rule.name, streaming).await;
             let allowed = rule.roles.contains(role);
             let ok = if allowed {
                 !matches!(
@@ -266,7 +266,7 @@ async fn matrix(require_certificate: bool) {
             if !ok {
                 failures.push(format!(
                     "{} as {}: {code:?}, expected {}",
-                    rule.method,
+                    rule.name,
                     cred.label,
                     if allowed {
                         "to pass"

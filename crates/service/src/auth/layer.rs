@@ -12,11 +12,12 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use super::callers::{CallersFile, bearer};
-use super::policy::{self, Target};
+use super::policy;
 use super::tls::{Peer, PeerCertificate};
 use super::{AuthError, AuthMode, Caller, Role};
 use crate::audit::Auditor;
-use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN, UNKNOWN_METHOD};
+use crate::domain::audit::{AuditEvent, UNKNOWN_METHOD, Who};
+use crate::rpc::{self, Target};
 
 /// What the layer decides with; shared by all connections.
 pub struct Authenticator {
@@ -85,7 +86,7 @@ impl Authenticator {
         headers: &http::HeaderMap,
         peer: Option<&Peer>,
     ) -> Result<Option<Caller>, (Option<Caller>, AuthError)> {
-        let target = policy::target(path);
+        let target = rpc::target(path);
         if target == Target::Health {
             return Ok(None);
         }
@@ -106,11 +107,12 @@ impl Authenticator {
         &self,
         path: &str,
         headers: &http::HeaderMap,
+        peer: Option<&Peer>,
         caller: Option<&Caller>,
         error: &AuthError,
         code: tonic::Code,
     ) {
-        let code = crate::grpc::handlers::code_label(code);
+        let code = rpc::code_label(code);
         crate::metrics::auth_metrics().refused(error.reason(), code);
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
         let (method, detail) = match audit_method(path) {
@@ -122,32 +124,32 @@ impl Authenticator {
                 format!("{}: {error}", AuditEvent::bounded(path, 64)),
             ),
         };
-        self.audit.record_refusal(AuditEvent {
-            time: self.audit.now(),
-            caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
-            role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
-            method,
-            user_id: String::new(),
-            feature: String::new(),
-            code: code.to_owned(),
-            detail: AuditEvent::bounded(&detail, MAX_DETAIL_LEN),
-            trace_id: traceparent
-                .and_then(crate::telemetry::traceparent_trace_id)
-                .unwrap_or_default(),
-        });
+        let who = match caller {
+            Some(c) => Who::Caller {
+                name: &c.name,
+                role: c.role.as_str(),
+            },
+            None => Who::Anonymous(peer.and_then(|p| p.addr).map(|a| a.ip())),
+        };
+        let trace_id = traceparent
+            .and_then(crate::telemetry::traceparent_trace_id)
+            .unwrap_or_default();
+        self.audit.record_refusal(
+            AuditEvent::new(self.audit.now(), who, &method, code, &detail).with_trace(trace_id),
+        );
     }
 }
 
 /// The RPC's short name for `LicensingService` paths, the path otherwise.
 fn method_name(path: &str) -> &str {
-    path.strip_prefix(policy::SERVICE_PREFIX).unwrap_or(path)
+    path.strip_prefix(rpc::SERVICE_PREFIX).unwrap_or(path)
 }
 
 /// The audit trail's method of a request path: the RPC's short name, or the
 /// path of a reflection RPC; `None` for a path the service does not serve.
 fn audit_method(path: &str) -> Option<&str> {
-    match policy::target(path) {
-        Target::Rpc(method) => policy::rule_of(method).map(|r| r.method),
+    match rpc::target(path) {
+        Target::Rpc(method) => rpc::by_name(method).map(|r| r.name),
         Target::Reflection | Target::Health if path.ends_with(REFLECTION_METHOD) => Some(path),
         Target::Reflection | Target::Health | Target::Other(_) => None,
     }
@@ -225,6 +227,7 @@ where
                 self.auth.refused(
                     request.uri().path(),
                     request.headers(),
+                    request.extensions().get::<Peer>(),
                     caller.as_ref(),
                     &error,
                     status.code(),

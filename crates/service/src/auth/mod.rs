@@ -12,45 +12,7 @@ pub mod layer;
 pub mod policy;
 pub mod tls;
 
-use std::fmt;
-
-/// The fixed role names of the contract (`API.md`, "Callers, roles and credentials").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    CallHandling,
-    UserManagement,
-    Monitoring,
-    Operator,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [
-        Role::CallHandling,
-        Role::UserManagement,
-        Role::Monitoring,
-        Role::Operator,
-    ];
-
-    /// The name used in the callers file, logs, metrics and the audit trail.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::CallHandling => "call_handling",
-            Role::UserManagement => "user_management",
-            Role::Monitoring => "monitoring",
-            Role::Operator => "operator",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::rpc::Role;
 
 /// A caller whose identity was established for this request. Inserted into the
 /// request's extensions by the authorization layer; handlers read it from there

@@ -44,7 +44,7 @@ use tonic::transport::server::Connected;
 
 use super::AuthError;
 use crate::audit::Auditor;
-use crate::domain::audit::AuditEvent;
+use crate::domain::audit::{AuditEvent, Who};
 use crate::limits::{AdmittedConnection, ConnectionRefusal, Connections};
 
 /// Who is on the other end of a connection, as the transport knows it. Tonic
@@ -575,17 +575,13 @@ fn certificate_refusal(error: &io::Error) -> Option<(&'static str, String)> {
 /// authorization layer, so this is the audit trail's only trace of it.
 fn record_handshake_refusal(audit: &Auditor, addr: SocketAddr, reason: &'static str, detail: &str) {
     crate::metrics::auth_metrics().refused(reason, "UNAUTHENTICATED");
-    audit.record_refusal(AuditEvent {
-        time: audit.now(),
-        caller: format!("peer:{}", addr.ip()),
-        role: String::new(),
-        method: HANDSHAKE_METHOD.to_owned(),
-        user_id: String::new(),
-        feature: String::new(),
-        code: "UNAUTHENTICATED".to_owned(),
-        detail: AuditEvent::bounded(detail, crate::domain::audit::MAX_DETAIL_LEN),
-        trace_id: String::new(),
-    });
+    audit.record_refusal(AuditEvent::new(
+        audit.now(),
+        Who::Anonymous(Some(addr.ip())),
+        HANDSHAKE_METHOD,
+        "UNAUTHENTICATED",
+        detail,
+    ));
 }
 
 /// The audit trail's method name for a client refused at the TLS handshake.

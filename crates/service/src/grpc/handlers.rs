@@ -16,11 +16,12 @@ use super::pb;
 use super::pb::licensing_service_server::LicensingService;
 use super::status::{refusal_status, to_status};
 use crate::audit::Auditor;
-use crate::auth::{Caller, policy};
+use crate::auth::Caller;
 use crate::domain::LicensingError;
-use crate::domain::audit::{AuditEvent, MAX_DETAIL_LEN};
+use crate::domain::audit::{AuditEvent, Who};
 use crate::limits::{Guards, Refusal, WatchSlot};
 use crate::metrics::metrics;
+use crate::rpc::{self, AuditField, Rpc, code_label};
 use crate::service::Licensing;
 use tokio::sync::broadcast;
 
@@ -43,41 +44,58 @@ impl LicensingApi {
     }
 }
 
-/// The business keys of a request, as the audit trail records them (raw, as
-/// sent: a refused request's bad user id is worth seeing).
+/// The request fields an audit entry may record (`rpc::AuditField`); the RPC
+/// table says which of them each method's entry does record.
 trait AuditKeys {
-    fn audit_keys(&self) -> (&str, &str) {
-        ("", "")
+    fn user_id(&self) -> &str {
+        ""
+    }
+    fn feature(&self) -> &str {
+        ""
     }
 }
 
 macro_rules! audit_keys {
-    (seat: $($t:ident),*) => {$(
+    (user_id, feature: $($t:ident),*) => {$(
         impl AuditKeys for pb::$t {
-            fn audit_keys(&self) -> (&str, &str) {
-                (&self.user_id, &self.feature)
-            }
+            fn user_id(&self) -> &str { &self.user_id }
+            fn feature(&self) -> &str { &self.feature }
+        }
+    )*};
+    (feature: $($t:ident),*) => {$(
+        impl AuditKeys for pb::$t {
+            fn feature(&self) -> &str { &self.feature }
+        }
+    )*};
+    (user_id: $($t:ident),*) => {$(
+        impl AuditKeys for pb::$t {
+            fn user_id(&self) -> &str { &self.user_id }
         }
     )*};
     (none: $($t:ident),*) => {$( impl AuditKeys for pb::$t {} )*};
 }
 
-audit_keys!(seat: CheckSeatRequest, AssignSeatRequest, ReleaseSeatRequest);
+audit_keys!(user_id, feature: CheckSeatRequest, AssignSeatRequest, ReleaseSeatRequest);
+audit_keys!(feature: ListSeatsRequest);
+audit_keys!(user_id: ListAuditEventsRequest);
 audit_keys!(none: GetTryoutStatusRequest, StartTryoutRequest, EndTryoutRequest,
     GetLicenseOverviewRequest, ReconcileRequest, CreateInitializationCodeRequest,
     ApplyActivationRequest, WatchLicenseEventsRequest, ResetActivationRequest,
     ActivateOnlineRequest);
 
-impl AuditKeys for pb::ListSeatsRequest {
-    fn audit_keys(&self) -> (&str, &str) {
-        ("", &self.feature)
-    }
-}
-
-impl AuditKeys for pb::ListAuditEventsRequest {
-    fn audit_keys(&self) -> (&str, &str) {
-        (&self.user_id, "")
-    }
+/// The audit keys of a request, those the RPC table names for `rpc`.
+fn audit_keys<'a>(rpc: &Rpc, message: &'a impl AuditKeys) -> (&'a str, &'a str) {
+    let field = |f: AuditField, value: &'a str| {
+        if rpc.audit_fields.contains(&f) {
+            value
+        } else {
+            ""
+        }
+    };
+    (
+        field(AuditField::UserId, message.user_id()),
+        field(AuditField::Feature, message.feature()),
+    )
 }
 
 fn refusal(r: Refusal) -> Status {
@@ -132,77 +150,57 @@ fn hot_path_span(
     span_at!(tracing::Level::DEBUG, method, licensing)
 }
 
-/// Runs one handler inside its span, counts it (method, status code, latency)
-/// and records it in the audit trail when it changes state or was refused (an
-/// accepted read, `CheckSeat` above all, costs nothing here).
+/// Runs one handler inside its span: takes the rate limit the RPC table gives
+/// it, counts it (method, status code, latency) and records it in the audit
+/// trail when it changes state or was refused (an accepted read, `CheckSeat`
+/// above all, costs nothing here).
 async fn observe<M: AuditKeys, T>(
-    audit: &Auditor,
-    method: &'static str,
+    api: &LicensingApi,
+    rpc: &'static Rpc,
     request: &Request<M>,
     span: tracing::Span,
     handler: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
-    let result = handler.instrument(span.clone()).await;
+    let result = match api.guards.rate_limit(rpc, request) {
+        Ok(()) => handler.instrument(span.clone()).await,
+        Err(refused) => Err(refusal(refused)),
+    };
     let code = match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    metrics().rpc(method, code_label(code), started.elapsed());
-    if code != Code::Ok || policy::changes_state(method) {
-        let caller = Caller::of(request);
-        let (user_id, feature) = request.get_ref().audit_keys();
+    metrics().rpc(rpc.name, code_label(code), started.elapsed());
+    if code != Code::Ok || rpc.changes_state {
+        let who = match Caller::of(request) {
+            Some(c) => Who::Caller {
+                name: &c.name,
+                role: c.role.as_str(),
+            },
+            None => Who::Anonymous(request.remote_addr().map(|a| a.ip())),
+        };
+        let (user_id, feature) = audit_keys(rpc, request.get_ref());
         let traceparent = request
             .metadata()
             .get("traceparent")
             .and_then(|v| v.to_str().ok());
-        let event = AuditEvent {
-            time: audit.now(),
-            caller: caller.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
-            role: caller.map(|c| c.role.to_string()).unwrap_or_default(),
-            method: method.to_owned(),
-            user_id: AuditEvent::bounded(user_id, 160),
-            feature: AuditEvent::bounded(feature, 64),
-            code: code_label(code).to_owned(),
-            detail: match &result {
-                Ok(_) => String::new(),
-                Err(status) => AuditEvent::bounded(status.message(), MAX_DETAIL_LEN),
-            },
-            trace_id: crate::telemetry::trace_id(&span, traceparent),
+        let detail = match &result {
+            Ok(_) => "",
+            Err(status) => status.message(),
         };
+        let event = AuditEvent::new(api.audit.now(), who, rpc.name, code_label(code), detail)
+            .with_keys(user_id, feature)
+            .with_trace(crate::telemetry::trace_id(&span, traceparent));
         // A refusal goes through the same bound as those made before a
         // handler (a misconfigured client repeating a bad request floods a
         // summary, not the trail); an accepted change is always stored.
         if code == Code::Ok {
-            audit.record(event);
+            api.audit.record(event);
         } else {
-            audit.record_refusal(event);
+            api.audit.record_refusal(event);
         }
     }
     result
-}
-
-/// The canonical name of a status code, as metrics label it.
-pub fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 fn record_seat(req: &SeatRequest) {
@@ -214,15 +212,16 @@ fn record_seat(req: &SeatRequest) {
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchLicenseEventsResponse, Status>> + Send + 'static>>;
 
-/// Runs a handler body as RPC `$method`: span with trace parent, metrics.
+/// Runs a handler body as RPC `$rpc` (an entry of the RPC table): span with
+/// trace parent, rate limit, metrics, audit.
 macro_rules! rpc {
-    (hot $self:ident, $method:literal, $request:ident, $body:expr) => {{
-        let span = hot_path_span($method, &$self.licensing, $request.metadata());
-        observe(&$self.audit, $method, &$request, span, $body).await
+    (hot $self:ident, $rpc:expr, $request:ident, $body:expr) => {{
+        let span = hot_path_span($rpc.name, &$self.licensing, $request.metadata());
+        observe($self, &$rpc, &$request, span, $body).await
     }};
-    ($self:ident, $method:literal, $request:ident, $body:expr) => {{
-        let span = rpc_span($method, &$self.licensing, $request.metadata());
-        observe(&$self.audit, $method, &$request, span, $body).await
+    ($self:ident, $rpc:expr, $request:ident, $body:expr) => {{
+        let span = rpc_span($rpc.name, &$self.licensing, $request.metadata());
+        observe($self, &$rpc, &$request, span, $body).await
     }};
 }
 
@@ -232,7 +231,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::CheckSeatRequest>,
     ) -> Result<Response<pb::CheckSeatResponse>, Status> {
-        rpc!(hot self, "CheckSeat", request, async {
+        rpc!(hot self, rpc::CHECK_SEAT, request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
             let answer = self
@@ -247,7 +246,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::AssignSeatRequest>,
     ) -> Result<Response<pb::AssignSeatResponse>, Status> {
-        rpc!(self, "AssignSeat", request, async {
+        rpc!(self, rpc::ASSIGN_SEAT, request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
             let (seat, created) = self
@@ -269,7 +268,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ReleaseSeatRequest>,
     ) -> Result<Response<pb::ReleaseSeatResponse>, Status> {
-        rpc!(self, "ReleaseSeat", request, async {
+        rpc!(self, rpc::RELEASE_SEAT, request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
             let released = self
@@ -288,7 +287,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ListSeatsRequest>,
     ) -> Result<Response<pb::ListSeatsResponse>, Status> {
-        rpc!(self, "ListSeats", request, async {
+        rpc!(self, rpc::LIST_SEATS, request, async {
             let req = request.get_ref();
             if !req.feature.is_empty() {
                 tracing::Span::current().record("feature", req.feature.as_str());
@@ -309,7 +308,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::GetTryoutStatusRequest>,
     ) -> Result<Response<pb::GetTryoutStatusResponse>, Status> {
-        rpc!(self, "GetTryoutStatus", request, async {
+        rpc!(self, rpc::GET_TRYOUT_STATUS, request, async {
             self.licensing.require_state().map_err(to_status)?;
             let status = self.licensing.tryout_status();
             Ok(Response::new(pb::GetTryoutStatusResponse {
@@ -322,7 +321,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::StartTryoutRequest>,
     ) -> Result<Response<pb::StartTryoutResponse>, Status> {
-        rpc!(self, "StartTryout", request, async {
+        rpc!(self, rpc::START_TRYOUT, request, async {
             let status = self.licensing.start_tryout().await.map_err(to_status)?;
             tracing::info!(ends_at = ?status.ends_at, "tryout started");
             Ok(Response::new(pb::StartTryoutResponse {
@@ -335,7 +334,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::EndTryoutRequest>,
     ) -> Result<Response<pb::EndTryoutResponse>, Status> {
-        rpc!(self, "EndTryout", request, async {
+        rpc!(self, rpc::END_TRYOUT, request, async {
             let status = self.licensing.end_tryout().await.map_err(to_status)?;
             tracing::info!("tryout ended");
             Ok(Response::new(pb::EndTryoutResponse {
@@ -348,7 +347,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::GetLicenseOverviewRequest>,
     ) -> Result<Response<pb::GetLicenseOverviewResponse>, Status> {
-        rpc!(self, "GetLicenseOverview", request, async {
+        rpc!(self, rpc::GET_LICENSE_OVERVIEW, request, async {
             self.licensing.require_state().map_err(to_status)?;
             Ok(Response::new(convert::overview(&self.licensing.overview())))
         })
@@ -358,7 +357,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
-        rpc!(self, "Reconcile", request, async {
+        rpc!(self, rpc::RECONCILE, request, async {
             let report = self.licensing.reconcile().await.map_err(to_status)?;
             Ok(Response::new(pb::ReconcileResponse {
                 outcome: convert::reconcile_outcome(Some(report.outcome)).into(),
@@ -378,10 +377,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::CreateInitializationCodeRequest>,
     ) -> Result<Response<pb::CreateInitializationCodeResponse>, Status> {
-        rpc!(self, "CreateInitializationCode", request, async {
-            self.guards
-                .rate_limit("CreateInitializationCode", &request)
-                .map_err(refusal)?;
+        rpc!(self, rpc::CREATE_INITIALIZATION_CODE, request, async {
             let code = self
                 .licensing
                 .create_initialization_code()
@@ -398,10 +394,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ApplyActivationRequest>,
     ) -> Result<Response<pb::ApplyActivationResponse>, Status> {
-        rpc!(self, "ApplyActivation", request, async {
-            self.guards
-                .rate_limit("ApplyActivation", &request)
-                .map_err(refusal)?;
+        rpc!(self, rpc::APPLY_ACTIVATION, request, async {
             let overview = self
                 .licensing
                 .apply_activation(&request.get_ref().activation_response)
@@ -419,7 +412,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::WatchLicenseEventsRequest>,
     ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
-        rpc!(self, "WatchLicenseEvents", request, async {
+        rpc!(self, rpc::WATCH_LICENSE_EVENTS, request, async {
             let slot = self.guards.join_watch(&request).map_err(refusal)?;
             let events = self.licensing.mirror().events().subscribe();
             let stream = event_stream(events, Box::pin(self.guards.drained()), slot);
@@ -431,7 +424,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ResetActivationRequest>,
     ) -> Result<Response<pb::ResetActivationResponse>, Status> {
-        rpc!(self, "ResetActivation", request, async {
+        rpc!(self, rpc::RESET_ACTIVATION, request, async {
             let overview = self.licensing.reset_activation().await.map_err(to_status)?;
             Ok(Response::new(pb::ResetActivationResponse {
                 overview: Some(convert::overview(&overview)),
@@ -443,7 +436,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ActivateOnlineRequest>,
     ) -> Result<Response<pb::ActivateOnlineResponse>, Status> {
-        rpc!(self, "ActivateOnline", request, async {
+        rpc!(self, rpc::ACTIVATE_ONLINE, request, async {
             let overview = self.licensing.activate_online().await.map_err(to_status)?;
             Ok(Response::new(pb::ActivateOnlineResponse {
                 overview: Some(convert::overview(&overview)),
@@ -455,7 +448,7 @@ impl LicensingService for LicensingApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        rpc!(self, "ListAuditEvents", request, async {
+        rpc!(self, rpc::LIST_AUDIT_EVENTS, request, async {
             let req = request.get_ref();
             let page = self
                 .audit
