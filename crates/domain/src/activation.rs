@@ -5,8 +5,8 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::license::AppliedLicense;
 use super::reconcile::{ReconcileOutcome, ReconcileStatus};
-use super::seats::AppliedLicense;
 
 /// The API's `ActivationState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,34 +1,10 @@
 //! The domain's errors. Callers branch on the variant; `grpc::status` maps each one
 //! to exactly one gRPC status code.
 
-use std::fmt;
 
 use super::ids::Feature;
 
-/// A request field that failed validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidInput {
-    /// The request field at fault, e.g. `user_id`.
-    pub field: &'static str,
-    pub message: String,
-}
-
-impl InvalidInput {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for InvalidInput {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for InvalidInput {}
+pub use super::ids::InvalidInput;
 
 /// Why an operation was refused or failed.
 #[derive(Debug, thiserror::Error)]

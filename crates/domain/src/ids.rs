@@ -5,7 +5,30 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::InvalidInput;
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidInput {
+    /// The request field at fault, e.g. `user_id`.
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for InvalidInput {}
 
 /// Longest accepted user id, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 128;

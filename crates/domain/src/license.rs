@@ -229,6 +229,21 @@ pub mod testing {
     }
 }
 
+/// A license document that verified, with when it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLicense {
+    pub signed: SignedLicense,
+    pub payload: LicensePayload,
+    pub applied_at: DateTime<Utc>,
+}
+
+impl AppliedLicense {
+    /// Identifies the document: its signature is unique to its exact bytes.
+    pub fn id(&self) -> &str {
+        &self.signed.signature
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::testing::{key, payload};

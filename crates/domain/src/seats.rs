@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use super::activation::{ActivationState, LapseAction};
 use super::error::LicensingError;
 use super::ids::{Edition, Feature, UserId};
-use super::license::{LicensePayload, SignedLicense};
 use super::tryout::{self, TryoutPolicy, TryoutRecord, TryoutState};
 
 /// Where a seat comes from.
@@ -39,20 +38,7 @@ pub struct Seat {
     pub over_capacity_since: Option<DateTime<Utc>>,
 }
 
-/// A license document that verified, with when it was applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedLicense {
-    pub signed: SignedLicense,
-    pub payload: LicensePayload,
-    pub applied_at: DateTime<Utc>,
-}
-
-impl AppliedLicense {
-    /// Identifies the document: its signature is unique to its exact bytes.
-    pub fn id(&self) -> &str {
-        &self.signed.signature
-    }
-}
+pub use super::license::AppliedLicense;
 
 /// Why a seat is or is not licensed (the API's `SeatReason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +311,7 @@ fn not_licensed(source: Option<SeatSource>, reason: SeatReason) -> SeatCheck {
 mod tests {
     use super::*;
     use crate::license::testing::{key, payload};
-    use crate::license::{Entitlement, LicensePayload};
+    use crate::license::{Entitlement, LicensePayload, SignedLicense};
 
     fn t0() -> DateTime<Utc> {
         "2026-03-01T10:00:00Z".parse().unwrap()

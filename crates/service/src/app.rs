@@ -240,9 +240,14 @@ impl App {
             ))
         });
         let metrics_task = metrics_listener.map(|listener| {
-            let registry = crate::metrics::registry(self.licensing.clone());
+            let registry = crate::exporter::registry(self.licensing.clone());
             let health = self.options.health.service();
-            tokio::spawn(crate::metrics::serve(listener, registry, health, stopped()))
+            tokio::spawn(crate::exporter::serve(
+                listener,
+                registry,
+                health,
+                stopped(),
+            ))
         });
         let result = server::run(listener, self.licensing.clone(), self.options, shutdown).await;
         // Before going, make sure the store holds what this replica saw: a store

@@ -559,60 +559,9 @@ pub enum LicenseSourceConfig {
 
 pub use crate::domain::LapseAction;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::journal::LogFormat;
 
-/// Redis connection settings.
-#[derive(Clone)]
-pub struct RedisConfig {
-    /// `redis_url` as configured (for display: redact it).
-    pub url: String,
-    pub target: RedisTarget,
-    /// ACL user and password, for Redis and (with Sentinel) the sentinels alike.
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// PEM CA bundle for `rediss://`; `None`: the system's roots.
-    pub tls_ca: Option<Vec<u8>>,
-    pub timeout: Duration,
-    /// `WAIT` after every write; `None`: acknowledged once the master has it.
-    pub wait: Option<WaitPolicy>,
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &crate::store::redis::redact_url(&self.url))
-            .field("target", &self.target)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("tls_ca", &self.tls_ca.is_some())
-            .field("timeout", &self.timeout)
-            .field("wait", &self.wait)
-            .finish()
-    }
-}
-
-/// Where Redis is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTarget {
-    /// One server: `redis://`, `rediss://` or `unix://` (credentials removed).
-    Direct { url: String },
-    /// `redis+sentinel://`: the sentinels to ask for the master of `master_name`.
-    Sentinel {
-        sentinels: Vec<(String, u16)>,
-        master_name: String,
-    },
-}
-
-/// A write is acknowledged once `replicas` replicas confirm it within `timeout`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WaitPolicy {
-    pub replicas: u32,
-    pub timeout: Duration,
-}
+pub use crate::store::redis_conn::{RedisConfig, RedisTarget, WaitPolicy};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -674,6 +623,19 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
+    }
+}
+
+impl Config {
+    /// What logs and traces are written with.
+    pub fn telemetry(&self) -> crate::telemetry::Options {
+        crate::telemetry::Options {
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            trace_level: self.trace_level.clone(),
+            trace_sampling_ratio: self.trace_sampling_ratio,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+        }
     }
 }
 

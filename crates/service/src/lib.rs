@@ -26,27 +26,28 @@
 //! - [`systemd`]: readiness, drain, reload and watchdog notifications to systemd.
 //! - [`reload`]: SIGHUP re-reads the files that may change in place (license file,
 //!   callers file, TLS material).
-//! - [`repair`]: the write-back plan for a store that lost acknowledged writes (no I/O).
 
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod caller;
 pub mod cli;
 pub mod config;
 /// The licensing rules (the comtrexx-licensing-domain crate).
 pub use comtrexx_licensing_domain as domain;
 pub mod events;
+pub mod exporter;
 pub mod grpc;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod reload;
-pub mod repair;
 pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod state_file;
+pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

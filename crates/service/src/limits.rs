@@ -50,13 +50,13 @@ use tonic::codegen::{Body as HttpBody, http};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::audit::Auditor;
-use crate::auth::Caller;
-use crate::auth::tls::Peer;
+use crate::caller::{Caller, Peer};
 use crate::domain::audit::{AuditEvent, Who};
-use crate::grpc::status::refusal_status;
 use crate::metrics::metrics;
 pub use crate::rpc::RpcClass;
 use crate::rpc::{self, code_label};
+pub use crate::status::Refusal;
+use crate::status::refusal_status;
 
 /// The validated `limits.*` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,46 +145,6 @@ pub fn classify(path: &str) -> Option<(&'static str, RpcClass)> {
     match rpc::by_name(method) {
         Some(rpc) => rpc.class.map(|c| (rpc.name, c)),
         None => Some((rpc::UNKNOWN_METHOD, RpcClass::OperatorReads)),
-    }
-}
-
-/// Why a call was refused before (or instead of) doing its work.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("server busy: too many concurrent {} calls; nothing was done, retry with backoff", class.as_str())]
-    Overloaded { class: RpcClass },
-    #[error("rate limited; retry in {} ms", retry_after.as_millis())]
-    RateLimited { retry_after: Duration },
-    #[error("too many WatchLicenseEvents streams for this caller (at most {limit})")]
-    TooManySubscribers { limit: usize },
-    #[error("shutting down, reconnect")]
-    ShuttingDown,
-    #[error("deadline of {} ms passed", deadline.as_millis())]
-    DeadlineExceeded { deadline: Duration },
-    #[error("request message larger than {limit} bytes")]
-    MessageTooLarge { limit: usize },
-    #[error("this caller already holds {limit} concurrent {} calls, its share; nothing was done, retry with backoff", class.as_str())]
-    CallerShare { class: RpcClass, limit: usize },
-    #[error("request did not arrive whole within {} ms", timeout.as_millis())]
-    RequestIncomplete { timeout: Duration },
-    #[error("too many health watches (at most {limit})")]
-    TooManyWatches { limit: usize },
-}
-
-impl Refusal {
-    /// The word metrics and the audit log use.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::Overloaded { .. } => "overloaded",
-            Refusal::RateLimited { .. } => "rate_limited",
-            Refusal::TooManySubscribers { .. } => "too_many_subscribers",
-            Refusal::ShuttingDown => "shutting_down",
-            Refusal::DeadlineExceeded { .. } => "deadline_exceeded",
-            Refusal::MessageTooLarge { .. } => "message_too_large",
-            Refusal::CallerShare { .. } => "caller_share",
-            Refusal::RequestIncomplete { .. } => "request_incomplete",
-            Refusal::TooManyWatches { .. } => "too_many_watches",
-        }
     }
 }
 
@@ -786,6 +746,7 @@ pub struct Connections {
 
 impl Connections {
     pub fn new(limits: &Limits) -> Arc<Self> {
+        metrics().connection_refusal_reasons(ConnectionRefusal::ALL.map(ConnectionRefusal::reason));
         Arc::new(Self {
             max_total: limits.max_connections,
             max_per_peer: limits.max_connections_per_peer,
@@ -1459,7 +1420,7 @@ mod tests {
     fn callers_are_keyed_by_name_else_peer_ip() {
         let caller = Caller {
             name: "pbx-1".into(),
-            role: crate::auth::Role::CallHandling,
+            role: crate::rpc::Role::CallHandling,
         };
         let peer: SocketAddr = "10.0.0.7:4711".parse().unwrap();
         assert_eq!(caller_key(Some(&caller), Some(peer)), "caller:pbx-1");
@@ -1470,7 +1431,7 @@ mod tests {
         // Callers without credentials are told apart by address.
         let loopback = Caller {
             name: "loopback".into(),
-            role: crate::auth::Role::Operator,
+            role: crate::rpc::Role::Operator,
         };
         assert_eq!(caller_key(Some(&loopback), Some(peer)), "peer:10.0.0.7");
     }

@@ -10,7 +10,7 @@ use comtrexx_licensing::app::App;
 use comtrexx_licensing::cli::{self, Cli, Command};
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::SystemClock;
-use comtrexx_licensing::{metrics, reload, shutdown_signal, systemd, telemetry};
+use comtrexx_licensing::{reload, shutdown_signal, systemd, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -21,10 +21,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Auth(auth) => cli::run_auth(auth),
         Command::Serve => {
             let config = RawConfig::load(cli.config.as_deref())?.validate()?;
-            let telemetry = telemetry::init(&config)?;
+            let telemetry = telemetry::init(&config.telemetry())?;
             let app = App::build(&config, Arc::new(SystemClock))?;
             if telemetry.otel_enabled() {
-                metrics::register_otel_gauges(app.licensing.clone());
+                comtrexx_licensing::exporter::register_otel_gauges(app.licensing.clone());
             }
             comtrexx_licensing::log_startup(&config, app.store.describe());
             let listener = tokio::net::TcpListener::bind(config.listen_addr)

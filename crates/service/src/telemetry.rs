@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::{Config, LogFormat};
+use crate::journal::LogFormat;
 
 /// Keeps the exporters; `shutdown` flushes what is buffered.
 #[derive(Default)]
@@ -40,11 +40,25 @@ impl Telemetry {
     }
 }
 
+/// What logs and traces are written with (`log.*`, `trace.*`, `otlp_endpoint`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub log_format: LogFormat,
+    /// `log.level`: a level or an `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Which spans are exported (independent of `log_level`).
+    pub trace_level: String,
+    /// Parent-based sampling ratio of new traces.
+    pub trace_sampling_ratio: f64,
+    /// The OTLP/gRPC endpoint of traces and metrics; `None`: none exported.
+    pub otlp_endpoint: Option<String>,
+}
+
 /// Installs the global subscriber (and, with an endpoint, the OTLP exporters).
 /// Must run inside the Tokio runtime. Each layer has its own filter: `RUST_LOG`
 /// (else `log.level`) for the log lines, `trace.level` for the exported spans, so
 /// quiet logs do not switch tracing off.
-pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
+pub fn init(config: &Options) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));

@@ -223,7 +223,7 @@ where
                 Box::pin(inner.call(request))
             }
             Err((caller, error)) => {
-                let status = crate::grpc::status::auth_status(&error);
+                let status = crate::status::auth_status(&error);
                 self.auth.refused(
                     request.uri().path(),
                     request.headers(),

@@ -47,33 +47,7 @@ use crate::audit::Auditor;
 use crate::domain::audit::{AuditEvent, Who};
 use crate::limits::{AdmittedConnection, ConnectionRefusal, Connections};
 
-/// Who is on the other end of a connection, as the transport knows it. Tonic
-/// puts it into every request's extensions.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub addr: Option<SocketAddr>,
-    /// The client certificate, when one was presented over TLS.
-    pub certificate: Option<PeerCertificate>,
-}
-
-impl Peer {
-    /// Whether the peer connects from this host's loopback (IPv4, IPv6 or
-    /// IPv4-mapped IPv6).
-    pub fn is_loopback(&self) -> bool {
-        self.addr
-            .is_some_and(|a| a.ip().to_canonical().is_loopback())
-    }
-}
-
-/// A client certificate and what its verification found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerCertificate {
-    /// Verified against the client CA: the caller's name is its URI SAN, else
-    /// its first DNS SAN (`None` when it has neither).
-    Verified { identity: Option<String> },
-    /// Not verified (another CA, expired, not for client use), and why.
-    Rejected { reason: String },
-}
+pub use crate::caller::{Peer, PeerCertificate};
 
 /// The files of the TLS material.
 #[derive(Debug, Clone, PartialEq, Eq)]

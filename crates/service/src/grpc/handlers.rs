@@ -14,7 +14,6 @@ use tracing::Instrument as _;
 use super::convert::{self, SeatRequest};
 use super::pb;
 use super::pb::licensing_service_server::LicensingService;
-use super::status::{refusal_status, to_status};
 use crate::audit::Auditor;
 use crate::auth::Caller;
 use crate::domain::LicensingError;
@@ -23,6 +22,7 @@ use crate::limits::{Guards, Refusal, WatchSlot};
 use crate::metrics::metrics;
 use crate::rpc::{self, AuditField, Rpc, code_label};
 use crate::service::Licensing;
+use crate::status::{refusal_status, to_status};
 use tokio::sync::broadcast;
 
 /// The gRPC face of [`Licensing`].

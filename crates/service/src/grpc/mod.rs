@@ -1,10 +1,9 @@
-//! The gRPC adapter: generated types, conversions, the error table and the
-//! handlers. The only module that knows tonic and prost types; it turns requests
-//! into domain calls and domain results into responses.
+//! The gRPC adapter: generated types, conversions and the handlers. It turns
+//! requests into domain calls and domain results into responses (through the
+//! one error table, `crate::status`).
 
 pub mod convert;
 pub mod handlers;
-pub mod status;
 
 pub use comtrexx_licensing_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, VENDOR_FILE_DESCRIPTOR_SET, pb, reflection_services,

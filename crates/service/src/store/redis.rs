@@ -40,12 +40,12 @@ use super::records::{
     AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
     SeatRecordV1, TryoutRecordV1,
 };
+use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, LicenseWrite, Position, RepairWrite,
     SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
-use crate::config::{RedisConfig, RedisTarget};
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
 };
@@ -425,16 +425,7 @@ fn classify(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Hides the password of a redis URL for logs and the overview.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub use super::redis_conn::redact_url;
 
 fn text(v: &Value) -> Result<String, StoreError> {
     redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))

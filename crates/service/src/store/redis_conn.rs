@@ -22,7 +22,65 @@ use redis::{
 };
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::config::{RedisConfig, RedisTarget, WaitPolicy};
+/// Redis connection settings.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis_url` as configured (for display: redact it).
+    pub url: String,
+    pub target: RedisTarget,
+    /// ACL user and password, for Redis and (with Sentinel) the sentinels alike.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA bundle for `rediss://`; `None`: the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
+    pub timeout: Duration,
+    /// `WAIT` after every write; `None`: acknowledged once the master has it.
+    pub wait: Option<WaitPolicy>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("timeout", &self.timeout)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// Hides the password of a redis URL for logs and the overview.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server: `redis://`, `rediss://` or `unix://` (credentials removed).
+    Direct { url: String },
+    /// `redis+sentinel://`: the sentinels to ask for the master of `master_name`.
+    Sentinel {
+        sentinels: Vec<(String, u16)>,
+        master_name: String,
+    },
+}
+
+/// A write is acknowledged once `replicas` replicas confirm it within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitPolicy {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
 
 /// Where the master is: a fixed client, or the sentinels to ask.
 #[derive(Clone)]

@@ -19,8 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::{LicensingServer, TryoutClaim, UpstreamError};
 use crate::domain::SerialNumber;
-use crate::grpc::vendor_pb;
-use crate::grpc::vendor_pb::vendor_licensing_service_client::VendorLicensingServiceClient;
+use comtrexx_licensing_proto::vendor_pb;
+use comtrexx_licensing_proto::vendor_pb::vendor_licensing_service_client::VendorLicensingServiceClient;
 
 type Client = VendorLicensingServiceClient<Channel>;
 

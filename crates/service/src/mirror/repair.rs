@@ -21,10 +21,10 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
+use super::MirrorState;
 use crate::domain::{
     AppliedLicense, Edition, Feature, Seat, SeatSource, TryoutPolicy, TryoutRecord, UserId,
 };
-use crate::mirror::MirrorState;
 use crate::store::{Change, ChangeKind, RepairWrite, Snapshot};
 
 /// Which of the replica's writes the store lost.

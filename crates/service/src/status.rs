@@ -1,18 +1,104 @@
-//! The one table from domain errors to gRPC status codes (API.md, "Status
-//! codes"). Handlers never build a `Status` themselves. Each status carries an
+//! The one error table: every way a call can fail (domain errors, refusals of
+//! a limit, of the authorization layer) and its gRPC status code (API.md,
+//! "Status codes"). Nothing else builds a `Status`. Each status carries an
 //! `ErrorInfo` detail whose `reason` callers may branch on.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::auth::AuthError;
 use crate::domain::LicensingError;
-use crate::limits::Refusal;
+use crate::rpc::{Role, RpcClass};
 
 /// The `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "licensing.comtrexx";
+
+/// Why a call was refused before (or instead of) doing its work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("server busy: too many concurrent {} calls; nothing was done, retry with backoff", class.as_str())]
+    Overloaded { class: RpcClass },
+    #[error("rate limited; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: Duration },
+    #[error("too many WatchLicenseEvents streams for this caller (at most {limit})")]
+    TooManySubscribers { limit: usize },
+    #[error("shutting down, reconnect")]
+    ShuttingDown,
+    #[error("deadline of {} ms passed", deadline.as_millis())]
+    DeadlineExceeded { deadline: Duration },
+    #[error("request message larger than {limit} bytes")]
+    MessageTooLarge { limit: usize },
+    #[error("this caller already holds {limit} concurrent {} calls, its share; nothing was done, retry with backoff", class.as_str())]
+    CallerShare { class: RpcClass, limit: usize },
+    #[error("request did not arrive whole within {} ms", timeout.as_millis())]
+    RequestIncomplete { timeout: Duration },
+    #[error("too many health watches (at most {limit})")]
+    TooManyWatches { limit: usize },
+}
+
+impl Refusal {
+    /// The word metrics and the audit log use.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Overloaded { .. } => "overloaded",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooManySubscribers { .. } => "too_many_subscribers",
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::DeadlineExceeded { .. } => "deadline_exceeded",
+            Refusal::MessageTooLarge { .. } => "message_too_large",
+            Refusal::CallerShare { .. } => "caller_share",
+            Refusal::RequestIncomplete { .. } => "request_incomplete",
+            Refusal::TooManyWatches { .. } => "too_many_watches",
+        }
+    }
+}
+
+/// Why a call was refused before it reached a handler. The gRPC error table
+/// ([`auth_status`]) turns it into a status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "no credentials: send a client certificate or an `authorization: Bearer <token>` header"
+    )]
+    MissingCredentials,
+    #[error("bearer token unusable: {0}")]
+    MalformedToken(&'static str),
+    #[error("bearer token is not known (not in the callers file)")]
+    UnknownToken,
+    #[error(
+        "bearer token refused: sent without TLS from a peer that is not on loopback, so it \
+         crossed the network in clear text; serve gRPC over TLS (tls.cert_file, tls.key_file), \
+         or set auth.allow_plaintext_tokens = true where the network itself is protected"
+    )]
+    PlaintextToken,
+    #[error("client certificate does not verify against tls.client_ca_file: {0}")]
+    CertificateRejected(String),
+    #[error("client certificate identity {0:?} is not in the callers file")]
+    UnknownCertificate(String),
+    #[error("caller {caller:?} (role {role}) may not call {method}")]
+    Denied {
+        caller: String,
+        role: Role,
+        method: String,
+    },
+}
+
+impl AuthError {
+    /// A short label for metrics and the `ErrorInfo` reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::MissingCredentials => "NO_CREDENTIALS",
+            AuthError::MalformedToken(_) => "MALFORMED_TOKEN",
+            AuthError::UnknownToken => "UNKNOWN_TOKEN",
+            AuthError::PlaintextToken => "PLAINTEXT_TOKEN",
+            AuthError::CertificateRejected(_) => "CERTIFICATE_REJECTED",
+            AuthError::UnknownCertificate(_) => "UNKNOWN_CERTIFICATE",
+            AuthError::Denied { .. } => "ROLE_NOT_ALLOWED",
+        }
+    }
+}
 
 pub fn to_status(error: LicensingError) -> Status {
     let message = error.to_string();
@@ -192,7 +278,6 @@ mod tests {
 
     #[test]
     fn refusals_follow_the_contract() {
-        use crate::limits::{Refusal, RpcClass};
         use std::time::Duration;
         let cases = [
             (
@@ -239,7 +324,7 @@ mod tests {
             ),
             (
                 Refusal::CallerShare {
-                    class: crate::limits::RpcClass::HotPath,
+                    class: crate::rpc::RpcClass::HotPath,
                     limit: 512,
                 },
                 Code::ResourceExhausted,
@@ -292,7 +377,7 @@ mod tests {
         );
         let denied = auth_status(&AuthError::Denied {
             caller: "pbx".into(),
-            role: crate::auth::Role::Monitoring,
+            role: crate::rpc::Role::Monitoring,
             method: "AssignSeat".into(),
         });
         assert_eq!(denied.code(), Code::PermissionDenied);

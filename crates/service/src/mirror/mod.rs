@@ -12,8 +12,10 @@
 //! the same write at that version. When it does not (the store lost its data, went
 //! back to an older snapshot, failed over to a lagging replica, or was re-created
 //! by another replica), the task writes back what the store lost and this replica
-//! holds (`crate::repair`), reports what it could not, and only then follows the
+//! holds (`repair`), reports what it could not, and only then follows the
 //! store again. Until then the store refuses this replica's writes (its floor).
+
+pub mod repair;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -818,11 +820,11 @@ impl Mirror {
                         .filter(|x| x.version > c)
                         .cloned()
                         .collect();
-                    crate::repair::Lost::Changes(&lost_changes)
+                    repair::Lost::Changes(&lost_changes)
                 }
-                _ => crate::repair::Lost::Everything,
+                _ => repair::Lost::Everything,
             };
-            crate::repair::plan(&crate::repair::Input {
+            repair::plan(&repair::Input {
                 mine,
                 lost,
                 store: snapshot,
