@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian package from the release binary and checks it the way a VM
-# operator uses it (see docs/operations.md, "Single VM"):
+# operator uses it (see docs/deploy.md, "Single VM"):
 #
 #   1. cargo deb --no-build: packages target/release/comtrexx-licensing as built
 #      by `cargo build --release` (run that first; this script does not build);

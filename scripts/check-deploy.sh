@@ -16,7 +16,9 @@
 #    - the ServiceMonitor and PrometheusRule (CRDs kubernetes-validate does not know)
 #      validated separately with the prometheus-operator models (scripts/validate-crds.mjs),
 #    - the PrometheusRule's spec is the plain rules file (files/alerts.yaml) with the
-#      chart's job put in, and the dashboard ConfigMap carries files/dashboard.json,
+#      chart's job put in, every runbook_url is prometheusRule.runbookBaseUrl (of the
+#      profile) + "#" + the alert's section, and the dashboard ConfigMap carries
+#      files/dashboard.json,
 #    - the container gets every LICENSING_* setting the service reads (all-on; the license
 #      file, which excludes the licensing server, in existing-secrets).
 #
@@ -183,11 +185,18 @@ PY
   fi
 
   run "${name}: PrometheusRule and dashboard rendered from files/ (when enabled)" \
-    "${PY}" - "${dir}/all.yaml" "${CHART}/files" <<'PY'
+    "${PY}" - "${dir}/all.yaml" "${CHART}/files" "${CHART}/values.yaml" "$@" <<'PY'
 import json, sys, yaml
 docs = [x for x in yaml.safe_load_all(open(sys.argv[1])) if x]
 files = sys.argv[2]
 rules = yaml.safe_load(open(f"{files}/alerts.yaml"))
+# The runbook base URL of this profile: the chart's default, or that of a -f values file.
+base = yaml.safe_load(open(sys.argv[3]))["prometheusRule"]["runbookBaseUrl"]
+args = sys.argv[4:]
+for flag, value in zip(args, args[1:]):
+    if flag == "-f":
+        base = (yaml.safe_load(open(value)).get("prometheusRule") or {}).get("runbookBaseUrl", base)
+base = base.rstrip("/")
 for d in docs:
     if d["kind"] == "PrometheusRule":
         want = [r["alert"] for g in rules["groups"] for r in g["rules"]]
@@ -197,6 +206,9 @@ for d in docs:
             for r in g["rules"]:
                 assert r["labels"].get("severity") and r["annotations"].get("summary") \
                     and r["annotations"].get("description") and r["annotations"].get("runbook_url"), r["alert"]
+                want = f"{base}#{r['alert'].lower()}"
+                assert r["annotations"]["runbook_url"] == want, \
+                    f"{r['alert']}: runbook_url {r['annotations']['runbook_url']!r} != {want!r}"
     if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard"):
         (text,) = d["data"].values()
         assert json.loads(text) == json.load(open(f"{files}/dashboard.json")), "dashboard differs"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the grpcurl recipes of docs/operations.md against a local server and checks them.
+# Runs the grpcurl recipes of docs/grpcurl-recipes.md against a local server and checks them.
 #
 #   scripts/grpcurl-recipes.sh
 #
@@ -18,7 +18,7 @@
 #   4. waits (bounded) until the overview records the start-up reconcile, which the
 #      recipes' story begins after; smoke-checks the server through reflection only
 #      (list, describe, health);
-#   5. extracts every fenced ```sh block of docs/operations.md whose first line is
+#   5. extracts every fenced ```sh block of docs/grpcurl-recipes.md whose first line is
 #      `# recipe: NAME` and runs them in document order with $ADDR set. A recipe passes
 #      when it exits 0, or, when the block also has a line `# expect: CODE` (a grpcurl
 #      code name such as ResourceExhausted), when it fails and its output names that code.
@@ -35,7 +35,7 @@
 #
 # Environment (all optional):
 #   RECIPES_BIN              use this binary instead of building target/debug/comtrexx-licensing
-#   RECIPES_DOC              the document to take the recipes from (default docs/operations.md)
+#   RECIPES_DOC              the document to take the recipes from (default docs/grpcurl-recipes.md)
 #   RECIPES_KEEP=1           keep the temporary directory (recipe outputs in out/, server.log)
 #   RECIPES_STARTUP_TIMEOUT  seconds to wait for the server (default 60)
 # LICENSING_* variables of the calling shell are ignored: the server gets exactly the
@@ -43,7 +43,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DOC="${RECIPES_DOC:-${ROOT}/docs/operations.md}"
+DOC="${RECIPES_DOC:-${ROOT}/docs/grpcurl-recipes.md}"
 STARTUP_TIMEOUT="${RECIPES_STARTUP_TIMEOUT:-60}"
 SERIAL="0123456789AB"
 SERVICE="comtrexx.licensing.v1.LicensingService"

@@ -1,7 +1,7 @@
 //! Redis over TLS (`rediss://` with `redis_tls_ca_file`) as an ACL user whose
 //! password comes from a file (`redis_username`, `redis_password_file`), against a
 //! real `redis-server` started with `--tls-port` and a certificate made here. The
-//! user has only the commands of the ACL line in docs/operations.md: every flow of
+//! user has only the commands of the ACL line in docs/redis.md: every flow of
 //! the service runs with it, and Redis logs no refused command.
 
 mod common;
@@ -23,7 +23,7 @@ const USER: &str = "comtrexx-licensing";
 const PASSWORD: &str = "s3cret:with@url/chars";
 const ADMIN_PASSWORD: &str = "admin-only";
 
-/// The ACL rule of the service's user, as docs/operations.md gives it (after the
+/// The ACL rule of the service's user, as docs/redis.md gives it (after the
 /// user name, `on` and the password).
 const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
     +evalsha +script|load +mget +xread +wait +role \
