@@ -16,7 +16,6 @@ use chrono::Utc;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
-use comtrexx_licensing::grpc::pb;
 
 #[tokio::main]
 async fn main() {

@@ -35,6 +35,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_comtrexx-licensing");
 struct Service {
     child: Child,
     output: Arc<Mutex<String>>,
+    /// The threads that copy stdout and stderr into `output`.
+    readers: Vec<std::thread::JoinHandle<()>>,
     grpc: u16,
 }
 
@@ -56,6 +58,7 @@ impl Service {
         }
         let mut child = cmd.spawn().expect("start the service binary");
         let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stdout
@@ -70,7 +73,7 @@ impl Service {
         .flatten()
         {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut pipe = pipe;
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut buf) {
@@ -82,11 +85,12 @@ impl Service {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
+            }));
         }
         Self {
             child,
             output,
+            readers,
             grpc,
         }
     }
@@ -120,6 +124,10 @@ impl Service {
             status.is_some()
         });
         assert!(exited, "{}", self.output());
+        // The output is whole once its readers saw the pipes close.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
         code.flatten()
     }
 }
