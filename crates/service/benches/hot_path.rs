@@ -37,23 +37,20 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-fn req(user: &str) -> pb::CheckSeatRequest {
-    pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    }
-}
-
 async fn check_over_grpc(label: &str, client: &Client, users: usize) {
     // Latency: one caller, sequential.
     let mut c = client.clone();
     for i in 0..500 {
-        c.check_seat(req(&format!("u{}", i % users))).await.unwrap();
+        c.check_seat(check_request(&format!("u{}", i % users)))
+            .await
+            .unwrap();
     }
     let mut samples = Vec::with_capacity(5000);
     for i in 0..5000 {
         let t = Instant::now();
-        c.check_seat(req(&format!("u{}", i % users))).await.unwrap();
+        c.check_seat(check_request(&format!("u{}", i % users)))
+            .await
+            .unwrap();
         samples.push(t.elapsed());
     }
     println!(
@@ -73,7 +70,7 @@ async fn check_over_grpc(label: &str, client: &Client, users: usize) {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                c.check_seat(req(&format!("u{}", (n as usize + w) % users)))
+                c.check_seat(check_request(&format!("u{}", (n as usize + w) % users)))
                     .await
                     .unwrap();
                 n += 1;
@@ -135,7 +132,10 @@ async fn check_seat_under_burst() {
             let mut samples = Vec::with_capacity(n);
             for i in 0..n {
                 let t = Instant::now();
-                let answer = c.check_seat(req(&format!("u{}", i % 1000))).await.unwrap();
+                let answer = c
+                    .check_seat(check_request(&format!("u{}", i % 1000)))
+                    .await
+                    .unwrap();
                 samples.push(t.elapsed());
                 assert!(answer.into_inner().licensed);
             }
@@ -200,7 +200,7 @@ async fn check_seat_under_flood() {
             let mut samples = Vec::with_capacity(5000);
             for i in 0..5000 {
                 let t = Instant::now();
-                let answer = c.check_seat(req(&format!("u{}", i % 1000))).await;
+                let answer = c.check_seat(check_request(&format!("u{}", i % 1000))).await;
                 samples.push(t.elapsed());
                 assert!(answer.expect("CheckSeat answers OK").into_inner().licensed);
             }
@@ -465,7 +465,7 @@ async fn main() {
             .unwrap();
             loop {
                 if cb2
-                    .check_seat(req(&user))
+                    .check_seat(check_request(&user))
                     .await
                     .unwrap()
                     .into_inner()

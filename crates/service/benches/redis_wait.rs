@@ -13,20 +13,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::redis_node::RedisNode;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
-use comtrexx_licensing::grpc::pb;
-
-async fn assign(c: &mut Client, user: String) {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user,
-        feature: String::new(),
-    })
-    .await
-    .expect("AssignSeat");
-}
 
 #[tokio::main]
 async fn main() {
@@ -34,8 +23,8 @@ async fn main() {
         "AssignSeat with and without WAIT ({} cores; Redis master + 1 replica on loopback)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let master = RedisNode::start(&[], None);
-    let replica = RedisNode::replica_of(&master);
+    let master = RedisServer::with_args(&[], None);
+    let replica = RedisServer::replica_of(&master);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !redis::cmd("INFO")
         .arg("replication")
@@ -68,12 +57,12 @@ async fn main() {
         wait_active(&client).await;
         let mut c = client.clone();
         for i in 0..200 {
-            assign(&mut c, format!("warm{i}")).await;
+            assigned(&mut c, &format!("warm{i}"), "").await;
         }
         let mut samples = Vec::new();
         for i in 0..2000 {
             let t = Instant::now();
-            assign(&mut c, format!("seq{i}")).await;
+            assigned(&mut c, &format!("seq{i}"), "").await;
             samples.push(t.elapsed());
         }
         println!("redis_wait_replicas = {wait}:");
@@ -87,7 +76,7 @@ async fn main() {
                 let mut c = client.clone();
                 tokio::spawn(async move {
                     for i in 0..500 {
-                        assign(&mut c, format!("par{w}-{i}")).await;
+                        assigned(&mut c, &format!("par{w}-{i}"), "").await;
                     }
                 })
             })

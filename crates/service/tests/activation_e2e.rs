@@ -195,54 +195,6 @@ async fn apply(c: &mut Client, response: &str) -> Result<pb::GetLicenseOverviewR
     .map(|r| r.into_inner().overview.expect("overview"))
 }
 
-async fn assign(c: &mut Client, user: &str, feature: &str) -> Result<pb::Seat, Status> {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: feature.into(),
-    })
-    .await
-    .map(|r| r.into_inner().seat.expect("seat"))
-}
-
-async fn assigned(c: &mut Client, user: &str, feature: &str) -> pb::Seat {
-    assign(c, user, feature)
-        .await
-        .unwrap_or_else(|s| panic!("AssignSeat {user} {feature}: {s:?}"))
-}
-
-async fn release(c: &mut Client, user: &str) -> bool {
-    c.release_seat(pb::ReleaseSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .expect("ReleaseSeat")
-    .into_inner()
-    .released
-}
-
-async fn check(c: &mut Client, user: &str, feature: &str) -> pb::CheckSeatResponse {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: feature.into(),
-    })
-    .await
-    .expect("CheckSeat")
-    .into_inner()
-}
-
-async fn seats(c: &mut Client) -> Vec<pb::Seat> {
-    c.list_seats(pb::ListSeatsRequest {
-        feature: String::new(),
-        page_size: 1000,
-        page_token: String::new(),
-    })
-    .await
-    .expect("ListSeats")
-    .into_inner()
-    .seats
-}
-
 fn tryout_state(o: &pb::GetLicenseOverviewResponse) -> pb::TryoutState {
     o.tryout.as_ref().expect("tryout").state()
 }
@@ -371,16 +323,16 @@ async fn initialization_by_copy_and_paste_activates_the_purchased_licenses() {
         pb::ReconcileOutcome::Updated | pb::ReconcileOutcome::Unchanged
     ));
 
-    let seat = assigned(&mut c, "alice", "").await;
+    let seat = assigned(&mut c, "alice", "").await.seat.unwrap();
     assert_eq!(seat.source(), pb::SeatSource::Purchased);
     assigned(&mut c, "alice", "call_assist").await;
-    let alice = check(&mut c, "alice", "").await;
+    let alice = checked(&mut c, "alice", "").await;
     assert!(alice.licensed, "{alice:?}");
     assert_eq!(
         (alice.source(), alice.reason()),
         (pb::SeatSource::Purchased, pb::SeatReason::Assigned)
     );
-    assert!(check(&mut c, "alice", "call_assist").await.licensed);
+    assert!(checked(&mut c, "alice", "call_assist").await.licensed);
     let o = overview(&mut c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Active);
     assert_eq!(
@@ -431,9 +383,9 @@ async fn online_activation_initializes_in_one_call() {
         [ent("system_activation", 1, 1), ent("user", 3, 0)]
     );
     assert_eq!(stats(&mut admin, &serial).await.activate_calls, calls + 1);
-    let seat = assigned(&mut c, "bob", "").await;
+    let seat = assigned(&mut c, "bob", "").await.seat.unwrap();
     assert_eq!(seat.source(), pb::SeatSource::Purchased);
-    assert!(check(&mut c, "bob", "").await.licensed);
+    assert!(checked(&mut c, "bob", "").await.licensed);
 }
 
 // ---------------------------------------------------------------------------
@@ -533,7 +485,7 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
     );
     assert_eq!(overview(&mut c).await, active);
     assert_eq!(entitlements(&active.entitlements), [ent("user", 5, 1)]);
-    let users: Vec<String> = seats(&mut c).await.into_iter().map(|s| s.user_id).collect();
+    let users = seat_holders(&mut c).await;
     assert_eq!(users, ["alice"]);
 }
 
@@ -557,10 +509,10 @@ async fn resetup_brings_every_license_back_and_the_tryout_stays_used() {
     let t = start_tryout(&mut c).await.expect("StartTryout");
     assert_eq!(t.state(), pb::TryoutState::Active);
     assert_eq!(
-        assigned(&mut c, "tester", "").await.source(),
+        assigned(&mut c, "tester", "").await.seat.unwrap().source(),
         pb::SeatSource::Tryout
     );
-    assert!(check(&mut c, "tester", "").await.licensed);
+    assert!(checked(&mut c, "tester", "").await.licensed);
 
     // Purchased user licenses arriving by activation end the tryout.
     let first_code = create_code(&mut c).await;
@@ -570,7 +522,7 @@ async fn resetup_brings_every_license_back_and_the_tryout_stays_used() {
         .expect("ApplyActivation");
     assert_eq!(first.activation_state(), pb::ActivationState::Active);
     assert_eq!(tryout_state(&first), pb::TryoutState::Ended);
-    let tester = check(&mut c, "tester", "").await;
+    let tester = checked(&mut c, "tester", "").await;
     assert!(!tester.licensed);
     assert_eq!(tester.reason(), pb::SeatReason::TryoutOver);
     let purchased = entitlements(&first.entitlements);
@@ -599,7 +551,7 @@ async fn resetup_brings_every_license_back_and_the_tryout_stays_used() {
         );
     }
     assert!(seats(&mut c).await.is_empty());
-    let a = check(&mut c, "a", "").await;
+    let a = checked(&mut c, "a", "").await;
     assert_eq!(
         (a.licensed, a.reason()),
         (false, pb::SeatReason::NotAssigned)
@@ -688,7 +640,7 @@ async fn unreachable_server_means_grace_then_lapse_then_deny_new_until_it_is_bac
     let o = overview(&mut c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Grace);
     assert_eq!(time(o.grace_ends_at.as_ref()), grace_end);
-    assert!(check(&mut c, "a", "").await.licensed);
+    assert!(checked(&mut c, "a", "").await.licensed);
     assigned(&mut c, "b", "").await;
 
     // Lapsed: existing seats stay licensed, no new ones.
@@ -697,7 +649,7 @@ async fn unreachable_server_means_grace_then_lapse_then_deny_new_until_it_is_bac
     assert_eq!(o.activation_state(), pb::ActivationState::Lapsed);
     assert_eq!(time(o.grace_ends_at.as_ref()), grace_end);
     for user in ["a", "b"] {
-        assert!(check(&mut c, user, "").await.licensed, "{user}");
+        assert!(checked(&mut c, user, "").await.licensed, "{user}");
     }
     assert_eq!(
         code_of(assign(&mut c, "c", "").await),
@@ -769,7 +721,7 @@ async fn lapse_with_reset_returns_the_pbx_to_its_initial_state() {
     // The tryout record (forfeited by the purchase) survives the reset.
     assert_eq!(tryout_state(&o), pb::TryoutState::Unavailable);
     // No license and no tryout to start: the PBX's cause comes first (API.md).
-    let a = check(&mut c, "a", "").await;
+    let a = checked(&mut c, "a", "").await;
     assert_eq!(
         (a.licensed, a.reason()),
         (false, pb::SeatReason::NotActivated)
@@ -907,7 +859,7 @@ async fn capacity_drop_flags_the_most_recent_seats_until_their_grace_ends() {
     // The flag time is the store's (Redis TIME), so compare with the wall clock.
     let mut grace_end = flagged_at;
     for user in &flagged {
-        let r = check(&mut c, user, "").await;
+        let r = checked(&mut c, user, "").await;
         assert!(r.licensed, "{user}: {r:?}");
         assert_eq!(r.reason(), pb::SeatReason::Assigned);
         let until = time(r.valid_until.as_ref());
@@ -919,7 +871,7 @@ async fn capacity_drop_flags_the_most_recent_seats_until_their_grace_ends() {
         grace_end = grace_end.max(until);
     }
     for user in &unflagged {
-        let r = check(&mut c, user, "").await;
+        let r = checked(&mut c, user, "").await;
         assert!(r.licensed && r.valid_until.is_none(), "{user}: {r:?}");
     }
     assert!(!overview(&mut c).await.entitlements.is_empty());
@@ -927,17 +879,17 @@ async fn capacity_drop_flags_the_most_recent_seats_until_their_grace_ends() {
     // After the over-capacity grace the flagged seats stop being licensed.
     clock.set(grace_end + chrono::Duration::seconds(1));
     for user in &flagged {
-        let r = check(&mut c, user, "").await;
+        let r = checked(&mut c, user, "").await;
         assert!(!r.licensed, "{user}: {r:?}");
         assert_eq!(r.reason(), pb::SeatReason::OverCapacity, "{user}");
     }
     for user in &unflagged {
-        assert!(check(&mut c, user, "").await.licensed, "{user}");
+        assert!(checked(&mut c, user, "").await.licensed, "{user}");
     }
 
     // Releasing a seat within capacity makes room: the oldest flagged seat is
     // cleared and licensed again; the most recent stays flagged.
-    assert!(release(&mut c, unflagged[0]).await);
+    assert!(released(&mut c, unflagged[0], "").await);
     let (newest, oldest_flagged) = (expected[0], expected[1]);
     let listed = seats(&mut c).await;
     let flags: Vec<(&str, bool)> = listed
@@ -948,13 +900,13 @@ async fn capacity_drop_flags_the_most_recent_seats_until_their_grace_ends() {
     assert!(flags.contains(&(oldest_flagged, false)), "{flags:?}");
     assert!(flags.contains(&(newest, true)), "{flags:?}");
     assert!(flags.contains(&(unflagged[1], false)), "{flags:?}");
-    let r = check(&mut c, oldest_flagged, "").await;
+    let r = checked(&mut c, oldest_flagged, "").await;
     assert!(
         r.licensed && r.reason() == pb::SeatReason::Assigned,
         "{r:?}"
     );
     assert_eq!(
-        check(&mut c, newest, "").await.reason(),
+        checked(&mut c, newest, "").await.reason(),
         pb::SeatReason::OverCapacity
     );
 }
@@ -1005,14 +957,14 @@ async fn a_watcher_on_one_replica_sees_changes_made_on_the_other() {
     );
 
     // A re-setup on A: B stops licensing the seat it answered for.
-    assert!(check(&mut cb, "eve", "").await.licensed);
+    assert!(checked(&mut cb, "eve", "").await.licensed);
     ca.reset_activation(pb::ResetActivationRequest {})
         .await
         .expect("ResetActivation");
     next_event(&mut stream, "reset").await;
     let unlicensed = eventually(WAIT, || {
         let mut cb = cb.clone();
-        async move { !check(&mut cb, "eve", "").await.licensed }
+        async move { !checked(&mut cb, "eve", "").await.licensed }
     })
     .await;
     assert!(unlicensed, "B still licenses eve after the reset");

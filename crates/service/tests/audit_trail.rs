@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestServer, config, refusals_in, token_callers_file, with_token};
+use common::{
+    RedisServer, TestServer, config, eventually, refusals_in, token_callers_file, with_token,
+};
 use comtrexx_licensing::auth::callers::new_token;
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
@@ -112,13 +114,16 @@ async fn a_second_replica_lists_what_the_first_recorded() {
     ];
     let mut b = second.client().await;
     // The writer stores entries in the background: poll, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut last = trail(&mut b, "").await;
-    while last != expected && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        last = trail(&mut b, "").await;
-    }
-    assert_eq!(last, expected, "the second replica's trail");
+    eventually(Duration::from_secs(10), || {
+        let (mut b, expected) = (b.clone(), expected.clone());
+        async move { trail(&mut b, "").await == expected }
+    })
+    .await;
+    assert_eq!(
+        trail(&mut b, "").await,
+        expected,
+        "the second replica's trail"
+    );
     assert_eq!(
         trail(&mut b, "alice").await,
         vec![row("AssignSeat", "admin-ui", "OK", "alice")]
@@ -166,30 +171,28 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
 
     // Every refusal is accounted for: entries of their own (at most the
     // allowance per second of the flood) plus the counts of the summaries.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let (accounted, entries) = loop {
-        let entries: Vec<pb::AuditEvent> = client
-            .clone()
-            .list_audit_events(with_token(
-                pb::ListAuditEventsRequest {
-                    page_size: 1000,
-                    ..Default::default()
-                },
-                &operator,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events
-            .into_iter()
-            .filter(|e| e.method == "CheckSeat" && e.code == "UNAUTHENTICATED")
-            .collect();
-        let accounted = entries.iter().map(refusals_in).sum::<u64>() == FLOOD;
-        if accounted || std::time::Instant::now() > deadline {
-            break (accounted, entries);
+    let refused_checks = || {
+        let (mut client, operator) = (client.clone(), operator.clone());
+        async move {
+            let request = pb::ListAuditEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            };
+            let events = client
+                .list_audit_events(with_token(request, &operator))
+                .await;
+            let events = events.unwrap().into_inner().events.into_iter();
+            events
+                .filter(|e| e.method == "CheckSeat" && e.code == "UNAUTHENTICATED")
+                .collect::<Vec<pb::AuditEvent>>()
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let accounted = eventually(Duration::from_secs(10), || {
+        let entries = refused_checks();
+        async move { entries.await.iter().map(refusals_in).sum::<u64>() == FLOOD }
+    })
+    .await;
+    let entries = refused_checks().await;
     let own = entries.iter().filter(|e| refusals_in(e) == 1).count() as u64;
     assert!(accounted, "refusals accounted for: {entries:#?}");
     assert!(

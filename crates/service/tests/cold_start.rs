@@ -49,15 +49,6 @@ async fn health(endpoint: String) -> [ServingStatus; 2] {
     out
 }
 
-async fn check(c: &mut Client, user: &str) -> Result<pb::CheckSeatResponse, tonic::Status> {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
 /// Asserts UNAVAILABLE with `ErrorInfo.reason` NO_STATE_YET.
 fn assert_no_state<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &str) {
     let status = result.expect_err(&format!("{what}: expected NO_STATE_YET"));
@@ -108,7 +99,7 @@ async fn a_replica_started_without_redis_and_without_state_is_not_serving() {
         health(format!("http://{metrics_addr}")).await,
         [ServingStatus::NotServing; 2]
     );
-    assert_no_state(check(&mut c, "alice").await, "CheckSeat");
+    assert_no_state(check(&mut c, "alice", "").await, "CheckSeat");
     assert_no_state(
         c.get_license_overview(pb::GetLicenseOverviewRequest {})
             .await,
@@ -137,7 +128,7 @@ async fn a_replica_started_without_redis_and_without_state_is_not_serving() {
         [ServingStatus::Serving; 2]
     );
     wait_active(&c).await;
-    let ck = check(&mut c, "alice").await.unwrap();
+    let ck = check(&mut c, "alice", "").await.unwrap();
     assert_eq!(ck.reason(), pb::SeatReason::NotAssigned, "{ck:?}");
     let body = scrape(metrics_addr).await;
     assert!(
@@ -200,9 +191,9 @@ async fn a_replica_restarted_during_an_outage_answers_from_its_state_dir() {
     let server = TestServer::start_unsynced(with_dir()).await;
     let mut c = server.client().await;
     assert_eq!(health(server.endpoint()).await, [ServingStatus::Serving; 2]);
-    let ck = check(&mut c, "alice").await.unwrap();
+    let ck = check(&mut c, "alice", "").await.unwrap();
     assert!(ck.licensed && ck.stale, "{ck:?}");
-    let ck = check(&mut c, "bob").await.unwrap();
+    let ck = check(&mut c, "bob", "").await.unwrap();
     assert!(!ck.licensed && ck.stale, "{ck:?}");
     let o = overview(&mut c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Active);
@@ -212,8 +203,8 @@ async fn a_replica_restarted_during_an_outage_answers_from_its_state_dir() {
     let converged = eventually(WAIT, || {
         let mut c = c.clone();
         async move {
-            let bob = check(&mut c, "bob").await.unwrap();
-            let alice = check(&mut c, "alice").await.unwrap();
+            let bob = check(&mut c, "bob", "").await.unwrap();
+            let alice = check(&mut c, "alice", "").await.unwrap();
             bob.licensed && !bob.stale && alice.reason() == pb::SeatReason::NotAssigned
         }
     })
@@ -259,7 +250,7 @@ async fn a_corrupt_or_truncated_state_file_is_ignored() {
             [ServingStatus::NotServing; 2],
             "{what}"
         );
-        let status = check(&mut c, "alice").await.unwrap_err();
+        let status = check(&mut c, "alice", "").await.unwrap_err();
         assert!(
             status.message().contains("state file ignored"),
             "{what}: {status:?}"
@@ -274,7 +265,7 @@ async fn a_corrupt_or_truncated_state_file_is_ignored() {
     std::fs::write(&file, &good).unwrap();
     let server = TestServer::start_unsynced(with_dir()).await;
     let mut c = server.client().await;
-    let ck = check(&mut c, "alice").await.unwrap();
+    let ck = check(&mut c, "alice", "").await.unwrap();
     assert!(ck.licensed && ck.stale, "{ck:?}");
     server.shutdown().await;
 }

@@ -94,13 +94,7 @@ impl Cluster {
     async fn assign(&mut self, i: usize, user: &str) -> Code {
         let deadline = Instant::now() + WRITE_RETRY;
         loop {
-            let r = self.clients[i]
-                .assign_seat(pb::AssignSeatRequest {
-                    user_id: user.into(),
-                    feature: String::new(),
-                })
-                .await;
-            match r {
+            match assign(&mut self.clients[i], user, "").await {
                 Ok(_) => {
                     self.acked.insert(user.to_owned());
                     return Code::Ok;
@@ -119,35 +113,14 @@ impl Cluster {
     }
 
     async fn licensed(&self, i: usize, user: &str) -> bool {
-        self.clients[i]
-            .clone()
-            .check_seat(pb::CheckSeatRequest {
-                user_id: user.into(),
-                feature: String::new(),
-            })
-            .await
-            .expect("CheckSeat answers")
-            .into_inner()
-            .licensed
+        licensed(&mut self.clients[i].clone(), user).await
     }
 
     async fn listed(&self, i: usize) -> Option<BTreeSet<String>> {
-        let r = self.clients[i]
-            .clone()
-            .list_seats(pb::ListSeatsRequest {
-                feature: String::new(),
-                page_size: 1000,
-                page_token: String::new(),
-            })
+        let seats = list_seats(&mut self.clients[i].clone(), "", 1000)
             .await
             .ok()?;
-        Some(
-            r.into_inner()
-                .seats
-                .into_iter()
-                .map(|s| s.user_id)
-                .collect(),
-        )
+        Some(seats.into_iter().map(|s| s.user_id).collect())
     }
 
     /// Every user the test has mentioned.
@@ -799,17 +772,12 @@ async fn replica_killed_mid_write() {
     let mut s = survivor.client().await;
     s.start_tryout(pb::StartTryoutRequest {}).await.unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let doomed = loop {
-        match pb::licensing_service_client::LicensingServiceClient::connect(endpoint.clone()).await
-        {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("the replica process never listened: {e}"),
-        }
-    };
+    let doomed = eventually_some(Duration::from_secs(20), || {
+        let endpoint = endpoint.clone();
+        async move { Client::connect(endpoint).await.ok() }
+    })
+    .await
+    .expect("the replica process never listened");
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let mut writers = Vec::new();
     for w in 0..4 {

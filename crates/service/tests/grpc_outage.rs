@@ -22,60 +22,11 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Redis timeout is 250 ms).
 const FAIL_FAST: Duration = Duration::from_secs(3);
 
-async fn check(c: &mut Client, user: &str, feature: &str) -> pb::CheckSeatResponse {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: feature.into(),
-    })
-    .await
-    .expect("CheckSeat answers")
-    .into_inner()
-}
-
-async fn assign(
-    c: &mut Client,
-    user: &str,
-    feature: &str,
-) -> Result<pb::AssignSeatResponse, Status> {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: feature.into(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn release(c: &mut Client, user: &str) -> Result<pb::ReleaseSeatResponse, Status> {
-    c.release_seat(pb::ReleaseSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn list(c: &mut Client) -> Result<Vec<pb::Seat>, Status> {
-    c.list_seats(pb::ListSeatsRequest {
-        feature: String::new(),
-        page_size: 1000,
-        page_token: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner().seats)
-}
-
 fn users(seats: &[pb::Seat]) -> Vec<(String, String)> {
     seats
         .iter()
         .map(|s| (s.feature.clone(), s.user_id.clone()))
         .collect()
-}
-
-async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
-        .await
-        .expect("GetLicenseOverview answers")
-        .into_inner()
 }
 
 fn in_use(o: &pb::GetLicenseOverviewResponse, feature: &str) -> u32 {
@@ -124,7 +75,7 @@ async fn health(server: &TestServer) -> Vec<ServingStatus> {
 }
 
 /// A licensed PBX on `redis` with `entitlements`; waits until it is active.
-async fn licensed(
+async fn licensed_pbx(
     redis: &RedisServer,
     tag: &str,
     entitlements: &[(Feature, u32)],
@@ -134,19 +85,14 @@ async fn licensed(
     vendor.write_license(&serial, Edition::Vm, Utc::now(), entitlements);
     let server = TestServer::start(licensed_config(Some(redis), &serial, &vendor)).await;
     let client = server.client().await;
-    let active = eventually(WAIT, || {
-        let mut c = client.clone();
-        async move { overview(&mut c).await.activation_state() == pb::ActivationState::Active }
-    })
-    .await;
-    assert!(active, "the license was never applied");
+    wait_active(&client).await;
     (server, client, vendor, serial)
 }
 
 #[tokio::test]
 async fn redis_outage_keeps_check_seat_and_refuses_writes() {
     let mut redis = RedisServer::start();
-    let (server, mut c, _vendor, _serial) = licensed(
+    let (server, mut c, _vendor, _serial) = licensed_pbx(
         &redis,
         "down",
         &[(Feature::User, 3), (Feature::CallAssist, 1)],
@@ -155,24 +101,24 @@ async fn redis_outage_keeps_check_seat_and_refuses_writes() {
     assign(&mut c, "alice", "").await.unwrap();
     assign(&mut c, "bob", "").await.unwrap();
     assign(&mut c, "alice", "call_assist").await.unwrap();
-    assert!(!check(&mut c, "alice", "").await.stale);
+    assert!(!checked(&mut c, "alice", "").await.stale);
 
     redis.kill();
     let stale = eventually(WAIT, || {
         let mut c = c.clone();
-        async move { check(&mut c, "alice", "").await.stale }
+        async move { checked(&mut c, "alice", "").await.stale }
     })
     .await;
     assert!(stale, "CheckSeat never reported stale while Redis is down");
 
     for (user, feature) in [("alice", ""), ("bob", "user"), ("alice", "call_assist")] {
-        let ck = check(&mut c, user, feature).await;
+        let ck = checked(&mut c, user, feature).await;
         assert!(ck.licensed, "{user}/{feature}: {ck:?}");
         assert!(ck.stale);
         assert_eq!(ck.reason(), pb::SeatReason::Assigned);
         assert_eq!(ck.source(), pb::SeatSource::Purchased);
     }
-    let carol = check(&mut c, "carol", "").await;
+    let carol = checked(&mut c, "carol", "").await;
     assert!(!carol.licensed && carol.stale);
     assert_eq!(carol.reason(), pb::SeatReason::NotAssigned);
 
@@ -185,14 +131,14 @@ async fn redis_outage_keeps_check_seat_and_refuses_writes() {
     );
     let (r, took) = timed(assign(&mut c, "alice", "")).await;
     assert_unavailable(r, took, "AssignSeat of a held seat");
-    let (r, took) = timed(release(&mut c, "bob")).await;
+    let (r, took) = timed(release(&mut c, "bob", "")).await;
     assert_unavailable(r, took, "ReleaseSeat");
-    let (r, took) = timed(list(&mut c)).await;
+    let (r, took) = timed(list_seats(&mut c, "", 1000)).await;
     assert_unavailable(r, took, "ListSeats");
 
     // Nothing was half-written: bob still holds his seat, carol none.
-    assert!(check(&mut c, "bob", "").await.licensed);
-    assert!(!check(&mut c, "carol", "").await.licensed);
+    assert!(checked(&mut c, "bob", "").await.licensed);
+    assert!(!checked(&mut c, "carol", "").await.licensed);
 
     // Reads of the last known state still answer.
     let t = c
@@ -217,7 +163,7 @@ async fn redis_outage_keeps_check_seat_and_refuses_writes() {
 #[tokio::test]
 async fn redis_back_empty_is_restored_from_the_replica() {
     let mut redis = RedisServer::start();
-    let (server, mut c, vendor, serial) = licensed(
+    let (server, mut c, vendor, serial) = licensed_pbx(
         &redis,
         "empty",
         &[(Feature::User, 3), (Feature::CallAssist, 1)],
@@ -226,24 +172,27 @@ async fn redis_back_empty_is_restored_from_the_replica() {
     assign(&mut c, "alice", "").await.unwrap();
     assign(&mut c, "bob", "").await.unwrap();
     assign(&mut c, "bob", "call_assist").await.unwrap();
-    let before = list(&mut c).await.unwrap();
+    let before = list_seats(&mut c, "", 1000).await.unwrap();
     assert_eq!(before.len(), 3);
 
     redis.restart_empty();
     let restored = eventually(WAIT, || {
         let mut c = c.clone();
         async move {
-            let ck = check(&mut c, "alice", "").await;
-            let listed = list(&mut c).await.map(|s| s.len()).unwrap_or(0);
+            let ck = checked(&mut c, "alice", "").await;
+            let listed = list_seats(&mut c, "", 1000)
+                .await
+                .map(|s| s.len())
+                .unwrap_or(0);
             ck.licensed && !ck.stale && listed == 3
         }
     })
     .await;
     assert!(restored, "the replica never repaired the empty Redis");
-    let after = list(&mut c).await.unwrap();
+    let after = list_seats(&mut c, "", 1000).await.unwrap();
     assert_eq!(users(&after), users(&before));
     assert_eq!(after, before, "seats keep their source and assigned_at");
-    assert!(check(&mut c, "bob", "call_assist").await.licensed);
+    assert!(checked(&mut c, "bob", "call_assist").await.licensed);
 
     // Capacity counts the restored seats.
     assert!(assign(&mut c, "carol", "").await.unwrap().created);
@@ -267,8 +216,8 @@ async fn redis_back_empty_is_restored_from_the_replica() {
     let o = overview(&mut r).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Active);
     assert_eq!(in_use(&o, "user"), 3);
-    assert!(check(&mut r, "alice", "").await.licensed);
-    assert!(check(&mut r, "carol", "").await.licensed);
+    assert!(checked(&mut r, "alice", "").await.licensed);
+    assert!(checked(&mut r, "carol", "").await.licensed);
     replica.shutdown().await;
     server.shutdown().await;
 }
@@ -276,16 +225,17 @@ async fn redis_back_empty_is_restored_from_the_replica() {
 #[tokio::test]
 async fn seats_survive_a_service_restart() {
     let redis = RedisServer::start();
-    let (server, mut c, vendor, serial) = licensed(&redis, "restart", &[(Feature::User, 2)]).await;
+    let (server, mut c, vendor, serial) =
+        licensed_pbx(&redis, "restart", &[(Feature::User, 2)]).await;
     let alice = assign(&mut c, "alice", "").await.unwrap().seat.unwrap();
     assign(&mut c, "bob", "").await.unwrap();
     server.shutdown().await;
 
     let server = TestServer::start(licensed_config(Some(&redis), &serial, &vendor)).await;
     let mut c = server.client().await;
-    let ck = check(&mut c, "alice", "").await;
+    let ck = checked(&mut c, "alice", "").await;
     assert!(ck.licensed && !ck.stale, "{ck:?}");
-    let seats = list(&mut c).await.unwrap();
+    let seats = list_seats(&mut c, "", 1000).await.unwrap();
     assert_eq!(
         users(&seats),
         [
@@ -339,7 +289,7 @@ async fn service_starts_while_redis_is_down() {
     );
     let (r, took) = timed(assign(&mut c, "alice", "")).await;
     assert_unavailable(r, took, "AssignSeat without Redis");
-    let (r, took) = timed(list(&mut c)).await;
+    let (r, took) = timed(list_seats(&mut c, "", 1000)).await;
     assert_unavailable(r, took, "ListSeats without Redis");
     let (r, took) = timed(c.start_tryout(pb::StartTryoutRequest {})).await;
     assert_unavailable(r, took, "StartTryout without Redis");
@@ -369,6 +319,6 @@ async fn service_starts_while_redis_is_down() {
     assert!(ready, "the replica never recovered once Redis came up");
     assert_eq!(health(&server).await, [ServingStatus::Serving; 2]);
     assert!(assign(&mut c, "alice", "").await.unwrap().created);
-    assert!(check(&mut c, "alice", "").await.licensed);
+    assert!(checked(&mut c, "alice", "").await.licensed);
     server.shutdown().await;
 }

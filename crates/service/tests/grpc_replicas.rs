@@ -12,7 +12,7 @@ use common::*;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
-use tonic::{Code, Status};
+use tonic::Code;
 use tonic_types::StatusExt as _;
 
 /// Upper bound for what one replica takes to see another's write.
@@ -86,56 +86,12 @@ impl Pair {
     }
 }
 
-async fn check(c: &mut Client, user: &str) -> pb::CheckSeatResponse {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .expect("CheckSeat")
-    .into_inner()
-}
-
-async fn assign(c: &mut Client, user: &str) -> Result<pb::AssignSeatResponse, Status> {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn release(c: &mut Client, user: &str) -> bool {
-    c.release_seat(pb::ReleaseSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .expect("ReleaseSeat")
-    .into_inner()
-    .released
-}
-
-async fn seats(c: &mut Client) -> Vec<pb::Seat> {
-    let page = c
-        .list_seats(pb::ListSeatsRequest {
-            feature: String::new(),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .expect("ListSeats")
-        .into_inner();
-    assert!(page.next_page_token.is_empty());
-    page.seats
-}
-
 /// Polls `c` until the user's CheckSeat is `licensed`; returns how long it took.
 async fn until_licensed(c: &Client, user: &str, licensed: bool) -> Duration {
     let started = Instant::now();
     let seen = eventually(PROPAGATION, || {
         let mut c = c.clone();
-        async move { check(&mut c, user).await.licensed == licensed }
+        async move { checked(&mut c, user, "").await.licensed == licensed }
     })
     .await;
     assert!(
@@ -176,7 +132,7 @@ async fn concurrent_assignments_never_exceed_capacity() {
             let mut c = clients[i % clients.len()].clone();
             let user = format!("user-{i:04}");
             tokio::spawn(async move {
-                let result = assign(&mut c, &user).await;
+                let result = assign(&mut c, &user, "").await;
                 (user, result)
             })
         })
@@ -205,12 +161,12 @@ async fn concurrent_assignments_never_exceed_capacity() {
 
     for server in [&pair.a, &pair.b] {
         let mut c = server.client().await;
-        let listed: BTreeSet<String> = seats(&mut c).await.into_iter().map(|s| s.user_id).collect();
+        let listed = seat_holder_set(&mut c).await;
         assert_eq!(listed, granted, "replica {}", server.addr);
     }
     until_in_use(&pair, 50).await;
     let mut b = pair.b.client().await;
-    let err = assign(&mut b, "one-more").await.unwrap_err();
+    let err = assign(&mut b, "one-more", "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 }
 
@@ -221,7 +177,7 @@ async fn concurrent_assignments_of_one_user_create_one_seat() {
     let tasks: Vec<_> = (0..100)
         .map(|i| {
             let mut c = clients[i % clients.len()].clone();
-            tokio::spawn(async move { assign(&mut c, "alice").await })
+            tokio::spawn(async move { assign(&mut c, "alice", "").await })
         })
         .collect();
     let mut created = 0;
@@ -249,32 +205,32 @@ async fn writes_on_one_replica_are_seen_by_the_other() {
     let mut a = pair.a.client().await;
     let mut b = pair.b.client().await;
 
-    assert!(!check(&mut b, "alice").await.licensed);
-    assert!(assign(&mut a, "alice").await.unwrap().created);
+    assert!(!checked(&mut b, "alice", "").await.licensed);
+    assert!(assign(&mut a, "alice", "").await.unwrap().created);
     let took = until_licensed(&b, "alice", true).await;
     println!("assign on A seen by B after {took:?}");
-    let on_b = check(&mut b, "alice").await;
+    let on_b = checked(&mut b, "alice", "").await;
     assert_eq!(on_b.reason(), pb::SeatReason::Assigned);
     assert_eq!(on_b.source(), pb::SeatSource::Purchased);
     assert!(!on_b.stale);
 
-    assert!(release(&mut a, "alice").await);
+    assert!(released(&mut a, "alice", "").await);
     let took = until_licensed(&b, "alice", false).await;
     println!("release on A seen by B after {took:?}");
     assert_eq!(
-        check(&mut b, "alice").await.reason(),
+        checked(&mut b, "alice", "").await.reason(),
         pb::SeatReason::NotAssigned
     );
 
     // And the other way round.
-    assert!(assign(&mut b, "bob").await.unwrap().created);
+    assert!(assign(&mut b, "bob", "").await.unwrap().created);
     let took = until_licensed(&a, "bob", true).await;
     println!("assign on B seen by A after {took:?}");
     // B's seat counts on A.
-    assert!(assign(&mut a, "carol").await.unwrap().created);
-    let err = assign(&mut a, "dave").await.unwrap_err();
+    assert!(assign(&mut a, "carol", "").await.unwrap().created);
+    let err = assign(&mut a, "dave", "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    let err = assign(&mut b, "dave").await.unwrap_err();
+    let err = assign(&mut b, "dave", "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 
     // A license applied on A raises the capacity on B at once: B re-plans
@@ -287,11 +243,11 @@ async fn writes_on_one_replica_are_seen_by_the_other() {
         .unwrap()
         .into_inner();
     assert_eq!(r.outcome(), pb::ReconcileOutcome::Updated);
-    let d = assign(&mut b, "dave")
+    let d = assign(&mut b, "dave", "")
         .await
         .expect("B uses the new capacity");
     assert!(d.created);
-    let err = assign(&mut a, "erin").await.unwrap_err();
+    let err = assign(&mut a, "erin", "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     let r = b
         .reconcile(pb::ReconcileRequest {})
@@ -329,10 +285,10 @@ async fn tryout_is_shared_by_the_replicas() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // The three test seats are shared.
-    assign(&mut a, "t1").await.unwrap();
-    assign(&mut b, "t2").await.unwrap();
-    assign(&mut a, "t3").await.unwrap();
-    let err = assign(&mut b, "t4").await.unwrap_err();
+    assign(&mut a, "t1", "").await.unwrap();
+    assign(&mut b, "t2", "").await.unwrap();
+    assign(&mut a, "t3", "").await.unwrap();
+    let err = assign(&mut b, "t4", "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 
     // Ended on B: A's test seats are over.
@@ -346,7 +302,7 @@ async fn tryout_is_shared_by_the_replicas() {
     assert_eq!(ended.state(), pb::TryoutState::Ended);
     until_licensed(&a, "t1", false).await;
     assert_eq!(
-        check(&mut a, "t1").await.reason(),
+        checked(&mut a, "t1", "").await.reason(),
         pb::SeatReason::TryoutOver
     );
     assert_eq!(tryout(&mut a).await.state(), pb::TryoutState::Ended);

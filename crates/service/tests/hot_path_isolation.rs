@@ -31,13 +31,6 @@ use tonic_types::StatusExt as _;
 /// Upper bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(10);
 
-fn check(user: &str) -> pb::CheckSeatRequest {
-    pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    }
-}
-
 fn reason(status: &tonic::Status) -> String {
     status
         .get_details_error_info()
@@ -114,7 +107,7 @@ async fn bodiless_streams_of_other_callers_take_no_check_seat_capacity() {
     );
     let server = TestServer::start(raw).await;
     let mut pbx = token_client(server.addr, &tokens[0]).await;
-    pbx.check_seat(check("alice")).await.unwrap();
+    pbx.check_seat(check_request("alice")).await.unwrap();
 
     // A monitoring caller opens GetTryoutStatus streams, another call-handling
     // caller CheckSeat streams; neither sends a body. Each stream has been
@@ -130,12 +123,12 @@ async fn bodiless_streams_of_other_callers_take_no_check_seat_capacity() {
     let (tryout_ready, checks_ready) = (tryout.line().await, checks.line().await);
 
     for i in 0..200 {
-        let answer = pbx.check_seat(check("alice")).await;
+        let answer = pbx.check_seat(check_request("alice")).await;
         assert!(answer.is_ok(), "CheckSeat {i} during the flood: {answer:?}");
     }
     let mut fresh = token_client(server.addr, &tokens[0]).await;
     fresh
-        .check_seat(check("alice"))
+        .check_seat(check_request("alice"))
         .await
         .expect("CheckSeat on a new connection during the flood");
 
@@ -146,7 +139,7 @@ async fn bodiless_streams_of_other_callers_take_no_check_seat_capacity() {
     }
     tryout.finish().await;
     checks.finish().await;
-    pbx.check_seat(check("alice")).await.unwrap();
+    pbx.check_seat(check_request("alice")).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +186,7 @@ async fn idle_connections_are_closed_and_capped_per_peer_and_in_total() {
     let server = TestServer::start(raw).await;
     // Call handling's connection is open before the idle sockets come.
     let mut pbx = server.client().await;
-    pbx.check_seat(check("alice")).await.unwrap();
+    pbx.check_seat(check_request("alice")).await.unwrap();
     let refused = |reason| metrics().connections_refused_count(reason);
     let before = ["per_peer", "total", "preface_timeout"].map(refused);
 
@@ -221,10 +214,10 @@ async fn idle_connections_are_closed_and_capped_per_peer_and_in_total() {
         "preface: {before:?} → {after:?}"
     );
     // Call handling's connection outlived the timeout: it sent its preface.
-    pbx.check_seat(check("alice")).await.unwrap();
+    pbx.check_seat(check_request("alice")).await.unwrap();
     // And the places are free again.
     let mut fresh = server.client().await;
-    fresh.check_seat(check("alice")).await.unwrap();
+    fresh.check_seat(check_request("alice")).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +240,7 @@ async fn a_silent_tls_client_is_closed_after_the_handshake_timeout() {
     );
     let channel = tls_channel(server.addr, &pki.ca_pem(), None).await;
     LicensingServiceClient::new(channel)
-        .check_seat(check("alice"))
+        .check_seat(check_request("alice"))
         .await
         .unwrap();
 }

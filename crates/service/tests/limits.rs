@@ -29,32 +29,18 @@ fn reason(status: &Status) -> String {
         .unwrap_or_default()
 }
 
-fn check(user: &str) -> pb::CheckSeatRequest {
-    pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    }
-}
-
-fn assign(user: &str) -> pb::AssignSeatRequest {
-    pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    }
-}
-
 #[tokio::test]
 async fn an_oversize_request_is_refused_and_the_server_lives() {
     let server = TestServer::start(config(None, &serial("size"))).await;
     let mut client = server.client().await;
     let huge = "u".repeat(70 * 1024); // over the default 64 KiB
-    let status = client.check_seat(check(&huge)).await.unwrap_err();
+    let status = client.check_seat(check_request(&huge)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
     // The same connection and server go on answering.
-    client.check_seat(check("alice")).await.unwrap();
+    client.check_seat(check_request("alice")).await.unwrap();
     let mut fresh = server.client().await;
-    fresh.check_seat(check("alice")).await.unwrap();
+    fresh.check_seat(check_request("alice")).await.unwrap();
     // The refusal (made before any handler ran) is in the audit trail.
     let entries = audited(&client, 1, |e| {
         e.method == "CheckSeat" && e.code == "RESOURCE_EXHAUSTED"
@@ -107,7 +93,7 @@ async fn the_server_deadline_ends_slow_calls_but_a_shorter_client_timeout_wins()
         other => panic!("{other:?}: {status:?}"),
     }
     // CheckSeat never waits on the store anyway.
-    client.check_seat(check("alice")).await.unwrap();
+    client.check_seat(check_request("alice")).await.unwrap();
     // The handler that was cut off wrote no audit entry; the deadline's layer
     // did (stored once the store answers again).
     let entries = audited(&client, 1, |e| {
@@ -167,7 +153,7 @@ async fn old_connections_are_sent_away_so_clients_reconnect() {
     cfg.limits.max_connection_age_grace_ms = 10_000;
     let server = TestServer::start(cfg).await;
     let (mut client, opened) = counting_client(server.addr).await;
-    client.check_seat(check("alice")).await.unwrap();
+    client.check_seat(check_request("alice")).await.unwrap();
     assert_eq!(opened.load(Ordering::SeqCst), 1);
     // Keep calling: once the first connection has had its GOAWAY the client
     // opens another, and no call is lost on the way.
@@ -175,7 +161,7 @@ async fn old_connections_are_sent_away_so_clients_reconnect() {
         let mut c = client.clone();
         let opened = opened.clone();
         async move {
-            c.check_seat(check("alice")).await.unwrap();
+            c.check_seat(check_request("alice")).await.unwrap();
             opened.load(Ordering::SeqCst) >= 2
         }
     })
@@ -220,7 +206,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     let client = server.client().await;
     wait_active(&client).await;
     let mut c = client.clone();
-    c.assign_seat(assign("held")).await.unwrap();
+    c.assign_seat(assign_request("held")).await.unwrap();
 
     // The store stalls: admitted writes and seat lists wait for it, so the
     // burst finds its budgets full.
@@ -228,7 +214,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     let writes = (0..40).map(|i| {
         let mut c = client.clone();
         async move {
-            c.assign_seat(assign(&format!("burst-{i}")))
+            c.assign_seat(assign_request(&format!("burst-{i}")))
                 .await
                 .map(|_| ())
         }
@@ -252,7 +238,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
         async move {
             let mut answers = Vec::new();
             for _ in 0..25 {
-                answers.push(c.check_seat(check("held")).await);
+                answers.push(c.check_seat(check_request("held")).await);
             }
             answers
         }
@@ -307,7 +293,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     }
     // Afterwards (the store answers again) the budgets are free.
     let mut c = client.clone();
-    c.assign_seat(assign("after")).await.unwrap();
+    c.assign_seat(assign_request("after")).await.unwrap();
     c.get_license_overview(pb::GetLicenseOverviewRequest {})
         .await
         .unwrap();
@@ -444,7 +430,7 @@ async fn failing_assigns_share_their_resyncs() {
     pause_redis(&redis, 500);
     let assigns = (0..64).map(|i| {
         let mut c = client.clone();
-        async move { c.assign_seat(assign(&format!("u{i}"))).await }
+        async move { c.assign_seat(assign_request(&format!("u{i}"))).await }
     });
     let answers = join_all(assigns).await;
     for answer in &answers {

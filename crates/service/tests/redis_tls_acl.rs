@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::redis_node::RedisNode;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
@@ -32,7 +31,7 @@ const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
 
 /// A Redis with TLS on `tls_port` (plain TCP stays for the test's own admin calls
 /// as the `default` user) and the service's ACL user.
-fn tls_redis(dir: &Path, tls_port: u16) -> RedisNode {
+fn tls_redis(dir: &Path, tls_port: u16) -> RedisServer {
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     std::fs::write(dir.join("redis.crt"), cert.cert.pem()).unwrap();
     std::fs::write(dir.join("redis.key"), cert.signing_key.serialize_pem()).unwrap();
@@ -56,7 +55,7 @@ fn tls_redis(dir: &Path, tls_port: u16) -> RedisNode {
     ];
     args.extend(user_rule.split(' ').map(str::to_owned));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    RedisNode::start(&args, Some(ADMIN_PASSWORD))
+    RedisServer::with_args(&args, Some(ADMIN_PASSWORD))
 }
 
 fn tls_config(dir: &Path, tls_port: u16, ca: &Path, vendor: &Vendor, serial: &str) -> RawConfig {
@@ -72,30 +71,6 @@ fn tls_config(dir: &Path, tls_port: u16, ca: &Path, vendor: &Vendor, serial: &st
         serial_number: serial.to_owned(),
         ..RawConfig::default()
     }
-}
-
-async fn assign(c: &mut Client, user: &str) -> Result<pb::Seat, tonic::Status> {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner().seat.expect("seat"))
-}
-
-async fn listed(c: &mut Client) -> Vec<String> {
-    c.list_seats(pb::ListSeatsRequest {
-        feature: String::new(),
-        page_size: 100,
-        page_token: String::new(),
-    })
-    .await
-    .expect("ListSeats")
-    .into_inner()
-    .seats
-    .into_iter()
-    .map(|s| s.user_id)
-    .collect()
 }
 
 #[tokio::test]
@@ -121,7 +96,7 @@ async fn every_flow_runs_over_tls_as_the_restricted_acl_user() {
 
     // Seats: written on A, seen on B through the change feed.
     for user in ["alice", "bob"] {
-        assign(&mut ca, user).await.expect("AssignSeat");
+        assigned(&mut ca, user, "").await;
     }
     assert!(
         eventually(WAIT, || {
@@ -130,7 +105,7 @@ async fn every_flow_runs_over_tls_as_the_restricted_acl_user() {
         })
         .await
     );
-    assert_eq!(listed(&mut cb).await, ["alice", "bob"]);
+    assert_eq!(seat_holders(&mut cb).await, ["alice", "bob"]);
     assert!(
         cb.release_seat(pb::ReleaseSeatRequest {
             user_id: "alice".into(),
@@ -174,16 +149,16 @@ async fn every_flow_runs_over_tls_as_the_restricted_acl_user() {
     assert!(
         eventually(WAIT, || {
             let mut ca = ca.clone();
-            async move { assign(&mut ca, "carol").await.is_ok() }
+            async move { assign(&mut ca, "carol", "").await.is_ok() }
         })
         .await,
         "no write after the store was restored"
     );
-    assert_eq!(listed(&mut ca).await, ["bob", "carol"]);
+    assert_eq!(seat_holders(&mut ca).await, ["bob", "carol"]);
     ca.reset_activation(pb::ResetActivationRequest {})
         .await
         .expect("ResetActivation");
-    assert!(listed(&mut cb).await.is_empty());
+    assert!(seat_holders(&mut cb).await.is_empty());
 
     // Nothing the service did was refused by the ACL, except the start-up check of
     // the eviction policy, which is best effort and not granted on purpose.

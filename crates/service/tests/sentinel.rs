@@ -9,14 +9,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
-use common::redis_node::RedisNode;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature};
-use comtrexx_licensing::grpc::pb;
 use parking_lot::Mutex;
 
 const MASTER: &str = "seats";
@@ -25,19 +23,19 @@ const FAILOVER: Duration = Duration::from_secs(30);
 
 /// A master, its replica and three sentinels watching them.
 struct Cluster {
-    master: RedisNode,
-    replica: RedisNode,
-    sentinels: Vec<RedisNode>,
+    master: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<RedisServer>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let master = RedisNode::start(&[], None);
-        let replica = RedisNode::replica_of(&master);
+        let master = RedisServer::with_args(&[], None);
+        let replica = RedisServer::replica_of(&master);
         let sentinels: Vec<_> = (0..3)
-            .map(|_| RedisNode::sentinel(dir.path(), MASTER, &master))
+            .map(|_| RedisServer::sentinel(dir.path(), MASTER, &master))
             .collect();
         let cluster = Self {
             master,
@@ -69,12 +67,8 @@ impl Cluster {
     }
 
     /// Polls `check` (bounded by [`FAILOVER`]).
-    fn until(&self, what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + FAILOVER;
-        while !check() {
-            assert!(Instant::now() < deadline, "timed out: {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn until(&self, what: &str, check: impl FnMut() -> bool) {
+        assert!(eventually_blocking(FAILOVER, check), "timed out: {what}");
     }
 
     fn url(&self) -> String {
@@ -89,7 +83,7 @@ impl Cluster {
     /// The master's port as the first sentinel that answers names it.
     fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|s| {
-            redis::Client::open(s.admin_url())
+            redis::Client::open(s.url())
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| {
                     redis::cmd("SENTINEL")
@@ -128,48 +122,8 @@ fn sentinel_config(cluster: &Cluster, vendor: &Vendor, serial: &str) -> RawConfi
     }
 }
 
-async fn assign(c: &mut Client, user: &str) -> Result<(), tonic::Status> {
-    c.assign_seat(pb::AssignSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .map(drop)
-}
-
-/// Every user with a seat, as ListSeats pages through them.
-async fn listed(c: &mut Client) -> BTreeSet<String> {
-    let mut users = BTreeSet::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .list_seats(pb::ListSeatsRequest {
-                feature: String::new(),
-                page_size: 1000,
-                page_token: token,
-            })
-            .await
-            .expect("ListSeats")
-            .into_inner();
-        users.extend(page.seats.into_iter().map(|s| s.user_id));
-        if page.next_page_token.is_empty() {
-            return users;
-        }
-        token = page.next_page_token;
-    }
-}
-
-async fn licensed(c: &mut Client, user: &str) -> bool {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .is_ok_and(|r| r.into_inner().licensed)
-}
-
 /// The users holding a purchased user seat in the data of the node on `port`.
-fn stored_users(node: &RedisNode, serial: &str) -> BTreeSet<String> {
+fn stored_users(node: &RedisServer, serial: &str) -> BTreeSet<String> {
     redis::cmd("HKEYS")
         .arg(format!("lic:{{{serial}}}:seats:user:purchased"))
         .query(&mut node.connection())
@@ -178,8 +132,8 @@ fn stored_users(node: &RedisNode, serial: &str) -> BTreeSet<String> {
 
 /// Asserts that every user in `acknowledged` holds a seat: in ListSeats, in
 /// CheckSeat, and in the data of the master `node`.
-async fn assert_kept(c: &mut Client, node: &RedisNode, serial: &str, acknowledged: &[String]) {
-    let listed = listed(c).await;
+async fn assert_kept(c: &mut Client, node: &RedisServer, serial: &str, acknowledged: &[String]) {
+    let listed = seat_holder_set(c).await;
     let stored = stored_users(node, serial);
     let lost: Vec<_> = acknowledged
         .iter()
@@ -191,7 +145,7 @@ async fn assert_kept(c: &mut Client, node: &RedisNode, serial: &str, acknowledge
         assert!(
             eventually(Duration::from_secs(10), || {
                 let mut c = c.clone();
-                async move { licensed(&mut c, user).await }
+                async move { check(&mut c, user, "").await.is_ok_and(|r| r.licensed) }
             })
             .await,
             "{user} is not licensed"
@@ -210,7 +164,7 @@ async fn seats_survive_a_sentinel_failover_and_writes_go_on() {
     wait_active(&c).await;
     let before: Vec<String> = (0..10).map(|i| format!("before-{i}")).collect();
     for user in &before {
-        assign(&mut c, user).await.expect("AssignSeat");
+        assigned(&mut c, user, "").await;
     }
     assert_eq!(cluster.master_port(), Some(cluster.master.port));
 
@@ -225,7 +179,7 @@ async fn seats_survive_a_sentinel_failover_and_writes_go_on() {
     assert!(
         eventually(FAILOVER, || {
             let mut c = c.clone();
-            async move { assign(&mut c, "after").await.is_ok() }
+            async move { assign(&mut c, "after", "").await.is_ok() }
         })
         .await,
         "no write succeeded after the failover"
@@ -256,7 +210,7 @@ async fn a_failover_under_write_load_loses_no_acknowledged_seat() {
                         return;
                     }
                     let user = format!("w{w}-{n}");
-                    if assign(&mut c, &user).await.is_ok() {
+                    if assign(&mut c, &user, "").await.is_ok() {
                         acknowledged.lock().push(user);
                     }
                 }
@@ -274,7 +228,7 @@ async fn a_failover_under_write_load_loses_no_acknowledged_seat() {
     cluster.master.kill();
     let at_kill = acked();
     cluster.wait_promoted();
-    cluster.master.restart();
+    cluster.master.restart_empty();
     assert!(
         eventually(FAILOVER, || std::future::ready(acked() >= at_kill + 100)).await,
         "the service did not keep writing after the failover ({} acknowledged since the kill)",

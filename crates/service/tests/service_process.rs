@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, unused_port};
+use common::{eventually, eventually_blocking, eventually_some, unused_port};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
@@ -35,6 +35,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_comtrexx-licensing");
 struct Service {
     child: Child,
     output: Arc<Mutex<String>>,
+    /// The threads that copy stdout and stderr into `output`.
+    readers: Vec<std::thread::JoinHandle<()>>,
     grpc: u16,
 }
 
@@ -56,6 +58,7 @@ impl Service {
         }
         let mut child = cmd.spawn().expect("start the service binary");
         let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stdout
@@ -70,7 +73,7 @@ impl Service {
         .flatten()
         {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut pipe = pipe;
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut buf) {
@@ -82,11 +85,12 @@ impl Service {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
+            }));
         }
         Self {
             child,
             output,
+            readers,
             grpc,
         }
     }
@@ -98,35 +102,33 @@ impl Service {
     /// Connects once the service answers (bounded); panics with its output if it
     /// exited or never answered.
     async fn client(&mut self) -> LicensingServiceClient<Channel> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(c) =
-                LicensingServiceClient::connect(format!("http://127.0.0.1:{}", self.grpc)).await
-            {
-                return c;
-            }
+        let endpoint = format!("http://127.0.0.1:{}", self.grpc);
+        let client = eventually_some(Duration::from_secs(60), || {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the service exited ({status}):\n{}", self.output());
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the service did not answer within 60 s:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let endpoint = endpoint.clone();
+            async move { LicensingServiceClient::connect(endpoint).await.ok() }
+        })
+        .await;
+        client
+            .unwrap_or_else(|| panic!("the service did not answer within 60 s:\n{}", self.output()))
     }
 
     /// Waits (bounded) for the process to exit; its status code.
     fn exit_code(&mut self) -> Option<i32> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            assert!(std::time::Instant::now() < deadline, "{}", self.output());
-            std::thread::sleep(Duration::from_millis(20));
+        let mut code = None;
+        let exited = eventually_blocking(Duration::from_secs(30), || {
+            let status = self.child.try_wait().ok().flatten();
+            code = status.map(|s| s.code());
+            status.is_some()
+        });
+        assert!(exited, "{}", self.output());
+        // The output is whole once its readers saw the pipes close.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
+        code.flatten()
     }
 }
 

@@ -127,18 +127,17 @@ impl Service {
 
     /// Waits (bounded) for the process to exit; its exit status.
     fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "service did not exit within {within:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut status = None;
+        let exited = eventually_blocking(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "service did not exit within {within:?}; log:\n{}",
+            self.log_text()
+        );
+        status.expect("exited")
     }
 
     fn log_text(&self) -> String {

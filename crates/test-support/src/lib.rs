@@ -4,14 +4,18 @@
 //! proxy, the raw HTTP/2 flood client and gRPC call helpers.
 #![allow(dead_code, clippy::missing_panics_doc)]
 
+pub mod calls;
 pub mod flood;
 pub mod pki;
 pub mod proxy;
-pub mod redis_node;
+pub mod redis_server;
+
+pub use calls::*;
+pub use redis_server::RedisServer;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -23,171 +27,6 @@ use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
 
 pub type Client = LicensingServiceClient<Channel>;
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("find a free port")
-}
-
-/// A `redis-server` of the test's own, without automatic persistence (snapshots
-/// only when a test asks), killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-    // Where its RDB snapshots go (its working directory).
-    dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    pub fn start() -> Self {
-        let port = free_port();
-        let mut server = Self {
-            port,
-            child: None,
-            dir: tempfile::tempdir().expect("a directory for redis-server"),
-        };
-        server.spawn();
-        server
-    }
-
-    fn rdb(&self) -> PathBuf {
-        self.dir.path().join("dump.rdb")
-    }
-
-    /// Writes an RDB snapshot now (`SAVE`) and keeps a copy; returns the copy.
-    pub fn save_snapshot(&self) -> PathBuf {
-        let _: () = redis::cmd("SAVE")
-            .query(&mut self.connection())
-            .expect("SAVE");
-        let copy = self
-            .dir
-            .path()
-            .join(format!("snapshot-{:08x}.rdb", rand::random::<u32>()));
-        std::fs::copy(self.rdb(), &copy).expect("copy the RDB snapshot");
-        copy
-    }
-
-    /// Kills the server (SIGKILL) and starts it again on the same port from an
-    /// older snapshot: the same epoch, versions gone back.
-    pub fn restart_from(&mut self, snapshot: &Path) {
-        self.kill();
-        std::fs::copy(snapshot, self.rdb()).expect("put the snapshot in place");
-        self.spawn();
-    }
-
-    /// `FLUSHALL`: every key gone, the server keeps running.
-    pub fn flushall(&self) {
-        let _: () = redis::cmd("FLUSHALL")
-            .query(&mut self.connection())
-            .expect("FLUSHALL");
-    }
-
-    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its sockets
-    /// open and answers nothing meanwhile.
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {pid}");
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dbfilename",
-                "dump.rdb",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}). The Redis tests need `redis-server` on PATH: \
-                     install it (Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) \
-                     or run scripts/install-tools.sh"
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // The server answering must be ours: another test's redis-server may
-            // have taken the port first (ours then exits), and must not be used.
-            if let Ok(client) = redis::Client::open(self.url())
-                && let Ok(mut conn) = client.get_connection()
-                && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn)
-            {
-                let ours = self.child.as_ref().map(|c| c.id());
-                let pid = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("process_id:"))
-                    .and_then(|p| p.trim().parse::<u32>().ok());
-                if pid == ours {
-                    return;
-                }
-                self.kill();
-                self.port = free_port();
-                return self.spawn();
-            }
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                // Exited (e.g. the port was taken): try another port.
-                self.port = free_port();
-                return self.spawn();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not come up on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (SIGKILL): its data is gone.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port, empty.
-    pub fn restart_empty(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_file(self.rdb());
-        self.spawn();
-    }
-
-    pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A development vendor key and license files signed with it.
 pub struct Vendor {
@@ -261,34 +100,54 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_some(within, || {
+        let held = check();
+        async move { held.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Polls `probe` until it yields a value or `within` passes; returns the value,
+/// or `None` on time-out.
+pub async fn eventually_some<T, F, Fut>(within: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = Instant::now() + within;
     loop {
-        if check().await {
-            return true;
+        if let Some(value) = probe().await {
+            return Some(value);
         }
         if Instant::now() > deadline {
-            return false;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// A port nothing listens on (at the moment of asking).
-pub fn unused_port() -> u16 {
-    free_port()
+/// [`eventually`] outside a runtime (e.g. for a process to exit): polls `check`
+/// every 10 ms until it holds or `within` passes; returns whether it held.
+pub fn eventually_blocking(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
-impl RedisServer {
-    /// A server on a given port, e.g. one a service was pointed at while it was down.
-    pub fn start_on(port: u16) -> Self {
-        let mut server = Self {
-            port,
-            child: None,
-            dir: tempfile::tempdir().expect("a directory for redis-server"),
-        };
-        server.spawn();
-        server
-    }
+/// A port nothing listens on (at the moment of asking).
+pub fn unused_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
 }
 
 /// A running `licensing-sim serve` (the development licensing server) on a port of
@@ -408,58 +267,6 @@ impl Drop for SimProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// The license overview (panics on an error: for tests where it cannot fail).
-pub async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
-        .await
-        .expect("GetLicenseOverview")
-        .into_inner()
-}
-
-/// `StartTryout`: the tryout status, or the refusal.
-pub async fn start_tryout(c: &mut Client) -> Result<pb::TryoutStatus, tonic::Status> {
-    c.start_tryout(pb::StartTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status is set"))
-}
-
-/// `EndTryout`: the tryout status, or the refusal.
-pub async fn end_tryout(c: &mut Client) -> Result<pb::TryoutStatus, tonic::Status> {
-    c.end_tryout(pb::EndTryoutRequest {})
-        .await
-        .map(|r| r.into_inner().status.expect("status is set"))
-}
-
-/// `GetTryoutStatus` (panics on an error: for tests where it cannot fail).
-pub async fn tryout(c: &mut Client) -> pb::TryoutStatus {
-    c.get_tryout_status(pb::GetTryoutStatusRequest {})
-        .await
-        .expect("GetTryoutStatus")
-        .into_inner()
-        .status
-        .expect("status is set")
-}
-
-/// `Reconcile` (panics on an error: for tests where it cannot fail).
-pub async fn reconcile(c: &mut Client) -> pb::ReconcileResponse {
-    c.reconcile(pb::ReconcileRequest {})
-        .await
-        .expect("Reconcile")
-        .into_inner()
-}
-
-/// Whether `CheckSeat` says `user` holds a user seat (panics on an error).
-pub async fn licensed(c: &mut Client, user: &str) -> bool {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-    })
-    .await
-    .expect("CheckSeat")
-    .into_inner()
-    .licensed
 }
 
 /// Waits (bounded) until the license is applied: the start-up reconcile ran.

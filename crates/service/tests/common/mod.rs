@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use comtrexx_licensing::app::App;
@@ -82,13 +82,12 @@ impl TestServer {
     /// Waits until the mirror has read the store once (bounded).
     async fn wait_synced(&self) {
         let mirror = &self.app_parts.as_ref().unwrap().mirror;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while mirror.read(|s| s.position.is_none()) {
-            if Instant::now() > deadline {
-                return; // store unreachable: tests of that case go on
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // On time-out the store is unreachable: tests of that case go on.
+        let _synced = eventually(Duration::from_secs(10), || {
+            let synced = mirror.read(|s| s.position.is_some());
+            async move { synced }
+        })
+        .await;
     }
 
     pub async fn client(&self) -> Client {
