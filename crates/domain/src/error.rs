@@ -1,7 +1,6 @@
 //! The domain's errors. Callers branch on the variant; `grpc::status` maps each one
 //! to exactly one gRPC status code.
 
-
 use super::ids::Feature;
 
 pub use super::ids::InvalidInput;
@@ -31,6 +30,16 @@ pub enum LicensingError {
     /// was written.
     #[error("seat store unavailable: {0}")]
     Unavailable(String),
+
+    /// A write lost a race with a concurrent change (another replica's write,
+    /// the reconcile lease held elsewhere) and wrote nothing: retrying is safe.
+    #[error("{0}")]
+    Aborted(String),
+
+    /// The vendor's licensing server could not be reached or did not answer in
+    /// time; nothing changed here.
+    #[error("licensing server unavailable: {0}")]
+    LicensingServerUnavailable(String),
 
     /// The replica knows nothing yet (never reached the store, no state file):
     /// a read that would answer definitely from nothing is refused instead.

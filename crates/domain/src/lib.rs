@@ -6,6 +6,7 @@ pub mod activation;
 pub mod audit;
 pub mod capacity;
 pub mod clock;
+pub mod decision;
 pub mod error;
 pub mod ids;
 pub mod initcode;
@@ -17,6 +18,7 @@ pub mod tryout;
 
 pub use activation::{Activation, ActivationState, LapseAction};
 pub use clock::{Clock, ManualClock, SystemClock, TimeAuthority};
+pub use decision::{LicenseState, Rules};
 pub use error::{InvalidInput, LicensingError};
 pub use ids::{Edition, Feature, SerialNumber, UserId};
 pub use license::{Entitlement, LicensePayload, LicenseRejection, SignedLicense};

@@ -125,6 +125,13 @@ pub fn to_status(error: LicensingError) -> Status {
             (Code::FailedPrecondition, *reason, HashMap::new())
         }
         LicensingError::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE", HashMap::new()),
+        // Nothing was written: the state moved on meanwhile; retry.
+        LicensingError::Aborted(_) => (Code::Aborted, "CONCURRENT_CHANGE", HashMap::new()),
+        LicensingError::LicensingServerUnavailable(_) => (
+            Code::Unavailable,
+            "LICENSING_SERVER_UNAVAILABLE",
+            HashMap::new(),
+        ),
         // Retry shortly, or ask another replica: never a definite "not licensed".
         LicensingError::NoStateYet(_) => (Code::Unavailable, "NO_STATE_YET", HashMap::new()),
         LicensingError::Internal(_) => (Code::Internal, "INTERNAL", HashMap::new()),
@@ -260,6 +267,11 @@ mod tests {
                 LicensingError::Unavailable("down".into()),
                 Code::Unavailable,
             ),
+            (LicensingError::Aborted("raced".into()), Code::Aborted),
+            (
+                LicensingError::LicensingServerUnavailable("down".into()),
+                Code::Unavailable,
+            ),
             (LicensingError::Internal("bug".into()), Code::Internal),
         ];
         for (error, code) in cases {
@@ -273,6 +285,20 @@ mod tests {
         assert!(status.message().contains("capacity 5") && status.message().contains("in use 5"));
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NO_FREE_SEAT");
+        // A store outage and a licensing-server outage are told apart.
+        let reason = |e| to_status(e).get_details_error_info().unwrap().reason;
+        assert_eq!(
+            reason(LicensingError::Unavailable("down".into())),
+            "STORE_UNAVAILABLE"
+        );
+        assert_eq!(
+            reason(LicensingError::LicensingServerUnavailable("down".into())),
+            "LICENSING_SERVER_UNAVAILABLE"
+        );
+        assert_eq!(
+            reason(LicensingError::Aborted("raced".into())),
+            "CONCURRENT_CHANGE"
+        );
         assert_eq!(info.metadata["capacity"], "5");
     }
 

@@ -479,9 +479,12 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
     let genuine_c = recreate(&mut admin, &serial, &code_c).await;
     clock.advance(chrono::Duration::minutes(11));
     let active = overview(&mut c).await;
-    assert_eq!(
-        code_of(apply(&mut c, &genuine_c).await),
-        Code::InvalidArgument
+    // Well formed, but the state moved on: FAILED_PRECONDITION, saying what to do.
+    let expired = apply(&mut c, &genuine_c).await.unwrap_err();
+    assert_eq!(expired.code(), Code::FailedPrecondition, "{expired:?}");
+    assert!(
+        expired.message().contains("expired") && expired.message().contains("create a new code"),
+        "{expired:?}"
     );
     assert_eq!(overview(&mut c).await, active);
     assert_eq!(entitlements(&active.entitlements), [ent("user", 5, 1)]);

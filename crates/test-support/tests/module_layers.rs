@@ -24,7 +24,7 @@ const LAYERS: &[(&str, &[&[&str]])] = &[
             &["error", "license", "tryout"],
             &["initcode", "activation"],
             &["seats", "signed_tryout"],
-            &["capacity"],
+            &["capacity", "decision"],
         ],
     ),
     ("proto", &[&[]]),

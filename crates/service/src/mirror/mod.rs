@@ -29,8 +29,8 @@ use tokio::sync::watch;
 
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AppliedLicense, Clock, Edition, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber,
-    TryoutPolicy, TryoutRecord, UserId,
+    AppliedLicense, Clock, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
+    SerialNumber, TryoutPolicy, TryoutRecord, UserId,
 };
 use crate::events::EventHub;
 use crate::store::{
@@ -160,6 +160,15 @@ pub struct MirrorState {
 impl MirrorState {
     pub fn seat(&self, feature: Feature, user_id: &str) -> Option<MirrorSeat> {
         self.seats.get(&feature)?.get(user_id).copied()
+    }
+
+    /// What the seat decision reads of this copy (`domain::decision`).
+    pub fn license_state(&self) -> LicenseState<'_> {
+        LicenseState {
+            license: self.license.as_ref(),
+            tryout: self.tryout.as_ref(),
+            reconcile: &self.reconcile,
+        }
     }
 
     pub fn count(&self, feature: Feature, source: SeatSource) -> u32 {

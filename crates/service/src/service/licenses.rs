@@ -116,10 +116,13 @@ impl Licensing {
             let pending = match pending {
                 Some(p) if p.nonce == nonce && now < p.expires_at => p,
                 Some(p) if p.nonce == nonce => {
-                    return Err(invalid(format!(
-                        "answers an initialization code that expired at {}; create a new code",
-                        p.expires_at
-                    )));
+                    return Err(LicensingError::precondition(
+                        "INITIALIZATION_CODE_EXPIRED",
+                        format!(
+                            "the activation response answers an initialization code that expired at {}; create a new code (CreateInitializationCode) and have it answered again",
+                            p.expires_at
+                        ),
+                    ));
                 }
                 _ if attempt == 0 => {
                     // The code may have been made on another replica a moment ago.
@@ -162,8 +165,8 @@ impl Licensing {
                 }
             }
         }
-        Err(LicensingError::Unavailable(
-            "licenses changed during the activation; retry".into(),
+        Err(LicensingError::Aborted(
+            "licenses changed during the activation and nothing was applied; retry".into(),
         ))
     }
 
@@ -183,9 +186,9 @@ impl Licensing {
             .retry(|| source.activate(&code))
             .await
             .map_err(|e| match e {
-                UpstreamError::Transient(m) => {
-                    LicensingError::Unavailable(format!("licensing server unreachable: {m}"))
-                }
+                UpstreamError::Transient(m) => LicensingError::LicensingServerUnavailable(format!(
+                    "no answer to the activation ({m}); nothing changed, retry"
+                )),
                 UpstreamError::Conclusive(m) => LicensingError::precondition(
                     "ACTIVATION_REFUSED",
                     format!("the licensing server refused the activation: {m}"),
@@ -226,7 +229,7 @@ impl Licensing {
                     tokio::time::sleep(StdDuration::from_millis(100)).await;
                 }
                 None => {
-                    return Err(LicensingError::Unavailable(
+                    return Err(LicensingError::Aborted(
                         "another replica is reconciling; retry shortly".into(),
                     ));
                 }
@@ -406,8 +409,9 @@ impl Licensing {
                 None if fence.is_some() => {
                     // Our lease ran out and another replica holds it now: leave
                     // the outcome to that replica (nothing is recorded).
-                    return Err(LicensingError::Unavailable(
-                        "the reconcile lease passed to another replica".into(),
+                    return Err(LicensingError::Aborted(
+                        "the reconcile lease passed to another replica, which records the outcome"
+                            .into(),
                     ));
                 }
                 None => self
@@ -417,8 +421,8 @@ impl Licensing {
                     .map_err(store_error)?,
             }
         }
-        Err(LicensingError::Unavailable(
-            "license changed concurrently; retry".into(),
+        Err(LicensingError::Aborted(
+            "license changed concurrently and nothing was applied; retry".into(),
         ))
     }
 

@@ -21,8 +21,8 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::domain::activation::{self, Activation};
 use crate::domain::signed_tryout::{self, SignedTryout, TryoutQuestion, VendorTryout};
 use crate::domain::{
-    ActivationState, Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses,
-    LicensingError, ReconcileOutcome, ReconcileStatus, Seat, SeatCheck, SeatSource, SerialNumber,
+    Clock, Edition, Entitlement, Feature, InvalidInput, LapseAction, Licenses, LicensingError,
+    ReconcileOutcome, ReconcileStatus, Rules, Seat, SeatCheck, SeatSource, SerialNumber,
     TimeAuthority, TryoutPolicy, TryoutRecord, TryoutView, UserId, tryout,
 };
 use crate::mirror::{Mirror, MirrorState};
@@ -193,22 +193,22 @@ impl Licensing {
         }
     }
 
-    /// The activation at `now`. Without a license source nothing can confirm or
-    /// lapse a license: it stays active.
-    fn activation(&self, state: &MirrorState, now: DateTime<Utc>) -> Activation {
-        let a = activation::activation(
-            state.license.as_ref(),
-            &state.reconcile,
-            now,
-            self.settings.grace,
-        );
-        if self.source.is_none() && a.state != ActivationState::NotInitialized {
-            return Activation {
-                state: ActivationState::Active,
-                grace_ends_at: None,
-            };
+    /// The PBX's fixed rules of the seat decision (the domain's `Rules`).
+    fn rules(&self) -> Rules {
+        Rules {
+            edition: self.settings.edition,
+            tryout: self.settings.tryout,
+            over_capacity_grace: self.settings.over_capacity_grace,
+            grace: self.settings.grace,
+            lapse_action: self.settings.lapse_action,
+            has_license_source: self.source.is_some(),
         }
-        a
+    }
+
+    /// The activation at `now` (`Rules::activation`: without a license source
+    /// nothing can confirm or lapse a license, so it stays active).
+    fn activation(&self, state: &MirrorState, now: DateTime<Utc>) -> Activation {
+        self.rules().activation(&state.license_state(), now)
     }
 
     /// The time decisions are made at: the node clock as the time authority
@@ -258,15 +258,7 @@ impl Licensing {
     }
 
     fn licenses<'a>(&self, state: &'a MirrorState, now: DateTime<Utc>) -> Licenses<'a> {
-        Licenses {
-            edition: self.settings.edition,
-            license: state.license.as_ref(),
-            tryout: state.tryout.as_ref(),
-            tryout_policy: self.settings.tryout,
-            over_capacity_grace: self.settings.over_capacity_grace,
-            activation: self.activation(state, now).state,
-            lapse_action: self.settings.lapse_action,
-        }
+        self.rules().licenses(&state.license_state(), now)
     }
 
     /// The purchased quantity of a seat feature now (0 when the license does not
@@ -313,8 +305,8 @@ impl Licensing {
                 .seat(feature, user.as_str())
                 .map(|s| s.to_seat(user.clone(), feature));
             Some(
-                self.licenses(state, now)
-                    .check_seat(feature, seat.as_ref(), now),
+                self.rules()
+                    .check_seat(&state.license_state(), feature, seat.as_ref(), now),
             )
         });
         let check = check.ok_or_else(|| self.no_state())?;
@@ -387,8 +379,8 @@ impl Licensing {
                 }
             }
         }
-        Err(LicensingError::Unavailable(
-            "licenses changed during the assignment; retry".into(),
+        Err(LicensingError::Aborted(
+            "licenses changed during the assignment and no seat was written; retry".into(),
         ))
     }
 
@@ -419,8 +411,9 @@ impl Licensing {
                 Err(e) => self.repair_then_retry(e).await?,
             }
         }
-        Err(LicensingError::Unavailable(
-            "licenses changed during the release; retrying it is safe".into(),
+        Err(LicensingError::Aborted(
+            "licenses changed during the release and nothing was released; retrying it is safe"
+                .into(),
         ))
     }
 
@@ -498,7 +491,7 @@ impl Licensing {
             .start_tryout(&self.settings.serial, started_at, &nonce)
             .await
             .map_err(|e| match e {
-                UpstreamError::Transient(m) => LicensingError::Unavailable(format!(
+                UpstreamError::Transient(m) => LicensingError::LicensingServerUnavailable(format!(
                     "the licensing server must confirm the tryout start and did not answer ({m}); nothing was started, retry"
                 )),
                 UpstreamError::Conclusive(m) => LicensingError::precondition(
@@ -615,8 +608,8 @@ impl Licensing {
                 Err(e) => self.repair_then_retry(e).await?,
             }
         }
-        Err(LicensingError::Unavailable(
-            "tryout changed concurrently; retry".into(),
+        Err(LicensingError::Aborted(
+            "tryout changed concurrently and nothing was written; retry".into(),
         ))
     }
 
@@ -740,3 +733,6 @@ pub fn decode_token(raw: &str, filter: Option<Feature>) -> Result<SeatKey, Inval
         user_id: UserId::parse(&token.user).map_err(|_| bad())?,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,6 @@
 //! Where seats, the applied license, the tryout record and the reconcile status
 //! live. Two implementations, held to one conformance suite
-//! (`tests/store_conformance.rs`):
+//! (`tests/store_conformance/`):
 //!
 //! - [`memory::MemoryStore`]: embedded, for one-command local runs; lost on restart.
 //! - [`redis::RedisStore`]: shared by all replicas; every write is one Lua script.
