@@ -141,15 +141,30 @@ mod tests {
             reconcile: &failing,
         };
         let later = t0() + Duration::days(60);
-        let with_source = rules(true).check_seat(&state, Feature::User, Some(&seat()), later);
-        assert!(!with_source.licensed);
-        assert_eq!(with_source.reason, SeatReason::LicenseLapsed);
+        // With a source: lapsed after the grace; the first cause of a user
+        // without a seat is the PBX's (existing seats stay, `DenyNew`).
+        assert_eq!(
+            rules(true).activation(&state, later).state,
+            ActivationState::Lapsed
+        );
+        let with_source = rules(true).check_seat(&state, Feature::User, None, later);
+        assert_eq!(
+            (with_source.licensed, with_source.reason),
+            (false, SeatReason::LicenseLapsed)
+        );
+        let kept = rules(true).check_seat(&state, Feature::User, Some(&seat()), later);
+        assert!(kept.licensed);
         let in_grace = rules(true).activation(&state, t0() + Duration::days(2));
         assert_eq!(in_grace.state, ActivationState::Grace);
         // No source: nothing could confirm it, so nothing lapses.
-        let without = rules(false).check_seat(&state, Feature::User, Some(&seat()), later);
-        assert!(without.licensed);
-        assert_eq!(without.reason, SeatReason::Assigned);
+        let without = rules(false).check_seat(&state, Feature::User, None, later);
+        assert_eq!(
+            (without.licensed, without.reason),
+            (false, SeatReason::NotAssigned)
+        );
+        let licensed = rules(false).check_seat(&state, Feature::User, Some(&seat()), later);
+        assert!(licensed.licensed);
+        assert_eq!(licensed.reason, SeatReason::Assigned);
         assert_eq!(
             rules(false).activation(&state, later),
             Activation {

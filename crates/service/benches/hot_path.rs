@@ -519,8 +519,13 @@ async fn main() {
             edition: Edition::Vm,
         };
         let before = rss_bytes();
-        let mirror = Mirror::new(verifier, MirrorConfig::default(), Arc::new(SystemClock));
-        mirror.resync_now(&store).await.unwrap();
+        let mirror = Mirror::new(
+            Arc::new(store),
+            verifier,
+            MirrorConfig::default(),
+            Arc::new(SystemClock),
+        );
+        mirror.resync_now().await.unwrap();
         let after = rss_bytes();
         assert_eq!(mirror.read(|s| s.seat_total()), n);
         println!(

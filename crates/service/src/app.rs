@@ -71,7 +71,13 @@ impl App {
             edition: config.edition,
         };
         let mirror = Arc::new(
-            Mirror::new(verifier.clone(), config.mirror, clock.clone()).with_tryout(config.tryout),
+            Mirror::new(
+                store.clone(),
+                verifier.clone(),
+                config.mirror,
+                clock.clone(),
+            )
+            .with_tryout(config.tryout),
         );
         let state_file = match &config.state_dir {
             Some(dir) => {
@@ -209,7 +215,7 @@ impl App {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let mirror_task = tokio::spawn(self.mirror.clone().run(self.store.clone(), stopped()));
+        let mirror_task = tokio::spawn(self.mirror.clone().run(stopped()));
         if let Some(redis) = self.redis.clone() {
             tokio::spawn(warn_about_eviction(redis));
         }
@@ -253,7 +259,7 @@ impl App {
         // Before going, make sure the store holds what this replica saw: a store
         // that went back is repaired now, not left to replicas started later that
         // never saw the lost writes (a rolling restart).
-        final_check(&self.mirror, self.store.as_ref()).await;
+        final_check(&self.mirror).await;
         let _ = stop_tx.send(true);
         let _ = mirror_task.await;
         let _ = reconcile_task.await;
@@ -282,10 +288,10 @@ impl App {
 /// (restart, failover) fails the first command on a connection it dropped;
 /// giving up then would leave the writes only this replica knows to be lost
 /// with it.
-async fn final_check(mirror: &Mirror, store: &dyn Store) {
+async fn final_check(mirror: &Mirror) {
     let deadline = tokio::time::Instant::now() + FINAL_CHECK;
     loop {
-        match tokio::time::timeout_at(deadline, mirror.resync_now(store)).await {
+        match tokio::time::timeout_at(deadline, mirror.resync_now()).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) if tokio::time::Instant::now() + FINAL_CHECK_RETRY < deadline => {
                 tracing::debug!(%error, "checking the seat store before stopping; retrying");

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng as _;
 
-use super::{Licensing, Overview, ReconcileReport, WRITE_ATTEMPTS, store_error};
+use super::{Attempt, Licensing, Overview, ReconcileReport, store_error};
 use crate::domain::clock;
 use crate::domain::initcode::{InitializationCode, PendingInitialization};
 use crate::domain::{
@@ -111,63 +111,52 @@ impl Licensing {
             payload,
             applied_at: now,
         };
-        for attempt in 0..WRITE_ATTEMPTS {
-            let pending = self.mirror.read(|s| s.initialization.clone());
-            let pending = match pending {
-                Some(p) if p.nonce == nonce && now < p.expires_at => p,
-                Some(p) if p.nonce == nonce => {
-                    return Err(LicensingError::precondition(
-                        "INITIALIZATION_CODE_EXPIRED",
-                        format!(
-                            "the activation response answers an initialization code that expired at {}; create a new code (CreateInitializationCode) and have it answered again",
-                            p.expires_at
-                        ),
-                    ));
+        let (applied, already, nonce) = (&applied, &already, &nonce);
+        let applied_here = self
+            .with_retries("the licenses", move |attempt| async move {
+                // After a resync: another replica may have applied it meanwhile.
+                if attempt > 0 && already(self) {
+                    return Ok(Attempt::Done(false));
                 }
-                _ if attempt == 0 => {
+                let pending = self.mirror.read(|s| s.initialization.clone());
+                let pending = match pending {
+                    Some(p) if &p.nonce == nonce && now < p.expires_at => p,
+                    Some(p) if &p.nonce == nonce => {
+                        return Err(LicensingError::precondition(
+                            "INITIALIZATION_CODE_EXPIRED",
+                            format!(
+                                "the activation response answers an initialization code that expired at {}; create a new code (CreateInitializationCode) and have it answered again",
+                                p.expires_at
+                            ),
+                        ));
+                    }
                     // The code may have been made on another replica a moment ago.
-                    self.mirror
-                        .resync_now(self.store.as_ref())
-                        .await
-                        .map_err(store_error)?;
-                    if already(self) {
-                        return Ok(self.overview());
+                    _ if attempt == 0 => return Ok(Attempt::Stale),
+                    _ => {
+                        return Err(invalid(
+                            "answers another initialization code (stale, replayed, or for an older code); create a new code"
+                                .into(),
+                        ));
                     }
-                    continue;
-                }
-                _ => {
-                    return Err(invalid(
-                        "answers another initialization code (stale, replayed, or for an older code); create a new code"
-                            .into(),
-                    ));
-                }
-            };
-            match self
-                .write_license(&applied, Some(&pending), None, now)
-                .await?
+                };
+                Ok(match self.write_license(applied, Some(&pending), None, now).await {
+                    Attempt::Done(()) => Attempt::Done(true),
+                    Attempt::Stale => Attempt::Stale,
+                    Attempt::Refused(e) => Attempt::Refused(e),
+                })
+            })
+            .await?;
+        if applied_here {
+            self.record(ReconcileOutcome::Updated, None, now).await?;
+            tracing::info!("activation response applied");
+            // Fetch whatever else the licensing server holds for this serial.
+            if self.source.is_some()
+                && let Err(error) = self.reconcile().await
             {
-                Some(_) => {
-                    self.record(ReconcileOutcome::Updated, None, now).await?;
-                    tracing::info!("activation response applied");
-                    // Fetch whatever else the licensing server holds for this serial.
-                    if self.source.is_some()
-                        && let Err(error) = self.reconcile().await
-                    {
-                        tracing::warn!(%error, "reconcile after activation failed");
-                    }
-                    return Ok(self.overview());
-                }
-                None => {
-                    self.mirror
-                        .resync_now(self.store.as_ref())
-                        .await
-                        .map_err(store_error)?;
-                }
+                tracing::warn!(%error, "reconcile after activation failed");
             }
         }
-        Err(LicensingError::Aborted(
-            "licenses changed during the activation and nothing was applied; retry".into(),
-        ))
+        Ok(self.overview())
     }
 
     /// Initializes online: makes a code, has the licensing server answer it, and
@@ -383,7 +372,8 @@ impl Licensing {
         fence: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<Result<ReconcileOutcome, Refusal>, LicensingError> {
-        for _ in 0..WRITE_ATTEMPTS {
+        let new = &new;
+        self.with_retries("the license", move |_| async move {
             // Checked again on every attempt: a resync may have brought a newer
             // document. An older one is refused also after a re-setup removed
             // the newer one (it is kept as the retired license).
@@ -391,51 +381,44 @@ impl Licensing {
                 .mirror
                 .read(|s| (s.license.clone(), s.newest_license_issued_at()));
             if current.as_ref().is_some_and(|c| c.id() == new.id()) {
-                return Ok(Ok(ReconcileOutcome::Unchanged));
+                return Ok(Attempt::Done(Ok(ReconcileOutcome::Unchanged)));
             }
             if let Some(newest) = newest
                 && new.payload.issued_at < newest
             {
-                return Ok(Err((
+                return Ok(Attempt::Done(Err((
                     ReconcileOutcome::Rejected,
                     format!(
                         "license issued {} is older than one applied before ({newest})",
                         new.payload.issued_at
                     ),
-                )));
+                ))));
             }
-            match self.write_license(&new, None, fence, now).await? {
-                Some(()) => return Ok(Ok(ReconcileOutcome::Updated)),
-                None if fence.is_some() => {
-                    // Our lease ran out and another replica holds it now: leave
-                    // the outcome to that replica (nothing is recorded).
-                    return Err(LicensingError::Aborted(
-                        "the reconcile lease passed to another replica, which records the outcome"
-                            .into(),
-                    ));
-                }
-                None => self
-                    .mirror
-                    .resync_now(self.store.as_ref())
-                    .await
-                    .map_err(store_error)?,
+            match self.write_license(new, None, fence, now).await {
+                Attempt::Done(()) => Ok(Attempt::Done(Ok(ReconcileOutcome::Updated))),
+                // Our lease ran out and another replica holds it now: leave
+                // the outcome to that replica (nothing is recorded).
+                Attempt::Stale if fence.is_some() => Err(LicensingError::Aborted(
+                    "the reconcile lease passed to another replica, which records the outcome"
+                        .into(),
+                )),
+                Attempt::Stale => Ok(Attempt::Stale),
+                Attempt::Refused(e) => Ok(Attempt::Refused(e)),
             }
-        }
-        Err(LicensingError::Aborted(
-            "license changed concurrently and nothing was applied; retry".into(),
-        ))
+        })
+        .await
     }
 
     /// Writes a verified document with its consequences (tryout end, capacity
-    /// flags, a consumed initialization) in one step; `None` when the stored
-    /// state moved meanwhile.
+    /// flags, a consumed initialization) in one step; `Stale` when the stored
+    /// state moved meanwhile, `Refused` when the store did not take it.
     async fn write_license(
         &self,
         new: &AppliedLicense,
         consume: Option<&PendingInitialization>,
         fence: Option<u64>,
         now: DateTime<Utc>,
-    ) -> Result<Option<()>, LicensingError> {
+    ) -> Attempt<()> {
         let (current_id, tryout_record) = self.mirror.read(|s| {
             (
                 s.stored_license.as_ref().map(|l| l.id().to_owned()),
@@ -477,17 +460,13 @@ impl Licensing {
             .await;
         let changes = match written {
             Ok(Some(changes)) => changes,
-            Ok(None) => return Ok(None),
-            // The store went back: repaired by the resync; the caller plans again.
-            Err(e) => {
-                self.repair_then_retry(e).await?;
-                return Ok(None);
-            }
+            Ok(None) => return Attempt::Stale,
+            Err(e) => return Attempt::Refused(e),
         };
         for change in &changes {
             self.mirror.apply_local(change).await;
         }
-        Ok(Some(()))
+        Attempt::Done(())
     }
 
     /// Runs the schedule until `stopped`: reconciles when due (one replica, under
@@ -645,7 +624,7 @@ impl Licensing {
     /// behind another replica that just reconciled: read the store again before
     /// deciding, so one reconcile happens per interval, not one per replica.
     async fn scheduled(&self, fence: u64, reset: bool) {
-        if let Err(error) = self.mirror.resync_now(self.store.as_ref()).await {
+        if let Err(error) = self.mirror.resync_now().await {
             tracing::debug!(%error, "reconcile schedule: store not readable");
             return;
         }

@@ -32,6 +32,18 @@ use crate::upstream::{Backoff, LicensingServer, TryoutClaim, UpstreamError};
 /// How often a write re-plans after finding the mirror out of date before giving up.
 const WRITE_ATTEMPTS: usize = 3;
 
+/// What one attempt of a write found (`Licensing::with_retries`).
+enum Attempt<T> {
+    /// Written (or nothing to write): the answer.
+    Done(T),
+    /// This copy was behind the store (a compare-and-set found another value):
+    /// nothing written; resync, then decide again.
+    Stale,
+    /// The store answered an error: it went back or lost data (repair, then
+    /// again), or it cannot be reached (the write ends).
+    Refused(StoreError),
+}
+
 /// The settings the service decides with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -219,15 +231,39 @@ impl Licensing {
         self.mirror.read(|s| s.now(node))
     }
 
-    /// Resynchronises after a write found the store behind (which repairs it).
-    async fn repair_then_retry(&self, e: StoreError) -> Result<(), LicensingError> {
-        if !needs_repair(&e) {
-            return Err(store_error(e));
+    /// The one retry policy of writes: at most `WRITE_ATTEMPTS` attempts; after
+    /// an attempt that found this copy behind the store ([`Attempt::Stale`]) a
+    /// resync, after one the store refused because it went back or lost data
+    /// ([`Attempt::Refused`]) a resync that repairs it; a store that cannot be
+    /// reached ends the write at once (`UNAVAILABLE`). Past the last attempt the
+    /// write wrote nothing and answers `ABORTED`, naming `what` (or
+    /// `UNAVAILABLE` when the store was still refusing).
+    async fn with_retries<T, Fut>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut(usize) -> Fut,
+    ) -> Result<T, LicensingError>
+    where
+        Fut: std::future::Future<Output = Result<Attempt<T>, LicensingError>>,
+    {
+        let mut refused = None;
+        for n in 0..WRITE_ATTEMPTS {
+            match attempt(n).await? {
+                Attempt::Done(done) => return Ok(done),
+                Attempt::Stale => refused = None,
+                Attempt::Refused(e) if needs_repair(&e) => refused = Some(e),
+                Attempt::Refused(e) => return Err(store_error(e)),
+            }
+            self.mirror.resync_now().await.map_err(store_error)?;
         }
-        self.mirror
-            .resync_now(self.store.as_ref())
-            .await
-            .map_err(store_error)
+        // A store still being repaired is unavailable; a store that kept
+        // moving under this write is contention.
+        Err(match refused {
+            Some(e) => store_error(e),
+            None => LicensingError::Aborted(format!(
+                "{what} changed concurrently on every attempt and nothing was written; retrying is safe"
+            )),
+        })
     }
 
     /// Runs a store write; when the store went back or lost its data, repairs
@@ -236,17 +272,14 @@ impl Licensing {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let mut last = StoreError::Moved;
-        for _ in 0..WRITE_ATTEMPTS {
-            match op().await {
-                Err(e) if needs_repair(&e) => {
-                    self.repair_then_retry(e.clone()).await?;
-                    last = e;
-                }
-                other => return other.map_err(store_error),
-            }
-        }
-        Err(store_error(last))
+        let op = &op;
+        self.with_retries("the stored state", move |_| async move {
+            Ok(match op().await {
+                Err(e) => Attempt::Refused(e),
+                Ok(done) => Attempt::Done(done),
+            })
+        })
+        .await
     }
 
     pub fn settings(&self) -> &Settings {
@@ -327,7 +360,7 @@ impl Licensing {
                 InvalidInput::new("feature", format!("{feature} is not a seat feature")).into(),
             );
         }
-        for attempt in 0..WRITE_ATTEMPTS {
+        self.with_retries("the licenses", move |attempt| async move {
             let now = self.now();
             let plan = self.mirror.read(|state| {
                 self.licenses(state, now)
@@ -338,20 +371,13 @@ impl Licensing {
                 // The copy may be a moment behind a license applied elsewhere:
                 // look once more before refusing.
                 Err(e) if attempt == 0 && !matches!(e, LicensingError::InvalidInput(_)) => {
-                    self.mirror
-                        .resync_now(self.store.as_ref())
-                        .await
-                        .map_err(store_error)?;
-                    continue;
+                    return Ok(Attempt::Stale);
                 }
                 Err(e) => return Err(e),
             };
             let outcome = match self.store.assign_seat(user, feature, &plan).await {
-                Err(e) if needs_repair(&e) => {
-                    self.repair_then_retry(e).await?;
-                    continue;
-                }
-                other => other.map_err(store_error)?,
+                Err(e) => return Ok(Attempt::Refused(e)),
+                Ok(outcome) => outcome,
             };
             match outcome {
                 AssignOutcome::Created(change) => {
@@ -361,27 +387,18 @@ impl Licensing {
                             "assign reported another change".into(),
                         ));
                     };
-                    return Ok((seat, true));
+                    Ok(Attempt::Done((seat, true)))
                 }
-                AssignOutcome::Existing(seat) => return Ok((seat, false)),
-                AssignOutcome::Exhausted { capacity, in_use } => {
-                    return Err(LicensingError::NoFreeSeat {
-                        feature,
-                        capacity,
-                        in_use,
-                    });
-                }
-                AssignOutcome::LicenseChanged => {
-                    self.mirror
-                        .resync_now(self.store.as_ref())
-                        .await
-                        .map_err(store_error)?;
-                }
+                AssignOutcome::Existing(seat) => Ok(Attempt::Done((seat, false))),
+                AssignOutcome::Exhausted { capacity, in_use } => Err(LicensingError::NoFreeSeat {
+                    feature,
+                    capacity,
+                    in_use,
+                }),
+                AssignOutcome::LicenseChanged => Ok(Attempt::Stale),
             }
-        }
-        Err(LicensingError::Aborted(
-            "licenses changed during the assignment and no seat was written; retry".into(),
-        ))
+        })
+        .await
     }
 
     /// Frees the user's seat; `false` when there was none. A freed purchased
@@ -391,7 +408,7 @@ impl Licensing {
         user: &UserId,
         feature: Feature,
     ) -> Result<bool, LicensingError> {
-        for _ in 0..WRITE_ATTEMPTS {
+        self.with_retries("the licenses", move |_| async move {
             let now = self.now();
             // Flags are set against the license the store holds: the store
             // refuses (Moved) when it is not the one this capacity was read from.
@@ -405,16 +422,13 @@ impl Licensing {
                     for change in &changes {
                         self.mirror.apply_local(change).await;
                     }
-                    return Ok(true);
+                    Ok(Attempt::Done(true))
                 }
-                Ok(None) => return Ok(false),
-                Err(e) => self.repair_then_retry(e).await?,
+                Ok(None) => Ok(Attempt::Done(false)),
+                Err(e) => Ok(Attempt::Refused(e)),
             }
-        }
-        Err(LicensingError::Aborted(
-            "licenses changed during the release and nothing was released; retrying it is safe"
-                .into(),
-        ))
+        })
+        .await
     }
 
     /// One page of seats, ordered by feature then user id. `feature` empty lists all.
@@ -585,11 +599,12 @@ impl Licensing {
             DateTime<Utc>,
         ) -> Result<Option<TryoutRecord>, LicensingError>,
     ) -> Result<TryoutView, LicensingError> {
-        for _ in 0..WRITE_ATTEMPTS {
+        let decide = &decide;
+        self.with_retries("the tryout", move |_| async move {
             let now = self.now();
             let current = self.mirror.read(|s| s.tryout.clone());
             let Some(new) = decide(current.as_ref(), now)? else {
-                return Ok(self.tryout_status());
+                return Ok(Attempt::Done(self.tryout_status()));
             };
             match self
                 .store
@@ -598,19 +613,13 @@ impl Licensing {
             {
                 Ok(Some(change)) => {
                     self.mirror.apply_local(&change).await;
-                    return Ok(self.tryout_status());
+                    Ok(Attempt::Done(self.tryout_status()))
                 }
-                Ok(None) => self
-                    .mirror
-                    .resync_now(self.store.as_ref())
-                    .await
-                    .map_err(store_error)?,
-                Err(e) => self.repair_then_retry(e).await?,
+                Ok(None) => Ok(Attempt::Stale),
+                Err(e) => Ok(Attempt::Refused(e)),
             }
-        }
-        Err(LicensingError::Aborted(
-            "tryout changed concurrently and nothing was written; retry".into(),
-        ))
+        })
+        .await
     }
 
     fn entitlements(&self, state: &MirrorState) -> Vec<EntitlementUse> {

@@ -64,9 +64,14 @@ async fn replica_of(
         serial: serial.clone(),
         edition: Edition::Vm,
     };
-    let mirror = Arc::new(Mirror::new(verifier, MirrorConfig::default(), time.clone()));
+    let mirror = Arc::new(Mirror::new(
+        store.clone(),
+        verifier,
+        MirrorConfig::default(),
+        time.clone(),
+    ));
     if synced {
-        mirror.resync_now(store.as_ref()).await.unwrap();
+        mirror.resync_now().await.unwrap();
     }
     let settings = Settings {
         serial,
