@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng as _;
 
-use super::{Attempt, Licensing, Overview, ReconcileReport, store_error};
+use super::{Attempt, Licensing, Overview, ReconcileReport, store_error, upstream_error};
 use crate::domain::clock;
 use crate::domain::initcode::{InitializationCode, PendingInitialization};
 use crate::domain::{
@@ -174,15 +174,7 @@ impl Licensing {
             .backoff
             .retry(|| source.activate(&code))
             .await
-            .map_err(|e| match e {
-                UpstreamError::Transient(m) => LicensingError::LicensingServerUnavailable(format!(
-                    "no answer to the activation ({m}); nothing changed, retry"
-                )),
-                UpstreamError::Conclusive(m) => LicensingError::precondition(
-                    "ACTIVATION_REFUSED",
-                    format!("the licensing server refused the activation: {m}"),
-                ),
-            })?;
+            .map_err(|e| upstream_error(e, "the activation", "ACTIVATION_REFUSED"))?;
         self.apply_activation(&response).await
     }
 

@@ -179,6 +179,21 @@ fn store_error(e: StoreError) -> LicensingError {
     }
 }
 
+/// A licensing-server error as the caller sees it: no answer is
+/// `LicensingServerUnavailable` (nothing changed here, retry), a refusal is a
+/// precondition with reason `refused`. `what` names the request.
+fn upstream_error(e: UpstreamError, what: &str, refused: &'static str) -> LicensingError {
+    match e {
+        UpstreamError::Transient(m) => LicensingError::LicensingServerUnavailable(format!(
+            "the licensing server must confirm {what} and did not answer ({m}); nothing changed, retry"
+        )),
+        UpstreamError::Conclusive(m) => LicensingError::precondition(
+            refused,
+            format!("the licensing server refused {what}: {m}"),
+        ),
+    }
+}
+
 /// Whether a write was refused because the store lost data this replica has
 /// seen (or all of it): resynchronising repairs it, then the write can go again.
 fn needs_repair(e: &StoreError) -> bool {
@@ -504,15 +519,7 @@ impl Licensing {
         let claim = source
             .start_tryout(&self.settings.serial, started_at, &nonce)
             .await
-            .map_err(|e| match e {
-                UpstreamError::Transient(m) => LicensingError::LicensingServerUnavailable(format!(
-                    "the licensing server must confirm the tryout start and did not answer ({m}); nothing was started, retry"
-                )),
-                UpstreamError::Conclusive(m) => LicensingError::precondition(
-                    "TRYOUT_NOT_CONFIRMED",
-                    format!("the licensing server refused the tryout start: {m}"),
-                ),
-            })?;
+            .map_err(|e| upstream_error(e, "the tryout start", "TRYOUT_NOT_CONFIRMED"))?;
         let Some(claim) = claim else {
             return self.change_tryout(start).await;
         };
