@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::domain::{Clock, TryoutPolicy};
 use crate::events::EventHub;
-use crate::store::{Change, Snapshot, Store, StoreError};
+use crate::store::{Change, Position, Snapshot, Store, StoreError};
 
 /// How the mirror follows the store.
 #[derive(Debug, Clone, Copy)]
@@ -188,6 +188,13 @@ impl Mirror {
         self
     }
 
+    /// The writer's floor: where this copy is. Every write passes it to the
+    /// store, which refuses the write when it went back behind it (`Moved`).
+    /// A copy loaded from the state file has none: it never writes from it.
+    pub fn floor(&self) -> Option<Position> {
+        self.state.read().position.clone()
+    }
+
     /// Reads the state (never across an await).
     pub fn read<T>(&self, f: impl FnOnce(&MirrorState) -> T) -> T {
         f(&self.state.read())
@@ -277,7 +284,6 @@ impl Mirror {
             *v = version;
             changed
         });
-        self.store.set_floor(state.position.clone());
     }
 
     /// Replaces the copy with a snapshot, unless the copy is already further along

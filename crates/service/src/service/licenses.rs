@@ -66,7 +66,11 @@ impl Licensing {
             expires_at,
         };
         let change = self
-            .write(|| self.store.set_initialization(&pending))
+            .write(|| async {
+                self.store
+                    .set_initialization(self.mirror.floor().as_ref(), &pending)
+                    .await
+            })
             .await?;
         self.mirror.apply_local(&change).await;
         Ok(code.encode())
@@ -181,7 +185,9 @@ impl Licensing {
     /// Re-setup (Neuaufsetzen): back to the initial state. Seats, the license and
     /// the reconcile history go; the record that the serial used its tryout stays.
     pub async fn reset_activation(&self) -> Result<Overview, LicensingError> {
-        let change = self.write(|| self.store.reset()).await?;
+        let change = self
+            .write(|| async { self.store.reset(self.mirror.floor().as_ref()).await })
+            .await?;
         self.mirror.apply_local(&change).await;
         tracing::warn!("activation reset: seats and license removed (tryout record kept)");
         Ok(self.overview())
@@ -279,7 +285,13 @@ impl Licensing {
             last_error: error,
             next_reconcile_at: Some(next),
         };
-        let change = self.write(|| self.store.record_reconcile(&status)).await?;
+        let change = self
+            .write(|| async {
+                self.store
+                    .record_reconcile(self.mirror.floor().as_ref(), &status)
+                    .await
+            })
+            .await?;
         self.mirror.apply_local(&change).await;
         Ok(Some(next))
     }
@@ -441,14 +453,17 @@ impl Licensing {
         };
         let written = self
             .store
-            .apply_license(LicenseWrite {
-                expected_id: current_id.as_deref(),
-                license: &stored,
-                tryout: tryout_change.as_ref().map(|t| (tryout_record.as_ref(), t)),
-                capacities: &capacities,
-                consume_initialization: consume,
-                fence,
-            })
+            .apply_license(
+                self.mirror.floor().as_ref(),
+                LicenseWrite {
+                    expected_id: current_id.as_deref(),
+                    license: &stored,
+                    tryout: tryout_change.as_ref().map(|t| (tryout_record.as_ref(), t)),
+                    capacities: &capacities,
+                    consume_initialization: consume,
+                    fence,
+                },
+            )
             .await;
         let changes = match written {
             Ok(Some(changes)) => changes,

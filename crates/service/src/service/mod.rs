@@ -376,7 +376,7 @@ impl Licensing {
             );
         }
         self.with_retries("the licenses", move |attempt| async move {
-            let now = self.now();
+            let (now, floor) = (self.now(), self.mirror.floor());
             let plan = self.mirror.read(|state| {
                 self.licenses(state, now)
                     .plan_assign(feature, now, |f| state.count(f, SeatSource::Purchased))
@@ -390,7 +390,11 @@ impl Licensing {
                 }
                 Err(e) => return Err(e),
             };
-            let outcome = match self.store.assign_seat(user, feature, &plan).await {
+            let outcome = match self
+                .store
+                .assign_seat(floor.as_ref(), user, feature, &plan)
+                .await
+            {
                 Err(e) => return Ok(Attempt::Refused(e)),
                 Ok(outcome) => outcome,
             };
@@ -424,7 +428,7 @@ impl Licensing {
         feature: Feature,
     ) -> Result<bool, LicensingError> {
         self.with_retries("the licenses", move |_| async move {
-            let now = self.now();
+            let (now, floor) = (self.now(), self.mirror.floor());
             // Flags are set against the license the store holds: the store
             // refuses (Moved) when it is not the one this capacity was read from.
             let capacity = self.mirror.read(|s| {
@@ -432,7 +436,11 @@ impl Licensing {
                 Some((self.capacity(s, feature, now)?, id))
             });
             let capacity = capacity.as_ref().map(|(c, id)| (*c, id.as_str()));
-            match self.store.release_seat(user, feature, capacity).await {
+            match self
+                .store
+                .release_seat(floor.as_ref(), user, feature, capacity)
+                .await
+            {
                 Ok(Some(changes)) => {
                     for change in &changes {
                         self.mirror.apply_local(change).await;
@@ -608,14 +616,14 @@ impl Licensing {
     ) -> Result<TryoutView, LicensingError> {
         let decide = &decide;
         self.with_retries("the tryout", move |_| async move {
-            let now = self.now();
+            let (now, floor) = (self.now(), self.mirror.floor());
             let current = self.mirror.read(|s| s.tryout.clone());
             let Some(new) = decide(current.as_ref(), now)? else {
                 return Ok(Attempt::Done(self.tryout_status()));
             };
             match self
                 .store
-                .compare_and_set_tryout(current.as_ref(), &new)
+                .compare_and_set_tryout(floor.as_ref(), current.as_ref(), &new)
                 .await
             {
                 Ok(Some(change)) => {

@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Incident, LicenseWrite, Position,
-    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, Incident, LicenseWrite,
+    Position, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -32,8 +32,6 @@ pub struct MemoryStore {
     // Tells waiting `changes` calls that the version moved.
     version_tx: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
-    // The writer's floor (see `Store::set_floor`).
-    floor: Mutex<Option<Position>>,
     // The audit trail. Its own lock: audit writes never wait for seat writes
     // or the other way round.
     audit: Mutex<AuditLog>,
@@ -138,22 +136,7 @@ impl MemoryStore {
             }),
             version_tx,
             clock,
-            floor: Mutex::new(None),
             audit: Mutex::new(AuditLog::default()),
-        }
-    }
-
-    /// Refuses a write on a store without epoch, or one that went back behind
-    /// the writer's floor (as the Lua prelude does).
-    fn guard(&self, inner: &Inner) -> Result<(), StoreError> {
-        let Some(epoch) = inner.epoch.as_ref() else {
-            return Err(StoreError::NotInitialized);
-        };
-        match &*self.floor.lock() {
-            Some(floor) if floor.epoch != *epoch || inner.version < floor.version => {
-                Err(StoreError::Moved)
-            }
-            _ => Ok(()),
         }
     }
 
@@ -288,12 +271,13 @@ impl Store for MemoryStore {
 
     async fn assign_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         plan: &AssignPlan,
     ) -> Result<AssignOutcome, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         let key = (feature, user.clone());
         let existing = inner.seats.get(&key).cloned();
         match (&existing, plan) {
@@ -333,12 +317,13 @@ impl Store for MemoryStore {
 
     async fn release_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
     ) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         if let Some((_, license_id)) = capacity
             && inner.license.as_ref().map(StoredLicense::id) != Some(license_id)
         {
@@ -382,11 +367,12 @@ impl Store for MemoryStore {
 
     async fn compare_and_set_tryout(
         &self,
+        floor: Floor<'_>,
         expected: Option<&TryoutRecord>,
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         if inner.tryout.as_ref() != expected {
             return Ok(None);
         }
@@ -397,9 +383,13 @@ impl Store for MemoryStore {
         )))
     }
 
-    async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
+    async fn apply_license(
+        &self,
+        floor: Floor<'_>,
+        w: LicenseWrite<'_>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         if inner.license.as_ref().map(StoredLicense::id) != w.expected_id {
             return Ok(None);
         }
@@ -437,10 +427,11 @@ impl Store for MemoryStore {
 
     async fn set_initialization(
         &self,
+        floor: Floor<'_>,
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         inner.initialization = Some(pending.clone());
         Ok(self.record(
             &mut inner,
@@ -448,9 +439,9 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn reset(&self) -> Result<Change, StoreError> {
+    async fn reset(&self, floor: Floor<'_>) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         inner.seats.clear();
         inner.counts.clear();
         if let Some(license) = inner.license.take() {
@@ -480,9 +471,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
+    async fn record_reconcile(
+        &self,
+        floor: Floor<'_>,
+        status: &ReconcileStatus,
+    ) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
-        self.guard(&inner)?;
+        guard(&inner, floor)?;
         inner.reconcile = status.clone();
         Ok(self.record(&mut inner, ChangeKind::ReconcileRecorded(status.clone())))
     }
@@ -502,10 +497,6 @@ impl Store for MemoryStore {
         inner.feed.clear();
         self.version_tx.send_replace(inner.version);
         Ok(true)
-    }
-
-    fn set_floor(&self, floor: Option<Position>) {
-        *self.floor.lock() = floor;
     }
 
     async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError> {
@@ -661,5 +652,19 @@ impl Store for MemoryStore {
 
     fn describe(&self) -> String {
         "embedded in-memory store (state is lost on restart)".to_owned()
+    }
+}
+
+/// Refuses a write on a store without epoch, or one that went back behind the
+/// writer's floor (as the Lua prelude does).
+fn guard(inner: &Inner, floor: Floor<'_>) -> Result<(), StoreError> {
+    let Some(epoch) = inner.epoch.as_ref() else {
+        return Err(StoreError::NotInitialized);
+    };
+    match floor {
+        Some(floor) if floor.epoch != *epoch || inner.version < floor.version => {
+            Err(StoreError::Moved)
+        }
+        _ => Ok(()),
     }
 }

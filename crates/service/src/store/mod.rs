@@ -48,6 +48,14 @@ pub struct Position {
     pub version: u64,
 }
 
+/// The writer's floor: where the writing replica's copy of the store is. Every
+/// write that changes licensing state takes it as an argument and is refused
+/// with [`StoreError::Moved`] (nothing written) when the store holds another
+/// epoch or a lower version: it went back, and the writes this replica has seen
+/// must be repaired first. `None`: no check (a replica that has not read the
+/// store yet, tests). Only `restore` and `repair` bring a store forward.
+pub type Floor<'a> = Option<&'a Position>;
+
 /// What `Store::advance_clock` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClockReading {
@@ -252,6 +260,7 @@ pub trait Store: Send + Sync + 'static {
     /// it back; a tryout seat is replaced by a purchased one under a purchased plan.
     async fn assign_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         plan: &AssignPlan,
@@ -264,6 +273,7 @@ pub trait Store: Send + Sync + 'static {
     /// stored license is another. The changes are the release, then any flag changes.
     async fn release_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
@@ -281,6 +291,7 @@ pub trait Store: Send + Sync + 'static {
     /// when it did not.
     async fn compare_and_set_tryout(
         &self,
+        floor: Floor<'_>,
         expected: Option<&TryoutRecord>,
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError>;
@@ -290,18 +301,20 @@ pub trait Store: Send + Sync + 'static {
     /// expected one; `None` when either changed meanwhile.
     async fn apply_license(
         &self,
+        floor: Floor<'_>,
         write: LicenseWrite<'_>,
     ) -> Result<Option<Vec<Change>>, StoreError>;
 
     /// Stores the initialization this PBX just issued (replacing an earlier one).
     async fn set_initialization(
         &self,
+        floor: Floor<'_>,
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError>;
 
     /// Re-setup: removes seats, the license, the reconcile status and any pending
     /// initialization; keeps the tryout record (a tryout is once per serial, ever).
-    async fn reset(&self) -> Result<Change, StoreError>;
+    async fn reset(&self, floor: Floor<'_>) -> Result<Change, StoreError>;
 
     /// Takes the reconcile lease for `ttl` if nobody holds it; returns a fencing
     /// token that grows with every grant.
@@ -311,18 +324,16 @@ pub trait Store: Send + Sync + 'static {
     async fn release_lease(&self, holder: &str) -> Result<(), StoreError>;
 
     /// Records the outcome of a reconcile.
-    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError>;
+    async fn record_reconcile(
+        &self,
+        floor: Floor<'_>,
+        status: &ReconcileStatus,
+    ) -> Result<Change, StoreError>;
 
     /// Re-creates a store that lost its data (no epoch) from a replica's last
     /// known state, and starts a new epoch. Does nothing and answers `false` when
     /// the store has an epoch (another replica got there first, or nothing was lost).
     async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError>;
-
-    /// Where this replica's copy is: every later write is refused with
-    /// [`StoreError::Moved`] when the store holds another epoch or a lower version
-    /// (it went back), so no write lands on a store that lost writes this replica
-    /// has seen. `None`: no check.
-    fn set_floor(&self, floor: Option<Position>);
 
     /// The feed entries after `after` in the current epoch, in order, as far as
     /// the feed still holds them.

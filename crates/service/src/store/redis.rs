@@ -43,8 +43,8 @@ use super::records::{
 use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, ClockReading, LicenseWrite, Position, RepairWrite,
-    SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LicenseWrite, Position,
+    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -180,8 +180,6 @@ pub struct RedisStore {
     // The bound of a write: the timeout, plus the `WAIT` time.
     write_timeout: Duration,
     url_for_display: String,
-    // The writer's floor (see `Store::set_floor`), sent with every write.
-    floor: parking_lot::Mutex<Option<Position>>,
     // The compare-and-set records as last read (see `Self::expected_text`).
     seen: parking_lot::Mutex<SeenTexts>,
 }
@@ -257,7 +255,6 @@ impl RedisStore {
             timeout: config.timeout,
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
             url_for_display: redact_url(&config.url),
-            floor: parking_lot::Mutex::new(None),
             seen: parking_lot::Mutex::new(SeenTexts::default()),
         })
     }
@@ -314,10 +311,11 @@ impl RedisStore {
     async fn write(
         &self,
         operation: &'static str,
+        floor: Floor<'_>,
         script: &Script,
         configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) -> Result<Vec<String>, StoreError> {
-        let floor = match &*self.floor.lock() {
+        let floor = match floor {
             Some(p) => format!("{FEED_LEN}|{}|{}", p.epoch, p.version),
             None => format!("{FEED_LEN}||"),
         };
@@ -742,6 +740,7 @@ impl Store for RedisStore {
 
     async fn assign_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         plan: &AssignPlan,
@@ -751,7 +750,7 @@ impl Store for RedisStore {
             AssignPlan::Tryout { .. } => ("tryout", ""),
         };
         let reply = self
-            .write("assign", &ASSIGN, |inv| {
+            .write("assign", floor, &ASSIGN, |inv| {
                 inv.key(self.keys.pool(feature, SeatSource::Purchased))
                     .key(self.keys.pool(feature, SeatSource::Tryout))
                     .key(self.keys.index())
@@ -781,12 +780,13 @@ impl Store for RedisStore {
 
     async fn release_seat(
         &self,
+        floor: Floor<'_>,
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
     ) -> Result<Option<Vec<Change>>, StoreError> {
         let reply = self
-            .write("release", &RELEASE, |inv| {
+            .write("release", floor, &RELEASE, |inv| {
                 inv.key(self.keys.pool(feature, SeatSource::Purchased))
                     .key(self.keys.pool(feature, SeatSource::Tryout))
                     .key(self.keys.index())
@@ -872,12 +872,13 @@ impl Store for RedisStore {
 
     async fn compare_and_set_tryout(
         &self,
+        floor: Floor<'_>,
         expected: Option<&TryoutRecord>,
         new: &TryoutRecord,
     ) -> Result<Option<Change>, StoreError> {
         let new_text = TryoutRecordV1::encode(new);
         let reply = self
-            .write("cas_tryout", &CAS_TRYOUT, |inv| {
+            .write("cas_tryout", floor, &CAS_TRYOUT, |inv| {
                 inv.key(self.keys.tryout())
                     .arg(
                         self.expected_text(CasRecord::Tryout, expected.map(TryoutRecordV1::encode)),
@@ -900,11 +901,15 @@ impl Store for RedisStore {
         }
     }
 
-    async fn apply_license(&self, w: LicenseWrite<'_>) -> Result<Option<Vec<Change>>, StoreError> {
+    async fn apply_license(
+        &self,
+        floor: Floor<'_>,
+        w: LicenseWrite<'_>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
         let record = LicenseRecordV1::encode(w.license);
         let new_tryout = w.tryout.map(|(_, n)| TryoutRecordV1::encode(n));
         let reply = self
-            .write("apply_license", &APPLY_LICENSE, |inv| {
+            .write("apply_license", floor, &APPLY_LICENSE, |inv| {
                 inv.key(self.keys.license())
                     .key(self.keys.tryout())
                     .key(self.keys.init())
@@ -967,10 +972,11 @@ impl Store for RedisStore {
 
     async fn set_initialization(
         &self,
+        floor: Floor<'_>,
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError> {
         let reply = self
-            .write("set_initialization", &SET_INITIALIZATION, |inv| {
+            .write("set_initialization", floor, &SET_INITIALIZATION, |inv| {
                 inv.key(self.keys.init())
                     .arg(InitializationRecordV1::encode(pending));
             })
@@ -982,9 +988,9 @@ impl Store for RedisStore {
         )
     }
 
-    async fn reset(&self) -> Result<Change, StoreError> {
+    async fn reset(&self, floor: Floor<'_>) -> Result<Change, StoreError> {
         let reply = self
-            .write("reset", &RESET, |inv| {
+            .write("reset", floor, &RESET, |inv| {
                 inv.key(self.keys.license())
                     .key(self.keys.retired_license())
                     .key(self.keys.reconcile())
@@ -1017,9 +1023,13 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn record_reconcile(&self, status: &ReconcileStatus) -> Result<Change, StoreError> {
+    async fn record_reconcile(
+        &self,
+        floor: Floor<'_>,
+        status: &ReconcileStatus,
+    ) -> Result<Change, StoreError> {
         let reply = self
-            .write("record_reconcile", &RECORD_RECONCILE, |inv| {
+            .write("record_reconcile", floor, &RECORD_RECONCILE, |inv| {
                 inv.key(self.keys.reconcile())
                     .arg(ReconcileRecordV1::encode(status));
             })
@@ -1090,10 +1100,6 @@ impl Store for RedisStore {
             .bounded_by(self.write_timeout, "restore", inv.invoke_async(&mut conn))
             .await?;
         Ok(restored == 1)
-    }
-
-    fn set_floor(&self, floor: Option<Position>) {
-        *self.floor.lock() = floor;
     }
 
     async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError> {

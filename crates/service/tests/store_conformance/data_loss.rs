@@ -24,15 +24,18 @@ async fn data_loss_refuses_writes_until_restored(
     created(assign(store, "alice", Feature::CallAssist, &plan).await);
     created(assign(store, "bob", Feature::User, &tryout(3)).await);
     store
-        .compare_and_set_tryout(None, &started_tryout())
+        .compare_and_set_tryout(None, None, &started_tryout())
         .await
         .unwrap()
         .unwrap();
     store
-        .record_reconcile(&reconcile_status(ReconcileOutcome::Updated))
+        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Updated))
         .await
         .unwrap();
-    store.set_initialization(&pending("loss")).await.unwrap();
+    store
+        .set_initialization(None, &pending("loss"))
+        .await
+        .unwrap();
     let old = snapshot(store).await;
     let old_pos = old.position.clone().unwrap();
     assert_eq!(old.seats.len(), 3);
@@ -55,49 +58,60 @@ async fn data_loss_refuses_writes_until_restored(
 
     // Every write is refused: an empty store must not look like "no seats in use".
     assert_eq!(
-        store.assign_seat(&uid("carol"), Feature::User, &plan).await,
-        Err(StoreError::NotInitialized)
-    );
-    assert_eq!(
         store
-            .assign_seat(&uid("carol"), Feature::User, &tryout(3))
+            .assign_seat(None, &uid("carol"), Feature::User, &plan)
             .await,
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
-        store.release_seat(&uid("alice"), Feature::User, None).await,
-        Err(StoreError::NotInitialized)
-    );
-    assert_eq!(
         store
-            .release_seat(&uid("alice"), Feature::User, Some((3, "any")))
+            .assign_seat(None, &uid("carol"), Feature::User, &tryout(3))
             .await,
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
-        store.compare_and_set_tryout(None, &started_tryout()).await,
-        Err(StoreError::NotInitialized)
-    );
-    assert_eq!(
-        store.apply_license(plain(None, &lic)).await,
-        Err(StoreError::NotInitialized)
-    );
-    assert_eq!(
         store
-            .apply_license(LicenseWrite {
-                capacities: &[(Feature::User, 0)],
-                ..plain(Some(lic.id()), &lic)
-            })
+            .release_seat(None, &uid("alice"), Feature::User, None)
             .await,
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
-        store.set_initialization(&pending("lost")).await,
+        store
+            .release_seat(None, &uid("alice"), Feature::User, Some((3, "any")))
+            .await,
         Err(StoreError::NotInitialized)
     );
-    assert_eq!(store.reset().await, Err(StoreError::NotInitialized));
     assert_eq!(
-        store.record_reconcile(&ReconcileStatus::default()).await,
+        store
+            .compare_and_set_tryout(None, None, &started_tryout())
+            .await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.apply_license(None, plain(None, &lic)).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store
+            .apply_license(
+                None,
+                LicenseWrite {
+                    capacities: &[(Feature::User, 0)],
+                    ..plain(Some(lic.id()), &lic)
+                }
+            )
+            .await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(
+        store.set_initialization(None, &pending("lost")).await,
+        Err(StoreError::NotInitialized)
+    );
+    assert_eq!(store.reset(None,).await, Err(StoreError::NotInitialized));
+    assert_eq!(
+        store
+            .record_reconcile(None, &ReconcileStatus::default())
+            .await,
         Err(StoreError::NotInitialized)
     );
     assert_eq!(
@@ -202,7 +216,7 @@ async fn restore_keeps_the_pending_initialization(
 ) {
     let lic = with_license(store, "restore-init").await;
     let init = pending("restore-init");
-    store.set_initialization(&init).await.unwrap();
+    store.set_initialization(None, &init).await.unwrap();
     let old = snapshot(store).await;
     assert_eq!(old.initialization, Some(init.clone()));
     wipe();

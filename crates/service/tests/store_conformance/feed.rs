@@ -29,7 +29,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
     let started = started_tryout();
     written.push(
         store
-            .compare_and_set_tryout(None, &started)
+            .compare_and_set_tryout(None, None, &started)
             .await
             .unwrap()
             .unwrap(),
@@ -40,7 +40,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
     written.push(c);
     written.push(
         store
-            .record_reconcile(&reconcile_status(ReconcileOutcome::Unchanged))
+            .record_reconcile(None, &reconcile_status(ReconcileOutcome::Unchanged))
             .await
             .unwrap(),
     );
@@ -62,7 +62,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
     // The newer kinds: an initialization issued and consumed, flags moved by a
     // license and by a release, a reset.
     let init = pending("feed");
-    written.push(store.set_initialization(&init).await.unwrap());
+    written.push(store.set_initialization(None, &init).await.unwrap());
     let third = license("feed-3", 2);
     written.extend(
         apply(
@@ -83,7 +83,7 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             .await
             .unwrap(),
     );
-    written.push(store.reset().await.unwrap());
+    written.push(store.reset(None).await.unwrap());
 
     let versions: Vec<u64> = written.iter().map(|c| c.version).collect();
     let want: Vec<u64> = (start.version + 1..=start.version + written.len() as u64).collect();

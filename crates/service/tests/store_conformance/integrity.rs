@@ -20,35 +20,53 @@ async fn writes_below_the_floor_are_refused(store: &dyn Store) {
     created(assign(store, "a", Feature::User, &tryout(5)).await);
     let at = position(store).await;
     // A writer that has seen a later version: the store went back behind it.
-    store.set_floor(Some(Position {
+    let ahead = Position {
         epoch: at.epoch.clone(),
         version: at.version + 1,
-    }));
+    };
+    let floor = Some(&ahead);
     assert_eq!(
         store
-            .assign_seat(&uid("b"), Feature::User, &tryout(5))
+            .assign_seat(floor, &uid("b"), Feature::User, &tryout(5))
             .await,
         Err(StoreError::Moved)
     );
     assert_eq!(
-        store.release_seat(&uid("a"), Feature::User, None).await,
+        store
+            .release_seat(floor, &uid("a"), Feature::User, None)
+            .await,
         Err(StoreError::Moved)
     );
     assert_eq!(
-        store.record_reconcile(&ReconcileStatus::default()).await,
+        store
+            .record_reconcile(floor, &ReconcileStatus::default())
+            .await,
+        Err(StoreError::Moved)
+    );
+    assert_eq!(
+        store
+            .compare_and_set_tryout(floor, None, &started_tryout())
+            .await,
+        Err(StoreError::Moved)
+    );
+    assert_eq!(
+        store.set_initialization(floor, &pending("floor")).await,
         Err(StoreError::Moved)
     );
     // A writer that knows another epoch.
-    store.set_floor(Some(Position {
+    let elsewhere = Position {
         epoch: "another".into(),
         version: 0,
-    }));
-    assert_eq!(store.reset().await, Err(StoreError::Moved));
+    };
+    assert_eq!(store.reset(Some(&elsewhere)).await, Err(StoreError::Moved));
     assert_eq!(position(store).await, at, "nothing was written");
-    // At or below the store's version: written.
-    store.set_floor(Some(at.clone()));
-    created(assign(store, "b", Feature::User, &tryout(5)).await);
-    store.set_floor(None);
+    // At or below the store's version: written; no floor: no check.
+    assert!(matches!(
+        store
+            .assign_seat(Some(&at), &uid("b"), Feature::User, &tryout(5))
+            .await,
+        Ok(AssignOutcome::Created(_))
+    ));
     created(assign(store, "c", Feature::User, &tryout(5)).await);
 }
 
@@ -127,7 +145,7 @@ async fn release_reflag_is_guarded_by_the_stored_license(store: &dyn Store) {
     let other = license("other", 1);
     assert_eq!(
         store
-            .release_seat(&uid("a"), Feature::User, Some((1, other.id())))
+            .release_seat(None, &uid("a"), Feature::User, Some((1, other.id())))
             .await,
         Err(StoreError::Moved),
         "capacity read from another license"
@@ -135,7 +153,7 @@ async fn release_reflag_is_guarded_by_the_stored_license(store: &dyn Store) {
     assert_eq!(users_of(&snapshot(store).await.seats), ["a"]);
     assert!(
         store
-            .release_seat(&uid("a"), Feature::User, Some((1, lic.id())))
+            .release_seat(None, &uid("a"), Feature::User, Some((1, lic.id())))
             .await
             .unwrap()
             .is_some()

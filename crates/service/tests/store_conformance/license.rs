@@ -117,7 +117,7 @@ async fn set_initialization_round_trips(store: &dyn Store) {
     let before = position(store).await;
 
     let first = pending("0123456789abcdef0123");
-    let c1 = store.set_initialization(&first).await.unwrap();
+    let c1 = store.set_initialization(None, &first).await.unwrap();
     assert_eq!(
         c1,
         Change {
@@ -129,7 +129,7 @@ async fn set_initialization_round_trips(store: &dyn Store) {
 
     // A newer one replaces it.
     let second = pending("fedcba9876543210fedc");
-    let c2 = store.set_initialization(&second).await.unwrap();
+    let c2 = store.set_initialization(None, &second).await.unwrap();
     assert_eq!(
         c2,
         Change {
@@ -146,7 +146,7 @@ async fn set_initialization_round_trips(store: &dyn Store) {
 async fn apply_license_consumes_the_pending_initialization_once(store: &dyn Store) {
     let lic = with_license(store, "consume").await;
     let init = pending("consume");
-    store.set_initialization(&init).await.unwrap();
+    store.set_initialization(None, &init).await.unwrap();
     let before = position(store).await;
 
     let activated = license("consume-2", 5);
@@ -198,12 +198,12 @@ async fn apply_license_writes_everything_in_order(store: &dyn Store) {
     assign_in_order(store, &lic, Feature::User, &["a", "b", "c"]).await;
     let started = started_tryout();
     store
-        .compare_and_set_tryout(None, &started)
+        .compare_and_set_tryout(None, None, &started)
         .await
         .unwrap()
         .unwrap();
     let init = pending("everything");
-    store.set_initialization(&init).await.unwrap();
+    store.set_initialization(None, &init).await.unwrap();
     let before = position(store).await;
 
     let done = ended(&started);
@@ -238,9 +238,9 @@ async fn apply_license_with_a_stale_initialization_changes_nothing(store: &dyn S
     let lic = with_license(store, "stale").await;
     assign_in_order(store, &lic, Feature::User, &["a", "b"]).await;
     let old = pending("stale-old");
-    store.set_initialization(&old).await.unwrap();
+    store.set_initialization(None, &old).await.unwrap();
     let current = pending("stale-new");
-    store.set_initialization(&current).await.unwrap();
+    store.set_initialization(None, &current).await.unwrap();
     let snap = snapshot(store).await;
 
     // An activation answering the replaced initialization writes nothing at all:
@@ -303,15 +303,18 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
     created(assign(store, "t", Feature::User, &tryout(1)).await);
     let started = started_tryout();
     store
-        .compare_and_set_tryout(None, &started)
+        .compare_and_set_tryout(None, None, &started)
         .await
         .unwrap()
         .unwrap();
     store
-        .record_reconcile(&reconcile_status(ReconcileOutcome::Updated))
+        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Updated))
         .await
         .unwrap();
-    store.set_initialization(&pending("reset")).await.unwrap();
+    store
+        .set_initialization(None, &pending("reset"))
+        .await
+        .unwrap();
     apply(
         store,
         LicenseWrite {
@@ -326,7 +329,7 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
     assert_eq!(before.seats.len(), 4);
     assert_eq!(flagged_users(&before, Feature::User), ["b"]);
 
-    let change = store.reset().await.unwrap();
+    let change = store.reset(None).await.unwrap();
     assert_eq!(
         change,
         Change {
@@ -378,13 +381,16 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
     assert_eq!(seat.over_capacity_since, None);
     created(assign(store, "y", Feature::User, &tryout(1)).await);
     store
-        .compare_and_set_tryout(Some(&started), &ended(&started))
+        .compare_and_set_tryout(None, Some(&started), &ended(&started))
         .await
         .unwrap()
         .expect("the kept tryout record is the expectation");
-    store.set_initialization(&pending("again")).await.unwrap();
     store
-        .record_reconcile(&reconcile_status(ReconcileOutcome::Unchanged))
+        .set_initialization(None, &pending("again"))
+        .await
+        .unwrap();
+    store
+        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Unchanged))
         .await
         .unwrap();
     assert_eq!(
@@ -395,6 +401,6 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
         ]
     );
     // A second reset on the emptied store works too.
-    store.reset().await.unwrap();
+    store.reset(None).await.unwrap();
     assert!(snapshot(store).await.seats.is_empty());
 }

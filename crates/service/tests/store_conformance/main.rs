@@ -252,7 +252,10 @@ fn plain<'a>(expected_id: Option<&'a str>, license: &'a StoredLicense) -> Licens
 }
 
 async fn apply(store: &dyn Store, write: LicenseWrite<'_>) -> Option<Vec<Change>> {
-    store.apply_license(write).await.expect("apply_license")
+    store
+        .apply_license(None, write)
+        .await
+        .expect("apply_license")
 }
 
 async fn release(
@@ -266,7 +269,7 @@ async fn release(
     let license = snapshot(store).await.license;
     let id = license.as_ref().map_or("", StoredLicense::id);
     store
-        .release_seat(&uid(user), feature, capacity.map(|c| (c, id)))
+        .release_seat(None, &uid(user), feature, capacity.map(|c| (c, id)))
         .await
         .expect("release_seat")
 }
@@ -339,7 +342,7 @@ async fn assign(
     plan: &AssignPlan,
 ) -> AssignOutcome {
     store
-        .assign_seat(&uid(user), feature, plan)
+        .assign_seat(None, &uid(user), feature, plan)
         .await
         .expect("assign_seat")
 }

@@ -167,7 +167,7 @@ async fn record_reconcile_round_trips(store: &dyn Store) {
         last_error: Some("licensing server: connection refused — ünïcödé".to_owned()),
         next_reconcile_at: Some(Utc::now() + chrono::Duration::minutes(5)),
     };
-    let change = store.record_reconcile(&failed).await.unwrap();
+    let change = store.record_reconcile(None, &failed).await.unwrap();
     assert_eq!(change.version, before.version + 1);
     assert_eq!(change.kind, ChangeKind::ReconcileRecorded(failed.clone()));
     assert_eq!(snapshot(store).await.reconcile, failed);
@@ -180,7 +180,7 @@ async fn record_reconcile_round_trips(store: &dyn Store) {
         last_error: None,
         next_reconcile_at: Some(now + chrono::Duration::hours(6)),
     };
-    let change = store.record_reconcile(&ok).await.unwrap();
+    let change = store.record_reconcile(None, &ok).await.unwrap();
     assert_eq!(change.version, before.version + 2);
     assert_eq!(snapshot(store).await.reconcile, ok);
 
@@ -189,7 +189,7 @@ async fn record_reconcile_round_trips(store: &dyn Store) {
         next_reconcile_at: None,
         ..ok.clone()
     };
-    let change = store.record_reconcile(&unscheduled).await.unwrap();
+    let change = store.record_reconcile(None, &unscheduled).await.unwrap();
     assert_eq!(change.version, before.version + 3);
     assert_eq!(
         change.kind,

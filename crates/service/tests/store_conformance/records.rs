@@ -215,7 +215,7 @@ async fn corrupt_tryout_record_is_replaced_by_compare_and_set(subject: &Subject)
     let new = started_tryout();
     assert!(
         store
-            .compare_and_set_tryout(None, &new)
+            .compare_and_set_tryout(None, None, &new)
             .await
             .unwrap()
             .is_some(),
@@ -260,7 +260,7 @@ async fn records_with_unknown_fields_can_be_compared_and_set(subject: &Subject) 
     let done = ended(&started);
     assert!(
         store
-            .compare_and_set_tryout(Some(&started), &done)
+            .compare_and_set_tryout(None, Some(&started), &done)
             .await
             .unwrap()
             .is_some(),
@@ -286,7 +286,7 @@ async fn records_with_unknown_fields_can_be_compared_and_set(subject: &Subject) 
     );
     assert!(
         store
-            .compare_and_set_tryout(Some(&newer), &ended(&newer))
+            .compare_and_set_tryout(None, Some(&newer), &ended(&newer))
             .await
             .unwrap()
             .is_some(),
@@ -342,7 +342,7 @@ async fn bad_version_counter_refuses_writes_before_any(subject: &Subject) {
         // would take is refused by the feed, after the seat was written.
         raw.set("version", bad);
         let err = store
-            .assign_seat(&uid("alice"), Feature::User, &purchased(&lic, 5))
+            .assign_seat(None, &uid("alice"), Feature::User, &purchased(&lic, 5))
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{bad}: {err:?}");

@@ -350,7 +350,7 @@ async fn concurrent_assigns_never_exceed_capacity(store: Arc<dyn Store>) {
             let plan = plan.clone();
             tokio::spawn(async move {
                 store
-                    .assign_seat(&uid(&format!("user-{i:03}")), Feature::User, &plan)
+                    .assign_seat(None, &uid(&format!("user-{i:03}")), Feature::User, &plan)
                     .await
             })
         })
@@ -390,9 +390,11 @@ async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
         .map(|_| {
             let store = Arc::clone(&store);
             let plan = plan.clone();
-            tokio::spawn(
-                async move { store.assign_seat(&uid("alice"), Feature::User, &plan).await },
-            )
+            tokio::spawn(async move {
+                store
+                    .assign_seat(None, &uid("alice"), Feature::User, &plan)
+                    .await
+            })
         })
         .collect();
     let mut created_seats = Vec::new();
@@ -415,7 +417,12 @@ async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
                 store
-                    .assign_seat(&uid(&format!("t{}", i % 5)), Feature::User, &tryout(3))
+                    .assign_seat(
+                        None,
+                        &uid(&format!("t{}", i % 5)),
+                        Feature::User,
+                        &tryout(3),
+                    )
                     .await
             })
         })

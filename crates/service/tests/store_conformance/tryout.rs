@@ -16,7 +16,7 @@ async fn compare_and_set_tryout(store: &dyn Store) {
     let started = started_tryout();
 
     let change = store
-        .compare_and_set_tryout(None, &started)
+        .compare_and_set_tryout(None, None, &started)
         .await
         .unwrap()
         .expect("from no record");
@@ -28,19 +28,22 @@ async fn compare_and_set_tryout(store: &dyn Store) {
     // Stale expectations change nothing.
     let other = TryoutRecord::Forfeited { at: Utc::now() };
     assert_eq!(
-        store.compare_and_set_tryout(None, &other).await.unwrap(),
-        None
-    );
-    assert_eq!(
         store
-            .compare_and_set_tryout(Some(&other), &other)
+            .compare_and_set_tryout(None, None, &other)
             .await
             .unwrap(),
         None
     );
     assert_eq!(
         store
-            .compare_and_set_tryout(Some(&ended(&started)), &other)
+            .compare_and_set_tryout(None, Some(&other), &other)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .compare_and_set_tryout(None, Some(&ended(&started)), &other)
             .await
             .unwrap(),
         None
@@ -51,7 +54,7 @@ async fn compare_and_set_tryout(store: &dyn Store) {
     let read_back = snap.tryout.unwrap();
     let done = ended(&read_back);
     let change = store
-        .compare_and_set_tryout(Some(&read_back), &done)
+        .compare_and_set_tryout(None, Some(&read_back), &done)
         .await
         .unwrap()
         .expect("the current record matches");
@@ -61,7 +64,7 @@ async fn compare_and_set_tryout(store: &dyn Store) {
     // The old record no longer matches.
     assert_eq!(
         store
-            .compare_and_set_tryout(Some(&started), &other)
+            .compare_and_set_tryout(None, Some(&started), &other)
             .await
             .unwrap(),
         None
