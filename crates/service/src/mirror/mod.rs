@@ -12,10 +12,9 @@
 //! the same write at that version. When it does not (the store lost its data, went
 //! back to an older snapshot, failed over to a lagging replica, or was re-created
 //! by another replica), the task writes back what the store lost and this replica
-//! holds (`repair`), reports what it could not, and only then follows the
+//! holds (`domain::repair` plans it), reports what it could not, and only then follows the
 //! store again. Until then the store refuses this replica's writes (its floor).
 
-pub mod repair;
 mod state;
 mod sync;
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Mirror, repair};
+use super::Mirror;
+use crate::domain::repair;
 use crate::store::{Change, Changes, Incident, Position, Snapshot, Store, StoreError};
 
 /// How often a resynchronisation re-reads and re-plans when the store moves
@@ -188,7 +189,8 @@ impl Mirror {
                 _ => repair::Lost::Everything,
             };
             repair::plan(&repair::Input {
-                mine,
+                mine: &mine.to_snapshot(),
+                mine_license: mine.license.as_ref(),
                 lost,
                 store: snapshot,
                 store_license: store_license.as_ref(),

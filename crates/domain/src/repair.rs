@@ -17,15 +17,15 @@
 //!   (a consumed nonce is never accepted again, I5); a lost pending one comes back;
 //! - the later reconcile status wins.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::MirrorState;
-use crate::domain::{
-    AppliedLicense, Edition, Feature, Seat, SeatSource, TryoutPolicy, TryoutRecord, UserId,
-};
-use crate::store::{Change, ChangeKind, RepairWrite, Snapshot};
+use crate::history::{Change, ChangeKind, RepairWrite, Snapshot};
+use crate::ids::{Edition, Feature, UserId};
+use crate::license::AppliedLicense;
+use crate::seats::{Seat, SeatSource};
+use crate::tryout::{TryoutPolicy, TryoutRecord};
 
 /// Which of the replica's writes the store lost.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +38,10 @@ pub enum Lost<'a> {
 
 /// Everything a repair plan is made from.
 pub struct Input<'a> {
-    pub mine: &'a MirrorState,
+    /// What the replica holds: its copy of the store, as a snapshot.
+    pub mine: &'a Snapshot,
+    /// The replica's license document, verified (`None`: none, or not trusted).
+    pub mine_license: Option<&'a AppliedLicense>,
     pub lost: Lost<'a>,
     pub store: &'a Snapshot,
     /// The store's license document, verified (`None`: none, or not trusted).
@@ -87,11 +90,11 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
 
     // The license: the replica's newer document, unless the store moved on.
     let mut license = input.store_license;
-    if let (Some(m), false) = (input.mine.license.as_ref(), newer_license || newer_reset) {
+    if let (Some(m), false) = (input.mine_license, newer_license || newer_reset) {
         let newer = input
             .store_license
             .is_none_or(|s| s.id() != m.id() && m.payload.issued_at > s.payload.issued_at);
-        if newer && let Some(stored) = &input.mine.stored_license {
+        if newer && let Some(stored) = &input.mine.license {
             w.license = Some(stored.clone());
             w.incident
                 .restored(format!("license issued {}", m.payload.issued_at));
@@ -113,12 +116,16 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
     // Seats.
     let mut candidates: Vec<Seat> = Vec::new();
     let mut releases: Vec<(Feature, UserId)> = Vec::new();
+    let held: HashMap<(Feature, &str), &Seat> = input
+        .mine
+        .seats
+        .iter()
+        .map(|s| ((s.feature, s.user_id.as_str()), s))
+        .collect();
     let still_held = |seat: &Seat| {
-        input
-            .mine
-            .seat(seat.feature, seat.user_id.as_str())
-            .map(|m| m.to_seat(seat.user_id.clone(), seat.feature))
+        held.get(&(seat.feature, seat.user_id.as_str()))
             .filter(|m| m.assigned_at == seat.assigned_at)
+            .map(|m| (*m).clone())
     };
     match input.lost {
         Lost::Changes(changes) => {
@@ -134,7 +141,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
                         }
                     }
                     ChangeKind::SeatReleased { feature, user_id }
-                        if input.mine.seat(*feature, user_id.as_str()).is_none()
+                        if !held.contains_key(&(*feature, user_id.as_str()))
                             && in_store.contains(&(*feature, user_id.as_str()))
                             && untouched(*feature, user_id.as_str())
                             && !releases.contains(&(*feature, user_id.clone())) =>
@@ -145,7 +152,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
                 }
             }
         }
-        Lost::Everything => candidates = input.mine.to_snapshot().seats,
+        Lost::Everything => candidates = input.mine.seats.clone(),
     }
     candidates.retain(|s| {
         !in_store.contains(&(s.feature, s.user_id.as_str()))
@@ -200,7 +207,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
 
     // The pending initialization.
     let consumed = |nonce: &str| {
-        [input.mine.license.as_ref(), license]
+        [input.mine_license, license]
             .into_iter()
             .flatten()
             .any(|l| l.payload.nonce.as_deref() == Some(nonce))
@@ -295,6 +302,85 @@ mod tests {
             ends_at: t(at) + Duration::days(14),
             ended: None,
         }
+    }
+
+    fn tryout_seat(user: &str, at: i64) -> Seat {
+        Seat {
+            user_id: UserId::parse(user).unwrap(),
+            feature: Feature::User,
+            source: SeatSource::Tryout,
+            assigned_at: t(at),
+            over_capacity_since: None,
+        }
+    }
+
+    fn input<'a>(mine: &'a Snapshot, store: &'a Snapshot, newer: &'a [Change]) -> Input<'a> {
+        Input {
+            mine,
+            mine_license: None,
+            lost: Lost::Everything,
+            store,
+            store_license: None,
+            newer,
+            edition: Edition::Vm,
+            tryout: TryoutPolicy::default(),
+            now: t(100),
+        }
+    }
+
+    /// A store that went back lost three test seats; meanwhile it took one of
+    /// another user: the oldest two fit the 3 test seats again, the newest is
+    /// reported lost (I1, I2).
+    #[test]
+    fn lost_seats_come_back_oldest_first_while_the_pool_has_room() {
+        let mine = Snapshot {
+            seats: vec![
+                tryout_seat("c", 3),
+                tryout_seat("a", 1),
+                tryout_seat("b", 2),
+            ],
+            tryout: Some(started(0)),
+            ..Snapshot::default()
+        };
+        let store = Snapshot {
+            seats: vec![tryout_seat("z", 4)],
+            tryout: Some(started(0)),
+            ..Snapshot::default()
+        };
+        let plan = plan(&input(&mine, &store, &[])).expect("a plan");
+        let users: Vec<&str> = plan.add_seats.iter().map(|s| s.user_id.as_str()).collect();
+        assert_eq!(users, ["a", "b"]);
+        assert_eq!(plan.incident.restored_total, 2);
+        assert_eq!(plan.incident.lost_total, 1);
+        assert!(
+            plan.incident.lost[0].contains("user/c"),
+            "{:?}",
+            plan.incident
+        );
+    }
+
+    /// A seat the store took a newer write of since the loss keeps the
+    /// store's truth; a store that lacks nothing gets no plan.
+    #[test]
+    fn newer_writes_of_the_store_win_and_nothing_lost_plans_nothing() {
+        let mine = Snapshot {
+            seats: vec![tryout_seat("a", 1)],
+            tryout: Some(started(0)),
+            ..Snapshot::default()
+        };
+        let store = Snapshot {
+            tryout: Some(started(0)),
+            ..Snapshot::default()
+        };
+        let released = [Change {
+            version: 9,
+            kind: ChangeKind::SeatReleased {
+                feature: Feature::User,
+                user_id: UserId::parse("a").unwrap(),
+            },
+        }];
+        assert_eq!(plan(&input(&mine, &store, &released)), None);
+        assert_eq!(plan(&input(&mine, &mine, &[])), None);
     }
 
     #[test]
