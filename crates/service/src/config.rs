@@ -12,12 +12,13 @@ use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::AuthMode;
 use crate::auth::tls::TlsFiles;
+use crate::auth::{AuthMode, AuthOptions};
 use crate::domain::audit::AuditRetention;
 use crate::domain::license::parse_public_key;
 use crate::domain::{Edition, SerialNumber, TryoutPolicy};
 use crate::mirror::MirrorConfig;
+use crate::upstream::LicenseSource;
 
 /// The placeholder serial number for local runs without configuration.
 pub const DEV_SERIAL: &str = "DEV-0000000000";
@@ -128,16 +129,6 @@ impl Default for RawAudit {
             max_age_days: u32::try_from(r.max_age.num_days()).unwrap_or(400),
         }
     }
-}
-
-/// Who may call, and how the credentials are kept fresh.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthConfig {
-    pub mode: AuthMode,
-    pub callers_file: Option<PathBuf>,
-    pub reload_interval: Duration,
-    pub allow_empty_callers_file: bool,
-    pub allow_plaintext_tokens: bool,
 }
 
 /// Spans exported over OTLP, set independently of the log lines.
@@ -545,35 +536,23 @@ impl Default for RawMirror {
     }
 }
 
-/// The license source: the vendor's licensing server, a license file, or none.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LicenseSourceConfig {
-    None,
-    File(PathBuf),
-    Server {
-        url: String,
-        ca_file: Option<PathBuf>,
-        timeout: Duration,
-    },
-}
-
 pub use crate::domain::LapseAction;
 
 pub use crate::journal::LogFormat;
 
-pub use crate::store::redis_conn::{RedisConfig, RedisTarget, WaitPolicy};
+pub use crate::store::redis_conn::{RedisConfig, RedisOptions, RedisTarget, WaitPolicy};
 
-/// The validated configuration.
+/// The validated configuration: values only. The files it names (callers file,
+/// Redis password and CA, TLS material, license file) are read by `app`.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     /// `None`: the embedded in-memory store.
-    pub redis: Option<RedisConfig>,
+    pub redis: Option<RedisOptions>,
     pub serial_number: SerialNumber,
     pub edition: Edition,
     pub tryout: TryoutPolicy,
-    pub license_file: Option<PathBuf>,
     pub vendor_public_key: Option<VerifyingKey>,
     pub over_capacity_grace: chrono::Duration,
     pub drain_timeout: Duration,
@@ -591,13 +570,13 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Certificate, key and client CA (PEM) for serving gRPC over TLS.
     pub tls: Option<TlsFiles>,
-    pub auth: AuthConfig,
+    pub auth: AuthOptions,
     pub audit: AuditRetention,
     /// A development installation: trusts a vendor key other than the built-in one.
     pub development_installation: bool,
     pub otlp_endpoint: Option<String>,
     /// Where entitlements come from.
-    pub license_source: LicenseSourceConfig,
+    pub license_source: LicenseSource,
     /// How long the last good entitlements hold while the source is unreachable.
     pub grace: chrono::Duration,
     pub lapse_action: LapseAction,
@@ -619,10 +598,27 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+/// The error of `key`, for the checks here and for `app`'s reading of the files.
+pub fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
+    }
+}
+
+/// `Ok(value)` when `value` is in `range`, else the error of `key`.
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            format!("must be {} to {}", range.start(), range.end()),
+        ))
     }
 }
 
@@ -677,39 +673,96 @@ impl RawConfig {
         self.validate_with_anchor(EMBEDDED_VENDOR_PUBLIC_KEY)
     }
 
-    /// Validates against a given built-in vendor key (the trust anchor).
+    /// Validates against a given built-in vendor key (the trust anchor). Checks
+    /// values only: no file is read here.
     pub fn validate_with_anchor(&self, anchor: Option<&str>) -> Result<Config, ConfigError> {
-        let listen_addr = self
-            .listen_addr
-            .parse()
-            .map_err(|e| invalid("listen_addr", format!("{:?}: {e}", self.listen_addr)))?;
-        let metrics_addr =
-            if self.metrics_addr.is_empty() {
-                None
-            } else {
-                Some(self.metrics_addr.parse().map_err(|e| {
-                    invalid("metrics_addr", format!("{:?}: {e}", self.metrics_addr))
-                })?)
-            };
-        if !(1..=60_000).contains(&self.redis_timeout_ms) {
-            return Err(invalid("redis_timeout_ms", "must be 1 to 60000"));
-        }
-        let redis = match self.redis_url.as_deref().filter(|u| !u.is_empty()) {
-            None => None,
-            Some(url) => Some(self.redis_config(url)?),
-        };
+        let (listen_addr, metrics_addr) = self.addresses()?;
+        let redis = self.redis()?;
         let serial_number = SerialNumber::parse(&self.serial_number)
             .map_err(|e| invalid("serial_number", e.message))?;
         let edition: Edition = self
             .edition
             .parse()
             .map_err(|e: crate::domain::InvalidInput| invalid("edition", e.message))?;
-        if !(1..=365).contains(&self.tryout.days) {
-            return Err(invalid("tryout.days", "must be 1 to 365"));
+        let tryout = self.tryout.validate()?;
+        let vendor_public_key = self.vendor_public_key(anchor)?;
+        let license_source = self.license_source()?;
+        if license_source != LicenseSource::None && vendor_public_key.is_none() {
+            return Err(invalid(
+                "vendor_public_key",
+                "is required with a license source (documents are verified with it)",
+            ));
         }
-        if !(1..=1000).contains(&self.tryout.seats) {
-            return Err(invalid("tryout.seats", "must be 1 to 1000"));
+        let grace_days = within("grace_days", self.grace_days, 1..=3650)?;
+        let lapse_action = self.lapse_action()?;
+        let (reconcile_interval, reconcile_jitter_percent) = self.reconcile.validate()?;
+        let code_ttl = self.initialization.validate()?;
+        let over_capacity_grace_days = within(
+            "over_capacity_grace_days",
+            self.over_capacity_grace_days,
+            0..=365,
+        )?;
+        let drain_timeout_ms = within("drain_timeout_ms", self.drain_timeout_ms, 0..=600_000)?;
+        let log_format = self.log.validate()?;
+        self.trace.validate()?;
+        let mirror = self.mirror.validate()?;
+        let clock_max_skew_ms = self.clock.validate()?;
+        let tls = self.tls.validate()?;
+        let limits = self.limits.validate()?;
+        let auth = self.auth.validate()?;
+        let audit = self.audit.validate()?;
+        Ok(Config {
+            auth,
+            audit,
+            development_installation: self.development_installation,
+            limits,
+            listen_addr,
+            metrics_addr,
+            redis,
+            serial_is_placeholder: serial_number.as_str() == DEV_SERIAL,
+            serial_number,
+            edition,
+            tryout,
+            vendor_public_key,
+            over_capacity_grace: chrono::Duration::days(i64::from(over_capacity_grace_days)),
+            drain_timeout: Duration::from_millis(drain_timeout_ms),
+            log_format,
+            log_level: self.log.level.clone(),
+            trace_level: self.trace.level.clone(),
+            trace_sampling_ratio: self.trace.sampling_ratio,
+            mirror,
+            clock_max_skew_ms,
+            // Whether it is a directory is `app`'s to find out (it creates it).
+            state_dir: self.state_dir.clone().filter(|d| !d.as_os_str().is_empty()),
+            tls,
+            license_source,
+            grace: chrono::Duration::days(i64::from(grace_days)),
+            lapse_action,
+            reconcile_interval,
+            reconcile_jitter_percent,
+            code_ttl,
+            otlp_endpoint: self.otlp_endpoint(),
+        })
+    }
+
+    /// `listen_addr` and `metrics_addr` (empty: no metrics endpoint).
+    fn addresses(&self) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
+        let listen_addr = self
+            .listen_addr
+            .parse()
+            .map_err(|e| invalid("listen_addr", format!("{:?}: {e}", self.listen_addr)))?;
+        if self.metrics_addr.is_empty() {
+            return Ok((listen_addr, None));
         }
+        let metrics_addr = self
+            .metrics_addr
+            .parse()
+            .map_err(|e| invalid("metrics_addr", format!("{:?}: {e}", self.metrics_addr)))?;
+        Ok((listen_addr, Some(metrics_addr)))
+    }
+
+    /// `vendor_public_key`, checked against the key built into the binary.
+    fn vendor_public_key(&self, anchor: Option<&str>) -> Result<Option<VerifyingKey>, ConfigError> {
         let configured_key = self
             .vendor_public_key
             .as_deref()
@@ -717,105 +770,255 @@ impl RawConfig {
             .map(parse_public_key)
             .transpose()
             .map_err(|m| invalid("vendor_public_key", m))?;
-        let vendor_public_key = match anchor.filter(|a| !a.is_empty()) {
-            None => configured_key,
-            Some(anchor) => {
-                let anchor = parse_public_key(anchor).map_err(|m| {
-                    invalid(
-                        "vendor_public_key",
-                        format!("the built-in key is unusable: {m}"),
-                    )
-                })?;
-                match configured_key {
-                    Some(key) if key != anchor && !self.development_installation => {
-                        return Err(invalid(
-                            "vendor_public_key",
-                            "differs from the vendor key built into this binary; remove it, or set development_installation = true for a development installation",
-                        ));
-                    }
-                    Some(key) => Some(key),
-                    None => Some(anchor),
-                }
-            }
+        let Some(anchor) = anchor.filter(|a| !a.is_empty()) else {
+            return Ok(configured_key);
         };
-        let license_source = match (&self.licensing_server.url, &self.license_file) {
+        let anchor = parse_public_key(anchor).map_err(|m| {
+            invalid(
+                "vendor_public_key",
+                format!("the built-in key is unusable: {m}"),
+            )
+        })?;
+        match configured_key {
+            Some(key) if key != anchor && !self.development_installation => Err(invalid(
+                "vendor_public_key",
+                "differs from the vendor key built into this binary; remove it, or set development_installation = true for a development installation",
+            )),
+            Some(key) => Ok(Some(key)),
+            None => Ok(Some(anchor)),
+        }
+    }
+
+    /// `licensing_server.*` or `license_file` (not both).
+    fn license_source(&self) -> Result<LicenseSource, ConfigError> {
+        match (&self.licensing_server.url, &self.license_file) {
+            (Some(_), Some(_)) => Err(invalid(
+                "licensing_server.url",
+                "set either licensing_server.url or license_file, not both",
+            )),
+            (Some(url), None) => self
+                .licensing_server
+                .validate(url, self.development_installation),
+            (None, Some(path)) => Ok(LicenseSource::File(path.clone())),
+            (None, None) => Ok(LicenseSource::None),
+        }
+    }
+
+    fn lapse_action(&self) -> Result<LapseAction, ConfigError> {
+        match self.lapse_action.as_str() {
+            "deny_new" => Ok(LapseAction::DenyNew),
+            "reset" => Ok(LapseAction::Reset),
+            other => Err(invalid(
+                "lapse_action",
+                format!("{other:?} is not deny_new or reset"),
+            )),
+        }
+    }
+
+    /// `otlp_endpoint`, else the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    fn otlp_endpoint(&self) -> Option<String> {
+        self.otlp_endpoint
+            .clone()
+            .filter(|e| !e.is_empty())
+            .or_else(|| {
+                std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .ok()
+                    .filter(|e| !e.is_empty())
+            })
+    }
+
+    /// The `redis_*` keys; `None` without a `redis_url` (the in-memory store).
+    /// The password and CA files are named, not read.
+    fn redis(&self) -> Result<Option<RedisOptions>, ConfigError> {
+        within("redis_timeout_ms", self.redis_timeout_ms, 1..=60_000)?;
+        let Some(url) = self.redis_url.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let (url_user, url_password, location) = redis_url_credentials(rest)?;
+        let target = redis_target(scheme, location)?;
+        // The keys win over the URL's credentials.
+        let (password, password_file) = match (&self.redis_password, &self.redis_password_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
-                    "licensing_server.url",
-                    "set either licensing_server.url or license_file, not both",
+                    "redis_password_file",
+                    "set either redis_password or redis_password_file, not both",
                 ));
             }
-            (Some(url), None) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(invalid(
-                        "licensing_server.url",
-                        "must start with https:// (or http:// for a local simulator)",
-                    ));
-                }
-                // Plain HTTP lets anyone on the path answer for the licensing
-                // server; only a development installation (which may trust any
-                // vendor key anyway) accepts it.
-                if url.starts_with("http://") && !self.development_installation {
-                    return Err(invalid(
-                        "licensing_server.url",
-                        format!(
-                            "{url:?} is plain http://: use https:// (with licensing_server.ca_file for a private CA), or set development_installation = true for a development installation (e.g. licensing-sim on this machine)"
-                        ),
-                    ));
-                }
-                if !(100..=120_000).contains(&self.licensing_server.timeout_ms) {
-                    return Err(invalid(
-                        "licensing_server.timeout_ms",
-                        "must be 100 to 120000",
-                    ));
-                }
-                LicenseSourceConfig::Server {
-                    url: url.clone(),
-                    ca_file: self.licensing_server.ca_file.clone(),
-                    timeout: Duration::from_millis(self.licensing_server.timeout_ms),
-                }
-            }
-            (None, Some(path)) => LicenseSourceConfig::File(path.clone()),
-            (None, None) => LicenseSourceConfig::None,
+            (Some(p), None) => (Some(p.clone()), None),
+            (None, Some(path)) => (None, Some(path.clone())),
+            (None, None) => (url_password, None),
         };
-        if license_source != LicenseSourceConfig::None && vendor_public_key.is_none() {
+        let username = self
+            .redis_username
+            .clone()
+            .filter(|u| !u.is_empty())
+            .or(url_user);
+        if username.is_some() && password.is_none() && password_file.is_none() {
             return Err(invalid(
-                "vendor_public_key",
-                "is required with a license source (documents are verified with it)",
+                "redis_password",
+                "an ACL user (redis_username or the URL's user) needs a password: set redis_password or redis_password_file",
             ));
         }
-        if !(1..=3650).contains(&self.grace_days) {
-            return Err(invalid("grace_days", "must be 1 to 3650"));
+        if self.redis_tls_ca_file.is_some() && scheme != "rediss" {
+            return Err(invalid(
+                "redis_tls_ca_file",
+                "is only used with a rediss:// redis_url",
+            ));
         }
-        let lapse_action = match self.lapse_action.as_str() {
-            "deny_new" => LapseAction::DenyNew,
-            "reset" => LapseAction::Reset,
-            other => {
+        within("redis_wait_replicas", self.redis_wait_replicas, 0..=100)?;
+        within(
+            "redis_wait_timeout_ms",
+            self.redis_wait_timeout_ms,
+            1..=60_000,
+        )?;
+        Ok(Some(RedisOptions {
+            connection: RedisConfig {
+                url: url.to_owned(),
+                target,
+                username,
+                password,
+                tls_ca: None,
+                timeout: Duration::from_millis(self.redis_timeout_ms),
+                wait: (self.redis_wait_replicas > 0).then(|| WaitPolicy {
+                    replicas: self.redis_wait_replicas,
+                    timeout: Duration::from_millis(self.redis_wait_timeout_ms),
+                }),
+            },
+            password_file,
+            tls_ca_file: self.redis_tls_ca_file.clone(),
+        }))
+    }
+}
+
+/// The user and password in a Redis URL (after `scheme://`), decoded, and the
+/// rest of it.
+#[allow(clippy::type_complexity)]
+fn redis_url_credentials(
+    rest: &str,
+) -> Result<(Option<String>, Option<String>, &str), ConfigError> {
+    let Some((auth, location)) = rest.rsplit_once('@') else {
+        return Ok((None, None, rest));
+    };
+    let (user, password) = match auth.split_once(':') {
+        Some((u, p)) => (u, Some(p)),
+        None => (auth, None),
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| invalid("redis_url", "credentials are not UTF-8"))
+    };
+    Ok((
+        Some(decode(user)?).filter(|u| !u.is_empty()),
+        password.map(decode).transpose()?,
+        location,
+    ))
+}
+
+/// Where Redis is: one server, or the sentinels of a master.
+fn redis_target(scheme: &str, location: &str) -> Result<RedisTarget, ConfigError> {
+    match scheme {
+        "redis" | "rediss" | "redis+unix" | "unix" => Ok(RedisTarget::Direct {
+            url: format!("{scheme}://{location}"),
+        }),
+        "redis+sentinel" => {
+            let (hosts, master_name) = location.split_once('/').unwrap_or((location, ""));
+            let master_name = master_name.trim_end_matches('/');
+            if master_name.is_empty() || master_name.contains(['/', '?', '#']) {
                 return Err(invalid(
-                    "lapse_action",
-                    format!("{other:?} is not deny_new or reset"),
+                    "redis_url",
+                    "a redis+sentinel:// URL ends with /MASTER_NAME",
                 ));
             }
-        };
-        if !(1..=30 * 86_400).contains(&self.reconcile.interval_secs) {
-            return Err(invalid("reconcile.interval_secs", "must be 1 to 2592000"));
+            let sentinels = hosts
+                .split(',')
+                .map(sentinel_address)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| invalid("redis_url", m))?;
+            Ok(RedisTarget::Sentinel {
+                sentinels,
+                master_name: master_name.to_owned(),
+            })
         }
-        if self.reconcile.jitter_percent > 50 {
-            return Err(invalid("reconcile.jitter_percent", "must be 0 to 50"));
-        }
-        if !(1..=30 * 24 * 60).contains(&self.initialization.code_ttl_minutes) {
+        _ => Err(invalid(
+            "redis_url",
+            "must start with redis://, rediss://, unix:// or redis+sentinel://",
+        )),
+    }
+}
+
+impl RawTryout {
+    fn validate(&self) -> Result<TryoutPolicy, ConfigError> {
+        Ok(TryoutPolicy {
+            days: within("tryout.days", self.days, 1..=365)?,
+            seats: within("tryout.seats", self.seats, 1..=1000)?,
+        })
+    }
+}
+
+impl RawLicensingServer {
+    /// The server at `url` (set); plain `http://` only in a development installation.
+    fn validate(&self, url: &str, development: bool) -> Result<LicenseSource, ConfigError> {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
             return Err(invalid(
-                "initialization.code_ttl_minutes",
-                "must be 1 to 43200",
+                "licensing_server.url",
+                "must start with https:// (or http:// for a local simulator)",
             ));
         }
-        if self.over_capacity_grace_days > 365 {
-            return Err(invalid("over_capacity_grace_days", "must be 0 to 365"));
+        // Plain HTTP lets anyone on the path answer for the licensing server;
+        // only a development installation (which may trust any vendor key
+        // anyway) accepts it.
+        if url.starts_with("http://") && !development {
+            return Err(invalid(
+                "licensing_server.url",
+                format!(
+                    "{url:?} is plain http://: use https:// (with licensing_server.ca_file for a private CA), or set development_installation = true for a development installation (e.g. licensing-sim on this machine)"
+                ),
+            ));
         }
-        if !(0..=600_000).contains(&self.drain_timeout_ms) {
-            return Err(invalid("drain_timeout_ms", "must be 0 to 600000"));
-        }
-        let log_format = match self.log.format.as_str() {
+        let timeout_ms = within(
+            "licensing_server.timeout_ms",
+            self.timeout_ms,
+            100..=120_000,
+        )?;
+        Ok(LicenseSource::Server {
+            url: url.to_owned(),
+            ca_file: self.ca_file.clone(),
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+}
+
+impl RawReconcile {
+    /// The interval and its jitter (percent).
+    fn validate(&self) -> Result<(Duration, u32), ConfigError> {
+        let secs = within(
+            "reconcile.interval_secs",
+            self.interval_secs,
+            1..=30 * 86_400,
+        )?;
+        let jitter = within("reconcile.jitter_percent", self.jitter_percent, 0..=50)?;
+        Ok((Duration::from_secs(secs), jitter))
+    }
+}
+
+impl RawInitialization {
+    /// How long an initialization code is accepted.
+    fn validate(&self) -> Result<chrono::Duration, ConfigError> {
+        let minutes = within(
+            "initialization.code_ttl_minutes",
+            self.code_ttl_minutes,
+            1..=30 * 24 * 60,
+        )?;
+        Ok(chrono::Duration::minutes(i64::from(minutes)))
+    }
+}
+
+impl RawLog {
+    fn validate(&self) -> Result<LogFormat, ConfigError> {
+        let format = match self.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
@@ -825,278 +1028,121 @@ impl RawConfig {
                 ));
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return Err(invalid(
                 "log.level",
                 format!(
                     "{:?} is not a level or filter (e.g. info, debug, comtrexx_licensing=debug)",
-                    self.log.level
+                    self.level
                 ),
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.trace.level).is_err() {
+        Ok(format)
+    }
+}
+
+impl RawTrace {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return Err(invalid(
                 "trace.level",
-                format!(
-                    "{:?} is not a level or filter (e.g. info, off)",
-                    self.trace.level
-                ),
+                format!("{:?} is not a level or filter (e.g. info, off)", self.level),
             ));
         }
-        if !(0.0..=1.0).contains(&self.trace.sampling_ratio) {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
             return Err(invalid("trace.sampling_ratio", "must be 0.0 to 1.0"));
         }
-        let state_dir = self.state_dir.clone().filter(|d| !d.as_os_str().is_empty());
-        if let Some(dir) = &state_dir
-            && dir.is_file()
-        {
-            return Err(invalid(
-                "state_dir",
-                format!(
-                    "{} is a file; it must be a directory (created if missing)",
-                    dir.display()
-                ),
-            ));
-        }
-        if self.mirror.stale_after_ms < 100 {
+        Ok(())
+    }
+}
+
+impl RawMirror {
+    fn validate(&self) -> Result<MirrorConfig, ConfigError> {
+        if self.stale_after_ms < 100 {
             return Err(invalid("mirror.stale_after_ms", "must be at least 100"));
         }
-        // Below a second, ordinary network delay would look like a wrong clock;
-        // beyond a year nothing is checked any more.
-        if !(1_000..=MAX_CLOCK_SKEW_MS).contains(&self.clock.max_skew_ms) {
-            return Err(invalid(
-                "clock.max_skew_ms",
-                format!("must be 1000 to {MAX_CLOCK_SKEW_MS} (a year)"),
-            ));
-        }
-        let clock_max_skew_ms = i64::try_from(self.clock.max_skew_ms).unwrap_or(i64::MAX);
-        if self.mirror.resync_interval_ms < 1000 {
+        if self.resync_interval_ms < 1000 {
             return Err(invalid(
                 "mirror.resync_interval_ms",
                 "must be at least 1000",
             ));
         }
-        let tls = match (&self.tls.cert_file, &self.tls.key_file) {
-            (Some(c), Some(k)) => Some(TlsFiles {
-                cert_file: c.clone(),
-                key_file: k.clone(),
-                client_ca_file: self.tls.client_ca_file.clone(),
-                require_client_certificate: self.tls.require_client_certificate,
-            }),
-            (None, None) if self.tls.client_ca_file.is_some() => {
-                return Err(invalid(
-                    "tls.client_ca_file",
-                    "needs tls.cert_file and tls.key_file (client certificates only exist over TLS)",
-                ));
-            }
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid("tls.key_file", "is required with tls.cert_file"));
-            }
-            (None, Some(_)) => {
-                return Err(invalid("tls.cert_file", "is required with tls.key_file"));
-            }
-        };
-        let limits = self.limits.validate()?;
-        let mode = AuthMode::parse(&self.auth.mode).ok_or_else(|| {
-            invalid(
-                "auth.mode",
-                format!("{:?} is not protected, enforce or disabled", self.auth.mode),
-            )
-        })?;
-        if let Some(path) = &self.auth.callers_file {
-            crate::auth::callers::CallersFile::load(Some(path), self.auth.allow_empty_callers_file)
-                .map_err(|m| invalid("auth.callers_file", m))?;
-        }
-        if !(100..=3_600_000).contains(&self.auth.reload_interval_ms) {
-            return Err(invalid("auth.reload_interval_ms", "must be 100 to 3600000"));
-        }
-        if !(1..=100_000_000).contains(&self.audit.max_entries) {
-            return Err(invalid("audit.max_entries", "must be 1 to 100000000"));
-        }
-        if !(1..=100_000_000).contains(&self.audit.max_refusals) {
-            return Err(invalid("audit.max_refusals", "must be 1 to 100000000"));
-        }
-        if !(1..=36_500).contains(&self.audit.max_age_days) {
-            return Err(invalid("audit.max_age_days", "must be 1 to 36500"));
-        }
-        Ok(Config {
-            auth: AuthConfig {
-                mode,
-                callers_file: self.auth.callers_file.clone(),
-                reload_interval: Duration::from_millis(self.auth.reload_interval_ms),
-                allow_empty_callers_file: self.auth.allow_empty_callers_file,
-                allow_plaintext_tokens: self.auth.allow_plaintext_tokens,
-            },
-            audit: AuditRetention {
-                max_entries: self.audit.max_entries,
-                max_refusals: self.audit.max_refusals,
-                max_age: chrono::Duration::days(i64::from(self.audit.max_age_days)),
-            },
-            development_installation: self.development_installation,
-            limits,
-            listen_addr,
-            metrics_addr,
-            redis,
-            serial_is_placeholder: serial_number.as_str() == DEV_SERIAL,
-            serial_number,
-            edition,
-            tryout: TryoutPolicy {
-                days: self.tryout.days,
-                seats: self.tryout.seats,
-            },
-            license_file: self.license_file.clone(),
-            vendor_public_key,
-            over_capacity_grace: chrono::Duration::days(i64::from(self.over_capacity_grace_days)),
-            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
-            log_format,
-            log_level: self.log.level.clone(),
-            trace_level: self.trace.level.clone(),
-            trace_sampling_ratio: self.trace.sampling_ratio,
-            mirror: MirrorConfig {
-                stale_after: Duration::from_millis(self.mirror.stale_after_ms),
-                resync_interval: Duration::from_millis(self.mirror.resync_interval_ms),
-                ..MirrorConfig::default()
-            },
-            clock_max_skew_ms,
-            state_dir,
-            tls,
-            license_source,
-            grace: chrono::Duration::days(i64::from(self.grace_days)),
-            lapse_action,
-            reconcile_interval: Duration::from_secs(self.reconcile.interval_secs),
-            reconcile_jitter_percent: self.reconcile.jitter_percent,
-            code_ttl: chrono::Duration::minutes(i64::from(self.initialization.code_ttl_minutes)),
-            otlp_endpoint: self
-                .otlp_endpoint
-                .clone()
-                .filter(|e| !e.is_empty())
-                .or_else(|| {
-                    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-                        .ok()
-                        .filter(|e| !e.is_empty())
-                }),
+        Ok(MirrorConfig {
+            stale_after: Duration::from_millis(self.stale_after_ms),
+            resync_interval: Duration::from_millis(self.resync_interval_ms),
+            ..MirrorConfig::default()
         })
     }
 }
 
-impl RawConfig {
-    /// The `redis_*` keys, validated; reads the password and CA files.
-    fn redis_config(&self, url: &str) -> Result<RedisConfig, ConfigError> {
-        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-        // Credentials in the URL, then the keys, which win.
-        let (url_user, url_password, location) = match rest.rsplit_once('@') {
-            Some((auth, location)) => {
-                let (user, password) = match auth.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (auth, None),
-                };
-                let decode = |s: &str| {
-                    percent_encoding::percent_decode_str(s)
-                        .decode_utf8()
-                        .map(|s| s.into_owned())
-                        .map_err(|_| invalid("redis_url", "credentials are not UTF-8"))
-                };
-                (
-                    Some(decode(user)?).filter(|u| !u.is_empty()),
-                    password.map(decode).transpose()?,
-                    location,
-                )
-            }
-            None => (None, None, rest),
-        };
-        let target = match scheme {
-            "redis" | "rediss" | "redis+unix" | "unix" => RedisTarget::Direct {
-                url: format!("{scheme}://{location}"),
-            },
-            "redis+sentinel" => {
-                let (hosts, master_name) = location.split_once('/').unwrap_or((location, ""));
-                let master_name = master_name.trim_end_matches('/');
-                if master_name.is_empty() || master_name.contains(['/', '?', '#']) {
-                    return Err(invalid(
-                        "redis_url",
-                        "a redis+sentinel:// URL ends with /MASTER_NAME",
-                    ));
-                }
-                let sentinels = hosts
-                    .split(',')
-                    .map(sentinel_address)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|m| invalid("redis_url", m))?;
-                RedisTarget::Sentinel {
-                    sentinels,
-                    master_name: master_name.to_owned(),
-                }
-            }
-            _ => {
-                return Err(invalid(
-                    "redis_url",
-                    "must start with redis://, rediss://, unix:// or redis+sentinel://",
-                ));
-            }
-        };
-        let password = match (&self.redis_password, &self.redis_password_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "redis_password_file",
-                    "set either redis_password or redis_password_file, not both",
-                ));
-            }
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(path)) => {
-                Some(read_secret(path).map_err(|m| invalid("redis_password_file", m))?)
-            }
-            (None, None) => url_password,
-        };
-        let username = self
-            .redis_username
-            .clone()
-            .filter(|u| !u.is_empty())
-            .or(url_user);
-        if username.is_some() && password.is_none() {
+impl RawClock {
+    /// `clock.max_skew_ms`. Below a second, ordinary network delay would look
+    /// like a wrong clock; beyond a year nothing is checked any more.
+    fn validate(&self) -> Result<i64, ConfigError> {
+        if !(1_000..=MAX_CLOCK_SKEW_MS).contains(&self.max_skew_ms) {
             return Err(invalid(
-                "redis_password",
-                "an ACL user (redis_username or the URL's user) needs a password: set redis_password or redis_password_file",
+                "clock.max_skew_ms",
+                format!("must be 1000 to {MAX_CLOCK_SKEW_MS} (a year)"),
             ));
         }
-        let tls_ca = match &self.redis_tls_ca_file {
-            None => None,
-            Some(path) => {
-                if scheme != "rediss" {
-                    return Err(invalid(
-                        "redis_tls_ca_file",
-                        "is only used with a rediss:// redis_url",
-                    ));
-                }
-                let pem = std::fs::read(path).map_err(|e| {
-                    invalid("redis_tls_ca_file", format!("{}: {e}", path.display()))
-                })?;
-                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-                    return Err(invalid(
-                        "redis_tls_ca_file",
-                        format!("{} holds no PEM certificate", path.display()),
-                    ));
-                }
-                Some(pem)
-            }
-        };
-        if self.redis_wait_replicas > 100 {
-            return Err(invalid("redis_wait_replicas", "must be 0 to 100"));
+        Ok(i64::try_from(self.max_skew_ms).unwrap_or(i64::MAX))
+    }
+}
+
+impl RawTls {
+    /// The TLS files (named, not read); `None`: plaintext.
+    fn validate(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Ok(Some(TlsFiles {
+                cert_file: c.clone(),
+                key_file: k.clone(),
+                client_ca_file: self.client_ca_file.clone(),
+                require_client_certificate: self.require_client_certificate,
+            })),
+            (None, None) if self.client_ca_file.is_some() => Err(invalid(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file (client certificates only exist over TLS)",
+            )),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(invalid("tls.key_file", "is required with tls.cert_file")),
+            (None, Some(_)) => Err(invalid("tls.cert_file", "is required with tls.key_file")),
         }
-        if !(1..=60_000).contains(&self.redis_wait_timeout_ms) {
-            return Err(invalid("redis_wait_timeout_ms", "must be 1 to 60000"));
-        }
-        Ok(RedisConfig {
-            url: url.to_owned(),
-            target,
-            username,
-            password,
-            tls_ca,
-            timeout: Duration::from_millis(self.redis_timeout_ms),
-            wait: (self.redis_wait_replicas > 0).then(|| WaitPolicy {
-                replicas: self.redis_wait_replicas,
-                timeout: Duration::from_millis(self.redis_wait_timeout_ms),
-            }),
+    }
+}
+
+impl RawAuth {
+    /// The `auth.*` keys; the callers file is named, not read.
+    fn validate(&self) -> Result<AuthOptions, ConfigError> {
+        let mode = AuthMode::parse(&self.mode).ok_or_else(|| {
+            invalid(
+                "auth.mode",
+                format!("{:?} is not protected, enforce or disabled", self.mode),
+            )
+        })?;
+        let reload_interval_ms = within(
+            "auth.reload_interval_ms",
+            self.reload_interval_ms,
+            100..=3_600_000,
+        )?;
+        Ok(AuthOptions {
+            mode,
+            callers_file: self.callers_file.clone(),
+            reload_interval: Duration::from_millis(reload_interval_ms),
+            allow_empty_callers_file: self.allow_empty_callers_file,
+            allow_plaintext_tokens: self.allow_plaintext_tokens,
+        })
+    }
+}
+
+impl RawAudit {
+    fn validate(&self) -> Result<AuditRetention, ConfigError> {
+        let max_entries = within("audit.max_entries", self.max_entries, 1..=100_000_000)?;
+        let max_refusals = within("audit.max_refusals", self.max_refusals, 1..=100_000_000)?;
+        let max_age_days = within("audit.max_age_days", self.max_age_days, 1..=36_500)?;
+        Ok(AuditRetention {
+            max_entries,
+            max_refusals,
+            max_age: chrono::Duration::days(i64::from(max_age_days)),
         })
     }
 }
@@ -1186,19 +1232,6 @@ fn sentinel_address(raw: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-/// A secret from a file (a mounted Secret): the first line, without its newline.
-fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = text.trim_end_matches(['\n', '\r']);
-    if secret.is_empty() || secret.contains(['\n', '\r']) {
-        return Err(format!(
-            "{} must hold the password on one line",
-            path.display()
-        ));
-    }
-    Ok(secret.to_owned())
-}
-
 fn toml_string(raw: &RawConfig) -> String {
     toml::to_string_pretty(raw).expect("config serializes as TOML")
 }
@@ -1239,7 +1272,10 @@ mod tests {
             assert_eq!(c.serial_number.as_str(), "FILE-1");
             assert_eq!(c.edition, Edition::Business);
             assert_eq!(c.tryout.days, 7);
-            assert_eq!(c.redis.unwrap().timeout, Duration::from_millis(250));
+            assert_eq!(
+                c.redis.unwrap().connection.timeout,
+                Duration::from_millis(250)
+            );
             Ok(())
         });
     }
@@ -1272,10 +1308,6 @@ mod tests {
                 "clock.max_skew_ms",
             ),
             (
-                Box::new(|c| c.state_dir = Some("Cargo.toml".into())),
-                "state_dir",
-            ),
-            (
                 Box::new(|c| c.redis_url = Some("http://x".into())),
                 "redis_url",
             ),
@@ -1298,13 +1330,6 @@ mod tests {
             (
                 Box::new(|c| {
                     c.redis_url = Some("redis://r:6379".into());
-                    c.redis_password_file = Some("/nonexistent/password".into());
-                }),
-                "redis_password_file",
-            ),
-            (
-                Box::new(|c| {
-                    c.redis_url = Some("redis://r:6379".into());
                     c.redis_username = Some("licensing".into());
                 }),
                 "redis_password",
@@ -1313,13 +1338,6 @@ mod tests {
                 Box::new(|c| {
                     c.redis_url = Some("redis://r:6379".into());
                     c.redis_tls_ca_file = Some("ca.pem".into());
-                }),
-                "redis_tls_ca_file",
-            ),
-            (
-                Box::new(|c| {
-                    c.redis_url = Some("rediss://r:6379".into());
-                    c.redis_tls_ca_file = Some("/nonexistent/ca.pem".into());
                 }),
                 "redis_tls_ca_file",
             ),
@@ -1480,10 +1498,6 @@ mod tests {
             ),
             (Box::new(|c| c.auth.mode = "open".into()), "auth.mode"),
             (
-                Box::new(|c| c.auth.callers_file = Some("/nonexistent/callers.toml".into())),
-                "auth.callers_file",
-            ),
-            (
                 Box::new(|c| c.auth.reload_interval_ms = 0),
                 "auth.reload_interval_ms",
             ),
@@ -1524,20 +1538,10 @@ mod tests {
             assert_eq!(c.auth.mode, AuthMode::Enforce);
             assert_eq!(c.audit.max_entries, 50);
             assert_eq!(c.audit.max_age, chrono::Duration::days(7));
-            jail.create_file(
-                "callers.toml",
-                "[[caller]]\nname = \"pbx\"\nrole = \"king\"\ncertificate = \"spiffe://pbx\"\n",
-            )?;
-            match RawConfig::load(Some(Path::new("c.toml")))
-                .unwrap()
-                .validate()
-            {
-                Err(ConfigError::Invalid { key, message }) => {
-                    assert_eq!(key, "auth.callers_file");
-                    assert!(message.contains("caller[0]"), "{message}");
-                }
-                other => panic!("a bad callers file must be refused, got {other:?}"),
-            }
+            assert_eq!(
+                c.auth.callers_file.as_deref(),
+                Some(Path::new("callers.toml"))
+            );
             Ok(())
         });
         let defaults = RawConfig::default().validate().unwrap();
@@ -1674,14 +1678,8 @@ mod tests {
     }
 
     #[test]
-    fn redis_targets_credentials_and_files() {
+    fn redis_targets_credentials_and_file_names() {
         Jail::expect_with(|jail| {
-            jail.create_file("password", "pa:ss@w/rd\n")?;
-            jail.create_file(
-                "ca.pem",
-                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-            )?;
-            jail.create_file("empty.pem", "nothing here")?;
             jail.set_env(
                 "LICENSING_REDIS_URL",
                 "redis+sentinel://app:url%40pw@s1:26380,s2,[::1]:26381/seats",
@@ -1692,7 +1690,8 @@ mod tests {
                 .validate()
                 .unwrap()
                 .redis
-                .unwrap();
+                .unwrap()
+                .connection;
             assert_eq!(
                 r.target,
                 RedisTarget::Sentinel {
@@ -1715,7 +1714,7 @@ mod tests {
                     timeout: Duration::from_millis(100)
                 })
             );
-            // The keys win over the URL; a file's trailing newline is not the password's.
+            // The keys win over the URL; the files are named, not read.
             jail.set_env("LICENSING_REDIS_URL", "rediss://old:pw@r:6380/2");
             jail.set_env("LICENSING_REDIS_USERNAME", "licensing");
             jail.set_env("LICENSING_REDIS_PASSWORD_FILE", "password");
@@ -1727,23 +1726,69 @@ mod tests {
                 .redis
                 .unwrap();
             assert_eq!(
-                r.target,
+                r.connection.target,
                 RedisTarget::Direct {
                     url: "rediss://r:6380/2".into()
                 }
             );
             assert_eq!(
-                (r.username.as_deref(), r.password.as_deref()),
-                (Some("licensing"), Some("pa:ss@w/rd"))
+                (r.connection.username.as_deref(), r.connection.password),
+                (Some("licensing"), None)
             );
-            assert!(r.tls_ca.is_some());
-            jail.set_env("LICENSING_REDIS_TLS_CA_FILE", "empty.pem");
-            match RawConfig::load(None).unwrap().validate() {
-                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "redis_tls_ca_file"),
-                other => panic!("{other:?}"),
-            }
+            assert_eq!(r.password_file.as_deref(), Some(Path::new("password")));
+            assert_eq!(r.tls_ca_file.as_deref(), Some(Path::new("ca.pem")));
+            assert!(r.connection.tls_ca.is_none());
             Ok(())
         });
+    }
+
+    /// The files a configuration names are not read (nor looked at) when it is
+    /// validated: a configuration naming only missing files validates, and
+    /// carries their paths (`app::ConfigFiles` reads them).
+    #[test]
+    fn validation_reads_no_file() {
+        let raw = RawConfig {
+            redis_url: Some("rediss://licensing@r:6380".into()),
+            redis_password_file: Some("/nonexistent/password".into()),
+            redis_tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            auth: RawAuth {
+                callers_file: Some("/nonexistent/callers.toml".into()),
+                ..RawAuth::default()
+            },
+            tls: RawTls {
+                cert_file: Some("/nonexistent/tls.crt".into()),
+                key_file: Some("/nonexistent/tls.key".into()),
+                client_ca_file: Some("/nonexistent/clients.pem".into()),
+                ..RawTls::default()
+            },
+            // A file, not a directory: also `app`'s to find out.
+            state_dir: Some("Cargo.toml".into()),
+            license_file: Some("/nonexistent/license.json".into()),
+            vendor_public_key: Some(encode_public_key(
+                &SigningKey::from_bytes(&[1; 32]).verifying_key(),
+            )),
+            ..RawConfig::default()
+        };
+        let c = raw.validate_with_anchor(None).unwrap();
+        let redis = c.redis.unwrap();
+        assert_eq!(
+            redis.password_file.as_deref(),
+            Some(Path::new("/nonexistent/password"))
+        );
+        assert_eq!(
+            redis.tls_ca_file.as_deref(),
+            Some(Path::new("/nonexistent/ca.pem"))
+        );
+        assert_eq!(
+            c.auth.callers_file.as_deref(),
+            Some(Path::new("/nonexistent/callers.toml"))
+        );
+        assert_eq!(c.tls.unwrap().cert_file, Path::new("/nonexistent/tls.crt"));
+        assert_eq!(c.state_dir.as_deref(), Some(Path::new("Cargo.toml")));
+        assert_eq!(
+            c.license_source,
+            LicenseSource::File("/nonexistent/license.json".into())
+        );
     }
 
     #[test]
@@ -1759,7 +1804,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("[tryout]"), "{text}");
-        let c = raw.validate().unwrap().redis.unwrap();
+        let c = raw.validate().unwrap().redis.unwrap().connection;
         assert_eq!(c.password.as_deref(), Some("hunter3"));
         assert!(!format!("{c:?}").contains("hunter"), "{c:?}");
     }
