@@ -2,6 +2,7 @@
 //! them with the gRPC server until shutdown.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::audit::{AuditWriter, Auditor};
 use crate::auth::callers::CallersFile;
 use crate::auth::layer::Authenticator;
 use crate::auth::tls::TlsMaterial;
-use crate::config::{Config, LicenseSourceConfig};
+use crate::config::{Config, ConfigError, RedisConfig, RedisOptions, invalid};
 use crate::domain::{Clock, TimeAuthority};
 use crate::mirror::{Mirror, Verifier};
 use crate::reload::Reloads;
@@ -25,7 +26,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::upstream::file::LicenseFile;
 use crate::upstream::grpc::GrpcLicensingServer;
-use crate::upstream::{Backoff, LicensingServer};
+use crate::upstream::{Backoff, LicenseSource, LicensingServer};
 
 /// A replica's parts.
 pub struct App {
@@ -51,7 +52,8 @@ pub struct App {
 impl App {
     /// Builds the parts; connects to nothing yet (Redis may be down at start).
     pub fn build(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let redis = match &config.redis {
+        let files = ConfigFiles::read(config)?;
+        let redis = match &files.redis {
             Some(redis) => Some(Arc::new(
                 RedisStore::open(redis, &config.serial_number).context("open redis_url")?,
             )),
@@ -103,9 +105,9 @@ impl App {
             development_installation: config.development_installation,
         };
         let source: Option<Arc<dyn LicensingServer>> = match &config.license_source {
-            LicenseSourceConfig::None => None,
-            LicenseSourceConfig::File(path) => Some(Arc::new(LicenseFile::new(path.clone()))),
-            LicenseSourceConfig::Server {
+            LicenseSource::None => None,
+            LicenseSource::File(path) => Some(Arc::new(LicenseFile::new(path.clone()))),
+            LicenseSource::Server {
                 url,
                 ca_file,
                 timeout,
@@ -141,14 +143,7 @@ impl App {
             };
             tracing::info!(client_certificates, "TLS on the gRPC listener");
         }
-        let callers = Arc::new(
-            CallersFile::load(
-                config.auth.callers_file.as_deref(),
-                config.auth.allow_empty_callers_file,
-            )
-            .map_err(anyhow::Error::msg)
-            .context("load auth.callers_file")?,
-        );
+        let callers = Arc::new(files.callers);
         let auth = Arc::new(Authenticator {
             mode: config.auth.mode,
             callers: callers.clone(),
@@ -157,7 +152,7 @@ impl App {
         });
         // What SIGHUP (`systemctl reload`) re-reads; a part that fails keeps its state.
         let mut reloads = Reloads::default();
-        if let LicenseSourceConfig::File(_) = &config.license_source {
+        if let LicenseSource::File(_) = &config.license_source {
             let licensing = licensing.clone();
             reloads.register("license file", move || {
                 let licensing = licensing.clone();
@@ -283,6 +278,82 @@ impl App {
     }
 }
 
+/// What the files the configuration names hold, read and checked: by
+/// [`App::build`] at start and by `comtrexx-licensing config`. (The configuration
+/// itself checks values only.) Every error names the key and the path. The TLS
+/// material and the licensing server's CA are read where they are used, when
+/// `App::build` sets those parts up; the license file at every reconcile.
+pub struct ConfigFiles {
+    /// The Redis connection, with `redis_password_file` and `redis_tls_ca_file` read.
+    pub redis: Option<RedisConfig>,
+    /// The callers file (`auth.callers_file`), loaded and checked.
+    pub callers: CallersFile,
+}
+
+impl ConfigFiles {
+    pub fn read(config: &Config) -> Result<Self, ConfigError> {
+        let redis = config.redis.as_ref().map(redis_config).transpose()?;
+        if let Some(dir) = &config.state_dir {
+            check_state_dir(dir)?;
+        }
+        let callers = CallersFile::load(
+            config.auth.callers_file.as_deref(),
+            config.auth.allow_empty_callers_file,
+        )
+        .map_err(|m| invalid("auth.callers_file", m))?;
+        Ok(Self { redis, callers })
+    }
+}
+
+/// The Redis connection of `options`, with what its files hold.
+fn redis_config(options: &RedisOptions) -> Result<RedisConfig, ConfigError> {
+    let mut redis = options.connection.clone();
+    if let Some(path) = &options.password_file {
+        redis.password = Some(read_secret(path).map_err(|m| invalid("redis_password_file", m))?);
+    }
+    if let Some(path) = &options.tls_ca_file {
+        redis.tls_ca =
+            Some(read_pem_certificates(path).map_err(|m| invalid("redis_tls_ca_file", m))?);
+    }
+    Ok(redis)
+}
+
+/// A secret from a file (a mounted Secret): the first line, without its newline.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() || secret.contains(['\n', '\r']) {
+        return Err(format!(
+            "{} must hold the password on one line",
+            path.display()
+        ));
+    }
+    Ok(secret.to_owned())
+}
+
+/// A PEM bundle that holds at least one certificate.
+fn read_pem_certificates(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(pem)
+}
+
+/// `state_dir` is a directory, or missing (then created by [`StateFile::in_dir`]).
+fn check_state_dir(dir: &Path) -> Result<(), ConfigError> {
+    if dir.is_file() {
+        return Err(invalid(
+            "state_dir",
+            format!(
+                "{} is a file; it must be a directory (created if missing)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Before the replica goes: checks (and repairs) the store against what this
 /// replica saw, retrying for up to `FINAL_CHECK`. A Redis that just came back
 /// (restart, failover) fails the first command on a connection it dropped;
@@ -382,3 +453,129 @@ const FINAL_CHECK_RETRY: Duration = Duration::from_millis(50);
 
 /// How often a replica looks at the schedule (reconcile due, lapse, time events).
 const SCHEDULE_TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::domain::SystemClock;
+
+    fn config(raw: RawConfig) -> Config {
+        raw.validate_with_anchor(None)
+            .expect("the configuration validates: its files are not read there")
+    }
+
+    /// The key and message of the error reading the files of `raw`.
+    fn file_error(raw: RawConfig) -> (&'static str, String) {
+        match ConfigFiles::read(&config(raw)) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            Err(other) => panic!("expected a key at fault, got {other}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    fn redis(password_file: Option<PathBuf>, tls_ca_file: Option<PathBuf>) -> RawConfig {
+        RawConfig {
+            redis_url: Some("rediss://licensing@r:6380".into()),
+            redis_password: password_file.is_none().then(|| "pw".into()),
+            redis_password_file: password_file,
+            redis_tls_ca_file: tls_ca_file,
+            ..RawConfig::default()
+        }
+    }
+
+    #[test]
+    fn missing_files_are_refused_naming_key_and_path() {
+        let (key, message) = file_error(redis(None, Some("/x/ca.pem".into())));
+        assert_eq!(key, "redis_tls_ca_file");
+        assert!(
+            message.starts_with("/x/ca.pem: ") && message.contains("No such file"),
+            "{message}"
+        );
+        let (key, message) = file_error(redis(Some("/x/password".into()), None));
+        assert_eq!(key, "redis_password_file");
+        assert!(message.starts_with("/x/password: "), "{message}");
+        let (key, message) = file_error(RawConfig {
+            auth: crate::config::RawAuth {
+                callers_file: Some("/x/callers.toml".into()),
+                ..Default::default()
+            },
+            ..RawConfig::default()
+        });
+        assert_eq!(key, "auth.callers_file");
+        assert!(message.contains("/x/callers.toml"), "{message}");
+        let (key, message) = file_error(RawConfig {
+            state_dir: Some("Cargo.toml".into()),
+            ..RawConfig::default()
+        });
+        assert_eq!(key, "state_dir");
+        assert!(message.contains("Cargo.toml is a file"), "{message}");
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_key_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("empty.pem"), "nothing here").unwrap();
+        std::fs::write(path("password"), "two\nlines\n").unwrap();
+        std::fs::write(
+            path("callers.toml"),
+            "[[caller]]\nname = \"pbx\"\nrole = \"king\"\ncertificate = \"spiffe://pbx\"\n",
+        )
+        .unwrap();
+        let (key, message) = file_error(redis(None, Some(path("empty.pem"))));
+        assert_eq!(key, "redis_tls_ca_file");
+        assert!(message.contains("holds no PEM certificate"), "{message}");
+        assert!(message.contains("empty.pem"), "{message}");
+        let (key, message) = file_error(redis(Some(path("password")), None));
+        assert_eq!(key, "redis_password_file");
+        assert!(message.contains("on one line"), "{message}");
+        let (key, message) = file_error(RawConfig {
+            auth: crate::config::RawAuth {
+                callers_file: Some(path("callers.toml")),
+                ..Default::default()
+            },
+            ..RawConfig::default()
+        });
+        assert_eq!(key, "auth.callers_file");
+        assert!(message.contains("caller[0]"), "{message}");
+        assert!(message.contains("callers.toml"), "{message}");
+    }
+
+    #[test]
+    fn the_files_fill_the_redis_connection_and_the_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(path("ca.pem"), pem).unwrap();
+        // A file's trailing newline is not the password's.
+        std::fs::write(path("password"), "pa:ss@w/rd\n").unwrap();
+        std::fs::write(
+            path("callers.toml"),
+            "[[caller]]\nname = \"pbx\"\nrole = \"call_handling\"\ncertificate = \"spiffe://pbx\"\n",
+        )
+        .unwrap();
+        let mut raw = redis(Some(path("password")), Some(path("ca.pem")));
+        raw.auth.callers_file = Some(path("callers.toml"));
+        let files = ConfigFiles::read(&config(raw)).unwrap();
+        let redis = files.redis.unwrap();
+        assert_eq!(redis.password.as_deref(), Some("pa:ss@w/rd"));
+        assert_eq!(redis.tls_ca.as_deref(), Some(pem.as_bytes()));
+        assert_eq!(files.callers.current().len(), 1);
+    }
+
+    #[test]
+    fn app_build_refuses_a_missing_file_naming_key_and_path() {
+        let config = config(redis(None, Some("/x/ca.pem".into())));
+        let error = App::build(&config, Arc::new(SystemClock))
+            .err()
+            .expect("a missing CA file fails the start");
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("redis_tls_ca_file") && text.contains("/x/ca.pem: No such file"),
+            "{text}"
+        );
+    }
+}

@@ -113,11 +113,13 @@ pub enum DevCommand {
     },
 }
 
-/// `config`: prints the effective configuration and whether it validates.
+/// `config`: prints the effective configuration and whether it validates,
+/// the files it names included (read as at start).
 pub fn print_config(file: Option<&Path>) -> anyhow::Result<()> {
     let raw = RawConfig::load(file)?;
     print!("{}", raw.redacted_toml());
-    raw.validate()?;
+    let config = raw.validate()?;
+    crate::app::ConfigFiles::read(&config)?;
     Ok(())
 }
 

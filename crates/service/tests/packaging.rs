@@ -8,8 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use comtrexx_licensing::config::{LicenseSourceConfig, RawConfig};
+use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::license::encode_public_key;
+use comtrexx_licensing::upstream::LicenseSource;
 use ed25519_dalek::SigningKey;
 use figment::Jail;
 
@@ -26,8 +27,8 @@ fn packaged_configuration_is_valid_and_uses_the_local_redis() {
             .validate()
             .expect("the packaged configuration validates");
         let redis = config.redis.expect("a Redis store, not the in-memory one");
-        assert_eq!(redis.url, "redis://127.0.0.1:6379/0");
-        assert!(matches!(config.license_source, LicenseSourceConfig::None));
+        assert_eq!(redis.connection.url, "redis://127.0.0.1:6379/0");
+        assert!(matches!(config.license_source, LicenseSource::None));
         // The VM's own services call it locally: nothing listens beyond loopback.
         assert!(
             config.listen_addr.ip().is_loopback(),
@@ -81,7 +82,7 @@ fn packaged_configuration_with_its_air_gapped_example_filled_in_is_valid() {
         assert_eq!(config.serial_number.as_str(), "0123456789AB");
         assert!(matches!(
             config.license_source,
-            LicenseSourceConfig::File(ref path) if path == Path::new("/etc/comtrexx-licensing/license.json")
+            LicenseSource::File(ref path) if path == Path::new("/etc/comtrexx-licensing/license.json")
         ));
         Ok(())
     });

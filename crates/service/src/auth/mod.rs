@@ -12,6 +12,9 @@ pub mod layer;
 pub mod policy;
 pub mod tls;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 pub use crate::rpc::Role;
 
 pub use crate::caller::Caller;
@@ -44,6 +47,20 @@ impl AuthMode {
 }
 
 pub use crate::status::AuthError;
+
+/// Who may call, and how the credentials are kept fresh (the `auth.*` keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOptions {
+    pub mode: AuthMode,
+    /// The callers file (read by [`callers::CallersFile::load`], not here).
+    pub callers_file: Option<PathBuf>,
+    /// How often the callers file and the TLS files are checked for changes.
+    pub reload_interval: Duration,
+    /// Accept a callers file that names no callers.
+    pub allow_empty_callers_file: bool,
+    /// Accept bearer tokens over plaintext from peers not on loopback.
+    pub allow_plaintext_tokens: bool,
+}
 
 #[cfg(test)]
 mod tests {

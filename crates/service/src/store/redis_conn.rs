@@ -8,6 +8,7 @@
 //! sentinels again (redis-rs also checks with `ROLE` that the node it names is a
 //! master). Sentinel itself disconnects the clients of a node it reconfigures.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -36,6 +37,18 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// `WAIT` after every write; `None`: acknowledged once the master has it.
     pub wait: Option<WaitPolicy>,
+}
+
+/// The `redis_*` keys as configured: the files they name are not read yet
+/// (`app` reads them into `connection.password` and `connection.tls_ca`).
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Everything but what the files hold.
+    pub connection: RedisConfig,
+    /// `redis_password_file`: the password, on one line.
+    pub password_file: Option<PathBuf>,
+    /// `redis_tls_ca_file`: a PEM CA bundle for `rediss://`.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {

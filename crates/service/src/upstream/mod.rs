@@ -10,6 +10,7 @@
 pub mod file;
 pub mod grpc;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,21 @@ use chrono::{DateTime, Utc};
 use rand::Rng as _;
 
 use crate::domain::SerialNumber;
+
+/// Where entitlements come from (`licensing_server.*`, `license_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LicenseSource {
+    None,
+    /// A signed license file ([`file::LicenseFile`] reads it at each reconcile).
+    File(PathBuf),
+    /// The vendor's licensing server ([`grpc::GrpcLicensingServer`]).
+    Server {
+        url: String,
+        /// PEM CA bundle to verify the server with (read when the client is built).
+        ca_file: Option<PathBuf>,
+        timeout: Duration,
+    },
+}
 
 /// Why the licensing server gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
