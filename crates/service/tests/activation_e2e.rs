@@ -18,16 +18,16 @@ use comtrexx_licensing::config::{RawConfig, RawLicensingServer};
 use comtrexx_licensing::domain::initcode::InitializationCode;
 use comtrexx_licensing::domain::{Clock as _, Edition, ManualClock, SerialNumber};
 use comtrexx_licensing::grpc::pb;
-use comtrexx_licensing::grpc::vendor_pb::vendor_admin_service_client::VendorAdminServiceClient;
 use comtrexx_licensing::grpc::vendor_pb::{self as vpb, Fault};
 use comtrexx_licensing::upstream::grpc::from_timestamp;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 /// Upper bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(10);
 
-type Admin = VendorAdminServiceClient<Channel>;
+use comtrexx_licensing_test_support::vendor::{
+    Admin, recreate, redeem, register, revoke, set_fault, stats,
+};
 
 // ---------------------------------------------------------------------------
 // The licensing server: `licensing-sim serve` as a process
@@ -53,7 +53,7 @@ impl Sim {
     }
 
     async fn admin(&self) -> Admin {
-        VendorAdminServiceClient::connect(self.url()).await.unwrap()
+        comtrexx_licensing_test_support::vendor::admin(self.url()).await
     }
 
     /// Kills the process (SIGKILL): the licensing server is gone.
@@ -65,74 +65,6 @@ impl Sim {
     fn restart(&mut self) {
         self.process.restart();
     }
-}
-
-async fn register(admin: &mut Admin, serial: &str, edition: vpb::Edition) {
-    admin
-        .register_device(vpb::RegisterDeviceRequest {
-            serial_number: serial.into(),
-            name: format!("PBX {serial}"),
-            edition: edition as i32,
-        })
-        .await
-        .expect("RegisterDevice");
-}
-
-async fn redeem(admin: &mut Admin, serial: &str, feature: &str, quantity: u32) {
-    admin
-        .redeem_voucher(vpb::RedeemVoucherRequest {
-            serial_number: serial.into(),
-            feature: feature.into(),
-            quantity,
-            expires_at: None,
-        })
-        .await
-        .expect("RedeemVoucher");
-}
-
-async fn revoke(admin: &mut Admin, serial: &str, feature: &str, quantity: u32) {
-    admin
-        .revoke(vpb::RevokeRequest {
-            serial_number: serial.into(),
-            feature: feature.into(),
-            quantity,
-        })
-        .await
-        .expect("Revoke");
-}
-
-/// The portal's "recreate certificate": the response to paste back.
-async fn recreate(admin: &mut Admin, serial: &str, code: &str) -> String {
-    admin
-        .recreate_certificate(vpb::RecreateCertificateRequest {
-            serial_number: serial.into(),
-            initialization_code: code.into(),
-        })
-        .await
-        .expect("RecreateCertificate")
-        .into_inner()
-        .activation_response
-}
-
-async fn set_fault(admin: &mut Admin, fault: Fault) {
-    admin
-        .set_fault(vpb::SetFaultRequest {
-            fault: fault as i32,
-        })
-        .await
-        .expect("SetFault");
-}
-
-async fn stats(admin: &mut Admin, serial: &str) -> vpb::SerialStats {
-    admin
-        .get_stats(vpb::GetStatsRequest {})
-        .await
-        .expect("GetStats")
-        .into_inner()
-        .serials
-        .into_iter()
-        .find(|s| s.serial_number == serial)
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -271,21 +203,83 @@ async fn next_event(
         .unwrap_or_else(|_| panic!("no {kind} event within {WAIT:?}"))
 }
 
+/// A VM PBX registered at a running licensing server, with `licenses`
+/// redeemed for it, served by one replica on a manual clock (`configure`
+/// adjusts the replica's configuration). Not activated yet.
+struct Pbx {
+    _redis: RedisServer,
+    sim: Sim,
+    admin: Admin,
+    serial: String,
+    clock: ManualClock,
+    _server: TestServer,
+    c: Client,
+}
+
+async fn pbx(
+    tag: &str,
+    licenses: &[(&str, u32)],
+    configure: impl FnOnce(RawConfig) -> RawConfig,
+) -> Pbx {
+    let redis = RedisServer::start();
+    let sim = Sim::start();
+    let mut admin = sim.admin().await;
+    let serial = serial(tag);
+    register(&mut admin, &serial, vpb::Edition::Vm).await;
+    for (feature, quantity) in licenses {
+        redeem(&mut admin, &serial, feature, *quantity).await;
+    }
+    let clock = clock();
+    let config = configure(sim_config(&redis, &sim, &serial, Edition::Vm));
+    let (server, c) = start_on(config, &clock).await;
+    Pbx {
+        _redis: redis,
+        sim,
+        admin,
+        serial,
+        clock,
+        _server: server,
+        c,
+    }
+}
+
+impl Pbx {
+    /// Activates by paste and assigns `users` a user seat; returns when the
+    /// licensing server confirmed the license.
+    async fn activate(&mut self, users: &[&str]) -> DateTime<Utc> {
+        activate_by_paste(&mut self.c, &mut self.admin, &self.serial).await;
+        for user in users {
+            assigned(&mut self.c, user, "").await;
+        }
+        self.clock.now()
+    }
+
+    /// The licensing server goes away; a minute later a reconcile finds it unreachable.
+    async fn lose_the_licensing_server(&mut self) -> pb::ReconcileResponse {
+        self.sim.kill();
+        // Time passes between the last success and the failing attempt.
+        self.clock.advance(chrono::Duration::minutes(1));
+        let r = reconcile(&mut self.c).await;
+        assert_eq!(r.outcome(), pb::ReconcileOutcome::Unreachable);
+        r
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 1. Initialization
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
 async fn initialization_by_copy_and_paste_activates_the_purchased_licenses() {
-    let redis = RedisServer::start();
-    let sim = Sim::start();
-    let mut admin = sim.admin().await;
-    let serial = serial("init");
-    register(&mut admin, &serial, vpb::Edition::Vm).await;
-    redeem(&mut admin, &serial, "user", 5).await;
-    redeem(&mut admin, &serial, "call_assist", 2).await;
-    let clock = clock();
-    let (_server, mut c) = start_on(sim_config(&redis, &sim, &serial, Edition::Vm), &clock).await;
+    let Pbx {
+        _redis,
+        sim: _sim,
+        mut admin,
+        serial,
+        clock: _clock,
+        _server,
+        mut c,
+    } = pbx("init", &[("user", 5), ("call_assist", 2)], |c| c).await;
 
     let before = overview(&mut c).await;
     assert_eq!(
@@ -498,15 +492,15 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
 
 #[tokio::test]
 async fn resetup_brings_every_license_back_and_the_tryout_stays_used() {
-    let redis = RedisServer::start();
-    let sim = Sim::start();
-    let mut admin = sim.admin().await;
-    let serial = serial("resetup");
-    register(&mut admin, &serial, vpb::Edition::Vm).await;
-    redeem(&mut admin, &serial, "user", 5).await;
-    redeem(&mut admin, &serial, "call_assist", 2).await;
-    let clock = clock();
-    let (_server, mut c) = start_on(sim_config(&redis, &sim, &serial, Edition::Vm), &clock).await;
+    let Pbx {
+        _redis,
+        sim: _sim,
+        mut admin,
+        serial,
+        clock: _clock,
+        _server,
+        mut c,
+    } = pbx("resetup", &[("user", 5), ("call_assist", 2)], |c| c).await;
 
     // Tryout first: a test seat.
     let t = start_tryout(&mut c).await.expect("StartTryout");
@@ -602,34 +596,22 @@ async fn resetup_brings_every_license_back_and_the_tryout_stays_used() {
 
 #[tokio::test]
 async fn unreachable_server_means_grace_then_lapse_then_deny_new_until_it_is_back() {
-    let redis = RedisServer::start();
-    let mut sim = Sim::start();
-    let mut admin = sim.admin().await;
-    let serial = serial("grace");
-    register(&mut admin, &serial, vpb::Edition::Vm).await;
-    redeem(&mut admin, &serial, "user", 5).await;
-    let clock = clock();
-    let config = RawConfig {
+    let mut pbx = pbx("grace", &[("user", 5)], |c| RawConfig {
         grace_days: 3,
         lapse_action: "deny_new".into(),
-        ..sim_config(&redis, &sim, &serial, Edition::Vm)
-    };
-    let (_server, mut c) = start_on(config, &clock).await;
-    activate_by_paste(&mut c, &mut admin, &serial).await;
-    assigned(&mut c, "a", "").await;
-    let confirmed = clock.now();
-    let o = overview(&mut c).await;
+        ..c
+    })
+    .await;
+    let confirmed = pbx.activate(&["a"]).await;
+    let o = overview(&mut pbx.c).await;
     assert_eq!(time(o.last_reconciled_at.as_ref()), confirmed);
     assert_eq!(o.grace_ends_at, None);
 
-    sim.kill();
-    // Time passes between the last success and the failing attempt.
-    clock.advance(chrono::Duration::minutes(1));
-    let r = reconcile(&mut c).await;
-    assert_eq!(r.outcome(), pb::ReconcileOutcome::Unreachable);
+    let r = pbx.lose_the_licensing_server().await;
+    let (clock, c) = (&pbx.clock, &mut pbx.c);
     assert_eq!(entitlements(&r.entitlements), [ent("user", 5, 1)]);
     let grace_end = confirmed + chrono::Duration::days(3);
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Grace);
     assert_eq!(
         o.last_reconcile_outcome(),
@@ -640,29 +622,27 @@ async fn unreachable_server_means_grace_then_lapse_then_deny_new_until_it_is_bac
 
     // Still in grace a moment before its end: seats keep working, new ones too.
     clock.set(grace_end - chrono::Duration::minutes(1));
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Grace);
     assert_eq!(time(o.grace_ends_at.as_ref()), grace_end);
-    assert!(checked(&mut c, "a", "").await.licensed);
-    assigned(&mut c, "b", "").await;
+    assert!(checked(c, "a", "").await.licensed);
+    assigned(c, "b", "").await;
 
     // Lapsed: existing seats stay licensed, no new ones.
     clock.set(grace_end + chrono::Duration::minutes(1));
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Lapsed);
     assert_eq!(time(o.grace_ends_at.as_ref()), grace_end);
     for user in ["a", "b"] {
-        assert!(checked(&mut c, user, "").await.licensed, "{user}");
+        assert!(checked(c, user, "").await.licensed, "{user}");
     }
-    assert_eq!(
-        code_of(assign(&mut c, "c", "").await),
-        Code::FailedPrecondition
-    );
-    assert_eq!(seats(&mut c).await.len(), 2);
+    assert_eq!(code_of(assign(c, "c", "").await), Code::FailedPrecondition);
+    assert_eq!(seats(c).await.len(), 2);
 
     // The licensing server is back: active again, new seats again.
-    sim.restart();
-    let r = reconcile(&mut c).await;
+    pbx.sim.restart();
+    let c = &mut pbx.c;
+    let r = reconcile(c).await;
     assert!(
         matches!(
             r.outcome(),
@@ -670,43 +650,28 @@ async fn unreachable_server_means_grace_then_lapse_then_deny_new_until_it_is_bac
         ),
         "{r:?}"
     );
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Active, "{o:?}");
     assert_eq!(o.grace_ends_at, None);
     assert_eq!(entitlements(&o.entitlements), [ent("user", 5, 2)]);
-    assigned(&mut c, "c", "").await;
+    assigned(c, "c", "").await;
 }
 
 #[tokio::test]
 async fn lapse_with_reset_returns_the_pbx_to_its_initial_state() {
-    let redis = RedisServer::start();
-    let mut sim = Sim::start();
-    let mut admin = sim.admin().await;
-    let serial = serial("lapse");
-    register(&mut admin, &serial, vpb::Edition::Vm).await;
-    redeem(&mut admin, &serial, "user", 5).await;
-    let clock = clock();
-    let config = RawConfig {
+    let mut pbx = pbx("lapse", &[("user", 5)], |c| RawConfig {
         grace_days: 2,
         lapse_action: "reset".into(),
-        ..sim_config(&redis, &sim, &serial, Edition::Vm)
-    };
-    let (_server, mut c) = start_on(config, &clock).await;
-    activate_by_paste(&mut c, &mut admin, &serial).await;
-    assigned(&mut c, "a", "").await;
-    assigned(&mut c, "b", "").await;
-    let confirmed = clock.now();
-
-    sim.kill();
-    clock.advance(chrono::Duration::minutes(1));
-    assert_eq!(
-        reconcile(&mut c).await.outcome(),
-        pb::ReconcileOutcome::Unreachable
-    );
+        ..c
+    })
+    .await;
+    let confirmed = pbx.activate(&["a", "b"]).await;
+    pbx.lose_the_licensing_server().await;
+    let (clock, c) = (&pbx.clock, &mut pbx.c);
     clock.set(confirmed + chrono::Duration::days(1));
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert_eq!(o.activation_state(), pb::ActivationState::Grace);
-    assert_eq!(seats(&mut c).await.len(), 2);
+    assert_eq!(seats(c).await.len(), 2);
 
     clock.set(confirmed + chrono::Duration::days(2) + chrono::Duration::minutes(1));
     // The schedule performs the lapse action.
@@ -718,13 +683,13 @@ async fn lapse_with_reset_returns_the_pbx_to_its_initial_state() {
         }
     })
     .await;
-    let o = overview(&mut c).await;
+    let o = overview(c).await;
     assert!(reset, "the lapse did not reset the PBX: {o:?}");
     assert!(o.entitlements.is_empty());
     // The tryout record (forfeited by the purchase) survives the reset.
     assert_eq!(tryout_state(&o), pb::TryoutState::Unavailable);
     // No license and no tryout to start: the PBX's cause comes first (API.md).
-    let a = checked(&mut c, "a", "").await;
+    let a = checked(c, "a", "").await;
     assert_eq!(
         (a.licensed, a.reason()),
         (false, pb::SeatReason::NotActivated)
@@ -804,22 +769,21 @@ async fn two_replicas_reconcile_once_per_interval_not_once_each() {
 
 #[tokio::test]
 async fn capacity_drop_flags_the_most_recent_seats_until_their_grace_ends() {
-    let redis = RedisServer::start();
-    let sim = Sim::start();
-    let mut admin = sim.admin().await;
-    let serial = serial("drop");
-    register(&mut admin, &serial, vpb::Edition::Vm).await;
-    redeem(&mut admin, &serial, "user", 4).await;
-    let clock = clock();
-    let config = RawConfig {
+    let mut pbx = pbx("drop", &[("user", 4)], |c| RawConfig {
         over_capacity_grace_days: 2,
-        ..sim_config(&redis, &sim, &serial, Edition::Vm)
-    };
-    let (_server, mut c) = start_on(config, &clock).await;
-    activate_by_paste(&mut c, &mut admin, &serial).await;
-    for user in ["a", "b", "c", "d"] {
-        assigned(&mut c, user, "").await;
-    }
+        ..c
+    })
+    .await;
+    pbx.activate(&["a", "b", "c", "d"]).await;
+    let Pbx {
+        _redis,
+        sim: _sim,
+        mut admin,
+        serial,
+        clock,
+        _server,
+        mut c,
+    } = pbx;
     assert_eq!(
         code_of(assign(&mut c, "e", "").await),
         Code::ResourceExhausted

@@ -15,12 +15,11 @@ use comtrexx_licensing::domain::{
     Edition, Feature, LicensePayload, LicenseRejection, SerialNumber, SignedLicense, SignedTryout,
     TryoutPolicy, TryoutRejection,
 };
-use comtrexx_licensing::grpc::vendor_pb::vendor_admin_service_client::VendorAdminServiceClient;
 use comtrexx_licensing::grpc::vendor_pb::{self as pb, Fault};
 use comtrexx_licensing::upstream::grpc::GrpcLicensingServer;
 use comtrexx_licensing::upstream::{LicensingServer, UpstreamError};
+use comtrexx_licensing_test_support::vendor::{self, Admin, redeem_until, register, set_fault};
 use ed25519_dalek::VerifyingKey;
-use tonic::transport::Channel;
 
 mod common;
 
@@ -70,8 +69,8 @@ impl Sim {
         GrpcLicensingServer::new(&self.url(), None, Duration::from_secs(5)).unwrap()
     }
 
-    async fn admin(&self) -> VendorAdminServiceClient<Channel> {
-        VendorAdminServiceClient::connect(self.url()).await.unwrap()
+    async fn admin(&self) -> Admin {
+        vendor::admin(self.url()).await
     }
 
     fn stop(&mut self) {
@@ -87,48 +86,6 @@ fn state_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("sim");
     (dir, state)
-}
-
-async fn register(
-    admin: &mut VendorAdminServiceClient<Channel>,
-    serial: &str,
-    edition: pb::Edition,
-) {
-    admin
-        .register_device(pb::RegisterDeviceRequest {
-            serial_number: serial.into(),
-            name: format!("PBX {serial}"),
-            edition: edition as i32,
-        })
-        .await
-        .unwrap();
-}
-
-async fn redeem(
-    admin: &mut VendorAdminServiceClient<Channel>,
-    serial: &str,
-    feature: &str,
-    quantity: u32,
-    expires_at: Option<DateTime<Utc>>,
-) {
-    admin
-        .redeem_voucher(pb::RedeemVoucherRequest {
-            serial_number: serial.into(),
-            feature: feature.into(),
-            quantity,
-            expires_at: expires_at.map(comtrexx_licensing::upstream::grpc::timestamp),
-        })
-        .await
-        .unwrap();
-}
-
-async fn set_fault(admin: &mut VendorAdminServiceClient<Channel>, fault: Fault) {
-    admin
-        .set_fault(pb::SetFaultRequest {
-            fault: fault as i32,
-        })
-        .await
-        .unwrap();
 }
 
 async fn fetch_verified(sim: &Sim, s: &str, edition: Edition) -> LicensePayload {
@@ -169,12 +126,12 @@ async fn fetch_returns_a_signed_document_with_the_purchased_quantities() {
     let mut admin = sim.admin().await;
     register(&mut admin, "0123456789AB", pb::Edition::Business).await;
     let expiry: DateTime<Utc> = "2099-06-01T00:00:00Z".parse().unwrap();
-    redeem(&mut admin, "0123456789AB", "user", 10, None).await;
-    redeem(&mut admin, "0123456789AB", "user", 5, Some(expiry)).await;
-    redeem(&mut admin, "0123456789AB", "system_activation", 1, None).await;
-    redeem(&mut admin, "0123456789AB", "call_assist", 2, None).await;
+    redeem_until(&mut admin, "0123456789AB", "user", 10, None).await;
+    redeem_until(&mut admin, "0123456789AB", "user", 5, Some(expiry)).await;
+    redeem_until(&mut admin, "0123456789AB", "system_activation", 1, None).await;
+    redeem_until(&mut admin, "0123456789AB", "call_assist", 2, None).await;
     // Expired: not in the document.
-    redeem(
+    redeem_until(
         &mut admin,
         "0123456789AB",
         "call_assist",
@@ -229,7 +186,7 @@ async fn activation_answers_the_codes_nonce() {
     let sim = Sim::start(&state);
     let mut admin = sim.admin().await;
     register(&mut admin, "VM-0001", pb::Edition::Vm).await;
-    redeem(&mut admin, "VM-0001", "user", 4, None).await;
+    redeem_until(&mut admin, "VM-0001", "user", 4, None).await;
     let upstream = sim.upstream();
 
     let code = InitializationCode::new(serial("VM-0001"), Edition::Vm);
@@ -280,7 +237,7 @@ async fn faults_are_classified_and_caught() {
     let sim = Sim::start(&state);
     let mut admin = sim.admin().await;
     register(&mut admin, "S1", pb::Edition::Vm).await;
-    redeem(&mut admin, "S1", "user", 3, None).await;
+    redeem_until(&mut admin, "S1", "user", 3, None).await;
     let upstream = sim.upstream();
     let s1 = serial("S1");
     let code = InitializationCode::new(s1.clone(), Edition::Vm).encode();
@@ -414,8 +371,8 @@ async fn state_and_key_survive_a_restart() {
     let mut sim = Sim::start(&state);
     let mut admin = sim.admin().await;
     register(&mut admin, "S1", pb::Edition::Advanced).await;
-    redeem(&mut admin, "S1", "user", 7, None).await;
-    redeem(&mut admin, "S1", "system_activation", 1, None).await;
+    redeem_until(&mut admin, "S1", "user", 7, None).await;
+    redeem_until(&mut admin, "S1", "system_activation", 1, None).await;
     let tryout: DateTime<Utc> = "2026-03-01T10:00:00Z".parse().unwrap();
     // (An Advanced PBX has no tryout; the simulator records what it is told.)
     sim.upstream()

@@ -19,11 +19,11 @@ use comtrexx_licensing::domain::license::encode_public_key;
 use comtrexx_licensing::domain::{SignedTryout, TryoutPayload};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::grpc::vendor_pb as vpb;
-use comtrexx_licensing::grpc::vendor_pb::vendor_admin_service_client::VendorAdminServiceClient;
 use comtrexx_licensing::grpc::vendor_pb::vendor_licensing_service_server::{
     VendorLicensingService, VendorLicensingServiceServer,
 };
 use comtrexx_licensing::upstream::grpc::{from_timestamp, timestamp};
+use comtrexx_licensing_test_support::vendor::{self, set_fault};
 use ed25519_dalek::SigningKey;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt as _;
@@ -225,16 +225,8 @@ async fn with_fake_vendor(
 }
 
 async fn register(sim: &SimProcess, serial: &str) {
-    VendorAdminServiceClient::connect(sim_url(sim))
-        .await
-        .unwrap()
-        .register_device(vpb::RegisterDeviceRequest {
-            serial_number: serial.into(),
-            name: format!("PBX {serial}"),
-            edition: vpb::Edition::Vm as i32,
-        })
-        .await
-        .expect("RegisterDevice");
+    let mut admin = vendor::admin(sim_url(sim)).await;
+    vendor::register(&mut admin, serial, vpb::Edition::Vm).await;
 }
 
 #[tokio::test]
@@ -345,18 +337,6 @@ async fn a_serial_the_licensing_server_does_not_know_gets_no_tryout() {
     assert_eq!(tryout(&mut c).await.state(), pb::TryoutState::Available);
 }
 
-async fn set_fault(
-    admin: &mut VendorAdminServiceClient<tonic::transport::Channel>,
-    fault: vpb::Fault,
-) {
-    admin
-        .set_fault(vpb::SetFaultRequest {
-            fault: fault as i32,
-        })
-        .await
-        .expect("SetFault");
-}
-
 /// Asserts that the tryout is active and ends exactly 14 days after it started.
 fn assert_fourteen_days(status: &pb::TryoutStatus) {
     assert_eq!(status.state(), pb::TryoutState::Active);
@@ -417,9 +397,7 @@ async fn the_sims_signed_tryout_answer_starts_the_tryout_and_a_faulted_one_does_
     register(&sim, &honest).await;
     let a = TestServer::start(vendor_config(&redis, &sim, &faulted)).await;
     let mut ca = a.client().await;
-    let mut admin = VendorAdminServiceClient::connect(sim_url(&sim))
-        .await
-        .unwrap();
+    let mut admin = vendor::admin(sim_url(&sim)).await;
     for fault in [vpb::Fault::BadSignature, vpb::Fault::WrongSerial] {
         set_fault(&mut admin, fault).await;
         assert_not_confirmed(&mut ca, &redis, &faulted, &format!("{fault:?}")).await;

@@ -9,6 +9,7 @@ pub mod flood;
 pub mod pki;
 pub mod proxy;
 pub mod redis_server;
+pub mod vendor;
 
 pub use calls::*;
 pub use redis_server::RedisServer;

@@ -23,19 +23,7 @@ async fn data_loss_refuses_writes_until_restored(
     let (alice, _) = created(assign(store, "alice", Feature::User, &plan).await);
     created(assign(store, "alice", Feature::CallAssist, &plan).await);
     created(assign(store, "bob", Feature::User, &tryout(3)).await);
-    store
-        .compare_and_set_tryout(None, None, &started_tryout())
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Updated))
-        .await
-        .unwrap();
-    store
-        .set_initialization(None, &pending("loss"))
-        .await
-        .unwrap();
+    with_the_other_records(store, "loss").await;
     let old = snapshot(store).await;
     let old_pos = old.position.clone().unwrap();
     assert_eq!(old.seats.len(), 3);

@@ -301,20 +301,7 @@ async fn reset_removes_everything_but_the_tryout_record(store: &dyn Store) {
     assign_in_order(store, &lic, Feature::User, &["a", "b"]).await;
     assign_in_order(store, &lic, Feature::CallAssist, &["a"]).await;
     created(assign(store, "t", Feature::User, &tryout(1)).await);
-    let started = started_tryout();
-    store
-        .compare_and_set_tryout(None, None, &started)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Updated))
-        .await
-        .unwrap();
-    store
-        .set_initialization(None, &pending("reset"))
-        .await
-        .unwrap();
+    let started = with_the_other_records(store, "reset").await;
     apply(
         store,
         LicenseWrite {

@@ -389,6 +389,24 @@ fn ms_now() -> DateTime<Utc> {
 }
 
 /// A pending initialization; `nonce` tells them apart.
+/// Starts the tryout, records a reconcile and issues an initialization
+/// (`tag` its nonce): the records besides seats and the license, so that a case
+/// sees every kind kept, lost or removed. The tryout record is returned.
+async fn with_the_other_records(store: &dyn Store, tag: &str) -> TryoutRecord {
+    let started = started_tryout();
+    store
+        .compare_and_set_tryout(None, None, &started)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .record_reconcile(None, &reconcile_status(ReconcileOutcome::Updated))
+        .await
+        .unwrap();
+    store.set_initialization(None, &pending(tag)).await.unwrap();
+    started
+}
+
 fn pending(nonce: &str) -> PendingInitialization {
     let now = Utc::now();
     PendingInitialization {
