@@ -172,24 +172,23 @@ pub(crate) fn verified_bytes(
 
 /// Decodes a base64 Ed25519 public key (32 bytes), as configured in `vendor_public_key`.
 pub fn parse_public_key(b64: &str) -> Result<VerifyingKey, String> {
-    let bytes = B64
-        .decode(b64.trim())
-        .map_err(|e| format!("not base64: {e}"))?;
-    let arr: [u8; 32] = bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| format!("must be 32 bytes, got {}", b.len()))?;
-    VerifyingKey::from_bytes(&arr).map_err(|e| format!("not an Ed25519 public key: {e}"))
+    VerifyingKey::from_bytes(&key_bytes(b64)?)
+        .map_err(|e| format!("not an Ed25519 public key: {e}"))
 }
 
 /// Decodes a base64 Ed25519 secret key (32 bytes).
 pub fn parse_signing_key(b64: &str) -> Result<SigningKey, String> {
+    Ok(SigningKey::from_bytes(&key_bytes(b64)?))
+}
+
+/// The 32 bytes of a base64 Ed25519 key.
+fn key_bytes(b64: &str) -> Result<[u8; 32], String> {
     let bytes = B64
         .decode(b64.trim())
         .map_err(|e| format!("not base64: {e}"))?;
-    let arr: [u8; 32] = bytes
+    bytes
         .try_into()
-        .map_err(|b: Vec<u8>| format!("must be 32 bytes, got {}", b.len()))?;
-    Ok(SigningKey::from_bytes(&arr))
+        .map_err(|b: Vec<u8>| format!("must be 32 bytes, got {}", b.len()))
 }
 
 /// Encodes a public key the way `vendor_public_key` expects it.

@@ -304,6 +304,19 @@ impl RedisStore {
         }
     }
 
+    /// Runs a write script that records exactly one change, `kind`.
+    async fn write_one(
+        &self,
+        operation: &'static str,
+        floor: Floor<'_>,
+        script: &Script,
+        kind: ChangeKind,
+        configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<Change, StoreError> {
+        let reply = self.write(operation, floor, script, configure).await?;
+        one_change(operation, &reply, kind)
+    }
+
     /// Runs a write script: the epoch, version and feed keys, the feed length and
     /// the writer's floor come first (see `lua/prelude.lua`), `configure` adds the
     /// script's own keys and arguments. A store without epoch answers
@@ -975,33 +988,32 @@ impl Store for RedisStore {
         floor: Floor<'_>,
         pending: &PendingInitialization,
     ) -> Result<Change, StoreError> {
-        let reply = self
-            .write("set_initialization", floor, &SET_INITIALIZATION, |inv| {
+        let kind = ChangeKind::InitializationIssued(pending.clone());
+        self.write_one(
+            "set_initialization",
+            floor,
+            &SET_INITIALIZATION,
+            kind,
+            |inv| {
                 inv.key(self.keys.init())
                     .arg(InitializationRecordV1::encode(pending));
-            })
-            .await?;
-        one_change(
-            "set_initialization",
-            &reply,
-            ChangeKind::InitializationIssued(pending.clone()),
+            },
         )
+        .await
     }
 
     async fn reset(&self, floor: Floor<'_>) -> Result<Change, StoreError> {
-        let reply = self
-            .write("reset", floor, &RESET, |inv| {
-                inv.key(self.keys.license())
-                    .key(self.keys.retired_license())
-                    .key(self.keys.reconcile())
-                    .key(self.keys.init())
-                    .key(self.keys.index());
-                for (_, _, key) in self.keys.pools() {
-                    inv.key(key);
-                }
-            })
-            .await?;
-        one_change("reset", &reply, ChangeKind::Reset)
+        self.write_one("reset", floor, &RESET, ChangeKind::Reset, |inv| {
+            inv.key(self.keys.license())
+                .key(self.keys.retired_license())
+                .key(self.keys.reconcile())
+                .key(self.keys.init())
+                .key(self.keys.index());
+            for (_, _, key) in self.keys.pools() {
+                inv.key(key);
+            }
+        })
+        .await
     }
 
     async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
@@ -1028,17 +1040,12 @@ impl Store for RedisStore {
         floor: Floor<'_>,
         status: &ReconcileStatus,
     ) -> Result<Change, StoreError> {
-        let reply = self
-            .write("record_reconcile", floor, &RECORD_RECONCILE, |inv| {
-                inv.key(self.keys.reconcile())
-                    .arg(ReconcileRecordV1::encode(status));
-            })
-            .await?;
-        one_change(
-            "record_reconcile",
-            &reply,
-            ChangeKind::ReconcileRecorded(status.clone()),
-        )
+        let kind = ChangeKind::ReconcileRecorded(status.clone());
+        self.write_one("record_reconcile", floor, &RECORD_RECONCILE, kind, |inv| {
+            inv.key(self.keys.reconcile())
+                .arg(ReconcileRecordV1::encode(status));
+        })
+        .await
     }
 
     async fn restore(&self, from: &Snapshot) -> Result<bool, StoreError> {
