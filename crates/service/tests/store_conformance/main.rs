@@ -258,6 +258,25 @@ async fn apply(store: &dyn Store, write: LicenseWrite<'_>) -> Option<Vec<Change>
         .expect("apply_license")
 }
 
+/// Replaces the stored license `current` with `next`, passing the new seat
+/// capacities; the changes it made (the license first, then flag changes).
+async fn replace_license(
+    store: &dyn Store,
+    current: &StoredLicense,
+    next: &StoredLicense,
+    capacities: &[(Feature, u32)],
+) -> Vec<Change> {
+    apply(
+        store,
+        LicenseWrite {
+            capacities,
+            ..plain(Some(current.id()), next)
+        },
+    )
+    .await
+    .expect("expectations hold")
+}
+
 async fn release(
     store: &dyn Store,
     user: &str,

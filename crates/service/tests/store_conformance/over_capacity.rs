@@ -30,15 +30,7 @@ async fn capacity_drop_flags_the_most_recent_excess(store: &dyn Store) {
     // Down to 2: the three most recent purchased seats are flagged, now.
     let smaller = license("drop-2", 2);
     let t0 = Utc::now();
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(lic.id()), &smaller)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &lic, &smaller, &[(Feature::User, 2)]).await;
     let t1 = Utc::now();
     assert_consecutive(&changes, before.version);
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(smaller.clone()));
@@ -67,15 +59,7 @@ async fn capacity_drop_flags_the_most_recent_excess(store: &dyn Store) {
 
     // The same capacity again: no flag moves, and flags keep their time.
     let same = license("drop-3", 2);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(smaller.id()), &same)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &smaller, &same, &[(Feature::User, 2)]).await;
     assert_eq!(changes.len(), 1, "only the license: {changes:?}");
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(same.clone()));
     let again = snapshot(store).await;
@@ -119,15 +103,7 @@ async fn capacity_drop_flags_the_most_recent_excess(store: &dyn Store) {
     // More capacity clears every flag.
     let bigger = license("drop-4", 10);
     let v = position(store).await.version;
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 10)],
-            ..plain(Some(same.id()), &bigger)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &same, &bigger, &[(Feature::User, 10)]).await;
     assert_consecutive(&changes, v);
     assert_eq!(changes[0].kind, ChangeKind::LicenseApplied(bigger.clone()));
     let cleared = flagged_seats(&changes[1..]);
@@ -154,15 +130,7 @@ async fn capacities_leave_unlisted_pools_untouched(store: &dyn Store) {
 
     // Only the user pool is listed: only its flags move.
     let second = license("unlisted-2", 1);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 1)],
-            ..plain(Some(lic.id()), &second)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &lic, &second, &[(Feature::User, 1)]).await;
     let flagged = flagged_seats(&changes[1..]);
     assert!(flagged.iter().all(|s| s.feature == Feature::User));
     assert_eq!(users_of(&flagged), ["b", "c"]);
@@ -171,15 +139,7 @@ async fn capacities_leave_unlisted_pools_untouched(store: &dyn Store) {
 
     // Now only call_assist: the user flags keep their time.
     let third = license("unlisted-3", 1);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::CallAssist, 1)],
-            ..plain(Some(second.id()), &third)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &second, &third, &[(Feature::CallAssist, 1)]).await;
     let flagged = flagged_seats(&changes[1..]);
     assert!(flagged.iter().all(|s| s.feature == Feature::CallAssist));
     assert_eq!(users_of(&flagged), ["b", "c"]);
@@ -195,15 +155,7 @@ async fn capacities_leave_unlisted_pools_untouched(store: &dyn Store) {
 
     // User capacity grows: the user flags clear, the call_assist ones stay.
     let fourth = license("unlisted-4", 3);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 3)],
-            ..plain(Some(third.id()), &fourth)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &third, &fourth, &[(Feature::User, 3)]).await;
     let cleared = flagged_seats(&changes[1..]);
     assert!(cleared.iter().all(|s| s.feature == Feature::User));
     assert!(cleared.iter().all(|s| s.over_capacity_since.is_none()));
@@ -267,15 +219,7 @@ async fn over_capacity_order_is_assignment_time_then_user_id(
     // flags cat, bob and amy and clears abe.
     let next = license("order-2", 2);
     let t0 = Utc::now();
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 2)],
-            ..plain(Some(lic.id()), &next)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &lic, &next, &[(Feature::User, 2)]).await;
     let t1 = Utc::now();
     let moved = flagged_seats(&changes[1..]);
     assert_eq!(users_of(&moved), ["abe", "amy", "bob"]);
@@ -298,15 +242,7 @@ async fn over_capacity_order_is_assignment_time_then_user_id(
 
     // Capacity 4: only the newest stays flagged; of the tie, bob is cleared.
     let wider = license("order-3", 4);
-    let changes = apply(
-        store,
-        LicenseWrite {
-            capacities: &[(Feature::User, 4)],
-            ..plain(Some(next.id()), &wider)
-        },
-    )
-    .await
-    .expect("expectations hold");
+    let changes = replace_license(store, &next, &wider, &[(Feature::User, 4)]).await;
     assert_eq!(users_of(&flagged_seats(&changes[1..])), ["amy", "bob"]);
     let snap = snapshot(store).await;
     assert_eq!(flagged_users(&snap, Feature::User), ["cat"]);

@@ -94,15 +94,7 @@ async fn corrupt_seat_does_not_stop_a_smaller_license(subject: &Subject) {
 
     // Applies `next` over `current` with two user seats.
     let two_users = async |current: &StoredLicense, next: &StoredLicense| {
-        apply(
-            store,
-            LicenseWrite {
-                capacities: &[(Feature::User, 2)],
-                ..plain(Some(current.id()), next)
-            },
-        )
-        .await
-        .expect("expectations hold")
+        replace_license(store, current, next, &[(Feature::User, 2)]).await
     };
     let smaller = license("corrupt-drop-2", 2);
     let changes = two_users(&lic, &smaller).await;
