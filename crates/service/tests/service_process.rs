@@ -205,7 +205,64 @@ async fn other_unknown_variables_still_fail_naming_the_variable() {
     let mut service = Service::start(&env);
     assert_ne!(service.exit_code(), Some(0));
     let output = service.output();
-    assert!(output.contains("serial_numbr"), "{output}");
+    assert!(output.contains("LICENSING_SERIAL_NUMBR"), "{output}");
+}
+
+/// The stderr of `serve` with exactly `env`, which must fail at start.
+fn start_failure(env: &[(&str, &str)]) -> String {
+    let output = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LICENSING_LISTEN_ADDR", "127.0.0.1:0")
+        .env("LICENSING_METRICS_ADDR", "")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the service binary");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "started with {env:?}:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn configuration_errors_say_what_is_wrong_and_how_to_fix_it() {
+    let stderr = start_failure(&[("LICENSING_SERIAL_NUMEBR", "X-1")]);
+    assert!(
+        stderr.contains("unknown environment variable `LICENSING_SERIAL_NUMEBR`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("did you mean `LICENSING_SERIAL_NUMBER`?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("`__`"), "{stderr}");
+    assert!(!stderr.contains("Caused by"), "printed twice:\n{stderr}");
+
+    let stderr = start_failure(&[("LICENSING_LISTEN_ADDR", "50051")]);
+    assert!(
+        stderr.contains("`listen_addr` must be HOST:PORT, e.g. 0.0.0.0:50051"),
+        "{stderr}"
+    );
+
+    let stderr = start_failure(&[("LICENSING_CONFIG", "nope.toml")]);
+    assert!(
+        stderr.contains("cannot read --config nope.toml: No such file or directory"),
+        "{stderr}"
+    );
+
+    let stderr = start_failure(&[("LICENSING_SERIAL_NUMBER", "AB C")]);
+    assert!(stderr.contains("\"AB C\""), "{stderr}");
+    assert!(stderr.contains("' ' (at position 3)"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[log]\nlevel = \"info\"\nedition = \"business\"\n").unwrap();
+    let stderr = start_failure(&[("LICENSING_CONFIG", file.to_str().unwrap())]);
+    assert!(stderr.contains("unknown key `log.edition`"), "{stderr}");
+    assert!(
+        stderr.contains("top-level keys must come before the first `[section]`"),
+        "{stderr}"
+    );
 }
 
 /// An OTLP/gRPC receiver: the spans and metric names it was sent.

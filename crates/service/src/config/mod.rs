@@ -20,6 +20,7 @@ use crate::domain::{Edition, SerialNumber, TryoutPolicy};
 use crate::mirror::MirrorConfig;
 use crate::upstream::LicenseSource;
 
+mod explain;
 mod redis;
 mod sections;
 mod service_links;
@@ -186,8 +187,10 @@ pub struct Config {
 /// A configuration that cannot be used, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The sources could not be read or do not fit the keys: the message names
+    /// the key as written, and how to fix it.
     #[error("{0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(String),
     #[error("invalid configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -245,9 +248,18 @@ impl RawConfig {
     }
 
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(file) = file {
+            std::fs::File::open(file).map_err(|e| {
+                ConfigError::Load(format!(
+                    "cannot read --config {}: {}",
+                    file.display(),
+                    io_reason(&e)
+                ))
+            })?;
+        }
         Self::figment(file)
             .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(|e| ConfigError::Load(explain::explain(e, file)))
     }
 
     /// The configuration as TOML with secrets redacted (`config` subcommand).
@@ -272,8 +284,12 @@ impl RawConfig {
     pub fn validate_with_anchor(&self, anchor: Option<&str>) -> Result<Config, ConfigError> {
         let (listen_addr, metrics_addr) = self.addresses()?;
         let redis = self.redis()?;
-        let serial_number = SerialNumber::parse(&self.serial_number)
-            .map_err(|e| invalid("serial_number", e.message))?;
+        let serial_number = SerialNumber::parse(&self.serial_number).map_err(|e| {
+            invalid(
+                "serial_number",
+                serial_problem(&self.serial_number, &e.message),
+            )
+        })?;
         let edition: Edition = self
             .edition
             .parse()
@@ -419,6 +435,30 @@ impl RawConfig {
                     .ok()
                     .filter(|e| !e.is_empty())
             })
+    }
+}
+
+/// What is wrong with a serial number: the value, and the first character that
+/// is not allowed (if that is the fault).
+fn serial_problem(raw: &str, message: &str) -> String {
+    let bad = raw
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'));
+    match bad {
+        Some((at, c)) if !raw.is_empty() && raw.len() <= 64 => format!(
+            "{raw:?} {message}; {c:?} (at position {}) is not allowed",
+            raw[..at].chars().count() + 1
+        ),
+        _ => format!("{raw:?} {message}"),
+    }
+}
+
+/// An I/O error without its `(os error N)` suffix.
+fn io_reason(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.find(" (os error") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
     }
 }
 

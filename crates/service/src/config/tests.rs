@@ -52,7 +52,7 @@ fn unknown_keys_are_rejected() {
         jail.clear_env();
         jail.set_env("LICENSING_TRYOUT__WEEKS", "2");
         let err = RawConfig::load(None).unwrap_err();
-        assert!(err.to_string().contains("weeks"), "{err}");
+        assert!(err.to_string().contains("LICENSING_TRYOUT__WEEKS"), "{err}");
         Ok(())
     });
 }
@@ -422,7 +422,7 @@ fn service_links_are_ignored_other_unknown_variables_are_not() {
         // Any other unknown variable still fails, naming itself.
         jail.set_env("LICENSING_SERIAL_NUMBR", "x");
         let err = RawConfig::load(None).unwrap_err();
-        assert!(err.to_string().contains("serial_numbr"), "{err}");
+        assert!(err.to_string().contains("LICENSING_SERIAL_NUMBR"), "{err}");
         Ok(())
     });
 }
@@ -603,4 +603,118 @@ fn default_limits_validate_to_the_defaults() {
         RawLimits::default().validate().unwrap(),
         crate::limits::Limits::default()
     );
+}
+
+/// The load error of the environment `env` and the file `file` (if any).
+fn load_error(env: &[(&str, &str)], file: Option<&str>) -> String {
+    let mut message = String::new();
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        for (k, v) in env {
+            jail.set_env(k, v);
+        }
+        if let Some(text) = file {
+            jail.create_file("c.toml", text)?;
+        }
+        message = RawConfig::load(file.map(|_| Path::new("c.toml")))
+            .unwrap_err()
+            .to_string();
+        Ok(())
+    });
+    message
+}
+
+#[test]
+fn a_misspelt_variable_is_named_as_written_with_the_nearest_one() {
+    let err = load_error(&[("LICENSING_SERIAL_NUMEBR", "X-1")], None);
+    assert!(
+        err.starts_with("unknown environment variable `LICENSING_SERIAL_NUMEBR`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("did you mean `LICENSING_SERIAL_NUMBER`?"),
+        "{err}"
+    );
+    assert!(err.contains("`__`"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A nested key written with a single `_`.
+    let err = load_error(&[("LICENSING_AUTH_MODE", "enforce")], None);
+    assert!(
+        err.contains("did you mean `LICENSING_AUTH__MODE`?"),
+        "{err}"
+    );
+    let err = load_error(&[("LICENSING_TRYOUT__DAIS", "3")], None);
+    assert!(
+        err.contains("did you mean `LICENSING_TRYOUT__DAYS`?"),
+        "{err}"
+    );
+    // Nothing near: no guess.
+    let err = load_error(&[("LICENSING_ZZZZZZZZZZZZ", "1")], None);
+    assert!(!err.contains("did you mean"), "{err}");
+}
+
+#[test]
+fn a_misspelt_file_key_names_the_file_and_the_nearest_key() {
+    let err = load_error(&[], Some("serial_numebr = \"X-1\"\n"));
+    assert_eq!(
+        err,
+        "unknown key `serial_numebr` in c.toml: did you mean `serial_number`?"
+    );
+    let err = load_error(&[], Some("[log]\nlevle = \"debug\"\n"));
+    assert!(err.contains("did you mean `log.level`?"), "{err}");
+}
+
+#[test]
+fn a_top_level_key_after_a_section_says_so() {
+    let err = load_error(
+        &[],
+        Some("[log]\nlevel = \"debug\"\nedition = \"business\"\n"),
+    );
+    assert!(err.contains("unknown key `log.edition` in c.toml"), "{err}");
+    assert!(
+        err.contains("top-level keys must come before the first `[section]`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_type_error_names_the_key_and_the_form() {
+    let err = load_error(&[("LICENSING_LISTEN_ADDR", "50051")], None);
+    assert!(
+        err.starts_with("`listen_addr` must be HOST:PORT, e.g. 0.0.0.0:50051"),
+        "{err}"
+    );
+    assert!(err.contains("LICENSING_LISTEN_ADDR"), "{err}");
+    let err = load_error(&[("LICENSING_METRICS_ADDR", "9090")], None);
+    assert!(err.starts_with("`metrics_addr` must be HOST:PORT"), "{err}");
+    let err = load_error(&[], Some("[tryout]\ndays = \"x\"\n"));
+    assert!(
+        err.starts_with("`tryout.days` must be a whole number"),
+        "{err}"
+    );
+    assert!(err.contains("c.toml"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    Jail::expect_with(|_| {
+        let err = RawConfig::load(Some(Path::new("nope.toml"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot read --config nope.toml: No such file or directory"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_bad_serial_number_shows_the_value_and_the_character() {
+    let raw = RawConfig {
+        serial_number: "AB C/1".into(),
+        ..RawConfig::default()
+    };
+    let err = raw.validate_with_anchor(None).unwrap_err().to_string();
+    assert!(err.contains("`serial_number`"), "{err}");
+    assert!(err.contains("\"AB C/1\""), "{err}");
+    assert!(err.contains("' ' (at position 3) is not allowed"), "{err}");
 }
