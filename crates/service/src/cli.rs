@@ -1,5 +1,5 @@
-//! The command line: `serve` (the default), `config`, and the development
-//! licensing tools (`dev keygen`, `dev sign-license`).
+//! The command line: `serve` (the default), `config`, `auth token`, and the
+//! development licensing tools (`dev keygen`, `dev sign-license`).
 
 use std::path::{Path, PathBuf};
 
