@@ -56,7 +56,9 @@ impl Replica {
             .env("LICENSING_DRAIN_TIMEOUT_MS", "0")
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out));
-        let child = cmd
+        // A process group of its own: `faketime` runs the binary as its child,
+        // and both must go when the replica is dropped.
+        let child = std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
             .spawn()
             .expect("start the service binary (and faketime)");
         Self {
@@ -107,6 +109,14 @@ impl Replica {
 
 impl Drop for Replica {
     fn drop(&mut self) {
+        // The whole group: under `faketime` the service is its child.
+        if let Ok(group) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a negative pid signals that process group;
+            // it reads no memory of ours.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
