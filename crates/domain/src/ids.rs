@@ -150,9 +150,18 @@ impl FromStr for Feature {
             .into_iter()
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
+                // A known feature written in another case or with '-': name it.
+                let near = s.trim().to_ascii_lowercase().replace('-', "_");
+                let hint = Feature::ALL
+                    .into_iter()
+                    .find(|f| f.as_str() == near)
+                    .map(|f| format!("; did you mean {:?}?", f.as_str()))
+                    .unwrap_or_default();
                 InvalidInput::new(
                     "feature",
-                    format!("unknown feature {s:?} (known: call_assist, system_activation, user)"),
+                    format!(
+                        "unknown feature {s:?}{hint} (known: call_assist, system_activation, user)"
+                    ),
                 )
             })
     }
@@ -268,6 +277,26 @@ impl fmt::Display for SerialNumber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_feature_in_another_case_is_named() {
+        let e = "User".parse::<Feature>().unwrap_err();
+        assert_eq!(e.field, "feature");
+        assert!(
+            e.message.contains(r#"did you mean "user"?"#),
+            "{}",
+            e.message
+        );
+        let e = "call-assist".parse::<Feature>().unwrap_err();
+        assert!(
+            e.message.contains(r#"did you mean "call_assist"?"#),
+            "{}",
+            e.message
+        );
+        let e = "seats".parse::<Feature>().unwrap_err();
+        assert!(!e.message.contains("did you mean"), "{}", e.message);
+        assert!(e.message.contains("known: call_assist"), "{}", e.message);
+    }
 
     #[test]
     fn user_id_edges() {

@@ -77,12 +77,26 @@ pub enum AuthError {
     CertificateRejected(String),
     #[error("client certificate identity {0:?} is not in the callers file")]
     UnknownCertificate(String),
-    #[error("caller {caller:?} (role {role}) may not call {method}")]
+    #[error(
+        "caller {caller:?} (role {role}) may not call {method}; {}",
+        roles_needed(method)
+    )]
     Denied {
         caller: String,
         role: Role,
         method: String,
     },
+}
+
+/// Which roles may call `method` (from the RPC table), as a refusal says it.
+fn roles_needed(method: &str) -> String {
+    match crate::rpc::by_name(method) {
+        Some(rpc) => {
+            let roles: Vec<&str> = rpc.roles.iter().map(|r| r.as_str()).collect();
+            format!("it needs the role {}", roles.join(" or "))
+        }
+        None => "only operators may call it".to_owned(),
+    }
 }
 
 impl AuthError {
@@ -242,6 +256,26 @@ pub fn auth_status(error: &AuthError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denial_names_the_roles_that_may_call() {
+        let denied = |method: &str| AuthError::Denied {
+            caller: "pbx".into(),
+            role: Role::CallHandling,
+            method: method.into(),
+        };
+        let status = auth_status(&denied("AssignSeat"));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            r#"caller "pbx" (role call_handling) may not call AssignSeat; it needs the role user_management or operator"#
+        );
+        assert!(
+            denied("/x.Y/Z")
+                .to_string()
+                .ends_with("only operators may call it")
+        );
+    }
     use crate::domain::{Feature, InvalidInput};
 
     #[test]
