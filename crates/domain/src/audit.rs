@@ -392,11 +392,13 @@ fn summary(
 ) -> AuditEvent {
     let detail =
         format!("{count} more refused like this in {seconds:.1} s, summarized (first: {example})");
-    AuditEvent {
-        caller: caller.to_owned(),
-        role: role.to_owned(),
-        ..AuditEvent::new(time, Who::Anonymous(None), method, code, &detail)
-    }
+    AuditEvent::new(
+        time,
+        Who::Caller { name: caller, role },
+        method,
+        code,
+        &detail,
+    )
 }
 
 #[cfg(test)]

@@ -17,10 +17,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::domain::{ActivationState, Feature, SeatSource, TryoutState};
-use crate::metrics::{Format, OUTCOMES, encode, outcome_name, register_counters};
+use crate::metrics::{Format, Labels, OUTCOMES, encode, outcome_name, register_counters};
 use crate::service::Licensing;
-
-type Labels = Vec<(&'static str, String)>;
 
 /// A metric's name and help, declared once so that every sample of a name lands in
 /// one family (one `HELP`/`TYPE` block), whatever order the samples come in.

@@ -136,15 +136,14 @@ impl Default for Limits {
     }
 }
 
-/// The method (its label: a known RPC's name, else `(unknown)`) and class of a
-/// request path, from the RPC table; `None` for other services (health,
-/// reflection) and unbudgeted methods. A method of the service missing from
-/// the table counts as an operator read.
-pub fn classify(path: &str) -> Option<(&'static str, RpcClass)> {
+/// The class of a request path, from the RPC table; `None` for other services
+/// (health, reflection) and unbudgeted methods. A method of the service missing
+/// from the table counts as an operator read.
+pub fn classify(path: &str) -> Option<RpcClass> {
     let method = path.strip_prefix(rpc::SERVICE_PREFIX)?;
     match rpc::by_name(method) {
-        Some(rpc) => rpc.class.map(|c| (rpc.name, c)),
-        None => Some((rpc::UNKNOWN_METHOD, RpcClass::OperatorReads)),
+        Some(rpc) => rpc.class,
+        None => Some(RpcClass::OperatorReads),
     }
 }
 
@@ -458,7 +457,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some((_, class)) = classify(request.uri().path()) else {
+        let Some(class) = classify(request.uri().path()) else {
             return Box::pin(self.inner.call(request.map(tonic::body::Body::new)));
         };
         // The service that was polled ready goes into the future; a clone stays.
@@ -1301,22 +1300,16 @@ mod tests {
 
     #[test]
     fn every_method_is_classified_and_watch_has_no_budget() {
-        assert_eq!(
-            classify("/comtrexx.licensing.v1.LicensingService/CheckSeat"),
-            Some(("CheckSeat", RpcClass::HotPath))
-        );
-        assert_eq!(
-            classify("/comtrexx.licensing.v1.LicensingService/AssignSeat"),
-            Some(("AssignSeat", RpcClass::Writes))
-        );
-        assert_eq!(
-            classify("/comtrexx.licensing.v1.LicensingService/SomethingNew"),
-            Some(("(unknown)", RpcClass::OperatorReads))
-        );
-        assert_eq!(
-            classify("/comtrexx.licensing.v1.LicensingService/WatchLicenseEvents"),
-            None
-        );
+        let service = |m: &str| format!("/comtrexx.licensing.v1.LicensingService/{m}");
+        for (method, class, label) in [
+            ("CheckSeat", Some(RpcClass::HotPath), "CheckSeat"),
+            ("AssignSeat", Some(RpcClass::Writes), "AssignSeat"),
+            ("SomethingNew", Some(RpcClass::OperatorReads), "(unknown)"),
+            ("WatchLicenseEvents", None, "WatchLicenseEvents"),
+        ] {
+            assert_eq!(classify(&service(method)), class, "{method}");
+            assert_eq!(rpc::method_label(&service(method)), label, "{method}");
+        }
         assert_eq!(classify("/grpc.health.v1.Health/Check"), None);
     }
 

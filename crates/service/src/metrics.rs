@@ -18,7 +18,8 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::domain::ReconcileOutcome;
 
-type Labels = Vec<(&'static str, String)>;
+/// The labels of one series.
+pub type Labels = Vec<(&'static str, String)>;
 
 /// An RPC's method and status code, as its metrics label it.
 type RpcKey = (&'static str, &'static str);

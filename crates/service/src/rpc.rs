@@ -17,8 +17,8 @@ pub const SERVICE_PREFIX: &str = "/comtrexx.licensing.v1.LicensingService/";
 pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 /// Server reflection (v1 and v1alpha) is open to every known caller.
 pub const REFLECTION_PREFIX: &str = "/grpc.reflection.";
-/// The method name recorded for a path no service serves.
-pub const UNKNOWN_METHOD: &str = "(unknown)";
+/// The method name recorded for a path no service serves (the audit trail's).
+pub use comtrexx_licensing_domain::audit::UNKNOWN_METHOD;
 
 /// The fixed role names of the contract (`API.md`, "Callers, roles and credentials").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
