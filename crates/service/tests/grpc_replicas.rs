@@ -344,21 +344,6 @@ async fn concurrent_tryout_starts_succeed_once() {
 }
 
 /// Sums the `calls` of the given commands in Redis's INFO commandstats.
-fn command_calls(redis: &RedisServer, commands: &[&str]) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.connection())
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
-            commands
-                .contains(&name)
-                .then(|| calls.parse::<u64>().unwrap())
-        })
-        .sum()
-}
 
 #[tokio::test]
 async fn idle_replicas_follow_the_change_feed() {

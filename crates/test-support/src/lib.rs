@@ -447,6 +447,24 @@ pub fn pause_redis(redis: &RedisServer, ms: u64) {
         .unwrap();
 }
 
+/// How often `redis` ran any of `commands` (lower case, as `INFO commandstats`
+/// names them; calls from scripts included).
+pub fn command_calls(redis: &RedisServer, commands: &[&str]) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
+            commands
+                .contains(&name)
+                .then(|| calls.parse::<u64>().unwrap())
+        })
+        .sum()
+}
+
 /// The hex SHA-256 of a bearer token, as a callers file stores it.
 pub fn token_sha256(token: &str) -> String {
     use sha2::Digest as _;

@@ -4,8 +4,12 @@
 //! `stale`) while Redis is unreachable.
 //!
 //! A background task keeps it current: read a snapshot, then follow the store's
-//! change feed in version order; resynchronise on any gap, on another epoch, and
-//! every `resync_interval` as a safety net.
+//! change feed in version order; resynchronise on any gap and on another epoch.
+//! Every `resync_interval`, as a safety net, it checks the copy against the store
+//! in one small read (`Store::summary`: position, the write at this copy's
+//! version, the number of seats) and reads a full snapshot only when they differ.
+//! A full snapshot of the Redis store is read in bounded pages, never as one
+//! blocking call (`store::redis`).
 //!
 //! Every resynchronisation first checks that the store still holds this
 //! replica's history: the same epoch, at least the version this copy reached, and
@@ -37,7 +41,8 @@ use crate::store::{Change, Position, Snapshot, Store, StoreError};
 pub struct MirrorConfig {
     /// Past this long without a successful contact, answers are flagged stale.
     pub stale_after: Duration,
-    /// A full resynchronisation at least this often, whatever the feed says.
+    /// How often the copy is checked against the store (one small read; a full
+    /// resynchronisation only when they differ).
     pub resync_interval: Duration,
     /// How long one feed read waits for news (also the heartbeat period).
     pub feed_wait: Duration,

@@ -103,6 +103,8 @@ pub struct MirrorState {
     pub incident: Option<Incident>,
     /// Corrupt records skipped in the last snapshot.
     pub corrupt_records: usize,
+    /// Of those, seat records (the store counts them among its seats).
+    pub(super) corrupt_seats: usize,
     /// The high-water clock (ms): the largest time seen, here or in the store.
     pub high_water_ms: i64,
     /// The changes applied since the last snapshot, in order (bounded).
@@ -249,6 +251,11 @@ impl MirrorState {
             retired_issued_at,
             incident: snapshot.incident,
             corrupt_records: snapshot.corrupt.len(),
+            corrupt_seats: snapshot
+                .corrupt
+                .iter()
+                .filter(|c| c.starts_with("seat "))
+                .count(),
             high_water_ms: snapshot.high_water_ms,
             ..Default::default()
         };

@@ -27,11 +27,14 @@ enum Lineage {
 }
 
 impl Mirror {
-    /// Reads a fresh snapshot now (after a write found the copy out of date).
-    /// Coalesced: while one resync runs, every caller that asks meanwhile waits
-    /// and shares the next one, which starts after they asked (so each sees the
+    /// Brings the copy up to the store as it is now (after a write found the
+    /// copy out of date, before a scheduled reconcile, before stopping): the
+    /// feed up to the store's version when the store still holds this copy's
+    /// history, else a full snapshot and the repair ([`Self::refresh`]).
+    /// Coalesced: while one runs, every caller that asks meanwhile waits and
+    /// shares the next one, which starts after they asked (so each sees the
     /// store as it was at least when it asked). Many writes failing at once cost
-    /// two snapshots, not one each.
+    /// two refreshes, not one each.
     pub async fn resync_now(&self) -> Result<(), StoreError> {
         let asked_after = self.resyncs_started.load(Ordering::SeqCst);
         let mut last = self.resync_flight.lock().await;
@@ -40,16 +43,46 @@ impl Mirror {
             return last.1.clone();
         }
         let generation = self.resyncs_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let result = self.resync(self.store.as_ref()).await;
+        let result = self.refresh(self.store.as_ref()).await;
         self.contact(result.is_ok());
         *last = (generation, result.clone());
         result
     }
 
-    /// On-demand resyncs run so far (each one store snapshot, or two when the
-    /// store had lost its data).
+    /// On-demand refreshes run so far (each a summary and the feed, or a full
+    /// snapshot, or two when the store had lost its data).
     pub fn on_demand_resyncs(&self) -> u64 {
         self.resyncs_started.load(Ordering::SeqCst)
+    }
+
+    /// Brings the copy up to the store as it is now: when the store still holds
+    /// this copy's history (one small read), by following the feed up to the
+    /// store's version; otherwise by a full resynchronisation (which repairs).
+    async fn refresh(&self, store: &dyn Store) -> Result<(), StoreError> {
+        if let Verdict::Same { version: target } = self.verify(store).await? {
+            loop {
+                let Some(position) = self.state.read().position.clone() else {
+                    break;
+                };
+                if position.version >= target {
+                    return Ok(());
+                }
+                let Changes::Events(events) = store.changes(&position, Duration::ZERO).await?
+                else {
+                    break;
+                };
+                if events.is_empty() {
+                    break; // the feed lacks what the version says: read it all
+                }
+                let mut state = self.state.write();
+                let in_order = events.iter().all(|c| self.apply(&mut state, c).in_order());
+                self.publish_version(&state);
+                if !in_order {
+                    break;
+                }
+            }
+        }
+        self.resync(store).await
     }
 
     /// Reads the store, repairs what it lost of this copy's history, and installs it.
@@ -123,8 +156,17 @@ impl Mirror {
                 from: mine.version,
             });
         }
-        let journal: Vec<Change> = self.read(|s| s.journal.iter().cloned().collect());
-        let Some(first) = journal.first().map(|c| c.version) else {
+        // This copy's write at its version (later local writes may follow it).
+        let (first, last) = self.read(|s| {
+            (
+                s.journal.front().map(|c| c.version),
+                s.journal
+                    .iter()
+                    .rfind(|c| c.version <= mine.version)
+                    .cloned(),
+            )
+        });
+        let Some(first) = first else {
             // No change since the last snapshot: only the version can tell.
             return Ok(if theirs.version < mine.version {
                 Lineage::Lost {
@@ -135,6 +177,20 @@ impl Mirror {
                 Lineage::Extends
             });
         };
+        if theirs.version >= mine.version
+            && last.as_ref().is_some_and(|c| c.version == mine.version)
+        {
+            // The common case, in one small read: the store holds this copy's
+            // last write at its version, so it extends this copy's history.
+            let summary = store.summary(mine.version).await?;
+            if summary.position.as_ref().map(|p| &p.epoch) == Some(&mine.epoch)
+                && summary.change_at.is_some()
+                && summary.change_at == last
+            {
+                return Ok(Lineage::Extends);
+            }
+        }
+        let journal: Vec<Change> = self.read(|s| s.journal.iter().cloned().collect());
         let history = store.history(first.saturating_sub(1)).await?;
         if theirs.version >= mine.version {
             let at_mine = history.iter().find(|c| c.version == mine.version);
@@ -280,21 +336,77 @@ impl Mirror {
         Ok(())
     }
 
+    /// The periodic check: does the store still match this copy? One small
+    /// read ([`Store::summary`]), whatever the number of seats; a full resync
+    /// only when it does not.
+    async fn verify(&self, store: &dyn Store) -> Result<Verdict, StoreError> {
+        if self.state.read().from_disk {
+            return Ok(Verdict::Differs("the copy comes from the state file"));
+        }
+        let Some(mine) = self.state.read().position.clone() else {
+            return Ok(Verdict::Differs("no copy yet"));
+        };
+        let summary = store.summary(mine.version).await?;
+        let Some(theirs) = summary.position else {
+            return Ok(Verdict::Differs("the store holds no epoch"));
+        };
+        if theirs.epoch != mine.epoch {
+            return Ok(Verdict::Differs("another epoch"));
+        }
+        if theirs.version < mine.version {
+            return Ok(Verdict::Differs("the store went back"));
+        }
+        let (at_mine, seats) = self.read(|s| {
+            (
+                s.journal
+                    .iter()
+                    .rfind(|c| c.version <= mine.version)
+                    .cloned(),
+                (s.seat_total() + s.corrupt_seats) as u64,
+            )
+        });
+        if let (Some(stored), Some(local)) = (&summary.change_at, &at_mine)
+            && local.version == mine.version
+            && stored != local
+        {
+            return Ok(Verdict::Differs("another write at this copy's version"));
+        }
+        // Counts compare only at the same version (the feed brings the rest).
+        if theirs.version == mine.version && summary.seats != seats {
+            return Ok(Verdict::Differs("another number of seats"));
+        }
+        Ok(Verdict::Same {
+            version: theirs.version,
+        })
+    }
+
     /// Follows the store until `shutdown` resolves.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()> + Send) {
         let store = self.store.clone();
         tokio::pin!(shutdown);
         let mut need_resync = true;
-        let mut last_resync = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        // After an error: check (one small read) before reading everything.
+        let mut need_check = false;
+        let mut last_check = Instant::now();
+        let mut backoff = BACKOFF_MIN;
         loop {
-            if last_resync.elapsed() >= self.config.resync_interval {
-                need_resync = true;
-            }
+            let check =
+                !need_resync && (need_check || last_check.elapsed() >= self.config.resync_interval);
             let step = async {
                 if need_resync {
                     // After a full read, follow the feed.
                     self.resync(store.as_ref()).await.map(|()| false)
+                } else if check {
+                    match self.verify(store.as_ref()).await? {
+                        Verdict::Same { .. } => Ok(false),
+                        Verdict::Differs(why) => {
+                            tracing::info!(
+                                why,
+                                "seat store differs from this replica's copy; reading it again"
+                            );
+                            Ok(true)
+                        }
+                    }
                 } else {
                     let position = self.state.read().position.clone();
                     let Some(position) = position else {
@@ -318,11 +430,12 @@ impl Mirror {
             };
             match outcome {
                 Ok(resync_next) => {
-                    if need_resync {
-                        last_resync = Instant::now();
+                    if need_resync || check {
+                        last_check = Instant::now();
                     }
                     need_resync = resync_next;
-                    backoff = Duration::from_millis(50);
+                    need_check = false;
+                    backoff = BACKOFF_MIN;
                     self.contact(true);
                 }
                 Err(error) => {
@@ -333,19 +446,38 @@ impl Mirror {
                     }
                     *self.last_error.lock() = Some(error.to_string());
                     self.contact(false);
-                    // Resync after an outage: the feed may have moved on without us.
-                    need_resync = true;
+                    // After an outage the feed may have moved on without us, or
+                    // the store may have gone back: check before following it
+                    // (a full resync only when the check finds a difference).
+                    need_check = true;
+                    // Never sooner than the backoff, with jitter: replicas that
+                    // failed together do not come back together.
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(crate::store::jittered(backoff)) => {}
                         () = &mut shutdown => return,
                     }
                     // Short, so the copy is repaired and current again well
                     // within a second after the store is back.
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
     }
+}
+
+/// The first pause after a failed read of the store, and the longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// What the periodic check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The store holds this copy's history; it is at `version` (the feed
+    /// brings what lies between).
+    Same {
+        version: u64,
+    },
+    Differs(&'static str),
 }
 
 /// Logs a repair: an `audit` line naming what was lost, if anything.

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, Incident, LicenseWrite,
-    Position, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    Position, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -507,6 +507,18 @@ impl Store for MemoryStore {
             .filter(|c| c.version > after)
             .cloned()
             .collect())
+    }
+
+    async fn summary(&self, at: u64) -> Result<Summary, StoreError> {
+        let inner = self.inner.lock();
+        Ok(Summary {
+            position: inner.epoch.clone().map(|epoch| Position {
+                epoch,
+                version: inner.version,
+            }),
+            seats: inner.seats.len() as u64,
+            change_at: inner.feed.iter().find(|c| c.version == at).cloned(),
+        })
     }
 
     async fn append_audit(

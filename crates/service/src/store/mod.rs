@@ -33,6 +33,13 @@ pub use crate::domain::history::{
 /// store yet, tests). Only `restore` and `repair` bring a store forward.
 pub type Floor<'a> = Option<&'a Position>;
 
+/// `pause` less up to half of it, at random: the pause before a retry, so
+/// replicas that failed together do not come back together.
+pub fn jittered(pause: Duration) -> Duration {
+    let half = pause / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
 /// What `Store::advance_clock` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClockReading {
@@ -60,6 +67,18 @@ pub struct LicenseWrite<'a> {
     /// The reconcile lease's fencing token: nothing is written when another
     /// holder has taken the lease since.
     pub fence: Option<u64>,
+}
+
+/// What [`Store::summary`] answers: enough to tell, without reading a seat,
+/// whether a replica's copy still matches the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// `None`: the store holds no epoch.
+    pub position: Option<Position>,
+    /// Seat records stored, of every pool (corrupt ones included).
+    pub seats: u64,
+    /// The feed entry at the version asked for, while the feed still holds it.
+    pub change_at: Option<Change>,
 }
 
 /// What the feed has after a position.
@@ -207,6 +226,11 @@ pub trait Store: Send + Sync + 'static {
     /// The feed entries after `after` in the current epoch, in order, as far as
     /// the feed still holds them.
     async fn history(&self, after: u64) -> Result<Vec<Change>, StoreError>;
+
+    /// Where the store is, how many seat records it holds and its feed entry at
+    /// version `at`, at one instant: one small read, whatever the number of seats
+    /// (a replica's periodic check and its lineage check).
+    async fn summary(&self, at: u64) -> Result<Summary, StoreError>;
 
     /// Writes back what a replica holds and the store lost, in one step, only if
     /// the store is still at `expected`; `None` when it moved. The version jumps

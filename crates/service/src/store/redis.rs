@@ -35,6 +35,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
+#[path = "redis_snapshot.rs"]
+mod snapshot;
+
 use super::memory::new_epoch;
 use super::records::{
     AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
@@ -44,7 +47,7 @@ use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LicenseWrite, Position,
-    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -175,6 +178,10 @@ pub struct RedisStore {
     // A separate connection for the blocking feed read, so XREAD BLOCK never
     // delays request-path calls. Dropped after an error and made anew.
     feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
+    // A separate connection for the pages of a snapshot, with a longer bound of
+    // its own: a slow page never queues request-path calls behind it. Dropped
+    // after an error or timeout (so Redis drops the reply nobody reads).
+    bulk_conn: AsyncMutex<Option<MultiplexedConnection>>,
     keys: Keys,
     timeout: Duration,
     // The bound of a write: the timeout, plus the `WAIT` time.
@@ -251,6 +258,7 @@ impl RedisStore {
             conn,
             write_conn,
             feed_conn: AsyncMutex::new(None),
+            bulk_conn: AsyncMutex::new(None),
             keys: Keys::new(serial),
             timeout: config.timeout,
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
@@ -578,106 +586,7 @@ fn feed_change(
 #[async_trait]
 impl Store for RedisStore {
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let pools = self.keys.pools();
-        let mut inv = SNAPSHOT.prepare_invoke();
-        inv.key(self.keys.epoch())
-            .key(self.keys.version())
-            .key(self.keys.license())
-            .key(self.keys.tryout())
-            .key(self.keys.reconcile())
-            .key(self.keys.init())
-            .key(self.keys.retired_license())
-            .key(self.keys.clock())
-            .key(self.keys.incident());
-        for (_, _, key) in &pools {
-            inv.key(key);
-        }
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self
-            .bounded("snapshot", inv.invoke_async(&mut conn))
-            .await?;
-        if reply.len() != 10 + pools.len() {
-            return Err(StoreError::Corrupt(
-                "snapshot reply has the wrong shape".into(),
-            ));
-        }
-        // A record that does not parse is skipped and named, never fatal: one bad
-        // value must not keep every replica from reading the rest.
-        let mut corrupt = Vec::new();
-        let license = record(&reply[2], "license", LicenseRecordV1::parse, &mut corrupt);
-        let tryout = record(&reply[3], "tryout", TryoutRecordV1::parse, &mut corrupt);
-        let reconcile = record(
-            &reply[4],
-            "reconcile",
-            ReconcileRecordV1::parse,
-            &mut corrupt,
-        );
-        let initialization = record(
-            &reply[5],
-            "initialization",
-            InitializationRecordV1::parse,
-            &mut corrupt,
-        );
-        let retired = record(
-            &reply[6],
-            "retired license",
-            LicenseRecordV1::parse,
-            &mut corrupt,
-        );
-        let incident = record(&reply[8], "incident", IncidentRecordV1::parse, &mut corrupt);
-        // A corrupt license record leaves its id readable: a replica reads the
-        // license as none, and applying one expecting none replaces it.
-        self.saw(
-            CasRecord::LicenseId,
-            &text(&reply[9 + pools.len()]).unwrap_or_default(),
-            license.as_ref().map(|l| l.id().to_owned()),
-        );
-        self.saw(
-            CasRecord::Tryout,
-            &text(&reply[3]).unwrap_or_default(),
-            tryout.as_ref().map(TryoutRecordV1::encode),
-        );
-        self.saw(
-            CasRecord::Initialization,
-            &text(&reply[5]).unwrap_or_default(),
-            initialization.as_ref().map(InitializationRecordV1::encode),
-        );
-        let epoch = text(&reply[0])?;
-        let version = version_of(&text(&reply[1])?)?;
-        let high_water_ms = text(&reply[7])?.parse::<i64>().unwrap_or_else(|_| {
-            corrupt.push("high-water clock is not a number".into());
-            0
-        });
-        let mut seats = Vec::new();
-        for ((feature, _, _), value) in pools.iter().zip(reply.into_iter().skip(9)) {
-            let flat = texts(value)?;
-            for pair in flat.chunks_exact(2) {
-                match stored_seat(*feature, &pair[0], &pair[1]) {
-                    Ok(seat) => seats.push(seat),
-                    Err(e) => {
-                        let user = pair[0].as_ref().unwrap_or_else(|lossy| lossy);
-                        corrupt.push(format!("seat {feature}/{user:?}: {e}"));
-                    }
-                }
-            }
-        }
-        seats.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
-        for what in &corrupt {
-            tracing::error!(record = %what, "corrupt record in the seat store skipped");
-            crate::metrics::metrics().corrupt_record();
-        }
-        Ok(Snapshot {
-            position: (!epoch.is_empty()).then_some(Position { epoch, version }),
-            seats,
-            license,
-            tryout,
-            reconcile: reconcile.unwrap_or_default(),
-            initialization,
-            retired_license: retired,
-            high_water_ms,
-            incident,
-            corrupt,
-        })
+        self.read_snapshot().await
     }
 
     async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError> {
@@ -1141,6 +1050,50 @@ impl Store for RedisStore {
             }
         }
         Ok(changes)
+    }
+
+    async fn summary(&self, at: u64) -> Result<Summary, StoreError> {
+        let pools = self.keys.pools();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(self.keys.epoch())
+            .cmd("GET")
+            .arg(self.keys.version());
+        for (_, _, key) in &pools {
+            pipe.cmd("HLEN").arg(key);
+        }
+        pipe.cmd("XRANGE")
+            .arg(self.keys.feed())
+            .arg(format!("{at}-0"))
+            .arg(format!("{at}-0"));
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.bounded("summary", pipe.query_async(&mut conn)).await?;
+        if reply.len() != 3 + pools.len() {
+            return Err(StoreError::Corrupt(
+                "summary reply has the wrong shape".into(),
+            ));
+        }
+        let optional = |v: &Value| -> Result<Option<String>, StoreError> {
+            redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+        };
+        let epoch = optional(&reply[0])?;
+        let version = version_of(optional(&reply[1])?.as_deref().unwrap_or("0"))?;
+        let mut seats = 0;
+        for v in &reply[2..2 + pools.len()] {
+            seats += redis::from_redis_value_ref::<u64>(v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        let entry: redis::streams::StreamRangeReply =
+            redis::from_redis_value_ref(&reply[2 + pools.len()])
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // A corrupt entry tells nothing: as if trimmed.
+        let change_at = entry.ids.first().and_then(|e| feed_change(at, &e.map).ok());
+        Ok(Summary {
+            position: epoch.map(|epoch| Position { epoch, version }),
+            seats,
+            change_at,
+        })
     }
 
     async fn repair(&self, w: &RepairWrite) -> Result<Option<Vec<Change>>, StoreError> {

@@ -7,6 +7,7 @@ conformance! {
     store: change_feed_reports_every_write_in_order;
     store: change_feed_waits_when_idle_and_resyncs_foreign_positions;
     shared: change_feed_wakes_a_waiting_reader;
+    shared: a_snapshot_read_during_writes_is_the_store_at_its_version;
 }
 
 // ---------------------------------------------------------------------------
@@ -222,4 +223,102 @@ async fn change_feed_wakes_a_waiting_reader(store: Arc<dyn Store>) {
         took < Duration::from_secs(10),
         "a write ends the wait, took {took:?}"
     );
+}
+
+/// A snapshot read while writes go on (the Redis store reads it in pages and
+/// replays the feed over them) is the store exactly as it was at the snapshot's
+/// version: the feed after that version, applied to it, gives what a quiet
+/// snapshot reads at the end.
+async fn a_snapshot_read_during_writes_is_the_store_at_its_version(store: Arc<dyn Store>) {
+    const SEATS: usize = 6000;
+    let lic = with_license(&*store, "paged").await;
+    let plan = purchased(&lic, u32::try_from(SEATS * 2).unwrap());
+    for i in 0..SEATS {
+        created(assign(&*store, &format!("user-{i:05}"), Feature::User, &plan).await);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop, plan) = (Arc::clone(&store), Arc::clone(&stop), plan.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 4000 {
+                // Releases spread over the whole pool, and new seats.
+                let old = format!("user-{:05}", (i * 7919) % SEATS);
+                store
+                    .release_seat(None, &uid(&old), Feature::User, None)
+                    .await
+                    .expect("release");
+                let new = format!("late-{i:05}");
+                store
+                    .assign_seat(None, &uid(&new), Feature::User, &plan)
+                    .await
+                    .expect("assign");
+                i += 1;
+                if i.is_multiple_of(64) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut taken = Vec::new();
+    for _ in 0..5 {
+        taken.push(snapshot(&*store).await);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let quiet = snapshot(&*store).await;
+    let quiet_version = quiet.position.as_ref().unwrap().version;
+    let want: BTreeSet<(Feature, String, i64)> = quiet
+        .seats
+        .iter()
+        .map(|s| {
+            (
+                s.feature,
+                s.user_id.as_str().to_owned(),
+                s.assigned_at.timestamp_millis(),
+            )
+        })
+        .collect();
+    for snap in taken {
+        let version = snap.position.as_ref().unwrap().version;
+        let mut seats: std::collections::BTreeMap<(Feature, String), i64> = snap
+            .seats
+            .iter()
+            .map(|s| {
+                (
+                    (s.feature, s.user_id.as_str().to_owned()),
+                    s.assigned_at.timestamp_millis(),
+                )
+            })
+            .collect();
+        assert_eq!(seats.len(), snap.seats.len(), "no seat twice in a snapshot");
+        let later = store.history(version).await.unwrap();
+        assert_consecutive(&later, version);
+        assert_eq!(later.last().map_or(version, |c| c.version), quiet_version);
+        for change in &later {
+            match &change.kind {
+                ChangeKind::SeatAssigned(s) | ChangeKind::SeatFlagged(s) => {
+                    seats.insert(
+                        (s.feature, s.user_id.as_str().to_owned()),
+                        s.assigned_at.timestamp_millis(),
+                    );
+                }
+                ChangeKind::SeatReleased { feature, user_id } => {
+                    seats.remove(&(*feature, user_id.as_str().to_owned()));
+                }
+                other => panic!("no other writes here: {other:?}"),
+            }
+        }
+        let got: BTreeSet<(Feature, String, i64)> =
+            seats.into_iter().map(|((f, u), at)| (f, u, at)).collect();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "the snapshot at version {version} plus the feed after it has the quiet store's seats"
+        );
+        assert!(
+            got == want,
+            "the snapshot at version {version} differs from the store at it"
+        );
+    }
 }

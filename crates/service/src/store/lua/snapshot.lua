@@ -1,10 +1,12 @@
--- Reads everything at one instant (read-only).
+-- The head of a snapshot (read-only, small): everything but the seats, at one
+-- instant. The seat pools are read after it in pages and the feed since its
+-- version replayed over them (store/redis_snapshot.rs).
 -- KEYS[1] epoch, KEYS[2] version, KEYS[3] license, KEYS[4] tryout, KEYS[5] reconcile,
 -- KEYS[6] pending initialization, KEYS[7] retired license, KEYS[8] high-water
--- clock, KEYS[9] last incident, KEYS[10..] the seat pools, in the order the caller knows.
+-- clock, KEYS[9] last incident.
 -- The reply ends with the license's id, kept apart from its record (readable
 -- also when the record is not).
-local out = {
+return {
   redis.call('GET', KEYS[1]) or '',
   redis.call('GET', KEYS[2]) or '0',
   redis.call('HGET', KEYS[3], 'record') or '',
@@ -14,9 +16,5 @@ local out = {
   redis.call('GET', KEYS[7]) or '',
   redis.call('GET', KEYS[8]) or '0',
   redis.call('GET', KEYS[9]) or '',
+  redis.call('HGET', KEYS[3], 'id') or '',
 }
-for i = 10, #KEYS do
-  table.insert(out, redis.call('HGETALL', KEYS[i]))
-end
-table.insert(out, redis.call('HGET', KEYS[3], 'id') or '')
-return out

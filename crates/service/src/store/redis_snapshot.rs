@@ -1,0 +1,425 @@
+//! A snapshot of the Redis store read in bounded steps, never as one blocking
+//! call: a small head (epoch, version and the single records), then each seat
+//! pool by `HSCAN` pages, then the change feed from the head's version, replayed
+//! over the pages. Every seat untouched while the pages were read comes back
+//! with its value (`HSCAN` returns every element present for the whole scan);
+//! every seat touched meanwhile has a feed entry after the head's version, and
+//! the feed's changes carry whole values, so replaying them in order gives the
+//! store exactly as it was at the feed's last version.
+//!
+//! Each step is bounded on its own (the pages on a connection of their own, so a
+//! slow page never queues request-path calls behind it, and dropped after a
+//! timeout, so Redis never keeps a reply nobody reads). A page that times out is
+//! read again smaller, after a jittered pause. When the feed cannot be continued
+//! from the head (trimmed under a write burst, another epoch) the snapshot
+//! starts again, a bounded number of times.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Value};
+
+use super::{
+    CasRecord, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
+    RedisStore, SNAPSHOT, TryoutRecordV1, feed_change, record, stored_seat, text, texts,
+    version_of,
+};
+use crate::domain::initcode::PendingInitialization;
+use crate::domain::{Feature, ReconcileStatus, Seat, TryoutRecord};
+use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoreError, StoredLicense};
+
+/// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
+/// about 100 kB and takes Redis well under a millisecond).
+pub(super) const SCAN_COUNT: usize = 1000;
+/// The smallest page a timed-out page shrinks to.
+const SCAN_COUNT_MIN: usize = 50;
+/// Feed entries one page of the replay reads.
+const FEED_PAGE: usize = 1000;
+/// How often a snapshot starts again when the feed could not be continued.
+const ATTEMPTS: usize = 4;
+/// How often one page is read again after a timeout (each time smaller).
+const PAGE_RETRIES: usize = 4;
+
+/// The seats read so far, by (feature, user as stored).
+type Slots = HashMap<(Feature, String), Slot>;
+
+enum Slot {
+    Seat(Seat),
+    Corrupt(String),
+}
+
+/// The single records of the head, then as the replay changes them.
+#[derive(Default)]
+struct Records {
+    license: Option<StoredLicense>,
+    tryout: Option<TryoutRecord>,
+    reconcile: ReconcileStatus,
+    initialization: Option<PendingInitialization>,
+    retired: Option<StoredLicense>,
+    incident: Option<Incident>,
+    /// Corrupt single records, by record name: a replayed change that replaces
+    /// one takes its name off.
+    corrupt: Vec<(&'static str, String)>,
+}
+
+impl Records {
+    fn replaced(&mut self, names: &[&str]) {
+        self.corrupt.retain(|(n, _)| !names.contains(n));
+    }
+}
+
+/// Applies one feed change to what was read: the same effect as the write had.
+fn replay(change: &Change, seats: &mut Slots, records: &mut Records) {
+    match &change.kind {
+        ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => {
+            seats.insert(
+                (seat.feature, seat.user_id.as_str().to_owned()),
+                Slot::Seat(seat.clone()),
+            );
+        }
+        ChangeKind::SeatReleased { feature, user_id } => {
+            seats.remove(&(*feature, user_id.as_str().to_owned()));
+        }
+        ChangeKind::LicenseApplied(l) => {
+            records.license = Some(l.clone());
+            records.replaced(&["license"]);
+        }
+        ChangeKind::TryoutChanged(t) => {
+            records.tryout = Some(t.clone());
+            records.replaced(&["tryout"]);
+        }
+        ChangeKind::ReconcileRecorded(r) => {
+            records.reconcile = r.clone();
+            records.replaced(&["reconcile"]);
+        }
+        ChangeKind::InitializationIssued(p) => {
+            records.initialization = Some(p.clone());
+            records.replaced(&["initialization"]);
+        }
+        ChangeKind::InitializationConsumed => {
+            records.initialization = None;
+            records.replaced(&["initialization"]);
+        }
+        ChangeKind::Repaired(i) => {
+            records.incident = Some(i.clone());
+            records.replaced(&["incident"]);
+        }
+        ChangeKind::Reset => {
+            seats.clear();
+            if let Some(l) = records.license.take() {
+                records.retired = Some(l);
+                records.replaced(&["retired license"]);
+            }
+            records.reconcile = ReconcileStatus::default();
+            records.initialization = None;
+            records.replaced(&["license", "reconcile", "initialization"]);
+        }
+    }
+}
+
+/// Why one attempt must start again.
+struct Restart(String);
+
+impl RedisStore {
+    /// The bound of one bulk page: longer than a request's, never shorter.
+    fn bulk_timeout(&self) -> Duration {
+        (self.timeout * 4).max(Duration::from_millis(500))
+    }
+
+    /// Reads a consistent snapshot in bounded steps (see the module).
+    pub(super) async fn read_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut why = String::new();
+        for _ in 0..ATTEMPTS {
+            match self.snapshot_attempt().await? {
+                Ok(snapshot) => return Ok(snapshot),
+                Err(Restart(reason)) => {
+                    tracing::debug!(%reason, "snapshot could not continue from its head; reading again");
+                    crate::metrics::metrics().redis_error("snapshot_restart");
+                    why = reason;
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "no consistent snapshot after {ATTEMPTS} attempts: {why}"
+        )))
+    }
+
+    async fn snapshot_attempt(&self) -> Result<Result<Snapshot, Restart>, StoreError> {
+        // 1. The head: one small script.
+        let mut inv = SNAPSHOT.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.license())
+            .key(self.keys.tryout())
+            .key(self.keys.reconcile())
+            .key(self.keys.init())
+            .key(self.keys.retired_license())
+            .key(self.keys.clock())
+            .key(self.keys.incident());
+        let mut conn = self.conn.clone();
+        let head: Vec<Value> = self
+            .bounded("snapshot", inv.invoke_async(&mut conn))
+            .await?;
+        if head.len() != 10 {
+            return Err(StoreError::Corrupt(
+                "snapshot reply has the wrong shape".into(),
+            ));
+        }
+        // A record that does not parse is skipped and named, never fatal: one bad
+        // value must not keep every replica from reading the rest.
+        let mut records = Records::default();
+        let corrupt = &mut records.corrupt;
+        let license = single(&head[2], "license", LicenseRecordV1::parse, corrupt);
+        let tryout = single(&head[3], "tryout", TryoutRecordV1::parse, corrupt);
+        let reconcile = single(&head[4], "reconcile", ReconcileRecordV1::parse, corrupt);
+        let initialization = single(
+            &head[5],
+            "initialization",
+            InitializationRecordV1::parse,
+            corrupt,
+        );
+        let retired = single(&head[6], "retired license", LicenseRecordV1::parse, corrupt);
+        let incident = single(&head[8], "incident", IncidentRecordV1::parse, corrupt);
+        records.license = license;
+        records.tryout = tryout;
+        records.reconcile = reconcile.unwrap_or_default();
+        records.initialization = initialization;
+        records.retired = retired;
+        records.incident = incident;
+        // A corrupt license record leaves its id readable: a replica reads the
+        // license as none, and applying one expecting none replaces it.
+        self.saw(
+            CasRecord::LicenseId,
+            &text(&head[9]).unwrap_or_default(),
+            records.license.as_ref().map(|l| l.id().to_owned()),
+        );
+        self.saw(
+            CasRecord::Tryout,
+            &text(&head[3]).unwrap_or_default(),
+            records.tryout.as_ref().map(TryoutRecordV1::encode),
+        );
+        self.saw(
+            CasRecord::Initialization,
+            &text(&head[5]).unwrap_or_default(),
+            records
+                .initialization
+                .as_ref()
+                .map(InitializationRecordV1::encode),
+        );
+        let epoch = text(&head[0])?;
+        let head_version = version_of(&text(&head[1])?)?;
+        let high_water_ms = text(&head[7])?.parse::<i64>().unwrap_or_else(|_| {
+            let what = "high-water clock is not a number".to_owned();
+            records.corrupt.push(("clock", what));
+            0
+        });
+
+        // 2. The pools, page by page.
+        let mut seats = Slots::new();
+        for (feature, _, key) in self.keys.pools() {
+            self.scan_pool(feature, &key, &mut seats).await?;
+        }
+
+        // 3. The feed since the head, replayed over the pages.
+        let mut version = head_version;
+        if !epoch.is_empty() {
+            match self
+                .replay_feed(&epoch, head_version, &mut seats, &mut records)
+                .await?
+            {
+                Ok(last) => version = last,
+                Err(restart) => return Ok(Err(restart)),
+            }
+        }
+
+        let mut all_corrupt: Vec<String> = records.corrupt.into_iter().map(|(_, e)| e).collect();
+        let mut list = Vec::with_capacity(seats.len());
+        for ((feature, user), slot) in seats {
+            match slot {
+                Slot::Seat(seat) => list.push(seat),
+                Slot::Corrupt(e) => all_corrupt.push(format!("seat {feature}/{user:?}: {e}")),
+            }
+        }
+        list.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        for what in &all_corrupt {
+            tracing::error!(record = %what, "corrupt record in the seat store skipped");
+            crate::metrics::metrics().corrupt_record();
+        }
+        Ok(Ok(Snapshot {
+            position: (!epoch.is_empty()).then_some(Position { epoch, version }),
+            seats: list,
+            license: records.license,
+            tryout: records.tryout,
+            reconcile: records.reconcile,
+            initialization: records.initialization,
+            retired_license: records.retired,
+            high_water_ms,
+            incident: records.incident,
+            corrupt: all_corrupt,
+        }))
+    }
+
+    /// Reads one pool by `HSCAN` pages into `seats` (a later source of the same
+    /// user replaces an earlier one, as the replica's copy does).
+    async fn scan_pool(
+        &self,
+        feature: Feature,
+        key: &str,
+        seats: &mut Slots,
+    ) -> Result<(), StoreError> {
+        let mut cursor = String::from("0");
+        let mut count = SCAN_COUNT;
+        loop {
+            let ((next, flat),): ((String, Value),) = self
+                .bulk(&mut count, |n| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HSCAN").arg(key).arg(&cursor).arg("COUNT").arg(n);
+                    pipe
+                })
+                .await?;
+            for pair in texts(flat)?.chunks_exact(2) {
+                let user = pair[0].clone().unwrap_or_else(|lossy| lossy);
+                let slot = match stored_seat(feature, &pair[0], &pair[1]) {
+                    Ok(seat) => Slot::Seat(seat),
+                    Err(e) => Slot::Corrupt(e.to_string()),
+                };
+                seats.insert((feature, user), slot);
+            }
+            if next == "0" {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// Replays the feed after `from` over what was read, and answers the last
+    /// version replayed; `Restart` when the feed does not continue from `from`
+    /// in `epoch` (trimmed meanwhile, a gap, or the store replaced).
+    async fn replay_feed(
+        &self,
+        epoch: &str,
+        from: u64,
+        seats: &mut Slots,
+        records: &mut Records,
+    ) -> Result<Result<u64, Restart>, StoreError> {
+        let mut last = from;
+        loop {
+            let mut page_len = FEED_PAGE;
+            let (page, now_epoch, now_version): (
+                redis::streams::StreamRangeReply,
+                Option<String>,
+                Option<String>,
+            ) = self
+                .bulk(&mut page_len, |n| {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .cmd("XRANGE")
+                        .arg(self.keys.feed())
+                        .arg(format!("{}-0", last + 1))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(n)
+                        .cmd("GET")
+                        .arg(self.keys.epoch())
+                        .cmd("GET")
+                        .arg(self.keys.version());
+                    pipe
+                })
+                .await?;
+            if now_epoch.as_deref() != Some(epoch) {
+                return Ok(Err(Restart("the store's epoch changed".into())));
+            }
+            let top = version_of(now_version.as_deref().unwrap_or("0"))?;
+            let read = page.ids.len();
+            for entry in page.ids {
+                let v = entry
+                    .id
+                    .split_once('-')
+                    .and_then(|(v, _)| v.parse::<u64>().ok());
+                if v != Some(last + 1) {
+                    return Ok(Err(Restart(format!(
+                        "the feed does not continue from version {last} (found {:?})",
+                        entry.id
+                    ))));
+                }
+                let change = match feed_change(last + 1, &entry.map) {
+                    Ok(change) => change,
+                    // Not replayable: a new head is read, past this entry.
+                    Err(e) => return Ok(Err(Restart(format!("feed entry {}: {e}", last + 1)))),
+                };
+                self.saw_change(&entry.map, &change);
+                replay(&change, seats, records);
+                last += 1;
+            }
+            if read < page_len {
+                if last < top {
+                    return Ok(Err(Restart(format!(
+                        "the feed ends at {last}, the version is {top}"
+                    ))));
+                }
+                return Ok(Ok(last));
+            }
+        }
+    }
+
+    /// Runs one bulk read (`make(count)`) on the bulk connection, bounded by
+    /// [`Self::bulk_timeout`]. After a timeout the connection is dropped (Redis
+    /// discards the reply nobody reads) and the read is tried again after a
+    /// jittered pause, asking for half as much (`count`, kept for later pages).
+    async fn bulk<T: redis::FromRedisValue>(
+        &self,
+        count: &mut usize,
+        make: impl Fn(usize) -> redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut pause = Duration::from_millis(20);
+        let mut tries = 0;
+        loop {
+            let mut guard = self.bulk_conn.lock().await;
+            if guard.is_none() {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.bulk_timeout()));
+                let conn = self
+                    .bounded("bulk_connect", self.target.connect(&config))
+                    .await?;
+                *guard = Some(conn);
+            }
+            let conn: &mut MultiplexedConnection = guard.as_mut().expect("connection was just set");
+            let pipe = make(*count);
+            let error =
+                match tokio::time::timeout(self.bulk_timeout(), pipe.query_async(conn)).await {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(e)) => super::classify(e),
+                    Err(_) => StoreError::Unavailable(format!(
+                        "no answer to a snapshot page within {} ms",
+                        self.bulk_timeout().as_millis()
+                    )),
+                };
+            *guard = None;
+            drop(guard);
+            crate::metrics::metrics().redis_error("snapshot_page");
+            tries += 1;
+            if tries > PAGE_RETRIES {
+                return Err(error);
+            }
+            *count = (*count / 2).max(SCAN_COUNT_MIN);
+            tokio::time::sleep(crate::store::jittered(pause)).await;
+            pause *= 2;
+        }
+    }
+}
+
+/// A single record of the head: `None` when absent, or when corrupt (then named
+/// under `what` in `corrupt`).
+fn single<T>(
+    v: &Value,
+    what: &'static str,
+    parse: fn(&str) -> Result<T, StoreError>,
+    corrupt: &mut Vec<(&'static str, String)>,
+) -> Option<T> {
+    let mut found = Vec::new();
+    let r = record(v, what, parse, &mut found);
+    corrupt.extend(found.into_iter().map(|e| (what, e)));
+    r
+}
