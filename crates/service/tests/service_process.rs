@@ -254,6 +254,16 @@ fn configuration_errors_say_what_is_wrong_and_how_to_fix_it() {
     assert!(stderr.contains("\"AB C\""), "{stderr}");
     assert!(stderr.contains("' ' (at position 3)"), "{stderr}");
 
+    // Enforce without callers would refuse every call: refused at start instead.
+    let stderr = start_failure(&[("LICENSING_AUTH__MODE", "enforce")]);
+    for needed in [
+        "`auth.callers_file`",
+        "LICENSING_AUTH__CALLERS_FILE",
+        "comtrexx-licensing auth token --name NAME --role ROLE",
+    ] {
+        assert!(stderr.contains(needed), "{needed} not in:\n{stderr}");
+    }
+
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, "[log]\nlevel = \"info\"\nedition = \"business\"\n").unwrap();
