@@ -8,8 +8,9 @@
 # 2. values.schema.json is a valid draft-07 schema; every value is documented in the
 #    chart README
 # 3. helm lint --strict with the default values and with each helm/ci-values-*.yaml
-# 4. rendering with the pure defaults fails with a clear message (serialNumber is required)
-# 5. helm template for each profile (defaults + serialNumber, helm/ci-values-all.yaml,
+# 4. rendering with the pure defaults fails with a clear message (serialNumber is required),
+#    and so does auth.mode enforce (the default) without callers
+# 5. helm template for each profile (defaults + serialNumber + a callers file, helm/ci-values-all.yaml,
 #    helm/ci-values-existing-secrets.yaml), then
 #    - kubernetes-validate --strict against each version in KUBE_VERSIONS, where a resource
 #      without a schema counts as a failure,
@@ -105,6 +106,21 @@ elif grep -q "serialNumber is required" "${WORK}/out"; then
 else
   sed 's/^/        /' "${WORK}/out"
   fail "rendering without serialNumber fails, but without the expected message"
+fi
+
+# A callers file for the profiles that keep the default auth.mode enforce: one token
+# caller (the digest of a token nobody holds).
+CALLERS="${WORK}/callers.toml"
+printf '[[caller]]\nname = "ci-operator"\nrole = "operator"\ntoken_sha256 = "%s"\n' \
+  "$(printf 'ci-token' | sha256sum | cut -c1-64)" >"${CALLERS}"
+if helm template t "${CHART}" --set serialNumber=CI-DEFAULTS >"${WORK}/out" 2>&1; then
+  fail "rendering auth.mode enforce without callers must fail"
+elif grep -q "auth.mode enforce needs callers" "${WORK}/out" && grep -q "auth.callers" "${WORK}/out" \
+  && grep -q "auth.existingSecret" "${WORK}/out"; then
+  pass "rendering auth.mode enforce without callers fails with a clear message"
+else
+  sed 's/^/        /' "${WORK}/out"
+  fail "rendering auth.mode enforce without callers fails, but without the expected message"
 fi
 
 # Every setting of the service; the chart must give each one to the container
@@ -233,7 +249,7 @@ PY
   fi
 }
 
-check_profile defaults --set serialNumber=CI-DEFAULTS
+check_profile defaults --set serialNumber=CI-DEFAULTS --set-file auth.callers="${CALLERS}"
 
 # The defaults are secure: TLS with a certificate the chart generated for the Service's
 # names (verified with openssl against the CA it publishes), auth.mode enforce, and a

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::license::AppliedLicense;
 use super::reconcile::{ReconcileOutcome, ReconcileStatus};
+use super::tryout::{self, TryoutRecord, Used};
 
 /// The API's `ActivationState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,11 @@ pub struct ActivationFacts<'a> {
     pub license_problem: Option<&'a str>,
     pub reconcile: &'a ReconcileStatus,
     pub lapse_action: LapseAction,
+    /// The serial's tryout record, so that the next step offered is one that can work.
+    pub tryout: Option<&'a TryoutRecord>,
+    /// Whether a license source (licensing server or license file) is configured.
+    pub has_license_source: bool,
+    pub now: DateTime<Utc>,
 }
 
 /// Why the PBX is in its activation state, in one sentence an operator can act on.
@@ -104,7 +110,7 @@ pub fn explain(f: &ActivationFacts<'_>) -> String {
     match f.activation.state {
         ActivationState::NotInitialized => match f.license_problem {
             Some(problem) => format!("the stored license is not trusted: {problem}"),
-            None => "no license applied yet: apply an activation response, reconcile with a license source, or start the tryout".to_owned(),
+            None => not_initialized(f),
         },
         ActivationState::Active | ActivationState::Grace if !f.system_activated => format!(
             "the license has no current system_activation entitlement, which edition {} needs before any seat is licensed",
@@ -133,10 +139,47 @@ pub fn explain(f: &ActivationFacts<'_>) -> String {
                 .grace_ends_at
                 .map_or_else(|| "?".to_owned(), |t| t.to_rfc3339()),
             match f.lapse_action {
-                LapseAction::DenyNew => "existing seats stay, no new seats until a reconcile succeeds",
+                LapseAction::DenyNew =>
+                    "existing seats stay, no new seats until a reconcile succeeds",
                 LapseAction::Reset => "license and seats are removed",
             }
         ),
+    }
+}
+
+/// Without a license: the actual cause (nothing applied yet, or the last license
+/// offered was rejected) and the next steps that can work on this PBX (the tryout
+/// only where it can start; a reconcile only with a license source).
+fn not_initialized(f: &ActivationFacts<'_>) -> String {
+    let cause = match (f.reconcile.last_outcome, f.reconcile.last_error.as_deref()) {
+        (Some(ReconcileOutcome::Rejected), Some(error)) => {
+            format!(
+                "no license applied: the last license from the license source was rejected ({error})"
+            )
+        }
+        (_, Some(error)) => format!("no license applied yet (last reconcile: {error})"),
+        (_, None) => "no license applied yet".to_owned(),
+    };
+    let apply = format!(
+        "apply a license for this PBX (edition {}): an initialization code and the vendor's activation response{}",
+        f.edition,
+        if f.has_license_source {
+            ", or Reconcile with the license source"
+        } else {
+            ""
+        }
+    );
+    if !f.edition.has_tryout() {
+        return format!("{cause}; {apply} (edition {} has no tryout)", f.edition);
+    }
+    match tryout::used(f.edition, f.tryout, f.now) {
+        None => format!("{cause}; {apply}, or start the tryout (StartTryout)"),
+        Some(used @ Used::Active { .. }) => format!(
+            "{cause}; {}: {}; to license users beyond it, {apply}",
+            used.describe(),
+            used.next_step()
+        ),
+        Some(used) => format!("{cause}; {apply} ({})", used.describe()),
     }
 }
 
@@ -194,6 +237,9 @@ mod tests {
             license_problem: None,
             reconcile: &failing,
             lapse_action: LapseAction::DenyNew,
+            tryout: None,
+            has_license_source: true,
+            now,
         };
         let text = explain(&facts);
         assert!(text.contains("connection refused"), "{text}");
@@ -214,6 +260,76 @@ mod tests {
             ..facts
         };
         assert!(explain(&untrusted).contains("bad signature"));
+    }
+
+    /// Facts of a PBX without a license, after `reconcile`.
+    fn unlicensed<'a>(
+        edition: crate::Edition,
+        tryout: Option<&'a TryoutRecord>,
+        reconcile: &'a ReconcileStatus,
+    ) -> ActivationFacts<'a> {
+        ActivationFacts {
+            activation: activation(None, reconcile, t0(), Duration::days(30)),
+            edition,
+            system_activated: false,
+            license_applied_at: None,
+            license_problem: None,
+            reconcile,
+            lapse_action: LapseAction::DenyNew,
+            tryout,
+            has_license_source: true,
+            now: t0(),
+        }
+    }
+
+    #[test]
+    fn without_a_license_the_reason_offers_only_what_can_work() {
+        // A VM license offered to a Business PBX: the rejection is named, and
+        // Business has no tryout to offer.
+        let rejected = ReconcileStatus {
+            last_error: Some("license is for edition vm, this PBX is business".into()),
+            ..status(ReconcileOutcome::Rejected, t0(), t0())
+        };
+        let text = explain(&unlicensed(crate::Edition::Business, None, &rejected));
+        assert!(
+            text.contains("was rejected (license is for edition vm"),
+            "{text}"
+        );
+        assert!(text.contains("edition business has no tryout"), "{text}");
+        assert!(!text.contains("start the tryout"), "{text}");
+        assert!(!text.contains("applied yet"), "{text}");
+
+        // A fresh VM PBX: the tryout is offered.
+        let fresh = ReconcileStatus::default();
+        let text = explain(&unlicensed(crate::Edition::Vm, None, &fresh));
+        assert!(text.starts_with("no license applied yet;"), "{text}");
+        assert!(text.contains("or start the tryout"), "{text}");
+        assert!(text.contains("Reconcile"), "{text}");
+        // Without a license source, no reconcile is offered.
+        let text = explain(&ActivationFacts {
+            has_license_source: false,
+            ..unlicensed(crate::Edition::Vm, None, &fresh)
+        });
+        assert!(!text.contains("Reconcile"), "{text}");
+
+        // After a re-setup, with the tryout used: never offered again.
+        let policy = crate::TryoutPolicy::default();
+        let started = tryout::start(crate::Edition::Vm, None, t0(), policy).unwrap();
+        let ended = tryout::on_purchase(crate::Edition::Vm, Some(&started), t0()).unwrap();
+        let text = explain(&unlicensed(crate::Edition::Vm, Some(&ended), &fresh));
+        assert!(!text.contains("start the tryout"), "{text}");
+        assert!(
+            text.contains("the tryout ended when a purchased license was applied"),
+            "{text}"
+        );
+        let forfeited = tryout::on_purchase(crate::Edition::Vm, None, t0()).unwrap();
+        let text = explain(&unlicensed(crate::Edition::Vm, Some(&forfeited), &fresh));
+        assert!(!text.contains("start the tryout"), "{text}");
+        assert!(text.contains("forfeited"), "{text}");
+        // A running tryout is named, with what licenses users beyond it.
+        let text = explain(&unlicensed(crate::Edition::Vm, Some(&started), &fresh));
+        assert!(text.contains("the tryout is active until"), "{text}");
+        assert!(!text.contains("start the tryout"), "{text}");
     }
 
     #[test]

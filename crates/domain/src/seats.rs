@@ -291,9 +291,18 @@ impl Licenses<'_> {
                 ),
             ));
         }
+        // The tryout is offered only where it can start.
+        let tryout = tryout::alternative(self.edition, self.tryout, now);
+        let separator = if tryout.starts_with("or ") {
+            ", "
+        } else {
+            "; "
+        };
         Err(LicensingError::precondition(
             "NOT_ACTIVATED",
-            "the PBX is not activated and no tryout is active: apply a license or start the tryout",
+            format!(
+                "the PBX is not activated (no license applied) and no tryout is active: apply a license (an initialization code and the vendor's activation response, or Reconcile){separator}{tryout}"
+            ),
         ))
     }
 }

@@ -121,13 +121,106 @@ pub fn start(
             "TRYOUT_UNAVAILABLE",
             format!("edition {edition} has no tryout: it always needs purchased licenses"),
         )),
-        other => Err(LicensingError::precondition(
+        _ => Err(LicensingError::precondition(
             "TRYOUT_NOT_AVAILABLE",
-            format!(
-                "tryout is {} and can be used only once per serial number",
-                state_name(other)
-            ),
+            match used(edition, record, now) {
+                Some(Used::Active { ends_at }) => format!(
+                    "the tryout is already active, until {}: assign its test seats with AssignSeat",
+                    ends_at.to_rfc3339()
+                ),
+                Some(used) => format!("{}: {}", used.describe(), used.next_step()),
+                // Not reached (only an available tryout starts); said plainly anyway.
+                None => "the tryout cannot start: it runs only once per serial number".to_owned(),
+            },
         )),
+    }
+}
+
+/// How the tryout of a serial number was used, where it cannot start (again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Used {
+    /// Running now.
+    Active { ends_at: DateTime<Utc> },
+    /// Ran out.
+    Expired { ends_at: DateTime<Utc> },
+    /// Left early by an operator.
+    EndedByOperator { at: DateTime<Utc> },
+    /// Left early because user licenses were purchased.
+    EndedByPurchase { at: DateTime<Utc> },
+    /// Never started: a purchased license came first.
+    Forfeited { at: DateTime<Utc> },
+}
+
+impl Used {
+    /// What happened, in words an operator recognises.
+    pub fn describe(self) -> String {
+        match self {
+            Used::Active { ends_at } => {
+                format!("the tryout is active until {}", ends_at.to_rfc3339())
+            }
+            Used::Expired { ends_at } => format!(
+                "the tryout expired at {} and runs only once per serial number",
+                ends_at.to_rfc3339()
+            ),
+            Used::EndedByOperator { at } => format!(
+                "the tryout was ended by an operator at {} and runs only once per serial number",
+                at.to_rfc3339()
+            ),
+            Used::EndedByPurchase { at } => format!(
+                "the tryout ended when a purchased license was applied at {} and runs only once per serial number",
+                at.to_rfc3339()
+            ),
+            Used::Forfeited { at } => format!(
+                "the tryout was forfeited when a purchased license was applied at {} (a tryout can only start before a serial number's first license)",
+                at.to_rfc3339()
+            ),
+        }
+    }
+
+    /// What licenses users from here on.
+    pub fn next_step(self) -> &'static str {
+        match self {
+            Used::Active { .. } => "its test seats license users until then",
+            Used::EndedByPurchase { .. } | Used::Forfeited { .. } => {
+                "users are licensed with purchased seats (apply the license again if it is no longer applied)"
+            }
+            Used::Expired { .. } | Used::EndedByOperator { .. } => {
+                "apply a purchased license to license users"
+            }
+        }
+    }
+}
+
+/// How this serial's tryout was used; `None` while it is available, or on an
+/// edition without a tryout.
+pub fn used(edition: Edition, record: Option<&TryoutRecord>, now: DateTime<Utc>) -> Option<Used> {
+    if !edition.has_tryout() {
+        return None;
+    }
+    match record? {
+        TryoutRecord::Forfeited { at } => Some(Used::Forfeited { at: *at }),
+        TryoutRecord::Started {
+            ended: Some(end), ..
+        } => Some(match end.reason {
+            TryoutEndReason::Operator => Used::EndedByOperator { at: end.at },
+            TryoutEndReason::Purchased => Used::EndedByPurchase { at: end.at },
+        }),
+        TryoutRecord::Started { ends_at, .. } if now >= *ends_at => {
+            Some(Used::Expired { ends_at: *ends_at })
+        }
+        TryoutRecord::Started { ends_at, .. } => Some(Used::Active { ends_at: *ends_at }),
+    }
+}
+
+/// The tryout's part in "how do I license users on this PBX": an offer only where
+/// a start can succeed, else why there is none.
+pub fn alternative(edition: Edition, record: Option<&TryoutRecord>, now: DateTime<Utc>) -> String {
+    if !edition.has_tryout() {
+        return format!("edition {edition} has no tryout");
+    }
+    match used(edition, record, now) {
+        None => "or start the tryout (StartTryout)".to_owned(),
+        Some(used) => used.describe(),
     }
 }
 
@@ -235,6 +328,57 @@ mod tests {
 
     fn started() -> TryoutRecord {
         start(Edition::Vm, None, t0(), TryoutPolicy::default()).unwrap()
+    }
+
+    /// The refusal of a second start names how the tryout was used and what
+    /// licenses users now.
+    #[test]
+    fn a_refused_start_names_how_the_tryout_was_used() {
+        let refusal = |record: &TryoutRecord, now| match start(
+            Edition::Vm,
+            Some(record),
+            now,
+            TryoutPolicy::default(),
+        ) {
+            Err(LicensingError::FailedPrecondition { reason, message }) => {
+                assert_eq!(reason, "TRYOUT_NOT_AVAILABLE");
+                message
+            }
+            other => panic!("{other:?}"),
+        };
+        let forfeited = on_purchase(Edition::Vm, None, t0()).unwrap();
+        let text = refusal(&forfeited, t0());
+        assert!(
+            text.starts_with(
+                "the tryout was forfeited when a purchased license was applied at 2026-03-01T10:00:00"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("purchased seats"), "{text}");
+        let r = started();
+        let text = refusal(&r, t0());
+        assert!(text.contains("already active, until 2026-03-15"), "{text}");
+        let text = refusal(&r, t0() + Duration::days(20));
+        assert!(text.contains("expired at 2026-03-15"), "{text}");
+        assert!(text.contains("apply a purchased license"), "{text}");
+        let purchased = on_purchase(Edition::Vm, Some(&r), t0() + Duration::days(1)).unwrap();
+        let text = refusal(&purchased, t0() + Duration::days(2));
+        assert!(
+            text.contains("ended when a purchased license was applied at 2026-03-02"),
+            "{text}"
+        );
+        let by_operator = end(Edition::Vm, Some(&r), t0()).unwrap().unwrap();
+        let text = refusal(&by_operator, t0());
+        assert!(text.contains("ended by an operator"), "{text}");
+        assert!(
+            alternative(Edition::Vm, None, t0()).contains("start the tryout"),
+            "available: offered"
+        );
+        assert_eq!(
+            alternative(Edition::Business, None, t0()),
+            "edition business has no tryout"
+        );
+        assert!(!alternative(Edition::Vm, Some(&forfeited), t0()).contains("start the tryout"));
     }
 
     #[test]

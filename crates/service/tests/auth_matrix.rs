@@ -341,8 +341,11 @@ async fn protected_mode_trusts_loopback_and_enforce_does_not() {
         .await
         .expect("operators may read the audit trail");
 
+    // Enforce needs a callers file (else it refuses to start): one token caller.
+    let dir = tempfile::tempdir().unwrap();
     let mut raw = config(None, &common::serial("enf"));
     raw.auth.mode = "enforce".into();
+    raw.auth.callers_file = Some(callers_file(dir.path(), &[(Role::Monitoring, new_token())]));
     let enforce = TestServer::start(raw).await;
     let status = enforce
         .client()

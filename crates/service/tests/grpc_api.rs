@@ -635,7 +635,88 @@ async fn purchase_before_the_tryout_forfeits_it() {
     let c = &mut pbx.client.clone();
     let t = tryout(c).await;
     assert_eq!(t.state(), pb::TryoutState::Unavailable);
-    assert_precondition(start_tryout(c).await, "TRYOUT_NOT_AVAILABLE", "forfeited");
+    let refusal = start_tryout(c).await;
+    let message = refusal.as_ref().map_err(|s| s.message().to_owned()).err();
+    assert_precondition(refusal, "TRYOUT_NOT_AVAILABLE", "forfeited");
+    // The refusal says what happened, not merely that the tryout is unavailable.
+    let message = message.unwrap();
+    assert!(
+        message.starts_with("the tryout was forfeited when a purchased license was applied at "),
+        "{message}"
+    );
+    assert!(message.contains("purchased seats"), "{message}");
+}
+
+/// A license for another edition is rejected: the overview's reason and the
+/// refusal of a seat name the rejection, and offer no tryout on Business.
+#[tokio::test]
+async fn a_rejected_license_is_named_and_business_is_offered_no_tryout() {
+    let pbx = Pbx::licensed("biz-vm", Edition::Business, None).await;
+    let c = &mut pbx.client.clone();
+    pbx.write_license(
+        Edition::Vm,
+        1,
+        &[(Feature::User, 3), (Feature::SystemActivation, 1)],
+    );
+    assert_eq!(reconcile(c).await.outcome(), pb::ReconcileOutcome::Rejected);
+    let o = overview(c).await;
+    assert_eq!(o.activation_state(), pb::ActivationState::NotInitialized);
+    let reason = &o.activation_reason;
+    assert!(reason.contains("was rejected"), "{reason}");
+    assert!(reason.contains("edition vm"), "{reason}");
+    assert!(
+        reason.contains("edition business has no tryout"),
+        "{reason}"
+    );
+    assert!(!reason.contains("start the tryout"), "{reason}");
+    assert!(!reason.contains("applied yet"), "{reason}");
+
+    let refusal = assign(c, "alice", "").await;
+    let message = refusal.as_ref().map_err(|s| s.message().to_owned()).err();
+    assert_precondition(refusal, "NOT_ACTIVATED", "no license on Business");
+    let message = message.unwrap();
+    assert!(
+        message.contains("edition business has no tryout"),
+        "{message}"
+    );
+    assert!(!message.contains("start the tryout"), "{message}");
+}
+
+/// After a re-setup the tryout record stays: a used tryout is not offered again.
+#[tokio::test]
+async fn after_a_reset_a_used_tryout_is_not_offered() {
+    let pbx = Pbx::licensed("reset-used", Edition::Vm, None).await;
+    let c = &mut pbx.client.clone();
+    let o = overview(c).await;
+    assert!(
+        o.activation_reason.contains("or start the tryout"),
+        "a fresh VM: {}",
+        o.activation_reason
+    );
+    start_tryout(c).await.expect("StartTryout");
+    pbx.write_license(Edition::Vm, 0, &[(Feature::User, 3)]);
+    assert_eq!(reconcile(c).await.outcome(), pb::ReconcileOutcome::Updated);
+    let reset = c
+        .reset_activation(pb::ResetActivationRequest {})
+        .await
+        .expect("ResetActivation")
+        .into_inner();
+    let o = reset.overview.expect("the overview after the reset");
+    assert_eq!(o.activation_state(), pb::ActivationState::NotInitialized);
+    let reason = &o.activation_reason;
+    assert!(!reason.contains("start the tryout"), "{reason}");
+    assert!(
+        reason.contains("the tryout ended when a purchased license was applied"),
+        "{reason}"
+    );
+    assert_eq!(overview(c).await.activation_reason, *reason);
+
+    let refusal = assign(c, "alice", "").await;
+    let message = refusal.as_ref().map_err(|s| s.message().to_owned()).err();
+    assert_precondition(refusal, "NOT_ACTIVATED", "reset");
+    let message = message.unwrap();
+    assert!(!message.contains("start the tryout"), "{message}");
+    assert!(message.contains("the tryout ended"), "{message}");
 }
 
 // ---------------------------------------------------------------------------

@@ -233,6 +233,14 @@ async fn health_is_served_on_the_metrics_port_too() {
     let (cert, key) = pki.write_server(&pki.server("server"));
     let mut raw = config(None, &serial("health"));
     raw.auth.mode = "enforce".into();
+    // Enforce needs a callers file: one certificate caller.
+    let callers = pki.dir.path().join("callers.toml");
+    std::fs::write(
+        &callers,
+        "[[caller]]\nname = \"monitor\"\nrole = \"monitoring\"\ncertificate = \"spiffe://pbx.test/monitor\"\n",
+    )
+    .unwrap();
+    raw.auth.callers_file = Some(callers);
     raw.tls.cert_file = Some(cert);
     raw.tls.key_file = Some(key);
     raw.tls.client_ca_file = Some(pki.ca_file());

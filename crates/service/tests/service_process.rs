@@ -254,6 +254,16 @@ fn configuration_errors_say_what_is_wrong_and_how_to_fix_it() {
     assert!(stderr.contains("\"AB C\""), "{stderr}");
     assert!(stderr.contains("' ' (at position 3)"), "{stderr}");
 
+    // Enforce without callers would refuse every call: refused at start instead.
+    let stderr = start_failure(&[("LICENSING_AUTH__MODE", "enforce")]);
+    for needed in [
+        "`auth.callers_file`",
+        "LICENSING_AUTH__CALLERS_FILE",
+        "comtrexx-licensing auth token --name NAME --role ROLE",
+    ] {
+        assert!(stderr.contains(needed), "{needed} not in:\n{stderr}");
+    }
+
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, "[log]\nlevel = \"info\"\nedition = \"business\"\n").unwrap();
@@ -262,6 +272,72 @@ fn configuration_errors_say_what_is_wrong_and_how_to_fix_it() {
     assert!(
         stderr.contains("top-level keys must come before the first `[section]`"),
         "{stderr}"
+    );
+}
+
+/// `grpcurl -plaintext` against the TLS port: the client is told at once (an
+/// HTTP/2 GOAWAY saying the port speaks TLS, then the connection closes) instead
+/// of waiting, and the service logs a warning saying how to connect, at most
+/// once per 10 s however many such clients come.
+#[tokio::test]
+async fn a_plaintext_http2_client_on_the_tls_port_is_named_in_the_log() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const WARNING: &str = "a plaintext HTTP/2 client connected to the TLS port";
+
+    let pki = common::pki::Pki::new("plaintext CA");
+    let (cert, key) = pki.write_server(&pki.server("server"));
+    let service = Service::start(&[
+        ("LICENSING_TLS__CERT_FILE", cert.display().to_string()),
+        ("LICENSING_TLS__KEY_FILE", key.display().to_string()),
+    ]);
+    let addr = format!("127.0.0.1:{}", service.grpc);
+    // What a plaintext client reads back, within 5 s (a hang fails the test).
+    let plaintext_client = || {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+            stream.write_all(PREFACE).await.ok()?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+                .await
+                .expect("the server answers a plaintext client at once")
+                .ok()?;
+            Some(answer)
+        }
+    };
+    let answer = eventually_some(Duration::from_secs(60), &plaintext_client)
+        .await
+        .unwrap_or_else(|| panic!("the service never answered:\n{}", service.output()));
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.contains("this port speaks TLS: connect with TLS"),
+        "the GOAWAY's debug data: {answer:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            service.output().contains(WARNING)
+        })
+        .await,
+        "no warning:\n{}",
+        service.output()
+    );
+    let output = service.output();
+    let line = output.lines().find(|l| l.contains(WARNING)).unwrap();
+    assert!(line.contains("leave out -plaintext"), "{line}");
+    assert!(line.contains("-cacert"), "{line}");
+    assert!(line.contains("suppressed=0"), "{line}");
+
+    // More clients within 10 s: answered the same, not logged again.
+    for _ in 0..5 {
+        plaintext_client().await.expect("answered");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        service.output().matches(WARNING).count(),
+        1,
+        "{}",
+        service.output()
     );
 }
 

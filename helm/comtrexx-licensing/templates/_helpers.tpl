@@ -202,6 +202,9 @@ Checks of values that the schema cannot express.
 {{- if not $v.serialNumber }}
 {{- fail "serialNumber is required: set it to the PBX serial number (--set serialNumber=...)" }}
 {{- end }}
+{{- if and (eq $v.auth.mode "enforce") (not $v.auth.callers) (not $v.auth.existingSecret) }}
+{{- fail "auth.mode enforce needs callers: every call but health needs a token or client certificate, and both name their caller only in the callers file; set auth.callers (e.g. --set-file auth.callers=callers.toml, entries made with `comtrexx-licensing auth token --name NAME --role ROLE`) or auth.existingSecret (a Secret holding the callers file), or set auth.mode protected" }}
+{{- end }}
 {{- if not $v.redis.url }}
 {{- fail "redis.url is required (e.g. redis://redis:6379/0): all replicas share their state through Redis" }}
 {{- end }}

@@ -446,6 +446,28 @@ pub fn incoming(
             let audit = audit.clone();
             let connections = connections.clone();
             tokio::spawn(async move {
+                // A plaintext gRPC client (`grpcurl -plaintext`) on this TLS port
+                // would otherwise wait for an answer it cannot read while nothing
+                // is logged: named here (rate-limited), and told so in HTTP/2.
+                let mut first = [0u8; H2_PREFACE.len()];
+                if let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await
+                    && is_plaintext_h2(&first[..n])
+                {
+                    crate::metrics::auth_metrics().tls_handshake_failed();
+                    if let Some(suppressed) = PLAINTEXT_H2_WARNING.due(std::time::Instant::now()) {
+                        tracing::warn!(
+                            %addr,
+                            suppressed,
+                            "a plaintext HTTP/2 client connected to the TLS port: this port speaks \
+                             TLS only; connect with TLS (grpcurl: leave out -plaintext and pass \
+                             -cacert with the CA of the server's certificate). At most one such \
+                             warning per {} s; `suppressed` counts the ones left out since the last",
+                            PLAINTEXT_H2_WARNING.every.as_secs()
+                        );
+                    }
+                    refuse_plaintext_h2(stream).await;
+                    return;
+                }
                 let handshake = loaded.acceptor.accept(stream).into_fallible();
                 match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(stream)) => {
@@ -505,6 +527,69 @@ impl AcceptBackoff {
     }
 }
 
+/// The client connection preface of HTTP/2 (RFC 9113, 3.4): what a plaintext
+/// gRPC client sends first. A TLS client starts with a handshake record (0x16).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes of a connection are (the start of) the HTTP/2 preface.
+fn is_plaintext_h2(first: &[u8]) -> bool {
+    first.len() >= 3 && H2_PREFACE.starts_with(&first[..first.len().min(H2_PREFACE.len())])
+}
+
+/// The warning about plaintext HTTP/2 clients on the TLS port: at most one per 10 s.
+static PLAINTEXT_H2_WARNING: RateLimited = RateLimited::new(Duration::from_secs(10));
+
+/// At most one event per `every` is let through; the others are counted, and the
+/// next one let through says how many were left out.
+pub struct RateLimited {
+    every: Duration,
+    /// When the last one was let through, and how many were left out since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimited {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last)` when an event at `now` is let through.
+    pub fn due(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < self.every) {
+            *suppressed = suppressed.saturating_add(1);
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(suppressed))
+    }
+}
+
+/// The answer to a plaintext HTTP/2 client: the server's (empty) SETTINGS and a
+/// GOAWAY (PROTOCOL_ERROR) whose debug data says why, then the connection closes.
+/// grpc clients show the debug data or at least fail at once instead of waiting.
+async fn refuse_plaintext_h2(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    const WHY: &[u8] =
+        b"this port speaks TLS: connect with TLS (grpcurl without -plaintext, with -cacert)";
+    let mut frames = Vec::with_capacity(9 + 9 + 8 + WHY.len());
+    // SETTINGS: length 0, type 0x4, no flags, stream 0.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY: type 0x7, stream 0; last stream 0, error PROTOCOL_ERROR (0x1), debug data.
+    let length = u32::try_from(8 + WHY.len()).unwrap_or(8).to_be_bytes();
+    frames.extend_from_slice(&[length[1], length[2], length[3], 0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1]);
+    frames.extend_from_slice(WHY);
+    let _ = tokio::time::timeout(ALERT_LINGER, stream.write_all(&frames)).await;
+    close_gently(stream).await;
+}
+
 /// How long a refused client has to read the TLS alert that says why.
 const ALERT_LINGER: Duration = Duration::from_secs(1);
 
@@ -560,3 +645,37 @@ fn record_handshake_refusal(audit: &Auditor, addr: SocketAddr, reason: &'static 
 
 /// The audit trail's method name for a client refused at the TLS handshake.
 pub const HANDSHAKE_METHOD: &str = "(TLS handshake)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http2_preface_is_told_from_a_tls_client_hello() {
+        assert!(is_plaintext_h2(H2_PREFACE));
+        // The preface and the client's first SETTINGS frame in one read.
+        assert!(is_plaintext_h2(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04"
+        ));
+        // A preface still arriving.
+        assert!(is_plaintext_h2(b"PRI * HT"));
+        // A TLS ClientHello record, too little to tell, and HTTP/1.
+        assert!(!is_plaintext_h2(&[0x16, 0x03, 0x01, 0x02, 0x00]));
+        assert!(!is_plaintext_h2(b"PR"));
+        assert!(!is_plaintext_h2(b"GET / HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn at_most_one_warning_per_interval_counting_the_rest() {
+        let limit = RateLimited::new(Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(limit.due(t0), Some(0));
+        assert_eq!(limit.due(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.due(t0 + Duration::from_secs(9)), None);
+        assert_eq!(limit.due(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(limit.due(t0 + Duration::from_secs(11)), None);
+        assert_eq!(limit.due(t0 + Duration::from_secs(25)), Some(1));
+        // A clock read out of order counts as within the interval.
+        assert_eq!(limit.due(t0), None);
+    }
+}

@@ -572,6 +572,20 @@ impl RawAuth {
             self.reload_interval_ms,
             100..=3_600_000,
         )?;
+        // Every caller needs credentials in enforce mode, and both kinds (token
+        // digests and certificate identities) are named only in the callers file:
+        // without one, the service would refuse every call but health.
+        if mode == AuthMode::Enforce && self.callers_file.is_none() {
+            return Err(invalid(
+                "auth.callers_file",
+                "auth.mode = enforce needs a callers file: every caller needs credentials, \
+                 and tokens and client certificates name their caller only there; \
+                 set auth.callers_file (LICENSING_AUTH__CALLERS_FILE) to a TOML file of \
+                 [[caller]] entries (make a token entry with \
+                 `comtrexx-licensing auth token --name NAME --role ROLE`), \
+                 or use auth.mode = protected",
+            ));
+        }
         Ok(AuthOptions {
             mode,
             callers_file: self.callers_file.clone(),

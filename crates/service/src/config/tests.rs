@@ -261,6 +261,10 @@ fn invalid_values_name_their_key() {
         ),
         (Box::new(|c| c.auth.mode = "open".into()), "auth.mode"),
         (
+            Box::new(|c| c.auth.mode = "enforce".into()),
+            "auth.callers_file",
+        ),
+        (
             Box::new(|c| c.auth.reload_interval_ms = 0),
             "auth.reload_interval_ms",
         ),

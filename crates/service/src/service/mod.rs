@@ -555,7 +555,7 @@ impl Licensing {
         Err(LicensingError::precondition(
             "TRYOUT_NOT_AVAILABLE",
             format!(
-                "the licensing server recorded the tryout start of {} at {}; it can be used only once per serial number",
+                "the licensing server recorded the tryout start of {} at {}; it runs only once per serial number: apply a purchased license to license users",
                 self.settings.serial, answer.started_at
             ),
         ))
@@ -674,6 +674,9 @@ impl Licensing {
                 license_problem: state.license_problem.as_deref(),
                 reconcile: &state.reconcile,
                 lapse_action: self.settings.lapse_action,
+                tryout: state.tryout.as_ref(),
+                has_license_source: self.source.is_some(),
+                now,
             });
             let over_capacity = Feature::SEATS
                 .into_iter()
