@@ -1,0 +1,337 @@
+//! What a pool's size costs: `cargo bench --bench scale [-- SIZES...]` (default
+//! 10000 100000 1000000 seats, ids of 24 bytes). For each size, on its own
+//! `redis-server` and one replica of the service (in this process), prints:
+//!
+//! - start-up until `CheckSeat` answers correctly for the last seeded user;
+//! - the replica's memory per seat, steady and at the peak of a full resync;
+//! - `AssignSeat`, `ReleaseSeat` and `CheckSeat` latency over gRPC;
+//! - the longest single Redis call while doing so (`SLOWLOG`, every call logged);
+//! - idle cost: bytes Redis sends and CPU the replica uses per minute, no changes;
+//! - audit entries written per accepted change.
+//!
+//! Results in BENCHMARKS.md ("Scale"). Needs `redis-server` on PATH.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use comtrexx_licensing::domain::{Edition, Feature, Seat, SeatSource, SerialNumber, UserId};
+use comtrexx_licensing::grpc::pb;
+use comtrexx_licensing::store::redis::RedisStore;
+use comtrexx_licensing::store::{Incident, Position, RepairWrite, Snapshot, Store};
+
+/// Seats written per seeding step.
+const SEED_BATCH: usize = 100_000;
+/// Calls measured per kind.
+const CALLS: usize = 300;
+
+fn user(i: usize) -> String {
+    format!("user-{i:019}")
+}
+
+/// Writes `n` purchased seats into a new store of `serial`: the first batch as
+/// a restore, the rest as repairs (each one script), as a large installation's
+/// store holds them.
+async fn seed(redis: &RedisServer, serial: &str, n: usize) {
+    let store = RedisStore::new(
+        &redis.url(),
+        &SerialNumber::parse(serial).unwrap(),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    let at = Utc::now() - chrono::Duration::hours(1);
+    let seats = |from: usize, to: usize| -> Vec<Seat> {
+        (from..to)
+            .map(|i| Seat {
+                user_id: UserId::parse(&user(i)).unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Purchased,
+                assigned_at: at,
+                over_capacity_since: None,
+            })
+            .collect()
+    };
+    let first = SEED_BATCH.min(n);
+    let snapshot = Snapshot {
+        position: Some(Position {
+            epoch: "seed".into(),
+            version: 1,
+        }),
+        seats: seats(0, first),
+        ..Snapshot::default()
+    };
+    assert!(store.restore(&snapshot).await.unwrap(), "a new serial");
+    let mut done = first;
+    while done < n {
+        let to = (done + SEED_BATCH).min(n);
+        let at = store.snapshot().await.unwrap().position;
+        let write = RepairWrite {
+            version_floor: at.as_ref().map_or(0, |p| p.version),
+            expected: at,
+            add_seats: seats(done, to),
+            incident: Incident::default(),
+            ..RepairWrite::default()
+        };
+        assert!(store.repair(&write).await.unwrap().is_some(), "seeded");
+        done = to;
+    }
+}
+
+fn proc_field(file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident set and its peak since the last `reset_peak` (bytes).
+fn rss() -> u64 {
+    proc_field("/proc/self/status", "VmRSS:") * 1024
+}
+fn peak() -> u64 {
+    proc_field("/proc/self/status", "VmHWM:") * 1024
+}
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU time this process used (s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The longest call in the slow log (µs) and its command.
+fn longest_call(redis: &RedisServer) -> (u64, String) {
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query(&mut redis.connection())
+        .unwrap();
+    let mut longest = (0, String::new());
+    for entry in entries {
+        let redis::Value::Array(fields) = entry else {
+            continue;
+        };
+        let took: u64 = redis::from_redis_value_ref(&fields[2]).unwrap_or(0);
+        let args: Vec<String> = redis::from_redis_value_ref(&fields[3]).unwrap_or_default();
+        if took > longest.0 {
+            longest = (
+                took,
+                args.first().cloned().unwrap_or_default().to_lowercase(),
+            );
+        }
+    }
+    longest
+}
+
+async fn measure(size: usize) {
+    println!("== {size} seats");
+    let redis = RedisServer::start();
+    let vendor = Vendor::new();
+    let serial = serial(&format!("scale-{size}"));
+    vendor.write_license(
+        &serial,
+        Edition::Vm,
+        Utc::now() - chrono::Duration::hours(2),
+        &[(Feature::User, u32::try_from(size * 2).unwrap())],
+    );
+    let t = Instant::now();
+    seed(&redis, &serial, size).await;
+    println!("  seeded in {:.1} s", t.elapsed().as_secs_f64());
+
+    // Start-up until a correct answer for the last seeded user.
+    let before = rss();
+    reset_peak();
+    let t = Instant::now();
+    let server = TestServer::start(without_load_limits(licensed_config(
+        Some(&redis),
+        &serial,
+        &vendor,
+    )))
+    .await;
+    let mut client = server.client().await;
+    let last = user(size - 1);
+    let ready = eventually(Duration::from_secs(120), || {
+        let mut c = client.clone();
+        let last = last.clone();
+        async move {
+            c.check_seat(check_request_for(&last))
+                .await
+                .is_ok_and(|r| r.into_inner().licensed)
+        }
+    })
+    .await;
+    let startup = t.elapsed();
+    assert!(ready, "the replica answers for the last seeded user");
+    let steady = rss().saturating_sub(before);
+    let start_peak = peak().saturating_sub(before);
+    println!(
+        "  start-up to a correct answer:   {:.0} ms",
+        startup.as_secs_f64() * 1000.0
+    );
+
+    // A full resync (a gap in the feed) and its peak.
+    reset_peak();
+    let mirror = server.app_parts.as_ref().unwrap().mirror.clone();
+    let _: i64 = redis::cmd("INCR")
+        .arg(format!("lic:{{{serial}}}:version"))
+        .query(&mut redis.connection())
+        .unwrap();
+    let caught_up = eventually(Duration::from_secs(120), || {
+        let v = mirror.read(|s| s.position.as_ref().map_or(0, |p| p.version));
+        let want: u64 = redis::cmd("GET")
+            .arg(format!("lic:{{{serial}}}:version"))
+            .query(&mut redis.connection())
+            .unwrap_or(0);
+        async move { v >= want }
+    })
+    .await;
+    assert!(caught_up, "the replica read the store again");
+    let resync_peak = peak().saturating_sub(before).max(steady);
+    println!(
+        "  replica memory: steady {:.0} B/seat, start peak {:.0} B/seat, resync peak {:.0} B/seat ({:.2}x steady)",
+        steady as f64 / size as f64,
+        start_peak as f64 / size as f64,
+        resync_peak as f64 / size as f64,
+        resync_peak as f64 / steady.max(1) as f64
+    );
+
+    // Calls, every Redis call logged.
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-max-len")
+        .arg(100_000)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
+    let audit_before: u64 = redis::cmd("XLEN")
+        .arg(format!("lic:{{{serial}}}:audit"))
+        .query(&mut conn)
+        .unwrap_or(0);
+    let mut assigns = Vec::with_capacity(CALLS);
+    for i in 0..CALLS {
+        let t = Instant::now();
+        client
+            .assign_seat(pb::AssignSeatRequest {
+                user_id: format!("new-{i:020}"),
+                feature: "user".into(),
+            })
+            .await
+            .unwrap();
+        assigns.push(t.elapsed());
+    }
+    let mut releases = Vec::with_capacity(CALLS);
+    for i in 0..CALLS {
+        let t = Instant::now();
+        client
+            .release_seat(pb::ReleaseSeatRequest {
+                user_id: user(i * (size / CALLS)),
+                feature: "user".into(),
+            })
+            .await
+            .unwrap();
+        releases.push(t.elapsed());
+    }
+    let mut checks = Vec::with_capacity(CALLS * 10);
+    for i in 0..CALLS * 10 {
+        let t = Instant::now();
+        client
+            .check_seat(check_request_for(&user((i * 7919) % size)))
+            .await
+            .unwrap();
+        checks.push(t.elapsed());
+    }
+    let (longest, command) = longest_call(&redis);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(10_000)
+        .query(&mut conn)
+        .unwrap();
+    println!("  AssignSeat:  {}", percentiles(assigns));
+    println!("  ReleaseSeat: {}", percentiles(releases));
+    println!("  CheckSeat:   {}", percentiles(checks));
+    println!("  longest single Redis call: {longest} µs ({command})");
+
+    // Audit entries per accepted change (the writer may lag a moment).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let audit_after: u64 = redis::cmd("XLEN")
+        .arg(format!("lic:{{{serial}}}:audit"))
+        .query(&mut conn)
+        .unwrap_or(0);
+    println!(
+        "  audit entries per accepted change: {:.2} ({} for {} changes)",
+        (audit_after - audit_before) as f64 / (2 * CALLS) as f64,
+        audit_after - audit_before,
+        2 * CALLS
+    );
+
+    // Idle: nothing changes for 20 s.
+    let sent = info_field(&redis, "stats", "total_net_output_bytes");
+    let cpu = cpu_seconds();
+    let idle = Duration::from_secs(20);
+    tokio::time::sleep(idle).await;
+    let per_minute = 60.0 / idle.as_secs_f64();
+    println!(
+        "  idle, per minute: {:.0} kB from Redis, {:.3} CPU-s in the replica",
+        (info_field(&redis, "stats", "total_net_output_bytes") - sent) as f64 / 1000.0 * per_minute,
+        (cpu_seconds() - cpu) * per_minute
+    );
+    server.shutdown().await;
+}
+
+fn check_request_for(user_id: &str) -> pb::CheckSeatRequest {
+    pb::CheckSeatRequest {
+        user_id: user_id.to_owned(),
+        feature: "user".into(),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![10_000, 100_000, 1_000_000]
+    } else {
+        sizes
+    };
+    for size in sizes {
+        measure(size).await;
+    }
+}
