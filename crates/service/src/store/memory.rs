@@ -122,6 +122,49 @@ impl PoolOrder {
     }
 }
 
+impl AuditLog {
+    /// Appends one entry with the next id, then applies the bounds.
+    fn append(&mut self, event: &AuditEvent, retention: &AuditRetention, now_ms: u64) {
+        // Ids as Redis stream ids: the time in ms, then a sequence within it.
+        let id = if now_ms > self.last.0 {
+            (now_ms, 0)
+        } else {
+            (self.last.0, self.last.1 + 1)
+        };
+        self.last = id;
+        let entries = if event.is_refusal() {
+            &mut self.refusals
+        } else {
+            &mut self.changes
+        };
+        entries.push_back(AuditEntry {
+            id: format!("{}-{}", id.0, id.1),
+            event: event.clone(),
+        });
+        let max = usize::try_from(retention.max_of(event)).unwrap_or(usize::MAX);
+        while entries.len() > max {
+            entries.pop_front();
+        }
+        // As in Redis: ids from the store's clock, the age bound from the event's time.
+        let min_ms = u64::try_from(
+            event
+                .time
+                .timestamp_millis()
+                .saturating_sub(retention.max_age.num_milliseconds()),
+        )
+        .unwrap_or(0);
+        for entries in [&mut self.changes, &mut self.refusals] {
+            while entries
+                .front()
+                .and_then(|e| parse_entry_id(&e.id))
+                .is_some_and(|(ms, _)| ms < min_ms)
+            {
+                entries.pop_front();
+            }
+        }
+    }
+}
+
 impl Inner {
     /// Takes the seats and records of `snapshot` (not its position, clock or
     /// incident, which the callers decide).
@@ -632,45 +675,19 @@ impl Store for MemoryStore {
         event: &AuditEvent,
         retention: &AuditRetention,
     ) -> Result<(), StoreError> {
+        self.append_audit_batch(std::slice::from_ref(event), retention)
+            .await
+    }
+
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
         let now_ms = u64::try_from(self.clock.now().timestamp_millis()).unwrap_or(0);
         let mut audit = self.audit.lock();
-        // Ids as Redis stream ids: the time in ms, then a sequence within it.
-        let id = if now_ms > audit.last.0 {
-            (now_ms, 0)
-        } else {
-            (audit.last.0, audit.last.1 + 1)
-        };
-        audit.last = id;
-        let entries = if event.is_refusal() {
-            &mut audit.refusals
-        } else {
-            &mut audit.changes
-        };
-        entries.push_back(AuditEntry {
-            id: format!("{}-{}", id.0, id.1),
-            event: event.clone(),
-        });
-        let max = usize::try_from(retention.max_of(event)).unwrap_or(usize::MAX);
-        while entries.len() > max {
-            entries.pop_front();
-        }
-        // As in Redis: ids from the store's clock, the age bound from the event's time.
-        let min_ms = u64::try_from(
-            event
-                .time
-                .timestamp_millis()
-                .saturating_sub(retention.max_age.num_milliseconds()),
-        )
-        .unwrap_or(0);
-        let audit = &mut *audit;
-        for entries in [&mut audit.changes, &mut audit.refusals] {
-            while entries
-                .front()
-                .and_then(|e| parse_entry_id(&e.id))
-                .is_some_and(|(ms, _)| ms < min_ms)
-            {
-                entries.pop_front();
-            }
+        for event in events {
+            audit.append(event, retention, now_ms);
         }
         Ok(())
     }

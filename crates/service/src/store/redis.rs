@@ -97,7 +97,7 @@ static REPAIR: LazyLock<Script> = script!("repair.lua");
 static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/clock.lua")));
 static BUILD_ORDER: LazyLock<Script> = script!("build_order.lua");
 static AUDIT_APPEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/audit_append.lua")));
+    LazyLock::new(|| Script::new(include_str!("lua/audit_append_batch.lua")));
 
 /// The key names of one serial number.
 #[derive(Debug, Clone)]
@@ -1395,28 +1395,43 @@ impl Store for RedisStore {
         event: &AuditEvent,
         retention: &AuditRetention,
     ) -> Result<(), StoreError> {
-        // Ids come from Redis's clock (`*`), so replicas with skewed clocks still
-        // append in order; the age bound is taken against the event's time.
-        let min_id = event
-            .time
-            .timestamp_millis()
-            .saturating_sub(retention.max_age.num_milliseconds())
-            .max(0);
-        let (changes, refusals) = (self.keys.audit(), self.keys.audit_refusals());
-        let (own, other) = if event.is_refusal() {
-            (refusals, changes)
-        } else {
-            (changes, refusals)
+        self.append_audit_batch(std::slice::from_ref(event), retention)
+            .await
+    }
+
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
+        // Ids come from Redis's clock, so replicas with skewed clocks still
+        // append in order; the age bound is taken against the events' time (the
+        // newest, as appending them one by one would leave it).
+        let Some(min_id) = events
+            .iter()
+            .map(|e| {
+                e.time
+                    .timestamp_millis()
+                    .saturating_sub(retention.max_age.num_milliseconds())
+                    .max(0)
+            })
+            .max()
+        else {
+            return Ok(());
         };
         let mut inv = AUDIT_APPEND.prepare_invoke();
-        inv.key(own)
-            .key(other)
+        inv.key(self.keys.audit())
+            .key(self.keys.audit_refusals())
             .key(self.keys.audit_last())
-            .arg(retention.max_of(event))
-            .arg(min_id)
-            .arg(AuditRecordV1::encode(event));
+            .arg(retention.max_entries)
+            .arg(retention.max_refusals)
+            .arg(min_id);
+        for event in events {
+            inv.arg(if event.is_refusal() { "r" } else { "c" })
+                .arg(AuditRecordV1::encode(event));
+        }
         let mut conn = self.conn.clone();
-        self.bounded("audit_append", inv.invoke_async::<String>(&mut conn))
+        self.bounded("audit_append", inv.invoke_async::<Vec<String>>(&mut conn))
             .await
             .map(drop)
     }
