@@ -117,7 +117,13 @@ impl App {
                     .context("set up licensing_server")?,
             )),
         };
+        // An accepted change waits for room in a full audit queue about as long
+        // as for its write (at least a second: a burst on a busy host).
+        let write_timeout = files.redis.as_ref().map_or(Duration::ZERO, |r| {
+            r.timeout + r.wait.map_or(Duration::ZERO, |w| w.timeout)
+        });
         let (audit, audit_writer) = Auditor::new(store.clone(), clock.clone(), config.audit);
+        let audit = audit.with_queue_wait(write_timeout.max(Duration::from_secs(1)));
         let licensing = Arc::new(Licensing::new(
             store.clone(),
             mirror.clone(),

@@ -1,8 +1,16 @@
 //! The audit trail: every state-changing call (accepted or refused) and every
 //! refused call, written as a log line (target `audit`) at once and into the
-//! store in the background, through a bounded queue. Recording never delays
-//! the call it records and never changes its answer: a full queue or a store
-//! that cannot take the entry leaves the log line and a counter.
+//! store in the background, through a bounded queue that the writer drains in
+//! batches (one store call per batch). Recording never changes a call's answer.
+//!
+//! Every accepted change is stored: when the queue is full, the call that made
+//! the change waits for room ([`Auditor::record_change`], back-pressure on the
+//! writers) up to the queue wait (the store's write timeout), and only past it
+//! is the entry logged only and counted (`audit_not_stored{reason="queue_full"}`).
+//! A batch the store does not take is tried again with backoff for
+//! [`RETRY_FOR`]; only then is it dropped (`reason="store"`), so a store that
+//! stays away cannot hold writers for longer than the queue wait each.
+//! Refusals never wait: a full queue drops them at once (`queue_full`).
 //!
 //! Every refusal ([`Auditor::record_refusal`]: by the authorization layer, the
 //! limits, the TLS handshake or a handler) is stored one by one up to a limit
@@ -12,7 +20,7 @@
 //! bound, so refusals never push a change out of the trail.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,8 +34,19 @@ use crate::domain::audit::{
 use crate::domain::{Clock, InvalidInput, LicensingError};
 use crate::store::{Store, StoreError};
 
-/// How many entries may wait for the store; beyond that they are logged only.
+/// How many entries may wait for the store; beyond that an accepted change
+/// waits for room, a refusal is logged only.
 const QUEUE_LEN: usize = 4096;
+/// The most entries one store call appends.
+const BATCH_LEN: usize = 512;
+/// How long a batch the store did not take is tried again before it is dropped.
+pub const RETRY_FOR: Duration = Duration::from_secs(5);
+/// The first pause before a batch is tried again; it doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an accepted change waits for room in a full queue, unless set
+/// ([`Auditor::with_queue_wait`]).
+const DEFAULT_QUEUE_WAIT: Duration = Duration::from_secs(1);
 /// How many stored entries one filtered page reads at most before it returns
 /// what it found with a token to go on (a filter matching little must not make
 /// one call read the whole trail).
@@ -37,6 +56,8 @@ const SCAN_BUDGET: usize = 5000;
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<AuditEvent>,
+    /// How long an accepted change waits for room in a full queue.
+    queue_wait: Duration,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     floods: Arc<Mutex<RefusalFloods>>,
@@ -71,6 +92,7 @@ impl Auditor {
         (
             Self {
                 tx,
+                queue_wait: DEFAULT_QUEUE_WAIT,
                 store: store.clone(),
                 clock: clock.clone(),
                 floods: floods.clone(),
@@ -83,6 +105,14 @@ impl Auditor {
                 floods,
             },
         )
+    }
+
+    /// How long an accepted change waits for room in a full queue before it is
+    /// logged only: the store's write timeout, so a change never waits for its
+    /// entry longer than for its write.
+    pub fn with_queue_wait(mut self, wait: Duration) -> Self {
+        self.queue_wait = wait;
+        self
     }
 
     /// Now, by the service's clock.
@@ -101,17 +131,40 @@ impl Auditor {
         }
     }
 
-    /// Logs the entry and queues it for the store, without waiting.
-    pub fn record(&self, event: AuditEvent) {
+    /// Logs a refusal and queues it for the store, without waiting.
+    fn record(&self, event: AuditEvent) {
         log(&event);
         if let Err(error) = self.tx.try_send(event) {
             let reason = match error {
                 mpsc::error::TrySendError::Full(_) => "queue_full",
                 mpsc::error::TrySendError::Closed(_) => "stopped",
             };
-            crate::metrics::auth_metrics().audit_not_stored(reason);
-            tracing::warn!(target: "audit", reason, "audit entry not stored (logged only)");
+            not_stored(reason);
         }
+    }
+
+    /// Logs an accepted change and queues it for the store; when the queue is
+    /// full, waits for room (up to the queue wait), so that a burst of writes
+    /// slows down rather than leaves changes out of the trail. The wait runs in
+    /// a task of its own: a call cut off meanwhile (its deadline) still leaves
+    /// its entry.
+    pub async fn record_change(&self, event: AuditEvent) {
+        log(&event);
+        let event = match self.tx.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return not_stored("stopped"),
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        crate::metrics::auth_metrics().audit_waited();
+        let (tx, wait) = (self.tx.clone(), self.queue_wait);
+        let waiting = tokio::spawn(async move {
+            match tokio::time::timeout(wait, tx.send(event)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => not_stored("stopped"),
+                Err(_) => not_stored("queue_full"),
+            }
+        });
+        let _ = waiting.await;
     }
 
     /// One page of the trail, newest first, optionally only one user's entries.
@@ -177,6 +230,12 @@ impl Auditor {
     }
 }
 
+/// Counts an entry that reached only the log, and says so.
+fn not_stored(reason: &'static str) {
+    crate::metrics::auth_metrics().audit_not_stored(reason);
+    tracing::warn!(target: "audit", reason, "audit entry not stored (logged only)");
+}
+
 /// The entry's log line (target `audit`).
 fn log(event: &AuditEvent) {
     tracing::info!(
@@ -194,17 +253,21 @@ fn log(event: &AuditEvent) {
 }
 
 impl AuditWriter {
-    /// Stores queued entries, and each second the summaries of refusal
-    /// floods, until every [`Auditor`] is gone.
+    /// Stores queued entries in batches, and each second the summaries of
+    /// refusal floods, until every [`Auditor`] is gone and the queue is empty.
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(BATCH_LEN);
         loop {
             tokio::select! {
-                event = self.rx.recv() => match event {
-                    Some(event) => self.store(&event).await,
-                    None => break,
-                },
+                n = self.rx.recv_many(&mut batch, BATCH_LEN) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.store(&batch).await;
+                    batch.clear();
+                }
                 _ = tick.tick() => self.store_summaries().await,
             }
         }
@@ -216,22 +279,42 @@ impl AuditWriter {
             .floods
             .lock()
             .summaries(Instant::now(), self.clock.now());
-        for summary in summaries {
-            log(&summary);
-            self.store(&summary).await;
+        for summary in &summaries {
+            log(summary);
         }
+        self.store(&summaries).await;
     }
 
-    async fn store(&self, event: &AuditEvent) {
-        if let Err(error) = self.store.append_audit(event, &self.retention).await {
-            crate::metrics::auth_metrics().audit_not_stored("store");
-            tracing::warn!(
-                target: "audit",
-                %error,
-                method = %event.method,
-                caller = %event.caller,
-                "audit entry not stored (logged only)"
-            );
+    /// Appends a batch in one call; a batch the store does not take is tried
+    /// again with backoff (the queue fills meanwhile, and accepted changes
+    /// wait for room) for [`RETRY_FOR`], then dropped, each entry counted.
+    async fn store(&self, batch: &[AuditEvent]) {
+        if batch.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let error = match self.store.append_audit_batch(batch, &self.retention).await {
+                Ok(()) => return,
+                Err(error) => error,
+            };
+            if started.elapsed() + backoff > RETRY_FOR {
+                for event in batch {
+                    crate::metrics::auth_metrics().audit_not_stored("store");
+                    tracing::warn!(
+                        target: "audit",
+                        %error,
+                        method = %event.method,
+                        caller = %event.caller,
+                        "audit entry not stored (logged only)"
+                    );
+                }
+                return;
+            }
+            tracing::debug!(%error, entries = batch.len(), "audit batch not stored yet, trying again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
@@ -311,26 +394,55 @@ mod tests {
         }
     }
 
+    fn refused(user: &str) -> AuditEvent {
+        AuditEvent {
+            code: "PERMISSION_DENIED".into(),
+            ..event(user)
+        }
+    }
+
     #[tokio::test]
-    async fn a_full_queue_costs_a_counter_not_the_call() {
+    async fn a_full_queue_makes_changes_wait_and_drops_refusals() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
-        // No writer runs: the queue fills up.
-        let (auditor, _writer) = Auditor::new(
+        // No writer runs yet: the queue fills up.
+        let (auditor, writer) = Auditor::new(
             store.clone(),
             Arc::new(SystemClock),
             AuditRetention::default(),
         );
+        let auditor = auditor.with_queue_wait(Duration::from_millis(100));
         let metrics = crate::metrics::auth_metrics();
-        let before = metrics.audit_not_stored_count("queue_full");
-        for i in 0..QUEUE_LEN + 3 {
-            auditor.record(event(&format!("u{i}")));
+        let full = metrics.audit_not_stored_count("queue_full");
+        for i in 0..QUEUE_LEN {
+            auditor.record_change(event(&format!("u{i}"))).await;
         }
-        assert_eq!(metrics.audit_not_stored_count("queue_full"), before + 3);
-        assert!(store.list_audit(None, 1).await.unwrap().is_empty());
+        // A refusal is not waited for: dropped at once, counted.
+        let started = Instant::now();
+        auditor.record(refused("flood"));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        assert_eq!(metrics.audit_not_stored_count("queue_full"), full + 1);
+        // An accepted change waits for the queue wait, then is logged only.
+        let waits = metrics.audit_waits_count();
+        let started = Instant::now();
+        auditor.record_change(event("late")).await;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(metrics.audit_not_stored_count("queue_full"), full + 2);
+        assert!(metrics.audit_waits_count() > waits);
+
+        // With the writer draining, a change that waits gets its place.
+        let auditor = auditor.with_queue_wait(Duration::from_secs(10));
+        let writer = tokio::spawn(writer.run());
+        auditor.record_change(event("waited")).await;
+        drop(auditor);
+        writer.await.unwrap();
+        let stored = store.list_audit(None, QUEUE_LEN + 10).await.unwrap();
+        assert_eq!(stored.len(), QUEUE_LEN + 1);
+        assert_eq!(stored[0].event.user_id, "waited");
+        assert_eq!(metrics.audit_not_stored_count("queue_full"), full + 2);
     }
 
     #[tokio::test]
-    async fn a_store_that_fails_costs_a_counter_not_the_call() {
+    async fn a_store_that_fails_is_retried_then_costs_a_counter_not_the_call() {
         // Nothing listens on port 1: every append fails at once.
         let serial = crate::domain::SerialNumber::parse("AUDIT-FAIL").unwrap();
         let store = crate::store::redis::RedisStore::new(
@@ -348,11 +460,14 @@ mod tests {
         let before = metrics.audit_not_stored_count("store");
         let writer = tokio::spawn(writer.run());
         let started = std::time::Instant::now();
-        auditor.record(event("alice"));
-        auditor.record(event("bob"));
-        // Recording never waits for the store.
+        auditor.record_change(event("alice")).await;
+        auditor.record_change(event("bob")).await;
+        // Recording never waits for the store while the queue has room.
         assert!(started.elapsed() < std::time::Duration::from_millis(50));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Tried again for RETRY_FOR, then dropped and counted.
+        tokio::time::sleep(RETRY_FOR / 2).await;
+        assert_eq!(metrics.audit_not_stored_count("store"), before);
+        let deadline = std::time::Instant::now() + RETRY_FOR * 3;
         while metrics.audit_not_stored_count("store") < before + 2 {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -362,6 +477,35 @@ mod tests {
         }
         drop(auditor);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_back_within_the_retry_time_gets_the_batch() {
+        // Redis starts a second after the entries were recorded.
+        let port = comtrexx_licensing_test_support::unused_port();
+        let serial = crate::domain::SerialNumber::parse("AUDIT-LATE").unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::redis::RedisStore::new(
+                &format!("redis://127.0.0.1:{port}"),
+                &serial,
+                Duration::from_millis(200),
+            )
+            .unwrap(),
+        );
+        let (auditor, writer) = Auditor::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            AuditRetention::default(),
+        );
+        let writer = tokio::spawn(writer.run());
+        for i in 0..10 {
+            auditor.record_change(event(&format!("u{i}"))).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _redis = comtrexx_licensing_test_support::RedisServer::start_on(port);
+        drop(auditor);
+        writer.await.unwrap();
+        assert_eq!(store.list_audit(None, 100).await.unwrap().len(), 10);
     }
 
     #[tokio::test]

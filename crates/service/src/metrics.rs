@@ -554,6 +554,8 @@ pub struct AuthMetrics {
     audit_not_stored: Family<Labels, Counter>,
     /// Refusals counted into a summary entry instead of stored one by one.
     audit_summarized: Counter,
+    /// Accepted changes that waited for room in the audit queue.
+    audit_waits: Counter,
     /// Re-reads of the callers file or TLS material that failed, by file.
     reload_failures: Family<Labels, Counter>,
     tls_handshake_failures: Counter,
@@ -567,6 +569,7 @@ static AUTH_METRICS: LazyLock<AuthMetrics> = LazyLock::new(|| AuthMetrics {
     refused: Family::default(),
     audit_not_stored: Family::default(),
     audit_summarized: Counter::default(),
+    audit_waits: Counter::default(),
     reload_failures: Family::default(),
     tls_handshake_failures: Counter::default(),
     auth_mode: Family::default(),
@@ -599,6 +602,15 @@ impl AuthMetrics {
         self.audit_not_stored
             .get_or_create(&vec![("reason", reason.to_owned())])
             .get()
+    }
+
+    pub fn audit_waited(&self) {
+        self.audit_waits.inc();
+    }
+
+    /// How many accepted changes waited for room in the audit queue (for tests).
+    pub fn audit_waits_count(&self) -> u64 {
+        self.audit_waits.get()
     }
 
     pub fn audit_summarized(&self) {
@@ -646,8 +658,13 @@ fn register_auth_metrics(registry: &mut Registry) {
     );
     registry.register(
         "licensing_audit_not_stored",
-        "Audit entries written only to the log (queue full or store failure), by reason",
+        "Audit entries written only to the log, by reason: queue_full (an accepted change found the queue full for the whole queue wait, or a refusal found it full), store (the store did not take the batch within the retry time), stopped (the writer had stopped)",
         m.audit_not_stored.clone(),
+    );
+    registry.register(
+        "licensing_audit_waits",
+        "Accepted changes whose call waited for room in a full audit queue (back-pressure of a write burst)",
+        m.audit_waits.clone(),
     );
     registry.register(
         "licensing_audit_refusals_summarized",

@@ -127,6 +127,10 @@ async fn metrics_follow_the_seats() {
         "licensing_clock_skewed",
         "licensing_clock_skews_total",
         "licensing_redis_errors",
+        "licensing_audit_not_stored_total{reason=\"queue_full\"}",
+        "licensing_audit_not_stored_total{reason=\"store\"}",
+        "licensing_audit_not_stored_total{reason=\"stopped\"}",
+        "licensing_audit_waits_total",
     ] {
         assert!(before.contains(name), "{name} missing in:\n{before}");
     }

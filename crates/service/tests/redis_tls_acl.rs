@@ -27,7 +27,7 @@ const ADMIN_PASSWORD: &str = "admin-only";
 const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
     +evalsha +script|load +mget +xread +wait +role \
     +get +set +del +exists +incr +time +hget +hset +hdel +hgetall +hlen +hexists \
-    +zadd +zrem +zrangebylex +xadd +xtrim +xrange +xrevrange +multi +exec";
+    +zadd +zrem +zrangebylex +zcard +zrevrank +zrevrange +xadd +xtrim +xrange +xrevrange +multi +exec";
 
 /// A Redis with TLS on `tls_port` (plain TCP stays for the test's own admin calls
 /// as the `default` user) and the service's ACL user.

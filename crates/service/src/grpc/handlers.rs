@@ -193,9 +193,10 @@ async fn observe<M: AuditKeys, T>(
             .with_trace(crate::telemetry::trace_id(&span, traceparent));
         // A refusal goes through the same bound as those made before a
         // handler (a misconfigured client repeating a bad request floods a
-        // summary, not the trail); an accepted change is always stored.
+        // summary, not the trail); an accepted change is always stored: its
+        // call waits for room in the audit queue when a burst fills it.
         if code == Code::Ok {
-            api.audit.record(event);
+            api.audit.record_change(event).await;
         } else {
             api.audit.record_refusal(event);
         }

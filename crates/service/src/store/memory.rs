@@ -1,7 +1,7 @@
 //! The embedded in-memory store: the default for one-command local runs and a
 //! reference for the Redis store's semantics. Its state is lost on restart.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
     AssignPlan, Clock, Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId,
 };
+use chrono::{DateTime, Utc};
 
 /// How many changes the feed keeps for mirrors that fall behind.
 const FEED_LEN: usize = 10_000;
@@ -54,6 +55,9 @@ struct Inner {
     seats: BTreeMap<(Feature, UserId), Seat>,
     /// Seats per (feature, source), kept with `seats` so capacity checks are O(1).
     counts: HashMap<(Feature, SeatSource), u32>,
+    /// The over-capacity order of each purchased pool, kept with `seats` (as
+    /// the order sets in Redis), so flags move in O(changed · log N).
+    order: HashMap<Feature, PoolOrder>,
     license: Option<StoredLicense>,
     tryout: Option<TryoutRecord>,
     reconcile: ReconcileStatus,
@@ -68,12 +72,106 @@ struct Inner {
     feed: VecDeque<Change>,
 }
 
+/// A seat's place in the over-capacity order: ascending, so the most recently
+/// assigned (ties: the higher user id) is the last.
+type OrderKey = (DateTime<Utc>, UserId);
+
+/// The purchased seats of one feature in over-capacity order, and the flagged ones.
+struct PoolOrder {
+    seats: BTreeSet<OrderKey>,
+    flagged: BTreeSet<OrderKey>,
+    /// Whether `flagged` is known to be the top of `seats` (the newest
+    /// `flagged.len()`): then flags move without a walk over the pool. Every
+    /// reflag leaves it so and removing a seat keeps it; only a seat put among
+    /// or above flagged ones (a repair, a restore, an assignment into a pool
+    /// with stale flags) loses it, until the next reflag walks the pool once.
+    prefix: bool,
+}
+
+impl Default for PoolOrder {
+    fn default() -> Self {
+        Self {
+            seats: BTreeSet::new(),
+            flagged: BTreeSet::new(),
+            prefix: true,
+        }
+    }
+}
+
+impl PoolOrder {
+    fn insert(&mut self, seat: &Seat) {
+        let key = (seat.assigned_at, seat.user_id.clone());
+        if seat.over_capacity_since.is_some() {
+            // Still the top only when newer than every seat without a flag.
+            let unflagged_top = match self.flagged.first() {
+                Some(low) => self.seats.range(..low.clone()).next_back(),
+                None => self.seats.last(),
+            };
+            self.prefix &= unflagged_top.is_none_or(|top| key > *top);
+            self.flagged.insert(key.clone());
+        } else if self.flagged.first().is_some_and(|low| key > *low) {
+            self.prefix = false;
+        }
+        self.seats.insert(key);
+    }
+
+    fn remove(&mut self, seat: &Seat) {
+        let key = (seat.assigned_at, seat.user_id.clone());
+        self.seats.remove(&key);
+        self.flagged.remove(&key);
+    }
+}
+
+impl AuditLog {
+    /// Appends one entry with the next id, then applies the bounds.
+    fn append(&mut self, event: &AuditEvent, retention: &AuditRetention, now_ms: u64) {
+        // Ids as Redis stream ids: the time in ms, then a sequence within it.
+        let id = if now_ms > self.last.0 {
+            (now_ms, 0)
+        } else {
+            (self.last.0, self.last.1 + 1)
+        };
+        self.last = id;
+        let entries = if event.is_refusal() {
+            &mut self.refusals
+        } else {
+            &mut self.changes
+        };
+        entries.push_back(AuditEntry {
+            id: format!("{}-{}", id.0, id.1),
+            event: event.clone(),
+        });
+        let max = usize::try_from(retention.max_of(event)).unwrap_or(usize::MAX);
+        while entries.len() > max {
+            entries.pop_front();
+        }
+        // As in Redis: ids from the store's clock, the age bound from the event's time.
+        let min_ms = u64::try_from(
+            event
+                .time
+                .timestamp_millis()
+                .saturating_sub(retention.max_age.num_milliseconds()),
+        )
+        .unwrap_or(0);
+        for entries in [&mut self.changes, &mut self.refusals] {
+            while entries
+                .front()
+                .and_then(|e| parse_entry_id(&e.id))
+                .is_some_and(|(ms, _)| ms < min_ms)
+            {
+                entries.pop_front();
+            }
+        }
+    }
+}
+
 impl Inner {
     /// Takes the seats and records of `snapshot` (not its position, clock or
     /// incident, which the callers decide).
     fn load(&mut self, snapshot: &Snapshot) {
         self.seats.clear();
         self.counts.clear();
+        self.order.clear();
         for seat in &snapshot.seats {
             self.put(seat.clone());
         }
@@ -84,14 +182,22 @@ impl Inner {
         self.retired_license = snapshot.retired_license.clone();
     }
 
-    /// Inserts or replaces a seat, keeping the counts.
+    /// Inserts or replaces a seat, keeping the counts and the order.
     fn put(&mut self, seat: Seat) {
         *self.counts.entry((seat.feature, seat.source)).or_default() += 1;
         if let Some(old) = self
             .seats
-            .insert((seat.feature, seat.user_id.clone()), seat)
+            .insert((seat.feature, seat.user_id.clone()), seat.clone())
         {
             self.uncount(old.feature, old.source);
+            if old.source == SeatSource::Purchased
+                && let Some(order) = self.order.get_mut(&old.feature)
+            {
+                order.remove(&old);
+            }
+        }
+        if seat.source == SeatSource::Purchased {
+            self.order.entry(seat.feature).or_default().insert(&seat);
         }
     }
 
@@ -100,9 +206,65 @@ impl Inner {
         match self.seats.remove(&(feature, user.clone())) {
             Some(old) => {
                 self.uncount(old.feature, old.source);
+                if old.source == SeatSource::Purchased
+                    && let Some(order) = self.order.get_mut(&old.feature)
+                {
+                    order.remove(&old);
+                }
                 true
             }
             None => false,
+        }
+    }
+
+    /// Removes every seat.
+    fn clear_seats(&mut self) {
+        self.seats.clear();
+        self.counts.clear();
+        self.order.clear();
+    }
+
+    /// The purchased seats of `feature` whose flag must move so that exactly
+    /// the (count - quantity) most recently assigned are flagged, an existing
+    /// flag keeping its time: `domain::capacity::reflag`, without walking the
+    /// pool while the flags are known to be its top.
+    fn plan_flags(&self, feature: Feature, quantity: u32, now: DateTime<Utc>) -> Vec<Seat> {
+        let Some(order) = self.order.get(&feature) else {
+            return Vec::new();
+        };
+        let excess = order.seats.len().saturating_sub(quantity as usize);
+        let seat = |key: &OrderKey| self.seats.get(&(feature, key.1.clone())).cloned();
+        if !order.prefix {
+            let pool: Vec<Seat> = order.seats.iter().filter_map(seat).collect();
+            return reflag(&pool, quantity, now);
+        }
+        let flagged = order.flagged.len();
+        if excess > flagged {
+            // The next newest below the lowest flag are flagged.
+            let below: Box<dyn Iterator<Item = &OrderKey>> = match order.flagged.first() {
+                Some(low) => Box::new(order.seats.range(..low.clone()).rev()),
+                None => Box::new(order.seats.iter().rev()),
+            };
+            below
+                .take(excess - flagged)
+                .filter_map(seat)
+                .map(|s| Seat {
+                    over_capacity_since: Some(now),
+                    ..s
+                })
+                .collect()
+        } else {
+            // The oldest flags are cleared.
+            order
+                .flagged
+                .iter()
+                .take(flagged - excess)
+                .filter_map(seat)
+                .map(|s| Seat {
+                    over_capacity_since: None,
+                    ..s
+                })
+                .collect()
         }
     }
 
@@ -123,6 +285,7 @@ impl MemoryStore {
                 version: 0,
                 seats: BTreeMap::new(),
                 counts: HashMap::new(),
+                order: HashMap::new(),
                 license: None,
                 tryout: None,
                 reconcile: ReconcileStatus::default(),
@@ -163,8 +326,7 @@ impl MemoryStore {
         let mut inner = self.inner.lock();
         inner.epoch = None;
         inner.version = 0;
-        inner.seats.clear();
-        inner.counts.clear();
+        inner.clear_seats();
         inner.license = None;
         inner.tryout = None;
         inner.reconcile = ReconcileStatus::default();
@@ -195,19 +357,19 @@ impl MemoryStore {
     /// Sets the over-capacity flags of a feature's purchased pool against
     /// `quantity`, recording a change per seat whose flag moved.
     fn reflag(&self, inner: &mut Inner, feature: Feature, quantity: u32) -> Vec<Change> {
-        let pool: Vec<Seat> = inner
-            .seats
-            .values()
-            .filter(|s| s.feature == feature && s.source == SeatSource::Purchased)
-            .cloned()
-            .collect();
-        reflag(&pool, quantity, self.clock.now())
+        let moved = inner.plan_flags(feature, quantity, self.clock.now());
+        let changes = moved
             .into_iter()
             .map(|seat| {
                 inner.put(seat.clone());
                 self.record(inner, ChangeKind::SeatFlagged(seat))
             })
-            .collect()
+            .collect();
+        // The flags are now exactly the newest seats.
+        if let Some(order) = inner.order.get_mut(&feature) {
+            order.prefix = true;
+        }
+        changes
     }
 }
 
@@ -442,8 +604,7 @@ impl Store for MemoryStore {
     async fn reset(&self, floor: Floor<'_>) -> Result<Change, StoreError> {
         let mut inner = self.inner.lock();
         guard(&inner, floor)?;
-        inner.seats.clear();
-        inner.counts.clear();
+        inner.clear_seats();
         if let Some(license) = inner.license.take() {
             inner.retired_license = Some(license);
         }
@@ -526,45 +687,19 @@ impl Store for MemoryStore {
         event: &AuditEvent,
         retention: &AuditRetention,
     ) -> Result<(), StoreError> {
+        self.append_audit_batch(std::slice::from_ref(event), retention)
+            .await
+    }
+
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
         let now_ms = u64::try_from(self.clock.now().timestamp_millis()).unwrap_or(0);
         let mut audit = self.audit.lock();
-        // Ids as Redis stream ids: the time in ms, then a sequence within it.
-        let id = if now_ms > audit.last.0 {
-            (now_ms, 0)
-        } else {
-            (audit.last.0, audit.last.1 + 1)
-        };
-        audit.last = id;
-        let entries = if event.is_refusal() {
-            &mut audit.refusals
-        } else {
-            &mut audit.changes
-        };
-        entries.push_back(AuditEntry {
-            id: format!("{}-{}", id.0, id.1),
-            event: event.clone(),
-        });
-        let max = usize::try_from(retention.max_of(event)).unwrap_or(usize::MAX);
-        while entries.len() > max {
-            entries.pop_front();
-        }
-        // As in Redis: ids from the store's clock, the age bound from the event's time.
-        let min_ms = u64::try_from(
-            event
-                .time
-                .timestamp_millis()
-                .saturating_sub(retention.max_age.num_milliseconds()),
-        )
-        .unwrap_or(0);
-        let audit = &mut *audit;
-        for entries in [&mut audit.changes, &mut audit.refusals] {
-            while entries
-                .front()
-                .and_then(|e| parse_entry_id(&e.id))
-                .is_some_and(|(ms, _)| ms < min_ms)
-            {
-                entries.pop_front();
-            }
+        for event in events {
+            audit.append(event, retention, now_ms);
         }
         Ok(())
     }

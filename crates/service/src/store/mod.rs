@@ -250,6 +250,16 @@ pub trait Store: Send + Sync + 'static {
         retention: &AuditRetention,
     ) -> Result<(), StoreError>;
 
+    /// Appends entries in order in one step, as [`Store::append_audit`] one by
+    /// one would (ids unique and growing across both lists, each list under its
+    /// bound); an empty batch writes nothing. The audit writer's path: one call
+    /// per batch keeps up with the highest write rate.
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError>;
+
     /// Audit entries newest first, strictly older than the entry id `before`
     /// (from the start when `None`), at most `limit`.
     async fn list_audit(

@@ -10,6 +10,9 @@
 //! | `lic:{S}:changes` | stream | one entry per write, id `<version>-0` |
 //! | `lic:{S}:seats:<feature>:<source>` | hash | user id → [`SeatRecordV1`] |
 //! | `lic:{S}:seat_index` | sorted set | `<feature>\0<user id>`, for stable paging |
+//! | `lic:{S}:order:<feature>` | sorted set | the purchased pool's readable seats: user id, score `assigned_at_ms` (the over-capacity order) |
+//! | `lic:{S}:flagged:<feature>` | sorted set | the seats of `order:<feature>` flagged over capacity, same scores |
+//! | `lic:{S}:order_at` | string | the version up to which every write kept the order sets (behind the version: rebuilt before use) |
 //! | `lic:{S}:license` | hash | `id` (signature), `record` ([`LicenseRecordV1`]) |
 //! | `lic:{S}:tryout` | string | [`TryoutRecordV1`] |
 //! | `lic:{S}:reconcile` | string | [`ReconcileRecordV1`] |
@@ -63,6 +66,12 @@ const FEED_LEN: u64 = 10_000;
 
 const SOURCES: [SeatSource; 2] = [SeatSource::Purchased, SeatSource::Tryout];
 
+/// How many times one write builds the seat order sets before it gives up.
+const MAX_ORDER_BUILDS: u32 = 3;
+/// The bound of one build of the order sets (O(pool), about 1 s per 100 000 seats
+/// on a slow host); a write's own bound applies when it is longer.
+const ORDER_BUILD_TIMEOUT: Duration = Duration::from_secs(10);
+
 macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
@@ -89,8 +98,9 @@ static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/l
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static REPAIR: LazyLock<Script> = script!("repair.lua");
 static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/clock.lua")));
+static BUILD_ORDER: LazyLock<Script> = script!("build_order.lua");
 static AUDIT_APPEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/audit_append.lua")));
+    LazyLock::new(|| Script::new(include_str!("lua/audit_append_batch.lua")));
 
 /// The key names of one serial number.
 #[derive(Debug, Clone)]
@@ -118,6 +128,18 @@ impl Keys {
     }
     fn index(&self) -> String {
         self.key("seat_index")
+    }
+    /// The order set of a feature's purchased pool (see `lua/prelude.lua`).
+    fn order(&self, feature: Feature) -> String {
+        self.key(&format!("order:{}", feature.as_str()))
+    }
+    /// The flagged seats of a feature's purchased pool, in the same order.
+    fn flagged(&self, feature: Feature) -> String {
+        self.key(&format!("flagged:{}", feature.as_str()))
+    }
+    /// The version the order sets are true at.
+    fn order_at(&self) -> String {
+        self.key("order_at")
     }
     fn license(&self) -> String {
         self.key("license")
@@ -325,10 +347,13 @@ impl RedisStore {
         one_change(operation, &reply, kind)
     }
 
-    /// Runs a write script: the epoch, version and feed keys, the feed length and
-    /// the writer's floor come first (see `lua/prelude.lua`), `configure` adds the
-    /// script's own keys and arguments. A store without epoch answers
-    /// `NotInitialized`, one below the floor `Moved`.
+    /// Runs a write script: the epoch, version, feed and order-at keys, the feed
+    /// length and the writer's floor come first (see `lua/prelude.lua`),
+    /// `configure` adds the script's own keys and arguments. A store without
+    /// epoch answers `NotInitialized`, one below the floor `Moved`. A script that
+    /// needs the seat order sets and finds them not true (`noindex`: a store
+    /// written before they existed, or by a replica that does not keep them)
+    /// wrote nothing: the sets are built (once, O(pool)) and the script runs again.
     async fn write(
         &self,
         operation: &'static str,
@@ -344,24 +369,79 @@ impl RedisStore {
         inv.key(self.keys.epoch())
             .key(self.keys.version())
             .key(self.keys.feed())
+            .key(self.keys.order_at())
             .arg(floor);
         configure(&mut inv);
-        let mut conn = self.write_conn.pick();
-        let reply = skip_corrupt(
-            operation,
-            strings(
-                self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
-                    .await?,
-            )?,
-        )?;
-        match reply.first().map(String::as_str) {
-            Some("noepoch") => Err(StoreError::NotInitialized),
-            Some("moved") => Err(StoreError::Moved),
-            Some("badversion") => Err(StoreError::Corrupt(
-                "the version counter is not a number or behind the change feed".into(),
-            )),
-            _ => Ok(reply),
+        let mut built = 0;
+        loop {
+            let mut conn = self.write_conn.pick();
+            let reply = skip_corrupt(
+                operation,
+                strings(
+                    self.bounded_by(self.write_timeout, operation, inv.invoke_async(&mut conn))
+                        .await?,
+                )?,
+            )?;
+            return match reply.first().map(String::as_str) {
+                Some("noepoch") => Err(StoreError::NotInitialized),
+                Some("moved") => Err(StoreError::Moved),
+                Some("badversion") => Err(StoreError::Corrupt(
+                    "the version counter is not a number or behind the change feed".into(),
+                )),
+                // Built, then another write came between that did not keep the
+                // sets (an older replica): build again, a few times at most.
+                Some("noindex") if built < MAX_ORDER_BUILDS => {
+                    built += 1;
+                    self.build_order().await?;
+                    continue;
+                }
+                Some("noindex") => Err(StoreError::Unavailable(
+                    "the seat order sets were rebuilt but are still not true (writes by a \
+                     replica that does not keep them): try again"
+                        .into(),
+                )),
+                _ => Ok(reply),
+            };
         }
+    }
+
+    /// Builds the order sets of every purchased pool from the seats (see
+    /// `lua/build_order.lua`): O(pool), once per store, or after a write by a
+    /// replica that does not keep them. Bounded apart: one pass over a large
+    /// pool may take longer than a write.
+    async fn build_order(&self) -> Result<(), StoreError> {
+        let mut inv = BUILD_ORDER.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.feed())
+            .key(self.keys.order_at())
+            .arg("");
+        for feature in Feature::SEATS {
+            inv.key(self.keys.pool(feature, SeatSource::Purchased))
+                .key(self.keys.order(feature))
+                .key(self.keys.flagged(feature))
+                .arg(feature.as_str());
+        }
+        let started = std::time::Instant::now();
+        // A connection of its own, with the longer bound: the shared ones
+        // answer within the write timeout.
+        let limit = self.write_timeout.max(ORDER_BUILD_TIMEOUT);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(limit));
+        let mut conn = self
+            .bounded("build_order", self.target.connect(&config))
+            .await?;
+        let reply = strings(
+            self.bounded_by(limit, "build_order", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
+        skip_corrupt("build_order", reply)?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "built the seat order sets of the purchased pools (once per store)"
+        );
+        Ok(())
     }
 
     /// Notes how a compare-and-set record was read: `stored` is the text in the
@@ -677,6 +757,8 @@ impl Store for RedisStore {
                     .key(self.keys.pool(feature, SeatSource::Tryout))
                     .key(self.keys.index())
                     .key(self.keys.license())
+                    .key(self.keys.order(feature))
+                    .key(self.keys.flagged(feature))
                     .arg(user.as_str())
                     .arg(feature.as_str())
                     .arg(plan_name)
@@ -713,6 +795,8 @@ impl Store for RedisStore {
                     .key(self.keys.pool(feature, SeatSource::Tryout))
                     .key(self.keys.index())
                     .key(self.keys.license())
+                    .key(self.keys.order(feature))
+                    .key(self.keys.flagged(feature))
                     .arg(user.as_str())
                     .arg(feature.as_str())
                     .arg(capacity.map(|(c, _)| c.to_string()).unwrap_or_default())
@@ -837,7 +921,9 @@ impl Store for RedisStore {
                     .key(self.keys.init())
                     .key(self.keys.fence());
                 for (feature, _) in w.capacities {
-                    inv.key(self.keys.pool(*feature, SeatSource::Purchased));
+                    inv.key(self.keys.pool(*feature, SeatSource::Purchased))
+                        .key(self.keys.order(*feature))
+                        .key(self.keys.flagged(*feature));
                 }
                 inv.arg(self.expected_text(CasRecord::LicenseId, w.expected_id.map(str::to_owned)))
                     .arg(w.license.id())
@@ -921,6 +1007,10 @@ impl Store for RedisStore {
             for (_, _, key) in self.keys.pools() {
                 inv.key(key);
             }
+            for feature in Feature::SEATS {
+                inv.key(self.keys.order(feature))
+                    .key(self.keys.flagged(feature));
+            }
         })
         .await
     }
@@ -969,10 +1059,13 @@ impl Store for RedisStore {
             .key(self.keys.index())
             .key(self.keys.init())
             .key(self.keys.retired_license())
-            .key(self.keys.clock());
+            .key(self.keys.clock())
+            .key(self.keys.order_at());
+        // KEYS[12..]: the pools, then each feature's order sets (1-based indexes).
         for (_, _, key) in &pools {
             inv.key(key);
         }
+        let sets = order_keys(&self.keys, &mut inv, 12 + pools.len());
         let license_record = from.license.as_ref().map(LicenseRecordV1::encode);
         inv.arg(new_epoch())
             .arg(from.position.as_ref().map_or(0, |p| p.version))
@@ -1005,11 +1098,15 @@ impl Store for RedisStore {
             else {
                 continue;
             };
+            let (order, flagged) = sets.of(seat);
             let record = SeatRecordV1::encode(seat);
-            inv.arg(index + 1)
+            inv.arg(12 + index)
+                .arg(order)
+                .arg(flagged)
                 .arg(seat.feature.as_str())
                 .arg(seat.user_id.as_str())
-                .arg(record);
+                .arg(record)
+                .arg(seat.assigned_at.timestamp_millis());
         }
         let mut conn = self.write_conn.pick();
         let restored: i64 = self
@@ -1105,15 +1202,18 @@ impl Store for RedisStore {
         inv.key(self.keys.epoch())
             .key(self.keys.version())
             .key(self.keys.feed())
+            .key(self.keys.order_at())
             .key(self.keys.license())
             .key(self.keys.tryout())
             .key(self.keys.reconcile())
             .key(self.keys.init())
             .key(self.keys.index())
             .key(self.keys.incident());
+        // KEYS[11..]: the pools, then each feature's order sets (1-based indexes).
         for (_, _, key) in &pools {
             inv.key(key);
         }
+        let sets = order_keys(&self.keys, &mut inv, 11 + pools.len());
         let (init_mode, init_record) = match &w.initialization {
             None => ("", String::new()),
             Some(None) => ("del", String::new()),
@@ -1150,27 +1250,41 @@ impl Store for RedisStore {
             pools
                 .iter()
                 .position(|(f, s, _)| *f == feature && *s == source)
-                .map(|i| i + 1)
+                .map(|i| i + 11)
         };
         let mut kinds = Vec::new();
         for seat in &w.add_seats {
             let Some(index) = pool_index(seat.feature, seat.source) else {
                 continue;
             };
+            // A purchased seat's flag state is read from its record.
+            let (order, flagged) = match sets.of(seat) {
+                (0, _) => (0, 0),
+                (order, _) => (order, sets.flagged_of(seat.feature)),
+            };
             let record = SeatRecordV1::encode(seat);
             inv.arg("add")
                 .arg(index)
+                .arg(0)
+                .arg(order)
+                .arg(flagged)
                 .arg(seat.feature.as_str())
                 .arg(seat.user_id.as_str())
                 .arg(record);
             kinds.push(ChangeKind::SeatAssigned(seat.clone()));
         }
         for (feature, user) in &w.remove_seats {
-            let Some(index) = pool_index(*feature, SeatSource::Purchased) else {
+            let (Some(index), Some(other)) = (
+                pool_index(*feature, SeatSource::Purchased),
+                pool_index(*feature, SeatSource::Tryout),
+            ) else {
                 continue;
             };
             inv.arg("del")
                 .arg(index)
+                .arg(other)
+                .arg(sets.order_of(*feature))
+                .arg(sets.flagged_of(*feature))
                 .arg(feature.as_str())
                 .arg(user.as_str())
                 .arg("");
@@ -1234,28 +1348,43 @@ impl Store for RedisStore {
         event: &AuditEvent,
         retention: &AuditRetention,
     ) -> Result<(), StoreError> {
-        // Ids come from Redis's clock (`*`), so replicas with skewed clocks still
-        // append in order; the age bound is taken against the event's time.
-        let min_id = event
-            .time
-            .timestamp_millis()
-            .saturating_sub(retention.max_age.num_milliseconds())
-            .max(0);
-        let (changes, refusals) = (self.keys.audit(), self.keys.audit_refusals());
-        let (own, other) = if event.is_refusal() {
-            (refusals, changes)
-        } else {
-            (changes, refusals)
+        self.append_audit_batch(std::slice::from_ref(event), retention)
+            .await
+    }
+
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+        retention: &AuditRetention,
+    ) -> Result<(), StoreError> {
+        // Ids come from Redis's clock, so replicas with skewed clocks still
+        // append in order; the age bound is taken against the events' time (the
+        // newest, as appending them one by one would leave it).
+        let Some(min_id) = events
+            .iter()
+            .map(|e| {
+                e.time
+                    .timestamp_millis()
+                    .saturating_sub(retention.max_age.num_milliseconds())
+                    .max(0)
+            })
+            .max()
+        else {
+            return Ok(());
         };
         let mut inv = AUDIT_APPEND.prepare_invoke();
-        inv.key(own)
-            .key(other)
+        inv.key(self.keys.audit())
+            .key(self.keys.audit_refusals())
             .key(self.keys.audit_last())
-            .arg(retention.max_of(event))
-            .arg(min_id)
-            .arg(AuditRecordV1::encode(event));
+            .arg(retention.max_entries)
+            .arg(retention.max_refusals)
+            .arg(min_id);
+        for event in events {
+            inv.arg(if event.is_refusal() { "r" } else { "c" })
+                .arg(AuditRecordV1::encode(event));
+        }
         let mut conn = self.conn.clone();
-        self.bounded("audit_append", inv.invoke_async::<String>(&mut conn))
+        self.bounded("audit_append", inv.invoke_async::<Vec<String>>(&mut conn))
             .await
             .map(drop)
     }
@@ -1303,6 +1432,52 @@ impl Store for RedisStore {
 
     fn describe(&self) -> String {
         format!("redis at {}", self.url_for_display)
+    }
+}
+
+/// Where a script's order sets are among its KEYS (1-based), feature by feature
+/// from `first`.
+struct OrderKeys {
+    first: usize,
+}
+
+/// Appends each feature's order sets (order, then flagged) to a script's keys,
+/// from KEYS[`first`] on.
+fn order_keys(keys: &Keys, inv: &mut redis::ScriptInvocation<'_>, first: usize) -> OrderKeys {
+    for feature in Feature::SEATS {
+        inv.key(keys.order(feature)).key(keys.flagged(feature));
+    }
+    OrderKeys { first }
+}
+
+impl OrderKeys {
+    fn position(&self, feature: Feature) -> usize {
+        let i = Feature::SEATS
+            .iter()
+            .position(|f| *f == feature)
+            .unwrap_or_default();
+        self.first + 2 * i
+    }
+    /// The order set of a feature's purchased pool.
+    fn order_of(&self, feature: Feature) -> usize {
+        self.position(feature)
+    }
+    /// Its flagged set.
+    fn flagged_of(&self, feature: Feature) -> usize {
+        self.position(feature) + 1
+    }
+    /// The sets a seat goes into: (order, flagged), 0 for none; a tryout seat
+    /// into none, an unflagged purchased seat into its order set only.
+    fn of(&self, seat: &Seat) -> (usize, usize) {
+        if seat.source != SeatSource::Purchased {
+            return (0, 0);
+        }
+        let flagged = if seat.over_capacity_since.is_some() {
+            self.flagged_of(seat.feature)
+        } else {
+            0
+        };
+        (self.order_of(seat.feature), flagged)
     }
 }
 

@@ -8,6 +8,8 @@ conformance! {
     store: audit_is_bounded_by_max_entries;
     store: audit_refusals_never_displace_changes;
     store: audit_drops_entries_older_than_max_age;
+    store: audit_batch_is_stored_as_one_by_one;
+    store: audit_batches_keep_ids_unique_and_bounds;
 }
 
 // ---------------------------------------------------------------------------
@@ -139,4 +141,72 @@ async fn audit_drops_entries_older_than_max_age(store: &dyn Store) {
     };
     store.append_audit(&audit_event(1), &short).await.unwrap();
     assert_eq!(audit_users(store, None, 10).await, ["user-1"]);
+}
+
+/// A batch lands as the same entries appended one by one would: in order,
+/// ids growing across both lists, every field kept; an empty batch is nothing.
+async fn audit_batch_is_stored_as_one_by_one(store: &dyn Store) {
+    let retention = AuditRetention::default();
+    store.append_audit_batch(&[], &retention).await.unwrap();
+    assert!(store.list_audit(None, 10).await.unwrap().is_empty());
+    store
+        .append_audit(&audit_event(0), &retention)
+        .await
+        .unwrap();
+    let batch: Vec<AuditEvent> = (1..=600).map(audit_event).collect();
+    store.append_audit_batch(&batch, &retention).await.unwrap();
+    store
+        .append_audit(&audit_event(601), &retention)
+        .await
+        .unwrap();
+    let all = store.list_audit(None, 1000).await.unwrap();
+    let users: Vec<String> = all.iter().map(|e| e.event.user_id.clone()).collect();
+    let want: Vec<String> = (0..=601).rev().map(|n| format!("user-{n}")).collect();
+    assert_eq!(users, want, "newest first, the batch in its order");
+    let ids: Vec<(u64, u64)> = all
+        .iter()
+        .map(|e| comtrexx_licensing::domain::audit::parse_entry_id(&e.id).expect("an entry id"))
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "ids are unique and ordered across both lists"
+    );
+    let mut expected = audit_event(300);
+    expected.time = all[301].event.time;
+    assert_eq!(all[301].event, expected, "every field round-trips");
+}
+
+/// Each list keeps its own bound within a batch too: refusals never push a
+/// change out, and the age bound applies.
+async fn audit_batches_keep_ids_unique_and_bounds(store: &dyn Store) {
+    let retention = AuditRetention {
+        max_entries: 3,
+        max_refusals: 4,
+        ..AuditRetention::default()
+    };
+    let first: Vec<AuditEvent> = [0, 1, 2, 4].into_iter().map(audit_event).collect();
+    store.append_audit_batch(&first, &retention).await.unwrap();
+    let flood: Vec<AuditEvent> = (5..200).step_by(2).map(audit_event).collect();
+    store.append_audit_batch(&flood, &retention).await.unwrap();
+    store
+        .append_audit_batch(&[audit_event(200)], &retention)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit_users(store, None, 100).await,
+        [
+            "user-200", "user-199", "user-197", "user-195", "user-193", "user-4", "user-2",
+        ]
+    );
+    // Not synchronisation: the entries must be older than the age bound below.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let short = AuditRetention {
+        max_age: chrono::Duration::milliseconds(30),
+        ..retention
+    };
+    store
+        .append_audit_batch(&[audit_event(202), audit_event(203)], &short)
+        .await
+        .unwrap();
+    assert_eq!(audit_users(store, None, 10).await, ["user-203", "user-202"]);
 }

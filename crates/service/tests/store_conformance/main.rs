@@ -180,6 +180,7 @@ macro_rules! redis_only {
 mod audit;
 mod data_loss;
 mod feed;
+mod flags;
 mod integrity;
 mod license;
 mod listing;

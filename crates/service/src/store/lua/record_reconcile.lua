@@ -1,5 +1,5 @@
--- Records the last reconcile's outcome. KEYS[4] the record, ARGV[2] its value.
+-- Records the last reconcile's outcome. KEYS[5] the record, ARGV[2] its value.
 local refusal = refused()
 if refusal then return refusal end
-redis.call('SET', KEYS[4], ARGV[2])
+redis.call('SET', KEYS[5], ARGV[2])
 return {'ok', tostring(bump({'k', 'reconcile', 'd', ARGV[2]}))}
