@@ -20,6 +20,11 @@ use comtrexx_licensing::store::{Position, Snapshot, Store};
 
 const SEATS: usize = 50_000;
 
+/// Bumps the version without a feed entry; keeps the order sets' mark with it.
+const GAP: &str = "local v = redis.call('INCR', KEYS[1]) \
+if redis.call('GET', KEYS[2]) == tostring(v - 1) then redis.call('SET', KEYS[2], v) end \
+return v";
+
 /// Writes `n` purchased seats of `user` into a new store of `serial`, in one
 /// step (a restore), as a large installation's store holds them.
 async fn seed(redis: &RedisServer, serial: &str, n: usize) {
@@ -140,10 +145,12 @@ async fn a_snapshot_slower_than_the_redis_timeout_degrades_nothing() {
                 std::thread::sleep(Duration::from_millis(50));
                 tick += 1;
                 if tick.is_multiple_of(20) {
-                    // A version no feed entry has: a gap for every replica.
-                    let _: i64 = redis::cmd("INCR")
-                        .arg(format!("lic:{{{serial}}}:version"))
-                        .query(&mut conn)
+                    // A version no feed entry has: a gap for every replica
+                    // (the seat order sets' mark moves with it).
+                    let _: i64 = redis::Script::new(GAP)
+                        .key(format!("lic:{{{serial}}}:version"))
+                        .key(format!("lic:{{{serial}}}:order_at"))
+                        .invoke(&mut conn)
                         .unwrap();
                     gaps += 1;
                 }

@@ -704,7 +704,7 @@ impl Store for RedisStore {
                 return Err(StoreError::Unavailable("feed read timed out".into()));
             }
         };
-        let entries = reply
+        let mut entries = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
             .unwrap_or_default();
         // Nothing new, or something odd: confirm the epoch and version are the ones
@@ -721,6 +721,27 @@ impl Store for RedisStore {
             .await?;
         if epoch.as_deref() != Some(since.epoch.as_str()) || version.unwrap_or(0) < since.version {
             return Ok(Changes::Resync);
+        }
+        if entries.is_empty() && version.unwrap_or(0) > since.version {
+            // The version moved on with no entry in the feed seen: a write
+            // that landed after the read (then it is there now), or a version
+            // no entry has (a gap, found below).
+            let later: redis::streams::StreamRangeReply = self
+                .bounded(
+                    "feed_position",
+                    redis::cmd("XRANGE")
+                        .arg(self.keys.feed())
+                        .arg(format!("{}-0", since.version + 1))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if later.ids.is_empty() {
+                return Ok(Changes::Resync);
+            }
+            entries = later.ids;
         }
         let mut changes = Vec::with_capacity(entries.len());
         for (expected, entry) in (since.version + 1..).zip(entries) {

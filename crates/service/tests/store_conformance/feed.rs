@@ -322,3 +322,41 @@ async fn a_snapshot_read_during_writes_is_the_store_at_its_version(store: Arc<dy
         );
     }
 }
+
+/// The cases that write into Redis by hand.
+mod raw_feed {
+    use super::*;
+
+    redis_only! {
+        a_version_no_feed_entry_has_is_a_gap;
+    }
+
+    /// A version counter ahead of the feed (written by hand, or by a writer that
+    /// did not append its entry) is a gap, found by an idle reader too: the
+    /// reader reads a snapshot instead of waiting for an entry that never comes.
+    async fn a_version_no_feed_entry_has_is_a_gap(subject: &Subject) {
+        let store = &*subject.store;
+        let lic = with_license(store, "gap").await;
+        created(assign(store, "alice", Feature::User, &purchased(&lic, 2)).await);
+        let pos = position(store).await;
+        assert_eq!(
+            store
+                .changes(&pos, Duration::from_millis(20))
+                .await
+                .unwrap(),
+            Changes::Events(vec![]),
+            "nothing new"
+        );
+        let _: i64 = redis::cmd("INCR")
+            .arg(format!("lic:{{{}}}:version", subject.serial))
+            .query(&mut subject.redis.as_ref().unwrap().connection())
+            .unwrap();
+        assert_eq!(
+            store
+                .changes(&pos, Duration::from_millis(20))
+                .await
+                .unwrap(),
+            Changes::Resync
+        );
+    }
+}
