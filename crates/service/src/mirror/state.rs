@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use compact_str::CompactString;
+
 use chrono::{TimeZone, Utc};
 use ed25519_dalek::VerifyingKey;
 
@@ -48,21 +50,56 @@ impl Verifier {
     }
 }
 
-/// A seat as the mirror keeps it: small, because a replica holds every seat.
+/// A seat as the mirror keeps it: 16 bytes, because a replica holds every
+/// seat. The source is the lowest bit of the assignment time (shifted left by
+/// one), a missing over-capacity flag is `i64::MIN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MirrorSeat {
-    pub source: SeatSource,
-    pub assigned_at_ms: i64,
-    pub over_capacity_since_ms: Option<i64>,
+    at: i64,
+    over: i64,
 }
 
 impl MirrorSeat {
-    pub(super) fn from_seat(seat: &Seat) -> Self {
+    const NO_FLAG: i64 = i64::MIN;
+
+    pub fn new(
+        source: SeatSource,
+        assigned_at_ms: i64,
+        over_capacity_since_ms: Option<i64>,
+    ) -> Self {
+        let bit = match source {
+            SeatSource::Purchased => 0,
+            SeatSource::Tryout => 1,
+        };
         Self {
-            source: seat.source,
-            assigned_at_ms: seat.assigned_at.timestamp_millis(),
-            over_capacity_since_ms: seat.over_capacity_since.map(|t| t.timestamp_millis()),
+            // Stored times are within chrono's range (|ms| < 2^53): no overflow.
+            at: (assigned_at_ms << 1) | bit,
+            over: over_capacity_since_ms.unwrap_or(Self::NO_FLAG),
         }
+    }
+
+    pub(super) fn from_seat(seat: &Seat) -> Self {
+        Self::new(
+            seat.source,
+            seat.assigned_at.timestamp_millis(),
+            seat.over_capacity_since.map(|t| t.timestamp_millis()),
+        )
+    }
+
+    pub fn source(self) -> SeatSource {
+        if self.at & 1 == 1 {
+            SeatSource::Tryout
+        } else {
+            SeatSource::Purchased
+        }
+    }
+
+    pub fn assigned_at_ms(self) -> i64 {
+        self.at >> 1
+    }
+
+    pub fn over_capacity_since_ms(self) -> Option<i64> {
+        (self.over != Self::NO_FLAG).then_some(self.over)
     }
 
     pub fn to_seat(self, user_id: UserId, feature: Feature) -> Seat {
@@ -70,9 +107,9 @@ impl MirrorSeat {
         Seat {
             user_id,
             feature,
-            source: self.source,
-            assigned_at: at(self.assigned_at_ms),
-            over_capacity_since: self.over_capacity_since_ms.map(at),
+            source: self.source(),
+            assigned_at: at(self.assigned_at_ms()),
+            over_capacity_since: self.over_capacity_since_ms().map(at),
         }
     }
 }
@@ -83,7 +120,7 @@ pub struct MirrorState {
     /// Where in the store's history this copy is; `None` before the first sync.
     pub position: Option<Position>,
     /// Seats by feature, then user id (O(1) lookups on the hot path).
-    pub(super) seats: HashMap<Feature, HashMap<Box<str>, MirrorSeat>>,
+    pub(super) seats: HashMap<Feature, HashMap<CompactString, MirrorSeat>>,
     /// Seats held per (feature, source).
     pub(super) counts: HashMap<(Feature, SeatSource), u32>,
     /// The stored document, trusted or not (kept for repair).
@@ -138,7 +175,7 @@ impl MirrorState {
         self.seats.get(&feature).map_or((0, None), |users| {
             users
                 .values()
-                .filter_map(|s| s.over_capacity_since_ms)
+                .filter_map(|s| s.over_capacity_since_ms())
                 .fold((0, None), |(n, first): (u32, Option<i64>), since| {
                     (n + 1, Some(first.map_or(since, |f| f.min(since))))
                 })
@@ -163,14 +200,14 @@ impl MirrorState {
             .or_default()
             .insert(seat.user_id.as_str().into(), new);
         if let Some(old) = old {
-            self.decrement(seat.feature, old.source);
+            self.decrement(seat.feature, old.source());
         }
-        *self.counts.entry((seat.feature, new.source)).or_default() += 1;
+        *self.counts.entry((seat.feature, new.source())).or_default() += 1;
     }
 
     pub(super) fn remove_seat(&mut self, feature: Feature, user_id: &str) {
         if let Some(old) = self.seats.get_mut(&feature).and_then(|m| m.remove(user_id)) {
-            self.decrement(feature, old.source);
+            self.decrement(feature, old.source());
         }
     }
 
@@ -259,8 +296,17 @@ impl MirrorState {
             high_water_ms: snapshot.high_water_ms,
             ..Default::default()
         };
+        // Sized once (no rehash while loading), then consumed seat by seat:
+        // each id's heap copy goes as its entry is made.
+        let mut per_feature: HashMap<Feature, usize> = HashMap::new();
         for seat in &snapshot.seats {
-            state.put_seat(seat);
+            *per_feature.entry(seat.feature).or_default() += 1;
+        }
+        for (feature, n) in per_feature {
+            state.seats.insert(feature, HashMap::with_capacity(n));
+        }
+        for seat in snapshot.seats {
+            state.put_seat(&seat);
         }
         state.set_license(snapshot.license, verifier);
         state
@@ -367,6 +413,33 @@ impl StateSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mirror_seat_is_16_bytes_and_keeps_every_value() {
+        assert_eq!(std::mem::size_of::<MirrorSeat>(), 16);
+        for source in [SeatSource::Purchased, SeatSource::Tryout] {
+            for at in [
+                0,
+                1,
+                -1,
+                1_765_000_000_123,
+                -62_135_596_800_000,
+                8_000_000_000_000_000,
+            ] {
+                for over in [None, Some(0), Some(-5), Some(at), Some(i64::MAX)] {
+                    let seat = MirrorSeat::new(source, at, over);
+                    assert_eq!(
+                        (
+                            seat.source(),
+                            seat.assigned_at_ms(),
+                            seat.over_capacity_since_ms()
+                        ),
+                        (source, at, over)
+                    );
+                }
+            }
+        }
+    }
     use crate::domain::{Edition, TryoutRecord};
 
     fn verifier() -> Verifier {

@@ -14,7 +14,7 @@
 //! from the head (trimmed under a write burst, another epoch) the snapshot
 //! starts again, a bounded number of times.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -30,8 +30,8 @@ use crate::domain::{Feature, ReconcileStatus, Seat, TryoutRecord};
 use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoreError, StoredLicense};
 
 /// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
-/// about 100 kB and takes Redis well under a millisecond).
-pub(super) const SCAN_COUNT: usize = 1000;
+/// about 400 kB and takes Redis about a millisecond).
+pub(super) const SCAN_COUNT: usize = 4000;
 /// The smallest page a timed-out page shrinks to.
 const SCAN_COUNT_MIN: usize = 50;
 /// Feed entries one page of the replay reads.
@@ -41,12 +41,67 @@ const ATTEMPTS: usize = 4;
 /// How often one page is read again after a timeout (each time smaller).
 const PAGE_RETRIES: usize = 4;
 
-/// The seats read so far, by (feature, user as stored).
-type Slots = HashMap<(Feature, String), Slot>;
+/// The seats read so far: the pages' seats in one vector (compact: no map per
+/// seat), then what the replayed feed changed, by key (few).
+#[derive(Default)]
+struct Seats {
+    /// Every readable seat the pages returned (a seat may come twice).
+    paged: Vec<Seat>,
+    /// Records of the pages that do not parse, by (feature, user as stored).
+    corrupt: HashMap<(Feature, String), String>,
+    /// The replay's last word per (feature, user): a seat, or none (released).
+    replayed: BTreeMap<(Feature, String), Option<Seat>>,
+}
 
-enum Slot {
-    Seat(Seat),
-    Corrupt(String),
+impl Seats {
+    fn put(&mut self, seat: &Seat) {
+        let key = (seat.feature, seat.user_id.as_str().to_owned());
+        self.corrupt.remove(&key);
+        self.replayed.insert(key, Some(seat.clone()));
+    }
+
+    fn remove(&mut self, feature: Feature, user: &str) {
+        let key = (feature, user.to_owned());
+        self.corrupt.remove(&key);
+        self.replayed.insert(key, None);
+    }
+
+    fn clear(&mut self) {
+        self.paged = Vec::new();
+        self.corrupt.clear();
+        self.replayed.clear();
+    }
+
+    /// The seats, ordered by (feature, user), each once; and the corrupt
+    /// records' names.
+    fn finish(self) -> (Vec<Seat>, Vec<String>) {
+        let Seats {
+            mut paged,
+            corrupt,
+            replayed,
+        } = self;
+        // A later page's copy of a seat wins (the tryout pool is read after
+        // the purchased one, as the replica's copy takes them); the sort is
+        // stable, so of equal keys the last read comes last.
+        paged.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        paged.dedup_by(|later, kept| {
+            let same = later.feature == kept.feature && later.user_id == kept.user_id;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
+        if !replayed.is_empty() {
+            paged.retain(|s| !replayed.contains_key(&(s.feature, s.user_id.as_str().to_owned())));
+            paged.extend(replayed.into_values().flatten());
+            paged.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        }
+        let names = corrupt
+            .into_iter()
+            .map(|((feature, user), e)| format!("seat {feature}/{user:?}: {e}"))
+            .collect();
+        (paged, names)
+    }
 }
 
 /// The single records of the head, then as the replay changes them.
@@ -70,17 +125,10 @@ impl Records {
 }
 
 /// Applies one feed change to what was read: the same effect as the write had.
-fn replay(change: &Change, seats: &mut Slots, records: &mut Records) {
+fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
     match &change.kind {
-        ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => {
-            seats.insert(
-                (seat.feature, seat.user_id.as_str().to_owned()),
-                Slot::Seat(seat.clone()),
-            );
-        }
-        ChangeKind::SeatReleased { feature, user_id } => {
-            seats.remove(&(*feature, user_id.as_str().to_owned()));
-        }
+        ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => seats.put(seat),
+        ChangeKind::SeatReleased { feature, user_id } => seats.remove(*feature, user_id.as_str()),
         ChangeKind::LicenseApplied(l) => {
             records.license = Some(l.clone());
             records.replaced(&["license"]);
@@ -216,7 +264,7 @@ impl RedisStore {
         });
 
         // 2. The pools, page by page.
-        let mut seats = Slots::new();
+        let mut seats = Seats::default();
         for (feature, _, key) in self.keys.pools() {
             self.scan_pool(feature, &key, &mut seats).await?;
         }
@@ -234,14 +282,8 @@ impl RedisStore {
         }
 
         let mut all_corrupt: Vec<String> = records.corrupt.into_iter().map(|(_, e)| e).collect();
-        let mut list = Vec::with_capacity(seats.len());
-        for ((feature, user), slot) in seats {
-            match slot {
-                Slot::Seat(seat) => list.push(seat),
-                Slot::Corrupt(e) => all_corrupt.push(format!("seat {feature}/{user:?}: {e}")),
-            }
-        }
-        list.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
+        let (list, corrupt_seats) = seats.finish();
+        all_corrupt.extend(corrupt_seats);
         for what in &all_corrupt {
             tracing::error!(record = %what, "corrupt record in the seat store skipped");
             crate::metrics::metrics().corrupt_record();
@@ -266,31 +308,44 @@ impl RedisStore {
         &self,
         feature: Feature,
         key: &str,
-        seats: &mut Slots,
+        seats: &mut Seats,
     ) -> Result<(), StoreError> {
-        let mut cursor = String::from("0");
+        let mut cursor = Some(String::from("0"));
         let mut count = SCAN_COUNT;
-        loop {
-            let ((next, flat),): ((String, Value),) = self
-                .bulk(&mut count, |n| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("HSCAN").arg(key).arg(&cursor).arg("COUNT").arg(n);
-                    pipe
-                })
-                .await?;
-            for pair in texts(flat)?.chunks_exact(2) {
-                let user = pair[0].clone().unwrap_or_else(|lossy| lossy);
-                let slot = match stored_seat(feature, &pair[0], &pair[1]) {
-                    Ok(seat) => Slot::Seat(seat),
-                    Err(e) => Slot::Corrupt(e.to_string()),
+        // A page is parsed while the next one is on its way.
+        let mut page: Option<Value> = None;
+        while cursor.is_some() || page.is_some() {
+            // Boxed: the page's future is large, and nested in the snapshot's.
+            let fetch = Box::pin(async {
+                let Some(at) = &cursor else {
+                    return Ok(None);
                 };
-                seats.insert((feature, user), slot);
+                let ((next, flat),): ((String, Value),) = self
+                    .bulk(&mut count, |n| {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("HSCAN").arg(key).arg(at).arg("COUNT").arg(n);
+                        pipe
+                    })
+                    .await?;
+                Ok::<_, StoreError>(Some((next, flat)))
+            });
+            let parse = async {
+                match page.take() {
+                    Some(flat) => parse_page(feature, flat, seats),
+                    None => Ok(()),
+                }
+            };
+            let (fetched, parsed) = tokio::join!(fetch, parse);
+            parsed?;
+            match fetched? {
+                Some((next, flat)) => {
+                    page = Some(flat);
+                    cursor = (next != "0").then_some(next);
+                }
+                None => cursor = None,
             }
-            if next == "0" {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
     }
 
     /// Replays the feed after `from` over what was read, and answers the last
@@ -300,7 +355,7 @@ impl RedisStore {
         &self,
         epoch: &str,
         from: u64,
-        seats: &mut Slots,
+        seats: &mut Seats,
         records: &mut Records,
     ) -> Result<Result<u64, Restart>, StoreError> {
         let mut last = from;
@@ -408,6 +463,20 @@ impl RedisStore {
             pause *= 2;
         }
     }
+}
+
+/// One `HSCAN` page's (user, record) pairs into `seats`.
+fn parse_page(feature: Feature, flat: Value, seats: &mut Seats) -> Result<(), StoreError> {
+    for pair in texts(flat)?.chunks_exact(2) {
+        match stored_seat(feature, &pair[0], &pair[1]) {
+            Ok(seat) => seats.paged.push(seat),
+            Err(e) => {
+                let user = pair[0].clone().unwrap_or_else(|lossy| lossy);
+                seats.corrupt.insert((feature, user), e.to_string());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A single record of the head: `None` when absent, or when corrupt (then named
