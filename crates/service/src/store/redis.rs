@@ -13,6 +13,7 @@
 //! | `lic:{S}:order:<feature>` | sorted set | the purchased pool's readable seats: user id, score `assigned_at_ms` (the over-capacity order) |
 //! | `lic:{S}:flagged:<feature>` | sorted set | the seats of `order:<feature>` flagged over capacity, same scores |
 //! | `lic:{S}:order_at` | string | the version up to which every write kept the order sets (behind the version: rebuilt before use) |
+//! | `lic:{S}:order_build` | string | a build of the order sets in progress: builder id and start version (expires 10 s after its last page) |
 //! | `lic:{S}:license` | hash | `id` (signature), `record` ([`LicenseRecordV1`]) |
 //! | `lic:{S}:tryout` | string | [`TryoutRecordV1`] |
 //! | `lic:{S}:reconcile` | string | [`ReconcileRecordV1`] |
@@ -38,6 +39,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
+#[path = "redis_order.rs"]
+mod order;
 #[path = "redis_snapshot.rs"]
 mod snapshot;
 
@@ -68,9 +71,6 @@ const SOURCES: [SeatSource; 2] = [SeatSource::Purchased, SeatSource::Tryout];
 
 /// How many times one write builds the seat order sets before it gives up.
 const MAX_ORDER_BUILDS: u32 = 3;
-/// The bound of one build of the order sets (O(pool), about 1 s per 100 000 seats
-/// on a slow host); a write's own bound applies when it is longer.
-const ORDER_BUILD_TIMEOUT: Duration = Duration::from_secs(10);
 
 macro_rules! script {
     ($file:literal) => {
@@ -98,7 +98,10 @@ static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/l
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static REPAIR: LazyLock<Script> = script!("repair.lua");
 static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/clock.lua")));
-static BUILD_ORDER: LazyLock<Script> = script!("build_order.lua");
+static ORDER_BEGIN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/order_begin.lua")));
+static ORDER_PAGE: LazyLock<Script> = script!("order_page.lua");
+static ORDER_FINISH: LazyLock<Script> = script!("order_finish.lua");
 static AUDIT_APPEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/audit_append_batch.lua")));
 
@@ -140,6 +143,10 @@ impl Keys {
     /// The version the order sets are true at.
     fn order_at(&self) -> String {
         self.key("order_at")
+    }
+    /// The mark of a build of the order sets in progress: builder and start version.
+    fn order_build(&self) -> String {
+        self.key("order_build")
     }
     fn license(&self) -> String {
         self.key("license")
@@ -403,45 +410,6 @@ impl RedisStore {
                 _ => Ok(reply),
             };
         }
-    }
-
-    /// Builds the order sets of every purchased pool from the seats (see
-    /// `lua/build_order.lua`): O(pool), once per store, or after a write by a
-    /// replica that does not keep them. Bounded apart: one pass over a large
-    /// pool may take longer than a write.
-    async fn build_order(&self) -> Result<(), StoreError> {
-        let mut inv = BUILD_ORDER.prepare_invoke();
-        inv.key(self.keys.epoch())
-            .key(self.keys.version())
-            .key(self.keys.feed())
-            .key(self.keys.order_at())
-            .arg("");
-        for feature in Feature::SEATS {
-            inv.key(self.keys.pool(feature, SeatSource::Purchased))
-                .key(self.keys.order(feature))
-                .key(self.keys.flagged(feature))
-                .arg(feature.as_str());
-        }
-        let started = std::time::Instant::now();
-        // A connection of its own, with the longer bound: the shared ones
-        // answer within the write timeout.
-        let limit = self.write_timeout.max(ORDER_BUILD_TIMEOUT);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(limit));
-        let mut conn = self
-            .bounded("build_order", self.target.connect(&config))
-            .await?;
-        let reply = strings(
-            self.bounded_by(limit, "build_order", inv.invoke_async(&mut conn))
-                .await?,
-        )?;
-        skip_corrupt("build_order", reply)?;
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "built the seat order sets of the purchased pools (once per store)"
-        );
-        Ok(())
     }
 
     /// Notes how a compare-and-set record was read: `stored` is the text in the

@@ -422,7 +422,7 @@ impl RedisStore {
     /// [`Self::bulk_timeout`]. After a timeout the connection is dropped (Redis
     /// discards the reply nobody reads) and the read is tried again after a
     /// jittered pause, asking for half as much (`count`, kept for later pages).
-    async fn bulk<T: redis::FromRedisValue>(
+    pub(super) async fn bulk<T: redis::FromRedisValue>(
         &self,
         count: &mut usize,
         make: impl Fn(usize) -> redis::Pipeline,

@@ -17,7 +17,8 @@ local FEED_LEN, FLOOR_EPOCH, FLOOR_VERSION = string.match(ARGV[1], '^(%d+)|([^|]
 -- script that finds it behind the version (the sets were never built, or a
 -- write by a replica that does not keep them came between) trusts no set:
 -- where it needs them it answers 'noindex', and the replica builds them anew
--- (build_order.lua, once, O(pool)) and tries again.
+-- in pages (order_begin.lua, order_page.lua, order_finish.lua: once, each page
+-- small) and tries again.
 local INDEXED = redis.call('GET', KEYS[4]) == (redis.call('GET', KEYS[2]) or '0')
 
 -- Redis's own clock, so replicas with skewed clocks agree.
@@ -54,8 +55,13 @@ end
 -- Counts the write and appends it to the feed; the entry id is the new version,
 -- so a reader notices any gap.
 -- The order sets stay true at the new version when they were before.
+-- Every entry carries 'o': written by a script that keeps the order sets (a
+-- build of the sets in pages trusts the writes made meanwhile only then; see
+-- order_finish.lua).
 local function bump(fields)
   local v = redis.call('INCR', KEYS[2])
+  table.insert(fields, 'o')
+  table.insert(fields, '1')
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', FEED_LEN, v .. '-0', unpack(fields))
   if INDEXED then redis.call('SET', KEYS[4], v) end
   return v
