@@ -50,7 +50,7 @@ SERVICE="comtrexx.licensing.v1.LicensingService"
 # The RPCs of the API contract (proto/comtrexx/licensing/v1/licensing.proto); each needs a recipe.
 RPCS=(CheckSeat AssignSeat ReleaseSeat ListSeats GetTryoutStatus StartTryout EndTryout
   GetLicenseOverview Reconcile CreateInitializationCode ApplyActivation WatchLicenseEvents
-  ResetActivation ActivateOnline)
+  ResetActivation ActivateOnline WatchSeats)
 
 die() {
   printf 'error: %s\n' "$*" >&2

@@ -364,12 +364,14 @@ async fn main() {
     let plain_peer = Peer {
         addr: loopback,
         certificate: None,
+        long_streams: Default::default(),
     };
     let cert_peer = Peer {
         addr: loopback,
         certificate: Some(PeerCertificate::Verified {
             identity: Some("spiffe://bench/pbx".into()),
         }),
+        long_streams: Default::default(),
     };
     let whole_call = median(&cpu[1]).as_nanos() as f64;
     println!(

@@ -192,6 +192,7 @@ impl App {
                 auth,
                 limits: config.limits.clone(),
                 health: Health::new(&config.limits),
+                watch: config.watch,
             },
             callers,
             audit,

@@ -4,6 +4,8 @@
 //! Below every layer that reads them (authorization, limits, handlers, audit).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::rpc::Role;
 
@@ -32,6 +34,37 @@ pub struct Peer {
     pub addr: Option<SocketAddr>,
     /// The client certificate, when one was presented over TLS.
     pub certificate: Option<PeerCertificate>,
+    /// The streams of this connection meant to stay open for hours.
+    pub long_streams: LongStreams,
+}
+
+/// How many streams meant to stay open for hours (`WatchSeats`) a connection
+/// carries: while one is open, the connection is not closed at its maximum
+/// age and grace (it still gets `GOAWAY`, so new calls go elsewhere). Shared
+/// by the connection and its requests' [`Peer`].
+#[derive(Debug, Clone, Default)]
+pub struct LongStreams(Arc<AtomicUsize>);
+
+impl LongStreams {
+    /// Counts one open stream until the returned hold drops.
+    pub fn hold(&self) -> LongStreamHold {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        LongStreamHold(self.0.clone())
+    }
+
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One open long stream of a connection (see [`LongStreams`]).
+#[derive(Debug)]
+pub struct LongStreamHold(Arc<AtomicUsize>);
+
+impl Drop for LongStreamHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Peer {

@@ -50,7 +50,7 @@ use tonic::codegen::{Body as HttpBody, http};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::audit::Auditor;
-use crate::caller::{Caller, Peer};
+use crate::caller::{Caller, LongStreams, Peer};
 use crate::domain::audit::{AuditEvent, Who};
 use crate::metrics::metrics;
 pub use crate::rpc::RpcClass;
@@ -75,7 +75,8 @@ pub struct Limits {
     pub max_connection_age_grace: Duration,
     /// Concurrent calls per class of RPC.
     pub budgets: Budgets,
-    /// `WatchLicenseEvents` streams one caller may hold open.
+    /// `WatchLicenseEvents` and `WatchSeats` streams one caller may hold open
+    /// (together).
     pub watch_subscribers_per_caller: usize,
     /// Token bucket of `CreateInitializationCode` and `ApplyActivation` (each its
     /// own, per caller): refill per minute and burst.
@@ -737,6 +738,9 @@ pub struct Connections {
     pub handshake_timeout: Duration,
     /// `max_connection_age` plus its grace: then a connection still open is closed.
     lifetime: Duration,
+    /// `max_connection_age_grace`: how often a connection kept past its
+    /// lifetime by a long stream looks again.
+    grace: Duration,
     /// Open connections per peer address; the sum is the total.
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
     /// When a refusal was last logged.
@@ -751,6 +755,7 @@ impl Connections {
             max_per_peer: limits.max_connections_per_peer,
             handshake_timeout: limits.handshake_timeout,
             lifetime: limits.max_connection_age + limits.max_connection_age_grace,
+            grace: limits.max_connection_age_grace,
             open: Mutex::new((0, HashMap::new())),
             logged: Mutex::new(None),
         })
@@ -844,11 +849,16 @@ const H2_PREFACE_LEN: usize = 24;
 /// passes `max_connection_age` plus the grace: tonic sends `GOAWAY` at
 /// `max_connection_age` (new calls go to a new connection, possibly to another
 /// replica) but never closes a connection whose streams stay open; this ends
-/// them, so every connection is gone by then.
+/// them, so every connection is gone by then. Except one carrying a
+/// `WatchSeats` stream ([`LongStreams`]): that stream is meant to live for
+/// hours (its caller decides from it), so the connection stays until it ends,
+/// looked at again every grace. Such streams need a role that may watch and
+/// are capped per caller ([`Guards::join_watch`]).
 pub struct AdmittedConnection<T> {
     inner: T,
     slot: ConnectionSlot,
     peer: SocketAddr,
+    long_streams: LongStreams,
     /// Until the preface is read: its deadline and the bytes still missing.
     preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
     // Fires at the end of the grace; boxed so the wrapper stays `Unpin`.
@@ -862,12 +872,14 @@ impl<T> AdmittedConnection<T> {
         slot: ConnectionSlot,
         peer: SocketAddr,
         deadline: tokio::time::Instant,
+        long_streams: LongStreams,
     ) -> Self {
         let lifetime = slot.connections.lifetime;
         Self {
             inner,
             slot,
             peer,
+            long_streams,
             preface: Some((Box::pin(tokio::time::sleep_until(deadline)), H2_PREFACE_LEN)),
             closes_at: Box::pin(tokio::time::sleep(lifetime)),
         }
@@ -876,12 +888,20 @@ impl<T> AdmittedConnection<T> {
     /// Once the lifetime has passed, every read and write fails, and hyper
     /// closes the connection.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        self.closes_at.as_mut().poll(cx).is_ready().then(|| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "maximum connection age and grace passed",
-            )
-        })
+        while self.closes_at.as_mut().poll(cx).is_ready() {
+            if self.long_streams.open() == 0 {
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "maximum connection age and grace passed",
+                ));
+            }
+            // A long stream is open: look again one grace later (polled once
+            // more by the loop, so the timer wakes this connection).
+            let again = tokio::time::Instant::now()
+                + self.slot.connections.grace.max(Duration::from_millis(10));
+            self.closes_at.as_mut().reset(again);
+        }
+        None
     }
 }
 
@@ -1179,7 +1199,7 @@ const MAX_IDLE_BUCKETS: usize = 4096;
 #[derive(Debug)]
 pub struct Guards {
     watch_limit: usize,
-    /// Open `WatchLicenseEvents` streams per caller.
+    /// Open `WatchLicenseEvents` and `WatchSeats` streams per caller.
     watchers: Mutex<HashMap<String, usize>>,
     per_second: f64,
     burst: u32,
@@ -1239,11 +1259,12 @@ impl Guards {
         })
     }
 
-    /// A place for one more `WatchLicenseEvents` stream of the request's caller;
-    /// given back when the returned slot drops (the stream ends or its client
-    /// goes away).
+    /// A place for one more stream (`WatchLicenseEvents`, `WatchSeats`: one
+    /// cap for both) of the request's caller; given back when the returned slot
+    /// drops (the stream ends or its client goes away).
     pub fn join_watch<T>(
         self: &Arc<Self>,
+        method: &'static str,
         request: &tonic::Request<T>,
     ) -> Result<WatchSlot, Refusal> {
         let caller = caller_of(request);
@@ -1262,7 +1283,7 @@ impl Guards {
         let refusal = Refusal::TooManySubscribers {
             limit: self.watch_limit,
         };
-        count_refused("WatchLicenseEvents", &refusal);
+        count_refused(method, &refusal);
         Err(refusal)
     }
 
@@ -1280,7 +1301,7 @@ impl Guards {
     }
 }
 
-/// One open `WatchLicenseEvents` stream, counted against its caller.
+/// One open `WatchLicenseEvents` or `WatchSeats` stream, counted against its caller.
 #[derive(Debug)]
 pub struct WatchSlot {
     guards: Arc<Guards>,

@@ -180,10 +180,12 @@ pub const WATCH_LICENSE_EVENTS: Rpc = rpc("WatchLicenseEvents", &[CH, UM, OP], N
 pub const RESET_ACTIVATION: Rpc = rpc("ResetActivation", &[OP], Some(Writes), true, &[]);
 pub const ACTIVATE_ONLINE: Rpc = rpc("ActivateOnline", &[OP], Some(Writes), true, &[]);
 pub const LIST_AUDIT_EVENTS: Rpc = rpc("ListAuditEvents", &[OP], Some(OperatorReads), false, &[U]);
+/// A stream like `WatchLicenseEvents`: capped per caller, not budgeted.
+pub const WATCH_SEATS: Rpc = rpc("WatchSeats", &[CH, UM, OP], None, false, &[]);
 
 /// Every RPC of `LicensingService`. One missing here is refused to all but
 /// operators and counts as an operator read, so a new RPC is never open by accident.
-pub const RPCS: [&Rpc; 15] = [
+pub const RPCS: [&Rpc; 16] = [
     &CHECK_SEAT,
     &ASSIGN_SEAT,
     &RELEASE_SEAT,
@@ -199,6 +201,7 @@ pub const RPCS: [&Rpc; 15] = [
     &RESET_ACTIVATION,
     &ACTIVATE_ONLINE,
     &LIST_AUDIT_EVENTS,
+    &WATCH_SEATS,
 ];
 
 /// The RPC of a short method name.

@@ -33,6 +33,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// The health status this server reports.
     pub health: Health,
+    /// `WatchSeats` streams (`watch.*`).
+    pub watch: crate::grpc::WatchOptions,
 }
 
 /// The health service name that only says the process runs (liveness probes).
@@ -181,10 +183,14 @@ pub async fn run(
             audit.clone(),
         ))
         .into_inner();
-    let licensing_service =
-        LicensingServiceServer::new(LicensingApi::new(licensing, audit.clone(), guards))
-            // Refuse over-size requests before decoding them (see message_size above).
-            .max_decoding_message_size(limits_cfg.max_message_bytes);
+    let licensing_service = LicensingServiceServer::new(LicensingApi::new(
+        licensing,
+        audit.clone(),
+        guards,
+        options.watch,
+    ))
+    // Refuse over-size requests before decoding them (see message_size above).
+    .max_decoding_message_size(limits_cfg.max_message_bytes);
     let router = builder
         .layer(stack)
         .add_service(licensing_service)

@@ -22,7 +22,9 @@ pub enum Refusal {
     Overloaded { class: RpcClass },
     #[error("rate limited; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: Duration },
-    #[error("too many WatchLicenseEvents streams for this caller (at most {limit})")]
+    #[error(
+        "too many open streams (WatchLicenseEvents and WatchSeats together) for this caller (at most {limit})"
+    )]
     TooManySubscribers { limit: usize },
     #[error("shutting down, reconnect")]
     ShuttingDown,

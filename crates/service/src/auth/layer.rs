@@ -289,6 +289,7 @@ mod tests {
         Peer {
             addr: Some(addr.parse().unwrap()),
             certificate: None,
+            long_streams: Default::default(),
         }
     }
 

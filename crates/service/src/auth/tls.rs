@@ -430,12 +430,20 @@ pub fn incoming(
             };
             // Call handling sends small, latency-sensitive requests.
             let _ = stream.set_nodelay(true);
+            let long_streams = crate::caller::LongStreams::default();
             let peer = Peer {
                 addr: Some(addr),
                 certificate: None,
+                long_streams: long_streams.clone(),
             };
             let Some(tls) = &tls else {
-                let conn = AdmittedConnection::new(Conn::Plain(stream, peer), slot, addr, deadline);
+                let conn = AdmittedConnection::new(
+                    Conn::Plain(stream, peer),
+                    slot,
+                    addr,
+                    deadline,
+                    long_streams,
+                );
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
@@ -475,7 +483,13 @@ pub fn incoming(
                         peer.certificate = loaded.peer_certificate(stream.get_ref().1);
                         let conn = Conn::Tls(Box::new(stream), peer);
                         let _ = tx
-                            .send(Ok(AdmittedConnection::new(conn, slot, addr, deadline)))
+                            .send(Ok(AdmittedConnection::new(
+                                conn,
+                                slot,
+                                addr,
+                                deadline,
+                                long_streams,
+                            )))
                             .await;
                     }
                     Ok(Err((error, stream))) => {

@@ -118,6 +118,33 @@ impl Default for RawClock {
     }
 }
 
+/// `WatchSeats` streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWatch {
+    /// A heartbeat at least this often while nothing changes (ms).
+    pub heartbeat_ms: u64,
+}
+
+impl Default for RawWatch {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: crate::grpc::WatchOptions::default().heartbeat.as_millis() as u64,
+        }
+    }
+}
+
+impl RawWatch {
+    /// `watch.heartbeat_ms`: from 100 ms up to a minute, below the idle
+    /// timeouts of proxies and load balancers (a minute or more).
+    pub(super) fn validate(&self) -> Result<crate::grpc::WatchOptions, ConfigError> {
+        let ms = within("watch.heartbeat_ms", self.heartbeat_ms, 100..=60_000)?;
+        Ok(crate::grpc::WatchOptions {
+            heartbeat: Duration::from_millis(ms),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawMirror {

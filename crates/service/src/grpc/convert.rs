@@ -58,7 +58,7 @@ pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     }
 }
 
-fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
+pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
     t.map(timestamp)
 }
 

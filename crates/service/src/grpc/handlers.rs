@@ -32,14 +32,22 @@ pub struct LicensingApi {
     audit: Auditor,
     /// Per-caller limits (event streams, rate limits) and the drain signal.
     guards: Arc<Guards>,
+    /// `WatchSeats` streams.
+    watch: super::WatchOptions,
 }
 
 impl LicensingApi {
-    pub fn new(licensing: Arc<Licensing>, audit: Auditor, guards: Arc<Guards>) -> Self {
+    pub fn new(
+        licensing: Arc<Licensing>,
+        audit: Auditor,
+        guards: Arc<Guards>,
+        watch: super::WatchOptions,
+    ) -> Self {
         Self {
             licensing,
             audit,
             guards,
+            watch,
         }
     }
 }
@@ -81,7 +89,7 @@ audit_keys!(user_id: ListAuditEventsRequest);
 audit_keys!(none: GetTryoutStatusRequest, StartTryoutRequest, EndTryoutRequest,
     GetLicenseOverviewRequest, ReconcileRequest, CreateInitializationCodeRequest,
     ApplyActivationRequest, WatchLicenseEventsRequest, ResetActivationRequest,
-    ActivateOnlineRequest);
+    ActivateOnlineRequest, WatchSeatsRequest);
 
 /// The audit keys of a request, those the RPC table names for `rpc`.
 fn audit_keys<'a>(rpc: &Rpc, message: &'a impl AuditKeys) -> (&'a str, &'a str) {
@@ -414,7 +422,10 @@ impl LicensingService for LicensingApi {
         request: Request<pb::WatchLicenseEventsRequest>,
     ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
         rpc!(self, rpc::WATCH_LICENSE_EVENTS, request, async {
-            let slot = self.guards.join_watch(&request).map_err(refusal)?;
+            let slot = self
+                .guards
+                .join_watch(rpc::WATCH_LICENSE_EVENTS.name, &request)
+                .map_err(refusal)?;
             let events = self.licensing.mirror().events().subscribe();
             let stream = event_stream(events, Box::pin(self.guards.drained()), slot);
             Ok(Response::new(Box::pin(stream) as EventStream))
@@ -442,6 +453,42 @@ impl LicensingService for LicensingApi {
             Ok(Response::new(pb::ActivateOnlineResponse {
                 overview: Some(convert::overview(&overview)),
             }))
+        })
+    }
+
+    type WatchSeatsStream = super::watch::SeatStream;
+
+    async fn watch_seats(
+        &self,
+        request: Request<pb::WatchSeatsRequest>,
+    ) -> Result<Response<Self::WatchSeatsStream>, Status> {
+        rpc!(self, rpc::WATCH_SEATS, request, async {
+            let req = request.get_ref();
+            let features = super::watch::features(&req.features).map_err(invalid)?;
+            let slot = self
+                .guards
+                .join_watch(rpc::WATCH_SEATS.name, &request)
+                .map_err(refusal)?;
+            let (start, feed) = self
+                .licensing
+                .watch_seats(req.since_version, &features)
+                .map_err(to_status)?;
+            // Keeps the connection past its maximum age while the stream is open.
+            let hold = request
+                .extensions()
+                .get::<crate::caller::Peer>()
+                .map(|p| p.long_streams.hold());
+            let stream = super::watch::seat_stream(super::watch::Watcher {
+                licensing: self.licensing.clone(),
+                features,
+                start,
+                feed,
+                heartbeat: self.watch.heartbeat,
+                drained: Box::pin(self.guards.drained()),
+                slot,
+                hold,
+            });
+            Ok(Response::new(stream))
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod handlers;
+pub mod watch;
 
 pub use comtrexx_licensing_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, VENDOR_FILE_DESCRIPTOR_SET, pb, reflection_services,
@@ -11,3 +12,4 @@ pub use comtrexx_licensing_proto::{
 };
 
 pub use handlers::LicensingApi;
+pub use watch::WatchOptions;

@@ -30,9 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use crate::domain::{Clock, TryoutPolicy};
+use crate::domain::{AppliedLicense, Clock, TryoutPolicy};
 use crate::events::EventHub;
 use crate::store::{Change, Position, Snapshot, Store, StoreError};
 
@@ -58,6 +58,32 @@ impl Default for MirrorConfig {
     }
 }
 
+/// How many applied changes a `WatchSeats` stream may fall behind before it is
+/// sent a new snapshot instead: the broadcast keeps at most this many, however
+/// many streams are open (about 200 bytes each).
+pub const SEAT_FEED_BUFFER: usize = 1024;
+
+/// What the watchers of the copy hear, in the order the copy changed (sent
+/// under the state's write lock, so a receiver subscribed under its read lock
+/// hears exactly what came after what it read).
+#[derive(Debug, Clone)]
+pub enum SeatFeed {
+    /// One change applied: the copy is now at its version.
+    Change(Arc<FeedChange>),
+    /// The copy was replaced (a snapshot installed that skipped changes, the
+    /// state file loaded): a watcher reads it whole again.
+    Resync,
+}
+
+/// A change as applied here.
+#[derive(Debug)]
+pub struct FeedChange {
+    pub change: Change,
+    /// For a license change: the license this replica trusts after it (`None`:
+    /// the document did not verify, so no license counts).
+    pub license: Option<AppliedLicense>,
+}
+
 /// A replica's mirror, shared by the request handlers and its sync task.
 pub struct Mirror {
     // Read on every CheckSeat, written by the sync task and after local writes;
@@ -75,6 +101,9 @@ pub struct Mirror {
     version_tx: watch::Sender<u64>,
     // Where the changes this replica learns go out as events.
     events: EventHub,
+    // Every change applied, and every replacement of the copy, for
+    // `WatchSeats` (bounded: a receiver that falls behind is told it lagged).
+    feed: broadcast::Sender<SeatFeed>,
     // Stamps events (injected, like every clock here).
     clock: Arc<dyn Clock>,
     // On-demand resyncs run one at a time. Held while one runs; holds the
@@ -109,6 +138,7 @@ impl Mirror {
             last_contact: Mutex::new(None),
             version_tx: watch::channel(0).0,
             events: EventHub::default(),
+            feed: broadcast::channel(SEAT_FEED_BUFFER).0,
             clock,
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
             resyncs_started: AtomicU64::new(0),
@@ -131,6 +161,7 @@ impl Mirror {
         state.from_disk = true;
         *self.disk_problem.lock() = None;
         self.publish_source(&state);
+        self.publish_feed(SeatFeed::Resync);
     }
 
     /// Why no state file was loaded (part of the NO_STATE_YET message).
@@ -270,15 +301,47 @@ impl Mirror {
         &self.events
     }
 
+    /// Reads the state and subscribes to what changes after it, atomically:
+    /// the receiver hears every change applied after what `f` read, and none
+    /// before (changes are sent under the write lock).
+    pub fn read_and_follow<T>(
+        &self,
+        f: impl FnOnce(&MirrorState) -> T,
+    ) -> (T, broadcast::Receiver<SeatFeed>) {
+        let state = self.state.read();
+        let rx = self.feed.subscribe();
+        (f(&state), rx)
+    }
+
+    /// A stored license as this replica trusts it (verified again), if it does.
+    pub fn verify_license(&self, stored: &crate::store::StoredLicense) -> Option<AppliedLicense> {
+        self.verifier.verify(stored).ok()
+    }
+
     /// Applies a change and announces it when it is new here.
     fn apply(&self, state: &mut MirrorState, change: &Change) -> Applied {
         let applied = state.apply(change, &self.verifier);
-        if applied == Applied::Now
-            && let Some(event) = crate::events::from_change(&change.kind, self.clock.now())
-        {
-            self.events.publish(event);
+        if applied == Applied::Now {
+            if let Some(event) = crate::events::from_change(&change.kind, self.clock.now()) {
+                self.events.publish(event);
+            }
+            if self.feed.receiver_count() > 0 {
+                let license = match &change.kind {
+                    crate::store::ChangeKind::LicenseApplied(_) => state.license.clone(),
+                    _ => None,
+                };
+                self.publish_feed(SeatFeed::Change(Arc::new(FeedChange {
+                    change: change.clone(),
+                    license,
+                })));
+            }
         }
         applied
+    }
+
+    /// Sends to the `WatchSeats` streams (none listening: nothing to do).
+    fn publish_feed(&self, item: SeatFeed) {
+        let _ = self.feed.send(item);
     }
 
     fn publish_version(&self, state: &MirrorState) {
@@ -322,6 +385,10 @@ impl Mirror {
                 self.events
                     .publish(crate::events::LicenseEvent::new("resync", self.clock.now()));
             }
+            // A full read may differ from the copy even at the same position
+            // (what the periodic check found): `WatchSeats` streams read it
+            // whole again. Full reads are rare (start, gaps, differences).
+            self.publish_feed(SeatFeed::Resync);
         }
         self.publish_version(&state);
         self.publish_source(&state);

@@ -188,6 +188,45 @@ impl MirrorState {
         self.position.is_some() || self.from_disk
     }
 
+    /// The changes after `since` up to this copy's version, from the journal;
+    /// `None` when it no longer reaches back that far (or `since` is not a
+    /// version of this copy: ahead of it, or without a copy from the store).
+    pub fn changes_since(&self, since: u64) -> Option<Vec<Change>> {
+        let version = self.position.as_ref()?.version;
+        if since > version {
+            return None;
+        }
+        if since == version {
+            return Some(Vec::new());
+        }
+        let first = self.journal.front()?.version;
+        let last = self.journal.back()?.version;
+        if first > since + 1 || last != version {
+            return None;
+        }
+        Some(
+            self.journal
+                .iter()
+                .filter(|c| c.version > since)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The seats of `features` (all when empty), as kept, for a snapshot built
+    /// outside the lock.
+    pub fn seats_of(&self, features: &[Feature]) -> Vec<(Feature, Box<str>, MirrorSeat)> {
+        let mut out = Vec::new();
+        for (feature, users) in &self.seats {
+            if !features.is_empty() && !features.contains(feature) {
+                continue;
+            }
+            out.reserve(users.len());
+            out.extend(users.iter().map(|(u, s)| (*feature, u.clone(), *s)));
+        }
+        out
+    }
+
     pub fn seat_total(&self) -> usize {
         self.seats.values().map(HashMap::len).sum()
     }
@@ -550,6 +589,32 @@ mod tests {
             state.journal.back().unwrap().version,
             3 + JOURNAL_LEN as u64 + 5
         );
+    }
+
+    #[test]
+    fn changes_since_reach_back_as_far_as_the_journal() {
+        let v = verifier();
+        let mut state = MirrorState::load(at(7), &v);
+        // Nothing applied since the snapshot: only the copy's own version.
+        assert_eq!(state.changes_since(7), Some(Vec::new()));
+        assert_eq!(state.changes_since(6), None);
+        assert_eq!(state.changes_since(8), None);
+        for version in 8..=10 {
+            let kind = ChangeKind::ReconcileRecorded(ReconcileStatus::default());
+            state.apply(&change(version, kind), &v);
+        }
+        let versions =
+            |c: Option<Vec<Change>>| c.map(|c| c.iter().map(|c| c.version).collect::<Vec<_>>());
+        assert_eq!(versions(state.changes_since(7)), Some(vec![8, 9, 10]));
+        assert_eq!(versions(state.changes_since(9)), Some(vec![10]));
+        assert_eq!(versions(state.changes_since(10)), Some(vec![]));
+        assert_eq!(state.changes_since(6), None);
+        assert_eq!(state.changes_since(11), None);
+        assert_eq!(MirrorState::default().changes_since(0), None);
+        let seats = state.seats_of(&[Feature::CallAssist]);
+        assert!(seats.is_empty());
+        assert_eq!(state.seats_of(&[]).len(), 1);
+        assert_eq!(state.seats_of(&[Feature::User]).len(), 1);
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! re-setup, reconcile and its schedule.
 
 mod licenses;
+mod watch;
 
 pub use licenses::parse_response as parse_activation_response;
+pub use watch::{SeatState, WatchStart};
 
 use std::sync::Arc;
 use std::time::Duration as StdDuration;

@@ -1,0 +1,431 @@
+//! `WatchSeats`: the seat state streamed to callers that decide `CheckSeat`
+//! themselves. A stream starts with a snapshot (or, resumed, with the
+//! journal's changes after the caller's version), then sends each change the
+//! replica applies, in version order, and a heartbeat whenever nothing was
+//! sent for `watch.heartbeat_ms`.
+//!
+//! Bounded per caller and per stream: the caller's stream slot (shared with
+//! `WatchLicenseEvents`), one receiver of the mirror's bounded broadcast, and
+//! nothing else. The stream is pulled: it reads the broadcast only when the
+//! transport takes a message (HTTP/2 flow control), so a consumer that stops
+//! reading holds at most a flow-control window. When it falls more than the
+//! broadcast's length behind, its backlog is dropped and it gets a snapshot at
+//! the current version instead. No task per stream: dropping the stream frees
+//! everything.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tonic::Status;
+
+use super::convert::{edition, opt_timestamp, reconcile_outcome, seat_source, timestamp};
+use super::pb;
+use crate::caller::LongStreamHold;
+use crate::domain::{
+    ActivationState, AppliedLicense, Feature, InvalidInput, LapseAction, ReconcileStatus, Rules,
+    Seat, TryoutRecord,
+};
+use crate::limits::{Refusal, WatchSlot};
+use crate::mirror::{FeedChange, MirrorSeat, SeatFeed};
+use crate::service::{Licensing, SeatState, WatchStart};
+use crate::status::{refusal_status, to_status};
+use crate::store::ChangeKind;
+
+/// How `WatchSeats` streams run (`watch.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// A heartbeat at least this often while nothing else is sent.
+    pub heartbeat: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The stream a `WatchSeats` call answers with.
+pub type SeatStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchSeatsResponse, Status>> + Send + 'static>>;
+
+/// The request's features: empty for all; each a seat feature, else
+/// `INVALID_ARGUMENT` naming `features`.
+pub fn features(raw: &[String]) -> Result<Vec<Feature>, InvalidInput> {
+    let mut out = Vec::with_capacity(raw.len().min(Feature::ALL.len()));
+    for name in raw {
+        let feature: Feature = name
+            .parse()
+            .map_err(|e: InvalidInput| InvalidInput::new("features", e.message))?;
+        if !feature.is_seat() {
+            return Err(InvalidInput::new(
+                "features",
+                format!("{feature} is not a seat feature (use one of: call_assist, user)"),
+            ));
+        }
+        if !out.contains(&feature) {
+            out.push(feature);
+        }
+    }
+    Ok(out)
+}
+
+/// What one open stream holds; all of it is dropped with the stream.
+pub struct Watcher {
+    pub licensing: Arc<Licensing>,
+    /// The watched features (empty: all).
+    pub features: Vec<Feature>,
+    pub start: WatchStart,
+    /// Every change the replica applies after `start`.
+    pub feed: broadcast::Receiver<SeatFeed>,
+    pub heartbeat: Duration,
+    /// Resolves when the server drains.
+    pub drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The caller's stream slot.
+    pub slot: WatchSlot,
+    /// Keeps the connection past its maximum age while the stream is open.
+    pub hold: Option<LongStreamHold>,
+}
+
+/// The running stream's state.
+struct Running {
+    w: Watcher,
+    /// The version the caller holds after the last message sent.
+    version: u64,
+    /// The start's changes not sent yet (a resumed stream), converted one at a time.
+    pending: VecDeque<FeedChange>,
+    /// The first message (the snapshot of a stream from 0), not sent yet.
+    first: Option<pb::WatchSeatsResponse>,
+    /// Fires when a heartbeat is due (reset by every message sent).
+    beat: Pin<Box<tokio::time::Sleep>>,
+    /// Ended (after the UNAVAILABLE at drain).
+    done: bool,
+}
+
+/// The messages of one stream, until the server drains (then `UNAVAILABLE`,
+/// reason `SHUTTING_DOWN`) or the caller goes away.
+pub fn seat_stream(mut w: Watcher) -> SeatStream {
+    let start = std::mem::replace(
+        &mut w.start,
+        WatchStart::Changes {
+            after: 0,
+            changes: Vec::new(),
+        },
+    );
+    let (first, pending, version) = match start {
+        WatchStart::Snapshot(state) => {
+            let version = state.version;
+            (Some(snapshot(&state)), VecDeque::new(), version)
+        }
+        WatchStart::Changes { after, changes } => (None, VecDeque::from(changes), after),
+    };
+    let beat = Box::pin(tokio::time::sleep(w.heartbeat));
+    let mut running = Running {
+        w,
+        version,
+        pending,
+        first,
+        beat,
+        done: false,
+    };
+    if running.first.is_none() && running.pending.is_empty() {
+        // Resumed at the replica's version: nothing to catch up; say so at once.
+        running.first = Some(running.heartbeat());
+    }
+    Box::pin(futures::stream::unfold(running, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        let item = r.next().await;
+        if item.is_err() {
+            r.done = true;
+        }
+        r.beat
+            .as_mut()
+            .reset(tokio::time::Instant::now() + r.w.heartbeat);
+        Some((item, r))
+    }))
+}
+
+impl Running {
+    async fn next(&mut self) -> Result<pb::WatchSeatsResponse, Status> {
+        if let Some(first) = self.first.take() {
+            return Ok(first);
+        }
+        if let Some(change) = self.pending.pop_front() {
+            return Ok(self.change(&change));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut self.w.drained => return Err(refusal_status(&Refusal::ShuttingDown)),
+                received = self.w.feed.recv() => match received {
+                    Ok(SeatFeed::Change(change)) => {
+                        let version = change.change.version;
+                        if version <= self.version {
+                            continue; // already in what the caller holds
+                        }
+                        if version == self.version + 1 {
+                            return Ok(self.change(&change));
+                        }
+                        // Not the next one (a copy replaced meanwhile): whole again.
+                        return self.snapshot();
+                    }
+                    Ok(SeatFeed::Resync) => return self.snapshot(),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "WatchSeats consumer fell behind; sending a snapshot");
+                        return self.snapshot();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(refusal_status(&Refusal::ShuttingDown));
+                    }
+                },
+                () = &mut self.beat => return Ok(self.heartbeat()),
+            }
+        }
+    }
+
+    /// The whole state at the replica's current version. Changes still in the
+    /// receiver up to that version are skipped when they come.
+    fn snapshot(&mut self) -> Result<pb::WatchSeatsResponse, Status> {
+        let state = self
+            .w
+            .licensing
+            .seat_state(&self.w.features)
+            .map_err(to_status)?;
+        self.version = state.version;
+        Ok(snapshot(&state))
+    }
+
+    fn change(&mut self, change: &FeedChange) -> pb::WatchSeatsResponse {
+        self.version = change.change.version;
+        pb::WatchSeatsResponse {
+            version: self.version,
+            kind: Some(pb::watch_seats_response::Kind::Change(seat_change(
+                change,
+                &self.w.features,
+            ))),
+        }
+    }
+
+    fn heartbeat(&self) -> pb::WatchSeatsResponse {
+        pb::WatchSeatsResponse {
+            version: self.version,
+            kind: Some(pb::watch_seats_response::Kind::Heartbeat(
+                pb::WatchSeatsHeartbeat {
+                    reference_time: Some(timestamp(self.w.licensing.reference_time())),
+                },
+            )),
+        }
+    }
+}
+
+/// A snapshot message.
+pub fn snapshot(state: &SeatState) -> pb::WatchSeatsResponse {
+    pb::WatchSeatsResponse {
+        version: state.version,
+        kind: Some(pb::watch_seats_response::Kind::Snapshot(
+            pb::SeatStateSnapshot {
+                serial_number: state.serial.clone(),
+                rules: Some(rules(&state.rules)),
+                seats: state
+                    .seats
+                    .iter()
+                    .map(|(feature, user, seat)| mirror_seat(*feature, user, *seat))
+                    .collect(),
+                license: state.license.as_ref().map(license),
+                tryout: state.tryout.as_ref().map(tryout),
+                reconcile: Some(reconcile(&state.reconcile)),
+                activation_state: activation_state(state.activation.state).into(),
+                grace_ends_at: opt_timestamp(state.activation.grace_ends_at),
+                reference_time: Some(timestamp(state.reference_time)),
+                epoch: state.epoch.clone(),
+            },
+        )),
+    }
+}
+
+/// One change; a seat of a feature not watched, and changes that decide
+/// nothing, are `other` (only the version moves).
+fn seat_change(c: &FeedChange, features: &[Feature]) -> pb::SeatStateChange {
+    use pb::seat_state_change::Kind;
+    let watched = |f: Feature| features.is_empty() || features.contains(&f);
+    let kind = match &c.change.kind {
+        ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) if watched(seat.feature) => {
+            Kind::SeatPut(watched_seat(seat))
+        }
+        ChangeKind::SeatReleased { feature, user_id } if watched(*feature) => {
+            Kind::SeatRemoved(pb::SeatRemoved {
+                user_id: user_id.as_str().to_owned(),
+                feature: feature.as_str().to_owned(),
+            })
+        }
+        ChangeKind::SeatAssigned(_)
+        | ChangeKind::SeatFlagged(_)
+        | ChangeKind::SeatReleased { .. } => Kind::Other("seat of a feature not watched".into()),
+        ChangeKind::LicenseApplied(_) => match &c.license {
+            Some(l) => Kind::LicenseApplied(license(l)),
+            None => Kind::LicenseRemoved(pb::LicenseRemoved {}),
+        },
+        ChangeKind::TryoutChanged(record) => Kind::TryoutChanged(tryout(record)),
+        ChangeKind::ReconcileRecorded(status) => Kind::ReconcileRecorded(reconcile(status)),
+        ChangeKind::Reset => Kind::Reset(pb::StateReset {}),
+        ChangeKind::InitializationIssued(_) => Kind::Other("initialization_issued".into()),
+        ChangeKind::InitializationConsumed => Kind::Other("initialization_consumed".into()),
+        ChangeKind::Repaired(_) => Kind::Other("store_repaired".into()),
+    };
+    pb::SeatStateChange { kind: Some(kind) }
+}
+
+fn rules(r: &Rules) -> pb::SeatRules {
+    pb::SeatRules {
+        edition: edition(r.edition).into(),
+        tryout_days: r.tryout.days,
+        tryout_seats: r.tryout.seats,
+        over_capacity_grace_seconds: r.over_capacity_grace.num_seconds(),
+        grace_seconds: r.grace.num_seconds(),
+        lapse_action: match r.lapse_action {
+            LapseAction::DenyNew => pb::LapseAction::DenyNew,
+            LapseAction::Reset => pb::LapseAction::Reset,
+        }
+        .into(),
+        has_license_source: r.has_license_source,
+    }
+}
+
+fn activation_state(s: ActivationState) -> pb::ActivationState {
+    match s {
+        ActivationState::NotInitialized => pb::ActivationState::NotInitialized,
+        ActivationState::Active => pb::ActivationState::Active,
+        ActivationState::Grace => pb::ActivationState::Grace,
+        ActivationState::Lapsed => pb::ActivationState::Lapsed,
+    }
+}
+
+fn mirror_seat(feature: Feature, user: &str, s: MirrorSeat) -> pb::WatchedSeat {
+    let at = |ms: i64| {
+        let secs = ms.div_euclid(1000);
+        let nanos = (ms.rem_euclid(1000) * 1_000_000) as i32;
+        prost_types::Timestamp {
+            seconds: secs,
+            nanos,
+        }
+    };
+    pb::WatchedSeat {
+        user_id: user.to_owned(),
+        feature: feature.as_str().to_owned(),
+        source: seat_source(s.source).into(),
+        assigned_at: Some(at(s.assigned_at_ms)),
+        over_capacity_since: s.over_capacity_since_ms.map(at),
+    }
+}
+
+fn watched_seat(s: &Seat) -> pb::WatchedSeat {
+    pb::WatchedSeat {
+        user_id: s.user_id.as_str().to_owned(),
+        feature: s.feature.as_str().to_owned(),
+        source: seat_source(s.source).into(),
+        assigned_at: Some(timestamp(s.assigned_at)),
+        over_capacity_since: opt_timestamp(s.over_capacity_since),
+    }
+}
+
+fn license(l: &AppliedLicense) -> pb::LicenseDocument {
+    pb::LicenseDocument {
+        format: l.signed.format.clone(),
+        payload: l.signed.payload.clone(),
+        signature: l.signed.signature.clone(),
+        applied_at: Some(timestamp(l.applied_at)),
+        edition: edition(l.payload.edition).into(),
+        issued_at: Some(timestamp(l.payload.issued_at)),
+        entitlements: l
+            .payload
+            .entitlements
+            .iter()
+            .map(|e| pb::Entitlement {
+                feature: e.feature.as_str().to_owned(),
+                quantity: e.quantity,
+                in_use: 0,
+                expires_at: opt_timestamp(e.expires_at),
+            })
+            .collect(),
+    }
+}
+
+fn tryout(r: &TryoutRecord) -> pb::TryoutRecord {
+    match r {
+        TryoutRecord::Started {
+            started_at,
+            ends_at,
+            ended,
+        } => pb::TryoutRecord {
+            started_at: Some(timestamp(*started_at)),
+            ends_at: Some(timestamp(*ends_at)),
+            ended_at: ended.as_ref().map(|e| timestamp(e.at)),
+            end_reason: ended
+                .as_ref()
+                .map_or(pb::TryoutEndReason::Unspecified, |e| match e.reason {
+                    crate::domain::tryout::TryoutEndReason::Operator => {
+                        pb::TryoutEndReason::Operator
+                    }
+                    crate::domain::tryout::TryoutEndReason::Purchased => {
+                        pb::TryoutEndReason::Purchased
+                    }
+                })
+                .into(),
+            forfeited_at: None,
+        },
+        TryoutRecord::Forfeited { at } => pb::TryoutRecord {
+            forfeited_at: Some(timestamp(*at)),
+            ..pb::TryoutRecord::default()
+        },
+    }
+}
+
+fn reconcile(r: &ReconcileStatus) -> pb::ReconcileRecord {
+    pb::ReconcileRecord {
+        last_success_at: opt_timestamp(r.last_success_at),
+        last_attempt_at: opt_timestamp(r.last_attempt_at),
+        last_outcome: reconcile_outcome(r.last_outcome).into(),
+        last_error: r.last_error.clone().unwrap_or_default(),
+        next_reconcile_at: opt_timestamp(r.next_reconcile_at),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_are_seat_features_named_in_the_field() {
+        assert_eq!(features(&[]).unwrap(), Vec::<Feature>::new());
+        assert_eq!(
+            features(&["user".into(), "user".into(), "call_assist".into()]).unwrap(),
+            vec![Feature::User, Feature::CallAssist]
+        );
+        for bad in ["", "users", "system_activation"] {
+            let e = features(&[bad.into()]).unwrap_err();
+            assert_eq!(e.field, "features", "{bad}");
+        }
+    }
+
+    #[test]
+    fn seat_times_keep_milliseconds_before_and_after_1970() {
+        let seat = MirrorSeat {
+            source: crate::domain::SeatSource::Purchased,
+            assigned_at_ms: -1,
+            over_capacity_since_ms: Some(1_500),
+        };
+        let pb = mirror_seat(Feature::User, "alice", seat);
+        let at = pb.assigned_at.unwrap();
+        assert_eq!((at.seconds, at.nanos), (-1, 999_000_000));
+        let since = pb.over_capacity_since.unwrap();
+        assert_eq!((since.seconds, since.nanos), (1, 500_000_000));
+    }
+}
