@@ -320,9 +320,9 @@ fn mirror_seat(feature: Feature, user: &str, s: MirrorSeat) -> pb::WatchedSeat {
     pb::WatchedSeat {
         user_id: user.to_owned(),
         feature: feature.as_str().to_owned(),
-        source: seat_source(s.source).into(),
-        assigned_at: Some(at(s.assigned_at_ms)),
-        over_capacity_since: s.over_capacity_since_ms.map(at),
+        source: seat_source(s.source()).into(),
+        assigned_at: Some(at(s.assigned_at_ms())),
+        over_capacity_since: s.over_capacity_since_ms().map(at),
     }
 }
 
@@ -417,11 +417,7 @@ mod tests {
 
     #[test]
     fn seat_times_keep_milliseconds_before_and_after_1970() {
-        let seat = MirrorSeat {
-            source: crate::domain::SeatSource::Purchased,
-            assigned_at_ms: -1,
-            over_capacity_since_ms: Some(1_500),
-        };
+        let seat = MirrorSeat::new(crate::domain::SeatSource::Purchased, -1, Some(1_500));
         let pb = mirror_seat(Feature::User, "alice", seat);
         let at = pb.assigned_at.unwrap();
         assert_eq!((at.seconds, at.nanos), (-1, 999_000_000));

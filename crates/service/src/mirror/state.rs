@@ -215,7 +215,7 @@ impl MirrorState {
 
     /// The seats of `features` (all when empty), as kept, for a snapshot built
     /// outside the lock.
-    pub fn seats_of(&self, features: &[Feature]) -> Vec<(Feature, Box<str>, MirrorSeat)> {
+    pub fn seats_of(&self, features: &[Feature]) -> Vec<(Feature, CompactString, MirrorSeat)> {
         let mut out = Vec::new();
         for (feature, users) in &self.seats {
             if !features.is_empty() && !features.contains(feature) {

@@ -25,7 +25,7 @@ pub struct SeatState {
     pub serial: String,
     pub rules: Rules,
     /// The seats of the watched features, as the copy keeps them.
-    pub seats: Vec<(Feature, Box<str>, MirrorSeat)>,
+    pub seats: Vec<(Feature, compact_str::CompactString, MirrorSeat)>,
     pub license: Option<AppliedLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
