@@ -36,8 +36,11 @@ async fn a_bulk_provisioning_run_leaves_every_change_in_the_trail() {
         Utc::now() - chrono::Duration::days(1),
         &[(Feature::User, USERS as u32)],
     );
+    // A Redis timeout far above what a write takes, even on a loaded host: this
+    // is about the trail at full speed, not about writes that time out.
     let config = without_load_limits(RawConfig {
         edition: Edition::Vm.as_str().into(),
+        redis_timeout_ms: 5000,
         ..licensed_config(Some(&redis), &serial, &vendor)
     });
     let server = TestServer::start(config).await;
