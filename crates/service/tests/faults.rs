@@ -558,6 +558,7 @@ async fn clock_jumps_back_and_time_does_not() {
             c.check_seat(pb::CheckSeatRequest {
                 user_id: "t1".into(),
                 feature: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -725,6 +726,7 @@ async fn licensing_server_faults_leave_seats_alone() {
                     .check_seat(pb::CheckSeatRequest {
                         user_id: user.clone(),
                         feature: String::new(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -825,6 +827,7 @@ async fn replica_killed_mid_write() {
                     feature: String::new(),
                     page_size: 1000,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -842,6 +845,7 @@ async fn replica_killed_mid_write() {
                         .check_seat(pb::CheckSeatRequest {
                             user_id: user.clone(),
                             feature: String::new(),
+                            ..Default::default()
                         })
                         .await
                         .unwrap()

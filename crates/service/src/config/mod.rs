@@ -26,8 +26,9 @@ mod sections;
 mod service_links;
 
 pub use sections::{
-    RawAudit, RawAuth, RawClock, RawInitialization, RawLicensingServer, RawLimits, RawLog,
-    RawMirror, RawReconcile, RawTls, RawTrace, RawTryout,
+    DEFAULT_CONSISTENCY_MAX_WAIT_MS, RawAudit, RawAuth, RawClock, RawConsistency,
+    RawInitialization, RawLicensingServer, RawLimits, RawLog, RawMirror, RawReconcile, RawTls,
+    RawTrace, RawTryout,
 };
 pub use service_links::{ignored_service_links, is_service_link};
 
@@ -75,6 +76,7 @@ pub struct RawConfig {
     pub drain_timeout_ms: u64,
     pub log: RawLog,
     pub mirror: RawMirror,
+    pub consistency: RawConsistency,
     pub clock: RawClock,
     /// Where the replica keeps its last known state, to answer reads after a
     /// restart while the store is unreachable; unset or empty: nowhere.
@@ -118,6 +120,7 @@ impl Default for RawConfig {
             drain_timeout_ms: 10_000,
             log: RawLog::default(),
             mirror: RawMirror::default(),
+            consistency: RawConsistency::default(),
             clock: RawClock::default(),
             state_dir: None,
             tls: RawTls::default(),
@@ -158,6 +161,8 @@ pub struct Config {
     /// Parent-based sampling ratio of new traces.
     pub trace_sampling_ratio: f64,
     pub mirror: MirrorConfig,
+    /// `consistency.max_wait_ms`: how long a read with `min_version` waits.
+    pub consistency_max_wait: Duration,
     /// `clock.max_skew_ms`: how far this node's clock may differ from the
     /// reference time and still count.
     pub clock_max_skew_ms: i64,
@@ -316,6 +321,7 @@ impl RawConfig {
         let log_format = self.log.validate()?;
         self.trace.validate()?;
         let mirror = self.mirror.validate()?;
+        let consistency_max_wait = self.consistency.validate()?;
         let clock_max_skew_ms = self.clock.validate()?;
         let tls = self.tls.validate()?;
         let limits = self.limits.validate()?;
@@ -341,6 +347,7 @@ impl RawConfig {
             trace_level: self.trace.level.clone(),
             trace_sampling_ratio: self.trace.sampling_ratio,
             mirror,
+            consistency_max_wait,
             clock_max_skew_ms,
             // Whether it is a directory is `app`'s to find out (it creates it).
             state_dir: self.state_dir.clone().filter(|d| !d.as_os_str().is_empty()),
