@@ -425,6 +425,9 @@ async fn redis_frozen_with_sigstop() {
     let redis = RedisServer::start();
     let mut c = Cluster::tryout(&[redis.url(), redis.url()], "sigstop", 5).await;
     assert_eq!(c.assign(0, "u1").await, Code::Ok);
+    // Both replicas hold u1 before Redis freezes (the feed takes a moment to
+    // bring it to replica 1; frozen, it would not bring it at all).
+    c.converged(CONVERGE).await;
     redis.signal("-STOP");
     c.assert_check_fast("u1").await;
     let started = Instant::now();
