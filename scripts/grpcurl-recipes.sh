@@ -506,6 +506,10 @@ json_check CheckSeat "after AssignSeat alice is licensed until the tryout ends" 
   'd.get("licensed") is True and d["source"] == "SEAT_SOURCE_TRYOUT"
    and d["reason"] == "SEAT_REASON_ASSIGNED" and not d.get("stale", False)
    and d["validUntil"] == out("StartTryout")["status"]["endsAt"]'
+json_check AssignSeat "the assignment answers the version it is visible at" \
+  'int(d["version"]) > 0'
+json_check CheckSeat-min-version "a check with the assignment's version sees alice, at that version or later" \
+  'd.get("licensed") is True and int(d["version"]) >= int(out("AssignSeat")["version"])'
 json_check CheckSeat-unassigned "a user without a seat is not licensed (licensed omitted)" \
   'd.get("licensed", False) is False and d["reason"] == "SEAT_REASON_NOT_ASSIGNED"
    and "source" not in d'

@@ -46,6 +46,18 @@ pub enum LicensingError {
     #[error("no state yet: {0}")]
     NoStateYet(String),
 
+    /// A read asked for a version (`min_version`, read your writes) that this
+    /// replica's copy did not reach within the wait allowed: nothing was
+    /// answered; retry, or ask another replica.
+    #[error(
+        "this replica's copy is at version {version}, not yet at min_version {min_version} (waited {waited_ms} ms); retry, or ask another replica"
+    )]
+    NotYetConsistent {
+        min_version: u64,
+        version: u64,
+        waited_ms: u64,
+    },
+
     /// Something that must not happen did (corrupt stored data, a bug).
     #[error("internal error: {0}")]
     Internal(String),

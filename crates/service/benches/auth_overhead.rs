@@ -66,6 +66,7 @@ fn req(user: usize, token: Option<&MetadataValue<Ascii>>) -> tonic::Request<pb::
     let mut request = tonic::Request::new(pb::CheckSeatRequest {
         user_id: format!("u{}", user % 1000),
         feature: String::new(),
+        ..Default::default()
     });
     if let Some(token) = token {
         request

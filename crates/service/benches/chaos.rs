@@ -125,6 +125,7 @@ async fn run(duration: Duration) -> usize {
                         .check_seat(pb::CheckSeatRequest {
                             user_id: user.clone(),
                             feature: String::new(),
+                            ..Default::default()
                         })
                         .await;
                     ("check", r.map(|_| false))
@@ -235,6 +236,7 @@ async fn check(
                     .check_seat(pb::CheckSeatRequest {
                         user_id: u.clone(),
                         feature: String::new(),
+                        ..Default::default()
                     })
                     .await
                     && r.into_inner().licensed
@@ -247,6 +249,7 @@ async fn check(
                     feature: String::new(),
                     page_size: 1000,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .ok()

@@ -289,7 +289,7 @@ async fn burst_caller(
                 .await
                 .map(|_| ()),
             (false, 0) => c
-                .get_license_overview(pb::GetLicenseOverviewRequest {})
+                .get_license_overview(pb::GetLicenseOverviewRequest::default())
                 .await
                 .map(|_| ()),
             (false, _) => c

@@ -174,6 +174,7 @@ async fn main() {
         grpc_frame(&pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
+            ..Default::default()
         }),
     )
     .unwrap();
@@ -240,6 +241,7 @@ async fn main() {
                 pb::CheckSeatRequest {
                     user_id: "alice".into(),
                     feature: String::new(),
+                    ..Default::default()
                 },
                 &call_handling,
             ))

@@ -371,6 +371,7 @@ fn check_request_for(user_id: &str) -> pb::CheckSeatRequest {
     pb::CheckSeatRequest {
         user_id: user_id.to_owned(),
         feature: "user".into(),
+        ..Default::default()
     }
 }
 

@@ -103,6 +103,7 @@ impl App {
             backoff: Backoff::default(),
             auth_mode: config.auth.mode.as_str(),
             development_installation: config.development_installation,
+            consistency_max_wait: config.consistency_max_wait,
         };
         let source: Option<Arc<dyn LicensingServer>> = match &config.license_source {
             LicenseSource::None => None,

@@ -150,6 +150,20 @@ pub fn to_status(error: LicensingError) -> Status {
         ),
         // Retry shortly, or ask another replica: never a definite "not licensed".
         LicensingError::NoStateYet(_) => (Code::Unavailable, "NO_STATE_YET", HashMap::new()),
+        // Read your writes: the copy is behind the version asked for; nothing
+        // was answered. Retry, or ask another replica.
+        LicensingError::NotYetConsistent {
+            min_version,
+            version,
+            ..
+        } => (
+            Code::Unavailable,
+            "NOT_YET_CONSISTENT",
+            HashMap::from([
+                ("min_version".to_owned(), min_version.to_string()),
+                ("version".to_owned(), version.to_string()),
+            ]),
+        ),
         LicensingError::Internal(_) => (Code::Internal, "INTERNAL", HashMap::new()),
     };
     if code == Code::Internal {

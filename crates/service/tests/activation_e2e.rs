@@ -386,6 +386,15 @@ async fn online_activation_initializes_in_one_call() {
 // 2. Rejected responses change nothing
 // ---------------------------------------------------------------------------
 
+/// The overview without its version: the version moves with every write,
+/// also with the initialization codes made here, which the overview does not show.
+async fn licensing_state(c: &mut Client) -> pb::GetLicenseOverviewResponse {
+    pb::GetLicenseOverviewResponse {
+        version: 0,
+        ..overview(c).await
+    }
+}
+
 #[tokio::test]
 async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
     let redis = RedisServer::start();
@@ -406,7 +415,7 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
     };
     let (_server, mut c) = start_on(config, &clock).await;
 
-    let initial = overview(&mut c).await;
+    let initial = licensing_state(&mut c).await;
     assert_eq!(
         initial.activation_state(),
         pb::ActivationState::NotInitialized
@@ -440,7 +449,11 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
             Code::InvalidArgument,
             "{what}"
         );
-        assert_eq!(overview(&mut c).await, initial, "{what} changed something");
+        assert_eq!(
+            licensing_state(&mut c).await,
+            initial,
+            "{what} changed something"
+        );
         assert!(seats(&mut c).await.is_empty());
     }
 
@@ -451,7 +464,7 @@ async fn untrusted_stale_replayed_and_expired_responses_change_nothing() {
         code_of(apply(&mut c, &genuine_a).await),
         Code::InvalidArgument
     );
-    assert_eq!(overview(&mut c).await, initial);
+    assert_eq!(licensing_state(&mut c).await, initial);
 
     // The response to the current code is accepted, once.
     let active = apply(&mut c, &genuine_b).await.expect("ApplyActivation");

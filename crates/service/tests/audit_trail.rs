@@ -89,6 +89,7 @@ async fn a_second_replica_lists_what_the_first_recorded() {
             pb::CheckSeatRequest {
                 user_id: String::new(),
                 feature: String::new(),
+                ..Default::default()
             },
             &pbx,
         ))
@@ -100,6 +101,7 @@ async fn a_second_replica_lists_what_the_first_recorded() {
         pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
+            ..Default::default()
         },
         &pbx,
     ))
@@ -158,6 +160,7 @@ async fn a_flood_of_refusals_is_summarized_not_stored_call_by_call() {
             c.check_seat(pb::CheckSeatRequest {
                 user_id: format!("u{i}"),
                 feature: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err()

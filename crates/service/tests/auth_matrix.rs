@@ -318,6 +318,7 @@ async fn matrix(require_certificate: bool) {
             .check_seat(pb::CheckSeatRequest {
                 user_id: "alice".into(),
                 feature: String::new(),
+                ..Default::default()
             })
             .await
             .expect("the operator's connection works");
@@ -330,7 +331,7 @@ async fn protected_mode_trusts_loopback_and_enforce_does_not() {
     let protected = TestServer::start(config(None, &common::serial("prot"))).await;
     let mut client = protected.client().await;
     let overview = client
-        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .expect("a loopback caller without credentials is an operator")
         .into_inner();
@@ -350,7 +351,7 @@ async fn protected_mode_trusts_loopback_and_enforce_does_not() {
     let status = enforce
         .client()
         .await
-        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -361,7 +362,7 @@ async fn protected_mode_trusts_loopback_and_enforce_does_not() {
     let overview = disabled
         .client()
         .await
-        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -508,11 +509,14 @@ async fn remote_plaintext_calls(allow_plaintext_tokens: bool) -> [Option<(Code, 
                     .expect("connect from the namespace");
                 let mut client = LicensingServiceClient::new(channel);
                 let anonymous = client
-                    .get_license_overview(pb::GetLicenseOverviewRequest {})
+                    .get_license_overview(pb::GetLicenseOverviewRequest::default())
                     .await
                     .map(drop);
                 let overview = client
-                    .get_license_overview(with_token(pb::GetLicenseOverviewRequest {}, &token))
+                    .get_license_overview(with_token(
+                        pb::GetLicenseOverviewRequest::default(),
+                        &token,
+                    ))
                     .await
                     .map(drop);
                 let reset = client
@@ -611,6 +615,7 @@ async fn certificates_rotate_without_a_failed_call() {
                         .check_seat(pb::CheckSeatRequest {
                             user_id: "alice".into(),
                             feature: String::new(),
+                            ..Default::default()
                         })
                         .await;
                     calls.fetch_add(1, Ordering::Relaxed);
@@ -654,6 +659,7 @@ async fn certificates_rotate_without_a_failed_call() {
         .check_seat(pb::CheckSeatRequest {
             user_id: "bob".into(),
             feature: String::new(),
+            ..Default::default()
         })
         .await
         .expect("the previous certificate stays in force");

@@ -83,7 +83,7 @@ impl Replica {
             async move {
                 match Client::connect(url).await {
                     Ok(mut c) => c
-                        .get_tryout_status(pb::GetTryoutStatusRequest {})
+                        .get_tryout_status(pb::GetTryoutStatusRequest::default())
                         .await
                         .is_ok_and(|s| {
                             s.into_inner()

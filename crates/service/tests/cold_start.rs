@@ -101,12 +101,13 @@ async fn a_replica_started_without_redis_and_without_state_is_not_serving() {
     );
     assert_no_state(check(&mut c, "alice", "").await, "CheckSeat");
     assert_no_state(
-        c.get_license_overview(pb::GetLicenseOverviewRequest {})
+        c.get_license_overview(pb::GetLicenseOverviewRequest::default())
             .await,
         "GetLicenseOverview",
     );
     assert_no_state(
-        c.get_tryout_status(pb::GetTryoutStatusRequest {}).await,
+        c.get_tryout_status(pb::GetTryoutStatusRequest::default())
+            .await,
         "GetTryoutStatus",
     );
     let body = scrape(metrics_addr).await;
@@ -218,6 +219,7 @@ async fn a_replica_restarted_during_an_outage_answers_from_its_state_dir() {
             feature: String::new(),
             page_size: 10,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -190,6 +190,11 @@ fn sent() -> BTreeMap<String, String> {
         LicensingError::Aborted("x".into()),
         LicensingError::LicensingServerUnavailable("x".into()),
         LicensingError::NoStateYet("x".into()),
+        LicensingError::NotYetConsistent {
+            min_version: 2,
+            version: 1,
+            waited_ms: 100,
+        },
         LicensingError::Internal("x".into()),
     ];
     let (preconditions, _) = precondition_reasons();

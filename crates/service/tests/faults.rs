@@ -425,6 +425,9 @@ async fn redis_frozen_with_sigstop() {
     let redis = RedisServer::start();
     let mut c = Cluster::tryout(&[redis.url(), redis.url()], "sigstop", 5).await;
     assert_eq!(c.assign(0, "u1").await, Code::Ok);
+    // Both replicas hold u1 before Redis freezes (the feed takes a moment to
+    // bring it to replica 1; frozen, it would not bring it at all).
+    c.converged(CONVERGE).await;
     redis.signal("-STOP");
     c.assert_check_fast("u1").await;
     let started = Instant::now();
@@ -558,6 +561,7 @@ async fn clock_jumps_back_and_time_does_not() {
             c.check_seat(pb::CheckSeatRequest {
                 user_id: "t1".into(),
                 feature: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -725,6 +729,7 @@ async fn licensing_server_faults_leave_seats_alone() {
                     .check_seat(pb::CheckSeatRequest {
                         user_id: user.clone(),
                         feature: String::new(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -825,6 +830,7 @@ async fn replica_killed_mid_write() {
                     feature: String::new(),
                     page_size: 1000,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -842,6 +848,7 @@ async fn replica_killed_mid_write() {
                         .check_seat(pb::CheckSeatRequest {
                             user_id: user.clone(),
                             feature: String::new(),
+                            ..Default::default()
                         })
                         .await
                         .unwrap()

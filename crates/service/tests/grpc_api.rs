@@ -1043,7 +1043,7 @@ async fn health_is_serving_and_a_stopped_server_refuses_calls() {
     assert!(checked(&mut client, "x", "").await.reason() == pb::SeatReason::NotActivated);
     server.shutdown().await;
     let err = client
-        .get_tryout_status(pb::GetTryoutStatusRequest {})
+        .get_tryout_status(pb::GetTryoutStatusRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

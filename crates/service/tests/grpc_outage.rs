@@ -142,7 +142,7 @@ async fn redis_outage_keeps_check_seat_and_refuses_writes() {
 
     // Reads of the last known state still answer.
     let t = c
-        .get_tryout_status(pb::GetTryoutStatusRequest {})
+        .get_tryout_status(pb::GetTryoutStatusRequest::default())
         .await
         .expect("GetTryoutStatus answers")
         .into_inner()
@@ -278,6 +278,7 @@ async fn service_starts_while_redis_is_down() {
         .check_seat(pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -294,7 +295,7 @@ async fn service_starts_while_redis_is_down() {
     let (r, took) = timed(c.start_tryout(pb::StartTryoutRequest {})).await;
     assert_unavailable(r, took, "StartTryout without Redis");
     let o = c
-        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .unwrap_err();
     assert_eq!(o.code(), Code::Unavailable, "{o:?}");
@@ -309,6 +310,7 @@ async fn service_starts_while_redis_is_down() {
                 .check_seat(pb::CheckSeatRequest {
                     user_id: "alice".into(),
                     feature: String::new(),
+                    ..Default::default()
                 })
                 .await;
             checked.is_ok_and(|r| !r.into_inner().stale)

@@ -227,7 +227,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
                     .await
                     .map(|_| ())
             } else {
-                c.get_license_overview(pb::GetLicenseOverviewRequest {})
+                c.get_license_overview(pb::GetLicenseOverviewRequest::default())
                     .await
                     .map(|_| ())
             }
@@ -294,7 +294,7 @@ async fn a_burst_of_writes_and_overview_calls_is_shed_while_check_seat_answers()
     // Afterwards (the store answers again) the budgets are free.
     let mut c = client.clone();
     c.assign_seat(assign_request("after")).await.unwrap();
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
+    c.get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .unwrap();
 }

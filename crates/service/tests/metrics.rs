@@ -286,7 +286,7 @@ async fn health_is_served_on_the_metrics_port_too() {
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     // Only health: the licensing service is not reachable there.
     let status = LicensingServiceClient::new(channel)
-        .get_license_overview(pb::GetLicenseOverviewRequest {})
+        .get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");

@@ -220,6 +220,7 @@ async fn a_redis_certificate_from_another_ca_is_refused() {
             feature: String::new(),
             page_size: 10,
             page_token: String::new(),
+            ..Default::default()
         })
         .await;
     assert_eq!(read.unwrap_err().code(), Code::Unavailable);

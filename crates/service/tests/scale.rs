@@ -121,6 +121,7 @@ async fn a_snapshot_slower_than_the_redis_timeout_degrades_nothing() {
         .check_seat(pb::CheckSeatRequest {
             user_id: last.clone(),
             feature: "user".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -178,6 +178,7 @@ async fn kubernetes_service_links_do_not_stop_the_service() {
         .check_seat(pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
+            ..Default::default()
         })
         .await
         .expect("the service serves with service-link variables set");
@@ -434,6 +435,7 @@ async fn check_seat(
     let mut request = tonic::Request::new(pb::CheckSeatRequest {
         user_id: user.into(),
         feature: String::new(),
+        ..Default::default()
     });
     if let Some(tp) = traceparent {
         request

@@ -32,6 +32,7 @@ async fn license_assign_check_release_list() {
         .check_seat(pb::CheckSeatRequest {
             user_id: "alice".into(),
             feature: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -61,6 +62,7 @@ async fn license_assign_check_release_list() {
             feature: String::new(),
             page_size: 1,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -72,6 +74,7 @@ async fn license_assign_check_release_list() {
             feature: String::new(),
             page_size: 1,
             page_token: list.next_page_token,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -385,7 +385,7 @@ async fn logs_in_the_journal_form_only_when_stdout_is_the_journal_stream() {
 /// Whether `GetLicenseOverview` with `token` is answered.
 async fn overview_with(client: &mut Client, token: &str) -> Result<(), tonic::Code> {
     client
-        .get_license_overview(with_token(pb::GetLicenseOverviewRequest {}, token))
+        .get_license_overview(with_token(pb::GetLicenseOverviewRequest::default(), token))
         .await
         .map(drop)
         .map_err(|s| s.code())

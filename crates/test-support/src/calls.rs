@@ -17,6 +17,7 @@ pub fn check_request(user: &str) -> pb::CheckSeatRequest {
     pb::CheckSeatRequest {
         user_id: user.into(),
         feature: String::new(),
+        ..Default::default()
     }
 }
 
@@ -37,6 +38,7 @@ pub async fn check(
     c.check_seat(pb::CheckSeatRequest {
         user_id: user.into(),
         feature: feature.into(),
+        ..Default::default()
     })
     .await
     .map(tonic::Response::into_inner)
@@ -108,6 +110,7 @@ pub async fn list_page(
         feature: feature.into(),
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     })
     .await
     .map(tonic::Response::into_inner)
@@ -153,7 +156,7 @@ pub async fn seat_holder_set(c: &mut Client) -> BTreeSet<String> {
 
 /// The license overview (panics on an error: for tests where it cannot fail).
 pub async fn overview(c: &mut Client) -> pb::GetLicenseOverviewResponse {
-    c.get_license_overview(pb::GetLicenseOverviewRequest {})
+    c.get_license_overview(pb::GetLicenseOverviewRequest::default())
         .await
         .expect("GetLicenseOverview")
         .into_inner()
@@ -175,7 +178,7 @@ pub async fn end_tryout(c: &mut Client) -> Result<pb::TryoutStatus, tonic::Statu
 
 /// `GetTryoutStatus` (panics on an error: for tests where it cannot fail).
 pub async fn tryout(c: &mut Client) -> pb::TryoutStatus {
-    c.get_tryout_status(pb::GetTryoutStatusRequest {})
+    c.get_tryout_status(pb::GetTryoutStatusRequest::default())
         .await
         .expect("GetTryoutStatus")
         .into_inner()

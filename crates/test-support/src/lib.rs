@@ -276,7 +276,7 @@ pub async fn wait_active(client: &Client) {
         eventually(Duration::from_secs(10), || {
             let mut c = client.clone();
             async move {
-                c.get_license_overview(pb::GetLicenseOverviewRequest {})
+                c.get_license_overview(pb::GetLicenseOverviewRequest::default())
                     .await
                     .map(|o| o.into_inner().activation_state == pb::ActivationState::Active as i32)
                     .unwrap_or(false)

@@ -26,8 +26,9 @@ mod sections;
 mod service_links;
 
 pub use sections::{
-    RawAudit, RawAuth, RawClock, RawInitialization, RawLicensingServer, RawLimits, RawLog,
-    RawMirror, RawReconcile, RawTls, RawTrace, RawTryout, RawWatch,
+    DEFAULT_CONSISTENCY_MAX_WAIT_MS, RawAudit, RawAuth, RawClock, RawConsistency,
+    RawInitialization, RawLicensingServer, RawLimits, RawLog, RawMirror, RawReconcile, RawTls,
+    RawTrace, RawTryout, RawWatch,
 };
 pub use service_links::{ignored_service_links, is_service_link};
 
@@ -76,6 +77,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub mirror: RawMirror,
     pub watch: RawWatch,
+    pub consistency: RawConsistency,
     pub clock: RawClock,
     /// Where the replica keeps its last known state, to answer reads after a
     /// restart while the store is unreachable; unset or empty: nowhere.
@@ -120,6 +122,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             mirror: RawMirror::default(),
             watch: RawWatch::default(),
+            consistency: RawConsistency::default(),
             clock: RawClock::default(),
             state_dir: None,
             tls: RawTls::default(),
@@ -162,6 +165,8 @@ pub struct Config {
     pub mirror: MirrorConfig,
     /// `WatchSeats` streams (`watch.*`).
     pub watch: crate::grpc::WatchOptions,
+    /// `consistency.max_wait_ms`: how long a read with `min_version` waits.
+    pub consistency_max_wait: Duration,
     /// `clock.max_skew_ms`: how far this node's clock may differ from the
     /// reference time and still count.
     pub clock_max_skew_ms: i64,
@@ -321,6 +326,7 @@ impl RawConfig {
         self.trace.validate()?;
         let mirror = self.mirror.validate()?;
         let watch = self.watch.validate()?;
+        let consistency_max_wait = self.consistency.validate()?;
         let clock_max_skew_ms = self.clock.validate()?;
         let tls = self.tls.validate()?;
         let limits = self.limits.validate()?;
@@ -347,6 +353,7 @@ impl RawConfig {
             trace_sampling_ratio: self.trace.sampling_ratio,
             mirror,
             watch,
+            consistency_max_wait,
             clock_max_skew_ms,
             // Whether it is a directory is `app`'s to find out (it creates it).
             state_dir: self.state_dir.clone().filter(|d| !d.as_os_str().is_empty()),

@@ -134,6 +134,27 @@ impl Default for RawWatch {
     }
 }
 
+/// Read your writes (`min_version` of the reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsistency {
+    /// How long a read with `min_version` waits for this replica's copy to
+    /// reach it before answering `NOT_YET_CONSISTENT`.
+    pub max_wait_ms: u64,
+}
+
+/// The default of `consistency.max_wait_ms`: the feed brings a write within
+/// a few milliseconds; a nudged resync within one round trip or two.
+pub const DEFAULT_CONSISTENCY_MAX_WAIT_MS: u64 = 100;
+
+impl Default for RawConsistency {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: DEFAULT_CONSISTENCY_MAX_WAIT_MS,
+        }
+    }
+}
+
 impl RawWatch {
     /// `watch.heartbeat_ms`: from 100 ms up to a minute, below the idle
     /// timeouts of proxies and load balancers (a minute or more).
@@ -142,6 +163,16 @@ impl RawWatch {
         Ok(crate::grpc::WatchOptions {
             heartbeat: Duration::from_millis(ms),
         })
+    }
+}
+
+impl RawConsistency {
+    /// `consistency.max_wait_ms`: 0 (never wait: a copy behind answers
+    /// `NOT_YET_CONSISTENT` at once) to 10 s (a reader should rather ask
+    /// another replica than wait longer).
+    pub(super) fn validate(&self) -> Result<Duration, ConfigError> {
+        let ms = within("consistency.max_wait_ms", self.max_wait_ms, 0..=10_000)?;
+        Ok(Duration::from_millis(ms))
     }
 }
 

@@ -133,6 +133,7 @@ pub fn check_response(a: &CheckAnswer) -> pb::CheckSeatResponse {
         reason: seat_reason(*reason).into(),
         valid_until: opt_timestamp(*valid_until),
         stale: a.stale,
+        version: a.version,
     }
 }
 
@@ -206,6 +207,7 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
             .collect(),
         auth_mode: o.auth_mode.to_owned(),
         development_installation: o.development_installation,
+        version: o.version,
     }
 }
 

@@ -243,9 +243,11 @@ impl LicensingService for LicensingApi {
         rpc!(hot self, rpc::CHECK_SEAT, request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
+            let min_version = request.get_ref().min_version;
             let answer = self
                 .licensing
-                .check_seat(&req.user_id, req.feature)
+                .check_seat_at(&req.user_id, req.feature, min_version)
+                .await
                 .map_err(to_status)?;
             Ok(Response::new(convert::check_response(&answer)))
         })
@@ -258,17 +260,18 @@ impl LicensingService for LicensingApi {
         rpc!(self, rpc::ASSIGN_SEAT, request, async {
             let req = SeatRequest::try_from(request.get_ref()).map_err(invalid)?;
             record_seat(&req);
-            let (seat, created) = self
+            let assigned = self
                 .licensing
                 .assign_seat(&req.user_id, req.feature)
                 .await
                 .map_err(to_status)?;
-            if created {
-                tracing::info!(source = seat.source.as_str(), "seat assigned");
+            if assigned.created {
+                tracing::info!(source = assigned.seat.source.as_str(), "seat assigned");
             }
             Ok(Response::new(pb::AssignSeatResponse {
-                seat: Some(convert::seat(&seat)),
-                created,
+                seat: Some(convert::seat(&assigned.seat)),
+                created: assigned.created,
+                version: assigned.version,
             }))
         })
     }
@@ -285,10 +288,13 @@ impl LicensingService for LicensingApi {
                 .release_seat(&req.user_id, req.feature)
                 .await
                 .map_err(to_status)?;
-            if released {
+            if released.value {
                 tracing::info!("seat released");
             }
-            Ok(Response::new(pb::ReleaseSeatResponse { released }))
+            Ok(Response::new(pb::ReleaseSeatResponse {
+                released: released.value,
+                version: released.version,
+            }))
         })
     }
 
@@ -303,12 +309,18 @@ impl LicensingService for LicensingApi {
             }
             let page = self
                 .licensing
-                .list_seats(&req.feature, req.page_size, &req.page_token)
+                .list_seats(
+                    &req.feature,
+                    req.page_size,
+                    &req.page_token,
+                    req.min_version,
+                )
                 .await
                 .map_err(to_status)?;
             Ok(Response::new(pb::ListSeatsResponse {
                 seats: page.seats.iter().map(convert::seat).collect(),
                 next_page_token: page.next_page_token,
+                version: page.version,
             }))
         })
     }
@@ -318,10 +330,14 @@ impl LicensingService for LicensingApi {
         request: Request<pb::GetTryoutStatusRequest>,
     ) -> Result<Response<pb::GetTryoutStatusResponse>, Status> {
         rpc!(self, rpc::GET_TRYOUT_STATUS, request, async {
-            self.licensing.require_state().map_err(to_status)?;
-            let status = self.licensing.tryout_status();
+            let status = self
+                .licensing
+                .tryout_status_at(request.get_ref().min_version)
+                .await
+                .map_err(to_status)?;
             Ok(Response::new(pb::GetTryoutStatusResponse {
-                status: Some(convert::tryout_status(&status)),
+                status: Some(convert::tryout_status(&status.value)),
+                version: status.version,
             }))
         })
     }
@@ -332,9 +348,10 @@ impl LicensingService for LicensingApi {
     ) -> Result<Response<pb::StartTryoutResponse>, Status> {
         rpc!(self, rpc::START_TRYOUT, request, async {
             let status = self.licensing.start_tryout().await.map_err(to_status)?;
-            tracing::info!(ends_at = ?status.ends_at, "tryout started");
+            tracing::info!(ends_at = ?status.value.ends_at, "tryout started");
             Ok(Response::new(pb::StartTryoutResponse {
-                status: Some(convert::tryout_status(&status)),
+                status: Some(convert::tryout_status(&status.value)),
+                version: status.version,
             }))
         })
     }
@@ -347,7 +364,8 @@ impl LicensingService for LicensingApi {
             let status = self.licensing.end_tryout().await.map_err(to_status)?;
             tracing::info!("tryout ended");
             Ok(Response::new(pb::EndTryoutResponse {
-                status: Some(convert::tryout_status(&status)),
+                status: Some(convert::tryout_status(&status.value)),
+                version: status.version,
             }))
         })
     }
@@ -357,8 +375,12 @@ impl LicensingService for LicensingApi {
         request: Request<pb::GetLicenseOverviewRequest>,
     ) -> Result<Response<pb::GetLicenseOverviewResponse>, Status> {
         rpc!(self, rpc::GET_LICENSE_OVERVIEW, request, async {
-            self.licensing.require_state().map_err(to_status)?;
-            Ok(Response::new(convert::overview(&self.licensing.overview())))
+            let overview = self
+                .licensing
+                .overview_at(request.get_ref().min_version)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(convert::overview(&overview)))
         })
     }
 
@@ -378,6 +400,7 @@ impl LicensingService for LicensingApi {
                 reconciled_at: Some(convert::timestamp(report.reconciled_at)),
                 next_reconcile_at: report.next_reconcile_at.map(convert::timestamp),
                 error: report.error.unwrap_or_default(),
+                version: report.version,
             }))
         })
     }
@@ -394,7 +417,8 @@ impl LicensingService for LicensingApi {
                 .map_err(to_status)?;
             tracing::info!("initialization code created");
             Ok(Response::new(pb::CreateInitializationCodeResponse {
-                initialization_code: code,
+                initialization_code: code.value,
+                version: code.version,
             }))
         })
     }
@@ -410,7 +434,8 @@ impl LicensingService for LicensingApi {
                 .await
                 .map_err(to_status)?;
             Ok(Response::new(pb::ApplyActivationResponse {
-                overview: Some(convert::overview(&overview)),
+                overview: Some(convert::overview(&overview.value)),
+                version: overview.version,
             }))
         })
     }
@@ -439,7 +464,8 @@ impl LicensingService for LicensingApi {
         rpc!(self, rpc::RESET_ACTIVATION, request, async {
             let overview = self.licensing.reset_activation().await.map_err(to_status)?;
             Ok(Response::new(pb::ResetActivationResponse {
-                overview: Some(convert::overview(&overview)),
+                overview: Some(convert::overview(&overview.value)),
+                version: overview.version,
             }))
         })
     }
@@ -451,7 +477,8 @@ impl LicensingService for LicensingApi {
         rpc!(self, rpc::ACTIVATE_ONLINE, request, async {
             let overview = self.licensing.activate_online().await.map_err(to_status)?;
             Ok(Response::new(pb::ActivateOnlineResponse {
-                overview: Some(convert::overview(&overview)),
+                overview: Some(convert::overview(&overview.value)),
+                version: overview.version,
             }))
         })
     }

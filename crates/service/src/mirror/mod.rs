@@ -112,6 +112,9 @@ pub struct Mirror {
     resync_flight: tokio::sync::Mutex<(u64, Result<(), StoreError>)>,
     // On-demand resyncs started; the generation of the newest one.
     resyncs_started: AtomicU64,
+    // A nudge (a resync for readers waiting for a version) is queued and has not
+    // started its resync yet: readers asking meanwhile are served by it.
+    nudge_queued: AtomicBool,
     // The store this replica follows and writes to, handed over once.
     store: Arc<dyn Store>,
     // Where the state comes from; health follows it (NOT_SERVING while `None`).
@@ -142,6 +145,7 @@ impl Mirror {
             clock,
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
             resyncs_started: AtomicU64::new(0),
+            nudge_queued: AtomicBool::new(false),
             store,
             source_tx: watch::channel(StateSource::None).0,
             last_error: Mutex::new(None),
@@ -296,6 +300,46 @@ impl Mirror {
         }
     }
 
+    /// Read your writes: waits until the copy has reached `min` (a version a
+    /// write answered, on any replica), at most until `deadline`; whether it did.
+    /// Nudges the copy to catch up at once ([`Mirror::resync_now`]: one small
+    /// read, then the feed up to the store's version) rather than waiting for the
+    /// feed; concurrent waiters share one resync. The hot path does not come
+    /// here: a reader checks the version under the lock it takes anyway.
+    pub async fn wait_for_version(
+        self: &Arc<Self>,
+        min: u64,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let mut rx = self.version_tx.subscribe();
+        if *rx.borrow_and_update() >= min {
+            return true;
+        }
+        self.nudge();
+        let reached = async move { rx.wait_for(|v| *v >= min).await.is_ok() };
+        tokio::time::timeout_at(deadline, reached)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Starts a resync for waiting readers, unless one is queued that has not
+    /// started yet (it starts after they asked, so it serves them too). Runs as
+    /// a task of its own: a reader that gives up does not cancel it half-way.
+    fn nudge(self: &Arc<Self>) {
+        if self.nudge_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mirror = self.clone();
+        tokio::spawn(async move {
+            // From here on a new reader queues its own nudge: this resync may
+            // start before it asked.
+            mirror.nudge_queued.store(false, Ordering::Release);
+            if let Err(error) = mirror.resync_now().await {
+                tracing::debug!(%error, "resync for a reader waiting for a version failed");
+            }
+        });
+    }
+
     /// The events of the changes this replica learns.
     pub fn events(&self) -> &EventHub {
         &self.events
@@ -345,7 +389,7 @@ impl Mirror {
     }
 
     fn publish_version(&self, state: &MirrorState) {
-        let version = state.position.as_ref().map_or(0, |p| p.version);
+        let version = state.version();
         self.version_tx.send_if_modified(|v| {
             let changed = *v != version;
             *v = version;

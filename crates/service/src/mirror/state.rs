@@ -227,6 +227,13 @@ impl MirrorState {
         out
     }
 
+    /// The version this copy has reached in the store's history (read your
+    /// writes); 0 before the first snapshot of the store (also while answering
+    /// from the state file, which is at no position of the store).
+    pub fn version(&self) -> u64 {
+        self.position.as_ref().map_or(0, |p| p.version)
+    }
+
     pub fn seat_total(&self) -> usize {
         self.seats.values().map(HashMap::len).sum()
     }

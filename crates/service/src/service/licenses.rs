@@ -10,7 +10,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng as _;
 
-use super::{Attempt, Licensing, Overview, ReconcileReport, store_error, upstream_error};
+use super::{
+    Attempt, Licensing, Overview, ReconcileReport, Versioned, store_error, upstream_error,
+};
 use crate::domain::clock;
 use crate::domain::initcode::{InitializationCode, PendingInitialization};
 use crate::domain::{
@@ -51,7 +53,7 @@ enum Trigger {
 impl Licensing {
     /// Makes a new initialization code (serial, edition, fresh nonce, checksum)
     /// and remembers its nonce; an earlier code stops being accepted.
-    pub async fn create_initialization_code(&self) -> Result<String, LicensingError> {
+    pub async fn create_initialization_code(&self) -> Result<Versioned<String>, LicensingError> {
         let now = self.now();
         let code = InitializationCode::new(self.settings.serial.clone(), self.settings.edition);
         // Checked: `now` may come from a stored clock, which nothing bounds.
@@ -73,12 +75,18 @@ impl Licensing {
             })
             .await?;
         self.mirror.apply_local(&change).await;
-        Ok(code.encode())
+        Ok(Versioned {
+            value: code.encode(),
+            version: change.version,
+        })
     }
 
     /// Applies the licensing server's signed answer to the latest initialization
     /// code. Anything not trusted is `INVALID_ARGUMENT` and changes nothing.
-    pub async fn apply_activation(&self, response: &str) -> Result<Overview, LicensingError> {
+    pub async fn apply_activation(
+        &self,
+        response: &str,
+    ) -> Result<Versioned<Overview>, LicensingError> {
         let invalid = |m: String| LicensingError::from(InvalidInput::new("activation_response", m));
         let signed = parse_response(response).map_err(invalid)?;
         let key = self.settings.vendor_key.as_ref().ok_or_else(|| {
@@ -104,7 +112,7 @@ impl Licensing {
             })
         };
         if already(self) {
-            return Ok(self.overview());
+            return self.overview_after(0).await;
         }
         let now = self.now();
         if let Err((_, why)) = self.check_clock(&payload, now) {
@@ -150,29 +158,32 @@ impl Licensing {
                 })
             })
             .await?;
+        // Where this call's last write is visible (0: another replica applied it).
+        let mut written = 0;
         if applied_here {
-            self.record(ReconcileOutcome::Updated, None, now).await?;
+            (_, written) = self.record(ReconcileOutcome::Updated, None, now).await?;
             tracing::info!("activation response applied");
             // Fetch whatever else the licensing server holds for this serial.
-            if self.source.is_some()
-                && let Err(error) = self.reconcile().await
-            {
-                tracing::warn!(%error, "reconcile after activation failed");
+            if self.source.is_some() {
+                match self.reconcile().await {
+                    Ok(report) => written = written.max(report.version),
+                    Err(error) => tracing::warn!(%error, "reconcile after activation failed"),
+                }
             }
         }
-        Ok(self.overview())
+        self.overview_after(written).await
     }
 
     /// Initializes online: makes a code, has the licensing server answer it, and
     /// applies the answer (what an operator does by copy and paste otherwise).
-    pub async fn activate_online(&self) -> Result<Overview, LicensingError> {
+    pub async fn activate_online(&self) -> Result<Versioned<Overview>, LicensingError> {
         let Some(source) = self.source.clone() else {
             return Err(LicensingError::precondition(
                 "NO_LICENSE_SOURCE",
                 "no licensing server configured (licensing_server.url)",
             ));
         };
-        let code = self.create_initialization_code().await?;
+        let code = self.create_initialization_code().await?.value;
         let response = self
             .settings
             .backoff
@@ -184,13 +195,13 @@ impl Licensing {
 
     /// Re-setup (Neuaufsetzen): back to the initial state. Seats, the license and
     /// the reconcile history go; the record that the serial used its tryout stays.
-    pub async fn reset_activation(&self) -> Result<Overview, LicensingError> {
+    pub async fn reset_activation(&self) -> Result<Versioned<Overview>, LicensingError> {
         let change = self
             .write(|| async { self.store.reset(self.mirror.floor().as_ref()).await })
             .await?;
         self.mirror.apply_local(&change).await;
         tracing::warn!("activation reset: seats and license removed (tryout record kept)");
-        Ok(self.overview())
+        self.overview_after(change.version).await
     }
 
     /// Reconciles now (operator's request). Waits briefly if another replica is
@@ -254,23 +265,25 @@ impl Licensing {
             Some(error) => tracing::warn!(?outcome, %error, "reconcile applied nothing"),
             None => tracing::info!(?outcome, "reconciled"),
         }
-        let next = self.record(outcome, error.clone(), now).await?;
+        let (next, version) = self.record(outcome, error.clone(), now).await?;
         Ok(ReconcileReport {
             outcome,
             entitlements: self.mirror.read(|s| self.entitlements(s)),
             reconciled_at: now,
             next_reconcile_at: next,
             error,
+            version,
         })
     }
 
-    /// Records a reconcile's outcome with the next scheduled time; returns it.
+    /// Records a reconcile's outcome with the next scheduled time; returns it
+    /// and the version the record is visible at.
     async fn record(
         &self,
         outcome: ReconcileOutcome,
         error: Option<String>,
         now: DateTime<Utc>,
-    ) -> Result<Option<DateTime<Utc>>, LicensingError> {
+    ) -> Result<(Option<DateTime<Utc>>, u64), LicensingError> {
         let previous = self.mirror.read(|s| s.reconcile.clone());
         let succeeded = error.is_none();
         let next = now + self.next_interval();
@@ -293,7 +306,7 @@ impl Licensing {
             })
             .await?;
         self.mirror.apply_local(&change).await;
-        Ok(Some(next))
+        Ok((Some(next), change.version))
     }
 
     /// The interval with its random spread (so replicas and PBXs do not align).

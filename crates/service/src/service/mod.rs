@@ -28,7 +28,7 @@ use crate::domain::{
     TimeAuthority, TryoutPolicy, TryoutRecord, TryoutView, UserId, tryout,
 };
 use crate::mirror::{Mirror, MirrorState};
-use crate::store::{AssignOutcome, SeatKey, Store, StoreError};
+use crate::store::{AssignOutcome, ReleaseOutcome, SeatKey, Store, StoreError};
 use crate::upstream::{Backoff, LicensingServer, TryoutClaim, UpstreamError};
 
 /// How often a write re-plans after finding the mirror out of date before giving up.
@@ -67,6 +67,28 @@ pub struct Settings {
     pub auth_mode: &'static str,
     /// Trusts a vendor key other than the built-in one, shown in the overview.
     pub development_installation: bool,
+    /// How long a read with `min_version` waits for this copy to reach it
+    /// (`consistency.max_wait_ms`).
+    pub consistency_max_wait: StdDuration,
+}
+
+/// An answer with its version: for a write, the position in the store's
+/// history at which its outcome is visible (a write that changed nothing: one at
+/// which the existing state is visible); for a read, the version of the copy
+/// that answered. A read on any replica with this as `min_version` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: u64,
+}
+
+/// What `AssignSeat` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub seat: Seat,
+    /// False when the user already held the seat (nothing written).
+    pub created: bool,
+    pub version: u64,
 }
 
 /// The answer to `CheckSeat`.
@@ -75,6 +97,8 @@ pub struct CheckAnswer {
     pub check: SeatCheck,
     /// Answered from a copy that may be out of date (store unreachable).
     pub stale: bool,
+    /// The version of the copy that answered.
+    pub version: u64,
 }
 
 /// One page of seats.
@@ -82,6 +106,9 @@ pub struct CheckAnswer {
 pub struct SeatPage {
     pub seats: Vec<Seat>,
     pub next_page_token: String,
+    /// The version of this replica's copy when the page was read (the seats
+    /// come from the store and reflect at least that version).
+    pub version: u64,
 }
 
 /// An entitlement with the seats held of it.
@@ -120,6 +147,8 @@ pub struct Overview {
     pub over_capacity: Vec<OverCapacity>,
     pub auth_mode: &'static str,
     pub development_installation: bool,
+    /// The version of the copy it was read from.
+    pub version: u64,
 }
 
 /// Seats of one feature beyond the purchased quantity: licensed until their
@@ -139,6 +168,8 @@ pub struct ReconcileReport {
     pub reconciled_at: DateTime<Utc>,
     pub next_reconcile_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// Where the recorded outcome is visible in the store's history.
+    pub version: u64,
 }
 
 /// The opaque `page_token`: where the next page starts, and for which filter.
@@ -324,18 +355,77 @@ impl Licensing {
         )
     }
 
-    /// Refuses a read that would answer definitely from an empty copy: the
-    /// replica never reached the store since it started and loaded no state file.
-    pub fn require_state(&self) -> Result<(), LicensingError> {
-        if self.mirror.read(MirrorState::has_state) {
-            Ok(())
-        } else {
-            Err(self.no_state())
+    fn no_state(&self) -> LicensingError {
+        LicensingError::NoStateYet(self.mirror.why_no_state())
+    }
+
+    /// Reads the copy once it has reached `min_version`: `Ok` with the answer
+    /// and the copy's version, or where it is (`None`: no state at all). One
+    /// read lock, no allocation of its own: the hot path's cost.
+    fn read_at<T>(
+        &self,
+        min_version: u64,
+        read: impl FnOnce(&MirrorState, DateTime<Utc>) -> T,
+    ) -> Result<(T, u64), Option<u64>> {
+        let node = self.clock.now();
+        self.mirror.read(|state| {
+            // Checked under the lock the answer takes anyway (no second lock).
+            if !state.has_state() {
+                return Err(None);
+            }
+            let version = state.version();
+            if version < min_version {
+                return Err(Some(version));
+            }
+            Ok((read(state, state.now(node)), version))
+        })
+    }
+
+    /// Read your writes: `read` on the copy once it has reached `min_version`
+    /// (0: at once), waiting at most `consistency.max_wait_ms` (and nudging the
+    /// copy to catch up), else `NOT_YET_CONSISTENT`. A copy already there
+    /// answers at once, as without `min_version`. Without any state:
+    /// `NO_STATE_YET`.
+    async fn at_version<T>(
+        &self,
+        min_version: u64,
+        read: impl Fn(&MirrorState, DateTime<Utc>) -> T,
+    ) -> Result<(T, u64), LicensingError> {
+        match self.read_at(min_version, &read) {
+            Ok(answer) => return Ok(answer),
+            Err(None) if min_version == 0 => return Err(self.no_state()),
+            Err(_) => {}
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.settings.consistency_max_wait;
+        loop {
+            let reached = self.mirror.wait_for_version(min_version, deadline).await;
+            match self.read_at(min_version, &read) {
+                Ok(answer) => return Ok(answer),
+                // Reached, then went back (a store that lost writes, before its
+                // repair): wait again, within the same bound.
+                Err(_) if reached && tokio::time::Instant::now() < deadline => {}
+                Err(None) => return Err(self.no_state()),
+                Err(Some(version)) => {
+                    return Err(LicensingError::NotYetConsistent {
+                        min_version,
+                        version,
+                        waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+            }
         }
     }
 
-    fn no_state(&self) -> LicensingError {
-        LicensingError::NoStateYet(self.mirror.why_no_state())
+    /// A version at which what this copy holds is visible, for a write that
+    /// wrote nothing: this copy's; a copy not read from the store yet (the
+    /// state file) is brought up to the store first.
+    async fn visible_version(&self) -> Result<u64, LicensingError> {
+        if let Some(p) = self.mirror.read(|s| s.position.clone()) {
+            return Ok(p.version);
+        }
+        self.mirror.resync_now().await.map_err(store_error)?;
+        Ok(self.mirror.read(MirrorState::version))
     }
 
     /// The hot path: answered from the mirror, never waiting for the store.
@@ -344,26 +434,48 @@ impl Licensing {
         user: &UserId,
         feature: Feature,
     ) -> Result<CheckAnswer, LicensingError> {
-        let node = self.clock.now();
-        let check = self.mirror.read(|state| {
-            // Checked under the lock the answer takes anyway (no second lock).
-            if !state.has_state() {
-                return None;
-            }
-            let now = state.now(node);
-            let seat = state
-                .seat(feature, user.as_str())
-                .map(|s| s.to_seat(user.clone(), feature));
-            Some(
-                self.rules()
-                    .check_seat(&state.license_state(), feature, seat.as_ref(), now),
-            )
-        });
-        let check = check.ok_or_else(|| self.no_state())?;
+        let answer = self.read_at(0, |state, now| self.decide_seat(state, user, feature, now));
+        let (check, version) = answer.map_err(|_| self.no_state())?;
         Ok(CheckAnswer {
             check,
             stale: self.mirror.is_stale(),
+            version,
         })
+    }
+
+    /// `CheckSeat` with `min_version` (read your writes): as [`Self::check_seat`]
+    /// when the copy has reached it (no wait, no allocation), else after waiting
+    /// for it (bounded by `consistency.max_wait_ms`).
+    pub async fn check_seat_at(
+        &self,
+        user: &UserId,
+        feature: Feature,
+        min_version: u64,
+    ) -> Result<CheckAnswer, LicensingError> {
+        let (check, version) = self
+            .at_version(min_version, |state, now| {
+                self.decide_seat(state, user, feature, now)
+            })
+            .await?;
+        Ok(CheckAnswer {
+            check,
+            stale: self.mirror.is_stale(),
+            version,
+        })
+    }
+
+    fn decide_seat(
+        &self,
+        state: &MirrorState,
+        user: &UserId,
+        feature: Feature,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        let seat = state
+            .seat(feature, user.as_str())
+            .map(|s| s.to_seat(user.clone(), feature));
+        self.rules()
+            .check_seat(&state.license_state(), feature, seat.as_ref(), now)
     }
 
     /// Gives the user a seat; `created` is false when they already held one.
@@ -371,7 +483,7 @@ impl Licensing {
         &self,
         user: &UserId,
         feature: Feature,
-    ) -> Result<(Seat, bool), LicensingError> {
+    ) -> Result<Assigned, LicensingError> {
         if !feature.is_seat() {
             return Err(
                 InvalidInput::new("feature", format!("{feature} is not a seat feature")).into(),
@@ -403,14 +515,23 @@ impl Licensing {
             match outcome {
                 AssignOutcome::Created(change) => {
                     self.mirror.apply_local(&change).await;
+                    let version = change.version;
                     let crate::store::ChangeKind::SeatAssigned(seat) = change.kind else {
                         return Err(LicensingError::Internal(
                             "assign reported another change".into(),
                         ));
                     };
-                    Ok(Attempt::Done((seat, true)))
+                    Ok(Attempt::Done(Assigned {
+                        seat,
+                        created: true,
+                        version,
+                    }))
                 }
-                AssignOutcome::Existing(seat) => Ok(Attempt::Done((seat, false))),
+                AssignOutcome::Existing { seat, version } => Ok(Attempt::Done(Assigned {
+                    seat,
+                    created: false,
+                    version,
+                })),
                 AssignOutcome::Exhausted { capacity, in_use } => Err(LicensingError::NoFreeSeat {
                     feature,
                     capacity,
@@ -428,7 +549,7 @@ impl Licensing {
         &self,
         user: &UserId,
         feature: Feature,
-    ) -> Result<bool, LicensingError> {
+    ) -> Result<Versioned<bool>, LicensingError> {
         self.with_retries("the licenses", move |_| async move {
             let (now, floor) = (self.now(), self.mirror.floor());
             // Flags are set against the license the store holds: the store
@@ -443,13 +564,20 @@ impl Licensing {
                 .release_seat(floor.as_ref(), user, feature, capacity)
                 .await
             {
-                Ok(Some(changes)) => {
+                Ok(ReleaseOutcome::Released(changes)) => {
                     for change in &changes {
                         self.mirror.apply_local(change).await;
                     }
-                    Ok(Attempt::Done(true))
+                    let version = changes.iter().map(|c| c.version).max().unwrap_or(0);
+                    Ok(Attempt::Done(Versioned {
+                        value: true,
+                        version,
+                    }))
                 }
-                Ok(None) => Ok(Attempt::Done(false)),
+                Ok(ReleaseOutcome::NotHeld { version }) => Ok(Attempt::Done(Versioned {
+                    value: false,
+                    version,
+                })),
                 Err(e) => Ok(Attempt::Refused(e)),
             }
         })
@@ -462,6 +590,7 @@ impl Licensing {
         feature: &str,
         page_size: i32,
         page_token: &str,
+        min_version: u64,
     ) -> Result<SeatPage, LicensingError> {
         let filter = if feature.is_empty() {
             None
@@ -473,6 +602,13 @@ impl Licensing {
             None
         } else {
             Some(decode_token(page_token, filter)?)
+        };
+        // The seats come from the store; a version asked for is waited for on
+        // this copy, like every read (the store holds at least what it holds).
+        let version = if min_version == 0 {
+            self.mirror.read(MirrorState::version)
+        } else {
+            self.at_version(min_version, |_, _| ()).await?.1
         };
         let mut seats = self
             .store
@@ -489,12 +625,24 @@ impl Licensing {
         Ok(SeatPage {
             seats,
             next_page_token,
+            version,
         })
     }
 
     pub fn tryout_status(&self) -> TryoutView {
         let now = self.now();
         self.mirror.read(|state| self.tryout_view(state, now))
+    }
+
+    /// `GetTryoutStatus` with `min_version` (read your writes).
+    pub async fn tryout_status_at(
+        &self,
+        min_version: u64,
+    ) -> Result<Versioned<TryoutView>, LicensingError> {
+        let (value, version) = self
+            .at_version(min_version, |state, now| self.tryout_view(state, now))
+            .await?;
+        Ok(Versioned { value, version })
     }
 
     fn tryout_view(&self, state: &MirrorState, now: DateTime<Utc>) -> TryoutView {
@@ -511,7 +659,7 @@ impl Licensing {
     /// record decides (a tryout is once per serial, also across a store that lost
     /// its data); unreachable, the answer is `UNAVAILABLE`, never a start it has
     /// not confirmed. A license file keeps no such record: the store's counts.
-    pub async fn start_tryout(&self) -> Result<TryoutView, LicensingError> {
+    pub async fn start_tryout(&self) -> Result<Versioned<TryoutView>, LicensingError> {
         let (edition, policy) = (self.settings.edition, self.settings.tryout);
         let start = |current: Option<&TryoutRecord>, now| {
             tryout::start(edition, current, now, policy).map(Some)
@@ -602,7 +750,7 @@ impl Licensing {
             })
     }
 
-    pub async fn end_tryout(&self) -> Result<TryoutView, LicensingError> {
+    pub async fn end_tryout(&self) -> Result<Versioned<TryoutView>, LicensingError> {
         self.change_tryout(|current, now| tryout::end(self.settings.edition, current, now))
             .await
     }
@@ -615,13 +763,23 @@ impl Licensing {
             Option<&TryoutRecord>,
             DateTime<Utc>,
         ) -> Result<Option<TryoutRecord>, LicensingError>,
-    ) -> Result<TryoutView, LicensingError> {
+    ) -> Result<Versioned<TryoutView>, LicensingError> {
         let decide = &decide;
         self.with_retries("the tryout", move |_| async move {
             let (now, floor) = (self.now(), self.mirror.floor());
-            let current = self.mirror.read(|s| s.tryout.clone());
+            let (current, at) = self
+                .mirror
+                .read(|s| (s.tryout.clone(), s.position.as_ref().map(|p| p.version)));
             let Some(new) = decide(current.as_ref(), now)? else {
-                return Ok(Attempt::Done(self.tryout_status()));
+                // Nothing to write: the record is visible at this copy's
+                // version. A copy not read from the store yet reads it first.
+                return Ok(match at {
+                    Some(version) => Attempt::Done(Versioned {
+                        value: self.tryout_status(),
+                        version,
+                    }),
+                    None => Attempt::Stale,
+                });
             };
             match self
                 .store
@@ -630,7 +788,10 @@ impl Licensing {
             {
                 Ok(Some(change)) => {
                     self.mirror.apply_local(&change).await;
-                    Ok(Attempt::Done(self.tryout_status()))
+                    Ok(Attempt::Done(Versioned {
+                        value: self.tryout_status(),
+                        version: change.version,
+                    }))
                 }
                 Ok(None) => Ok(Attempt::Stale),
                 Err(e) => Ok(Attempt::Refused(e)),
@@ -665,7 +826,45 @@ impl Licensing {
         // Read before the mirror's lock is taken below: a second read lock taken
         // while one is held deadlocks once a writer queues between the two.
         let clock_rolled_back = self.clock_rolled_back();
-        self.mirror.read(|state| {
+        self.mirror
+            .read(|state| self.overview_of(state, now, clock_rolled_back))
+    }
+
+    /// `GetLicenseOverview` with `min_version` (read your writes).
+    pub async fn overview_at(&self, min_version: u64) -> Result<Overview, LicensingError> {
+        // Outside the mirror's lock, as in `overview`.
+        let clock_rolled_back = self.clock_rolled_back();
+        let (overview, _) = self
+            .at_version(min_version, |state, now| {
+                self.overview_of(state, now, clock_rolled_back)
+            })
+            .await?;
+        Ok(overview)
+    }
+
+    /// The answer of a write that returns the overview: at the version of its
+    /// last write (`written`; 0: it wrote nothing), or of the overview when
+    /// that is newer.
+    async fn overview_after(&self, written: u64) -> Result<Versioned<Overview>, LicensingError> {
+        if written == 0 {
+            self.visible_version().await?;
+        }
+        let overview = self.overview();
+        Ok(Versioned {
+            version: written.max(overview.version),
+            value: overview,
+        })
+    }
+
+    /// The overview as `state` shows it at `now` (under the mirror's lock: it
+    /// takes no other).
+    fn overview_of(
+        &self,
+        state: &MirrorState,
+        now: DateTime<Utc>,
+        clock_rolled_back: bool,
+    ) -> Overview {
+        {
             let activation = self.activation(state, now);
             let system_activated = self.licenses(state, now).system_activated(now);
             let activation_reason = activation::explain(&activation::ActivationFacts {
@@ -717,8 +916,9 @@ impl Licensing {
                 clock_skew_ms: self.time.skew_ms(),
                 clock_skewed: self.time.skewed(),
                 corrupt_records: state.corrupt_records,
+                version: state.version(),
             }
-        })
+        }
     }
 
     fn license_source(&self) -> String {

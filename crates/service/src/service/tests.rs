@@ -55,8 +55,19 @@ async fn replica_of(
     source: Option<Arc<dyn LicensingServer>>,
     synced: bool,
 ) -> Licensing {
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    replica_on(store, clock, source, synced).await
+}
+
+/// A replica on `store` (several replicas share one). No sync task runs: the
+/// copy moves only with the replica's own writes and its resyncs.
+async fn replica_on(
+    store: Arc<MemoryStore>,
+    clock: &ManualClock,
+    source: Option<Arc<dyn LicensingServer>>,
+    synced: bool,
+) -> Licensing {
     let clock: Arc<dyn Clock> = Arc::new(clock.clone());
-    let store = Arc::new(MemoryStore::new(clock.clone()));
     let serial = SerialNumber::parse(SERIAL).unwrap();
     let time = Arc::new(TimeAuthority::new(clock, 120_000));
     let verifier = Verifier {
@@ -91,6 +102,7 @@ async fn replica_of(
         },
         auth_mode: "protected",
         development_installation: false,
+        consistency_max_wait: StdDuration::from_millis(100),
     };
     Licensing::new(store, mirror, time, settings, source)
 }
@@ -110,16 +122,16 @@ async fn the_tryout_licenses_three_test_seats_until_it_expires() {
         (false, SeatReason::NotActivated)
     );
     assert_eq!(
-        licensing.start_tryout().await.unwrap().state,
+        licensing.start_tryout().await.unwrap().value.state,
         TryoutState::Active
     );
     for id in ["alice", "bob", "carol"] {
-        let (seat, created) = licensing
+        let assigned = licensing
             .assign_seat(&user(id), Feature::User)
             .await
             .unwrap();
-        assert!(created);
-        assert_eq!(seat.source, SeatSource::Tryout);
+        assert!(assigned.created);
+        assert_eq!(assigned.seat.source, SeatSource::Tryout);
     }
     // Assigning again is idempotent; a fourth user finds the pool full.
     assert!(
@@ -127,7 +139,7 @@ async fn the_tryout_licenses_three_test_seats_until_it_expires() {
             .assign_seat(&alice, Feature::User)
             .await
             .unwrap()
-            .1
+            .created
     );
     let full = licensing.assign_seat(&user("dave"), Feature::User).await;
     assert!(
@@ -143,8 +155,20 @@ async fn the_tryout_licenses_three_test_seats_until_it_expires() {
         (over.check.licensed, over.check.reason),
         (false, SeatReason::TryoutOver)
     );
-    assert!(licensing.release_seat(&alice, Feature::User).await.unwrap());
-    assert!(!licensing.release_seat(&alice, Feature::User).await.unwrap());
+    assert!(
+        licensing
+            .release_seat(&alice, Feature::User)
+            .await
+            .unwrap()
+            .value
+    );
+    assert!(
+        !licensing
+            .release_seat(&alice, Feature::User)
+            .await
+            .unwrap()
+            .value
+    );
 }
 
 #[tokio::test]
@@ -176,4 +200,165 @@ async fn a_replica_without_state_answers_no_state_yet_never_not_licensed() {
         matches!(refused, LicensingError::NoStateYet(_)),
         "{refused:?}"
     );
+}
+
+/// Every write answers the version its outcome is visible at, growing; a write
+/// that changed nothing answers one at which the existing state is visible
+/// (the store's), never 0.
+#[tokio::test]
+async fn every_write_answers_a_growing_version() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    let licensing = replica_on(store.clone(), &clock, None, true).await;
+    let at_store = || {
+        let store = store.clone();
+        async move { store.snapshot().await.unwrap().position.unwrap().version }
+    };
+    let mut versions = vec![licensing.start_tryout().await.unwrap().version];
+    let alice = user("alice");
+    let first = licensing.assign_seat(&alice, Feature::User).await.unwrap();
+    assert!(first.created);
+    versions.push(first.version);
+    versions.push(
+        licensing
+            .assign_seat(&user("bob"), Feature::User)
+            .await
+            .unwrap()
+            .version,
+    );
+    // Again: nothing written; the seat is visible at the store's version.
+    let again = licensing.assign_seat(&alice, Feature::User).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.version, at_store().await);
+    assert!(again.version >= first.version);
+    versions.push(again.version);
+    let released = licensing.release_seat(&alice, Feature::User).await.unwrap();
+    assert!(released.value);
+    versions.push(released.version);
+    let nothing = licensing.release_seat(&alice, Feature::User).await.unwrap();
+    assert!(!nothing.value);
+    assert_eq!(nothing.version, at_store().await);
+    versions.push(nothing.version);
+    versions.push(licensing.end_tryout().await.unwrap().version);
+    // Ending it again changes nothing: the record is visible at this copy's version.
+    let ended_again = licensing.end_tryout().await.unwrap();
+    assert_eq!(ended_again.version, at_store().await);
+    versions.push(ended_again.version);
+    versions.push(
+        licensing
+            .create_initialization_code()
+            .await
+            .unwrap()
+            .version,
+    );
+    versions.push(licensing.reset_activation().await.unwrap().version);
+    assert!(versions.iter().all(|v| *v > 0), "{versions:?}");
+    assert!(versions.is_sorted(), "{versions:?}");
+    assert_eq!(*versions.last().unwrap(), at_store().await);
+}
+
+/// Read your writes across replicas: a write on A, then a read on B with
+/// `min_version` answers with it, though B's copy was behind and no feed runs
+/// (the nudge brings it); the copy that answered carries its version.
+#[tokio::test]
+async fn a_read_with_min_version_sees_a_write_made_on_another_replica() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    let a = replica_on(store.clone(), &clock, None, true).await;
+    let b = replica_on(store.clone(), &clock, None, true).await;
+    a.start_tryout().await.unwrap();
+    let alice = user("alice");
+    let assigned = a.assign_seat(&alice, Feature::User).await.unwrap();
+    // Without min_version, B answers from its copy as it is: behind.
+    let behind = b.check_seat(&alice, Feature::User).unwrap();
+    assert!(!behind.check.licensed);
+    assert!(behind.version < assigned.version);
+    // The hot path's answer with a version already reached: at once.
+    let now = b
+        .check_seat_at(&alice, Feature::User, behind.version)
+        .await
+        .unwrap();
+    assert_eq!(now.version, behind.version);
+    let seen = b
+        .check_seat_at(&alice, Feature::User, assigned.version)
+        .await
+        .unwrap();
+    assert!(seen.check.licensed, "{seen:?}");
+    assert!(seen.version >= assigned.version);
+    let tryout = b.tryout_status_at(assigned.version).await.unwrap();
+    assert_eq!(tryout.value.seats_used, 1);
+    let overview = b.overview_at(assigned.version).await.unwrap();
+    assert!(overview.version >= assigned.version);
+    let page = b.list_seats("", 10, "", assigned.version).await.unwrap();
+    assert_eq!(page.seats.len(), 1);
+    assert!(page.version >= assigned.version);
+}
+
+/// A version no write answered: `NOT_YET_CONSISTENT` after about
+/// `consistency.max_wait_ms`, saying where the copy is; nothing else changes.
+#[tokio::test]
+async fn a_version_far_ahead_is_not_yet_consistent_after_the_wait() {
+    let clock = ManualClock::new(t0());
+    let licensing = replica(&clock, None).await;
+    let version = licensing.start_tryout().await.unwrap().version;
+    let started = std::time::Instant::now();
+    let refused = licensing
+        .check_seat_at(&user("alice"), Feature::User, version + 1000)
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            refused,
+            LicensingError::NotYetConsistent { min_version, version: at, .. }
+                if min_version == version + 1000 && at == version
+        ),
+        "{refused:?}"
+    );
+    assert!(waited >= StdDuration::from_millis(90), "{waited:?}");
+    assert!(waited < StdDuration::from_secs(2), "{waited:?}");
+    for refused in [
+        licensing.tryout_status_at(version + 1).await.unwrap_err(),
+        licensing.overview_at(version + 1).await.unwrap_err(),
+        licensing
+            .list_seats("", 10, "", version + 1)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(matches!(refused, LicensingError::NotYetConsistent { .. }));
+    }
+    // Bad input is refused before any wait.
+    assert!(matches!(
+        licensing.list_seats("nope", 10, "", u64::MAX).await,
+        Err(LicensingError::InvalidInput(_))
+    ));
+}
+
+/// Versions only grow, also across a store that lost everything: the replica
+/// restores it at its own version, and the next write is above every version
+/// answered before.
+#[tokio::test]
+async fn versions_grow_across_a_store_that_lost_its_data() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    let licensing = replica_on(store.clone(), &clock, None, true).await;
+    licensing.start_tryout().await.unwrap();
+    let before = licensing
+        .assign_seat(&user("alice"), Feature::User)
+        .await
+        .unwrap()
+        .version;
+    store.wipe();
+    licensing.mirror().resync_now().await.unwrap();
+    let after = licensing
+        .assign_seat(&user("bob"), Feature::User)
+        .await
+        .unwrap()
+        .version;
+    assert!(after > before, "{after} after {before}");
+    let answer = licensing
+        .check_seat_at(&user("alice"), Feature::User, before)
+        .await
+        .unwrap();
+    assert!(answer.check.licensed && answer.version >= after);
 }

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, Incident, LicenseWrite,
-    Position, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    Position, ReleaseOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -444,10 +445,16 @@ impl Store for MemoryStore {
         let existing = inner.seats.get(&key).cloned();
         match (&existing, plan) {
             (Some(seat), _) if seat.source == SeatSource::Purchased => {
-                return Ok(AssignOutcome::Existing(seat.clone()));
+                return Ok(AssignOutcome::Existing {
+                    seat: seat.clone(),
+                    version: inner.version,
+                });
             }
             (Some(seat), AssignPlan::Tryout { .. }) => {
-                return Ok(AssignOutcome::Existing(seat.clone()));
+                return Ok(AssignOutcome::Existing {
+                    seat: seat.clone(),
+                    version: inner.version,
+                });
             }
             _ => {}
         }
@@ -483,7 +490,7 @@ impl Store for MemoryStore {
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
-    ) -> Result<Option<Vec<Change>>, StoreError> {
+    ) -> Result<ReleaseOutcome, StoreError> {
         let mut inner = self.inner.lock();
         guard(&inner, floor)?;
         if let Some((_, license_id)) = capacity
@@ -492,7 +499,9 @@ impl Store for MemoryStore {
             return Err(StoreError::Moved);
         }
         if !inner.remove(feature, user) {
-            return Ok(None);
+            return Ok(ReleaseOutcome::NotHeld {
+                version: inner.version,
+            });
         }
         let kind = ChangeKind::SeatReleased {
             feature,
@@ -502,7 +511,7 @@ impl Store for MemoryStore {
         if let Some((quantity, _)) = capacity {
             changes.extend(self.reflag(&mut inner, feature, quantity));
         }
-        Ok(Some(changes))
+        Ok(ReleaseOutcome::Released(changes))
     }
 
     async fn list_seats(

@@ -97,12 +97,23 @@ pub enum AssignOutcome {
     /// A new seat was written (`change` is its feed entry).
     Created(Change),
     /// The user already held an acceptable seat of the feature: nothing written.
-    Existing(Seat),
+    /// `version` is the store's version when it looked: the seat is visible there.
+    Existing { seat: Seat, version: u64 },
     /// The pool is full.
     Exhausted { capacity: u32, in_use: u32 },
     /// The plan was made against another license document than the one stored:
     /// re-read and plan again.
     LicenseChanged,
+}
+
+/// What a release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The seat was freed: its feed entry, then any flag changes.
+    Released(Vec<Change>),
+    /// The user held no seat of the feature: nothing written. `version` is the
+    /// store's version when it looked: the absence is visible there.
+    NotHeld { version: u64 },
 }
 
 /// Where a seat listing resumes: strictly after this (feature, user).
@@ -154,7 +165,8 @@ pub trait Store: Send + Sync + 'static {
         plan: &AssignPlan,
     ) -> Result<AssignOutcome, StoreError>;
 
-    /// Frees the user's seat of `feature`; `None` when there was none. With
+    /// Frees the user's seat of `feature` ([`ReleaseOutcome::NotHeld`] when there
+    /// was none). With
     /// `capacity` (the purchased quantity and the id of the license it was read
     /// from), the pool's over-capacity flags are set again against it, guarded
     /// like an assignment: [`StoreError::Moved`] and nothing written when the
@@ -165,7 +177,7 @@ pub trait Store: Send + Sync + 'static {
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
-    ) -> Result<Option<Vec<Change>>, StoreError>;
+    ) -> Result<ReleaseOutcome, StoreError>;
 
     /// Seats ordered by (feature, user id), strictly after `after`, at most `limit`.
     async fn list_seats(

@@ -53,7 +53,7 @@ use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LicenseWrite, Position,
-    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    ReleaseOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -757,7 +757,10 @@ impl Store for RedisStore {
             .await?;
         let seat = |json: &str| SeatRecordV1::parse(json)?.into_seat(user.clone(), feature);
         match words(&reply).as_slice() {
-            ["existing", json] => Ok(AssignOutcome::Existing(seat(json)?)),
+            ["existing", json, v] => Ok(AssignOutcome::Existing {
+                seat: seat(json)?,
+                version: version_of(v)?,
+            }),
             ["license_changed"] => Ok(AssignOutcome::LicenseChanged),
             ["exhausted", cap, used] => Ok(AssignOutcome::Exhausted {
                 capacity: cap.parse().unwrap_or(0),
@@ -777,7 +780,7 @@ impl Store for RedisStore {
         user: &UserId,
         feature: Feature,
         capacity: Option<(u32, &str)>,
-    ) -> Result<Option<Vec<Change>>, StoreError> {
+    ) -> Result<ReleaseOutcome, StoreError> {
         let reply = self
             .write("release", floor, &RELEASE, |inv| {
                 inv.key(self.keys.pool(feature, SeatSource::Purchased))
@@ -793,7 +796,9 @@ impl Store for RedisStore {
             })
             .await?;
         match words(&reply).as_slice() {
-            ["none"] => Ok(None),
+            ["none", v] => Ok(ReleaseOutcome::NotHeld {
+                version: version_of(v)?,
+            }),
             ["released", v, flags @ ..] => {
                 let mut changes = vec![Change {
                     version: version_of(v)?,
@@ -803,7 +808,7 @@ impl Store for RedisStore {
                     },
                 }];
                 changes.extend(flag_changes(flags)?);
-                Ok(Some(changes))
+                Ok(ReleaseOutcome::Released(changes))
             }
             other => Err(StoreError::Corrupt(format!("release replied {other:?}"))),
         }

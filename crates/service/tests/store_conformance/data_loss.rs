@@ -140,7 +140,10 @@ async fn data_loss_refuses_writes_until_restored(
     // The restored store works: capacity counts the restored seats.
     assert_eq!(
         assign(store, "alice", Feature::User, &plan).await,
-        AssignOutcome::Existing(alice)
+        AssignOutcome::Existing {
+            seat: alice,
+            version: current_version(store).await,
+        }
     );
     let (_, carol) = created(assign(store, "carol", Feature::User, &plan).await);
     assert_eq!(carol.version, new_pos.version + 1);

@@ -24,8 +24,8 @@ use comtrexx_licensing::domain::{
 use comtrexx_licensing::store::memory::MemoryStore;
 use comtrexx_licensing::store::redis::RedisStore;
 use comtrexx_licensing::store::{
-    AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, RepairWrite,
-    SeatKey, Snapshot, Store, StoreError, StoredLicense,
+    AssignOutcome, Change, ChangeKind, Changes, Incident, LicenseWrite, Position, ReleaseOutcome,
+    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
 };
 use comtrexx_licensing_test_support::RedisServer;
 use ed25519_dalek::SigningKey;
@@ -288,10 +288,24 @@ async fn release(
     // an assignment).
     let license = snapshot(store).await.license;
     let id = license.as_ref().map_or("", StoredLicense::id);
-    store
+    match store
         .release_seat(None, &uid(user), feature, capacity.map(|c| (c, id)))
         .await
         .expect("release_seat")
+    {
+        ReleaseOutcome::Released(changes) => Some(changes),
+        ReleaseOutcome::NotHeld { version } => {
+            // Read your writes: a release of nothing answers the version the
+            // absence is visible at, the store's (nothing was written).
+            assert_eq!(version, current_version(store).await);
+            None
+        }
+    }
+}
+
+/// The store's version now (0 without an epoch).
+async fn current_version(store: &dyn Store) -> u64 {
+    snapshot(store).await.position.map_or(0, |p| p.version)
 }
 
 /// Applies a first license document to a store that has none, and returns it.

@@ -42,7 +42,10 @@ async fn assign_creates_a_seat_and_is_idempotent(store: &dyn Store) {
     // Again: the same seat, nothing written.
     assert_eq!(
         assign(store, "alice", Feature::User, &plan).await,
-        AssignOutcome::Existing(seat.clone())
+        AssignOutcome::Existing {
+            seat: seat.clone(),
+            version: current_version(store).await,
+        }
     );
     let snap = snapshot(store).await;
     assert_eq!(snap.position.as_ref().unwrap().version, before.version + 1);
@@ -74,7 +77,7 @@ async fn assign_reports_an_exhausted_pool(store: &dyn Store) {
     // A holder still gets its seat back from a full pool.
     assert!(matches!(
         assign(store, "a", Feature::User, &plan).await,
-        AssignOutcome::Existing(_)
+        AssignOutcome::Existing { .. }
     ));
     // A plan below what is in use reports the real count.
     assert_eq!(
@@ -161,7 +164,7 @@ async fn tryout_pool_is_separate_from_purchased_pool(store: &dyn Store) {
     );
     // A tryout holder under a tryout plan gets its seat back.
     match assign(store, "t2", Feature::User, &test).await {
-        AssignOutcome::Existing(seat) => {
+        AssignOutcome::Existing { seat, .. } => {
             assert_eq!(seat.source, SeatSource::Tryout);
             assert_eq!(seat.user_id, uid("t2"));
         }
@@ -225,7 +228,10 @@ async fn tryout_seat_is_replaced_by_a_purchased_seat(store: &dyn Store) {
     // And alice keeps her purchased seat under either plan.
     assert_eq!(
         assign(store, "alice", Feature::User, &purchased(&lic, 2)).await,
-        AssignOutcome::Existing(seat.clone())
+        AssignOutcome::Existing {
+            seat: seat.clone(),
+            version: current_version(store).await,
+        }
     );
 }
 
@@ -235,12 +241,18 @@ async fn purchased_seat_is_kept_under_a_tryout_plan(store: &dyn Store) {
     let before = snapshot(store).await;
     assert_eq!(
         assign(store, "alice", Feature::User, &tryout(3)).await,
-        AssignOutcome::Existing(seat.clone())
+        AssignOutcome::Existing {
+            seat: seat.clone(),
+            version: current_version(store).await,
+        }
     );
     // Even with the purchased plan's document gone stale or the pool full.
     assert_eq!(
         assign(store, "alice", Feature::User, &tryout(0)).await,
-        AssignOutcome::Existing(seat.clone())
+        AssignOutcome::Existing {
+            seat: seat.clone(),
+            version: current_version(store).await,
+        }
     );
     assert_eq!(
         assign(
@@ -250,7 +262,10 @@ async fn purchased_seat_is_kept_under_a_tryout_plan(store: &dyn Store) {
             &purchased(&license("x", 1), 0)
         )
         .await,
-        AssignOutcome::Existing(seat)
+        AssignOutcome::Existing {
+            seat,
+            version: current_version(store).await,
+        }
     );
     assert_eq!(snapshot(store).await, before, "nothing was written");
 }
@@ -402,7 +417,7 @@ async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
     for task in tasks {
         match task.await.unwrap().expect("assign_seat") {
             outcome @ AssignOutcome::Created(_) => created_seats.push(created(outcome).0),
-            AssignOutcome::Existing(seat) => existing.push(seat),
+            AssignOutcome::Existing { seat, .. } => existing.push(seat),
             other => panic!("unexpected outcome {other:?}"),
         }
     }
@@ -431,7 +446,7 @@ async fn concurrent_assigns_of_one_user_create_one_seat(store: Arc<dyn Store>) {
     for task in tasks {
         match task.await.unwrap().expect("assign_seat") {
             AssignOutcome::Created(_) => created_count += 1,
-            AssignOutcome::Existing(seat) => assert_eq!(seat.source, SeatSource::Tryout),
+            AssignOutcome::Existing { seat, .. } => assert_eq!(seat.source, SeatSource::Tryout),
             AssignOutcome::Exhausted { capacity, in_use } => {
                 assert_eq!((capacity, in_use), (3, 3));
             }

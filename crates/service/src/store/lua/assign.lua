@@ -12,11 +12,13 @@ local purchased_pool = pool_keys(KEYS[5], KEYS[9], KEYS[10], feature)
 
 -- Idempotent: a retried assign finds its own seat. A corrupt record of the user
 -- is no seat to give back: it is skipped here and replaced below, in its own slot.
+-- The reply carries the version the seat is visible at (read your writes).
+local current = redis.call('GET', KEYS[2]) or '0'
 local purchased = redis.call('HGET', KEYS[5], user)
-if purchased and seat_record(name, purchased) then return reply({'existing', purchased}) end
+if purchased and seat_record(name, purchased) then return reply({'existing', purchased, current}) end
 local tryout = redis.call('HGET', KEYS[6], user)
 if tryout and seat_record(name, tryout) and plan == 'tryout' then
-  return reply({'existing', tryout})
+  return reply({'existing', tryout, current})
 end
 
 local pool, own = KEYS[6], tryout

@@ -16,7 +16,8 @@ end
 local user, feature = ARGV[2], ARGV[3]
 local purchased_pool = pool_keys(KEYS[5], KEYS[9], KEYS[10], feature)
 if redis.call('HEXISTS', KEYS[5], user) == 0 and redis.call('HEXISTS', KEYS[6], user) == 0 then
-  return reply({'none'})
+  -- With the version the absence is visible at (read your writes).
+  return reply({'none', redis.call('GET', KEYS[2]) or '0'})
 end
 local plan = nil
 if ARGV[4] ~= '' then
