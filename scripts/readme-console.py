@@ -26,8 +26,9 @@ the last code a command printed. The lines up to the next `$ ` are its expected 
     - starting with `ERROR:`: the command must fail, and its lines match line by line;
     - starting with `{`: JSON, compared as data (grpcurl's layout does not matter), with
       these wildcards: a timestamp matches any timestamp, an initialization code any
-      code, a string ending in `...` any string it begins, and an object ending in
-      `, ... }` may have more keys; otherwise keys and values are the same;
+      code, a `version` any version, a string ending in `...` any string it begins, and
+      an object ending in `, ... }` may have more keys; otherwise keys and values are
+      the same;
     - otherwise the lines are the same.
 
 Each command prints `ok` or `FAIL`; the exit status is 0 only when none failed and every
@@ -159,6 +160,10 @@ def match(want, got, path="$"):
         return None
     if isinstance(want, str) and isinstance(got, str):
         if TIMESTAMP.match(want) and TIMESTAMP.match(got):
+            return None
+        # A version depends on how many writes the start-up made (a reconcile
+        # recorded or not yet): any version matches any version.
+        if path.endswith(".version") and want.isdigit() and got.isdigit():
             return None
         if want.startswith("CTX1-") and got.startswith("CTX1-"):
             return None
