@@ -26,7 +26,7 @@ const ADMIN_PASSWORD: &str = "admin-only";
 /// user name, `on` and the password).
 const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
     +evalsha +script|load +mget +xread +wait +role \
-    +get +set +del +exists +incr +time +hget +hset +hdel +hgetall +hscan +hlen +hexists \
+    +get +set +del +unlink +exists +incr +time +hget +hset +hdel +hgetall +hscan +hlen +hexists \
     +zadd +zrem +zrangebylex +zcard +zrevrank +zrevrange +xadd +xtrim +xrange +xrevrange +multi +exec";
 
 /// A Redis with TLS on `tls_port` (plain TCP stays for the test's own admin calls

@@ -11,6 +11,7 @@
 local version = redis.call('GET', KEYS[1]) or '0'
 if ARGV[3] ~= 'force' and redis.call('GET', KEYS[2]) == version then return {'done'} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy'} end
-for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+-- UNLINK: a large set is freed in the background, not in this call.
+for i = 4, #KEYS do redis.call('UNLINK', KEYS[i]) end
 redis.call('SET', KEYS[3], ARGV[1] .. '|' .. version, 'PX', ARGV[2])
 return {'started'}
