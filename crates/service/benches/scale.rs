@@ -18,82 +18,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::*;
-use comtrexx_licensing::domain::{Edition, Feature, Seat, SeatSource, SerialNumber, UserId};
+use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
-use comtrexx_licensing::store::redis::RedisStore;
-use comtrexx_licensing::store::{Incident, Position, RepairWrite, Snapshot, Store};
 
-/// Seats written per seeding step.
-const SEED_BATCH: usize = 100_000;
 /// Calls measured per kind.
 const CALLS: usize = 300;
-
-fn user(i: usize) -> String {
-    format!("user-{i:019}")
-}
-
-/// Writes `n` purchased seats into a new store of `serial`: the first batch as
-/// a restore, the rest as repairs (each one script), as a large installation's
-/// store holds them.
-async fn seed(redis: &RedisServer, serial: &str, n: usize) {
-    let store = RedisStore::new(
-        &redis.url(),
-        &SerialNumber::parse(serial).unwrap(),
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    let at = Utc::now() - chrono::Duration::hours(1);
-    let seats = |from: usize, to: usize| -> Vec<Seat> {
-        (from..to)
-            .map(|i| Seat {
-                user_id: UserId::parse(&user(i)).unwrap(),
-                feature: Feature::User,
-                source: SeatSource::Purchased,
-                assigned_at: at,
-                over_capacity_since: None,
-            })
-            .collect()
-    };
-    let first = SEED_BATCH.min(n);
-    let snapshot = Snapshot {
-        position: Some(Position {
-            epoch: "seed".into(),
-            version: 1,
-        }),
-        seats: seats(0, first),
-        ..Snapshot::default()
-    };
-    assert!(store.restore(&snapshot).await.unwrap(), "a new serial");
-    let mut done = first;
-    while done < n {
-        let to = (done + SEED_BATCH).min(n);
-        let at = store.snapshot().await.unwrap().position;
-        let write = RepairWrite {
-            version_floor: at.as_ref().map_or(0, |p| p.version),
-            expected: at,
-            add_seats: seats(done, to),
-            incident: Incident::default(),
-            ..RepairWrite::default()
-        };
-        assert!(store.repair(&write).await.unwrap().is_some(), "seeded");
-        done = to;
-    }
-}
-
-/// A version no feed entry has: a gap in the feed, so every replica reads a
-/// full snapshot. The seat order sets (see store/lua/prelude.lua) stay true.
-fn make_gap(redis: &RedisServer, serial: &str) {
-    let _: i64 = redis::Script::new(GAP)
-        .key(format!("lic:{{{serial}}}:version"))
-        .key(format!("lic:{{{serial}}}:order_at"))
-        .invoke(&mut redis.connection())
-        .unwrap();
-}
-
-/// Bumps the version without a feed entry; keeps the order sets' mark with it.
-const GAP: &str = "local v = redis.call('INCR', KEYS[1]) \
-if redis.call('GET', KEYS[2]) == tostring(v - 1) then redis.call('SET', KEYS[2], v) end \
-return v";
 
 fn proc_field(file: &str, field: &str) -> u64 {
     std::fs::read_to_string(file)
@@ -128,17 +57,6 @@ fn cpu_seconds() -> f64 {
     };
     // utime and stime are fields 14 and 15 of the line; 12 and 13 after ')'.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut redis.connection())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The longest call in the slow log (µs) and its command.
@@ -182,7 +100,7 @@ async fn measure(size: usize) {
         &[(Feature::User, u32::try_from(size * 2).unwrap())],
     );
     let t = Instant::now();
-    seed(&redis, &serial, size).await;
+    seed_seats(&redis, &serial, size).await;
     println!("  seeded in {:.1} s", t.elapsed().as_secs_f64());
 
     // Start-up until a correct answer for the last seeded user.
@@ -204,7 +122,7 @@ async fn measure(size: usize) {
     assert!(copied, "the replica read the pool");
     let copy_took = t.elapsed();
     let mut client = server.client().await;
-    let last = user(size - 1);
+    let last = seat_user(size - 1);
     let ready = eventually(Duration::from_secs(120), || {
         let mut c = client.clone();
         let last = last.clone();
@@ -227,7 +145,7 @@ async fn measure(size: usize) {
 
     // A full resync (a gap in the feed) and its peak.
     reset_peak();
-    make_gap(&redis, &serial);
+    make_gap(&mut redis.connection(), &serial);
     let caught_up = eventually(Duration::from_secs(120), || {
         let v = mirror.read(|s| s.position.as_ref().map_or(0, |p| p.version));
         let want: u64 = redis::cmd("GET")
@@ -283,7 +201,7 @@ async fn measure(size: usize) {
         let t = Instant::now();
         client
             .release_seat(pb::ReleaseSeatRequest {
-                user_id: user(i * (size / CALLS)),
+                user_id: seat_user(i * (size / CALLS)),
                 feature: "user".into(),
             })
             .await
@@ -294,7 +212,7 @@ async fn measure(size: usize) {
     for i in 0..CALLS * 10 {
         let t = Instant::now();
         client
-            .check_seat(check_request_for(&user((i * 7919) % size)))
+            .check_seat(check_request_for(&seat_user((i * 7919) % size)))
             .await
             .unwrap();
         checks.push(t.elapsed());
@@ -346,7 +264,7 @@ async fn measure(size: usize) {
     let t = Instant::now();
     let released = client
         .release_seat(pb::ReleaseSeatRequest {
-            user_id: user(size - 2),
+            user_id: seat_user(size - 2),
             feature: "user".into(),
         })
         .await;

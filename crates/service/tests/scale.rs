@@ -13,50 +13,10 @@ use std::time::Duration;
 use chrono::Utc;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
-use comtrexx_licensing::domain::{Edition, Feature, Seat, SeatSource, SerialNumber, UserId};
+use comtrexx_licensing::domain::{Edition, Feature};
 use comtrexx_licensing::grpc::pb;
-use comtrexx_licensing::store::redis::RedisStore;
-use comtrexx_licensing::store::{Position, Snapshot, Store};
 
 const SEATS: usize = 50_000;
-
-/// Bumps the version without a feed entry; keeps the order sets' mark with it.
-const GAP: &str = "local v = redis.call('INCR', KEYS[1]) \
-if redis.call('GET', KEYS[2]) == tostring(v - 1) then redis.call('SET', KEYS[2], v) end \
-return v";
-
-/// Writes `n` purchased seats of `user` into a new store of `serial`, in one
-/// step (a restore), as a large installation's store holds them.
-async fn seed(redis: &RedisServer, serial: &str, n: usize) {
-    let store = RedisStore::new(
-        &redis.url(),
-        &SerialNumber::parse(serial).unwrap(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let at = Utc::now() - chrono::Duration::hours(1);
-    let seats = (0..n)
-        .map(|i| Seat {
-            user_id: UserId::parse(&format!("user-{i:019}")).unwrap(),
-            feature: Feature::User,
-            source: SeatSource::Purchased,
-            assigned_at: at,
-            over_capacity_since: None,
-        })
-        .collect();
-    let snapshot = Snapshot {
-        position: Some(Position {
-            epoch: "seed".into(),
-            version: 1,
-        }),
-        seats,
-        ..Snapshot::default()
-    };
-    assert!(
-        store.restore(&snapshot).await.unwrap(),
-        "a new serial is seeded"
-    );
-}
 
 /// A Redis holding `SEATS` seats of a licensed PBX, and the config of a replica on it.
 async fn seeded(tag: &str) -> (RedisServer, Vendor, RawConfig) {
@@ -69,20 +29,9 @@ async fn seeded(tag: &str) -> (RedisServer, Vendor, RawConfig) {
         Utc::now() - chrono::Duration::hours(2),
         &[(Feature::User, 100_000)],
     );
-    seed(&redis, &serial, SEATS).await;
+    seed_seats(&redis, &serial, SEATS).await;
     let config = licensed_config(Some(&redis), &serial, &vendor);
     (redis, vendor, config)
-}
-
-fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut redis.connection())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("INFO {section} has {field}"))
 }
 
 /// A replica whose Redis timeout (15 ms) is far below what reading 50 000 seats
@@ -148,11 +97,7 @@ async fn a_snapshot_slower_than_the_redis_timeout_degrades_nothing() {
                 if tick.is_multiple_of(20) {
                     // A version no feed entry has: a gap for every replica
                     // (the seat order sets' mark moves with it).
-                    let _: i64 = redis::Script::new(GAP)
-                        .key(format!("lic:{{{serial}}}:version"))
-                        .key(format!("lic:{{{serial}}}:order_at"))
-                        .invoke(&mut conn)
-                        .unwrap();
+                    make_gap(&mut conn, &serial);
                     gaps += 1;
                 }
                 let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();

@@ -691,15 +691,6 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn append_audit(
-        &self,
-        event: &AuditEvent,
-        retention: &AuditRetention,
-    ) -> Result<(), StoreError> {
-        self.append_audit_batch(std::slice::from_ref(event), retention)
-            .await
-    }
-
     async fn append_audit_batch(
         &self,
         events: &[AuditEvent],

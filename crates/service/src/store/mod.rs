@@ -260,7 +260,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         event: &AuditEvent,
         retention: &AuditRetention,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.append_audit_batch(std::slice::from_ref(event), retention)
+            .await
+    }
 
     /// Appends entries in order in one step, as [`Store::append_audit`] one by
     /// one would (ids unique and growing across both lists, each list under its

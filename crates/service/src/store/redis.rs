@@ -1337,15 +1337,6 @@ impl Store for RedisStore {
         })
     }
 
-    async fn append_audit(
-        &self,
-        event: &AuditEvent,
-        retention: &AuditRetention,
-    ) -> Result<(), StoreError> {
-        self.append_audit_batch(std::slice::from_ref(event), retention)
-            .await
-    }
-
     async fn append_audit_batch(
         &self,
         events: &[AuditEvent],

@@ -11,8 +11,12 @@ use std::time::Duration;
 use chrono::Utc;
 use comtrexx_licensing::app::App;
 use comtrexx_licensing::config::RawConfig;
-use comtrexx_licensing::domain::{Clock, ManualClock, SystemClock};
+use comtrexx_licensing::domain::{
+    Clock, Feature, ManualClock, Seat, SeatSource, SerialNumber, SystemClock, UserId,
+};
 use comtrexx_licensing::grpc::pb::licensing_service_client::LicensingServiceClient;
+use comtrexx_licensing::store::redis::RedisStore;
+use comtrexx_licensing::store::{Incident, Position, RepairWrite, Snapshot, Store};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -177,4 +181,91 @@ impl TestServer {
             task: Some(task),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Large pools (tests/scale.rs, benches/scale.rs)
+// ---------------------------------------------------------------------------
+
+/// Seats written per seeding step.
+const SEED_BATCH: usize = 100_000;
+
+/// The id of seeded seat `i`: 24 bytes.
+pub fn seat_user(i: usize) -> String {
+    format!("user-{i:019}")
+}
+
+/// Writes `n` purchased seats into a new store of `serial`: the first batch as
+/// a restore, the rest as repairs (each one script), as a large installation's
+/// store holds them.
+pub async fn seed_seats(redis: &RedisServer, serial: &str, n: usize) {
+    let store = RedisStore::new(
+        &redis.url(),
+        &SerialNumber::parse(serial).unwrap(),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    let at = Utc::now() - chrono::Duration::hours(1);
+    let seats = |from: usize, to: usize| -> Vec<Seat> {
+        (from..to)
+            .map(|i| Seat {
+                user_id: UserId::parse(&seat_user(i)).unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Purchased,
+                assigned_at: at,
+                over_capacity_since: None,
+            })
+            .collect()
+    };
+    let first = SEED_BATCH.min(n);
+    let snapshot = Snapshot {
+        position: Some(Position {
+            epoch: "seed".into(),
+            version: 1,
+        }),
+        seats: seats(0, first),
+        ..Snapshot::default()
+    };
+    assert!(store.restore(&snapshot).await.unwrap(), "a new serial");
+    let mut done = first;
+    while done < n {
+        let to = (done + SEED_BATCH).min(n);
+        let at = store.snapshot().await.unwrap().position;
+        let write = RepairWrite {
+            version_floor: at.as_ref().map_or(0, |p| p.version),
+            expected: at,
+            add_seats: seats(done, to),
+            incident: Incident::default(),
+            ..RepairWrite::default()
+        };
+        assert!(store.repair(&write).await.unwrap().is_some(), "seeded");
+        done = to;
+    }
+}
+
+/// A version no feed entry has: a gap in the feed, so every replica reads a
+/// full snapshot. The seat order sets (see store/lua/prelude.lua) stay true.
+pub fn make_gap(conn: &mut redis::Connection, serial: &str) {
+    let _: i64 = redis::Script::new(GAP)
+        .key(format!("lic:{{{serial}}}:version"))
+        .key(format!("lic:{{{serial}}}:order_at"))
+        .invoke(conn)
+        .unwrap();
+}
+
+/// Bumps the version without a feed entry; keeps the order sets' mark with it.
+const GAP: &str = "local v = redis.call('INCR', KEYS[1]) \
+if redis.call('GET', KEYS[2]) == tostring(v - 1) then redis.call('SET', KEYS[2], v) end \
+return v";
+
+/// A numeric field of `INFO section`.
+pub fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO {section} has {field}"))
 }
