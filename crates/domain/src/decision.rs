@@ -14,7 +14,7 @@ use super::activation::{self, Activation, ActivationState, LapseAction};
 use super::ids::{Edition, Feature};
 use super::license::AppliedLicense;
 use super::reconcile::ReconcileStatus;
-use super::seats::{Licenses, Seat, SeatCheck};
+use super::seats::{Licenses, Seat, SeatCheck, SeatFacts};
 use super::tryout::{TryoutPolicy, TryoutRecord};
 
 /// The PBX's fixed rules: its edition and the policies of its configuration.
@@ -81,6 +81,19 @@ impl Rules {
         now: DateTime<Utc>,
     ) -> SeatCheck {
         self.licenses(state, now).check_seat(feature, seat, now)
+    }
+
+    /// [`Rules::check_seat`] from what the decision reads of the seat
+    /// ([`SeatFacts`]): what a copy that keeps seats compactly calls, with no
+    /// allocation.
+    pub fn check(
+        &self,
+        state: &LicenseState<'_>,
+        feature: Feature,
+        seat: Option<SeatFacts>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        self.licenses(state, now).check(feature, seat, now)
     }
 }
 

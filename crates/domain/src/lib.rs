@@ -25,7 +25,10 @@ pub use error::{InvalidInput, LicensingError};
 pub use ids::{Edition, Feature, SerialNumber, UserId};
 pub use license::{Entitlement, LicensePayload, LicenseRejection, SignedLicense};
 pub use reconcile::{ReconcileOutcome, ReconcileStatus};
-pub use seats::{AppliedLicense, AssignPlan, Licenses, Seat, SeatCheck, SeatReason, SeatSource};
+pub use seats::{
+    AppliedLicense, AssignPlan, CompactSeat, Licenses, Seat, SeatCheck, SeatFacts, SeatReason,
+    SeatSource,
+};
 pub use signed_tryout::{SignedTryout, TryoutPayload, TryoutRejection};
 pub use tryout::{TryoutPolicy, TryoutRecord, TryoutState, TryoutView};
 

@@ -38,6 +38,103 @@ pub struct Seat {
     pub over_capacity_since: Option<DateTime<Utc>>,
 }
 
+/// What the seat decision reads of a seat: its source and its over-capacity
+/// flag. No user id, so a caller that keeps seats compactly (a replica, a
+/// client deciding in process) decides without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeatFacts {
+    pub source: SeatSource,
+    pub over_capacity_since: Option<DateTime<Utc>>,
+}
+
+impl From<&Seat> for SeatFacts {
+    fn from(seat: &Seat) -> Self {
+        Self {
+            source: seat.source,
+            over_capacity_since: seat.over_capacity_since,
+        }
+    }
+}
+
+/// A seat as a copy of the whole pool keeps it (a replica's mirror, a
+/// client's copy): 16 bytes, the user id and feature being the keys it is
+/// found by. The source is the lowest bit of the assignment time in
+/// milliseconds (shifted left by one); a missing over-capacity flag is
+/// `i64::MIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactSeat {
+    at: i64,
+    over: i64,
+}
+
+impl CompactSeat {
+    const NO_FLAG: i64 = i64::MIN;
+
+    /// Times in milliseconds since 1970; stored times are within chrono's
+    /// range (|ms| < 2^53), so the shift cannot overflow.
+    pub fn new(
+        source: SeatSource,
+        assigned_at_ms: i64,
+        over_capacity_since_ms: Option<i64>,
+    ) -> Self {
+        let bit = match source {
+            SeatSource::Purchased => 0,
+            SeatSource::Tryout => 1,
+        };
+        Self {
+            at: (assigned_at_ms << 1) | bit,
+            over: over_capacity_since_ms.unwrap_or(Self::NO_FLAG),
+        }
+    }
+
+    pub fn from_seat(seat: &Seat) -> Self {
+        Self::new(
+            seat.source,
+            seat.assigned_at.timestamp_millis(),
+            seat.over_capacity_since.map(|t| t.timestamp_millis()),
+        )
+    }
+
+    pub fn source(self) -> SeatSource {
+        if self.at & 1 == 1 {
+            SeatSource::Tryout
+        } else {
+            SeatSource::Purchased
+        }
+    }
+
+    pub fn assigned_at_ms(self) -> i64 {
+        self.at >> 1
+    }
+
+    pub fn over_capacity_since_ms(self) -> Option<i64> {
+        (self.over != Self::NO_FLAG).then_some(self.over)
+    }
+
+    /// What the decision reads: no allocation.
+    pub fn facts(self) -> SeatFacts {
+        SeatFacts {
+            source: self.source(),
+            over_capacity_since: self.over_capacity_since_ms().map(millis),
+        }
+    }
+
+    pub fn to_seat(self, user_id: UserId, feature: Feature) -> Seat {
+        Seat {
+            user_id,
+            feature,
+            source: self.source(),
+            assigned_at: millis(self.assigned_at_ms()),
+            over_capacity_since: self.over_capacity_since_ms().map(millis),
+        }
+    }
+}
+
+/// A time from milliseconds since 1970 (out of chrono's range: 1970).
+fn millis(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
 pub use super::license::AppliedLicense;
 
 /// Why a seat is or is not licensed (the API's `SeatReason`).
@@ -130,7 +227,17 @@ impl Licenses<'_> {
         seat: Option<&Seat>,
         now: DateTime<Utc>,
     ) -> SeatCheck {
-        let own = self.check_own_seat(seat, now);
+        self.check(feature, seat.map(SeatFacts::from), now)
+    }
+
+    /// [`Licenses::check_seat`] from what the decision reads of the seat.
+    pub fn check(
+        &self,
+        feature: Feature,
+        seat: Option<SeatFacts>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        let own = self.check_own_seat(feature, seat, now);
         if own.licensed {
             return own;
         }
@@ -171,7 +278,12 @@ impl Licenses<'_> {
     }
 
     /// The user's own answer: their seat and its source, without the PBX's causes.
-    fn check_own_seat(&self, seat: Option<&Seat>, now: DateTime<Utc>) -> SeatCheck {
+    fn check_own_seat(
+        &self,
+        feature: Feature,
+        seat: Option<SeatFacts>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
         let Some(seat) = seat else {
             return not_licensed(None, SeatReason::NotAssigned);
         };
@@ -185,11 +297,11 @@ impl Licenses<'_> {
                 },
                 _ => not_licensed(Some(SeatSource::Tryout), SeatReason::TryoutOver),
             },
-            SeatSource::Purchased => self.check_purchased(seat, now),
+            SeatSource::Purchased => self.check_purchased(feature, seat, now),
         }
     }
 
-    fn check_purchased(&self, seat: &Seat, now: DateTime<Utc>) -> SeatCheck {
+    fn check_purchased(&self, feature: Feature, seat: SeatFacts, now: DateTime<Utc>) -> SeatCheck {
         let purchased = Some(SeatSource::Purchased);
         let Some(license) = self.license else {
             return not_licensed(purchased, SeatReason::NotActivated);
@@ -197,7 +309,7 @@ impl Licenses<'_> {
         if !self.system_activated(now) {
             return not_licensed(purchased, SeatReason::NotActivated);
         }
-        let entitlement = license.payload.entitlement(seat.feature);
+        let entitlement = license.payload.entitlement(feature);
         if entitlement.is_some_and(|e| !e.is_current(now)) {
             return not_licensed(purchased, SeatReason::LicenseLapsed);
         }
@@ -319,6 +431,65 @@ fn not_licensed(source: Option<SeatSource>, reason: SeatReason) -> SeatCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compact_seat_is_16_bytes_and_keeps_every_value() {
+        assert_eq!(std::mem::size_of::<CompactSeat>(), 16);
+        for source in [SeatSource::Purchased, SeatSource::Tryout] {
+            for at in [
+                0,
+                1,
+                -1,
+                1_765_000_000_123,
+                -62_135_596_800_000,
+                8_000_000_000_000_000,
+            ] {
+                for over in [None, Some(0), Some(-5), Some(at), Some(i64::MAX)] {
+                    let seat = CompactSeat::new(source, at, over);
+                    assert_eq!(
+                        (
+                            seat.source(),
+                            seat.assigned_at_ms(),
+                            seat.over_capacity_since_ms()
+                        ),
+                        (source, at, over)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_compact_decision_is_the_full_one() {
+        let lic = applied(payload("S", 10));
+        let tryout = TryoutRecord::Started {
+            started_at: t0(),
+            ends_at: t0() + Duration::days(14),
+            ended: None,
+        };
+        for (license, tryout) in [
+            (Some(&lic), None),
+            (None, Some(&tryout)),
+            (Some(&lic), Some(&tryout)),
+        ] {
+            let c = ctx(Edition::Vm, license, tryout);
+            for source in [SeatSource::Purchased, SeatSource::Tryout] {
+                for over in [None, Some(t0()), Some(t0() - Duration::days(30))] {
+                    let mut s = seat(Feature::User, source);
+                    s.over_capacity_since = over;
+                    for at in [t0(), t0() + Duration::days(20)] {
+                        let compact = CompactSeat::from_seat(&s).facts();
+                        assert_eq!(
+                            c.check(Feature::User, Some(compact), at),
+                            c.check_seat(Feature::User, Some(&s), at),
+                            "{source:?} {over:?} {at}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     use crate::license::testing::{key, payload};
     use crate::license::{Entitlement, LicensePayload, SignedLicense};
 

@@ -5,12 +5,16 @@
 //! - [`vendor_pb`]: `comtrexx.vendor.v1`, the protocol to the vendor's licensing
 //!   server (the service's client side, the simulator's server side);
 //! - their encoded descriptor sets, for reflection;
-//! - [`timestamp`] and [`from_timestamp`], between protobuf and chrono time.
+//! - [`timestamp`] and [`from_timestamp`], between protobuf and chrono time;
+//! - [`seat_state`]: the `WatchSeats` messages to and from the domain's types,
+//!   shared by the service (which encodes its copy) and the client library
+//!   (which decodes the stream).
 //!
-//! Nothing here decides anything: the service and the client library turn these
-//! types into the domain's.
+//! Nothing here decides anything: the decisions are the domain's.
 
 use chrono::{DateTime, Utc};
+
+pub mod seat_state;
 
 /// Generated from `proto/comtrexx/licensing/v1/licensing.proto`.
 pub mod pb {

@@ -2,15 +2,9 @@
 //! validation happens here (bad input becomes `INVALID_ARGUMENT` before the
 //! domain is called).
 
-use chrono::{DateTime, Utc};
-use prost_types::Timestamp;
-
 use super::pb;
 use crate::domain::ActivationState;
-use crate::domain::{
-    Edition, Feature, InvalidInput, ReconcileOutcome, Seat, SeatCheck, SeatReason, SeatSource,
-    TryoutState, TryoutView, UserId,
-};
+use crate::domain::{Feature, InvalidInput, Seat, SeatCheck, TryoutState, TryoutView, UserId};
 use crate::events::LicenseEvent;
 use crate::service::{CheckAnswer, EntitlementUse, Overview};
 
@@ -51,34 +45,10 @@ impl TryFrom<&pb::ReleaseSeatRequest> for SeatRequest {
     }
 }
 
-pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
-pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
-    t.map(timestamp)
-}
-
-pub fn seat_source(s: SeatSource) -> pb::SeatSource {
-    match s {
-        SeatSource::Purchased => pb::SeatSource::Purchased,
-        SeatSource::Tryout => pb::SeatSource::Tryout,
-    }
-}
-
-pub fn seat_reason(r: SeatReason) -> pb::SeatReason {
-    match r {
-        SeatReason::Assigned => pb::SeatReason::Assigned,
-        SeatReason::NotAssigned => pb::SeatReason::NotAssigned,
-        SeatReason::TryoutOver => pb::SeatReason::TryoutOver,
-        SeatReason::NotActivated => pb::SeatReason::NotActivated,
-        SeatReason::OverCapacity => pb::SeatReason::OverCapacity,
-        SeatReason::LicenseLapsed => pb::SeatReason::LicenseLapsed,
-    }
-}
+pub use comtrexx_licensing_proto::seat_state::{
+    edition, opt_timestamp, reconcile_outcome, seat_reason, seat_source,
+};
+pub use comtrexx_licensing_proto::timestamp;
 
 pub fn tryout_state(s: TryoutState) -> pb::TryoutState {
     match s {
@@ -87,24 +57,6 @@ pub fn tryout_state(s: TryoutState) -> pb::TryoutState {
         TryoutState::Expired => pb::TryoutState::Expired,
         TryoutState::Ended => pb::TryoutState::Ended,
         TryoutState::Unavailable => pb::TryoutState::Unavailable,
-    }
-}
-
-pub fn edition(e: Edition) -> pb::Edition {
-    match e {
-        Edition::Vm => pb::Edition::Vm,
-        Edition::Business => pb::Edition::Business,
-        Edition::Advanced => pb::Edition::Advanced,
-    }
-}
-
-pub fn reconcile_outcome(o: Option<ReconcileOutcome>) -> pb::ReconcileOutcome {
-    match o {
-        None => pb::ReconcileOutcome::Unspecified,
-        Some(ReconcileOutcome::Updated) => pb::ReconcileOutcome::Updated,
-        Some(ReconcileOutcome::Unchanged) => pb::ReconcileOutcome::Unchanged,
-        Some(ReconcileOutcome::Unreachable) => pb::ReconcileOutcome::Unreachable,
-        Some(ReconcileOutcome::Rejected) => pb::ReconcileOutcome::Rejected,
     }
 }
 

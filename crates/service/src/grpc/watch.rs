@@ -23,18 +23,18 @@ use futures::Stream;
 use tokio::sync::broadcast;
 use tonic::Status;
 
-use super::convert::{edition, opt_timestamp, reconcile_outcome, seat_source, timestamp};
 use super::pb;
 use crate::caller::LongStreamHold;
-use crate::domain::{
-    ActivationState, AppliedLicense, Feature, InvalidInput, LapseAction, ReconcileStatus, Rules,
-    Seat, TryoutRecord,
-};
+use crate::domain::{Feature, InvalidInput};
 use crate::limits::{Refusal, WatchSlot};
-use crate::mirror::{FeedChange, MirrorSeat, SeatFeed};
+use crate::mirror::{FeedChange, SeatFeed};
 use crate::service::{Licensing, SeatState, WatchStart};
 use crate::status::{refusal_status, to_status};
 use crate::store::ChangeKind;
+use comtrexx_licensing_proto::seat_state::{
+    activation_state, compact_seat, license, opt_timestamp, reconcile, rules, tryout, watched_seat,
+};
+use comtrexx_licensing_proto::timestamp;
 
 /// How `WatchSeats` streams run (`watch.*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +237,7 @@ pub fn snapshot(state: &SeatState) -> pb::WatchSeatsResponse {
                 seats: state
                     .seats
                     .iter()
-                    .map(|(feature, user, seat)| mirror_seat(*feature, user, *seat))
+                    .map(|(feature, user, seat)| compact_seat(*feature, user, *seat))
                     .collect(),
                 license: state.license.as_ref().map(license),
                 tryout: state.tryout.as_ref().map(tryout),
@@ -283,121 +283,6 @@ fn seat_change(c: &FeedChange, features: &[Feature]) -> pb::SeatStateChange {
     pb::SeatStateChange { kind: Some(kind) }
 }
 
-fn rules(r: &Rules) -> pb::SeatRules {
-    pb::SeatRules {
-        edition: edition(r.edition).into(),
-        tryout_days: r.tryout.days,
-        tryout_seats: r.tryout.seats,
-        over_capacity_grace_seconds: r.over_capacity_grace.num_seconds(),
-        grace_seconds: r.grace.num_seconds(),
-        lapse_action: match r.lapse_action {
-            LapseAction::DenyNew => pb::LapseAction::DenyNew,
-            LapseAction::Reset => pb::LapseAction::Reset,
-        }
-        .into(),
-        has_license_source: r.has_license_source,
-    }
-}
-
-fn activation_state(s: ActivationState) -> pb::ActivationState {
-    match s {
-        ActivationState::NotInitialized => pb::ActivationState::NotInitialized,
-        ActivationState::Active => pb::ActivationState::Active,
-        ActivationState::Grace => pb::ActivationState::Grace,
-        ActivationState::Lapsed => pb::ActivationState::Lapsed,
-    }
-}
-
-fn mirror_seat(feature: Feature, user: &str, s: MirrorSeat) -> pb::WatchedSeat {
-    let at = |ms: i64| {
-        let secs = ms.div_euclid(1000);
-        let nanos = (ms.rem_euclid(1000) * 1_000_000) as i32;
-        prost_types::Timestamp {
-            seconds: secs,
-            nanos,
-        }
-    };
-    pb::WatchedSeat {
-        user_id: user.to_owned(),
-        feature: feature.as_str().to_owned(),
-        source: seat_source(s.source()).into(),
-        assigned_at: Some(at(s.assigned_at_ms())),
-        over_capacity_since: s.over_capacity_since_ms().map(at),
-    }
-}
-
-fn watched_seat(s: &Seat) -> pb::WatchedSeat {
-    pb::WatchedSeat {
-        user_id: s.user_id.as_str().to_owned(),
-        feature: s.feature.as_str().to_owned(),
-        source: seat_source(s.source).into(),
-        assigned_at: Some(timestamp(s.assigned_at)),
-        over_capacity_since: opt_timestamp(s.over_capacity_since),
-    }
-}
-
-fn license(l: &AppliedLicense) -> pb::LicenseDocument {
-    pb::LicenseDocument {
-        format: l.signed.format.clone(),
-        payload: l.signed.payload.clone(),
-        signature: l.signed.signature.clone(),
-        applied_at: Some(timestamp(l.applied_at)),
-        edition: edition(l.payload.edition).into(),
-        issued_at: Some(timestamp(l.payload.issued_at)),
-        entitlements: l
-            .payload
-            .entitlements
-            .iter()
-            .map(|e| pb::Entitlement {
-                feature: e.feature.as_str().to_owned(),
-                quantity: e.quantity,
-                in_use: 0,
-                expires_at: opt_timestamp(e.expires_at),
-            })
-            .collect(),
-    }
-}
-
-fn tryout(r: &TryoutRecord) -> pb::TryoutRecord {
-    match r {
-        TryoutRecord::Started {
-            started_at,
-            ends_at,
-            ended,
-        } => pb::TryoutRecord {
-            started_at: Some(timestamp(*started_at)),
-            ends_at: Some(timestamp(*ends_at)),
-            ended_at: ended.as_ref().map(|e| timestamp(e.at)),
-            end_reason: ended
-                .as_ref()
-                .map_or(pb::TryoutEndReason::Unspecified, |e| match e.reason {
-                    crate::domain::tryout::TryoutEndReason::Operator => {
-                        pb::TryoutEndReason::Operator
-                    }
-                    crate::domain::tryout::TryoutEndReason::Purchased => {
-                        pb::TryoutEndReason::Purchased
-                    }
-                })
-                .into(),
-            forfeited_at: None,
-        },
-        TryoutRecord::Forfeited { at } => pb::TryoutRecord {
-            forfeited_at: Some(timestamp(*at)),
-            ..pb::TryoutRecord::default()
-        },
-    }
-}
-
-fn reconcile(r: &ReconcileStatus) -> pb::ReconcileRecord {
-    pb::ReconcileRecord {
-        last_success_at: opt_timestamp(r.last_success_at),
-        last_attempt_at: opt_timestamp(r.last_attempt_at),
-        last_outcome: reconcile_outcome(r.last_outcome).into(),
-        last_error: r.last_error.clone().unwrap_or_default(),
-        next_reconcile_at: opt_timestamp(r.next_reconcile_at),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,15 +298,5 @@ mod tests {
             let e = features(&[bad.into()]).unwrap_err();
             assert_eq!(e.field, "features", "{bad}");
         }
-    }
-
-    #[test]
-    fn seat_times_keep_milliseconds_before_and_after_1970() {
-        let seat = MirrorSeat::new(crate::domain::SeatSource::Purchased, -1, Some(1_500));
-        let pb = mirror_seat(Feature::User, "alice", seat);
-        let at = pb.assigned_at.unwrap();
-        assert_eq!((at.seconds, at.nanos), (-1, 999_000_000));
-        let since = pb.over_capacity_since.unwrap();
-        assert_eq!((since.seconds, since.nanos), (1, 500_000_000));
     }
 }

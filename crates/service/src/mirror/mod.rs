@@ -23,7 +23,7 @@ mod state;
 mod sync;
 
 use state::Applied;
-pub use state::{MirrorSeat, MirrorState, StateSource, Verifier};
+pub use state::{MirrorState, StateSource, Verifier};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

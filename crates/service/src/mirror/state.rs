@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AppliedLicense, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
+    AppliedLicense, CompactSeat, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
     SerialNumber, TryoutRecord, UserId,
 };
 use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoredLicense};
@@ -50,77 +50,13 @@ impl Verifier {
     }
 }
 
-/// A seat as the mirror keeps it: 16 bytes, because a replica holds every
-/// seat. The source is the lowest bit of the assignment time (shifted left by
-/// one), a missing over-capacity flag is `i64::MIN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MirrorSeat {
-    at: i64,
-    over: i64,
-}
-
-impl MirrorSeat {
-    const NO_FLAG: i64 = i64::MIN;
-
-    pub fn new(
-        source: SeatSource,
-        assigned_at_ms: i64,
-        over_capacity_since_ms: Option<i64>,
-    ) -> Self {
-        let bit = match source {
-            SeatSource::Purchased => 0,
-            SeatSource::Tryout => 1,
-        };
-        Self {
-            // Stored times are within chrono's range (|ms| < 2^53): no overflow.
-            at: (assigned_at_ms << 1) | bit,
-            over: over_capacity_since_ms.unwrap_or(Self::NO_FLAG),
-        }
-    }
-
-    pub(super) fn from_seat(seat: &Seat) -> Self {
-        Self::new(
-            seat.source,
-            seat.assigned_at.timestamp_millis(),
-            seat.over_capacity_since.map(|t| t.timestamp_millis()),
-        )
-    }
-
-    pub fn source(self) -> SeatSource {
-        if self.at & 1 == 1 {
-            SeatSource::Tryout
-        } else {
-            SeatSource::Purchased
-        }
-    }
-
-    pub fn assigned_at_ms(self) -> i64 {
-        self.at >> 1
-    }
-
-    pub fn over_capacity_since_ms(self) -> Option<i64> {
-        (self.over != Self::NO_FLAG).then_some(self.over)
-    }
-
-    pub fn to_seat(self, user_id: UserId, feature: Feature) -> Seat {
-        let at = |ms: i64| Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
-        Seat {
-            user_id,
-            feature,
-            source: self.source(),
-            assigned_at: at(self.assigned_at_ms()),
-            over_capacity_since: self.over_capacity_since_ms().map(at),
-        }
-    }
-}
-
 /// The mirrored state.
 #[derive(Debug, Default)]
 pub struct MirrorState {
     /// Where in the store's history this copy is; `None` before the first sync.
     pub position: Option<Position>,
     /// Seats by feature, then user id (O(1) lookups on the hot path).
-    pub(super) seats: HashMap<Feature, HashMap<CompactString, MirrorSeat>>,
+    pub(super) seats: HashMap<Feature, HashMap<CompactString, CompactSeat>>,
     /// Seats held per (feature, source).
     pub(super) counts: HashMap<(Feature, SeatSource), u32>,
     /// The stored document, trusted or not (kept for repair).
@@ -152,7 +88,7 @@ pub struct MirrorState {
 }
 
 impl MirrorState {
-    pub fn seat(&self, feature: Feature, user_id: &str) -> Option<MirrorSeat> {
+    pub fn seat(&self, feature: Feature, user_id: &str) -> Option<CompactSeat> {
         self.seats.get(&feature)?.get(user_id).copied()
     }
 
@@ -215,7 +151,7 @@ impl MirrorState {
 
     /// The seats of `features` (all when empty), as kept, for a snapshot built
     /// outside the lock.
-    pub fn seats_of(&self, features: &[Feature]) -> Vec<(Feature, CompactString, MirrorSeat)> {
+    pub fn seats_of(&self, features: &[Feature]) -> Vec<(Feature, CompactString, CompactSeat)> {
         let mut out = Vec::new();
         for (feature, users) in &self.seats {
             if !features.is_empty() && !features.contains(feature) {
@@ -239,7 +175,7 @@ impl MirrorState {
     }
 
     pub(super) fn put_seat(&mut self, seat: &Seat) {
-        let new = MirrorSeat::from_seat(seat);
+        let new = CompactSeat::from_seat(seat);
         let old = self
             .seats
             .entry(seat.feature)
@@ -460,32 +396,6 @@ impl StateSource {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_mirror_seat_is_16_bytes_and_keeps_every_value() {
-        assert_eq!(std::mem::size_of::<MirrorSeat>(), 16);
-        for source in [SeatSource::Purchased, SeatSource::Tryout] {
-            for at in [
-                0,
-                1,
-                -1,
-                1_765_000_000_123,
-                -62_135_596_800_000,
-                8_000_000_000_000_000,
-            ] {
-                for over in [None, Some(0), Some(-5), Some(at), Some(i64::MAX)] {
-                    let seat = MirrorSeat::new(source, at, over);
-                    assert_eq!(
-                        (
-                            seat.source(),
-                            seat.assigned_at_ms(),
-                            seat.over_capacity_since_ms()
-                        ),
-                        (source, at, over)
-                    );
-                }
-            }
-        }
-    }
     use crate::domain::{Edition, TryoutRecord};
 
     fn verifier() -> Verifier {

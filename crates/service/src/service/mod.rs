@@ -471,11 +471,9 @@ impl Licensing {
         feature: Feature,
         now: DateTime<Utc>,
     ) -> SeatCheck {
-        let seat = state
-            .seat(feature, user.as_str())
-            .map(|s| s.to_seat(user.clone(), feature));
+        let seat = state.seat(feature, user.as_str()).map(|s| s.facts());
         self.rules()
-            .check_seat(&state.license_state(), feature, seat.as_ref(), now)
+            .check(&state.license_state(), feature, seat, now)
     }
 
     /// Gives the user a seat; `created` is false when they already held one.

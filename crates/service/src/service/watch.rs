@@ -9,11 +9,12 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
 use super::Licensing;
+use crate::domain::CompactSeat;
 use crate::domain::activation::Activation;
 use crate::domain::{
     AppliedLicense, Feature, LicensingError, ReconcileStatus, Rules, TryoutRecord,
 };
-use crate::mirror::{FeedChange, MirrorSeat, MirrorState, SeatFeed};
+use crate::mirror::{FeedChange, MirrorState, SeatFeed};
 
 /// Everything a local `CheckSeat` decision reads, at one version of the copy.
 #[derive(Debug, Clone)]
@@ -25,7 +26,7 @@ pub struct SeatState {
     pub serial: String,
     pub rules: Rules,
     /// The seats of the watched features, as the copy keeps them.
-    pub seats: Vec<(Feature, compact_str::CompactString, MirrorSeat)>,
+    pub seats: Vec<(Feature, compact_str::CompactString, CompactSeat)>,
     pub license: Option<AppliedLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
