@@ -375,11 +375,14 @@ class WatchSeatsConsumer:
             target = self.targets[attempt % len(self.targets)]
             attempt += 1
             since = self.version if self.state is not None else 0
+            epoch = self.state.epoch if self.state is not None else ""
             try:
                 with self._channel(target) as channel:
                     stub = self.pb_grpc.LicensingServiceStub(channel)
                     call = stub.WatchSeats(
-                        self.pb.WatchSeatsRequest(since_version=since, features=self.features),
+                        self.pb.WatchSeatsRequest(
+                            since_version=since, since_epoch=epoch, features=self.features
+                        ),
                         metadata=self.metadata,
                     )
                     self._call = call

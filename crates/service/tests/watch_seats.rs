@@ -33,7 +33,7 @@ type Watch = Streaming<pb::WatchSeatsResponse>;
 async fn watch(c: &mut Client, since_version: u64) -> Watch {
     c.watch_seats(pb::WatchSeatsRequest {
         since_version,
-        features: Vec::new(),
+        ..Default::default()
     })
     .await
     .expect("WatchSeats")
@@ -409,6 +409,36 @@ async fn resuming_past_the_journal_or_after_a_resync_sends_a_snapshot() {
     model.agrees_with(&mut cb, &USERS).await;
     assert_eq!(model.snapshots, 1);
 
+    // A resume names the epoch its version counts in: the store's own
+    // continues with the changes, another one (a store re-created since)
+    // starts again with a snapshot.
+    let Some(Kind::Snapshot(first)) = &first.kind else {
+        unreachable!()
+    };
+    let resume = |since_epoch: &str| pb::WatchSeatsRequest {
+        since_version: model.version - 1,
+        since_epoch: since_epoch.to_owned(),
+        ..Default::default()
+    };
+    let mut same = cb
+        .watch_seats(resume(&first.epoch))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = next(&mut same).await;
+    assert!(
+        matches!(m.kind, Some(Kind::Change(_))) && m.version == model.version,
+        "{m:?}"
+    );
+    let mut other = cb
+        .watch_seats(resume("another-epoch"))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = next(&mut other).await;
+    assert!(matches!(m.kind, Some(Kind::Snapshot(_))), "{m:?}");
+    drop((same, other));
+
     // Redis loses everything: the replicas restore it and re-read it; the
     // stream gets a new snapshot, and the copy still decides like B.
     redis.flushall();
@@ -516,6 +546,7 @@ async fn roles_and_features_are_checked() {
             pb::WatchSeatsRequest {
                 since_version: 0,
                 features,
+                ..Default::default()
             },
             token,
         )

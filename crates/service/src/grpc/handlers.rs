@@ -498,7 +498,7 @@ impl LicensingService for LicensingApi {
                 .map_err(refusal)?;
             let (start, feed) = self
                 .licensing
-                .watch_seats(req.since_version, &features)
+                .watch_seats(req.since_version, &req.since_epoch, &features)
                 .map_err(to_status)?;
             // Keeps the connection past its maximum age while the stream is open.
             let hold = request

@@ -51,11 +51,13 @@ pub enum WatchStart {
 impl Licensing {
     /// Where a `WatchSeats` stream from `since` starts, and a receiver of every
     /// change after it (subscribed under the same read lock, so nothing falls
-    /// in between). `since` 0, or a version whose later changes the journal no
-    /// longer holds: a snapshot. No state yet: `NO_STATE_YET`.
+    /// in between). `since` 0, a version whose later changes the journal no
+    /// longer holds, or a `since_epoch` (when given) that is not the store's
+    /// epoch: a snapshot. No state yet: `NO_STATE_YET`.
     pub fn watch_seats(
         &self,
         since: u64,
+        since_epoch: &str,
         features: &[Feature],
     ) -> Result<(WatchStart, broadcast::Receiver<SeatFeed>), LicensingError> {
         let node = self.clock.now();
@@ -63,7 +65,12 @@ impl Licensing {
             if !state.has_state() {
                 return None;
             }
-            let changes = (since > 0 && !state.from_disk)
+            let same_epoch = since_epoch.is_empty()
+                || state
+                    .position
+                    .as_ref()
+                    .is_some_and(|p| p.epoch == since_epoch);
+            let changes = (since > 0 && !state.from_disk && same_epoch)
                 .then(|| state.changes_since(since))
                 .flatten();
             Some(match changes {
