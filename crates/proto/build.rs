@@ -37,6 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tonic_prost_build::configure()
             .build_server(true)
             .build_client(true)
+            // Servers that answer part of a contract (licensing-agent answers
+            // CheckSeat only) get UNIMPLEMENTED for the rest.
+            .generate_default_stubs(true)
             // ErrorInfo's Rust type comes from tonic-types.
             .extern_path(".google.rpc", "::tonic_types")
             .compile_fds(set)?;

@@ -474,38 +474,48 @@ pub fn token_sha256(token: &str) -> String {
         .collect()
 }
 
-/// The `licensing-sim` binary of this build: beside the test executable's
-/// directory (`target/<profile>/`). `cargo test` at the workspace root builds it
-/// (the simulator crate has tests of its own); when a single package's tests run,
-/// it is built here once.
+/// The `licensing-sim` binary of this build (see [`workspace_binary`]).
 pub fn sim_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test's own path");
-            // target/<profile>/deps/<test> or target/<profile>/<bench>
-            let mut dir = exe.parent().expect("a directory").to_path_buf();
-            if dir.ends_with("deps") {
-                dir.pop();
-            }
-            let bin = dir.join("licensing-sim");
-            if !bin.exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let mut build = Command::new(cargo);
-                build.args([
-                    "build",
-                    "--package",
-                    "licensing-sim",
-                    "--bin",
-                    "licensing-sim",
-                ]);
-                if dir.ends_with("release") {
-                    build.arg("--release");
-                }
-                let status = build.status().expect("run cargo build for licensing-sim");
-                assert!(status.success(), "cargo build -p licensing-sim failed");
-            }
-            bin
-        })
+        .get_or_init(|| workspace_binary("licensing-sim", "licensing-sim"))
         .clone()
+}
+
+/// The `licensing-agent` binary of this build (see [`workspace_binary`]).
+pub fn agent_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| workspace_binary("comtrexx-licensing-client", "licensing-agent"))
+        .clone()
+}
+
+/// A binary of another package of the workspace, of this build: beside the
+/// test executable's directory (`target/<profile>/`). `cargo test` at the
+/// workspace root builds it (its package has tests of its own); when a single
+/// package's tests run, it is built here once.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> or target/<profile>/<bench>
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(bin);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--package", package, "--bin", bin]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .unwrap_or_else(|e| panic!("run cargo build for {bin}: {e}"));
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {bin} failed"
+        );
+    }
+    path
 }

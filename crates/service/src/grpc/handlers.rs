@@ -440,12 +440,10 @@ impl LicensingService for LicensingApi {
         })
     }
 
-    type WatchLicenseEventsStream = EventStream;
-
     async fn watch_license_events(
         &self,
         request: Request<pb::WatchLicenseEventsRequest>,
-    ) -> Result<Response<Self::WatchLicenseEventsStream>, Status> {
+    ) -> Result<Response<EventStream>, Status> {
         rpc!(self, rpc::WATCH_LICENSE_EVENTS, request, async {
             let slot = self
                 .guards
@@ -483,12 +481,10 @@ impl LicensingService for LicensingApi {
         })
     }
 
-    type WatchSeatsStream = super::watch::SeatStream;
-
     async fn watch_seats(
         &self,
         request: Request<pb::WatchSeatsRequest>,
-    ) -> Result<Response<Self::WatchSeatsStream>, Status> {
+    ) -> Result<Response<super::watch::SeatStream>, Status> {
         rpc!(self, rpc::WATCH_SEATS, request, async {
             let req = request.get_ref();
             let features = super::watch::features(&req.features).map_err(invalid)?;
