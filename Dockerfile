@@ -26,8 +26,10 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin comtrexx-licensing \
-    && install -D -m 0755 target/release/comtrexx-licensing /out/comtrexx-licensing
+    cargo build --release --locked -p comtrexx-licensing --bin comtrexx-licensing \
+       -p comtrexx-licensing-client --bin licensing-agent \
+    && install -D -m 0755 target/release/comtrexx-licensing /out/comtrexx-licensing \
+    && install -D -m 0755 target/release/licensing-agent /out/licensing-agent
 
 ############################
 # runtime stage
@@ -48,6 +50,8 @@ LABEL org.opencontainers.image.title="comtrexx-licensing" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
 
 COPY --from=builder --chown=0:0 --chmod=0755 /out/comtrexx-licensing /usr/local/bin/comtrexx-licensing
+# The call-handling sidecar (docs/deploy.md): the same image with the command licensing-agent.
+COPY --from=builder --chown=0:0 --chmod=0755 /out/licensing-agent /usr/local/bin/licensing-agent
 
 # Configuration comes from LICENSING_* environment variables (see the chart's README);
 # the binary's defaults listen on 0.0.0.0:50051 (gRPC) and 0.0.0.0:9090 (metrics).

@@ -2,17 +2,20 @@
 # Builds the Debian package from the release binary and checks it the way a VM
 # operator uses it (see docs/deploy.md, "Single VM"):
 #
-#   1. cargo deb --no-build: packages target/release/comtrexx-licensing as built
-#      by `cargo build --release` (run that first; this script does not build);
+#   1. cargo deb --no-build: packages target/release/comtrexx-licensing and
+#      target/release/licensing-agent as built by `cargo build --release -p
+#      comtrexx-licensing -p comtrexx-licensing-client --bins` (run that first;
+#      this script does not build);
 #   2. lintian: no errors;
-#   3. the packaged unit: `systemd-analyze verify` clean, and the offline security
-#      rating 2.0 or lower ("OK" or better);
+#   3. the packaged units (service and agent): `systemd-analyze verify` clean, and
+#      the offline security rating 2.0 or lower ("OK" or better);
 #   4. dpkg -i; the installed binary validates the packaged configuration;
 #   5. the installed binary started as the unit starts it (its ExecStart, as its
 #      User, without privileges), with the packaged configuration, against a
 #      private redis-server on a free port: health says SERVING over gRPC, a
-#      StartTryout lands in that Redis, SIGHUP reloads without stopping it,
-#      SIGTERM stops it cleanly;
+#      StartTryout lands in that Redis, licensing-agent (its unit's settings,
+#      pointed at it) answers CheckSeat on its Unix socket, SIGHUP reloads
+#      without stopping it, SIGTERM stops it cleanly;
 #   6. upgrading to a later revision keeps a changed configuration (a conffile);
 #   7. dpkg --purge removes it.
 #
@@ -39,11 +42,15 @@ for tool in cargo-deb lintian systemd-analyze redis-server redis-cli grpcurl set
   command -v "${tool}" >/dev/null 2>&1 || die "${tool} not on PATH (run scripts/install-tools.sh)"
 done
 [ -x target/release/${PKG} ] || die "target/release/${PKG} missing: run cargo build --release first"
+[ -x target/release/licensing-agent ] \
+  || die "target/release/licensing-agent missing: run cargo build --release -p comtrexx-licensing-client first"
 
 work="$(mktemp -d)"
 redis_pid=""
 service_pid=""
+agent_pid=""
 cleanup() {
+  [ -n "${agent_pid}" ] && kill "${agent_pid}" 2>/dev/null || true
   [ -n "${service_pid}" ] && kill "${service_pid}" 2>/dev/null || true
   [ -n "${redis_pid}" ] && kill "${redis_pid}" 2>/dev/null || true
   if dpkg-query -W -f='${Status}' "${PKG}" 2>/dev/null | grep -q installed; then
@@ -77,16 +84,19 @@ mkdir -p "${work}/extract"
 dpkg-deb --extract "${deb}" "${work}/extract"
 packaged_unit="${work}/extract${UNIT}"
 [ -f "${packaged_unit}" ] || die "no ${UNIT} in the package"
-log "systemd-analyze security --offline=true (must be <= ${MAX_EXPOSURE})"
-# The unit's own name, so that the report is about it and not a copy.
-cp "${packaged_unit}" "${work}/${PKG}.service"
-security="$(systemd-analyze security --offline=true --no-pager "${work}/${PKG}.service" 2>&1)" \
-  || { printf '%s\n' "${security}" >&2; die "systemd-analyze security failed"; }
-printf '%s\n' "${security}" | grep -E '✗|Overall'
-exposure="$(printf '%s\n' "${security}" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')"
-[ -n "${exposure}" ] || die "no overall exposure level in the report"
-awk -v e="${exposure}" -v max="${MAX_EXPOSURE}" 'BEGIN { exit !(e <= max) }' \
-  || die "security exposure ${exposure} is above ${MAX_EXPOSURE}"
+for unit in "${PKG}" "${PKG}-agent"; do
+  log "systemd-analyze security --offline=true ${unit} (must be <= ${MAX_EXPOSURE})"
+  [ -f "${work}/extract/usr/lib/systemd/system/${unit}.service" ] || die "no ${unit}.service in the package"
+  # The unit's own name, so that the report is about it and not a copy.
+  cp "${work}/extract/usr/lib/systemd/system/${unit}.service" "${work}/${unit}.service"
+  security="$(systemd-analyze security --offline=true --no-pager "${work}/${unit}.service" 2>&1)" \
+    || { printf '%s\n' "${security}" >&2; die "systemd-analyze security failed"; }
+  printf '%s\n' "${security}" | grep -E '✗|Overall'
+  exposure="$(printf '%s\n' "${security}" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')"
+  [ -n "${exposure}" ] || die "no overall exposure level in the report"
+  awk -v e="${exposure}" -v max="${MAX_EXPOSURE}" 'BEGIN { exit !(e <= max) }' \
+    || die "${unit}: security exposure ${exposure} is above ${MAX_EXPOSURE}"
+done
 
 # --- 4. install -------------------------------------------------------------------------
 log "dpkg -i"
@@ -94,11 +104,17 @@ dpkg -i "${deb}"
 id "${PKG}" >/dev/null || die "the package did not create the user ${PKG}"
 [ "$(stat -c '%U:%G %a' "${CONF}")" = "root:${PKG} 640" ] \
   || die "${CONF} should be root:${PKG} 0640, is $(stat -c '%U:%G %a' "${CONF}")"
-log "systemd-analyze verify ${UNIT}"
-verify="$(systemd-analyze verify "${UNIT}" 2>&1)" || { printf '%s\n' "${verify}" >&2; die "verify failed"; }
-if printf '%s\n' "${verify}" | grep -F "${PKG}"; then
-  die "systemd-analyze verify reports problems with the unit"
-fi
+AGENT_UNIT=/usr/lib/systemd/system/${PKG}-agent.service
+for unit in "${UNIT}" "${AGENT_UNIT}"; do
+  log "systemd-analyze verify ${unit}"
+  verify="$(systemd-analyze verify "${unit}" 2>&1)" || { printf '%s\n' "${verify}" >&2; die "verify failed"; }
+  if printf '%s\n' "${verify}" | grep -F "${PKG}"; then
+    die "systemd-analyze verify reports problems with ${unit}"
+  fi
+done
+[ -f "/etc/${PKG}/agent.env" ] || die "no /etc/${PKG}/agent.env"
+/usr/bin/licensing-agent --version >/dev/null || die "licensing-agent does not run"
+
 log "the packaged configuration is valid"
 effective="$(/usr/bin/${PKG} --config "${CONF}" config)"
 # The VM's own services call it locally: the packaged service listens on loopback only.
@@ -159,6 +175,33 @@ redis-cli -p "${redis_port}" --scan --pattern 'lic:*:tryout' | grep -q . \
   || { cat "${work}/service.log" >&2; die "StartTryout wrote nothing to the private Redis"; }
 grpcurl -plaintext "127.0.0.1:${grpc_port}" comtrexx.licensing.v1.LicensingService/GetLicenseOverview
 
+# licensing-agent as its unit runs it (the packaged agent.env), pointed at this
+# service and at a socket and cache file in the work directory.
+log "licensing-agent answers CheckSeat on its Unix socket"
+(
+  set -a
+  # shellcheck disable=SC1090
+  . "/etc/${PKG}/agent.env"
+  set +a
+  LICENSING_AGENT_ENDPOINTS="http://127.0.0.1:${grpc_port}" \
+  LICENSING_AGENT_LISTEN="unix:${work}/agent.sock" \
+  LICENSING_AGENT_CACHE_FILE="${work}/agent-seats.cache" \
+    exec /usr/bin/licensing-agent
+) >"${work}/agent.log" 2>&1 &
+agent_pid=$!
+answer=""
+for _ in $(seq 1 50); do
+  answer="$(grpcurl -plaintext -unix -d '{"user_id": "alice"}' "${work}/agent.sock" \
+    comtrexx.licensing.v1.LicensingService/CheckSeat 2>&1)" && break
+  sleep 0.2
+done
+printf '%s\n' "${answer}"
+grep -q '"reason": "SEAT_REASON_NOT_ASSIGNED"' <<<"${answer}" \
+  || { cat "${work}/agent.log" >&2; die "licensing-agent did not answer CheckSeat"; }
+kill -TERM "${agent_pid}"
+wait "${agent_pid}" || die "licensing-agent did not exit cleanly on SIGTERM"
+agent_pid=""
+
 kill -HUP "${service_pid}"
 for _ in $(seq 1 50); do
   grep -q "SIGHUP received" "${work}/service.log" && break
@@ -192,6 +235,7 @@ grep -q '^edition = "business"$' "${CONF}" || die "the upgrade replaced the chan
 log "dpkg --purge"
 dpkg --purge "${PKG}"
 [ ! -e /usr/bin/${PKG} ] || die "/usr/bin/${PKG} left after purge"
+[ ! -e /usr/bin/licensing-agent ] || die "/usr/bin/licensing-agent left after purge"
 [ ! -e "${CONF}" ] || die "${CONF} left after purge"
 [ ! -e "${UNIT}" ] || die "${UNIT} left after purge"
 [ ! -e "/var/lib/${state_name}" ] || die "/var/lib/${state_name} left after purge"

@@ -149,6 +149,34 @@ SETTINGS_EXISTING_SECRETS="LICENSING_LICENSE_FILE LICENSING_REDIS_PASSWORD
 LICENSING_VENDOR_PUBLIC_KEY LICENSING_TLS__CERT_FILE LICENSING_TLS__KEY_FILE
 LICENSING_TLS__CLIENT_CA_FILE LICENSING_AUTH__CALLERS_FILE"
 
+section "the chart README's licensing-agent sidecar pod"
+if "${PY}" - "${CHART}/README.md" "${WORK}/agent-pod.yaml" <<'PY' >"${WORK}/agent.log" 2>&1; then
+import re, sys, yaml
+text = open(sys.argv[1]).read()
+m = re.search(r"<!-- agent-sidecar-pod -->\n```yaml\n(.*?)```", text, re.S)
+if not m:
+    sys.exit("no <!-- agent-sidecar-pod --> yaml block in the chart README")
+pod = yaml.safe_load(m.group(1))
+names = [c["name"] for c in pod["spec"]["containers"]]
+assert "licensing-agent" in names, names
+agent = next(c for c in pod["spec"]["containers"] if c["name"] == "licensing-agent")
+assert agent["command"] == ["/usr/local/bin/licensing-agent"], agent["command"]
+open(sys.argv[2], "w").write(m.group(1))
+PY
+  for v in ${KUBE_VERSIONS}; do
+    if kubernetes-validate --strict -k "${v}" "${WORK}/agent-pod.yaml" >"${WORK}/agent-kv.log" 2>&1 \
+      && ! grep -qE '^(WARN|ERROR|FATAL)' "${WORK}/agent-kv.log"; then
+      pass "sidecar pod: kubernetes-validate --strict -k ${v}"
+    else
+      sed 's/^/        /' "${WORK}/agent-kv.log"
+      fail "sidecar pod: kubernetes-validate --strict -k ${v}"
+    fi
+  done
+else
+  sed 's/^/        /' "${WORK}/agent.log"
+  fail "sidecar pod: extract from the chart README"
+fi
+
 # check_profile NAME HELM-ARGS...
 check_profile() {
   local name="$1"; shift

@@ -265,6 +265,58 @@ async fn the_client_decides_like_the_server_over_a_randomized_run() {
     assert!(status.connected && !status.stale, "{status:?}");
 }
 
+/// Redis rolled back to an older snapshot (the seats assigned after it
+/// lost), then repaired by the replicas: the client's copy converges with the
+/// server's for every user, and keeps the seats the replicas brought back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_is_rolled_back_and_repaired_the_client_converges() {
+    let mut redis = RedisServer::start();
+    let serial = serial("client-rollback");
+    let mut config = with_heartbeat(config(Some(&redis), &serial));
+    config.tryout.seats = 10;
+    let a = TestServer::start(config.clone()).await;
+    let b = TestServer::start(config).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    start_tryout(&mut ca).await.expect("tryout");
+    let local = Local::start(local_config(vec![b.endpoint()])).unwrap();
+    tokio::time::timeout(WAIT, local.ready())
+        .await
+        .expect("a copy");
+    assigned(&mut ca, "ann", "user").await;
+    let rdb = redis.save_snapshot();
+    assigned(&mut ca, "bob", "user").await;
+    let v = assigned(&mut cb, "cy", "user").await.version;
+    local
+        .wait_for_version(v, WAIT)
+        .await
+        .expect("the client has cy");
+    agree(&local, &mut cb, "before the rollback").await;
+
+    redis.restart_from(&rdb);
+    // The replicas notice the store went back and write the lost seats again.
+    assert!(
+        eventually(WAIT, || {
+            let mut cb = cb.clone();
+            async move {
+                // ListSeats reads the store: it fails while the store restarts.
+                let listed = cb.list_seats(pb::ListSeatsRequest::default()).await;
+                listed.is_ok_and(|r| r.into_inner().seats.len() == 3)
+            }
+        })
+        .await,
+        "the replicas did not repair the store"
+    );
+    heartbeats().await;
+    agree(&local, &mut cb, "after the rollback and the repair").await;
+    for user in ["ann", "bob", "cy"] {
+        assert_eq!(
+            local.check_seat(user, Feature::User).licensed(),
+            Some(true),
+            "{user}"
+        );
+    }
+}
+
 fn quantity(r: &pb::ReconcileResponse, feature: &str) -> u32 {
     r.entitlements
         .iter()

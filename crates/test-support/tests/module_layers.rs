@@ -28,7 +28,10 @@ const LAYERS: &[(&str, &[&[&str]])] = &[
             &["repair"],
         ],
     ),
-    ("proto", &[&[]]),
+    ("proto", &[&["seat_state"]]),
+    // The client's copy and cache file, below what follows the stream, below
+    // the agent that answers from a client.
+    ("client", &[&["copy", "cache"], &["follow"], &["agent"]]),
     ("sim", &[&["state"], &["server"], &["cli"]]),
     (
         "service",
@@ -200,8 +203,9 @@ fn load(name: &'static str) -> Crate {
     let src = workspace().join("crates").join(name).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    // The binary's root is a crate of its own (it names the library by its name).
-    files.retain(|f| f.file_name().is_none_or(|n| n != "main.rs"));
+    // A binary's root is a crate of its own (it names the library by its name).
+    let bins = src.join("bin");
+    files.retain(|f| f.file_name().is_none_or(|n| n != "main.rs") && !f.starts_with(&bins));
     let parsed: Vec<(Vec<String>, syn::File)> = files
         .iter()
         .map(|f| {

@@ -186,8 +186,15 @@ async fn run(args: &Args) -> Result<(), String> {
         health.set_serving::<LicensingServiceServer<Agent>>().await;
         tracing::info!(service = SERVICE_NAME, "a copy is held: serving");
     });
+    // Reflection, so that grpcurl and other tools can call the agent as they call the service.
+    let (reflection_v1, reflection_v1alpha) = comtrexx_licensing_proto::reflection_services(&[
+        comtrexx_licensing_proto::FILE_DESCRIPTOR_SET,
+    ])
+    .map_err(|e| format!("reflection: {e}"))?;
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(LicensingServiceServer::new(agent));
     match listen {
         Listen::Tcp(addr) => {
