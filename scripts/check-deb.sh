@@ -191,7 +191,7 @@ log "licensing-agent answers CheckSeat on its Unix socket"
 agent_pid=$!
 answer=""
 for _ in $(seq 1 50); do
-  answer="$(grpcurl -plaintext -unix -d '{"user_id": "alice"}' "${work}/agent.sock" \
+  answer="$(grpcurl -plaintext -unix -authority localhost -d '{"user_id": "alice"}' "${work}/agent.sock" \
     comtrexx.licensing.v1.LicensingService/CheckSeat 2>&1)" && break
   sleep 0.2
 done
