@@ -57,6 +57,7 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Answers from `client`; `min_version` waits at most `max_wait`.
     pub fn new(client: Client, max_wait: Duration) -> Self {
         Self { client, max_wait }
     }

@@ -28,14 +28,23 @@ const MAGIC: &str = "comtrexx-licensing-client-cache 1";
 /// A cache file that cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The file could not be read or written.
     #[error("cache file {path}: {source}")]
     Io {
+        /// The cache file.
         path: PathBuf,
+        /// What the file system said.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not a usable copy (format, features, length, checksum).
     #[error("cache file {path} is not usable: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 fn invalid(path: &Path, why: impl Into<String>) -> CacheError {

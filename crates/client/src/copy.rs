@@ -22,14 +22,20 @@ use ed25519_dalek::VerifyingKey;
 /// The seat state at one version of the store's history.
 #[derive(Debug, Clone)]
 pub struct SeatCopy {
+    /// The version of the store's history the copy is at.
     pub version: u64,
     /// The store's epoch the version counts in.
     pub epoch: String,
+    /// The PBX's serial number.
     pub serial: String,
+    /// The PBX's fixed rules.
     pub rules: Rules,
     seats: HashMap<Feature, HashMap<CompactString, CompactSeat>>,
+    /// The license the service trusts.
     pub license: Option<AppliedLicense>,
+    /// The tryout record.
     pub tryout: Option<TryoutRecord>,
+    /// The reconcile history.
     pub reconcile: ReconcileStatus,
     /// The deployment's reference time at `anchored`.
     reference: DateTime<Utc>,
@@ -42,7 +48,12 @@ pub enum Applied {
     /// The copy moved to the message's version.
     Changed,
     /// A change that is not the next one: the stream must be resumed.
-    Gap { have: u64, got: u64 },
+    Gap {
+        /// The copy's version.
+        have: u64,
+        /// The change's version.
+        got: u64,
+    },
 }
 
 impl SeatCopy {

@@ -50,6 +50,8 @@
 //! service's `CheckSeat` from it on a local socket, for callers that cannot
 //! link Rust.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 mod cache;
 pub mod copy;
@@ -99,8 +101,11 @@ pub struct Config {
     pub vendor_public_key: Option<String>,
     /// Bound on connecting to one endpoint.
     pub connect_timeout: Duration,
-    /// Reconnect backoff: from `min` doubling to `max`, with jitter.
+    /// Reconnect backoff: from `backoff_min` (after a stream that delivered)
+    /// doubling per failed attempt up to `backoff_max`, each a random point in
+    /// its upper half.
     pub backoff_min: Duration,
+    /// See `backoff_min`.
     pub backoff_max: Duration,
 }
 
@@ -136,7 +141,7 @@ pub struct Tls {
 }
 
 impl Config {
-    fn stale_after(&self) -> Duration {
+    fn stale_limit(&self) -> Duration {
         self.stale_after.unwrap_or(self.heartbeat * 5)
     }
 }
@@ -144,16 +149,21 @@ impl Config {
 /// A configuration that cannot work, and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `Config::endpoints` is empty.
     #[error(
         "no endpoints: set Config::endpoints to the service's address, e.g. https://licensing:50051"
     )]
     NoEndpoints,
+    /// An endpoint that is not an `http://` or `https://` URL.
     #[error("endpoint {0:?} must start with http:// or https://")]
     Endpoint(String),
+    /// `Config::vendor_public_key` is not a base64 Ed25519 public key.
     #[error("vendor_public_key: {0}")]
     VendorKey(String),
+    /// `Config::heartbeat` below 10 ms.
     #[error("heartbeat must be at least 10 ms")]
     Heartbeat,
+    /// `Client::start` outside a Tokio runtime.
     #[error("Client::start must be called within a Tokio runtime")]
     NoRuntime,
 }
@@ -181,8 +191,11 @@ impl Decision {
 /// A decision from the copy: what the service's `CheckSeat` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
+    /// Whether the user may use the feature now.
     pub licensed: bool,
+    /// Why (`Assigned` when licensed; else the first cause from the PBX down).
     pub reason: SeatReason,
+    /// The pool of the user's seat, if they hold one.
     pub source: Option<SeatSource>,
     /// When this answer stops holding, if it does.
     pub valid_until: Option<DateTime<Utc>>,
@@ -204,8 +217,9 @@ pub struct Status {
     pub connected: bool,
     /// The endpoint of the open stream (or the last one tried).
     pub endpoint: Option<String>,
-    /// The copy's version and epoch.
+    /// The copy's version.
     pub version: u64,
+    /// The store's epoch the version counts in.
     pub epoch: String,
     /// The copy's reference time now.
     pub reference_time: Option<DateTime<Utc>>,
@@ -215,6 +229,7 @@ pub struct Status {
     pub since_last_change: Option<Duration>,
     /// The copy came from the cache file and no replica answered since.
     pub from_cache_file: bool,
+    /// Seats in the copy.
     pub seats: usize,
     /// Streams opened since start.
     pub connects: u64,
@@ -265,7 +280,7 @@ impl Shared {
     fn is_stale(&self) -> bool {
         let silent = self
             .since(self.last_message.load(Ordering::Relaxed))
-            .is_none_or(|d| d > self.config.stale_after());
+            .is_none_or(|d| d > self.config.stale_limit());
         silent || self.info.lock().from_cache_file
     }
 }
@@ -421,7 +436,7 @@ impl Client {
             stale: has_copy && {
                 let silent = s
                     .since(s.last_message.load(Ordering::Relaxed))
-                    .is_none_or(|d| d > s.config.stale_after());
+                    .is_none_or(|d| d > s.config.stale_limit());
                 silent || info.from_cache_file
             },
             connected: info.connected,

@@ -19,7 +19,7 @@ use comtrexx_licensing_proto::pb::licensing_service_server::LicensingServiceServ
     about = "Answers comtrexx-licensing's CheckSeat on a local socket from a streamed copy of the seat state"
 )]
 struct Args {
-    /// Where to answer: a loopback address (127.0.0.1:50061, [::1]:50061) or
+    /// Where to answer: a loopback address (`127.0.0.1:50061`, `[::1]:50061`) or
     /// unix:/path/to/socket. Nothing else: the agent answers without
     /// authentication.
     #[arg(
