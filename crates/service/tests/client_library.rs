@@ -317,6 +317,76 @@ async fn after_redis_is_rolled_back_and_repaired_the_client_converges() {
     }
 }
 
+/// Over TLS with `auth.mode = enforce`: a client with a `call_handling`
+/// client certificate, and one with a `call_handling` token, get a copy; one
+/// without credentials gets none and says why (`status().last_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_speaks_tls_with_a_certificate_or_a_token_and_says_why_it_is_refused() {
+    let pki = comtrexx_licensing_test_support::pki::Pki::new("client CA");
+    let (cert, key) = pki.write_server(&pki.server("server"));
+    let mut raw = config(None, &serial("client-tls"));
+    raw.tls.cert_file = Some(cert);
+    raw.tls.key_file = Some(key);
+    raw.tls.client_ca_file = Some(pki.ca_file());
+    raw.tls.require_client_certificate = false;
+    raw.auth.mode = "enforce".into();
+    let callers = pki.dir.path().join("callers.toml");
+    std::fs::write(
+        &callers,
+        format!(
+            "[[caller]]\nname = \"pbx-token\"\nrole = \"call_handling\"\ntoken_sha256 = \"{}\"\n\n\
+             [[caller]]\nname = \"pbx-cert\"\nrole = \"call_handling\"\ncertificate = \"spiffe://pbx.test/call\"\n",
+            token_sha256("t-call")
+        ),
+    )
+    .unwrap();
+    raw.auth.callers_file = Some(callers);
+    let server = TestServer::start(with_heartbeat(raw)).await;
+    let endpoint = format!("https://localhost:{}", server.addr.port());
+    let tls = |identity: Option<(Vec<u8>, Vec<u8>)>| comtrexx_licensing_client::Tls {
+        ca_pem: Some(pki.ca_pem().into_bytes()),
+        identity,
+        domain_name: None,
+    };
+    let pem = pki.client("spiffe://pbx.test/call", false);
+    let with_cert = Local::start(Config {
+        tls: Some(tls(Some((pem.cert.into_bytes(), pem.key.into_bytes())))),
+        ..local_config(vec![endpoint.clone()])
+    })
+    .unwrap();
+    let with_token = Local::start(Config {
+        tls: Some(tls(None)),
+        token: Some("t-call".into()),
+        ..local_config(vec![endpoint.clone()])
+    })
+    .unwrap();
+    let anonymous = Local::start(Config {
+        tls: Some(tls(None)),
+        ..local_config(vec![endpoint])
+    })
+    .unwrap();
+    for (name, client) in [("certificate", &with_cert), ("token", &with_token)] {
+        tokio::time::timeout(WAIT, client.ready())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no copy: {:?}", client.status()));
+        assert!(matches!(
+            client.check_seat("alice", Feature::User),
+            Decision::Known(a) if !a.licensed
+        ));
+    }
+    let refused = eventually_some(WAIT, || {
+        let e = anonymous.status().last_error;
+        async move { e }
+    })
+    .await
+    .unwrap();
+    assert!(refused.contains("Unauthenticated"), "{refused}");
+    assert_eq!(
+        anonymous.check_seat("alice", Feature::User),
+        Decision::Unknown
+    );
+}
+
 fn quantity(r: &pb::ReconcileResponse, feature: &str) -> u32 {
     r.entitlements
         .iter()
