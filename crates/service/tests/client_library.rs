@@ -404,8 +404,8 @@ async fn a_replica_killed_mid_stream_the_client_resumes_on_another_losing_nothin
     let serial = serial("client-kill");
     let mut config = with_heartbeat(config(Some(&redis), &serial));
     config.tryout.seats = 1000;
-    let mut a = ServiceProcess::start(&config);
-    let mut b = ServiceProcess::start(&config);
+    let mut a = service_process(&config);
+    let mut b = service_process(&config);
     let mut cb = b.client().await;
     start_tryout(&mut cb).await.expect("tryout");
     let local = Local::start(local_config(vec![a.endpoint(), b.endpoint()])).unwrap();
@@ -501,17 +501,17 @@ async fn with_every_replica_killed_the_agent_decides_from_its_copy_and_from_its_
         &[(Feature::User, 5)],
     );
     let config = with_heartbeat(licensed_config(Some(&redis), &serial, &vendor));
-    let mut a = ServiceProcess::start(&config);
-    let mut b = ServiceProcess::start(&config);
+    let mut a = service_process(&config);
+    let mut b = service_process(&config);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("seats.cache");
-    let mut agent = AgentProcess::start(&[a.endpoint(), b.endpoint()], &cache);
+    let mut agent = agent_process(&[a.endpoint(), b.endpoint()], &cache, &[]);
     let mut ca = a.client().await;
     wait_active(&ca).await;
     let v = assigned(&mut ca, "alice", "user").await.version;
     assigned(&mut ca, "bob", "user").await;
     let mut local = agent.client().await;
-    let alice = agent_check(&mut local, "alice", v).await.expect("alice");
+    let alice = check_at(&mut local, "alice", v).await.expect("alice");
     assert!(alice.licensed && !alice.stale, "{alice:?}");
     // The cache file is written within about a second of a change.
     assert!(eventually_blocking(WAIT, || cache.exists()));
@@ -522,14 +522,14 @@ async fn with_every_replica_killed_the_agent_decides_from_its_copy_and_from_its_
     let stale = eventually_some(WAIT, || {
         let mut local = local.clone();
         async move {
-            let r = agent_check(&mut local, "alice", 0).await.ok()?;
+            let r = check_at(&mut local, "alice", 0).await.ok()?;
             r.stale.then_some(r)
         }
     })
     .await
     .expect("the copy goes stale with no replica");
     assert!(stale.licensed, "a licensed user stays licensed: {stale:?}");
-    let carol = agent_check(&mut local, "carol", 0).await.unwrap();
+    let carol = check_at(&mut local, "carol", 0).await.unwrap();
     assert_eq!(
         (carol.licensed, carol.reason()),
         (false, pb::SeatReason::NotAssigned)
@@ -540,9 +540,7 @@ async fn with_every_replica_killed_the_agent_decides_from_its_copy_and_from_its_
     agent.restart();
     let mut local = agent.client().await;
     for user in ["alice", "bob"] {
-        let r = agent_check(&mut local, user, 0)
-            .await
-            .expect("from the file");
+        let r = check_at(&mut local, user, 0).await.expect("from the file");
         assert!(r.licensed && r.stale, "{user}: {r:?}");
     }
 
@@ -552,7 +550,7 @@ async fn with_every_replica_killed_the_agent_decides_from_its_copy_and_from_its_
     let v = assigned(&mut ca, "carol", "user").await.version;
     let carol = eventually_some(WAIT, || {
         let mut local = local.clone();
-        async move { agent_check(&mut local, "carol", v).await.ok() }
+        async move { check_at(&mut local, "carol", v).await.ok() }
     })
     .await
     .expect("the agent reaches the new write");
@@ -561,7 +559,7 @@ async fn with_every_replica_killed_the_agent_decides_from_its_copy_and_from_its_
         eventually(WAIT, || {
             let mut local = local.clone();
             async move {
-                agent_check(&mut local, "alice", 0)
+                check_at(&mut local, "alice", 0)
                     .await
                     .is_ok_and(|r| r.licensed && !r.stale)
             }
@@ -596,13 +594,13 @@ async fn before_any_copy_the_answer_is_unknown_never_not_licensed() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = AgentProcess::start_with(
+    let mut agent = agent_process(
         &[nowhere],
         &dir.path().join("seats.cache"),
         &["--features", "user"],
     );
     let mut c = agent.client().await;
-    let e = agent_check(&mut c, "alice", 0).await.unwrap_err();
+    let e = check_at(&mut c, "alice", 0).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert_eq!(reason(&e), "NO_STATE_YET");
     let e = c
@@ -617,7 +615,7 @@ async fn before_any_copy_the_answer_is_unknown_never_not_licensed() {
         (e.code(), reason(&e)),
         (Code::FailedPrecondition, "FEATURE_NOT_FOLLOWED".into())
     );
-    let e = agent_check(&mut c, "", 0).await.unwrap_err();
+    let e = check_at(&mut c, "", 0).await.unwrap_err();
     assert_eq!(
         (e.code(), reason(&e)),
         (Code::InvalidArgument, "INVALID_ARGUMENT".into())
@@ -640,12 +638,15 @@ async fn before_any_copy_the_answer_is_unknown_never_not_licensed() {
     )))
     .await;
     agent.kill();
-    agent.endpoints = vec![server.endpoint()];
-    agent.restart();
+    let agent = agent_process(
+        &[server.endpoint()],
+        &dir.path().join("seats.cache"),
+        &["--features", "user"],
+    );
     let mut c = agent.client().await;
     let r = eventually_some(WAIT, || {
         let mut c = c.clone();
-        async move { agent_check(&mut c, "alice", 0).await.ok() }
+        async move { check_at(&mut c, "alice", 0).await.ok() }
     })
     .await
     .expect("an answer once a replica streams");
@@ -653,7 +654,7 @@ async fn before_any_copy_the_answer_is_unknown_never_not_licensed() {
         (r.licensed, r.reason()),
         (false, pb::SeatReason::NotActivated)
     );
-    let e = agent_check(&mut c, "alice", r.version + 1000)
+    let e = check_at(&mut c, "alice", r.version + 1000)
         .await
         .unwrap_err();
     assert_eq!(
@@ -671,61 +672,20 @@ fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
-async fn agent_check(
-    c: &mut Client,
-    user: &str,
-    min_version: u64,
-) -> Result<pb::CheckSeatResponse, tonic::Status> {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: "user".into(),
-        min_version,
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-/// The service binary as a process on a port of its own, configured by
-/// environment; SIGKILLed on `kill` and drop; restartable on the same port.
-struct ServiceProcess {
+/// A process on a loopback port of its own, started by `command(port)`;
+/// SIGKILLed on `kill` and on drop; restartable on the same port.
+struct Process {
     child: Option<Child>,
     port: u16,
-    env: Vec<(String, String)>,
+    command: Box<dyn Fn(u16) -> Command>,
 }
 
-impl ServiceProcess {
-    fn start(config: &RawConfig) -> Self {
-        let mut env = vec![
-            (
-                "LICENSING_SERIAL_NUMBER".into(),
-                config.serial_number.clone(),
-            ),
-            (
-                "LICENSING_WATCH__HEARTBEAT_MS".into(),
-                config.watch.heartbeat_ms.to_string(),
-            ),
-            (
-                "LICENSING_TRYOUT__SEATS".into(),
-                config.tryout.seats.to_string(),
-            ),
-            (
-                "LICENSING_LIMITS__CONCURRENT_WRITES".into(),
-                "100000".into(),
-            ),
-        ];
-        if let Some(url) = &config.redis_url {
-            env.push(("LICENSING_REDIS_URL".into(), url.clone()));
-        }
-        if let Some(path) = &config.license_file {
-            env.push(("LICENSING_LICENSE_FILE".into(), path.display().to_string()));
-        }
-        if let Some(key) = &config.vendor_public_key {
-            env.push(("LICENSING_VENDOR_PUBLIC_KEY".into(), key.clone()));
-        }
+impl Process {
+    fn start(command: impl Fn(u16) -> Command + 'static) -> Self {
         let mut p = Self {
             child: None,
             port: unused_port(),
-            env,
+            command: Box::new(command),
         };
         p.restart();
         p
@@ -735,13 +695,14 @@ impl ServiceProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// A gRPC client, once the process listens.
     async fn client(&self) -> Client {
         eventually_some(WAIT, || {
             let endpoint = self.endpoint();
             async move { Client::connect(endpoint).await.ok() }
         })
         .await
-        .expect("the service process listens")
+        .expect("the process listens")
     }
 
     fn kill(&mut self) {
@@ -753,92 +714,73 @@ impl ServiceProcess {
 
     fn restart(&mut self) {
         self.kill();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comtrexx-licensing"));
-        cmd.arg("serve")
-            .env("LICENSING_LISTEN_ADDR", format!("127.0.0.1:{}", self.port))
-            .env("LICENSING_METRICS_ADDR", "")
-            .env("LICENSING_DRAIN_TIMEOUT_MS", "0")
-            .env("RUST_LOG", "warn")
+        let mut cmd = (self.command)(self.port);
+        cmd.env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("start the service binary"));
+        self.child = Some(cmd.spawn().expect("start the process"));
     }
 }
 
-impl Drop for ServiceProcess {
+impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
-/// `licensing-agent` as a process on a loopback port of its own.
-struct AgentProcess {
-    child: Option<Child>,
-    port: u16,
-    endpoints: Vec<String>,
-    cache: std::path::PathBuf,
-    extra: Vec<String>,
+/// The service binary, configured by environment as `config` says.
+fn service_process(config: &RawConfig) -> Process {
+    let mut env = vec![
+        (
+            "LICENSING_SERIAL_NUMBER".to_owned(),
+            config.serial_number.clone(),
+        ),
+        (
+            "LICENSING_WATCH__HEARTBEAT_MS".into(),
+            config.watch.heartbeat_ms.to_string(),
+        ),
+        (
+            "LICENSING_TRYOUT__SEATS".into(),
+            config.tryout.seats.to_string(),
+        ),
+        (
+            "LICENSING_LIMITS__CONCURRENT_WRITES".into(),
+            "100000".into(),
+        ),
+    ];
+    if let Some(url) = &config.redis_url {
+        env.push(("LICENSING_REDIS_URL".into(), url.clone()));
+    }
+    if let Some(path) = &config.license_file {
+        env.push(("LICENSING_LICENSE_FILE".into(), path.display().to_string()));
+    }
+    if let Some(key) = &config.vendor_public_key {
+        env.push(("LICENSING_VENDOR_PUBLIC_KEY".into(), key.clone()));
+    }
+    Process::start(move |port| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comtrexx-licensing"));
+        cmd.arg("serve")
+            .env("LICENSING_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("LICENSING_METRICS_ADDR", "")
+            .env("LICENSING_DRAIN_TIMEOUT_MS", "0")
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd
+    })
 }
 
-impl AgentProcess {
-    fn start(endpoints: &[String], cache: &std::path::Path) -> Self {
-        Self::start_with(endpoints, cache, &[])
-    }
-
-    fn start_with(endpoints: &[String], cache: &std::path::Path, extra: &[&str]) -> Self {
-        let mut p = Self {
-            child: None,
-            port: unused_port(),
-            endpoints: endpoints.to_vec(),
-            cache: cache.to_owned(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        p.restart();
-        p
-    }
-
-    async fn client(&self) -> Client {
-        let endpoint = format!("http://127.0.0.1:{}", self.port);
-        eventually_some(WAIT, || {
-            let endpoint = endpoint.clone();
-            async move { Client::connect(endpoint).await.ok() }
-        })
-        .await
-        .expect("the agent listens")
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        let child = Command::new(agent_binary())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--endpoint")
-            .arg(self.endpoints.join(","))
+/// `licensing-agent` following `endpoints`, with its cache file and `extra` flags.
+fn agent_process(endpoints: &[String], cache: &std::path::Path, extra: &[&str]) -> Process {
+    let (endpoints, cache) = (endpoints.join(","), cache.to_owned());
+    let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    Process::start(move |port| {
+        let mut cmd = Command::new(agent_binary());
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--endpoint", &endpoints])
             .arg("--cache-file")
-            .arg(&self.cache)
+            .arg(&cache)
             .args(["--heartbeat-ms", &HEARTBEAT.as_millis().to_string()])
-            .args(&self.extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start licensing-agent");
-        self.child = Some(child);
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+            .args(&extra);
+        cmd
+    })
 }

@@ -59,20 +59,6 @@ impl Pair {
     }
 }
 
-async fn check_at(
-    c: &mut Client,
-    user: &str,
-    min_version: u64,
-) -> Result<pb::CheckSeatResponse, tonic::Status> {
-    c.check_seat(pb::CheckSeatRequest {
-        user_id: user.into(),
-        feature: String::new(),
-        min_version,
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
 /// Assigns through `c`, retrying UNAVAILABLE (outcome unknown, safe to retry)
 /// while Redis comes back; the answer.
 async fn assign_retrying(c: &mut Client, user: &str) -> pb::AssignSeatResponse {

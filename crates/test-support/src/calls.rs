@@ -44,6 +44,22 @@ pub async fn check(
     .map(tonic::Response::into_inner)
 }
 
+/// `CheckSeat` of a `user` seat with `min_version` (read your writes): the
+/// answer, or the refusal.
+pub async fn check_at(
+    c: &mut Client,
+    user: &str,
+    min_version: u64,
+) -> Result<pb::CheckSeatResponse, Status> {
+    c.check_seat(pb::CheckSeatRequest {
+        user_id: user.into(),
+        feature: "user".into(),
+        min_version,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// `CheckSeat`'s answer (panics on a refusal).
 pub async fn checked(c: &mut Client, user: &str, feature: &str) -> pb::CheckSeatResponse {
     check(c, user, feature)
