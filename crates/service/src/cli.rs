@@ -181,6 +181,7 @@ fn parse_entitlement(raw: &str) -> anyhow::Result<Entitlement> {
         None => (rest, None),
     };
     Ok(Entitlement {
+        seat_model: Default::default(),
         feature: feature.parse::<Feature>()?,
         quantity: quantity
             .parse()

@@ -72,6 +72,7 @@ impl Vendor {
             entitlements: entitlements
                 .iter()
                 .map(|(feature, quantity)| Entitlement {
+                    seat_model: Default::default(),
                     feature: *feature,
                     quantity: *quantity,
                     expires_at: None,

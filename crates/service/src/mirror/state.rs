@@ -14,8 +14,8 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AppliedLicense, CompactSeat, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
-    SerialNumber, TryoutRecord, UserId,
+    AppliedLicense, CompactSeat, Edition, Feature, Lease, LicenseState, ReconcileStatus, Seat,
+    SeatSource, SerialNumber, TryoutRecord, UserId,
 };
 use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoredLicense};
 
@@ -85,11 +85,107 @@ pub struct MirrorState {
     /// Loaded from the state file, not (yet) from the store: it serves reads
     /// only, is never written back to the store and never plans a repair.
     pub from_disk: bool,
+    /// The leases of concurrent features by id (live, or expired and not yet
+    /// reclaimed by an acquisition: a decision reads their expiry).
+    pub(super) leases: HashMap<String, Lease>,
+    /// Per feature and user: their leases' ids and expiries (ms), so
+    /// `CheckSeat` on a concurrent feature is one O(1) lookup.
+    pub(super) user_leases: HashMap<Feature, HashMap<CompactString, Vec<(String, i64)>>>,
 }
 
 impl MirrorState {
     pub fn seat(&self, feature: Feature, user_id: &str) -> Option<CompactSeat> {
         self.seats.get(&feature)?.get(user_id).copied()
+    }
+
+    /// The latest expiry (ms) of the user's leases of `feature`, live or not
+    /// (the decision compares it with its time); `None` without one.
+    pub fn lease_until_ms(&self, feature: Feature, user_id: &str) -> Option<i64> {
+        self.user_leases
+            .get(&feature)?
+            .get(user_id)?
+            .iter()
+            .map(|(_, until)| *until)
+            .max()
+    }
+
+    /// The live leases of `feature` at `now_ms`.
+    pub fn live_leases(&self, feature: Feature, now_ms: i64) -> u32 {
+        self.user_leases.get(&feature).map_or(0, |users| {
+            users
+                .values()
+                .flatten()
+                .filter(|(_, until)| *until > now_ms)
+                .count() as u32
+        })
+    }
+
+    /// Every lease this copy holds (live or not), unordered.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub(super) fn put_lease(&mut self, lease: &Lease) {
+        self.remove_lease(&lease.lease_id);
+        // One lease per (feature, user, holder): an older one of the key goes.
+        let same_key: Vec<String> = self
+            .user_leases
+            .get(&lease.feature)
+            .and_then(|u| u.get(lease.user_id.as_str()))
+            .map(|ids| {
+                ids.iter()
+                    .filter(|(id, _)| {
+                        self.leases
+                            .get(id)
+                            .is_some_and(|l| l.holder == lease.holder)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in same_key {
+            self.remove_lease(&id);
+        }
+        self.user_leases
+            .entry(lease.feature)
+            .or_default()
+            .entry(lease.user_id.as_str().into())
+            .or_default()
+            .push((lease.lease_id.clone(), lease.expires_at.timestamp_millis()));
+        self.leases.insert(lease.lease_id.clone(), lease.clone());
+    }
+
+    pub(super) fn remove_lease(&mut self, id: &str) {
+        let Some(lease) = self.leases.remove(id) else {
+            return;
+        };
+        if let Some(users) = self.user_leases.get_mut(&lease.feature)
+            && let Some(ids) = users.get_mut(lease.user_id.as_str())
+        {
+            ids.retain(|(i, _)| i != id);
+            if ids.is_empty() {
+                users.remove(lease.user_id.as_str());
+            }
+        }
+    }
+
+    fn renew_lease(&mut self, id: &str, expires_at: chrono::DateTime<Utc>) {
+        let Some(lease) = self.leases.get_mut(id) else {
+            return;
+        };
+        lease.expires_at = expires_at;
+        let ms = expires_at.timestamp_millis();
+        if let Some(ids) = self
+            .user_leases
+            .get_mut(&lease.feature)
+            .and_then(|u| u.get_mut(lease.user_id.as_str()))
+        {
+            for (i, until) in ids.iter_mut() {
+                if i == id {
+                    *until = ms;
+                }
+            }
+        }
     }
 
     /// What the seat decision reads of this copy (`domain::decision`).
@@ -238,6 +334,7 @@ impl MirrorState {
             retired_license: self.retired_license.clone(),
             high_water_ms: self.high_water_ms,
             incident: None,
+            leases: self.leases.values().cloned().collect(),
             corrupt: Vec::new(),
         }
     }
@@ -290,6 +387,9 @@ impl MirrorState {
         for seat in snapshot.seats {
             state.put_seat(&seat);
         }
+        for lease in &snapshot.leases {
+            state.put_lease(lease);
+        }
         state.set_license(snapshot.license, verifier);
         state
     }
@@ -328,9 +428,27 @@ impl MirrorState {
             ChangeKind::InitializationIssued(p) => self.initialization = Some(p.clone()),
             ChangeKind::InitializationConsumed => self.initialization = None,
             ChangeKind::Repaired(incident) => self.incident = Some(incident.clone()),
+            ChangeKind::LeaseAcquired { lease, reclaimed } => {
+                for id in reclaimed {
+                    self.remove_lease(id);
+                }
+                self.put_lease(lease);
+            }
+            ChangeKind::LeasesRenewed {
+                lease_ids,
+                expires_at,
+                ..
+            } => {
+                for id in lease_ids {
+                    self.renew_lease(id, *expires_at);
+                }
+            }
+            ChangeKind::LeaseReleased { lease_id } => self.remove_lease(lease_id),
             ChangeKind::Reset => {
                 self.seats.clear();
                 self.counts.clear();
+                self.leases.clear();
+                self.user_leases.clear();
                 if self.stored_license.is_some() {
                     self.retired_license = self.stored_license.clone();
                     self.retired_issued_at = self.license.as_ref().map(|l| l.payload.issued_at);

@@ -327,10 +327,13 @@ impl Licensing {
             ReconcileOutcome::Unreachable,
             "no license source configured".to_owned(),
         ))?;
+        // The daily peaks of the concurrent features go with every reconcile
+        // (the last 7 days: a reconcile that failed for days reports them late).
+        let usage = self.usage_report().await;
         let text = self
             .settings
             .backoff
-            .retry(|| source.fetch_license(&self.settings.serial))
+            .retry(|| source.fetch_license_reporting(&self.settings.serial, &usage))
             .await
             .map_err(|e| match e {
                 UpstreamError::Transient(m) => (ReconcileOutcome::Unreachable, m),

@@ -103,6 +103,7 @@ async fn replica_on(
         auth_mode: "protected",
         development_installation: false,
         consistency_max_wait: StdDuration::from_millis(100),
+        lease_duration: StdDuration::from_secs(90),
     };
     Licensing::new(store, mirror, time, settings, source)
 }
