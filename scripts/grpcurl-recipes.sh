@@ -50,7 +50,7 @@ SERVICE="comtrexx.licensing.v1.LicensingService"
 # The RPCs of the API contract (proto/comtrexx/licensing/v1/licensing.proto); each needs a recipe.
 RPCS=(CheckSeat AssignSeat ReleaseSeat ListSeats GetTryoutStatus StartTryout EndTryout
   GetLicenseOverview Reconcile CreateInitializationCode ApplyActivation WatchLicenseEvents
-  ResetActivation ActivateOnline WatchSeats)
+  ResetActivation ActivateOnline WatchSeats AcquireLease RenewLeases ReleaseLease ListLeases)
 
 die() {
   printf 'error: %s\n' "$*" >&2
@@ -142,6 +142,14 @@ fail() {
   --entitlement user=5 --entitlement call_assist=1 \
   --out "${WORK}/license.staged.json" 2>>"${WORK}/dev.log" \
   || die "dev sign-license failed: $(cat "${WORK}/dev.log")"
+# The vendor's next document: call_assist sold for concurrent use (two at a time),
+# put in place just before the Reconcile-concurrent recipe. Signed a second later,
+# so that it is newer than the first.
+sleep 1
+"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
+  --entitlement user=5 --entitlement call_assist=2 --concurrent call_assist \
+  --out "${WORK}/license.concurrent.json" 2>>"${WORK}/dev.log" \
+  || die "dev sign-license (concurrent) failed: $(cat "${WORK}/dev.log")"
 # Where the server looks for the license; filled just before the Reconcile recipe.
 LICENSE_FILE="${WORK}/license/license.json"
 
@@ -408,6 +416,10 @@ before_recipe() {
       # The license file arrives (Kubernetes: the license Secret is mounted/updated).
       cp "${WORK}/license.staged.json" "${LICENSE_FILE}"
       ;;
+    Reconcile-concurrent)
+      # The vendor's next document sells call_assist for concurrent use.
+      cp "${WORK}/license.concurrent.json" "${LICENSE_FILE}"
+      ;;
   esac
 }
 
@@ -564,6 +576,26 @@ json_check Reconcile-after-reset "the licenses come back, bound to the serial nu
   'd["outcome"] in ("RECONCILE_OUTCOME_UPDATED", "RECONCILE_OUTCOME_UNCHANGED")
    and sorted((e["feature"], e["quantity"], e.get("inUse", 0)) for e in d["entitlements"])
        == [("call_assist", 1, 0), ("user", 5, 0)]'
+json_check Reconcile-concurrent "call_assist is now sold for concurrent use, two at a time" \
+  'd["outcome"] == "RECONCILE_OUTCOME_UPDATED"
+   and sorted((e["feature"], e["quantity"], e.get("seatModel")) for e in d["entitlements"])
+       == [("call_assist", 2, "SEAT_MODEL_CONCURRENT"), ("user", 5, "SEAT_MODEL_ASSIGNED")]'
+json_check AcquireLease "alice's call takes a lease of call_assist" \
+  'd.get("created") is True and d["lease"]["userId"] == "alice"
+   and d["lease"]["holder"] == "call-handling-0" and int(d["version"]) > 0'
+json_check AcquireLease-again "the same holder gets the same lease back, renewed" \
+  'd.get("created", False) is False
+   and d["lease"]["leaseId"] == out("AcquireLease")["lease"]["leaseId"]'
+json_check CheckSeat-leased "alice is licensed while her lease lives" \
+  'd.get("licensed") is True and "validUntil" in d'
+json_check ListLeases "two live leases: alice and bob" \
+  'sorted(l["userId"] for l in d["leases"]) == ["alice", "bob"]'
+json_check RenewLeases "the held lease is renewed, the unknown id is lost" \
+  'len(d["leases"]) == 1 and d["lost"] == ["00000000000000000000000000000000"]'
+json_check ReleaseLease "the lease is given back" \
+  'd.get("released") is True'
+json_check CheckSeat-no-lease "without a live lease alice is not licensed for call_assist" \
+  'd.get("licensed", False) is False and d["reason"] == "SEAT_REASON_NO_LEASE"'
 json_check token-CheckSeat "a call_handling token may check seats" \
   '"reason" in d'
 json_check mtls-GetLicenseOverview "the mTLS server runs with auth.mode enforce" \

@@ -100,6 +100,7 @@ fn snapshot(n: usize) -> pb::WatchSeatsResponse {
                 grace_ends_at: None,
                 reference_time: Some(timestamp(now)),
                 epoch: "bench".into(),
+                leases: Vec::new(),
             },
         )),
     }

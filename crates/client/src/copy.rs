@@ -10,8 +10,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
 use comtrexx_licensing_domain::{
-    AppliedLicense, CompactSeat, Feature, LicenseState, ReconcileStatus, Rules, SeatCheck,
-    TryoutRecord,
+    AppliedLicense, CompactSeat, Feature, LeaseBook, LicenseState, ReconcileStatus, Rules,
+    SeatCheck, SeatModel, TryoutRecord,
 };
 use comtrexx_licensing_proto::pb;
 use comtrexx_licensing_proto::pb::seat_state_change::Kind as ChangeKind;
@@ -37,6 +37,8 @@ pub struct SeatCopy {
     pub tryout: Option<TryoutRecord>,
     /// The reconcile history.
     pub reconcile: ReconcileStatus,
+    /// The leases of concurrent features.
+    pub leases: LeaseBook,
     /// The deployment's reference time at `anchored`.
     reference: DateTime<Utc>,
     anchored: Instant,
@@ -85,6 +87,10 @@ impl SeatCopy {
             .as_ref()
             .map(|l| wire::license_of(l, &s.serial_number, rules.edition, key))
             .transpose()?;
+        let mut leases = LeaseBook::default();
+        for l in &s.leases {
+            leases.put(&wire::lease_of(l)?);
+        }
         let reference = s
             .reference_time
             .as_ref()
@@ -104,6 +110,7 @@ impl SeatCopy {
                 .map(wire::reconcile_of)
                 .transpose()?
                 .unwrap_or_default(),
+            leases,
             reference,
             anchored: at,
         })
@@ -157,7 +164,30 @@ impl SeatCopy {
                 self.seats.clear();
                 self.license = None;
                 self.reconcile = ReconcileStatus::default();
+                self.leases.clear();
             }
+            ChangeKind::LeasePut(put) => {
+                let lease = wire::lease_of(
+                    put.lease
+                        .as_ref()
+                        .ok_or_else(|| Invalid("lease_put.lease is missing".into()))?,
+                )?;
+                for id in &put.reclaimed {
+                    self.leases.remove(id);
+                }
+                self.leases.put(&lease);
+            }
+            ChangeKind::LeasesRenewed(r) => {
+                let until = r
+                    .expires_at
+                    .as_ref()
+                    .and_then(from_timestamp)
+                    .ok_or_else(|| Invalid("leases_renewed.expires_at is missing".into()))?;
+                for id in &r.lease_ids {
+                    self.leases.renew(id, until);
+                }
+            }
+            ChangeKind::LeaseReleased(id) => self.leases.remove(id),
             ChangeKind::Other(_) => {}
         }
         self.version = version;
@@ -194,7 +224,47 @@ impl SeatCopy {
             tryout: self.tryout.as_ref(),
             reconcile: &self.reconcile,
         };
+        // A concurrent feature is decided by the user's leases.
+        if self
+            .license
+            .as_ref()
+            .is_some_and(|l| l.payload.seat_model(feature) == SeatModel::Concurrent)
+        {
+            let until = self
+                .leases
+                .until_ms(feature, user_id)
+                .and_then(DateTime::from_timestamp_millis);
+            return self.rules.check_leased(&state, feature, seat, until, now);
+        }
         self.rules.check(&state, feature, seat, now)
+    }
+
+    /// [`SeatCopy::check`] of a concurrent feature as if the user held a
+    /// lease until `until` (one of this client's own, not yet in the copy).
+    pub fn check_with_lease(
+        &self,
+        user_id: &str,
+        feature: Feature,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        let seat = self
+            .seats
+            .get(&feature)
+            .and_then(|m| m.get(user_id))
+            .map(|s| s.facts());
+        let state = LicenseState {
+            license: self.license.as_ref(),
+            tryout: self.tryout.as_ref(),
+            reconcile: &self.reconcile,
+        };
+        let copy_until = self
+            .leases
+            .until_ms(feature, user_id)
+            .and_then(DateTime::from_timestamp_millis);
+        let until = copy_until.map_or(until, |c| c.max(until));
+        self.rules
+            .check_leased(&state, feature, seat, Some(until), now)
     }
 
     /// How many seats the copy holds.
@@ -229,6 +299,7 @@ impl SeatCopy {
             grace_ends_at: wire::opt_timestamp(activation.grace_ends_at),
             reference_time: Some(timestamp(now)),
             epoch: self.epoch.clone(),
+            leases: self.leases.iter().map(wire::lease).collect(),
         }
     }
 }
@@ -287,6 +358,7 @@ pub(crate) mod tests {
             grace_ends_at: None,
             reference_time: Some(timestamp(t0())),
             epoch: "e1".into(),
+            leases: Vec::new(),
         }
     }
 

@@ -93,7 +93,7 @@ fn backoff(config: &Config, failures: u32) -> Duration {
     half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
 }
 
-async fn connect(config: &Config, url: &str) -> Result<Channel, String> {
+pub(crate) async fn connect(config: &Config, url: &str) -> Result<Channel, String> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("endpoint {url:?}: {e}"))?
         .connect_timeout(config.connect_timeout)
@@ -127,7 +127,7 @@ async fn connect(config: &Config, url: &str) -> Result<Channel, String> {
     })
 }
 
-fn describe(status: &tonic::Status) -> String {
+pub(crate) fn describe(status: &tonic::Status) -> String {
     let reason = tonic_types::StatusExt::get_error_details(status)
         .error_info()
         .map(|i| format!(" ({})", i.reason))

@@ -56,6 +56,7 @@ pub mod agent;
 mod cache;
 pub mod copy;
 mod follow;
+mod leases;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,6 +69,7 @@ use tokio::sync::watch;
 
 pub use cache::CacheError;
 pub use comtrexx_licensing_domain::{Feature, SeatReason, SeatSource};
+pub use leases::{AcquireError, LeaseGuard, Lost};
 
 use copy::SeatCopy;
 
@@ -101,6 +103,10 @@ pub struct Config {
     pub vendor_public_key: Option<String>,
     /// Bound on connecting to one endpoint.
     pub connect_timeout: Duration,
+    /// The name leases are held under ([`Client::acquire`]): this instance,
+    /// e.g. a call-handling pod's name. Default: `$HOSTNAME`, else
+    /// `pid-<process id>`.
+    pub holder: Option<String>,
     /// Reconnect backoff: from `backoff_min` (after a stream that delivered)
     /// doubling per failed attempt up to `backoff_max`, each a random point in
     /// its upper half.
@@ -122,6 +128,7 @@ impl Default for Config {
             cache_interval: Duration::from_secs(1),
             vendor_public_key: None,
             connect_timeout: Duration::from_secs(2),
+            holder: None,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
         }
@@ -163,6 +170,9 @@ pub enum ConfigError {
     /// `Config::heartbeat` below 10 ms.
     #[error("heartbeat must be at least 10 ms")]
     Heartbeat,
+    /// `Config::holder` is not 1 to 128 bytes without control characters.
+    #[error("holder: {0}")]
+    Holder(String),
     /// `Client::start` outside a Tokio runtime.
     #[error("Client::start must be called within a Tokio runtime")]
     NoRuntime,
@@ -252,6 +262,12 @@ struct Shared {
     info: Mutex<Info>,
     /// Signalled when the copy changed (the cache writer waits on it).
     changed: tokio::sync::Notify,
+    /// The name leases are held under.
+    holder: String,
+    /// The leases this client holds.
+    leases: leases::Leases,
+    /// Signalled after an acquisition (the renewer recomputes its period).
+    renew_now: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -333,6 +349,14 @@ impl Client {
             .map(comtrexx_licensing_domain::license::parse_public_key)
             .transpose()
             .map_err(ConfigError::VendorKey)?;
+        let holder = config.holder.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+        });
+        comtrexx_licensing_domain::Holder::parse(&holder)
+            .map_err(|e| ConfigError::Holder(e.message))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let shared = Arc::new(Shared {
             key,
@@ -343,10 +367,16 @@ impl Client {
             version: watch::Sender::new(None),
             info: Mutex::new(Info::default()),
             changed: tokio::sync::Notify::new(),
+            holder,
+            leases: leases::Leases::default(),
+            renew_now: tokio::sync::Notify::new(),
             config,
         });
         follow::load_cache(&shared);
-        let mut tasks = vec![runtime.spawn(follow::run(shared.clone()))];
+        let mut tasks = vec![
+            runtime.spawn(follow::run(shared.clone())),
+            runtime.spawn(leases::renew(shared.clone())),
+        ];
         if shared.config.cache_file.is_some() {
             tasks.push(runtime.spawn(follow::keep_cache(shared.clone())));
         }
@@ -368,7 +398,14 @@ impl Client {
         let Some(copy) = guard.as_ref() else {
             return Decision::Unknown;
         };
-        let check = copy.check(user_id, feature, copy.now(Instant::now()));
+        let now = copy.now(Instant::now());
+        let mut check = copy.check(user_id, feature, now);
+        // A lease of this holder that the stream has not brought yet.
+        if check.reason == SeatReason::NoLease
+            && let Some(until) = self.own_lease_until(user_id, feature)
+        {
+            check = copy.check_with_lease(user_id, feature, until, now);
+        }
         let version = copy.version;
         drop(guard);
         Decision::Known(Answer {

@@ -95,6 +95,23 @@ impl Rules {
     ) -> SeatCheck {
         self.licenses(state, now).check(feature, seat, now)
     }
+
+    /// [`Rules::check`] for a feature that may be concurrent: licensed while
+    /// the user holds a live lease (`lease_until`: the latest expiry of their
+    /// leases of `feature`), else `NoLease` after the PBX's causes
+    /// ([`Licenses::check_leased`]). For an assigned feature the same answer
+    /// as [`Rules::check`].
+    pub fn check_leased(
+        &self,
+        state: &LicenseState<'_>,
+        feature: Feature,
+        seat: Option<SeatFacts>,
+        lease_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        self.licenses(state, now)
+            .check_leased(feature, seat, lease_until, now)
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +202,130 @@ mod tests {
                 grace_ends_at: None
             }
         );
+    }
+
+    fn concurrent_license(expires: Option<DateTime<Utc>>) -> AppliedLicense {
+        let mut p = payload("0123456789AB", 5);
+        for e in &mut p.entitlements {
+            if e.feature == Feature::User {
+                e.seat_model = crate::SeatModel::Concurrent;
+                e.expires_at = expires;
+            }
+        }
+        AppliedLicense {
+            signed: SignedLicense::sign(&p, &key(1)),
+            payload: p,
+            applied_at: t0(),
+        }
+    }
+
+    #[test]
+    fn a_concurrent_feature_is_licensed_while_a_lease_lives() {
+        let license = concurrent_license(None);
+        let history = ReconcileStatus::default();
+        let state = LicenseState {
+            license: Some(&license),
+            tryout: None,
+            reconcile: &history,
+        };
+        let r = rules(false);
+        let now = t0() + Duration::hours(1);
+        let until = now + Duration::seconds(90);
+        let leased = r.check_leased(&state, Feature::User, None, Some(until), now);
+        assert!(leased.licensed);
+        assert_eq!(leased.reason, SeatReason::Assigned);
+        assert_eq!(leased.valid_until, Some(until));
+        // Expired: free again, and the answer says why.
+        let expired = r.check_leased(&state, Feature::User, None, Some(now), now);
+        assert_eq!(
+            (expired.licensed, expired.reason),
+            (false, SeatReason::NoLease)
+        );
+        let none = r.check_leased(&state, Feature::User, None, None, now);
+        assert_eq!((none.licensed, none.reason), (false, SeatReason::NoLease));
+        // An assigned seat does not license a concurrent feature.
+        let seat = SeatFacts::from(&seat());
+        let assigned = r.check_leased(&state, Feature::User, Some(seat), None, now);
+        assert_eq!(assigned.reason, SeatReason::NoLease);
+        // The assigned feature beside it is decided as before (no lease asked).
+        let other = r.check_leased(&state, Feature::CallAssist, None, Some(until), now);
+        assert_eq!(other, r.check(&state, Feature::CallAssist, None, now));
+    }
+
+    #[test]
+    fn the_pbx_causes_come_before_no_lease_and_an_expired_entitlement_ends_a_lease() {
+        let history = ReconcileStatus::default();
+        let none = LicenseState {
+            license: None,
+            tryout: None,
+            reconcile: &history,
+        };
+        let now = t0() + Duration::hours(1);
+        // No license: the feature is not concurrent (nothing says so), and
+        // the PBX's cause comes first.
+        let check = rules(true).check_leased(&none, Feature::User, None, None, now);
+        assert_eq!(check.reason, SeatReason::NotActivated);
+        let ending = t0() + Duration::hours(2);
+        let license = concurrent_license(Some(ending));
+        let state = LicenseState {
+            license: Some(&license),
+            tryout: None,
+            reconcile: &history,
+        };
+        let until = now + Duration::hours(5);
+        let leased = rules(false).check_leased(&state, Feature::User, None, Some(until), now);
+        assert_eq!(leased.valid_until, Some(ending));
+        let later = ending + Duration::seconds(1);
+        let lapsed = rules(false).check_leased(&state, Feature::User, None, Some(until), later);
+        assert_eq!(
+            (lapsed.licensed, lapsed.reason),
+            (false, SeatReason::LicenseLapsed)
+        );
+    }
+
+    #[test]
+    fn leases_only_for_concurrent_features_and_seats_only_for_assigned_ones() {
+        let license = concurrent_license(None);
+        let history = ReconcileStatus::default();
+        let state = LicenseState {
+            license: Some(&license),
+            tryout: None,
+            reconcile: &history,
+        };
+        let l = rules(false).licenses(&state, t0());
+        let plan = l.plan_lease(Feature::User, t0(), |_| 0).unwrap();
+        assert_eq!(plan.license_id, license.id());
+        assert_eq!(
+            plan.capacity,
+            license.payload.entitlement(Feature::User).unwrap().quantity
+        );
+        let wrong = |e: crate::LicensingError| match e {
+            crate::LicensingError::FailedPrecondition { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            wrong(l.plan_assign(Feature::User, t0(), |_| 0).unwrap_err()),
+            "WRONG_SEAT_MODEL"
+        );
+        assert_eq!(
+            wrong(l.plan_lease(Feature::CallAssist, t0(), |_| 0).unwrap_err()),
+            "WRONG_SEAT_MODEL"
+        );
+    }
+
+    #[test]
+    fn a_document_without_seat_model_means_assigned_and_keeps_its_bytes() {
+        let e: crate::Entitlement =
+            serde_json::from_str(r#"{"feature":"user","quantity":3}"#).unwrap();
+        assert_eq!(e.seat_model, crate::SeatModel::Assigned);
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"feature":"user","quantity":3}"#
+        );
+        let c: crate::Entitlement =
+            serde_json::from_str(r#"{"feature":"user","quantity":3,"seat_model":"concurrent"}"#)
+                .unwrap();
+        assert_eq!(c.seat_model, crate::SeatModel::Concurrent);
     }
 
     #[test]

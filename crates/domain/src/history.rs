@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Feature, UserId};
 use crate::initcode::PendingInitialization;
+use crate::leases::{Holder, Lease};
 use crate::license::SignedLicense;
 use crate::reconcile::ReconcileStatus;
 use crate::seats::Seat;
@@ -54,6 +55,8 @@ pub struct Snapshot {
     pub high_water_ms: i64,
     /// The last repair of lost data, if any.
     pub incident: Option<Incident>,
+    /// The leases of concurrent features (live, or expired and not yet reclaimed).
+    pub leases: Vec<Lease>,
     /// Stored records that did not parse and were skipped.
     pub corrupt: Vec<String>,
 }
@@ -107,6 +110,8 @@ pub struct RepairWrite {
     pub version_floor: u64,
     pub add_seats: Vec<Seat>,
     pub remove_seats: Vec<(Feature, UserId)>,
+    /// Live leases the store lost, written back with their ids and times.
+    pub add_leases: Vec<Lease>,
     pub license: Option<StoredLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: Option<ReconcileStatus>,
@@ -142,4 +147,22 @@ pub enum ChangeKind {
     Reset,
     /// Lost writes were written back (or reported lost).
     Repaired(Incident),
+    /// A lease was taken, or renewed by a repeated acquisition of its holder;
+    /// `reclaimed` are the ids of expired leases of its feature the same step
+    /// freed.
+    LeaseAcquired {
+        lease: Lease,
+        reclaimed: Vec<String>,
+    },
+    /// One renewal of a holder's leases: each of `lease_ids` now expires at
+    /// `expires_at`.
+    LeasesRenewed {
+        holder: Holder,
+        lease_ids: Vec<String>,
+        expires_at: DateTime<Utc>,
+    },
+    /// A lease was given back.
+    LeaseReleased {
+        lease_id: String,
+    },
 }

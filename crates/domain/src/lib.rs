@@ -11,6 +11,7 @@ pub mod error;
 pub mod history;
 pub mod ids;
 pub mod initcode;
+pub mod leases;
 pub mod license;
 pub mod reconcile;
 pub mod repair;
@@ -23,7 +24,8 @@ pub use clock::{Clock, ManualClock, SystemClock, TimeAuthority};
 pub use decision::{LicenseState, Rules};
 pub use error::{InvalidInput, LicensingError};
 pub use ids::{Edition, Feature, SerialNumber, UserId};
-pub use license::{Entitlement, LicensePayload, LicenseRejection, SignedLicense};
+pub use leases::{Holder, Lease, LeaseBook, LeasePlan};
+pub use license::{Entitlement, LicensePayload, LicenseRejection, SeatModel, SignedLicense};
 pub use reconcile::{ReconcileOutcome, ReconcileStatus};
 pub use seats::{
     AppliedLicense, AssignPlan, CompactSeat, Licenses, Seat, SeatCheck, SeatFacts, SeatReason,

@@ -13,6 +13,51 @@ use super::ids::{Edition, Feature, SerialNumber};
 /// The `format` tag of a signed license document.
 pub const LICENSE_FORMAT: &str = "comtrexx-license/v1";
 
+/// How the seats of a feature are held: the vendor's choice per entitlement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeatModel {
+    /// A seat is held from `AssignSeat` to `ReleaseSeat` (every document
+    /// without `seat_model` means this).
+    #[default]
+    Assigned,
+    /// Any number of users may be set up; only the quantity may use the
+    /// feature at the same time, each use held by a lease its holder renews.
+    Concurrent,
+}
+
+impl SeatModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeatModel::Assigned => "assigned",
+            SeatModel::Concurrent => "concurrent",
+        }
+    }
+
+    pub fn is_assigned(&self) -> bool {
+        *self == SeatModel::Assigned
+    }
+}
+
+impl std::fmt::Display for SeatModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SeatModel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "assigned" => Ok(SeatModel::Assigned),
+            "concurrent" => Ok(SeatModel::Concurrent),
+            other => Err(format!(
+                "unknown seat model {other:?} (use assigned or concurrent)"
+            )),
+        }
+    }
+}
+
 /// A feature with a purchased quantity, as signed by the licensing server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entitlement {
@@ -21,6 +66,10 @@ pub struct Entitlement {
     /// `None` when the entitlement does not expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Absent in a document means assigned, so every existing document keeps
+    /// its meaning (and its signed bytes).
+    #[serde(default, skip_serializing_if = "SeatModel::is_assigned")]
+    pub seat_model: SeatModel,
 }
 
 impl Entitlement {
@@ -47,6 +96,12 @@ impl LicensePayload {
     /// The entitlement of one feature, if the document grants it.
     pub fn entitlement(&self, feature: Feature) -> Option<&Entitlement> {
         self.entitlements.iter().find(|e| e.feature == feature)
+    }
+
+    /// How the seats of `feature` are held (assigned when not granted).
+    pub fn seat_model(&self, feature: Feature) -> SeatModel {
+        self.entitlement(feature)
+            .map_or(SeatModel::Assigned, |e| e.seat_model)
     }
 }
 
@@ -219,6 +274,7 @@ pub mod testing {
             edition: Edition::Vm,
             issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             entitlements: vec![Entitlement {
+                seat_model: Default::default(),
                 feature: Feature::User,
                 quantity: users,
                 expires_at: None,
@@ -335,6 +391,7 @@ mod tests {
     #[test]
     fn expiry() {
         let e = Entitlement {
+            seat_model: Default::default(),
             feature: Feature::User,
             quantity: 1,
             expires_at: Some("2026-06-01T00:00:00Z".parse().unwrap()),

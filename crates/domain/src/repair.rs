@@ -15,7 +15,11 @@
 //!   never starts twice for a serial (I5);
 //! - a pending initialization whose nonce an applied license consumed is removed
 //!   (a consumed nonce is never accepted again, I5); a lost pending one comes back;
-//! - the later reconcile status wins.
+//! - the later reconcile status wins;
+//! - a lease the replica holds live and the store lost comes back, unless the
+//!   store took a newer write of it (the same id) or a re-setup since, and only
+//!   while its feature has room under the quantity (I1); otherwise it is
+//!   reported lost (its holder's next renewal answers it `lost`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -62,6 +66,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
     let mut newer_init = false;
     let mut newer_reconcile = false;
     let mut newer_reset = false;
+    let mut touched_leases: HashSet<&str> = HashSet::new();
     for change in input.newer {
         match &change.kind {
             ChangeKind::SeatAssigned(s) | ChangeKind::SeatFlagged(s) => {
@@ -78,6 +83,16 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
             ChangeKind::ReconcileRecorded(_) => newer_reconcile = true,
             ChangeKind::Reset => newer_reset = true,
             ChangeKind::Repaired(_) => {}
+            ChangeKind::LeaseAcquired { lease, reclaimed } => {
+                touched_leases.insert(lease.lease_id.as_str());
+                touched_leases.extend(reclaimed.iter().map(String::as_str));
+            }
+            ChangeKind::LeasesRenewed { lease_ids, .. } => {
+                touched_leases.extend(lease_ids.iter().map(String::as_str));
+            }
+            ChangeKind::LeaseReleased { lease_id } => {
+                touched_leases.insert(lease_id.as_str());
+            }
         }
     }
     let in_store: HashSet<(Feature, &str)> = input
@@ -234,7 +249,56 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
         w.incident.restored("reconcile status".into());
     }
 
+    // Leases: the replica's live ones the store lacks, while their feature
+    // has room under the quantity of the license the store will hold.
+    let mut live_in_store: HashMap<Feature, u32> = HashMap::new();
+    let mut stored_keys: HashSet<(Feature, &str, &str)> = HashSet::new();
+    for l in &input.store.leases {
+        stored_keys.insert((l.feature, l.user_id.as_str(), l.holder.as_str()));
+        if l.is_live(input.now) {
+            *live_in_store.entry(l.feature).or_default() += 1;
+        }
+    }
+    let mut lease_candidates: Vec<&crate::leases::Lease> = input
+        .mine
+        .leases
+        .iter()
+        .filter(|l| {
+            l.is_live(input.now)
+                && !newer_reset
+                && !touched_leases.contains(l.lease_id.as_str())
+                && !stored_keys.contains(&(l.feature, l.user_id.as_str(), l.holder.as_str()))
+        })
+        .collect();
+    lease_candidates.sort_by(|a, b| (a.acquired_at, a.key()).cmp(&(b.acquired_at, b.key())));
+    for lease in lease_candidates {
+        let capacity = license.map_or(0, |l| {
+            l.payload
+                .entitlement(lease.feature)
+                .filter(|e| {
+                    e.is_current(input.now) && e.seat_model == crate::license::SeatModel::Concurrent
+                })
+                .map_or(0, |e| e.quantity)
+        });
+        let in_use = live_in_store.entry(lease.feature).or_default();
+        let name = format!(
+            "lease {}/{} held by {}",
+            lease.feature,
+            lease.user_id.as_str(),
+            lease.holder
+        );
+        if *in_use < capacity {
+            *in_use += 1;
+            w.incident.restored(name);
+            w.add_leases.push(lease.clone());
+        } else {
+            w.incident
+                .lost(format!("{name} (its feature was at capacity by then)"));
+        }
+    }
+
     let empty = w.add_seats.is_empty()
+        && w.add_leases.is_empty()
         && w.remove_seats.is_empty()
         && w.license.is_none()
         && w.tryout.is_none()

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::activation::{ActivationState, LapseAction};
 use super::error::LicensingError;
 use super::ids::{Edition, Feature, UserId};
+use super::leases::LeasePlan;
+use super::license::SeatModel;
 use super::tryout::{self, TryoutPolicy, TryoutRecord, TryoutState};
 
 /// Where a seat comes from.
@@ -146,6 +148,8 @@ pub enum SeatReason {
     NotActivated,
     OverCapacity,
     LicenseLapsed,
+    /// A concurrent feature the user holds no live lease of.
+    NoLease,
 }
 
 /// The answer to "is this user licensed for this feature?".
@@ -215,6 +219,130 @@ impl Licenses<'_> {
 
     pub fn tryout_state(&self, now: DateTime<Utc>) -> TryoutState {
         tryout::state(self.edition, self.tryout, now)
+    }
+
+    /// How the seats of `feature` are held under the applied license
+    /// (assigned without one, or when the license does not grant it).
+    pub fn seat_model(&self, feature: Feature) -> SeatModel {
+        self.license
+            .map_or(SeatModel::Assigned, |l| l.payload.seat_model(feature))
+    }
+
+    /// [`Licenses::check`] for a feature that may be concurrent: there the user
+    /// is licensed while they hold a live lease (`lease_until`, the latest
+    /// expiry of their leases of `feature`), else `NoLease`, after the PBX's
+    /// causes. The tryout's test seats stay assigned: a user holding one is
+    /// licensed by it while the tryout is active. An assigned feature is
+    /// decided by [`Licenses::check`] alone.
+    pub fn check_leased(
+        &self,
+        feature: Feature,
+        seat: Option<SeatFacts>,
+        lease_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        if self.seat_model(feature) == SeatModel::Assigned {
+            return self.check(feature, seat, now);
+        }
+        if let Some(seat) = seat.filter(|s| s.source == SeatSource::Tryout) {
+            let own = self.check_own_seat(feature, Some(seat), now);
+            if own.licensed {
+                return own;
+            }
+        }
+        let own = match lease_until.filter(|until| now < *until) {
+            Some(until) => self.check_lease(feature, until, now),
+            None => not_licensed(None, SeatReason::NoLease),
+        };
+        if own.licensed {
+            return own;
+        }
+        match self.pbx_cause(feature, now) {
+            Some(cause) => not_licensed(own.source, cause),
+            None => own,
+        }
+    }
+
+    /// A live lease: licensed while the PBX is activated and the entitlement
+    /// current, until the earlier of the lease's and the entitlement's end.
+    fn check_lease(&self, feature: Feature, until: DateTime<Utc>, now: DateTime<Utc>) -> SeatCheck {
+        let purchased = Some(SeatSource::Purchased);
+        let Some(license) = self.license else {
+            return not_licensed(purchased, SeatReason::NotActivated);
+        };
+        if !self.system_activated(now) {
+            return not_licensed(purchased, SeatReason::NotActivated);
+        }
+        let entitlement = license.payload.entitlement(feature);
+        let Some(entitlement) = entitlement.filter(|e| e.is_current(now)) else {
+            return not_licensed(purchased, SeatReason::LicenseLapsed);
+        };
+        SeatCheck {
+            licensed: true,
+            source: purchased,
+            reason: SeatReason::Assigned,
+            valid_until: Some(entitlement.expires_at.map_or(until, |e| e.min(until))),
+        }
+    }
+
+    /// Whether a lease of `feature` may be acquired now, and against which
+    /// quantity: only a concurrent feature of a current, activated license;
+    /// `WRONG_SEAT_MODEL` for an assigned one. `in_use` counts the feature's
+    /// live leases (for the error message only).
+    pub fn plan_lease(
+        &self,
+        feature: Feature,
+        now: DateTime<Utc>,
+        in_use: impl Fn(Feature) -> u32,
+    ) -> Result<LeasePlan, LicensingError> {
+        if !feature.is_seat() {
+            return Err(super::error::InvalidInput::new(
+                "feature",
+                format!("{feature} is not a seat feature"),
+            )
+            .into());
+        }
+        if self.seat_model(feature) != SeatModel::Concurrent {
+            return Err(LicensingError::precondition(
+                "WRONG_SEAT_MODEL",
+                format!(
+                    "feature {feature} is sold as assigned seats: use AssignSeat, not AcquireLease"
+                ),
+            ));
+        }
+        let license = self
+            .license
+            .expect("a concurrent feature comes from a license");
+        if !self.system_activated(now) {
+            return Err(LicensingError::precondition(
+                "NOT_ACTIVATED",
+                format!(
+                    "edition {} needs a system_activation license before leases can be acquired",
+                    self.edition
+                ),
+            ));
+        }
+        if self.activation == ActivationState::Lapsed && self.lapse_action == LapseAction::DenyNew {
+            return Err(LicensingError::precondition(
+                "LICENSE_LAPSED",
+                "activation lapsed (the licensing server was not reached within the grace period): no new leases until a reconcile succeeds",
+            ));
+        }
+        match license
+            .payload
+            .entitlement(feature)
+            .filter(|e| e.is_current(now) && e.quantity > 0)
+        {
+            Some(e) => Ok(LeasePlan {
+                capacity: e.quantity,
+                license_id: license.id().to_owned(),
+            }),
+            None => Err(LicensingError::NoFreeSeat {
+                feature,
+                capacity: 0,
+                in_use: in_use(feature),
+            }),
+        }
     }
 
     /// Decides whether the user's seat of `feature` (`seat`, if they hold one) is
@@ -358,6 +486,14 @@ impl Licenses<'_> {
             return Err(LicensingError::precondition(
                 "LICENSE_LAPSED",
                 "activation lapsed (the licensing server was not reached within the grace period): no new seats until a reconcile succeeds",
+            ));
+        }
+        if activated && self.seat_model(feature) == SeatModel::Concurrent {
+            return Err(LicensingError::precondition(
+                "WRONG_SEAT_MODEL",
+                format!(
+                    "feature {feature} is licensed for concurrent use: acquire a lease (AcquireLease), not a seat"
+                ),
             ));
         }
         if let Some(license) = self.license.filter(|_| activated)
@@ -649,6 +785,7 @@ mod tests {
             })
         ));
         p.entitlements.push(Entitlement {
+            seat_model: Default::default(),
             feature: Feature::SystemActivation,
             quantity: 1,
             expires_at: None,

@@ -12,9 +12,9 @@ use comtrexx_licensing_domain::activation::ActivationState;
 use comtrexx_licensing_domain::license::LICENSE_FORMAT;
 use comtrexx_licensing_domain::tryout::{TryoutEnd, TryoutEndReason};
 use comtrexx_licensing_domain::{
-    AppliedLicense, CompactSeat, Edition, Entitlement, Feature, LapseAction, LicensePayload,
-    ReconcileOutcome, ReconcileStatus, Rules, Seat, SeatReason, SeatSource, SerialNumber,
-    SignedLicense, TryoutPolicy, TryoutRecord,
+    AppliedLicense, CompactSeat, Edition, Entitlement, Feature, Holder, LapseAction, Lease,
+    LicensePayload, ReconcileOutcome, ReconcileStatus, Rules, Seat, SeatModel, SeatReason,
+    SeatSource, SerialNumber, SignedLicense, TryoutPolicy, TryoutRecord,
 };
 use ed25519_dalek::VerifyingKey;
 use prost_types::Timestamp;
@@ -61,7 +61,49 @@ pub fn seat_reason(r: SeatReason) -> pb::SeatReason {
         SeatReason::NotActivated => pb::SeatReason::NotActivated,
         SeatReason::OverCapacity => pb::SeatReason::OverCapacity,
         SeatReason::LicenseLapsed => pb::SeatReason::LicenseLapsed,
+        SeatReason::NoLease => pb::SeatReason::NoLease,
     }
+}
+
+pub fn seat_model(m: SeatModel) -> pb::SeatModel {
+    match m {
+        SeatModel::Assigned => pb::SeatModel::Assigned,
+        SeatModel::Concurrent => pb::SeatModel::Concurrent,
+    }
+}
+
+/// A seat model as sent: unspecified (an older sender) means assigned.
+pub fn seat_model_of(raw: i32) -> Result<SeatModel, Invalid> {
+    match pb::SeatModel::try_from(raw) {
+        Ok(pb::SeatModel::Unspecified | pb::SeatModel::Assigned) => Ok(SeatModel::Assigned),
+        Ok(pb::SeatModel::Concurrent) => Ok(SeatModel::Concurrent),
+        Err(_) => Err(invalid(format!("seat_model {raw} is unknown"))),
+    }
+}
+
+pub fn lease(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        lease_id: l.lease_id.clone(),
+        user_id: l.user_id.as_str().to_owned(),
+        feature: l.feature.as_str().to_owned(),
+        holder: l.holder.as_str().to_owned(),
+        acquired_at: Some(timestamp(l.acquired_at)),
+        expires_at: Some(timestamp(l.expires_at)),
+    }
+}
+
+pub fn lease_of(l: &pb::Lease) -> Result<Lease, Invalid> {
+    Ok(Lease {
+        lease_id: comtrexx_licensing_domain::leases::parse_lease_id(&l.lease_id, "lease_id")
+            .map_err(|e| invalid(format!("lease_id: {}", e.message)))?,
+        user_id: comtrexx_licensing_domain::UserId::parse(&l.user_id)
+            .map_err(|e| invalid(format!("lease user_id: {}", e.message)))?,
+        feature: feature_of(&l.feature)?,
+        holder: Holder::parse(&l.holder)
+            .map_err(|e| invalid(format!("lease holder: {}", e.message)))?,
+        acquired_at: time("lease.acquired_at", l.acquired_at.as_ref())?,
+        expires_at: time("lease.expires_at", l.expires_at.as_ref())?,
+    })
 }
 
 pub fn edition(e: Edition) -> pb::Edition {
@@ -144,6 +186,7 @@ pub fn license(l: &AppliedLicense) -> pb::LicenseDocument {
                 quantity: e.quantity,
                 in_use: 0,
                 expires_at: opt_timestamp(e.expires_at),
+                seat_model: seat_model(e.seat_model).into(),
             })
             .collect(),
     }
@@ -233,6 +276,7 @@ pub fn seat_reason_of(raw: i32) -> Option<SeatReason> {
         pb::SeatReason::NotActivated => Some(SeatReason::NotActivated),
         pb::SeatReason::OverCapacity => Some(SeatReason::OverCapacity),
         pb::SeatReason::LicenseLapsed => Some(SeatReason::LicenseLapsed),
+        pb::SeatReason::NoLease => Some(SeatReason::NoLease),
         _ => None,
     }
 }
@@ -324,6 +368,7 @@ pub fn license_of(
                     return Err(invalid(format!("entitlement {feature} appears twice")));
                 }
                 entitlements.push(Entitlement {
+                    seat_model: seat_model_of(e.seat_model)?,
                     feature,
                     quantity: e.quantity,
                     expires_at: opt_time("entitlement.expires_at", e.expires_at.as_ref())?,

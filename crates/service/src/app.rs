@@ -104,6 +104,7 @@ impl App {
             auth_mode: config.auth.mode.as_str(),
             development_installation: config.development_installation,
             consistency_max_wait: config.consistency_max_wait,
+            lease_duration: config.lease_duration,
         };
         let source: Option<Arc<dyn LicensingServer>> = match &config.license_source {
             LicenseSource::None => None,

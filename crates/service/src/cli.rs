@@ -104,6 +104,10 @@ pub enum DevCommand {
         /// e.g. user=10, call_assist=5@2027-12-31T00:00:00Z.
         #[arg(long = "entitlement", required = true)]
         entitlements: Vec<String>,
+        /// A feature sold for concurrent use (leases) rather than assigned
+        /// seats, repeatable, e.g. --concurrent call_assist.
+        #[arg(long = "concurrent")]
+        concurrent: Vec<String>,
         /// When the license was issued (default: now).
         #[arg(long)]
         issued_at: Option<DateTime<Utc>>,
@@ -140,9 +144,14 @@ pub fn run_dev(command: DevCommand) -> anyhow::Result<()> {
             serial,
             edition,
             entitlements,
+            concurrent,
             issued_at,
             out,
         } => {
+            let concurrent = concurrent
+                .iter()
+                .map(|f| f.parse::<Feature>())
+                .collect::<Result<Vec<_>, _>>()?;
             let text = std::fs::read_to_string(&key)
                 .with_context(|| format!("read key file {}", key.display()))?;
             let key = parse_signing_key(&text).map_err(anyhow::Error::msg)?;
@@ -153,7 +162,13 @@ pub fn run_dev(command: DevCommand) -> anyhow::Result<()> {
                 issued_at: issued_at.unwrap_or_else(Utc::now),
                 entitlements: entitlements
                     .iter()
-                    .map(|e| parse_entitlement(e))
+                    .map(|e| {
+                        let mut e = parse_entitlement(e)?;
+                        if concurrent.contains(&e.feature) {
+                            e.seat_model = crate::domain::SeatModel::Concurrent;
+                        }
+                        Ok(e)
+                    })
                     .collect::<anyhow::Result<_>>()?,
                 nonce: None,
             };
@@ -181,6 +196,7 @@ fn parse_entitlement(raw: &str) -> anyhow::Result<Entitlement> {
         None => (rest, None),
     };
     Ok(Entitlement {
+        seat_model: Default::default(),
         feature: feature.parse::<Feature>()?,
         quantity: quantity
             .parse()

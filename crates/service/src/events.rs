@@ -23,7 +23,11 @@ pub struct LicenseEvent {
     /// `activation_lapsed`, `initialization_code_created`, `activation_applied`,
     /// `reset`, `resync`, `lagged_resync`, `store_repaired` (the store had lost
     /// writes; they were written back), `data_lost` (acknowledged writes could
-    /// not be written back; `detail` names them), `clock_rolled_back`.
+    /// not be written back; `detail` names them), `clock_rolled_back`,
+    /// `lease_acquired` (a lease taken, or taken again by its holder; `detail`
+    /// names the holder), `lease_released`, `lease_at_capacity` (a concurrent
+    /// feature's live leases reached its quantity: further acquisitions are
+    /// refused until one ends; `detail` has the counts).
     pub kind: &'static str,
     pub occurred_at: DateTime<Utc>,
     pub user_id: Option<UserId>,
@@ -104,6 +108,17 @@ pub fn from_change(kind: &ChangeKind, at: DateTime<Utc>) -> Option<LicenseEvent>
         }
         ChangeKind::Repaired(incident) => LicenseEvent::new("store_repaired", at)
             .detail(format!("{} writes restored", incident.restored_total)),
+        ChangeKind::LeaseAcquired { lease, .. } => LicenseEvent {
+            user_id: Some(lease.user_id.clone()),
+            feature: Some(lease.feature),
+            ..LicenseEvent::new("lease_acquired", at)
+        }
+        .detail(format!("lease {} held by {}", lease.lease_id, lease.holder)),
+        // Renewals are the heartbeat of every use: not an event each.
+        ChangeKind::LeasesRenewed { .. } => return None,
+        ChangeKind::LeaseReleased { lease_id } => {
+            LicenseEvent::new("lease_released", at).detail(format!("lease {lease_id}"))
+        }
     })
 }
 

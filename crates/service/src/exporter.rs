@@ -41,6 +41,18 @@ const SEATS_OVER_CAPACITY: Desc = Desc {
     name: "licensing_seats_over_capacity",
     help: "Purchased seats beyond the licensed quantity (licensed until their over-capacity grace ends), by feature",
 };
+const LEASES_IN_USE: Desc = Desc {
+    name: "licensing_leases_in_use",
+    help: "Live leases of a concurrent-use feature, by feature (0 for a feature sold as assigned seats)",
+};
+const LEASES_CAPACITY: Desc = Desc {
+    name: "licensing_leases_capacity",
+    help: "How many leases of a concurrent-use feature may live at the same time, by feature (0 for a feature sold as assigned seats)",
+};
+const LEASES_PEAK_TODAY: Desc = Desc {
+    name: "licensing_leases_peak_today",
+    help: "The most leases of a concurrent-use feature live at the same time today (UTC), by feature",
+};
 const TRYOUT_STATE: Desc = Desc {
     name: "licensing_tryout_state",
     help: "1 for the tryout's current state, 0 for the others",
@@ -146,11 +158,33 @@ fn state_gauges(licensing: &Licensing) -> Gauges {
     let mirror = licensing.mirror();
     let mut g = Gauges::default();
     for feature in Feature::SEATS {
+        // A feature sold for concurrent use has no assigned seats to give.
         let purchased = overview
             .entitlements
             .iter()
-            .find(|e| e.entitlement.feature == feature && e.entitlement.is_current(now))
+            .find(|e| {
+                e.entitlement.feature == feature
+                    && e.entitlement.is_current(now)
+                    && e.entitlement.seat_model == crate::domain::SeatModel::Assigned
+            })
             .map_or(0, |e| e.entitlement.quantity);
+        let concurrent = overview.concurrent.iter().find(|c| c.feature == feature);
+        let labels = vec![("feature", feature.to_string())];
+        g.set(
+            &LEASES_IN_USE,
+            labels.clone(),
+            f64::from(concurrent.map_or(0, |c| c.in_use)),
+        );
+        g.set(
+            &LEASES_CAPACITY,
+            labels.clone(),
+            f64::from(concurrent.map_or(0, |c| c.capacity)),
+        );
+        g.set(
+            &LEASES_PEAK_TODAY,
+            labels,
+            f64::from(concurrent.map_or(0, |c| c.peak_today)),
+        );
         let tryout = if feature == Feature::User && overview.tryout.state == TryoutState::Active {
             overview.tryout.seats_total
         } else {

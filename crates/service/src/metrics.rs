@@ -44,6 +44,9 @@ pub struct Metrics {
     corrupt_records: Counter,
     // State files that could not be read (ignored) or written, by operation.
     state_file_failures: Family<Labels, Counter>,
+    // Lease acquisitions refused because a concurrent feature was at capacity,
+    // by feature (this replica's; sum over replicas).
+    lease_busy: Family<Labels, Counter>,
     // The OTLP twins of the counters, once an OTLP endpoint is configured.
     otel: OnceLock<OtelInstruments>,
 }
@@ -77,6 +80,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     clock_skews: Counter::default(),
     corrupt_records: Counter::default(),
     state_file_failures: Family::default(),
+    lease_busy: Family::default(),
     otel: OnceLock::new(),
 });
 
@@ -239,6 +243,13 @@ impl Metrics {
     /// Counts a stored record that did not parse and was skipped.
     pub fn corrupt_record(&self) {
         self.corrupt_records.inc();
+    }
+
+    /// Counts a lease acquisition refused because `feature` was at capacity.
+    pub fn lease_busy(&self, feature: crate::domain::Feature) {
+        self.lease_busy
+            .get_or_create(&vec![("feature", feature.as_str().to_owned())])
+            .inc();
     }
 
     /// Counts a state file (`state_dir`) ignored on `load` or not written on `save`.
@@ -445,6 +456,11 @@ pub fn register_counters(registry: &mut Registry) {
         "licensing_state_file_failures",
         "State files (state_dir) ignored at start (corrupt, truncated, another serial, unverified license) or not written, by op",
         m.state_file_failures.clone(),
+    );
+    registry.register(
+        "licensing_lease_busy",
+        "Lease acquisitions refused because the concurrent feature was at capacity, by feature (this replica's)",
+        m.lease_busy.clone(),
     );
     register_auth_metrics(registry);
 }

@@ -183,9 +183,22 @@ pub const LIST_AUDIT_EVENTS: Rpc = rpc("ListAuditEvents", &[OP], Some(OperatorRe
 /// A stream like `WatchLicenseEvents`: capped per caller, not budgeted.
 pub const WATCH_SEATS: Rpc = rpc("WatchSeats", &[CH, UM, OP], None, false, &[]);
 
+/// Concurrent-use seats: the holders (call handling, user management) take,
+/// renew and give back leases; user management and monitoring list them.
+pub const ACQUIRE_LEASE: Rpc = rpc("AcquireLease", &[CH, UM, OP], Some(Writes), true, &[U, F]);
+pub const RENEW_LEASES: Rpc = rpc("RenewLeases", &[CH, UM, OP], Some(Writes), true, &[]);
+pub const RELEASE_LEASE: Rpc = rpc("ReleaseLease", &[CH, UM, OP], Some(Writes), true, &[]);
+pub const LIST_LEASES: Rpc = rpc(
+    "ListLeases",
+    &[UM, MON, OP],
+    Some(OperatorReads),
+    false,
+    &[F],
+);
+
 /// Every RPC of `LicensingService`. One missing here is refused to all but
 /// operators and counts as an operator read, so a new RPC is never open by accident.
-pub const RPCS: [&Rpc; 16] = [
+pub const RPCS: [&Rpc; 20] = [
     &CHECK_SEAT,
     &ASSIGN_SEAT,
     &RELEASE_SEAT,
@@ -202,6 +215,10 @@ pub const RPCS: [&Rpc; 16] = [
     &ACTIVATE_ONLINE,
     &LIST_AUDIT_EVENTS,
     &WATCH_SEATS,
+    &ACQUIRE_LEASE,
+    &RENEW_LEASES,
+    &RELEASE_LEASE,
+    &LIST_LEASES,
 ];
 
 /// The RPC of a short method name.

@@ -26,7 +26,7 @@ use tonic::{Code, Status, Streaming};
 const WAIT: Duration = Duration::from_secs(10);
 
 use comtrexx_licensing_test_support::vendor::{
-    Admin, recreate, redeem, register, revoke, set_fault, stats,
+    Admin, recreate, redeem, redeem_concurrent, register, revoke, set_fault, stats,
 };
 
 // ---------------------------------------------------------------------------
@@ -951,5 +951,92 @@ async fn a_watcher_on_one_replica_sees_changes_made_on_the_other() {
     assert_eq!(
         overview(&mut cb).await.activation_state(),
         pb::ActivationState::NotInitialized
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Concurrent use: the daily peak goes to the licensing server
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_peak_of_concurrent_use_is_reported_with_each_reconcile() {
+    let redis = RedisServer::start();
+    let sim = Sim::start();
+    let mut admin = sim.admin().await;
+    let serial = serial("usage");
+    register(&mut admin, &serial, vpb::Edition::Vm).await;
+    redeem_concurrent(&mut admin, &serial, "user", 2).await;
+    redeem(&mut admin, &serial, "call_assist", 1).await;
+    let server = TestServer::start(sim_config(&redis, &sim, &serial, Edition::Vm)).await;
+    let mut c = server.client().await;
+    let o = c
+        .activate_online(pb::ActivateOnlineRequest {})
+        .await
+        .expect("ActivateOnline")
+        .into_inner()
+        .overview
+        .unwrap();
+    let user = o.entitlements.iter().find(|e| e.feature == "user").unwrap();
+    assert_eq!(user.seat_model(), pb::SeatModel::Concurrent);
+
+    // The day the uses fall on (a run across midnight UTC may see the next).
+    let day_before = Utc::now().format("%Y-%m-%d").to_string();
+    for (user, holder) in [("alice", "pod-0"), ("bob", "pod-1")] {
+        c.acquire_lease(pb::AcquireLeaseRequest {
+            user_id: user.into(),
+            feature: String::new(),
+            holder: holder.into(),
+        })
+        .await
+        .expect("AcquireLease");
+    }
+    let busy = c
+        .acquire_lease(pb::AcquireLeaseRequest {
+            user_id: "carol".into(),
+            feature: String::new(),
+            holder: "pod-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::ResourceExhausted);
+    let o = overview(&mut c).await;
+    let used = o
+        .concurrent_use
+        .iter()
+        .find(|u| u.feature == "user")
+        .expect("user is sold for concurrent use");
+    assert_eq!(
+        (
+            used.capacity,
+            used.in_use,
+            used.peak_in_use_today,
+            used.busy_today,
+            used.at_capacity
+        ),
+        (2, 2, 2, 1, true)
+    );
+
+    c.reconcile(pb::ReconcileRequest {})
+        .await
+        .expect("Reconcile");
+    let devices = admin
+        .list_devices(vpb::ListDevicesRequest {})
+        .await
+        .expect("ListDevices")
+        .into_inner();
+    let device = devices
+        .devices
+        .iter()
+        .find(|d| d.serial_number == serial)
+        .unwrap();
+    let today = Utc::now().format("%Y-%m-%d").to_string();
+    let reported = device
+        .usage
+        .iter()
+        .find(|u| u.feature == "user" && (u.day == today || u.day == day_before))
+        .unwrap_or_else(|| panic!("no usage of today in {:?}", device.usage));
+    assert_eq!(
+        (reported.peak_in_use, reported.capacity, reported.busy),
+        (2, 2, 1)
     );
 }

@@ -650,6 +650,7 @@ async fn licensing_server_faults_leave_seats_alone() {
         .unwrap();
     admin
         .redeem_voucher(vpb::RedeemVoucherRequest {
+            seat_model: 0,
             serial_number: serial.clone(),
             feature: "user".into(),
             quantity: 3,

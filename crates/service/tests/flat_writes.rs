@@ -23,6 +23,7 @@ fn license(tag: &str, users: u32) -> StoredLicense {
         edition: Edition::Vm,
         issued_at: Utc::now(),
         entitlements: vec![Entitlement {
+            seat_model: Default::default(),
             feature: Feature::User,
             quantity: users,
             expires_at: None,

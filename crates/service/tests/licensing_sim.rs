@@ -679,3 +679,100 @@ async fn the_admin_command_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
 }
+
+#[tokio::test]
+async fn a_concurrent_voucher_is_signed_as_such_and_reported_usage_is_kept() {
+    use comtrexx_licensing::domain::SeatModel;
+    use comtrexx_licensing::upstream::UsagePeak;
+    let (_dir, state) = state_dir();
+    let mut sim = Sim::start(&state);
+    admin_cli(
+        &sim,
+        &["register-device", "--serial", "S1", "--edition", "vm"],
+    );
+    let device: serde_json::Value = serde_json::from_str(&admin_cli(
+        &sim,
+        &[
+            "redeem-voucher",
+            "--serial",
+            "S1",
+            "--feature",
+            "user",
+            "--quantity",
+            "20",
+            "--seat-model",
+            "concurrent",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(device["licenses"][0]["seat_model"], "concurrent");
+    admin_cli(
+        &sim,
+        &[
+            "redeem-voucher",
+            "--serial",
+            "S1",
+            "--feature",
+            "call_assist",
+            "--quantity",
+            "2",
+        ],
+    );
+    let p = fetch_verified(&sim, "S1", Edition::Vm).await;
+    assert_eq!(p.seat_model(Feature::User), SeatModel::Concurrent);
+    assert_eq!(p.seat_model(Feature::CallAssist), SeatModel::Assigned);
+    // A later voucher without a seat model keeps the feature's.
+    admin_cli(
+        &sim,
+        &[
+            "redeem-voucher",
+            "--serial",
+            "S1",
+            "--feature",
+            "user",
+            "--quantity",
+            "5",
+        ],
+    );
+    let p = fetch_verified(&sim, "S1", Edition::Vm).await;
+    assert_eq!(p.entitlement(Feature::User).unwrap().quantity, 25);
+    assert_eq!(p.seat_model(Feature::User), SeatModel::Concurrent);
+
+    // The PBX reports its daily peaks with a reconcile; a day reported again
+    // keeps the larger numbers, and the record survives a restart.
+    let peak = |day: &str, peak_in_use: u32, busy: u64| UsagePeak {
+        feature: "user".into(),
+        day: day.into(),
+        peak_in_use,
+        capacity: 20,
+        busy,
+    };
+    let upstream = sim.upstream();
+    upstream
+        .fetch_license_reporting(
+            &serial("S1"),
+            &[peak("2026-12-06", 17, 0), peak("2026-12-07", 20, 3)],
+        )
+        .await
+        .unwrap();
+    upstream
+        .fetch_license_reporting(&serial("S1"), &[peak("2026-12-07", 12, 1)])
+        .await
+        .unwrap();
+    sim.stop();
+    let sim = Sim::start(&state);
+    let list: serde_json::Value =
+        serde_json::from_str(&admin_cli(&sim, &["list-devices"])).unwrap();
+    let usage = &list["devices"][0]["usage"];
+    assert_eq!(usage.as_array().unwrap().len(), 2, "{usage}");
+    assert_eq!(usage[0]["day"], "2026-12-06");
+    assert_eq!(usage[0]["peak_in_use"], 17);
+    assert_eq!(
+        (
+            usage[1]["day"].as_str(),
+            usage[1]["peak_in_use"].as_u64(),
+            usage[1]["busy"].as_u64()
+        ),
+        (Some("2026-12-07"), Some(20), Some(3))
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::*;
 use comtrexx_licensing::config::RawConfig;
-use comtrexx_licensing::domain::{Edition, Feature};
+use comtrexx_licensing::domain::{Edition, Feature, SeatModel};
 use comtrexx_licensing::grpc::pb;
 use tonic::Code;
 
@@ -27,7 +27,8 @@ const ADMIN_PASSWORD: &str = "admin-only";
 const ACL_RULE: &str = "resetkeys ~lic:* resetchannels -@all \
     +evalsha +script|load +mget +xread +wait +role \
     +get +set +del +unlink +exists +incr +time +hget +hset +hdel +hgetall +hscan +hlen +hexists \
-    +zadd +zrem +zrangebylex +zcard +zrevrank +zrevrange +xadd +xtrim +xrange +xrevrange +multi +exec";
+    +zadd +zrem +zrangebylex +zcard +zrevrank +zrevrange +xadd +xtrim +xrange +xrevrange +multi +exec \
+    +zcount +zscore +zrangebyscore +zremrangebyscore +hincrby +hkeys";
 
 /// A Redis with TLS on `tls_port` (plain TCP stays for the test's own admin calls
 /// as the `default` user) and the service's ACL user.
@@ -60,7 +61,15 @@ fn tls_redis(dir: &Path, tls_port: u16) -> RedisServer {
 
 fn tls_config(dir: &Path, tls_port: u16, ca: &Path, vendor: &Vendor, serial: &str) -> RawConfig {
     std::fs::write(dir.join("redis-password"), format!("{PASSWORD}\n")).unwrap();
-    vendor.write_license(serial, Edition::Vm, Utc::now(), &[(Feature::User, 10)]);
+    vendor.write_license_with_models(
+        serial,
+        Edition::Vm,
+        Utc::now(),
+        &[
+            (Feature::User, 10, SeatModel::Assigned),
+            (Feature::CallAssist, 2, SeatModel::Concurrent),
+        ],
+    );
     RawConfig {
         redis_url: Some(format!("rediss://127.0.0.1:{tls_port}")),
         redis_username: Some(USER.into()),
@@ -113,6 +122,42 @@ async fn every_flow_runs_over_tls_as_the_restricted_acl_user() {
         })
         .await
         .expect("ReleaseSeat")
+        .into_inner()
+        .released
+    );
+    // Leases of the concurrent feature: acquired on A, renewed and released on B.
+    let lease = ca
+        .acquire_lease(pb::AcquireLeaseRequest {
+            user_id: "alice".into(),
+            feature: "call_assist".into(),
+            holder: "pod-a".into(),
+        })
+        .await
+        .expect("AcquireLease")
+        .into_inner()
+        .lease
+        .unwrap();
+    let renewed = cb
+        .renew_leases(pb::RenewLeasesRequest {
+            holder: "pod-a".into(),
+            lease_ids: vec![lease.lease_id.clone()],
+        })
+        .await
+        .expect("RenewLeases")
+        .into_inner();
+    assert_eq!(renewed.leases.len(), 1);
+    let listed = cb
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .expect("ListLeases")
+        .into_inner();
+    assert_eq!(listed.leases.len(), 1);
+    assert!(
+        cb.release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease.lease_id
+        })
+        .await
+        .expect("ReleaseLease")
         .into_inner()
         .released
     );

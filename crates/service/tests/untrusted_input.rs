@@ -30,6 +30,7 @@ fn payload(users: u32) -> LicensePayload {
         edition: Edition::Business,
         issued_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
         entitlements: vec![Entitlement {
+            seat_model: Default::default(),
             feature: Feature::User,
             quantity: users,
             expires_at: None,

@@ -159,7 +159,11 @@ impl Model {
                         self.license = None;
                         self.reconcile = ReconcileStatus::default();
                     }
-                    ChangeKind::Other(_) => {}
+                    // Leases decide only concurrent features (none here).
+                    ChangeKind::Other(_)
+                    | ChangeKind::LeasePut(_)
+                    | ChangeKind::LeasesRenewed(_)
+                    | ChangeKind::LeaseReleased(_) => {}
                 }
             }
             Kind::Heartbeat(h) => {
@@ -224,6 +228,7 @@ impl Model {
             comtrexx_licensing::domain::SeatReason::NotActivated => pb::SeatReason::NotActivated,
             comtrexx_licensing::domain::SeatReason::OverCapacity => pb::SeatReason::OverCapacity,
             comtrexx_licensing::domain::SeatReason::LicenseLapsed => pb::SeatReason::LicenseLapsed,
+            comtrexx_licensing::domain::SeatReason::NoLease => pb::SeatReason::NoLease,
         };
         (check.licensed, reason as i32)
     }

@@ -89,6 +89,13 @@ pub struct AdminArgs {
     pub command: AdminCommand,
 }
 
+/// A feature's seat model, as `--seat-model` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeatModelArg {
+    Assigned,
+    Concurrent,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Register a PBX (or rename it / change its edition; its licenses stay).
@@ -113,6 +120,11 @@ pub enum AdminCommand {
         /// RFC 3339 expiry, e.g. 2027-12-31T00:00:00Z (default: never).
         #[arg(long)]
         expires_at: Option<DateTime<Utc>>,
+        /// assigned (a seat per set-up user) or concurrent (only the quantity
+        /// may use the feature at the same time); default: the feature's own
+        /// (assigned for a new one).
+        #[arg(long)]
+        seat_model: Option<SeatModelArg>,
     },
     /// Revoke licenses of a feature (all of them without --quantity).
     Revoke {
@@ -262,6 +274,7 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
             feature,
             quantity,
             expires_at,
+            seat_model,
         } => {
             let r = client
                 .redeem_voucher(pb::RedeemVoucherRequest {
@@ -269,6 +282,11 @@ async fn run_admin(args: AdminArgs) -> anyhow::Result<()> {
                     feature,
                     quantity,
                     expires_at: expires_at.map(timestamp),
+                    seat_model: match seat_model {
+                        None => pb::SeatModel::Unspecified,
+                        Some(SeatModelArg::Assigned) => pb::SeatModel::Assigned,
+                        Some(SeatModelArg::Concurrent) => pb::SeatModel::Concurrent,
+                    } as i32,
                 })
                 .await
                 .map_err(status)?;
@@ -365,6 +383,19 @@ struct LicenseJson<'a> {
     feature: &'a str,
     quantity: u32,
     expires_at: Option<String>,
+    /// Shown only for a feature sold for concurrent use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seat_model: Option<&'static str>,
+}
+
+/// A day's peak of use a device reported with a reconcile.
+#[derive(Debug, Serialize)]
+struct UsageJson<'a> {
+    feature: &'a str,
+    day: &'a str,
+    peak_in_use: u32,
+    capacity: u32,
+    busy: u64,
 }
 
 /// A device as the admin commands print it.
@@ -375,6 +406,9 @@ struct DeviceJson<'a> {
     edition: &'static str,
     licenses: Vec<LicenseJson<'a>>,
     tryout_started_at: Option<String>,
+    /// The daily peaks of the concurrent features (absent when none reported).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    usage: Vec<UsageJson<'a>>,
 }
 
 /// A device as the admin commands print it (`null` when absent).
@@ -397,9 +431,22 @@ fn device_json(device: Option<&pb::Device>) -> Option<DeviceJson<'_>> {
                 feature: &l.feature,
                 quantity: l.quantity,
                 expires_at: time_json(l.expires_at.as_ref()),
+                seat_model: (l.seat_model == pb::SeatModel::Concurrent as i32)
+                    .then_some("concurrent"),
             })
             .collect(),
         tryout_started_at: time_json(d.tryout_started_at.as_ref()),
+        usage: d
+            .usage
+            .iter()
+            .map(|u| UsageJson {
+                feature: &u.feature,
+                day: &u.day,
+                peak_in_use: u.peak_in_use,
+                capacity: u.capacity,
+                busy: u.busy,
+            })
+            .collect(),
     })
 }
 
@@ -519,8 +566,10 @@ mod tests {
                     seconds: 1_800_000_000,
                     nanos: 0,
                 }),
+                seat_model: 0,
             }],
             tryout_started_at: None,
+            usage: Vec::new(),
         };
         let v = serde_json::to_value(device_json(Some(&d))).unwrap();
         assert_eq!(v["edition"], "business");

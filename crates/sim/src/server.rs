@@ -15,11 +15,11 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use super::state::{Device, STATE_FILE, SimError, SimState, load_or_create_key};
+use super::state::{Device, STATE_FILE, SimError, SimState, UsageDay, load_or_create_key};
 use comtrexx_licensing_domain::initcode::InitializationCode;
 use comtrexx_licensing_domain::{
-    Edition, Feature, LicensePayload, SerialNumber, SignedLicense, SignedTryout, TryoutPayload,
-    TryoutPolicy,
+    Edition, Feature, LicensePayload, SeatModel, SerialNumber, SignedLicense, SignedTryout,
+    TryoutPayload, TryoutPolicy,
 };
 use comtrexx_licensing_proto::VENDOR_FILE_DESCRIPTOR_SET;
 use comtrexx_licensing_proto::vendor_pb::vendor_admin_service_server::{
@@ -265,9 +265,24 @@ fn device_to_pb(d: &Device) -> pb::Device {
                 feature: v.feature.as_str().to_owned(),
                 quantity: v.quantity,
                 expires_at: v.expires_at.map(timestamp),
+                seat_model: match d.seat_models.get(&v.feature) {
+                    Some(SeatModel::Concurrent) => pb::SeatModel::Concurrent,
+                    _ => pb::SeatModel::Assigned,
+                } as i32,
             })
             .collect(),
         tryout_started_at: d.tryout_started_at.map(timestamp),
+        usage: d
+            .usage
+            .iter()
+            .map(|u| pb::UsagePeak {
+                feature: u.feature.as_str().to_owned(),
+                day: u.day.clone(),
+                peak_in_use: u.peak_in_use,
+                capacity: u.capacity,
+                busy: u.busy,
+            })
+            .collect(),
     }
 }
 
@@ -311,9 +326,35 @@ impl VendorLicensingService for Simulator {
         let serial = parse_serial(&request.get_ref().serial_number)?;
         self.count(&serial, Call::FetchLicense);
         self.outage()?;
-        let payload = {
+        // The usage the device reports goes into its record (unknown features
+        // and malformed days are dropped: a report never fails the fetch).
+        let usage: Vec<UsageDay> = request
+            .get_ref()
+            .usage
+            .iter()
+            .filter_map(|u| {
+                let feature = u.feature.parse::<Feature>().ok()?;
+                chrono::NaiveDate::parse_from_str(&u.day, "%Y-%m-%d").ok()?;
+                Some(UsageDay {
+                    feature,
+                    day: u.day.clone(),
+                    peak_in_use: u.peak_in_use,
+                    capacity: u.capacity,
+                    busy: u.busy,
+                })
+            })
+            .collect();
+        let payload = if usage.is_empty() {
             let state = self.inner.state.lock().await;
             state.device(&serial)?.payload(Utc::now(), None)
+        } else {
+            tracing::info!(%serial, days = usage.len(), "usage reported");
+            self.change(|s| {
+                let device = s.device_mut(&serial)?;
+                device.record_usage(usage);
+                Ok(device.payload(Utc::now(), None))
+            })
+            .await?
         };
         tracing::info!(%serial, "FetchLicense answered");
         Ok(Response::new(pb::FetchLicenseResponse {
@@ -410,11 +451,24 @@ impl VendorAdminService for Simulator {
             .as_ref()
             .map(|ts| time_from_pb("expires_at", ts))
             .transpose()?;
+        let seat_model = match pb::SeatModel::try_from(request.seat_model) {
+            Ok(pb::SeatModel::Unspecified) => None,
+            Ok(pb::SeatModel::Assigned) => Some(SeatModel::Assigned),
+            Ok(pb::SeatModel::Concurrent) => Some(SeatModel::Concurrent),
+            Err(_) => return Err(Status::invalid_argument("seat_model: unknown value")),
+        };
         let now = Utc::now();
         let device = self
             .change(|s| {
-                s.redeem(&serial, feature, request.quantity, expires_at, now)
-                    .map(device_to_pb)
+                s.redeem(
+                    &serial,
+                    feature,
+                    request.quantity,
+                    expires_at,
+                    seat_model,
+                    now,
+                )
+                .map(device_to_pb)
             })
             .await?;
         tracing::info!(%serial, %feature, quantity = request.quantity, "voucher redeemed");
@@ -576,6 +630,7 @@ mod tests {
             feature: feature.into(),
             quantity,
             expires_at: None,
+            seat_model: 0,
         }))
         .await
         .map(drop)
@@ -585,6 +640,7 @@ mod tests {
         let r = sim
             .fetch_license(Request::new(pb::FetchLicenseRequest {
                 serial_number: serial.into(),
+                usage: Vec::new(),
             }))
             .await?;
         Ok(SignedLicense::from_json(&r.into_inner().signed_license).unwrap())

@@ -12,7 +12,9 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use comtrexx_licensing_domain::license::{encode_signing_key, parse_signing_key};
-use comtrexx_licensing_domain::{Edition, Entitlement, Feature, LicensePayload, SerialNumber};
+use comtrexx_licensing_domain::{
+    Edition, Entitlement, Feature, LicensePayload, SeatModel, SerialNumber,
+};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -43,7 +45,29 @@ pub struct Device {
     /// When the device first reported starting its tryout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tryout_started_at: Option<DateTime<Utc>>,
+    /// The seat model of each feature sold as other than assigned (a voucher
+    /// redeemed with a seat model sets its feature's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seat_models: BTreeMap<Feature, SeatModel>,
+    /// The daily peaks of use the device reported with its reconciles, by
+    /// (feature, day): a day reported again keeps the larger numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<UsageDay>,
 }
+
+/// One day's peak of a concurrent feature, as a device reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageDay {
+    pub feature: Feature,
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    pub peak_in_use: u32,
+    pub capacity: u32,
+    pub busy: u64,
+}
+
+/// How many usage days a device keeps (the oldest go first).
+pub const USAGE_DAYS_KEPT: usize = 400;
 
 impl Device {
     /// The entitlements at `now`, one per feature: the quantities of the vouchers
@@ -57,6 +81,11 @@ impl Device {
             .filter(|v| v.expires_at.is_none_or(|end| now < end))
         {
             let e = by_feature.entry(v.feature).or_insert(Entitlement {
+                seat_model: self
+                    .seat_models
+                    .get(&v.feature)
+                    .copied()
+                    .unwrap_or_default(),
                 feature: v.feature,
                 quantity: 0,
                 expires_at: None,
@@ -78,6 +107,39 @@ impl Device {
             issued_at: now,
             entitlements: self.entitlements(now),
             nonce,
+        }
+    }
+
+    /// Records reported usage: per (feature, day) the larger of what was
+    /// known and what is reported; at most [`USAGE_DAYS_KEPT`] days per feature.
+    pub fn record_usage(&mut self, reported: impl IntoIterator<Item = UsageDay>) {
+        for r in reported {
+            match self
+                .usage
+                .iter_mut()
+                .find(|u| u.feature == r.feature && u.day == r.day)
+            {
+                Some(u) => {
+                    u.peak_in_use = u.peak_in_use.max(r.peak_in_use);
+                    u.capacity = u.capacity.max(r.capacity);
+                    u.busy = u.busy.max(r.busy);
+                }
+                None => self.usage.push(r),
+            }
+        }
+        self.usage
+            .sort_by(|a, b| (a.feature, &a.day).cmp(&(b.feature, &b.day)));
+        for feature in Feature::ALL {
+            let n = self.usage.iter().filter(|u| u.feature == feature).count();
+            let mut excess = n.saturating_sub(USAGE_DAYS_KEPT);
+            self.usage.retain(|u| {
+                if u.feature == feature && excess > 0 {
+                    excess -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
         }
     }
 
@@ -184,7 +246,7 @@ impl SimState {
             .ok_or_else(|| not_registered(serial))
     }
 
-    fn device_mut(&mut self, serial: &SerialNumber) -> Result<&mut Device, SimError> {
+    pub fn device_mut(&mut self, serial: &SerialNumber) -> Result<&mut Device, SimError> {
         self.devices
             .get_mut(serial.as_str())
             .ok_or_else(|| not_registered(serial))
@@ -196,6 +258,8 @@ impl SimState {
             .devices
             .entry(serial.as_str().to_owned())
             .or_insert_with(|| Device {
+                seat_models: BTreeMap::new(),
+                usage: Vec::new(),
                 serial_number: serial,
                 name: String::new(),
                 edition,
@@ -214,6 +278,7 @@ impl SimState {
         feature: Feature,
         quantity: u32,
         expires_at: Option<DateTime<Utc>>,
+        seat_model: Option<SeatModel>,
         now: DateTime<Utc>,
     ) -> Result<&Device, SimError> {
         if quantity == 0 {
@@ -222,6 +287,15 @@ impl SimState {
             ));
         }
         let device = self.device_mut(serial)?;
+        match seat_model {
+            Some(SeatModel::Concurrent) => {
+                device.seat_models.insert(feature, SeatModel::Concurrent);
+            }
+            Some(SeatModel::Assigned) => {
+                device.seat_models.remove(&feature);
+            }
+            None => {}
+        }
         device.licenses.push(Voucher {
             feature,
             quantity,
@@ -371,31 +445,49 @@ mod tests {
         let mut s = state_with_device();
         let now = t("2026-05-01T00:00:00Z");
         let sn = serial("S1");
-        s.redeem(&sn, Feature::User, 10, None, now).unwrap();
-        s.redeem(&sn, Feature::User, 5, Some(t("2027-01-01T00:00:00Z")), now)
-            .unwrap();
-        s.redeem(&sn, Feature::User, 2, Some(t("2026-12-01T00:00:00Z")), now)
-            .unwrap();
+        s.redeem(&sn, Feature::User, 10, None, None, now).unwrap();
+        s.redeem(
+            &sn,
+            Feature::User,
+            5,
+            Some(t("2027-01-01T00:00:00Z")),
+            None,
+            now,
+        )
+        .unwrap();
+        s.redeem(
+            &sn,
+            Feature::User,
+            2,
+            Some(t("2026-12-01T00:00:00Z")),
+            None,
+            now,
+        )
+        .unwrap();
         // Expired: does not count.
         s.redeem(
             &sn,
             Feature::User,
             100,
             Some(t("2026-04-01T00:00:00Z")),
+            None,
             now,
         )
         .unwrap();
-        s.redeem(&sn, Feature::CallAssist, 3, None, now).unwrap();
+        s.redeem(&sn, Feature::CallAssist, 3, None, None, now)
+            .unwrap();
         let e = s.device(&sn).unwrap().entitlements(now);
         assert_eq!(
             e,
             vec![
                 Entitlement {
+                    seat_model: Default::default(),
                     feature: Feature::CallAssist,
                     quantity: 3,
                     expires_at: None
                 },
                 Entitlement {
+                    seat_model: Default::default(),
                     feature: Feature::User,
                     quantity: 17,
                     expires_at: Some(t("2026-12-01T00:00:00Z"))
@@ -404,8 +496,15 @@ mod tests {
         );
         // Only expired vouchers of a feature: the feature is absent.
         let mut s = state_with_device();
-        s.redeem(&sn, Feature::User, 1, Some(t("2026-01-01T00:00:00Z")), now)
-            .unwrap();
+        s.redeem(
+            &sn,
+            Feature::User,
+            1,
+            Some(t("2026-01-01T00:00:00Z")),
+            None,
+            now,
+        )
+        .unwrap();
         assert!(s.device(&sn).unwrap().entitlements(now).is_empty());
     }
 
@@ -432,7 +531,8 @@ mod tests {
     fn reregistering_keeps_licenses() {
         let mut s = state_with_device();
         let sn = serial("S1");
-        s.redeem(&sn, Feature::User, 4, None, Utc::now()).unwrap();
+        s.redeem(&sn, Feature::User, 4, None, None, Utc::now())
+            .unwrap();
         s.register(sn.clone(), "renamed".into(), Edition::Business);
         let d = s.device(&sn).unwrap();
         assert_eq!(
@@ -446,11 +546,11 @@ mod tests {
         let mut s = state_with_device();
         let now = Utc::now();
         assert!(matches!(
-            s.redeem(&serial("NOPE"), Feature::User, 1, None, now),
+            s.redeem(&serial("NOPE"), Feature::User, 1, None, None, now),
             Err(SimError::NotFound(_))
         ));
         assert!(matches!(
-            s.redeem(&serial("S1"), Feature::User, 0, None, now),
+            s.redeem(&serial("S1"), Feature::User, 0, None, None, now),
             Err(SimError::InvalidArgument(_))
         ));
     }
@@ -460,9 +560,10 @@ mod tests {
         let mut s = state_with_device();
         let sn = serial("S1");
         let now = Utc::now();
-        s.redeem(&sn, Feature::User, 10, None, now).unwrap();
-        s.redeem(&sn, Feature::CallAssist, 2, None, now).unwrap();
-        s.redeem(&sn, Feature::User, 3, None, now).unwrap();
+        s.redeem(&sn, Feature::User, 10, None, None, now).unwrap();
+        s.redeem(&sn, Feature::CallAssist, 2, None, None, now)
+            .unwrap();
+        s.redeem(&sn, Feature::User, 3, None, None, now).unwrap();
         let d = s.revoke(&sn, Feature::User, 5).unwrap();
         assert_eq!(d.held(Feature::User), 8);
         // The 3-voucher is gone, the 10-voucher became 8.
@@ -532,6 +633,7 @@ mod tests {
             Feature::User,
             3,
             Some(t("2027-01-01T00:00:00Z")),
+            None,
             t("2026-01-01T00:00:00Z"),
         )
         .unwrap();

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use comtrexx_licensing_domain::license::encode_public_key;
-use comtrexx_licensing_domain::{Edition, Entitlement, Feature, LicensePayload, SignedLicense};
+use comtrexx_licensing_domain::{
+    Edition, Entitlement, Feature, LicensePayload, SeatModel, SignedLicense,
+};
 use comtrexx_licensing_proto::pb;
 use comtrexx_licensing_proto::pb::licensing_service_client::LicensingServiceClient;
 use ed25519_dalek::SigningKey;
@@ -57,6 +59,36 @@ impl Vendor {
         self.dir.path().join("license.json")
     }
 
+    /// Writes a signed license for `serial` with the given entitlements, each
+    /// with its seat model.
+    pub fn write_license_with_models(
+        &self,
+        serial: &str,
+        edition: Edition,
+        issued_at: DateTime<Utc>,
+        entitlements: &[(Feature, u32, SeatModel)],
+    ) {
+        let payload = LicensePayload {
+            serial_number: serial.to_owned(),
+            edition,
+            issued_at,
+            entitlements: entitlements
+                .iter()
+                .map(|(feature, quantity, seat_model)| Entitlement {
+                    seat_model: *seat_model,
+                    feature: *feature,
+                    quantity: *quantity,
+                    expires_at: None,
+                })
+                .collect(),
+            nonce: None,
+        };
+        write_signed(
+            &self.license_path(),
+            &SignedLicense::sign(&payload, &self.key),
+        );
+    }
+
     /// Writes a signed license for `serial` with the given entitlements.
     pub fn write_license(
         &self,
@@ -72,6 +104,7 @@ impl Vendor {
             entitlements: entitlements
                 .iter()
                 .map(|(feature, quantity)| Entitlement {
+                    seat_model: Default::default(),
                     feature: *feature,
                     quantity: *quantity,
                     expires_at: None,

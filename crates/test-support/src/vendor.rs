@@ -42,8 +42,41 @@ pub async fn redeem_until(
     quantity: u32,
     expires_at: Option<DateTime<Utc>>,
 ) {
+    redeem_with(
+        admin,
+        serial,
+        feature,
+        quantity,
+        expires_at,
+        vpb::SeatModel::Unspecified,
+    )
+    .await;
+}
+
+/// Redeems a voucher of a feature sold for concurrent use, without end.
+pub async fn redeem_concurrent(admin: &mut Admin, serial: &str, feature: &str, quantity: u32) {
+    redeem_with(
+        admin,
+        serial,
+        feature,
+        quantity,
+        None,
+        vpb::SeatModel::Concurrent,
+    )
+    .await;
+}
+
+async fn redeem_with(
+    admin: &mut Admin,
+    serial: &str,
+    feature: &str,
+    quantity: u32,
+    expires_at: Option<DateTime<Utc>>,
+    seat_model: vpb::SeatModel,
+) {
     admin
         .redeem_voucher(vpb::RedeemVoucherRequest {
+            seat_model: seat_model as i32,
             serial_number: serial.into(),
             feature: feature.into(),
             quantity,

@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &[&[&str]])] = &[
             &["ids", "clock", "audit", "reconcile"],
             &["error", "license", "tryout"],
             &["initcode", "activation"],
-            &["seats", "signed_tryout"],
+            &["seats", "signed_tryout", "leases"],
             &["capacity", "decision", "history"],
             &["repair"],
         ],
@@ -31,7 +31,10 @@ const LAYERS: &[(&str, &[&[&str]])] = &[
     ("proto", &[&["seat_state"]]),
     // The client's copy and cache file, below what follows the stream, below
     // the agent that answers from a client.
-    ("client", &[&["copy", "cache"], &["follow"], &["agent"]]),
+    (
+        "client",
+        &[&["copy", "cache"], &["follow"], &["leases"], &["agent"]],
+    ),
     ("sim", &[&["state"], &["server"], &["cli"]]),
     (
         "service",

@@ -26,9 +26,9 @@ mod sections;
 mod service_links;
 
 pub use sections::{
-    DEFAULT_CONSISTENCY_MAX_WAIT_MS, RawAudit, RawAuth, RawClock, RawConsistency,
-    RawInitialization, RawLicensingServer, RawLimits, RawLog, RawMirror, RawReconcile, RawTls,
-    RawTrace, RawTryout, RawWatch,
+    DEFAULT_CONSISTENCY_MAX_WAIT_MS, DEFAULT_LEASE_DURATION_SECONDS, RawAudit, RawAuth, RawClock,
+    RawConsistency, RawInitialization, RawLeases, RawLicensingServer, RawLimits, RawLog, RawMirror,
+    RawReconcile, RawTls, RawTrace, RawTryout, RawWatch,
 };
 pub use service_links::{ignored_service_links, is_service_link};
 
@@ -78,6 +78,7 @@ pub struct RawConfig {
     pub mirror: RawMirror,
     pub watch: RawWatch,
     pub consistency: RawConsistency,
+    pub leases: RawLeases,
     pub clock: RawClock,
     /// Where the replica keeps its last known state, to answer reads after a
     /// restart while the store is unreachable; unset or empty: nowhere.
@@ -123,6 +124,7 @@ impl Default for RawConfig {
             mirror: RawMirror::default(),
             watch: RawWatch::default(),
             consistency: RawConsistency::default(),
+            leases: RawLeases::default(),
             clock: RawClock::default(),
             state_dir: None,
             tls: RawTls::default(),
@@ -167,6 +169,8 @@ pub struct Config {
     pub watch: crate::grpc::WatchOptions,
     /// `consistency.max_wait_ms`: how long a read with `min_version` waits.
     pub consistency_max_wait: Duration,
+    /// `leases.duration_seconds`: how long a lease holds unless renewed.
+    pub lease_duration: Duration,
     /// `clock.max_skew_ms`: how far this node's clock may differ from the
     /// reference time and still count.
     pub clock_max_skew_ms: i64,
@@ -327,6 +331,7 @@ impl RawConfig {
         let mirror = self.mirror.validate()?;
         let watch = self.watch.validate()?;
         let consistency_max_wait = self.consistency.validate()?;
+        let lease_duration = self.leases.validate()?;
         let clock_max_skew_ms = self.clock.validate()?;
         let tls = self.tls.validate()?;
         let limits = self.limits.validate()?;
@@ -354,6 +359,7 @@ impl RawConfig {
             mirror,
             watch,
             consistency_max_wait,
+            lease_duration,
             clock_max_skew_ms,
             // Whether it is a directory is `app`'s to find out (it creates it).
             state_dir: self.state_dir.clone().filter(|d| !d.as_os_str().is_empty()),

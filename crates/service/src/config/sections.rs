@@ -134,6 +134,35 @@ impl Default for RawWatch {
     }
 }
 
+/// Concurrent-use seats (`leases.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLeases {
+    /// How long a lease holds unless its holder renews it: a crashed holder's
+    /// seat is free again within this.
+    pub duration_seconds: u64,
+}
+
+/// The default of `leases.duration_seconds`: three renewals of 30 s.
+pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 90;
+
+impl Default for RawLeases {
+    fn default() -> Self {
+        Self {
+            duration_seconds: DEFAULT_LEASE_DURATION_SECONDS,
+        }
+    }
+}
+
+impl RawLeases {
+    /// `leases.duration_seconds`: 5 s (a holder renews well within it) to an
+    /// hour (a crashed holder's seats stay taken that long at most).
+    pub(super) fn validate(&self) -> Result<Duration, ConfigError> {
+        let s = within("leases.duration_seconds", self.duration_seconds, 5..=3600)?;
+        Ok(Duration::from_secs(s))
+    }
+}
+
 /// Read your writes (`min_version` of the reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -44,6 +44,23 @@ fn env_overrides_file_overrides_defaults() {
 }
 
 #[test]
+fn the_lease_length_defaults_to_90_s_and_is_set_by_env() {
+    assert_eq!(
+        RawConfig::default().validate().unwrap().lease_duration,
+        Duration::from_secs(90)
+    );
+    Jail::expect_with(|jail| {
+        jail.set_env("LICENSING_LEASES__DURATION_SECONDS", "5");
+        let c = RawConfig::load(None).unwrap().validate().unwrap();
+        assert_eq!(c.lease_duration, Duration::from_secs(5));
+        jail.set_env("LICENSING_LEASES__DURATION_SECONDS", "3600");
+        let c = RawConfig::load(None).unwrap().validate().unwrap();
+        assert_eq!(c.lease_duration, Duration::from_secs(3600));
+        Ok(())
+    });
+}
+
+#[test]
 fn unknown_keys_are_rejected() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "serial_numbr = \"x\"\n")?;
@@ -66,6 +83,14 @@ fn invalid_values_name_their_key() {
         ),
         (Box::new(|c| c.redis_timeout_ms = 0), "redis_timeout_ms"),
         (Box::new(|c| c.clock.max_skew_ms = 999), "clock.max_skew_ms"),
+        (
+            Box::new(|c| c.leases.duration_seconds = 4),
+            "leases.duration_seconds",
+        ),
+        (
+            Box::new(|c| c.leases.duration_seconds = 3601),
+            "leases.duration_seconds",
+        ),
         (
             Box::new(|c| c.clock.max_skew_ms = MAX_CLOCK_SKEW_MS + 1),
             "clock.max_skew_ms",

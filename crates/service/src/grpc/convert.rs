@@ -4,7 +4,10 @@
 
 use super::pb;
 use crate::domain::ActivationState;
-use crate::domain::{Feature, InvalidInput, Seat, SeatCheck, TryoutState, TryoutView, UserId};
+use crate::domain::leases::parse_lease_id;
+use crate::domain::{
+    Feature, Holder, InvalidInput, Seat, SeatCheck, TryoutState, TryoutView, UserId,
+};
 use crate::events::LicenseEvent;
 use crate::service::{CheckAnswer, EntitlementUse, Overview};
 
@@ -21,6 +24,55 @@ impl SeatRequest {
             user_id: UserId::parse(user_id)?,
             feature: Feature::parse_seat(feature)?,
         })
+    }
+}
+
+/// A validated `AcquireLease` request.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    pub user_id: UserId,
+    pub feature: Feature,
+    pub holder: Holder,
+}
+
+impl TryFrom<&pb::AcquireLeaseRequest> for LeaseRequest {
+    type Error = InvalidInput;
+    fn try_from(r: &pb::AcquireLeaseRequest) -> Result<Self, Self::Error> {
+        Ok(Self {
+            user_id: UserId::parse(&r.user_id)?,
+            feature: Feature::parse_seat(&r.feature)?,
+            holder: Holder::parse(&r.holder)?,
+        })
+    }
+}
+
+/// A validated `RenewLeases` request.
+#[derive(Debug, Clone)]
+pub struct RenewRequest {
+    pub holder: Holder,
+    pub lease_ids: Vec<String>,
+}
+
+impl TryFrom<&pb::RenewLeasesRequest> for RenewRequest {
+    type Error = InvalidInput;
+    fn try_from(r: &pb::RenewLeasesRequest) -> Result<Self, Self::Error> {
+        let holder = Holder::parse(&r.holder)?;
+        if r.lease_ids.len() > crate::service::MAX_RENEW_IDS {
+            return Err(InvalidInput::new(
+                "lease_ids",
+                format!(
+                    "at most {} ids in one call, got {}",
+                    crate::service::MAX_RENEW_IDS,
+                    r.lease_ids.len()
+                ),
+            ));
+        }
+        let lease_ids = r
+            .lease_ids
+            .iter()
+            .map(|id| parse_lease_id(id, "lease_ids"))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { holder, lease_ids })
     }
 }
 
@@ -46,7 +98,7 @@ impl TryFrom<&pb::ReleaseSeatRequest> for SeatRequest {
 }
 
 pub use comtrexx_licensing_proto::seat_state::{
-    edition, opt_timestamp, reconcile_outcome, seat_reason, seat_source,
+    edition, lease, opt_timestamp, reconcile_outcome, seat_model, seat_reason, seat_source,
 };
 pub use comtrexx_licensing_proto::timestamp;
 
@@ -106,6 +158,7 @@ pub fn entitlement(e: &EntitlementUse) -> pb::Entitlement {
         quantity: e.entitlement.quantity,
         in_use: e.in_use,
         expires_at: opt_timestamp(e.entitlement.expires_at),
+        seat_model: seat_model(e.entitlement.seat_model).into(),
     }
 }
 
@@ -155,6 +208,18 @@ pub fn overview(o: &Overview) -> pb::GetLicenseOverviewResponse {
                 feature: c.feature.to_string(),
                 seats: c.seats,
                 grace_ends_at: opt_timestamp(c.grace_ends_at),
+            })
+            .collect(),
+        concurrent_use: o
+            .concurrent
+            .iter()
+            .map(|c| pb::ConcurrentUse {
+                feature: c.feature.to_string(),
+                capacity: c.capacity,
+                in_use: c.in_use,
+                peak_in_use_today: c.peak_today,
+                busy_today: c.busy_today,
+                at_capacity: c.capacity > 0 && c.in_use >= c.capacity,
             })
             .collect(),
         auth_mode: o.auth_mode.to_owned(),

@@ -84,7 +84,9 @@ macro_rules! audit_keys {
 }
 
 audit_keys!(user_id, feature: CheckSeatRequest, AssignSeatRequest, ReleaseSeatRequest);
-audit_keys!(feature: ListSeatsRequest);
+audit_keys!(feature: ListSeatsRequest, ListLeasesRequest);
+audit_keys!(user_id, feature: AcquireLeaseRequest);
+audit_keys!(none: RenewLeasesRequest, ReleaseLeaseRequest);
 audit_keys!(user_id: ListAuditEventsRequest);
 audit_keys!(none: GetTryoutStatusRequest, StartTryoutRequest, EndTryoutRequest,
     GetLicenseOverviewRequest, ReconcileRequest, CreateInitializationCodeRequest,
@@ -236,6 +238,95 @@ macro_rules! rpc {
 
 #[tonic::async_trait]
 impl LicensingService for LicensingApi {
+    async fn acquire_lease(
+        &self,
+        request: Request<pb::AcquireLeaseRequest>,
+    ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
+        rpc!(self, rpc::ACQUIRE_LEASE, request, async {
+            let req = convert::LeaseRequest::try_from(request.get_ref()).map_err(invalid)?;
+            let span = tracing::Span::current();
+            span.record("user_id", req.user_id.as_str());
+            span.record("feature", req.feature.as_str());
+            let acquired = self
+                .licensing
+                .acquire_lease(&req.user_id, req.feature, &req.holder)
+                .await
+                .map_err(to_status)?;
+            if acquired.created {
+                tracing::info!(holder = %req.holder, lease_id = %acquired.lease.lease_id, "lease acquired");
+            }
+            Ok(Response::new(pb::AcquireLeaseResponse {
+                lease: Some(convert::lease(&acquired.lease)),
+                created: acquired.created,
+                version: acquired.version,
+            }))
+        })
+    }
+
+    async fn renew_leases(
+        &self,
+        request: Request<pb::RenewLeasesRequest>,
+    ) -> Result<Response<pb::RenewLeasesResponse>, Status> {
+        rpc!(self, rpc::RENEW_LEASES, request, async {
+            let req = convert::RenewRequest::try_from(request.get_ref()).map_err(invalid)?;
+            let renewed = self
+                .licensing
+                .renew_leases(&req.holder, &req.lease_ids)
+                .await
+                .map_err(to_status)?;
+            if !renewed.lost.is_empty() {
+                tracing::info!(holder = %req.holder, lost = renewed.lost.len(), "leases not renewed (no longer held)");
+            }
+            Ok(Response::new(pb::RenewLeasesResponse {
+                leases: renewed.leases.iter().map(convert::lease).collect(),
+                lost: renewed.lost,
+                version: renewed.version,
+            }))
+        })
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        rpc!(self, rpc::RELEASE_LEASE, request, async {
+            let id = crate::domain::leases::parse_lease_id(&request.get_ref().lease_id, "lease_id")
+                .map_err(invalid)?;
+            let released = self.licensing.release_lease(&id).await.map_err(to_status)?;
+            Ok(Response::new(pb::ReleaseLeaseResponse {
+                released: released.value,
+                version: released.version,
+            }))
+        })
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        rpc!(self, rpc::LIST_LEASES, request, async {
+            let req = request.get_ref();
+            if !req.feature.is_empty() {
+                tracing::Span::current().record("feature", req.feature.as_str());
+            }
+            let page = self
+                .licensing
+                .list_leases(
+                    &req.feature,
+                    req.page_size,
+                    &req.page_token,
+                    req.min_version,
+                )
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(pb::ListLeasesResponse {
+                leases: page.leases.iter().map(convert::lease).collect(),
+                next_page_token: page.next_page_token,
+                version: page.version,
+            }))
+        })
+    }
+
     async fn check_seat(
         &self,
         request: Request<pb::CheckSeatRequest>,

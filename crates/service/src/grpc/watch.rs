@@ -246,6 +246,11 @@ pub fn snapshot(state: &SeatState) -> pb::WatchSeatsResponse {
                 grace_ends_at: opt_timestamp(state.activation.grace_ends_at),
                 reference_time: Some(timestamp(state.reference_time)),
                 epoch: state.epoch.clone(),
+                leases: state
+                    .leases
+                    .iter()
+                    .map(comtrexx_licensing_proto::seat_state::lease)
+                    .collect(),
             },
         )),
     }
@@ -279,6 +284,26 @@ fn seat_change(c: &FeedChange, features: &[Feature]) -> pb::SeatStateChange {
         ChangeKind::InitializationIssued(_) => Kind::Other("initialization_issued".into()),
         ChangeKind::InitializationConsumed => Kind::Other("initialization_consumed".into()),
         ChangeKind::Repaired(_) => Kind::Other("store_repaired".into()),
+        ChangeKind::LeaseAcquired {
+            lease: l,
+            reclaimed,
+        } if watched(l.feature) => Kind::LeasePut(pb::LeasePut {
+            lease: Some(comtrexx_licensing_proto::seat_state::lease(l)),
+            reclaimed: reclaimed.clone(),
+        }),
+        ChangeKind::LeaseAcquired { .. } => Kind::Other("lease of a feature not watched".into()),
+        // A renewal names ids only: a stream that never got the lease
+        // ignores them.
+        ChangeKind::LeasesRenewed {
+            holder,
+            lease_ids,
+            expires_at,
+        } => Kind::LeasesRenewed(pb::LeasesRenewed {
+            holder: holder.as_str().to_owned(),
+            lease_ids: lease_ids.clone(),
+            expires_at: Some(timestamp(*expires_at)),
+        }),
+        ChangeKind::LeaseReleased { lease_id } => Kind::LeaseReleased(lease_id.clone()),
     };
     pb::SeatStateChange { kind: Some(kind) }
 }

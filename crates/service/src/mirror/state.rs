@@ -14,8 +14,8 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AppliedLicense, CompactSeat, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
-    SerialNumber, TryoutRecord, UserId,
+    AppliedLicense, CompactSeat, Edition, Feature, Lease, LeaseBook, LicenseState, ReconcileStatus,
+    Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
 };
 use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoredLicense};
 
@@ -85,11 +85,30 @@ pub struct MirrorState {
     /// Loaded from the state file, not (yet) from the store: it serves reads
     /// only, is never written back to the store and never plans a repair.
     pub from_disk: bool,
+    /// The leases of concurrent features (live, or expired and not yet
+    /// reclaimed by an acquisition: a decision reads their expiry).
+    pub(super) leases: LeaseBook,
 }
 
 impl MirrorState {
     pub fn seat(&self, feature: Feature, user_id: &str) -> Option<CompactSeat> {
         self.seats.get(&feature)?.get(user_id).copied()
+    }
+
+    /// The latest expiry (ms) of the user's leases of `feature`, live or not
+    /// (the decision compares it with its time); `None` without one.
+    pub fn lease_until_ms(&self, feature: Feature, user_id: &str) -> Option<i64> {
+        self.leases.until_ms(feature, user_id)
+    }
+
+    /// The live leases of `feature` at `now_ms`.
+    pub fn live_leases(&self, feature: Feature, now_ms: i64) -> u32 {
+        self.leases.live(feature, now_ms)
+    }
+
+    /// Every lease this copy holds (live or not), unordered.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.iter()
     }
 
     /// What the seat decision reads of this copy (`domain::decision`).
@@ -238,6 +257,7 @@ impl MirrorState {
             retired_license: self.retired_license.clone(),
             high_water_ms: self.high_water_ms,
             incident: None,
+            leases: self.leases.iter().cloned().collect(),
             corrupt: Vec::new(),
         }
     }
@@ -290,6 +310,9 @@ impl MirrorState {
         for seat in snapshot.seats {
             state.put_seat(&seat);
         }
+        for lease in &snapshot.leases {
+            state.leases.put(lease);
+        }
         state.set_license(snapshot.license, verifier);
         state
     }
@@ -328,9 +351,26 @@ impl MirrorState {
             ChangeKind::InitializationIssued(p) => self.initialization = Some(p.clone()),
             ChangeKind::InitializationConsumed => self.initialization = None,
             ChangeKind::Repaired(incident) => self.incident = Some(incident.clone()),
+            ChangeKind::LeaseAcquired { lease, reclaimed } => {
+                for id in reclaimed {
+                    self.leases.remove(id);
+                }
+                self.leases.put(lease);
+            }
+            ChangeKind::LeasesRenewed {
+                lease_ids,
+                expires_at,
+                ..
+            } => {
+                for id in lease_ids {
+                    self.leases.renew(id, *expires_at);
+                }
+            }
+            ChangeKind::LeaseReleased { lease_id } => self.leases.remove(lease_id),
             ChangeKind::Reset => {
                 self.seats.clear();
                 self.counts.clear();
+                self.leases.clear();
                 if self.stored_license.is_some() {
                     self.retired_license = self.stored_license.clone();
                     self.retired_issued_at = self.license.as_ref().map(|l| l.payload.issued_at);

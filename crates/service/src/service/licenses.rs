@@ -327,10 +327,13 @@ impl Licensing {
             ReconcileOutcome::Unreachable,
             "no license source configured".to_owned(),
         ))?;
+        // The daily peaks of the concurrent features go with every reconcile
+        // (the last 7 days: a reconcile that failed for days reports them late).
+        let usage = self.usage_report().await;
         let text = self
             .settings
             .backoff
-            .retry(|| source.fetch_license(&self.settings.serial))
+            .retry(|| source.fetch_license_reporting(&self.settings.serial, &usage))
             .await
             .map_err(|e| match e {
                 UpstreamError::Transient(m) => (ReconcileOutcome::Unreachable, m),
@@ -507,6 +510,27 @@ impl Licensing {
         self.keep_high_water(seen).await;
         let now = self.now();
         self.announce_time_events(seen, now);
+        // Today's lease usage for the overview and the metrics: the store's
+        // record (every replica's acquisitions), read every 30 s while a
+        // feature is sold for concurrent use.
+        let concurrent = self.mirror.read(|s| {
+            s.license.as_ref().is_some_and(|l| {
+                l.payload
+                    .entitlements
+                    .iter()
+                    .any(|e| e.seat_model == crate::domain::SeatModel::Concurrent)
+            })
+        });
+        if concurrent
+            && seen
+                .usage_read
+                .is_none_or(|at| at.elapsed() >= StdDuration::from_secs(30))
+        {
+            seen.usage_read = Some(Instant::now());
+            if let Err(error) = self.refresh_usage(1).await {
+                tracing::debug!(%error, "lease usage not read");
+            }
+        }
         // Before the reference was ever read this clock is unchecked: nothing it
         // would stamp into the shared reconcile record (when it ran, when the
         // next is due) is written yet.
@@ -757,6 +781,8 @@ struct TimeState {
     /// reference now is that plus the real time passed, also while the store
     /// does not answer.
     reference: Option<(i64, Instant)>,
+    /// When the lease usage (today's peaks and busy counts) was last read.
+    usage_read: Option<Instant>,
 }
 
 /// Real time passed since `since` (ms), by the monotonic clock.

@@ -4,9 +4,11 @@
 //! This file: seats, tryout, overview. `licenses`: initialization, activation,
 //! re-setup, reconcile and its schedule.
 
+mod leases;
 mod licenses;
 mod watch;
 
+pub use leases::{Acquired, ConcurrentUse, LeasePage, MAX_RENEW_IDS, Renewed, day_name, day_of};
 pub use licenses::parse_response as parse_activation_response;
 pub use watch::{SeatState, WatchStart};
 
@@ -70,6 +72,9 @@ pub struct Settings {
     /// How long a read with `min_version` waits for this copy to reach it
     /// (`consistency.max_wait_ms`).
     pub consistency_max_wait: StdDuration,
+    /// How long a lease of a concurrent feature holds unless renewed
+    /// (`leases.duration_seconds`).
+    pub lease_duration: StdDuration,
 }
 
 /// An answer with its version: for a write, the position in the store's
@@ -145,6 +150,8 @@ pub struct Overview {
     pub activation_reason: String,
     /// Per seat feature with seats beyond its purchased quantity.
     pub over_capacity: Vec<OverCapacity>,
+    /// Per concurrent feature: capacity, leases in use, today's peak and refusals.
+    pub concurrent: Vec<ConcurrentUse>,
     pub auth_mode: &'static str,
     pub development_installation: bool,
     /// The version of the copy it was read from.
@@ -196,6 +203,9 @@ pub struct Licensing {
     reconcile_lock: AsyncMutex<()>,
     // Names this replica as lease holder.
     replica_id: String,
+    // Today's lease usage per concurrent feature as last read from the store
+    // (and this replica's own acquisitions since): the overview and metrics.
+    usage: parking_lot::Mutex<Vec<crate::store::LeaseUsage>>,
 }
 
 /// A store error as the caller sees it. Every `UNAVAILABLE` from a write means
@@ -250,6 +260,7 @@ impl Licensing {
             source,
             reconcile_lock: AsyncMutex::new(()),
             replica_id: format!("{:016x}", rand::random::<u64>()),
+            usage: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -472,6 +483,20 @@ impl Licensing {
         now: DateTime<Utc>,
     ) -> SeatCheck {
         let seat = state.seat(feature, user.as_str()).map(|s| s.facts());
+        // A concurrent feature is decided by the user's leases; an assigned
+        // one (the common case) pays one scan of the few entitlements.
+        if state
+            .license
+            .as_ref()
+            .is_some_and(|l| l.payload.seat_model(feature) == crate::domain::SeatModel::Concurrent)
+        {
+            let until = state
+                .lease_until_ms(feature, user.as_str())
+                .and_then(DateTime::from_timestamp_millis);
+            return self
+                .rules()
+                .check_leased(&state.license_state(), feature, seat, until, now);
+        }
         self.rules()
             .check(&state.license_state(), feature, seat, now)
     }
@@ -808,7 +833,9 @@ impl Licensing {
                     .iter()
                     .map(|e| EntitlementUse {
                         entitlement: e.clone(),
-                        in_use: if e.feature.is_seat() {
+                        in_use: if e.seat_model == crate::domain::SeatModel::Concurrent {
+                            state.live_leases(e.feature, self.now().timestamp_millis())
+                        } else if e.feature.is_seat() {
                             state.count(e.feature, SeatSource::Purchased)
                         } else {
                             u32::from(e.quantity > 0)
@@ -904,6 +931,7 @@ impl Licensing {
                 license_problem: state.license_problem.clone(),
                 activation_reason,
                 over_capacity,
+                concurrent: self.concurrent_use(state, now),
                 auth_mode: self.settings.auth_mode,
                 development_installation: self.settings.development_installation,
                 incident: state.incident.clone(),

@@ -67,11 +67,22 @@ async fn replica_on(
     source: Option<Arc<dyn LicensingServer>>,
     synced: bool,
 ) -> Licensing {
+    replica_trusting(store, clock, source, synced, None).await
+}
+
+/// [`replica_on`], trusting licenses signed by `vendor_key`.
+async fn replica_trusting(
+    store: Arc<MemoryStore>,
+    clock: &ManualClock,
+    source: Option<Arc<dyn LicensingServer>>,
+    synced: bool,
+    vendor_key: Option<ed25519_dalek::VerifyingKey>,
+) -> Licensing {
     let clock: Arc<dyn Clock> = Arc::new(clock.clone());
     let serial = SerialNumber::parse(SERIAL).unwrap();
     let time = Arc::new(TimeAuthority::new(clock, 120_000));
     let verifier = Verifier {
-        key: None,
+        key: vendor_key,
         serial: serial.clone(),
         edition: Edition::Vm,
     };
@@ -89,7 +100,7 @@ async fn replica_on(
         edition: Edition::Vm,
         tryout: TryoutPolicy::default(),
         over_capacity_grace: Duration::days(7),
-        vendor_key: None,
+        vendor_key,
         grace: Duration::days(30),
         lapse_action: LapseAction::DenyNew,
         reconcile_interval: StdDuration::from_secs(3600),
@@ -103,6 +114,7 @@ async fn replica_on(
         auth_mode: "protected",
         development_installation: false,
         consistency_max_wait: StdDuration::from_millis(100),
+        lease_duration: StdDuration::from_secs(90),
     };
     Licensing::new(store, mirror, time, settings, source)
 }
@@ -361,4 +373,136 @@ async fn versions_grow_across_a_store_that_lost_its_data() {
         .await
         .unwrap();
     assert!(answer.check.licensed && answer.version >= after);
+}
+
+/// A replica trusting the test vendor key, with a license applied that sells
+/// `users` user licenses for concurrent use (call_assist: none).
+async fn concurrent_replica(clock: &ManualClock, store: Arc<MemoryStore>, users: u32) -> Licensing {
+    use crate::domain::license::testing::{key, payload};
+    let mut p = payload(SERIAL, users);
+    p.entitlements[0].seat_model = crate::domain::SeatModel::Concurrent;
+    let stored = crate::store::StoredLicense {
+        signed: crate::domain::SignedLicense::sign(&p, &key(1)),
+        applied_at: clock.now(),
+    };
+    if store.snapshot().await.unwrap().license.is_none() {
+        store
+            .apply_license(
+                None,
+                crate::store::LicenseWrite {
+                    expected_id: None,
+                    license: &stored,
+                    tryout: None,
+                    capacities: &[],
+                    consume_initialization: None,
+                    fence: None,
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    replica_trusting(store, clock, None, true, Some(key(1).verifying_key())).await
+}
+
+#[tokio::test]
+async fn a_lease_licenses_its_user_until_it_expires_and_is_then_reclaimed() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    let licensing = concurrent_replica(&clock, store.clone(), 1).await;
+    let other = concurrent_replica(&clock, store, 1).await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    let pod = crate::domain::Holder::parse("pod-1").unwrap();
+
+    let before = licensing.check_seat(&alice, Feature::User).unwrap();
+    assert_eq!(before.check.reason, SeatReason::NoLease);
+    let err = licensing
+        .assign_seat(&alice, Feature::User)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        LicensingError::FailedPrecondition {
+            reason: "WRONG_SEAT_MODEL",
+            ..
+        }
+    ));
+
+    let taken = licensing
+        .acquire_lease(&alice, Feature::User, &pod)
+        .await
+        .unwrap();
+    assert!(taken.created);
+    assert_eq!(taken.lease.expires_at, t0() + Duration::seconds(90));
+    let check = licensing.check_seat(&alice, Feature::User).unwrap();
+    assert!(check.check.licensed);
+    assert_eq!(check.check.valid_until, Some(taken.lease.expires_at));
+    // The other replica sees it at the version the write answered.
+    let seen = other
+        .check_seat_at(&alice, Feature::User, taken.version)
+        .await
+        .unwrap();
+    assert!(seen.check.licensed);
+    // Full: refused on either replica, counted busy.
+    assert!(matches!(
+        other.acquire_lease(&bob, Feature::User, &pod).await,
+        Err(LicensingError::NoFreeSeat {
+            capacity: 1,
+            in_use: 1,
+            ..
+        })
+    ));
+
+    // The holder stops renewing: at its end the lease licenses nothing, on
+    // every replica, before anyone reclaims it.
+    clock.advance(Duration::seconds(90));
+    for replica in [&licensing, &other] {
+        let check = replica.check_seat(&alice, Feature::User).unwrap();
+        assert_eq!(
+            (check.check.licensed, check.check.reason),
+            (false, SeatReason::NoLease)
+        );
+    }
+    // The next acquisition reclaims it; the old holder's renewal finds it lost.
+    let next = other
+        .acquire_lease(&bob, Feature::User, &pod)
+        .await
+        .unwrap();
+    assert!(next.created);
+    let renewed = licensing
+        .renew_leases(&pod, std::slice::from_ref(&taken.lease.lease_id))
+        .await
+        .unwrap();
+    assert_eq!(renewed.lost, vec![taken.lease.lease_id.clone()]);
+    let page = licensing
+        .list_leases("", 0, "", next.version)
+        .await
+        .unwrap();
+    assert_eq!(page.leases, vec![next.lease.clone()]);
+
+    // The overview: capacity, in use, today's peak and the one busy refusal.
+    let o = other.overview();
+    assert_eq!(o.concurrent.len(), 1);
+    let use_ = &o.concurrent[0];
+    assert_eq!(
+        (use_.capacity, use_.in_use, use_.peak_today, use_.busy_today),
+        (1, 1, 1, 1)
+    );
+    // Released: free at once.
+    assert!(
+        other
+            .release_lease(&next.lease.lease_id)
+            .await
+            .unwrap()
+            .value
+    );
+    assert!(
+        !other
+            .release_lease(&next.lease.lease_id)
+            .await
+            .unwrap()
+            .value
+    );
+    let check = other.check_seat(&bob, Feature::User).unwrap();
+    assert_eq!(check.check.reason, SeatReason::NoLease);
 }

@@ -27,6 +27,8 @@ pub struct SeatState {
     pub rules: Rules,
     /// The seats of the watched features, as the copy keeps them.
     pub seats: Vec<(Feature, compact_str::CompactString, CompactSeat)>,
+    /// The leases of the watched features (live or not yet reclaimed).
+    pub leases: Vec<crate::domain::Lease>,
     pub license: Option<AppliedLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: ReconcileStatus,
@@ -134,6 +136,11 @@ impl Licensing {
             serial: self.settings.serial.as_str().to_owned(),
             rules,
             seats: state.seats_of(features),
+            leases: state
+                .leases()
+                .filter(|l| features.is_empty() || features.contains(&l.feature))
+                .cloned()
+                .collect(),
             license: state.license.clone(),
             tryout: state.tryout.clone(),
             reconcile: state.reconcile.clone(),

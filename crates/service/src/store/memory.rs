@@ -10,9 +10,10 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, Incident, LicenseWrite,
-    Position, ReleaseOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense,
-    Summary,
+    AcquireOutcome, AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, Incident,
+    LeaseAcquire, LeaseReleaseOutcome, LeaseUsage, LicenseWrite, Position, ReleaseOutcome,
+    RenewOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    USAGE_DAYS,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -20,7 +21,8 @@ use crate::domain::audit::{
 use crate::domain::capacity::reflag;
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AssignPlan, Clock, Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId,
+    AssignPlan, Clock, Feature, Holder, Lease, ReconcileStatus, Seat, SeatSource, TryoutRecord,
+    UserId,
 };
 use chrono::{DateTime, Utc};
 
@@ -68,6 +70,12 @@ struct Inner {
     incident: Option<Incident>,
     /// The reconcile lease: holder and when it expires.
     lease: Option<(String, std::time::Instant)>,
+    /// The leases of concurrent features, as in Redis: records by id, the id
+    /// of each (feature, user, holder), and per feature the ids by expiry.
+    leases: Leases,
+    /// Per (feature, day since 1970): the day's peak of live leases and its
+    /// refused acquisitions.
+    usage: BTreeMap<(Feature, i64), (u32, u64)>,
     /// Grows with every lease grant (the fencing token).
     fence: u64,
     feed: VecDeque<Change>,
@@ -121,6 +129,70 @@ impl PoolOrder {
         self.seats.remove(&key);
         self.flagged.remove(&key);
     }
+}
+
+/// The leases of concurrent features.
+#[derive(Default)]
+struct Leases {
+    records: HashMap<String, Lease>,
+    ids: HashMap<(Feature, UserId, Holder), String>,
+    /// Per feature, (expires_at ms, id): the live ones are a range from now.
+    pools: HashMap<Feature, BTreeSet<(i64, String)>>,
+}
+
+impl Leases {
+    fn put(&mut self, lease: Lease) {
+        self.remove(&lease.lease_id);
+        let key = (lease.feature, lease.user_id.clone(), lease.holder.clone());
+        if let Some(old) = self.ids.get(&key).cloned() {
+            self.remove(&old);
+        }
+        self.ids.insert(key, lease.lease_id.clone());
+        self.pools
+            .entry(lease.feature)
+            .or_default()
+            .insert((lease.expires_at.timestamp_millis(), lease.lease_id.clone()));
+        self.records.insert(lease.lease_id.clone(), lease);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Lease> {
+        let lease = self.records.remove(id)?;
+        self.ids
+            .remove(&(lease.feature, lease.user_id.clone(), lease.holder.clone()));
+        if let Some(pool) = self.pools.get_mut(&lease.feature) {
+            pool.remove(&(lease.expires_at.timestamp_millis(), lease.lease_id.clone()));
+        }
+        Some(lease)
+    }
+
+    /// Live leases of a feature at `now_ms` (expiry after now): O(log N + live).
+    fn live(&self, feature: Feature, now_ms: i64) -> usize {
+        self.pools
+            .get(&feature)
+            .map_or(0, |p| p.range((now_ms + 1, String::new())..).count())
+    }
+
+    /// Removes the feature's expired leases; their ids.
+    fn reclaim(&mut self, feature: Feature, now_ms: i64) -> Vec<String> {
+        let expired: Vec<String> = self.pools.get(&feature).map_or_else(Vec::new, |p| {
+            p.range(..(now_ms + 1, String::new()))
+                .map(|(_, id)| id.clone())
+                .collect()
+        });
+        for id in &expired {
+            self.remove(id);
+        }
+        expired
+    }
+
+    fn clear(&mut self) {
+        *self = Leases::default();
+    }
+}
+
+/// Days since 1970 of a time in ms.
+fn day_of(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
 }
 
 impl AuditLog {
@@ -181,6 +253,10 @@ impl Inner {
         self.reconcile = snapshot.reconcile.clone();
         self.initialization = snapshot.initialization.clone();
         self.retired_license = snapshot.retired_license.clone();
+        self.leases.clear();
+        for lease in &snapshot.leases {
+            self.leases.put(lease.clone());
+        }
     }
 
     /// Inserts or replaces a seat, keeping the counts and the order.
@@ -295,6 +371,8 @@ impl MemoryStore {
                 high_water_ms: 0,
                 incident: None,
                 lease: None,
+                leases: Leases::default(),
+                usage: BTreeMap::new(),
                 fence: 0,
                 feed: VecDeque::new(),
             }),
@@ -336,6 +414,8 @@ impl MemoryStore {
         inner.high_water_ms = 0;
         inner.incident = None;
         inner.lease = None;
+        inner.leases.clear();
+        inner.usage.clear();
         inner.feed.clear();
         drop(inner);
         self.version_tx.send_replace(0);
@@ -395,6 +475,11 @@ impl Store for MemoryStore {
             retired_license: inner.retired_license.clone(),
             high_water_ms: inner.high_water_ms,
             incident: inner.incident.clone(),
+            leases: {
+                let mut leases: Vec<Lease> = inner.leases.records.values().cloned().collect();
+                leases.sort_by(|a, b| a.key().cmp(&b.key()));
+                leases
+            },
             corrupt: Vec::new(),
         })
     }
@@ -536,6 +621,165 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn acquire_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        r: LeaseAcquire<'_>,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let mut inner = self.inner.lock();
+        guard(&inner, floor)?;
+        if inner.license.as_ref().map(StoredLicense::id) != Some(r.plan.license_id.as_str()) {
+            return Ok(AcquireOutcome::LicenseChanged);
+        }
+        let now = self.clock.now();
+        let now_ms = now.timestamp_millis();
+        let expires_at = now + chrono::Duration::from_std(r.duration).unwrap_or_default();
+        let key = (r.feature, r.user.clone(), r.holder.clone());
+        let own = inner
+            .leases
+            .ids
+            .get(&key)
+            .and_then(|id| inner.leases.records.get(id))
+            .filter(|l| l.is_live(now))
+            .cloned();
+        let live = u32::try_from(inner.leases.live(r.feature, now_ms)).unwrap_or(u32::MAX);
+        if own.is_none() && live >= r.plan.capacity {
+            inner
+                .usage
+                .entry((r.feature, day_of(now_ms)))
+                .or_default()
+                .1 += 1;
+            return Ok(AcquireOutcome::Exhausted {
+                capacity: r.plan.capacity,
+                in_use: live,
+            });
+        }
+        let reclaimed = inner.leases.reclaim(r.feature, now_ms);
+        let created = own.is_none();
+        let lease = match own {
+            Some(l) => Lease { expires_at, ..l },
+            None => Lease {
+                lease_id: r.new_id.to_owned(),
+                user_id: r.user.clone(),
+                feature: r.feature,
+                holder: r.holder.clone(),
+                acquired_at: now,
+                expires_at,
+            },
+        };
+        inner.leases.put(lease.clone());
+        let in_use = u32::try_from(inner.leases.live(r.feature, now_ms)).unwrap_or(u32::MAX);
+        let day = day_of(now_ms);
+        let peak = &mut inner.usage.entry((r.feature, day)).or_default().0;
+        *peak = (*peak).max(in_use);
+        inner.usage.retain(|(_, d), _| *d > day - USAGE_DAYS);
+        let change = self.record(&mut inner, ChangeKind::LeaseAcquired { lease, reclaimed });
+        Ok(AcquireOutcome::Acquired {
+            change,
+            created,
+            in_use,
+        })
+    }
+
+    async fn renew_seat_leases(
+        &self,
+        floor: Floor<'_>,
+        holder: &Holder,
+        lease_ids: &[String],
+        duration: Duration,
+    ) -> Result<RenewOutcome, StoreError> {
+        let mut inner = self.inner.lock();
+        guard(&inner, floor)?;
+        let now = self.clock.now();
+        let expires_at = now + chrono::Duration::from_std(duration).unwrap_or_default();
+        let mut leases = Vec::new();
+        let mut lost = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for id in lease_ids {
+            if !seen.insert(id.as_str()) {
+                continue;
+            }
+            match inner.leases.records.get(id) {
+                Some(l) if l.holder == *holder && l.is_live(now) => {
+                    let renewed = Lease {
+                        expires_at,
+                        ..l.clone()
+                    };
+                    inner.leases.put(renewed.clone());
+                    leases.push(renewed);
+                }
+                _ => lost.push(id.clone()),
+            }
+        }
+        if leases.is_empty() {
+            return Ok(RenewOutcome {
+                leases,
+                lost,
+                change: None,
+                version: inner.version,
+            });
+        }
+        let kind = ChangeKind::LeasesRenewed {
+            holder: holder.clone(),
+            lease_ids: leases.iter().map(|l| l.lease_id.clone()).collect(),
+            expires_at,
+        };
+        let change = self.record(&mut inner, kind);
+        Ok(RenewOutcome {
+            leases,
+            lost,
+            version: change.version,
+            change: Some(change),
+        })
+    }
+
+    async fn release_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        lease_id: &str,
+    ) -> Result<LeaseReleaseOutcome, StoreError> {
+        let mut inner = self.inner.lock();
+        guard(&inner, floor)?;
+        if inner.leases.remove(lease_id).is_none() {
+            return Ok(LeaseReleaseOutcome::NotHeld {
+                version: inner.version,
+            });
+        }
+        let kind = ChangeKind::LeaseReleased {
+            lease_id: lease_id.to_owned(),
+        };
+        Ok(LeaseReleaseOutcome::Released(self.record(&mut inner, kind)))
+    }
+
+    async fn list_seat_leases(&self, feature: Option<Feature>) -> Result<Vec<Lease>, StoreError> {
+        let inner = self.inner.lock();
+        let now = self.clock.now();
+        let mut leases: Vec<Lease> = inner
+            .leases
+            .records
+            .values()
+            .filter(|l| feature.is_none_or(|f| l.feature == f) && l.is_live(now))
+            .cloned()
+            .collect();
+        leases.sort_by(|a, b| a.key().cmp(&b.key()));
+        Ok(leases)
+    }
+
+    async fn lease_usage(&self, since_day: i64) -> Result<Vec<LeaseUsage>, StoreError> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .usage
+            .iter()
+            .filter(|((_, day), _)| *day >= since_day)
+            .map(|((feature, day), (peak, busy))| LeaseUsage {
+                feature: *feature,
+                day: *day,
+                peak: *peak,
+                busy: *busy,
+            })
+            .collect())
+    }
+
     async fn compare_and_set_tryout(
         &self,
         floor: Floor<'_>,
@@ -614,6 +858,7 @@ impl Store for MemoryStore {
         let mut inner = self.inner.lock();
         guard(&inner, floor)?;
         inner.clear_seats();
+        inner.leases.clear();
         if let Some(license) = inner.license.take() {
             inner.retired_license = Some(license);
         }
@@ -755,10 +1000,19 @@ impl Store for MemoryStore {
             };
             changes.push(self.record(&mut inner, kind));
         }
+        for lease in &w.add_leases {
+            inner.leases.put(lease.clone());
+            let kind = ChangeKind::LeaseAcquired {
+                lease: lease.clone(),
+                reclaimed: Vec::new(),
+            };
+            changes.push(self.record(&mut inner, kind));
+        }
         if let Some(license) = &w.license {
             inner.license = Some(license.clone());
             changes.push(self.record(&mut inner, ChangeKind::LicenseApplied(license.clone())));
         }
+
         if let Some(tryout) = &w.tryout {
             inner.tryout = Some(tryout.clone());
             changes.push(self.record(&mut inner, ChangeKind::TryoutChanged(tryout.clone())));

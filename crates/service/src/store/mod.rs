@@ -19,7 +19,9 @@ use async_trait::async_trait;
 
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention};
 use crate::domain::initcode::PendingInitialization;
-use crate::domain::{AssignPlan, Feature, ReconcileStatus, Seat, TryoutRecord, UserId};
+use crate::domain::{
+    AssignPlan, Feature, Holder, Lease, LeasePlan, ReconcileStatus, Seat, TryoutRecord, UserId,
+};
 
 pub use crate::domain::history::{
     Change, ChangeKind, Incident, Position, RepairWrite, Snapshot, StoredLicense,
@@ -123,6 +125,76 @@ pub struct SeatKey {
     pub user_id: UserId,
 }
 
+/// What a lease acquisition asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAcquire<'a> {
+    pub user: &'a UserId,
+    pub feature: Feature,
+    pub holder: &'a Holder,
+    /// The quantity and the license it was read from: the store refuses the
+    /// write ([`AcquireOutcome::LicenseChanged`]) when another one is stored.
+    pub plan: &'a LeasePlan,
+    /// The id a new lease gets (an existing one keeps its own).
+    pub new_id: &'a str,
+    /// The lease length: it expires this long after the store's time now.
+    pub duration: Duration,
+}
+
+/// What a lease acquisition did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The lease was taken (`created`) or, held by the same holder already,
+    /// renewed; `change` is its feed entry (a [`ChangeKind::LeaseAcquired`]),
+    /// `in_use` the feature's live leases after it.
+    Acquired {
+        change: Change,
+        created: bool,
+        in_use: u32,
+    },
+    /// The feature's live leases are at (or above) the quantity: nothing written.
+    Exhausted { capacity: u32, in_use: u32 },
+    /// The plan was made against another license document than the one
+    /// stored: re-read and plan again.
+    LicenseChanged,
+}
+
+/// What a renewal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewOutcome {
+    /// The renewed leases, with their new expiry.
+    pub leases: Vec<Lease>,
+    /// The ids not renewed: expired, released, unknown or another holder's.
+    pub lost: Vec<String>,
+    /// The feed entry of the renewal (`None` when nothing was renewed).
+    pub change: Option<Change>,
+    /// The version the outcome is visible at.
+    pub version: u64,
+}
+
+/// What a lease release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseReleaseOutcome {
+    /// The lease was removed: its feed entry.
+    Released(Change),
+    /// No such lease: nothing written; the store's version when it looked.
+    NotHeld { version: u64 },
+}
+
+/// One day's use of a concurrent feature, kept 400 days.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseUsage {
+    pub feature: Feature,
+    /// Days since 1970-01-01 (UTC, the store's clock).
+    pub day: i64,
+    /// The most leases live at the same time that day.
+    pub peak: u32,
+    /// Acquisitions refused that day because the feature was at capacity.
+    pub busy: u64,
+}
+
+/// How many days of lease usage the store keeps.
+pub const USAGE_DAYS: i64 = 400;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// Not reachable, or no answer within the configured timeout. The outcome of
@@ -186,6 +258,45 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SeatKey>,
         limit: usize,
     ) -> Result<Vec<Seat>, StoreError>;
+
+    /// Takes a lease of a concurrent feature, atomically across all replicas:
+    /// expired leases of the feature are reclaimed, the live ones counted
+    /// against the plan's quantity and the lease written, in one step, with
+    /// the store's own clock. Idempotent per (user, feature, holder): the
+    /// holder's live lease comes back renewed (`created` false); an expired
+    /// one of the same key is replaced. A refusal for capacity counts one
+    /// "busy" of the day (outside the versioned state).
+    async fn acquire_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        request: LeaseAcquire<'_>,
+    ) -> Result<AcquireOutcome, StoreError>;
+
+    /// Renews `holder`'s leases among `lease_ids` to expire `duration` after
+    /// the store's time now, in one step; the others are `lost`. One feed
+    /// entry for all (none when nothing was renewed).
+    async fn renew_seat_leases(
+        &self,
+        floor: Floor<'_>,
+        holder: &Holder,
+        lease_ids: &[String],
+        duration: Duration,
+    ) -> Result<RenewOutcome, StoreError>;
+
+    /// Removes a lease (live or expired); [`LeaseReleaseOutcome::NotHeld`]
+    /// when there is none.
+    async fn release_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        lease_id: &str,
+    ) -> Result<LeaseReleaseOutcome, StoreError>;
+
+    /// The live leases (of `feature`, or all), ordered by (feature, user, holder).
+    async fn list_seat_leases(&self, feature: Option<Feature>) -> Result<Vec<Lease>, StoreError>;
+
+    /// The lease usage of the days from `since_day` on (days since 1970),
+    /// ordered by (feature, day).
+    async fn lease_usage(&self, since_day: i64) -> Result<Vec<LeaseUsage>, StoreError>;
 
     /// Writes `new` only if the stored tryout record equals `expected`; `None`
     /// when it did not.

@@ -315,3 +315,60 @@ impl AuditRecordV1 {
         })
     }
 }
+
+/// The only lease format version this code writes.
+pub const LEASE_V1: u32 = 1;
+
+/// A lease's value (`lic:{S}:lease_rec`, keyed by lease id). Written by
+/// `lease_acquire.lua` too (field order as there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecordV1 {
+    pub v: u32,
+    pub user: String,
+    pub feature: String,
+    pub holder: String,
+    /// Milliseconds since the Unix epoch (Redis `TIME` in the Redis store).
+    pub acquired_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+impl LeaseRecordV1 {
+    pub fn from_lease(l: &crate::domain::Lease) -> Self {
+        Self {
+            v: LEASE_V1,
+            user: l.user_id.as_str().to_owned(),
+            feature: l.feature.as_str().to_owned(),
+            holder: l.holder.as_str().to_owned(),
+            acquired_at_ms: l.acquired_at.timestamp_millis(),
+            expires_at_ms: l.expires_at.timestamp_millis(),
+        }
+    }
+
+    pub fn encode(l: &crate::domain::Lease) -> String {
+        serde_json::to_string(&Self::from_lease(l)).expect("a lease record always serializes")
+    }
+
+    pub fn parse(json: &str) -> Result<Self, StoreError> {
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("lease record: {e}")))
+    }
+
+    pub fn into_lease(self, lease_id: &str) -> Result<crate::domain::Lease, StoreError> {
+        if self.v != LEASE_V1 {
+            return Err(StoreError::Corrupt(format!(
+                "lease format v{} unknown",
+                self.v
+            )));
+        }
+        let corrupt = |what: &str, e: crate::domain::InvalidInput| {
+            StoreError::Corrupt(format!("stored lease {what}: {}", e.message))
+        };
+        Ok(crate::domain::Lease {
+            lease_id: lease_id.to_owned(),
+            user_id: UserId::parse(&self.user).map_err(|e| corrupt("user", e))?,
+            feature: self.feature.parse().map_err(|e| corrupt("feature", e))?,
+            holder: crate::domain::Holder::parse(&self.holder).map_err(|e| corrupt("holder", e))?,
+            acquired_at: millis(self.acquired_at_ms)?,
+            expires_at: millis(self.expires_at_ms)?,
+        })
+    }
+}

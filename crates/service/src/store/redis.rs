@@ -26,6 +26,10 @@
 //! | `lic:{S}:audit` | stream | the audit trail's accepted changes, field `record` ([`AuditRecordV1`]) |
 //! | `lic:{S}:audit_refusals` | stream | the audit trail's refusals (bounded apart), field `record` |
 //! | `lic:{S}:audit_last` | string | the last audit entry id given, unique across both streams |
+//! | `lic:{S}:lease_rec` | hash | lease id → [`LeaseRecordV1`]: the leases of concurrent features |
+//! | `lic:{S}:lease_key` | hash | `<feature>\0<user id>\0<holder>` → lease id (one lease per holder, user and feature) |
+//! | `lic:{S}:lease_pool:<feature>` | sorted set | the feature's lease ids, score `expires_at_ms` (Redis `TIME`): the live ones score above now |
+//! | `lic:{S}:lease_usage` | hash | `peak:<feature>:<day>` → most live leases that day, `busy:<feature>:<day>` → refused acquisitions (day: days since 1970, UTC; kept 400 days; outside the versioned state) |
 //!
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
@@ -46,21 +50,23 @@ mod snapshot;
 
 use super::memory::new_epoch;
 use super::records::{
-    AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
-    SeatRecordV1, TryoutRecordV1,
+    AuditRecordV1, IncidentRecordV1, InitializationRecordV1, LeaseRecordV1, LicenseRecordV1,
+    ReconcileRecordV1, SeatRecordV1, TryoutRecordV1,
 };
 use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
-    AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LicenseWrite, Position,
-    ReleaseOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    AcquireOutcome, AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LeaseAcquire,
+    LeaseReleaseOutcome, LeaseUsage, LicenseWrite, Position, ReleaseOutcome, RenewOutcome,
+    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
 };
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
+    AssignPlan, Feature, Holder, Lease, ReconcileStatus, Seat, SeatSource, SerialNumber,
+    TryoutRecord, UserId,
 };
 
 /// How many feed entries Redis keeps (approximately) for mirrors that fall behind;
@@ -102,6 +108,11 @@ static ORDER_BEGIN: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/order_begin.lua")));
 static ORDER_PAGE: LazyLock<Script> = script!("order_page.lua");
 static ORDER_FINISH: LazyLock<Script> = script!("order_finish.lua");
+static LEASE_ACQUIRE: LazyLock<Script> = script!("lease_acquire.lua");
+static LEASE_RENEW: LazyLock<Script> = script!("lease_renew.lua");
+static LEASE_RELEASE: LazyLock<Script> = script!("lease_release.lua");
+static LEASE_LIST: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/lease_list.lua")));
 static AUDIT_APPEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/audit_append_batch.lua")));
 
@@ -183,6 +194,22 @@ impl Keys {
     }
     fn audit_last(&self) -> String {
         self.key("audit_last")
+    }
+    /// The lease records, by lease id.
+    fn lease_records(&self) -> String {
+        self.key("lease_rec")
+    }
+    /// The lease id of each (feature, user, holder).
+    fn lease_keys(&self) -> String {
+        self.key("lease_key")
+    }
+    /// A concurrent feature's lease ids, scored by expiry.
+    fn lease_pool(&self, feature: Feature) -> String {
+        self.key(&format!("lease_pool:{}", feature.as_str()))
+    }
+    /// The daily peaks and busy counts of the concurrent features.
+    fn lease_usage(&self) -> String {
+        self.key("lease_usage")
     }
     fn pool(&self, feature: Feature, source: SeatSource) -> String {
         self.key(&format!("seats:{}:{}", feature.as_str(), source.as_str()))
@@ -488,6 +515,11 @@ fn skip_corrupt(operation: &str, mut reply: Vec<String>) -> Result<Vec<String>, 
     Ok(reply)
 }
 
+/// A lease length in ms for a script (at least 1).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 fn classify(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -595,6 +627,33 @@ fn flag_changes(flat: &[&str]) -> Result<Vec<Change>, StoreError> {
         .collect()
 }
 
+/// A lease's entry in the lease key hash: `<feature>\0<user>\0<holder>`.
+fn lease_key(lease: &Lease) -> String {
+    format!(
+        "{}\0{}\0{}",
+        lease.feature.as_str(),
+        lease.user_id.as_str(),
+        lease.holder.as_str()
+    )
+}
+
+/// A comma-separated list of lease ids (lease ids are hex digits).
+fn id_list(joined: &str) -> Vec<String> {
+    joined
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A time in ms since 1970 as stored.
+fn ms_time(raw: &str) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+    raw.parse::<i64>()
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .ok_or_else(|| StoreError::Corrupt(format!("stored time {raw:?}")))
+}
+
 /// Turns one feed entry into a change.
 fn feed_change(
     version: u64,
@@ -626,6 +685,23 @@ fn feed_change(
         "tryout" => ChangeKind::TryoutChanged(TryoutRecordV1::parse(&field("d")?)?),
         "reconcile" => ChangeKind::ReconcileRecorded(ReconcileRecordV1::parse(&field("d")?)?),
         "repair" => ChangeKind::Repaired(IncidentRecordV1::parse(&field("d")?)?),
+        "lease" => {
+            let id = field("i")?;
+            let reclaimed = field("r")?;
+            ChangeKind::LeaseAcquired {
+                lease: LeaseRecordV1::parse(&field("d")?)?.into_lease(&id)?,
+                reclaimed: id_list(&reclaimed),
+            }
+        }
+        "renew" => ChangeKind::LeasesRenewed {
+            holder: Holder::parse(&field("h")?)
+                .map_err(|e| StoreError::Corrupt(format!("stored holder: {}", e.message)))?,
+            lease_ids: id_list(&field("i")?),
+            expires_at: ms_time(&field("e")?)?,
+        },
+        "unlease" => ChangeKind::LeaseReleased {
+            lease_id: field("i")?,
+        },
         other => return Err(StoreError::Corrupt(format!("feed entry kind {other:?}"))),
     };
     Ok(Change { version, kind })
@@ -870,6 +946,211 @@ impl Store for RedisStore {
             .collect())
     }
 
+    async fn acquire_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        r: LeaseAcquire<'_>,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let reply = self
+            .write("lease_acquire", floor, &LEASE_ACQUIRE, |inv| {
+                inv.key(self.keys.license())
+                    .key(self.keys.lease_records())
+                    .key(self.keys.lease_keys())
+                    .key(self.keys.lease_pool(r.feature))
+                    .key(self.keys.lease_usage())
+                    .arg(r.user.as_str())
+                    .arg(r.feature.as_str())
+                    .arg(r.holder.as_str())
+                    .arg(r.plan.capacity)
+                    .arg(&r.plan.license_id)
+                    .arg(r.new_id)
+                    .arg(duration_ms(r.duration));
+            })
+            .await?;
+        match words(&reply).as_slice() {
+            ["license_changed"] => Ok(AcquireOutcome::LicenseChanged),
+            ["exhausted", cap, used] => Ok(AcquireOutcome::Exhausted {
+                capacity: cap.parse().unwrap_or(0),
+                in_use: used.parse().unwrap_or(0),
+            }),
+            ["acquired", id, record, v, created, in_use, reclaimed @ ..] => {
+                let lease = LeaseRecordV1::parse(record)?.into_lease(id)?;
+                let reclaimed = reclaimed.iter().map(|s| (*s).to_owned()).collect();
+                Ok(AcquireOutcome::Acquired {
+                    change: Change {
+                        version: version_of(v)?,
+                        kind: ChangeKind::LeaseAcquired { lease, reclaimed },
+                    },
+                    created: *created == "1",
+                    in_use: in_use.parse().unwrap_or(0),
+                })
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "lease acquire replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn renew_seat_leases(
+        &self,
+        floor: Floor<'_>,
+        holder: &Holder,
+        lease_ids: &[String],
+        duration: Duration,
+    ) -> Result<RenewOutcome, StoreError> {
+        let reply = self
+            .write("lease_renew", floor, &LEASE_RENEW, |inv| {
+                inv.key(self.keys.lease_records());
+                for feature in Feature::SEATS {
+                    inv.key(self.keys.lease_pool(feature));
+                }
+                inv.arg(holder.as_str())
+                    .arg(duration_ms(duration))
+                    .arg(Feature::SEATS.len());
+                for feature in Feature::SEATS {
+                    inv.arg(feature.as_str());
+                }
+                for id in lease_ids {
+                    inv.arg(id);
+                }
+            })
+            .await?;
+        let corrupt = || StoreError::Corrupt(format!("lease renew replied {reply:?}"));
+        let [v, expires, n, rest @ ..] = reply.as_slice() else {
+            return Err(corrupt());
+        };
+        let version = version_of(v)?;
+        let expires_at = ms_time(expires)?;
+        let n: usize = n.parse().map_err(|_| corrupt())?;
+        if rest.len() < 2 * n {
+            return Err(corrupt());
+        }
+        let (renewed, lost) = rest.split_at(2 * n);
+        let leases = renewed
+            .chunks_exact(2)
+            .map(|p| LeaseRecordV1::parse(&p[1])?.into_lease(&p[0]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let change = (n > 0).then(|| Change {
+            version,
+            kind: ChangeKind::LeasesRenewed {
+                holder: holder.clone(),
+                lease_ids: leases.iter().map(|l| l.lease_id.clone()).collect(),
+                expires_at,
+            },
+        });
+        Ok(RenewOutcome {
+            leases,
+            lost: lost.to_vec(),
+            change,
+            version,
+        })
+    }
+
+    async fn release_seat_lease(
+        &self,
+        floor: Floor<'_>,
+        lease_id: &str,
+    ) -> Result<LeaseReleaseOutcome, StoreError> {
+        let reply = self
+            .write("lease_release", floor, &LEASE_RELEASE, |inv| {
+                inv.key(self.keys.lease_records())
+                    .key(self.keys.lease_keys());
+                for feature in Feature::SEATS {
+                    inv.key(self.keys.lease_pool(feature));
+                }
+                inv.arg(lease_id);
+            })
+            .await?;
+        match words(&reply).as_slice() {
+            ["none", v] => Ok(LeaseReleaseOutcome::NotHeld {
+                version: version_of(v)?,
+            }),
+            ["released", v] => Ok(LeaseReleaseOutcome::Released(Change {
+                version: version_of(v)?,
+                kind: ChangeKind::LeaseReleased {
+                    lease_id: lease_id.to_owned(),
+                },
+            })),
+            other => Err(StoreError::Corrupt(format!(
+                "lease release replied {other:?}"
+            ))),
+        }
+    }
+
+    async fn list_seat_leases(&self, feature: Option<Feature>) -> Result<Vec<Lease>, StoreError> {
+        let mut inv = LEASE_LIST.prepare_invoke();
+        inv.key(self.keys.lease_records());
+        for f in Feature::SEATS {
+            if feature.is_none_or(|want| want == f) {
+                inv.key(self.keys.lease_pool(f));
+            }
+        }
+        let mut conn = self.conn.clone();
+        let flat = texts(
+            self.bounded("lease_list", inv.invoke_async(&mut conn))
+                .await?,
+        )?;
+        let mut leases: Vec<Lease> = flat
+            .chunks_exact(2)
+            .filter_map(|p| {
+                let lease = match (&p[0], &p[1]) {
+                    (Ok(id), Ok(raw)) => LeaseRecordV1::parse(raw).and_then(|r| r.into_lease(id)),
+                    _ => Err(StoreError::Corrupt("not UTF-8".into())),
+                };
+                lease
+                    .inspect_err(|error| {
+                        tracing::error!(%error, "corrupt lease record skipped in a listing");
+                        crate::metrics::metrics().corrupt_record();
+                    })
+                    .ok()
+            })
+            .collect();
+        leases.sort_by(|a, b| a.key().cmp(&b.key()));
+        Ok(leases)
+    }
+
+    async fn lease_usage(&self, since_day: i64) -> Result<Vec<LeaseUsage>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: Vec<(String, String)> = self
+            .bounded(
+                "lease_usage",
+                redis::cmd("HGETALL")
+                    .arg(self.keys.lease_usage())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut days: std::collections::BTreeMap<(Feature, i64), (u32, u64)> =
+            std::collections::BTreeMap::new();
+        for (field, value) in fields {
+            let mut parts = field.splitn(3, ':');
+            let (Some(kind), Some(feature), Some(day)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(feature), Ok(day)) = (feature.parse::<Feature>(), day.parse::<i64>()) else {
+                continue;
+            };
+            if day < since_day {
+                continue;
+            }
+            let entry = days.entry((feature, day)).or_default();
+            match kind {
+                "peak" => entry.0 = value.parse().unwrap_or(0),
+                "busy" => entry.1 = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(days
+            .into_iter()
+            .map(|((feature, day), (peak, busy))| LeaseUsage {
+                feature,
+                day,
+                peak,
+                busy,
+            })
+            .collect())
+    }
+
     async fn compare_and_set_tryout(
         &self,
         floor: Floor<'_>,
@@ -1005,6 +1286,12 @@ impl Store for RedisStore {
                 inv.key(self.keys.order(feature))
                     .key(self.keys.flagged(feature));
             }
+            // A re-setup ends every lease too.
+            inv.key(self.keys.lease_records())
+                .key(self.keys.lease_keys());
+            for feature in Feature::SEATS {
+                inv.key(self.keys.lease_pool(feature));
+            }
         })
         .await
     }
@@ -1060,6 +1347,13 @@ impl Store for RedisStore {
             inv.key(key);
         }
         let sets = order_keys(&self.keys, &mut inv, 12 + pools.len());
+        // Then the lease keys: records, keys, each feature's pool.
+        let lease_base = 12 + pools.len() + 2 * Feature::SEATS.len();
+        inv.key(self.keys.lease_records())
+            .key(self.keys.lease_keys());
+        for feature in Feature::SEATS {
+            inv.key(self.keys.lease_pool(feature));
+        }
         let license_record = from.license.as_ref().map(LicenseRecordV1::encode);
         inv.arg(new_epoch())
             .arg(from.position.as_ref().map_or(0, |p| p.version))
@@ -1085,6 +1379,23 @@ impl Store for RedisStore {
                     .unwrap_or_default(),
             )
             .arg(from.high_water_ms);
+        let leases: Vec<(usize, &Lease)> = from
+            .leases
+            .iter()
+            .filter_map(|l| {
+                let i = Feature::SEATS.iter().position(|f| *f == l.feature)?;
+                Some((lease_base + 2 + i, l))
+            })
+            .collect();
+        inv.arg(leases.len() * 5);
+        for (pool, lease) in leases {
+            inv.arg(pool)
+                .arg(&lease.lease_id)
+                .arg(lease_key(lease))
+                .arg(lease.expires_at.timestamp_millis())
+                .arg(LeaseRecordV1::encode(lease));
+        }
+        inv.arg(lease_base);
         for seat in &from.seats {
             let Some(index) = pools
                 .iter()
@@ -1208,6 +1519,12 @@ impl Store for RedisStore {
             inv.key(key);
         }
         let sets = order_keys(&self.keys, &mut inv, 11 + pools.len());
+        let lease_base = 11 + pools.len() + 2 * Feature::SEATS.len();
+        inv.key(self.keys.lease_records())
+            .key(self.keys.lease_keys());
+        for feature in Feature::SEATS {
+            inv.key(self.keys.lease_pool(feature));
+        }
         let (init_mode, init_record) = match &w.initialization {
             None => ("", String::new()),
             Some(None) => ("del", String::new()),
@@ -1285,6 +1602,23 @@ impl Store for RedisStore {
             kinds.push(ChangeKind::SeatReleased {
                 feature: *feature,
                 user_id: user.clone(),
+            });
+        }
+        for lease in &w.add_leases {
+            let Some(i) = Feature::SEATS.iter().position(|f| *f == lease.feature) else {
+                continue;
+            };
+            inv.arg("lease")
+                .arg(lease_base)
+                .arg(lease_base + 1)
+                .arg(lease_base + 2 + i)
+                .arg(&lease.lease_id)
+                .arg(lease_key(lease))
+                .arg(lease.expires_at.timestamp_millis())
+                .arg(LeaseRecordV1::encode(lease));
+            kinds.push(ChangeKind::LeaseAcquired {
+                lease: lease.clone(),
+                reclaimed: Vec::new(),
             });
         }
         if let Some(license) = &w.license {

@@ -21,12 +21,12 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 
 use super::{
-    CasRecord, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
-    RedisStore, SNAPSHOT, TryoutRecordV1, feed_change, record, stored_seat, text, texts,
-    version_of,
+    CasRecord, IncidentRecordV1, InitializationRecordV1, LeaseRecordV1, LicenseRecordV1,
+    ReconcileRecordV1, RedisStore, SNAPSHOT, TryoutRecordV1, feed_change, record, stored_seat,
+    text, texts, version_of,
 };
 use crate::domain::initcode::PendingInitialization;
-use crate::domain::{Feature, ReconcileStatus, Seat, TryoutRecord};
+use crate::domain::{Feature, Lease, ReconcileStatus, Seat, TryoutRecord};
 use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoreError, StoredLicense};
 
 /// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
@@ -113,6 +113,8 @@ struct Records {
     initialization: Option<PendingInitialization>,
     retired: Option<StoredLicense>,
     incident: Option<Incident>,
+    /// The leases by id (the head's, then as the replay changes them).
+    leases: BTreeMap<String, Lease>,
     /// Corrupt single records, by record name: a replayed change that replaces
     /// one takes its name off.
     corrupt: Vec<(&'static str, String)>,
@@ -153,8 +155,32 @@ fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
             records.incident = Some(i.clone());
             records.replaced(&["incident"]);
         }
+        ChangeKind::LeaseAcquired { lease, reclaimed } => {
+            for id in reclaimed {
+                records.leases.remove(id);
+            }
+            records
+                .leases
+                .retain(|_, l| l.key() != lease.key() || l.lease_id == lease.lease_id);
+            records.leases.insert(lease.lease_id.clone(), lease.clone());
+        }
+        ChangeKind::LeasesRenewed {
+            lease_ids,
+            expires_at,
+            ..
+        } => {
+            for id in lease_ids {
+                if let Some(l) = records.leases.get_mut(id) {
+                    l.expires_at = *expires_at;
+                }
+            }
+        }
+        ChangeKind::LeaseReleased { lease_id } => {
+            records.leases.remove(lease_id);
+        }
         ChangeKind::Reset => {
             seats.clear();
+            records.leases.clear();
             if let Some(l) = records.license.take() {
                 records.retired = Some(l);
                 records.replaced(&["retired license"]);
@@ -204,12 +230,13 @@ impl RedisStore {
             .key(self.keys.init())
             .key(self.keys.retired_license())
             .key(self.keys.clock())
-            .key(self.keys.incident());
+            .key(self.keys.incident())
+            .key(self.keys.lease_records());
         let mut conn = self.conn.clone();
         let head: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if head.len() != 10 {
+        if head.len() != 11 {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -235,6 +262,24 @@ impl RedisStore {
         records.initialization = initialization;
         records.retired = retired;
         records.incident = incident;
+        let lease_fields = texts(head[10].clone())?;
+        for pair in lease_fields.chunks_exact(2) {
+            let lease = match (&pair[0], &pair[1]) {
+                (Ok(id), Ok(raw)) => LeaseRecordV1::parse(raw).and_then(|r| r.into_lease(id)),
+                _ => Err(StoreError::Corrupt("not UTF-8".into())),
+            };
+            match lease {
+                Ok(lease) => {
+                    records.leases.insert(lease.lease_id.clone(), lease);
+                }
+                Err(e) => {
+                    let id = pair[0].as_ref().unwrap_or_else(|lossy| lossy);
+                    records
+                        .corrupt
+                        .push(("lease", format!("lease {id:?}: {e}")));
+                }
+            }
+        }
         // A corrupt license record leaves its id readable: a replica reads the
         // license as none, and applying one expecting none replaces it.
         self.saw(
@@ -298,6 +343,11 @@ impl RedisStore {
             retired_license: records.retired,
             high_water_ms,
             incident: records.incident,
+            leases: {
+                let mut leases: Vec<Lease> = records.leases.into_values().collect();
+                leases.sort_by(|a, b| a.key().cmp(&b.key()));
+                leases
+            },
             corrupt: all_corrupt,
         }))
     }

@@ -142,9 +142,27 @@ impl LicensingServer for GrpcLicensingServer {
     }
 
     async fn fetch_license(&self, serial: &SerialNumber) -> Result<String, UpstreamError> {
+        self.fetch_license_reporting(serial, &[]).await
+    }
+
+    async fn fetch_license_reporting(
+        &self,
+        serial: &SerialNumber,
+        usage: &[super::UsagePeak],
+    ) -> Result<String, UpstreamError> {
         let mut client = self.client();
         let request = vendor_pb::FetchLicenseRequest {
             serial_number: serial.as_str().to_owned(),
+            usage: usage
+                .iter()
+                .map(|u| vendor_pb::UsagePeak {
+                    feature: u.feature.clone(),
+                    day: u.day.clone(),
+                    peak_in_use: u.peak_in_use,
+                    capacity: u.capacity,
+                    busy: u.busy,
+                })
+                .collect(),
         };
         let response = self
             .call("FetchLicense", client.fetch_license(request))

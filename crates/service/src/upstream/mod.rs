@@ -55,6 +55,17 @@ pub struct TryoutClaim {
     pub signed_tryout: String,
 }
 
+/// One day's peak of a concurrent feature, as reported with a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsagePeak {
+    pub feature: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    pub peak_in_use: u32,
+    pub capacity: u32,
+    pub busy: u64,
+}
+
 /// What the service needs from the vendor's licensing server.
 #[async_trait]
 pub trait LicensingServer: Send + Sync + 'static {
@@ -64,6 +75,17 @@ pub trait LicensingServer: Send + Sync + 'static {
 
     /// The signed license document of a serial number (JSON text).
     async fn fetch_license(&self, serial: &SerialNumber) -> Result<String, UpstreamError>;
+
+    /// [`LicensingServer::fetch_license`], reporting the concurrent features'
+    /// daily peaks of use with it (the vendor's usage record). A source that
+    /// keeps no usage (a license file) only fetches.
+    async fn fetch_license_reporting(
+        &self,
+        serial: &SerialNumber,
+        _usage: &[UsagePeak],
+    ) -> Result<String, UpstreamError> {
+        self.fetch_license(serial).await
+    }
 
     /// Reports that the serial started its tryout (best effort).
     async fn report_tryout(

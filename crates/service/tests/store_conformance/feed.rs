@@ -102,6 +102,9 @@ async fn change_feed_reports_every_write_in_order(store: &dyn Store) {
             ChangeKind::InitializationConsumed => "init_consumed",
             ChangeKind::Reset => "reset",
             ChangeKind::Repaired(_) => "repaired",
+            ChangeKind::LeaseAcquired { .. } => "lease",
+            ChangeKind::LeasesRenewed { .. } => "renewed",
+            ChangeKind::LeaseReleased { .. } => "lease_released",
         })
         .collect();
     assert_eq!(

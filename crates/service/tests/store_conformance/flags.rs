@@ -246,6 +246,7 @@ async fn restored_and_repaired_flags_anywhere_are_set_right(
             (Feature::User, uid(&user_name(119))),
             (Feature::User, uid(&user_name(100))),
         ],
+        add_leases: Vec::new(),
         license: None,
         tryout: None,
         reconcile: None,

@@ -182,6 +182,7 @@ mod data_loss;
 mod feed;
 mod flags;
 mod integrity;
+mod leases;
 mod license;
 mod listing;
 mod over_capacity;
@@ -210,11 +211,13 @@ fn license(tag: &str, users: u32) -> StoredLicense {
         issued_at: Utc::now(),
         entitlements: vec![
             Entitlement {
+                seat_model: Default::default(),
                 feature: Feature::User,
                 quantity: users,
                 expires_at: None,
             },
             Entitlement {
+                seat_model: Default::default(),
                 feature: Feature::CallAssist,
                 quantity: users,
                 expires_at: None,

@@ -290,3 +290,27 @@ local function write_flags(plan)
     moved(s[1], seat_text(s[2], now))
   end
 end
+
+-- Leases of concurrent features (lease_acquire.lua, lease_renew.lua,
+-- lease_release.lua, repair.lua). A lease record (LeaseRecordV1) is kept by id
+-- in the lease record hash, its id by '<feature>\0<user>\0<holder>' in the
+-- lease key hash, and the id in its feature's lease pool, a sorted set scored
+-- by the expiry (ms, Redis TIME): the live leases are the members scored
+-- above now, found in O(log N).
+local function lease_json(user, feature, holder, acquired, expires)
+  return string.format('{"v":1,"user":%s,"feature":%s,"holder":%s,"acquired_at_ms":%.0f,"expires_at_ms":%.0f}',
+    cjson.encode(user), cjson.encode(feature), cjson.encode(holder), acquired, expires)
+end
+
+-- A lease record decoded and checked, or nil (then named in `skipped`).
+local function lease_record(id, raw)
+  if not raw then return nil end
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' and rec.v == 1 and type(rec.user) == 'string'
+    and type(rec.feature) == 'string' and type(rec.holder) == 'string'
+    and millis(rec.acquired_at_ms) and millis(rec.expires_at_ms) then
+    return rec
+  end
+  table.insert(skipped, 'lease ' .. printable(id))
+  return nil
+end

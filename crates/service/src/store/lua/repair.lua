@@ -11,7 +11,9 @@
 -- operations from ARGV[12] as ('add' | 'del', pool key, other pool key, order
 -- key, flagged key, feature, user, record), each key an index into KEYS (0 =
 -- none): 'add' writes the record to the pool, 'del' removes the user from both
--- pools; a purchased seat's order sets are kept (see prelude.lua).
+-- pools; a purchased seat's order sets are kept (see prelude.lua). A lease is
+-- written back by the operation ('lease', lease records key, lease keys key,
+-- lease pool key, id, lease key entry, expires_at_ms, record).
 -- Reply: 'ok', then the version of each part in that order.
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[2]
   or (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then
@@ -21,6 +23,11 @@ end
 -- encoded is always readable; one that is not stays out of the order sets).
 local ops = {}
 for i = 12, #ARGV, 8 do
+  if ARGV[i] == 'lease' then
+    table.insert(ops, {lease = true, records = tonumber(ARGV[i + 1]), keys = tonumber(ARGV[i + 2]),
+      pool = tonumber(ARGV[i + 3]), id = ARGV[i + 4], key = ARGV[i + 5], expires = ARGV[i + 6],
+      record = ARGV[i + 7]})
+  else
   local op = {
     add = ARGV[i] == 'add', pool = tonumber(ARGV[i + 1]), other = tonumber(ARGV[i + 2]),
     feature = ARGV[i + 5], user = ARGV[i + 6], record = ARGV[i + 7],
@@ -31,13 +38,19 @@ for i = 12, #ARGV, 8 do
     op.rec = seat_record('seat ' .. op.feature .. '/' .. printable(op.user), op.record)
   end
   table.insert(ops, op)
+  end
 end
 
 if tonumber(ARGV[4]) > tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[4]) end
 local out = {'ok'}
 for _, op in ipairs(ops) do
-  local member = op.feature .. '\0' .. op.user
-  if op.add then
+  local member = (op.feature or '') .. '\0' .. (op.user or '')
+  if op.lease then
+    redis.call('HSET', KEYS[op.records], op.id, op.record)
+    redis.call('HSET', KEYS[op.keys], op.key, op.id)
+    redis.call('ZADD', KEYS[op.pool], op.expires, op.id)
+    table.insert(out, tostring(bump({'k', 'lease', 'i', op.id, 'd', op.record, 'r', ''})))
+  elseif op.add then
     redis.call('HSET', KEYS[op.pool], op.user, op.record)
     if op.index then index_seat(op.index, op.user, op.rec) end
     redis.call('ZADD', KEYS[9], 0, member)

@@ -8,7 +8,10 @@
 -- ARGV[1] new epoch, ARGV[2] version, ARGV[3] license id, ARGV[4] license record,
 -- ARGV[5] tryout record, ARGV[6] reconcile record, ARGV[7] pending initialization,
 -- ARGV[8] retired license record ('' = none for each), ARGV[9] high-water clock
--- (ms, capped at Redis TIME), then seats from ARGV[10] as (pool key, order key,
+-- (ms, capped at Redis TIME), ARGV[10] the number L of lease arguments, the
+-- leases from ARGV[11] as (lease pool key, id, lease key entry, expires_at_ms,
+-- record), ARGV[11 + L] the index of the lease records key (the lease key
+-- hash follows it), then seats from ARGV[12 + L] as (pool key, order key,
 -- flagged key, feature, user, record, assigned_at_ms) with each key an index
 -- into KEYS, 0 for none: a purchased seat goes into its pool's order set, and
 -- into the flagged set when it is flagged.
@@ -28,7 +31,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mark = math.min(tonumber(ARGV[9]), now)
 if mark > hw then redis.call('SET', KEYS[10], string.format('%.0f', mark)) end
-for i = 10, #ARGV, 7 do
+local lease_args = tonumber(ARGV[10])
+local lease_records = tonumber(ARGV[11 + lease_args])
+for i = 11, 10 + lease_args, 5 do
+  redis.call('HSET', KEYS[lease_records], ARGV[i + 1], ARGV[i + 4])
+  redis.call('HSET', KEYS[lease_records + 1], ARGV[i + 2], ARGV[i + 1])
+  redis.call('ZADD', KEYS[tonumber(ARGV[i])], ARGV[i + 3], ARGV[i + 1])
+end
+for i = 12 + lease_args, #ARGV, 7 do
   local user = ARGV[i + 4]
   redis.call('HSET', KEYS[tonumber(ARGV[i])], user, ARGV[i + 5])
   for j = 1, 2 do

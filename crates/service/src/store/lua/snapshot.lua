@@ -3,7 +3,8 @@
 -- version replayed over them (store/redis_snapshot.rs).
 -- KEYS[1] epoch, KEYS[2] version, KEYS[3] license, KEYS[4] tryout, KEYS[5] reconcile,
 -- KEYS[6] pending initialization, KEYS[7] retired license, KEYS[8] high-water
--- clock, KEYS[9] last incident.
+-- clock, KEYS[9] last incident, KEYS[10] the lease records (few: at most the
+-- concurrent quantities plus expired ones not yet reclaimed).
 -- The reply ends with the license's id, kept apart from its record (readable
 -- also when the record is not).
 return {
@@ -17,4 +18,5 @@ return {
   redis.call('GET', KEYS[8]) or '0',
   redis.call('GET', KEYS[9]) or '',
   redis.call('HGET', KEYS[3], 'id') or '',
+  redis.call('HGETALL', KEYS[10]),
 }

@@ -1,0 +1,386 @@
+//! Concurrent-use seats over gRPC, on two replicas of one PBX sharing one
+//! Redis: the quantity holds across replicas under concurrency, a holder never
+//! takes a second seat, a crashed holder's seat is free within one lease
+//! length, renewals report what is lost, and the seat models keep apart.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use comtrexx_licensing::config::RawConfig;
+use comtrexx_licensing::domain::{Edition, Feature, SeatModel};
+use comtrexx_licensing::grpc::pb;
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Two replicas A and B of one PBX on one Redis; `user` is sold for
+/// concurrent use, `call_assist` as assigned seats. Fields drop in order: the
+/// replicas stop before their Redis.
+struct Pair {
+    a: TestServer,
+    b: TestServer,
+    _vendor: Vendor,
+    _redis: RedisServer,
+}
+
+impl Pair {
+    async fn start(tag: &str, users: u32, lease_seconds: u64) -> Self {
+        let redis = RedisServer::start();
+        let vendor = Vendor::new();
+        let serial = serial(tag);
+        vendor.write_license_with_models(
+            &serial,
+            Edition::Vm,
+            Utc::now() - chrono::Duration::hours(1),
+            &[
+                (Feature::User, users, SeatModel::Concurrent),
+                (Feature::CallAssist, 5, SeatModel::Assigned),
+            ],
+        );
+        let mut config = without_load_limits(RawConfig {
+            redis_timeout_ms: 5_000,
+            ..licensed_config(Some(&redis), &serial, &vendor)
+        });
+        config.leases.duration_seconds = lease_seconds;
+        let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
+        for server in [&a, &b] {
+            let c = server.client().await;
+            let active =
+                eventually(WAIT, || {
+                    let mut c = c.clone();
+                    async move {
+                        overview(&mut c).await.activation_state() == pb::ActivationState::Active
+                    }
+                })
+                .await;
+            assert!(active, "replica {} never applied the license", server.addr);
+        }
+        Self {
+            a,
+            b,
+            _vendor: vendor,
+            _redis: redis,
+        }
+    }
+}
+
+async fn acquire(
+    c: &mut Client,
+    user: &str,
+    holder: &str,
+) -> Result<pb::AcquireLeaseResponse, Status> {
+    c.acquire_lease(pb::AcquireLeaseRequest {
+        user_id: user.into(),
+        feature: String::new(),
+        holder: holder.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn renew(c: &mut Client, holder: &str, ids: &[String]) -> pb::RenewLeasesResponse {
+    c.renew_leases(pb::RenewLeasesRequest {
+        holder: holder.into(),
+        lease_ids: ids.to_vec(),
+    })
+    .await
+    .expect("RenewLeases")
+    .into_inner()
+}
+
+async fn release(c: &mut Client, id: &str) -> pb::ReleaseLeaseResponse {
+    c.release_lease(pb::ReleaseLeaseRequest {
+        lease_id: id.into(),
+    })
+    .await
+    .expect("ReleaseLease")
+    .into_inner()
+}
+
+async fn all_leases(c: &mut Client) -> Vec<pb::Lease> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_leases(pb::ListLeasesRequest {
+                feature: String::new(),
+                page_size: 7,
+                page_token: token,
+                min_version: 0,
+            })
+            .await
+            .expect("ListLeases")
+            .into_inner();
+        out.extend(page.leases);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn check_at(c: &mut Client, user: &str, min_version: u64) -> pb::CheckSeatResponse {
+    c.check_seat(pb::CheckSeatRequest {
+        user_id: user.into(),
+        feature: String::new(),
+        min_version,
+    })
+    .await
+    .expect("CheckSeat")
+    .into_inner()
+}
+
+fn reason(status: &Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_acquisitions_over_two_replicas_grant_exactly_the_quantity() {
+    let pair = Pair::start("lease-race", 20, 90).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let server = if i % 2 == 0 { &pair.a } else { &pair.b };
+        clients.push(server.client().await);
+    }
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let user = format!("user-{i:03}");
+            tokio::spawn(async move {
+                let r = acquire(&mut c, &user, &format!("pod-{}", i % 4)).await;
+                (user, r)
+            })
+        })
+        .collect();
+    let mut granted = BTreeSet::new();
+    let mut busy = 0;
+    for task in tasks {
+        let (user, result) = task.await.unwrap();
+        match result {
+            Ok(r) => {
+                assert!(r.created, "{user}: {r:?}");
+                assert_eq!(r.lease.unwrap().user_id, user);
+                granted.insert(user);
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                let info = s.get_details_error_info().expect("ErrorInfo");
+                assert_eq!(info.reason, "NO_FREE_SEAT");
+                assert_eq!(info.metadata["capacity"], "20", "{info:?}");
+                assert_eq!(info.metadata["in_use"], "20", "{info:?}");
+                busy += 1;
+            }
+            Err(s) => panic!("{user}: unexpected {s:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 20);
+    assert_eq!(busy, 180);
+    for server in [&pair.a, &pair.b] {
+        let mut c = server.client().await;
+        let listed: BTreeSet<String> = all_leases(&mut c)
+            .await
+            .into_iter()
+            .map(|l| l.user_id)
+            .collect();
+        assert_eq!(listed, granted, "replica {}", server.addr);
+    }
+    // The overview of either replica shows the use, the peak and the busy count.
+    for server in [&pair.a, &pair.b] {
+        let c = server.client().await;
+        let seen = eventually(WAIT, || {
+            let mut c = c.clone();
+            async move {
+                let o = overview(&mut c).await;
+                let user = o.entitlements.iter().find(|e| e.feature == "user").unwrap();
+                o.concurrent_use.iter().any(|u| {
+                    u.feature == "user"
+                        && u.capacity == 20
+                        && u.in_use == 20
+                        && u.peak_in_use_today == 20
+                        && u.at_capacity
+                }) && user.in_use == 20
+                    && user.seat_model() == pb::SeatModel::Concurrent
+            }
+        })
+        .await;
+        assert!(seen, "replica {} never showed 20 of 20 in use", server.addr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_never_takes_a_second_seat() {
+    let pair = Pair::start("lease-idem", 3, 90).await;
+    let mut clients = Vec::new();
+    for server in [&pair.a, &pair.b] {
+        clients.push(server.client().await);
+    }
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            tokio::spawn(async move { acquire(&mut c, "alice", "pod-1").await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for task in tasks {
+        let r = task.await.unwrap().expect("every acquisition is OK");
+        created += usize::from(r.created);
+        ids.insert(r.lease.unwrap().lease_id);
+    }
+    assert_eq!(created, 1, "exactly one call took the seat");
+    assert_eq!(ids.len(), 1, "every call answered the same lease");
+    let mut a = pair.a.client().await;
+    assert_eq!(all_leases(&mut a).await.len(), 1);
+    // Another holder of the same user is another use.
+    let mut b = pair.b.client().await;
+    assert!(acquire(&mut b, "alice", "pod-2").await.unwrap().created);
+    assert_eq!(all_leases(&mut a).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_holders_seat_is_free_within_one_lease_length() {
+    let pair = Pair::start("lease-expiry", 1, 5).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let taken = acquire(&mut a, "crashed", "pod-1").await.unwrap();
+    let lease = taken.lease.unwrap();
+    // Read your writes on the other replica.
+    let on_b = check_at(&mut b, "crashed", taken.version).await;
+    assert!(on_b.licensed, "{on_b:?}");
+    assert_eq!(on_b.reason(), pb::SeatReason::Assigned);
+    assert_eq!(on_b.valid_until, lease.expires_at);
+    let full = acquire(&mut b, "waiting", "pod-2").await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted);
+
+    // pod-1 stops renewing. Within one lease length (5 s) the seat is free.
+    let started = Instant::now();
+    let next = loop {
+        match acquire(&mut b, "waiting", "pod-2").await {
+            Ok(r) => break r,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(7),
+                    "not free within one lease length"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert!(next.created);
+    let crashed = check_at(&mut a, "crashed", next.version).await;
+    assert!(!crashed.licensed);
+    assert_eq!(crashed.reason(), pb::SeatReason::NoLease);
+    let waiting = check_at(&mut a, "waiting", next.version).await;
+    assert!(waiting.licensed);
+    // The crashed holder comes back: its lease is lost, not renewed.
+    let r = renew(&mut a, "pod-1", std::slice::from_ref(&lease.lease_id)).await;
+    assert!(r.leases.is_empty());
+    assert_eq!(r.lost, vec![lease.lease_id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_keep_leases_and_report_what_is_lost() {
+    let pair = Pair::start("lease-renew", 5, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let x = acquire(&mut a, "x", "pod-1").await.unwrap().lease.unwrap();
+    let y = acquire(&mut a, "y", "pod-1").await.unwrap().lease.unwrap();
+    let z = acquire(&mut a, "z", "pod-2").await.unwrap().lease.unwrap();
+    let released = release(&mut b, &y.lease_id).await;
+    assert!(released.released);
+    assert!(!release(&mut b, &y.lease_id).await.released);
+    let ids = vec![
+        x.lease_id.clone(),
+        y.lease_id.clone(),
+        z.lease_id.clone(),
+        "ffffffffffffffffffffffffffffffff".to_owned(),
+    ];
+    let r = renew(&mut b, "pod-1", &ids).await;
+    assert_eq!(r.leases.len(), 1);
+    assert_eq!(r.leases[0].lease_id, x.lease_id);
+    assert!(r.leases[0].expires_at.as_ref().unwrap().seconds >= x.expires_at.unwrap().seconds);
+    assert_eq!(
+        r.lost,
+        [y.lease_id.clone(), z.lease_id.clone(), ids[3].clone()]
+    );
+    assert!(r.version > released.version);
+    let y_check = check_at(&mut a, "y", released.version).await;
+    assert_eq!(y_check.reason(), pb::SeatReason::NoLease);
+    let x_check = check_at(&mut a, "x", r.version).await;
+    assert!(x_check.licensed);
+}
+
+#[tokio::test]
+async fn seat_models_keep_apart_and_requests_are_validated() {
+    let pair = Pair::start("lease-models", 2, 90).await;
+    let mut a = pair.a.client().await;
+    // Assigned seats of a concurrent feature, leases of an assigned one: refused.
+    let err = assign(&mut a, "alice", "user").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "WRONG_SEAT_MODEL");
+    let err = a
+        .acquire_lease(pb::AcquireLeaseRequest {
+            user_id: "alice".into(),
+            feature: "call_assist".into(),
+            holder: "pod-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "WRONG_SEAT_MODEL");
+    assert!(
+        assign(&mut a, "alice", "call_assist")
+            .await
+            .unwrap()
+            .created
+    );
+    assert_eq!(
+        checked(&mut a, "alice", "").await.reason(),
+        pb::SeatReason::NoLease
+    );
+
+    let field = |s: Status| {
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        s.get_details_error_info().unwrap().metadata["field"].clone()
+    };
+    for (user, holder, want) in [
+        ("", "pod", "user_id"),
+        ("alice", "", "holder"),
+        ("alice", "a\u{7}b", "holder"),
+        ("alice", &"h".repeat(129), "holder"),
+    ] {
+        let err = acquire(&mut a, user, holder).await.unwrap_err();
+        assert_eq!(field(err), want, "{user:?} {holder:?}");
+    }
+    let err = a
+        .renew_leases(pb::RenewLeasesRequest {
+            holder: "pod".into(),
+            lease_ids: vec![String::new()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(err), "lease_ids");
+    let err = a
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: "x".repeat(65),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(err), "lease_id");
+    let err = a
+        .list_leases(pb::ListLeasesRequest {
+            page_token: "nonsense".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(err), "page_token");
+}
