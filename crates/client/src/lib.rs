@@ -45,6 +45,10 @@
 //!   time of the stream advanced by the monotonic clock, never the wall clock.
 //! - **Read your writes.** [`wait_for_version`](Client::wait_for_version)
 //!   waits until the copy has a write's `version` (made on any replica).
+//! - **Leases of concurrent features.** [`acquire`](Client::acquire) returns a
+//!   [`LeaseGuard`]: renewed in the background with the holder's other leases
+//!   in one call, released when dropped, and counted lost by the monotonic
+//!   clock no later than the service frees it.
 //!
 //! `licensing-agent` (this crate's binary) runs a client and answers the
 //! service's `CheckSeat` from it on a local socket, for callers that cannot
