@@ -159,8 +159,10 @@ impl Drop for LeaseGuard {
 }
 
 /// One unary call on the first endpoint that answers, reusing the channel
-/// that worked last; the request with the client's token.
-async fn call<Req, Resp, F, Fut>(shared: &Shared, f: F, request: Req) -> Result<Resp, String>
+/// that worked last; the request with the client's token. A refusal of the
+/// request itself is [`AcquireError::Refused`] (another replica would answer
+/// the same); no replica answering is [`AcquireError::Unreachable`].
+async fn call<Req, Resp, F, Fut>(shared: &Shared, f: F, request: Req) -> Result<Resp, AcquireError>
 where
     Req: Clone,
     F: Fn(LicensingServiceClient<Channel>, tonic::Request<Req>) -> Fut,
@@ -209,7 +211,7 @@ where
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
                 ) =>
             {
-                return Err(follow::describe(&s));
+                return Err(AcquireError::Refused(follow::describe(&s)));
             }
             Err(s) => {
                 last = format!("{url}: {}", follow::describe(&s));
@@ -217,7 +219,7 @@ where
             }
         }
     }
-    Err(last)
+    Err(AcquireError::Unreachable(last))
 }
 
 /// Why an acquisition failed.
@@ -259,15 +261,7 @@ impl Client {
             |mut c, r| async move { c.acquire_lease(r).await },
             request,
         )
-        .await
-        .map_err(|e| {
-            if e.starts_with("Unavailable") || e.contains("connect") || e.starts_with("no endpoint")
-            {
-                AcquireError::Unreachable(e)
-            } else {
-                AcquireError::Refused(e)
-            }
-        })?;
+        .await?;
         let lease = answer
             .lease
             .ok_or_else(|| AcquireError::Refused("an answer without a lease".into()))?;
@@ -389,7 +383,7 @@ async fn renew_once(shared: &Shared) {
         }
         Err(why) => {
             tracing::warn!("lease renewal failed: {why}");
-            *shared.leases.failing.lock() = Some(why);
+            *shared.leases.failing.lock() = Some(why.to_string());
         }
     }
 }
