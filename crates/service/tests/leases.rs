@@ -24,8 +24,9 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Pair {
     a: TestServer,
     b: TestServer,
-    _vendor: Vendor,
-    _redis: RedisServer,
+    vendor: Vendor,
+    serial: String,
+    redis: RedisServer,
 }
 
 impl Pair {
@@ -63,8 +64,9 @@ impl Pair {
         Self {
             a,
             b,
-            _vendor: vendor,
-            _redis: redis,
+            vendor,
+            serial,
+            redis,
         }
     }
 }
@@ -383,4 +385,102 @@ async fn seat_models_keep_apart_and_requests_are_validated() {
         .await
         .unwrap_err();
     assert_eq!(field(err), "page_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_drop_refuses_new_uses_and_cuts_no_live_one() {
+    let pair = Pair::start("lease-drop", 3, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let mut ids = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        ids.push(
+            acquire(&mut a, user, "pod-1")
+                .await
+                .unwrap()
+                .lease
+                .unwrap()
+                .lease_id,
+        );
+    }
+    // The vendor's next document sells one.
+    pair.vendor.write_license_with_models(
+        &pair.serial,
+        Edition::Vm,
+        Utc::now(),
+        &[
+            (Feature::User, 1, SeatModel::Concurrent),
+            (Feature::CallAssist, 5, SeatModel::Assigned),
+        ],
+    );
+    let r = b
+        .reconcile(pb::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), pb::ReconcileOutcome::Updated);
+    // Live uses go on: renewed, and licensed.
+    let renewed = renew(&mut a, "pod-1", &ids).await;
+    assert_eq!(renewed.leases.len(), 3);
+    for user in ["u1", "u2", "u3"] {
+        assert!(
+            check_at(&mut b, user, renewed.version).await.licensed,
+            "{user}"
+        );
+    }
+    // New ones are refused until the live ones are down below the quantity.
+    let busy = acquire(&mut b, "u4", "pod-2").await.unwrap_err();
+    assert_eq!(busy.code(), Code::ResourceExhausted);
+    let info = busy.get_details_error_info().unwrap();
+    assert_eq!(
+        (
+            info.metadata["capacity"].as_str(),
+            info.metadata["in_use"].as_str()
+        ),
+        ("1", "3")
+    );
+    release(&mut a, &ids[0]).await;
+    release(&mut a, &ids[1]).await;
+    assert_eq!(
+        acquire(&mut b, "u4", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    release(&mut a, &ids[2]).await;
+    assert!(acquire(&mut b, "u4", "pod-2").await.unwrap().created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_survive_a_redis_that_lost_its_data() {
+    let pair = Pair::start("lease-flush", 2, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let taken = acquire(&mut a, "alice", "pod-1").await.unwrap();
+    let lease = taken.lease.unwrap();
+    // B has the lease in its copy before Redis loses everything.
+    assert!(check_at(&mut b, "alice", taken.version).await.licensed);
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut pair.redis.connection())
+        .unwrap();
+    // A replica writes its copy back (restore): the holder's renewal finds
+    // its lease, and the quantity still counts it.
+    let ok = eventually(WAIT, || {
+        let mut a = a.clone();
+        let id = lease.lease_id.clone();
+        async move {
+            a.renew_leases(pb::RenewLeasesRequest {
+                holder: "pod-1".into(),
+                lease_ids: vec![id],
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().leases.len() == 1)
+        }
+    })
+    .await;
+    assert!(ok, "the lease never came back");
+    assert!(acquire(&mut b, "bob", "pod-2").await.unwrap().created);
+    assert_eq!(
+        acquire(&mut b, "carol", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    assert!(checked(&mut b, "alice", "").await.licensed);
 }
