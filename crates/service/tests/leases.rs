@@ -484,3 +484,87 @@ async fn leases_survive_a_redis_that_lost_its_data() {
     );
     assert!(checked(&mut b, "alice", "").await.licensed);
 }
+
+/// The next `WatchSeats` message that is not a heartbeat.
+async fn next_change(
+    stream: &mut tonic::Streaming<pb::WatchSeatsResponse>,
+) -> pb::WatchSeatsResponse {
+    loop {
+        let m = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("a message within the wait")
+            .expect("the stream goes on")
+            .expect("a message");
+        if !matches!(m.kind, Some(pb::watch_seats_response::Kind::Heartbeat(_))) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_seats_streams_the_leases_a_local_decision_needs() {
+    use pb::seat_state_change::Kind as Change;
+    use pb::watch_seats_response::Kind;
+    let pair = Pair::start("lease-watch", 2, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let first = acquire(&mut a, "alice", "pod-1").await.unwrap();
+    // A snapshot on the other replica at that version carries the lease and
+    // the feature's seat model.
+    check_at(&mut b, "alice", first.version).await;
+    let mut stream = b
+        .watch_seats(pb::WatchSeatsRequest::default())
+        .await
+        .expect("WatchSeats")
+        .into_inner();
+    let m = next_change(&mut stream).await;
+    let Some(Kind::Snapshot(s)) = m.kind else {
+        panic!("a snapshot first: {m:?}");
+    };
+    assert_eq!(s.leases, vec![first.lease.clone().unwrap()]);
+    let license = s.license.unwrap();
+    let user = license
+        .entitlements
+        .iter()
+        .find(|e| e.feature == "user")
+        .unwrap();
+    assert_eq!(user.seat_model(), pb::SeatModel::Concurrent);
+
+    // Then every lease write as a change, one version at a time.
+    let second = acquire(&mut a, "bob", "pod-2").await.unwrap();
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, second.version);
+    match m.kind {
+        Some(Kind::Change(c)) => match c.kind {
+            Some(Change::LeasePut(p)) => assert_eq!(p.lease, second.lease),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let id = first.lease.unwrap().lease_id;
+    let renewed = renew(&mut a, "pod-1", std::slice::from_ref(&id)).await;
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, renewed.version);
+    match m.kind {
+        Some(Kind::Change(c)) => match c.kind {
+            Some(Change::LeasesRenewed(r)) => {
+                assert_eq!(
+                    (r.holder.as_str(), r.lease_ids.clone()),
+                    ("pod-1", vec![id.clone()])
+                );
+                assert_eq!(r.expires_at, renewed.leases[0].expires_at);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let released = release(&mut a, &id).await;
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, released.version);
+    assert!(matches!(
+        m.kind,
+        Some(Kind::Change(pb::SeatStateChange {
+            kind: Some(Change::LeaseReleased(ref r))
+        })) if *r == id
+    ));
+}
