@@ -568,3 +568,58 @@ async fn watch_seats_streams_the_leases_a_local_decision_needs() {
         })) if *r == id
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_a_redis_rolled_back_lost_are_written_back_within_the_quantity() {
+    let mut pair = Pair::start("lease-rollback", 3, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let first = acquire(&mut a, "u1", "pod-1").await.unwrap();
+    let rdb = pair.redis.save_snapshot();
+    let second = acquire(&mut a, "u2", "pod-1").await.unwrap();
+    let third = acquire(&mut b, "u3", "pod-2").await.unwrap();
+    // Both replicas have seen every lease.
+    for c in [&mut a, &mut b] {
+        for user in ["u1", "u2", "u3"] {
+            assert!(
+                check_at(c, user, third.version.max(second.version))
+                    .await
+                    .licensed
+            );
+        }
+    }
+    // Redis comes back from the older snapshot: it holds u1's lease only.
+    pair.redis.restart_from(&rdb);
+    // The replicas write the lost leases back: their holders' renewals find
+    // them, and the pool is full again (no fourth use).
+    for (c, holder, lease) in [(&a, "pod-1", &second), (&b, "pod-2", &third)] {
+        let id = lease.lease.as_ref().unwrap().lease_id.clone();
+        let back = eventually(WAIT, || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                c.renew_leases(pb::RenewLeasesRequest {
+                    holder: holder.into(),
+                    lease_ids: vec![id],
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().leases.len() == 1)
+            }
+        })
+        .await;
+        assert!(back, "the lease of {holder} was not written back");
+    }
+    let r = renew(&mut a, "pod-1", &[first.lease.unwrap().lease_id]).await;
+    assert_eq!(
+        r.leases.len(),
+        1,
+        "the lease the snapshot kept is there too"
+    );
+    assert_eq!(
+        acquire(&mut b, "u4", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    let o = overview(&mut b).await;
+    assert!(o.writes_restored >= 2, "{o:?}");
+    assert_eq!(o.writes_lost, 0, "{o:?}");
+}
