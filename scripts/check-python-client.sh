@@ -14,8 +14,9 @@
 #   3. in Python (grpcio, stubs generated from proto/): checks that the consumer answers
 #      UNKNOWN before its first snapshot, starts it, then walks through tryout start,
 #      assigns, releases, tryout end, the license file applied by Reconcile, purchased
-#      seats up to and beyond capacity, a broken stream resumed by version, and idle
-#      heartbeats. After each step it waits until the consumer has reached the server's
+#      seats up to and beyond capacity, a broken stream resumed by version, a license
+#      selling call_assist for concurrent use with leases taken, refused and released,
+#      and idle heartbeats. After each step it waits until the consumer has reached the server's
 #      version and compares the consumer's decision (licensed, reason) with the server's
 #      CheckSeat for every user and both seat features.
 #
@@ -85,6 +86,13 @@ mkdir -p "${WORK}/license"
   --entitlement user=3 --entitlement call_assist=1 \
   --out "${WORK}/license.staged.json" 2>>"${WORK}/dev.log" \
   || die "dev sign-license failed: $(cat "${WORK}/dev.log")"
+# The next document sells call_assist for concurrent use (leases); signed a second
+# later, so that it is newer.
+sleep 1
+"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
+  --entitlement user=3 --entitlement call_assist=2 --concurrent call_assist \
+  --out "${WORK}/license.concurrent.json" 2>>"${WORK}/dev.log" \
+  || die "dev sign-license (concurrent) failed: $(cat "${WORK}/dev.log")"
 LICENSE_FILE="${WORK}/license/license.json"
 
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -100,13 +108,13 @@ env "LICENSING_LISTEN_ADDR=${ADDR}" "LICENSING_METRICS_ADDR=" \
 SERVER_PID=$!
 
 "${PY}" - "${ROOT}" "${ADDR}" "${SERVER_PID}" "${LICENSE_FILE}" "${WORK}/license.staged.json" \
-  "${STARTUP_TIMEOUT}" <<'PY'
+  "${STARTUP_TIMEOUT}" "${WORK}/license.concurrent.json" <<'PY'
 import os
 import shutil
 import sys
 import time
 
-root, addr, server_pid, license_file, staged, startup_timeout = sys.argv[1:7]
+root, addr, server_pid, license_file, staged, startup_timeout, concurrent = sys.argv[1:8]
 sys.path.insert(0, os.path.join(root, "examples", "python"))
 import grpc  # noqa: E402
 import watch_seats  # noqa: E402
@@ -266,6 +274,32 @@ release("alice", "call_assist")
 assign("carol")
 assign("dave", "call_assist")
 agree("purchased seats released and reassigned")
+
+# Concurrent use: call_assist is now sold as leases (two at a time); dave's
+# assigned call_assist seat licenses nothing any more.
+shutil.copy(concurrent, license_file)
+call("Reconcile", lambda: stub.Reconcile(pb.ReconcileRequest()))
+agree("license with call_assist for concurrent use (2) applied")
+leases = {}
+
+
+def acquire(user, holder="pod-1", expect_error=None):
+    def go():
+        r = stub.AcquireLease(pb.AcquireLeaseRequest(user_id=user, feature="call_assist", holder=holder))
+        leases[user] = r.lease.lease_id
+        return r
+    call(f"AcquireLease {user}/call_assist", go, expect_error)
+
+
+acquire("alice")
+acquire("bob", "pod-2")
+acquire("alice")
+agree("two leases of call_assist held")
+acquire("carol", expect_error="RESOURCE_EXHAUSTED")
+call("ReleaseLease alice",
+     lambda: stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=leases["alice"])))
+acquire("carol")
+agree("a lease released and taken by another user")
 
 beats = consumer.heartbeats
 time.sleep(1.5)

@@ -86,6 +86,7 @@ TRYOUT_OVER = "SEAT_REASON_TRYOUT_OVER"
 NOT_ACTIVATED = "SEAT_REASON_NOT_ACTIVATED"
 OVER_CAPACITY = "SEAT_REASON_OVER_CAPACITY"
 LICENSE_LAPSED = "SEAT_REASON_LICENSE_LAPSED"
+NO_LEASE = "SEAT_REASON_NO_LEASE"
 UNKNOWN = "UNKNOWN"
 
 
@@ -123,6 +124,10 @@ class SeatState:
         self.seats = {}
         for w in snapshot.seats:
             self.put_seat(w)
+        # Leases of concurrent-use features: id -> (feature, user, holder, expires_at ns).
+        self.leases = {}
+        for lease in snapshot.leases:
+            self.put_lease(lease)
         self.license = self.read_license(snapshot.license) if snapshot.HasField("license") else None
         self.tryout = self.read_tryout(snapshot.tryout) if snapshot.HasField("tryout") else None
         self.reconcile = self.read_reconcile(snapshot.reconcile)
@@ -135,13 +140,22 @@ class SeatState:
             "over_capacity_since": _ts(w, "over_capacity_since"),
         }
 
-    @staticmethod
-    def read_license(doc):
+    def put_lease(self, lease):
+        # One lease per (feature, user, holder): another id of the same key goes.
+        key = (lease.feature, lease.user_id, lease.holder)
+        for other in [i for i, v in self.leases.items() if v[:3] == key]:
+            del self.leases[other]
+        self.leases[lease.lease_id] = key + (_ts(lease, "expires_at"),)
+
+    def read_license(self, doc):
+        concurrent = self.pb.SEAT_MODEL_CONCURRENT
         return {
             "applied_at": _ts(doc, "applied_at"),
             "entitlements": {
                 e.feature: (e.quantity, _ts(e, "expires_at")) for e in doc.entitlements
             },
+            # Unspecified (an older server) means assigned.
+            "concurrent": {e.feature for e in doc.entitlements if e.seat_model == concurrent},
         }
 
     @staticmethod
@@ -176,9 +190,21 @@ class SeatState:
             self.tryout = self.read_tryout(change.tryout_changed)
         elif kind == "reconcile_recorded":
             self.reconcile = self.read_reconcile(change.reconcile_recorded)
+        elif kind == "lease_put":
+            for lease_id in change.lease_put.reclaimed:
+                self.leases.pop(lease_id, None)
+            self.put_lease(change.lease_put.lease)
+        elif kind == "leases_renewed":
+            expires = _ts(change.leases_renewed, "expires_at")
+            for lease_id in change.leases_renewed.lease_ids:
+                if lease_id in self.leases:
+                    self.leases[lease_id] = self.leases[lease_id][:3] + (expires,)
+        elif kind == "lease_released":
+            self.leases.pop(change.lease_released, None)
         elif kind == "reset":
-            # Seats, license and reconcile history go; the tryout record stays.
+            # Seats, leases, license and reconcile history go; the tryout record stays.
             self.seats.clear()
+            self.leases.clear()
             self.license = None
             self.reconcile = {"last_success_at": None, "last_attempt_at": None, "failing_outcome": False}
         # "other" (or a kind this copy does not know): only the version moves.
@@ -270,9 +296,33 @@ class SeatState:
             return False, purchased, OVER_CAPACITY
         return True, purchased, ASSIGNED
 
+    def own_lease(self, feature, user, seat, now):
+        """(licensed, source, reason) on a concurrent feature (seats.rs check_leased):
+        a licensed tryout seat still counts; else a live lease of the user."""
+        if seat is not None and seat["source"] == self.pb.SEAT_SOURCE_TRYOUT:
+            own = self.own_seat(feature, seat, now)
+            if own[0]:
+                return own
+        until = max(
+            (v[3] for v in self.leases.values() if v[0] == feature and v[1] == user),
+            default=None,
+        )
+        if until is None or now >= until:
+            return False, None, NO_LEASE
+        purchased = "SEAT_SOURCE_PURCHASED"
+        if self.license is None or not self.system_activated(now):
+            return False, purchased, NOT_ACTIVATED
+        present, current = self.entitlement_current(feature, now)
+        if not (present and current):
+            return False, purchased, LICENSE_LAPSED
+        return True, purchased, ASSIGNED
+
     def check_seat(self, user, feature, now):
         seat = self.seats.get((feature, user))
-        licensed, source, reason = self.own_seat(feature, seat, now)
+        if self.license is not None and feature in self.license["concurrent"]:
+            licensed, source, reason = self.own_lease(feature, user, seat, now)
+        else:
+            licensed, source, reason = self.own_seat(feature, seat, now)
         if licensed:
             return licensed, source, reason
         cause = self.pbx_cause(feature, now)

@@ -314,6 +314,25 @@ mod tests {
     }
 
     #[test]
+    fn without_a_license_a_lease_is_refused_as_not_activated() {
+        let history = ReconcileStatus::default();
+        let state = LicenseState {
+            license: None,
+            tryout: None,
+            reconcile: &history,
+        };
+        match rules(true)
+            .licenses(&state, t0())
+            .plan_lease(Feature::User, t0(), |_| 0)
+        {
+            Err(crate::LicensingError::FailedPrecondition { reason, .. }) => {
+                assert_eq!(reason, "NOT_ACTIVATED")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_document_without_seat_model_means_assigned_and_keeps_its_bytes() {
         let e: crate::Entitlement =
             serde_json::from_str(r#"{"feature":"user","quantity":3}"#).unwrap();

@@ -302,6 +302,12 @@ impl Licenses<'_> {
             )
             .into());
         }
+        if self.license.is_none() {
+            return Err(LicensingError::precondition(
+                "NOT_ACTIVATED",
+                "the PBX is not activated (no license applied): leases need a license that sells the feature for concurrent use",
+            ));
+        }
         if self.seat_model(feature) != SeatModel::Concurrent {
             return Err(LicensingError::precondition(
                 "WRONG_SEAT_MODEL",

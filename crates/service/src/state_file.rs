@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::domain::{Feature, ReconcileStatus, Seat, SerialNumber, TryoutRecord, UserId};
 use crate::mirror::{Mirror, Verifier};
-use crate::store::records::{LicenseRecordV1, SeatRecordV1};
+use crate::store::records::{LeaseRecordV1, LicenseRecordV1, SeatRecordV1};
 use crate::store::{Snapshot, StoredLicense};
 
 /// The only state file format this code writes.
@@ -63,6 +63,17 @@ struct BodyV1 {
     tryout: Option<TryoutRecord>,
     reconcile: ReconcileStatus,
     high_water_ms: i64,
+    /// The leases of concurrent features (absent in files of older versions):
+    /// a replica restarted while Redis is down keeps licensing live uses until
+    /// their leases end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    leases: Vec<LeaseEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaseEntry {
+    id: String,
+    lease: LeaseRecordV1,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +110,14 @@ pub fn encode(snapshot: &Snapshot, serial: &SerialNumber, saved_at_ms: i64) -> V
         tryout: snapshot.tryout.clone(),
         reconcile: snapshot.reconcile.clone(),
         high_water_ms: snapshot.high_water_ms,
+        leases: snapshot
+            .leases
+            .iter()
+            .map(|l| LeaseEntry {
+                id: l.lease_id.clone(),
+                lease: LeaseRecordV1::from_lease(l),
+            })
+            .collect(),
     };
     let body = serde_json::to_vec(&body).expect("a state body always serializes");
     let header = Header {
@@ -176,10 +195,20 @@ pub fn decode(bytes: &[u8], verifier: &Verifier) -> Result<Loaded, String> {
             .map_err(|e| e.to_string())?;
         seats.push(seat);
     }
+    let mut leases = Vec::with_capacity(body.leases.len());
+    for entry in body.leases {
+        leases.push(
+            entry
+                .lease
+                .into_lease(&entry.id)
+                .map_err(|e| format!("lease {:?}: {e}", entry.id))?,
+        );
+    }
     Ok(Loaded {
         snapshot: Snapshot {
             position: None,
             seats,
+            leases,
             license,
             tryout: body.tryout,
             reconcile: body.reconcile,
@@ -394,6 +423,32 @@ mod tests {
         assert_eq!(
             seats[0].assigned_at.timestamp_millis(),
             original.seats[0].assigned_at.timestamp_millis()
+        );
+    }
+
+    #[test]
+    fn leases_round_trip_and_older_files_have_none() {
+        let mut original = snapshot();
+        let at = chrono::DateTime::from_timestamp_millis(1_800_000_000_000).unwrap();
+        original.leases = vec![crate::domain::Lease {
+            lease_id: "0123456789abcdef0123456789abcdef".into(),
+            user_id: UserId::parse("alice").unwrap(),
+            feature: Feature::User,
+            holder: crate::domain::Holder::parse("pod-1").unwrap(),
+            acquired_at: at,
+            expires_at: at + chrono::Duration::seconds(90),
+        }];
+        let loaded = decode(&encode(&original, &serial(), 42), &verifier()).unwrap();
+        assert_eq!(loaded.snapshot.leases, original.leases);
+        // A file without leases (written before them) still loads.
+        let bytes = encode(&snapshot(), &serial(), 42);
+        assert!(!String::from_utf8_lossy(&bytes).contains("leases"));
+        assert!(
+            decode(&bytes, &verifier())
+                .unwrap()
+                .snapshot
+                .leases
+                .is_empty()
         );
     }
 

@@ -24,8 +24,9 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Pair {
     a: TestServer,
     b: TestServer,
-    _vendor: Vendor,
-    _redis: RedisServer,
+    vendor: Vendor,
+    serial: String,
+    redis: RedisServer,
 }
 
 impl Pair {
@@ -63,8 +64,9 @@ impl Pair {
         Self {
             a,
             b,
-            _vendor: vendor,
-            _redis: redis,
+            vendor,
+            serial,
+            redis,
         }
     }
 }
@@ -383,4 +385,241 @@ async fn seat_models_keep_apart_and_requests_are_validated() {
         .await
         .unwrap_err();
     assert_eq!(field(err), "page_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_drop_refuses_new_uses_and_cuts_no_live_one() {
+    let pair = Pair::start("lease-drop", 3, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let mut ids = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        ids.push(
+            acquire(&mut a, user, "pod-1")
+                .await
+                .unwrap()
+                .lease
+                .unwrap()
+                .lease_id,
+        );
+    }
+    // The vendor's next document sells one.
+    pair.vendor.write_license_with_models(
+        &pair.serial,
+        Edition::Vm,
+        Utc::now(),
+        &[
+            (Feature::User, 1, SeatModel::Concurrent),
+            (Feature::CallAssist, 5, SeatModel::Assigned),
+        ],
+    );
+    let r = b
+        .reconcile(pb::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), pb::ReconcileOutcome::Updated);
+    // Live uses go on: renewed, and licensed.
+    let renewed = renew(&mut a, "pod-1", &ids).await;
+    assert_eq!(renewed.leases.len(), 3);
+    for user in ["u1", "u2", "u3"] {
+        assert!(
+            check_at(&mut b, user, renewed.version).await.licensed,
+            "{user}"
+        );
+    }
+    // New ones are refused until the live ones are down below the quantity.
+    let busy = acquire(&mut b, "u4", "pod-2").await.unwrap_err();
+    assert_eq!(busy.code(), Code::ResourceExhausted);
+    let info = busy.get_details_error_info().unwrap();
+    assert_eq!(
+        (
+            info.metadata["capacity"].as_str(),
+            info.metadata["in_use"].as_str()
+        ),
+        ("1", "3")
+    );
+    release(&mut a, &ids[0]).await;
+    release(&mut a, &ids[1]).await;
+    assert_eq!(
+        acquire(&mut b, "u4", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    release(&mut a, &ids[2]).await;
+    assert!(acquire(&mut b, "u4", "pod-2").await.unwrap().created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_survive_a_redis_that_lost_its_data() {
+    let pair = Pair::start("lease-flush", 2, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let taken = acquire(&mut a, "alice", "pod-1").await.unwrap();
+    let lease = taken.lease.unwrap();
+    // B has the lease in its copy before Redis loses everything.
+    assert!(check_at(&mut b, "alice", taken.version).await.licensed);
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut pair.redis.connection())
+        .unwrap();
+    // A replica writes its copy back (restore): the holder's renewal finds
+    // its lease, and the quantity still counts it.
+    let ok = eventually(WAIT, || {
+        let mut a = a.clone();
+        let id = lease.lease_id.clone();
+        async move {
+            a.renew_leases(pb::RenewLeasesRequest {
+                holder: "pod-1".into(),
+                lease_ids: vec![id],
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().leases.len() == 1)
+        }
+    })
+    .await;
+    assert!(ok, "the lease never came back");
+    assert!(acquire(&mut b, "bob", "pod-2").await.unwrap().created);
+    assert_eq!(
+        acquire(&mut b, "carol", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    assert!(checked(&mut b, "alice", "").await.licensed);
+}
+
+/// The next `WatchSeats` message that is not a heartbeat.
+async fn next_change(
+    stream: &mut tonic::Streaming<pb::WatchSeatsResponse>,
+) -> pb::WatchSeatsResponse {
+    loop {
+        let m = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("a message within the wait")
+            .expect("the stream goes on")
+            .expect("a message");
+        if !matches!(m.kind, Some(pb::watch_seats_response::Kind::Heartbeat(_))) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_seats_streams_the_leases_a_local_decision_needs() {
+    use pb::seat_state_change::Kind as Change;
+    use pb::watch_seats_response::Kind;
+    let pair = Pair::start("lease-watch", 2, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let first = acquire(&mut a, "alice", "pod-1").await.unwrap();
+    // A snapshot on the other replica at that version carries the lease and
+    // the feature's seat model.
+    check_at(&mut b, "alice", first.version).await;
+    let mut stream = b
+        .watch_seats(pb::WatchSeatsRequest::default())
+        .await
+        .expect("WatchSeats")
+        .into_inner();
+    let m = next_change(&mut stream).await;
+    let Some(Kind::Snapshot(s)) = m.kind else {
+        panic!("a snapshot first: {m:?}");
+    };
+    assert_eq!(s.leases, vec![first.lease.clone().unwrap()]);
+    let license = s.license.unwrap();
+    let user = license
+        .entitlements
+        .iter()
+        .find(|e| e.feature == "user")
+        .unwrap();
+    assert_eq!(user.seat_model(), pb::SeatModel::Concurrent);
+
+    // Then every lease write as a change, one version at a time.
+    let second = acquire(&mut a, "bob", "pod-2").await.unwrap();
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, second.version);
+    match m.kind {
+        Some(Kind::Change(c)) => match c.kind {
+            Some(Change::LeasePut(p)) => assert_eq!(p.lease, second.lease),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let id = first.lease.unwrap().lease_id;
+    let renewed = renew(&mut a, "pod-1", std::slice::from_ref(&id)).await;
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, renewed.version);
+    match m.kind {
+        Some(Kind::Change(c)) => match c.kind {
+            Some(Change::LeasesRenewed(r)) => {
+                assert_eq!(
+                    (r.holder.as_str(), r.lease_ids.clone()),
+                    ("pod-1", vec![id.clone()])
+                );
+                assert_eq!(r.expires_at, renewed.leases[0].expires_at);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let released = release(&mut a, &id).await;
+    let m = next_change(&mut stream).await;
+    assert_eq!(m.version, released.version);
+    assert!(matches!(
+        m.kind,
+        Some(Kind::Change(pb::SeatStateChange {
+            kind: Some(Change::LeaseReleased(ref r))
+        })) if *r == id
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_a_redis_rolled_back_lost_are_written_back_within_the_quantity() {
+    let mut pair = Pair::start("lease-rollback", 3, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let first = acquire(&mut a, "u1", "pod-1").await.unwrap();
+    let rdb = pair.redis.save_snapshot();
+    let second = acquire(&mut a, "u2", "pod-1").await.unwrap();
+    let third = acquire(&mut b, "u3", "pod-2").await.unwrap();
+    // Both replicas have seen every lease.
+    for c in [&mut a, &mut b] {
+        for user in ["u1", "u2", "u3"] {
+            assert!(
+                check_at(c, user, third.version.max(second.version))
+                    .await
+                    .licensed
+            );
+        }
+    }
+    // Redis comes back from the older snapshot: it holds u1's lease only.
+    pair.redis.restart_from(&rdb);
+    // The replicas write the lost leases back: their holders' renewals find
+    // them, and the pool is full again (no fourth use).
+    for (c, holder, lease) in [(&a, "pod-1", &second), (&b, "pod-2", &third)] {
+        let id = lease.lease.as_ref().unwrap().lease_id.clone();
+        let back = eventually(WAIT, || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                c.renew_leases(pb::RenewLeasesRequest {
+                    holder: holder.into(),
+                    lease_ids: vec![id],
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().leases.len() == 1)
+            }
+        })
+        .await;
+        assert!(back, "the lease of {holder} was not written back");
+    }
+    let r = renew(&mut a, "pod-1", &[first.lease.unwrap().lease_id]).await;
+    assert_eq!(
+        r.leases.len(),
+        1,
+        "the lease the snapshot kept is there too"
+    );
+    assert_eq!(
+        acquire(&mut b, "u4", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    let o = overview(&mut b).await;
+    assert!(o.writes_restored >= 2, "{o:?}");
+    assert_eq!(o.writes_lost, 0, "{o:?}");
 }

@@ -581,4 +581,90 @@ mod tests {
         assert_eq!(again.position, at(7).position);
         assert_eq!(again.seats, at(7).seats);
     }
+
+    fn lease(id: &str, user: &str, holder: &str, expires_s: i64) -> Lease {
+        Lease {
+            lease_id: id.into(),
+            user_id: UserId::parse(user).unwrap(),
+            feature: Feature::User,
+            holder: crate::domain::Holder::parse(holder).unwrap(),
+            acquired_at: t0(),
+            expires_at: t0() + chrono::Duration::seconds(expires_s),
+        }
+    }
+
+    #[test]
+    fn leases_follow_the_feed_one_per_user_and_holder() {
+        let ms = |s: i64| (t0() + chrono::Duration::seconds(s)).timestamp_millis();
+        let mut snapshot = at(1);
+        snapshot.leases = vec![lease("a1", "alice", "pod-1", 90)];
+        let mut state = MirrorState::load(snapshot, &verifier());
+        assert_eq!(state.lease_until_ms(Feature::User, "alice"), Some(ms(90)));
+        assert_eq!(state.live_leases(Feature::User, ms(0)), 1);
+        assert_eq!(
+            state.live_leases(Feature::User, ms(90)),
+            0,
+            "expired at its end"
+        );
+
+        // A second holder of alice, then bob; the first lease expired and
+        // reclaimed by bob's acquisition.
+        let kind = |l: Lease, reclaimed: &[&str]| ChangeKind::LeaseAcquired {
+            lease: l,
+            reclaimed: reclaimed.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let v = verifier();
+        assert!(
+            state
+                .apply(
+                    &change(2, kind(lease("a2", "alice", "pod-2", 120), &[])),
+                    &v
+                )
+                .in_order()
+        );
+        assert_eq!(state.lease_until_ms(Feature::User, "alice"), Some(ms(120)));
+        assert!(
+            state
+                .apply(
+                    &change(3, kind(lease("b1", "bob", "pod-1", 200), &["a1"])),
+                    &v
+                )
+                .in_order()
+        );
+        assert_eq!(state.leases().count(), 2);
+        // The same key again with another id (a repair): one lease per key.
+        assert!(
+            state
+                .apply(
+                    &change(4, kind(lease("a3", "alice", "pod-2", 150), &[])),
+                    &v
+                )
+                .in_order()
+        );
+        assert_eq!(state.leases().count(), 2);
+        assert_eq!(state.lease_until_ms(Feature::User, "alice"), Some(ms(150)));
+
+        // A renewal moves the expiry of the ids it names.
+        let renewed = ChangeKind::LeasesRenewed {
+            holder: crate::domain::Holder::parse("pod-2").unwrap(),
+            lease_ids: vec!["a3".into(), "unknown".into()],
+            expires_at: t0() + chrono::Duration::seconds(300),
+        };
+        assert!(state.apply(&change(5, renewed), &v).in_order());
+        assert_eq!(state.lease_until_ms(Feature::User, "alice"), Some(ms(300)));
+        assert_eq!(state.live_leases(Feature::User, ms(250)), 1);
+
+        let released = ChangeKind::LeaseReleased {
+            lease_id: "a3".into(),
+        };
+        assert!(state.apply(&change(6, released), &v).in_order());
+        assert_eq!(state.lease_until_ms(Feature::User, "alice"), None);
+        assert_eq!(
+            state.to_snapshot().leases,
+            vec![lease("b1", "bob", "pod-1", 200)]
+        );
+        assert!(state.apply(&change(7, ChangeKind::Reset), &v).in_order());
+        assert_eq!(state.leases().count(), 0);
+        assert_eq!(state.lease_until_ms(Feature::User, "bob"), None);
+    }
 }

@@ -268,7 +268,10 @@ impl Licensing {
         let (next, version) = self.record(outcome, error.clone(), now).await?;
         Ok(ReconcileReport {
             outcome,
-            entitlements: self.mirror.read(|s| self.entitlements(s)),
+            entitlements: {
+                let node = self.clock.now();
+                self.mirror.read(|s| self.entitlements(s, s.now(node)))
+            },
             reconciled_at: now,
             next_reconcile_at: next,
             error,

@@ -823,7 +823,9 @@ impl Licensing {
         .await
     }
 
-    fn entitlements(&self, state: &MirrorState) -> Vec<EntitlementUse> {
+    /// The entitlements with their use at `now` (under the mirror's lock: it
+    /// takes no other).
+    fn entitlements(&self, state: &MirrorState, now: DateTime<Utc>) -> Vec<EntitlementUse> {
         state
             .license
             .as_ref()
@@ -834,7 +836,7 @@ impl Licensing {
                     .map(|e| EntitlementUse {
                         entitlement: e.clone(),
                         in_use: if e.seat_model == crate::domain::SeatModel::Concurrent {
-                            state.live_leases(e.feature, self.now().timestamp_millis())
+                            state.live_leases(e.feature, now.timestamp_millis())
                         } else if e.feature.is_seat() {
                             state.count(e.feature, SeatSource::Purchased)
                         } else {
@@ -924,7 +926,7 @@ impl Licensing {
                 edition: self.settings.edition,
                 activation,
                 system_activated,
-                entitlements: self.entitlements(state),
+                entitlements: self.entitlements(state, now),
                 tryout: self.tryout_view(state, now),
                 reconcile: state.reconcile.clone(),
                 license_source: self.license_source(),
