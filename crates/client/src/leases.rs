@@ -1,7 +1,9 @@
 //! Concurrent-use leases held by this client (its holder): [`Client::acquire`]
 //! returns a [`LeaseGuard`]; one task renews all of the holder's leases in one
 //! `RenewLeases` call every third of the lease length; dropping a guard
-//! releases its lease.
+//! releases its lease. A lease the service no longer holds (expired while the
+//! holder was cut off, lost with a store) is acquired again by the same task
+//! while its guard lives, if the quantity allows, never above it.
 //!
 //! A lease is judged by the monotonic clock, never the wall clock: when the
 //! service answered an acquisition or a renewal sent at instant `t`, the lease
@@ -51,10 +53,11 @@ struct Held {
     guards: usize,
 }
 
-/// The holder's leases and the channel their calls go over.
+/// The holder's leases and the channel their calls go over. A lease is
+/// identified by (user, feature, holder): one per user and feature here.
 #[derive(Default)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<String, Held>>,
+    held: Mutex<HashMap<(Feature, String), Held>>,
     channel: Mutex<Option<(String, Channel)>>,
     /// Why the last renewal failed (until one succeeds).
     failing: Mutex<Option<String>>,
@@ -72,15 +75,16 @@ fn margin(length: Duration) -> Duration {
 #[derive(Debug)]
 pub struct LeaseGuard {
     client: Client,
-    id: String,
+    key: (Feature, String),
     created: bool,
     version: u64,
 }
 
 impl LeaseGuard {
-    /// The lease's id.
-    pub fn id(&self) -> &str {
-        &self.id
+    /// The lease's id (another one after the lease was lost and acquired
+    /// again).
+    pub fn id(&self) -> String {
+        self.lease().map(|l| l.lease_id).unwrap_or_default()
     }
 
     /// Whether the acquisition made a new lease (false: this holder already
@@ -97,7 +101,7 @@ impl LeaseGuard {
     /// The lease as last answered by the service.
     pub fn lease(&self) -> Option<pb::Lease> {
         let leases = &self.client.shared.leases;
-        leases.held.lock().get(&self.id).map(|h| h.lease.clone())
+        leases.held.lock().get(&self.key).map(|h| h.lease.clone())
     }
 
     /// Whether the lease is held now: not reported lost, and within its
@@ -110,7 +114,7 @@ impl LeaseGuard {
     pub fn lost(&self) -> Option<Lost> {
         let leases = &self.client.shared.leases;
         let held = leases.held.lock();
-        let h = held.get(&self.id)?;
+        let h = held.get(&self.key)?;
         if let Some(lost) = &h.lost {
             return Some(lost.clone());
         }
@@ -127,23 +131,24 @@ impl LeaseGuard {
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         let shared = self.client.shared.clone();
-        let id = std::mem::take(&mut self.id);
         let was = {
             let mut held = shared.leases.held.lock();
-            match held.get_mut(&id) {
+            match held.get_mut(&self.key) {
                 Some(h) if h.guards > 1 => {
                     h.guards -= 1;
                     return;
                 }
-                _ => held.remove(&id),
+                _ => held.remove(&self.key),
             }
         };
         // A lease already lost needs no release.
-        if was.is_some_and(|h| h.lost.is_none())
+        if let Some(h) = was.filter(|h| h.lost.is_none())
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
-                let request = pb::ReleaseLeaseRequest { lease_id: id };
+                let request = pb::ReleaseLeaseRequest {
+                    lease_id: h.lease.lease_id,
+                };
                 if let Err(e) = call(
                     &shared,
                     |mut c, r| async move { c.release_lease(r).await },
@@ -250,49 +255,14 @@ impl Client {
         user_id: &str,
         feature: Feature,
     ) -> Result<LeaseGuard, AcquireError> {
-        let request = pb::AcquireLeaseRequest {
-            user_id: user_id.to_owned(),
-            feature: feature.as_str().to_owned(),
-            holder: self.shared.holder.clone(),
-        };
-        let sent = Instant::now();
-        let answer = call(
-            &self.shared,
-            |mut c, r| async move { c.acquire_lease(r).await },
-            request,
-        )
-        .await?;
-        let lease = answer
-            .lease
-            .ok_or_else(|| AcquireError::Refused("an answer without a lease".into()))?;
-        let length = match (
-            lease.acquired_at.as_ref().and_then(from_timestamp),
-            lease.expires_at.as_ref().and_then(from_timestamp),
-        ) {
-            (Some(from), Some(to)) => (to - from).to_std().unwrap_or_default(),
-            _ => Duration::ZERO,
-        };
-        let id = lease.lease_id.clone();
-        {
-            let mut held = self.shared.leases.held.lock();
-            let guards = held.get(&id).map_or(0, |h| h.guards);
-            held.insert(
-                id.clone(),
-                Held {
-                    deadline: sent + length.saturating_sub(margin(length)),
-                    length,
-                    lease,
-                    lost: None,
-                    guards: guards + 1,
-                },
-            );
-        }
+        let key = (feature, user_id.to_owned());
+        let (created, version) = acquire_for(&self.shared, &key, true).await?;
         self.shared.renew_now.notify_one();
         Ok(LeaseGuard {
             client: self.clone(),
-            id,
-            created: answer.created,
-            version: answer.version,
+            key,
+            created,
+            version,
         })
     }
 
@@ -304,29 +274,85 @@ impl Client {
         feature: Feature,
     ) -> Option<chrono::DateTime<chrono::Utc>> {
         let held = self.shared.leases.held.lock();
-        let now = Instant::now();
-        held.values()
-            .filter(|h| {
-                h.lost.is_none()
-                    && now < h.deadline
-                    && h.lease.user_id == user_id
-                    && h.lease.feature == feature.as_str()
-            })
-            .filter_map(|h| h.lease.expires_at.as_ref().and_then(from_timestamp))
-            .max()
+        let h = held.get(&(feature, user_id.to_owned()))?;
+        (h.lost.is_none() && Instant::now() < h.deadline)
+            .then(|| h.lease.expires_at.as_ref().and_then(from_timestamp))
+            .flatten()
     }
 }
 
+/// `AcquireLease` for `key` (feature, user); the answer recorded in the
+/// holder's leases, with one more guard when `new_guard`. Created, and the
+/// version.
+async fn acquire_for(
+    shared: &Shared,
+    key: &(Feature, String),
+    new_guard: bool,
+) -> Result<(bool, u64), AcquireError> {
+    let request = pb::AcquireLeaseRequest {
+        user_id: key.1.clone(),
+        feature: key.0.as_str().to_owned(),
+        holder: shared.holder.clone(),
+    };
+    let sent = Instant::now();
+    let answer = call(
+        shared,
+        |mut c, r| async move { c.acquire_lease(r).await },
+        request,
+    )
+    .await?;
+    let lease = answer
+        .lease
+        .ok_or_else(|| AcquireError::Refused("an answer without a lease".into()))?;
+    let length = match (
+        lease.acquired_at.as_ref().and_then(from_timestamp),
+        lease.expires_at.as_ref().and_then(from_timestamp),
+    ) {
+        (Some(from), Some(to)) => (to - from).to_std().unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    // Recorded under the lock; a lease whose guards were all dropped meanwhile
+    // (a re-acquisition racing a drop) is given back after it.
+    let unwanted = {
+        let mut held = shared.leases.held.lock();
+        let guards = held.get(key).map_or(0, |h| h.guards);
+        if !new_guard && guards == 0 {
+            Some(lease.lease_id)
+        } else {
+            held.insert(
+                key.clone(),
+                Held {
+                    deadline: sent + length.saturating_sub(margin(length)),
+                    length,
+                    lease,
+                    lost: None,
+                    guards: guards + usize::from(new_guard),
+                },
+            );
+            None
+        }
+    };
+    if let Some(lease_id) = unwanted {
+        let request = pb::ReleaseLeaseRequest { lease_id };
+        call(
+            shared,
+            |mut c, r| async move { c.release_lease(r).await },
+            request,
+        )
+        .await?;
+    }
+    Ok((answer.created, answer.version))
+}
+
 /// Renews every held lease in one call every third of the shortest lease
-/// length (at least every second), or at once after an acquisition.
+/// length (at least every second), or at once after an acquisition; on the
+/// same beat, acquires the lost ones again.
 pub(crate) async fn renew(shared: Arc<Shared>) {
     loop {
         let every = {
+            // Lost leases too: they are acquired again on the same beat.
             let held = shared.leases.held.lock();
-            held.values()
-                .filter(|h| h.lost.is_none())
-                .map(|h| h.length / 3)
-                .min()
+            held.values().map(|h| h.length / 3).min()
         };
         match every {
             None => shared.renew_now.notified().await,
@@ -343,47 +369,65 @@ pub(crate) async fn renew(shared: Arc<Shared>) {
 }
 
 async fn renew_once(shared: &Shared) {
-    let ids: Vec<String> = {
+    let (ids, lost): (Vec<String>, Vec<(Feature, String)>) = {
         let held = shared.leases.held.lock();
-        held.iter()
-            .filter(|(_, h)| h.lost.is_none())
-            .map(|(id, _)| id.clone())
-            .collect()
+        (
+            held.values()
+                .filter(|h| h.lost.is_none())
+                .map(|h| h.lease.lease_id.clone())
+                .collect(),
+            held.iter()
+                .filter(|(_, h)| h.lost.is_some())
+                .map(|(k, _)| k.clone())
+                .collect(),
+        )
     };
-    if ids.is_empty() {
-        return;
-    }
-    let sent = Instant::now();
-    let request = pb::RenewLeasesRequest {
-        holder: shared.holder.clone(),
-        lease_ids: ids,
-    };
-    match call(
-        shared,
-        |mut c, r| async move { c.renew_leases(r).await },
-        request,
-    )
-    .await
-    {
-        Ok(answer) => {
-            *shared.leases.failing.lock() = None;
-            let mut held = shared.leases.held.lock();
-            for lease in answer.leases {
-                if let Some(h) = held.get_mut(&lease.lease_id) {
-                    h.deadline = sent + h.length.saturating_sub(margin(h.length));
-                    h.lease = lease;
+    if !ids.is_empty() {
+        let sent = Instant::now();
+        let request = pb::RenewLeasesRequest {
+            holder: shared.holder.clone(),
+            lease_ids: ids,
+        };
+        match call(
+            shared,
+            |mut c, r| async move { c.renew_leases(r).await },
+            request,
+        )
+        .await
+        {
+            Ok(answer) => {
+                *shared.leases.failing.lock() = None;
+                let mut held = shared.leases.held.lock();
+                for lease in answer.leases {
+                    if let Some(h) = held
+                        .values_mut()
+                        .find(|h| h.lease.lease_id == lease.lease_id)
+                    {
+                        h.deadline = sent + h.length.saturating_sub(margin(h.length));
+                        h.lease = lease;
+                    }
+                }
+                for id in answer.lost {
+                    if let Some(h) = held.values_mut().find(|h| h.lease.lease_id == id) {
+                        tracing::warn!(lease_id = %id, user = %h.lease.user_id, "lease lost: the service no longer holds it; acquiring it again");
+                        h.lost = Some(Lost::NotHeld);
+                    }
                 }
             }
-            for id in answer.lost {
-                if let Some(h) = held.get_mut(&id) {
-                    tracing::warn!(lease_id = %id, user = %h.lease.user_id, "lease lost: the service no longer holds it");
-                    h.lost = Some(Lost::NotHeld);
-                }
+            Err(why) => {
+                tracing::warn!("lease renewal failed: {why}");
+                *shared.leases.failing.lock() = Some(why.to_string());
+                return;
             }
         }
-        Err(why) => {
-            tracing::warn!("lease renewal failed: {why}");
-            *shared.leases.failing.lock() = Some(why.to_string());
+    }
+    // Lost leases whose guards live: acquire them again (within the quantity).
+    for key in lost {
+        match acquire_for(shared, &key, false).await {
+            Ok(_) => tracing::info!(user = %key.1, feature = %key.0, "lost lease acquired again"),
+            Err(e) => {
+                tracing::debug!(user = %key.1, feature = %key.0, "lost lease not acquired again: {e}")
+            }
         }
     }
 }

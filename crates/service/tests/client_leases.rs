@@ -237,8 +237,8 @@ async fn a_holder_cut_off_counts_its_lease_lost_no_later_than_the_service_frees_
         "the holder counted its lease lost ({counted_lost:?}) after the service freed it ({freed_after:?})"
     );
     assert!(got.held());
-    // Back in reach, the holder does not regain a lease the service dropped
-    // above the quantity: its renewal reports it lost.
+    // Back in reach, the holder does not regain a lease above the quantity:
+    // its renewal reports it lost, and acquiring it again is refused.
     proxy.set(Fault::Pass);
     let lost = eventually_some(WAIT, || {
         let lost = lease.lost();
@@ -246,4 +246,96 @@ async fn a_holder_cut_off_counts_its_lease_lost_no_later_than_the_service_frees_
     })
     .await;
     assert_eq!(lost, Some(Lost::NotHeld));
+    tokio::time::sleep(LEASE).await;
+    assert!(!lease.held(), "held above the quantity");
+    // Once the seat is free, the guard's lease is acquired again.
+    drop(got);
+    assert!(
+        eventually(WAIT, || {
+            let held = lease.held();
+            async move { held }
+        })
+        .await,
+        "the lost lease was not acquired again: {:?}",
+        lease.lost()
+    );
+}
+
+/// A holder's connection cut and restored a thousand times: the service
+/// never holds more leases than the holder has users, each user at most one;
+/// once the guards are dropped no seat lingers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_cuts_never_make_a_second_lease_and_leave_no_seat_behind() {
+    let (a, b, _vendor, _redis) = pair("client-lease-cuts", 10).await;
+    let proxy = FaultProxy::start(a.addr).await;
+    let pod = holder(vec![format!("http://{}", proxy.addr)], "flaky-pod");
+    let users = ["u1", "u2", "u3"];
+    let mut guards = Vec::new();
+    for user in users {
+        guards.push(pod.acquire(user, Feature::User).await.expect("acquire"));
+    }
+    let mut cb = b.client().await;
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = {
+        let mut cb = cb.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            loop {
+                if let Ok(r) = cb.list_leases(pb::ListLeasesRequest::default()).await {
+                    let leases = r.into_inner().leases;
+                    let mut per_user = std::collections::HashMap::new();
+                    for l in &leases {
+                        *per_user.entry(l.user_id.clone()).or_insert(0) += 1;
+                    }
+                    assert!(
+                        per_user.values().all(|n| *n == 1),
+                        "a user with two leases: {leases:?}"
+                    );
+                    most = most.max(leases.len());
+                }
+                if rx.try_recv().is_ok() {
+                    return most;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    for i in 0..1000 {
+        proxy.set(if i % 2 == 0 {
+            Fault::Reset
+        } else {
+            Fault::Pass
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.set(Fault::Pass);
+    let _ = tx.send(());
+    let most = watcher.await.unwrap();
+    assert!(
+        most <= users.len(),
+        "{most} leases for {} users",
+        users.len()
+    );
+    // Every guard holds again, then gives its seat back.
+    assert!(
+        eventually(WAIT, || {
+            let all = guards.iter().all(|g| g.held());
+            async move { all }
+        })
+        .await
+    );
+    drop(guards);
+    assert!(
+        eventually(WAIT, || {
+            let mut cb = cb.clone();
+            async move {
+                cb.list_leases(pb::ListLeasesRequest::default())
+                    .await
+                    .is_ok_and(|r| r.into_inner().leases.is_empty())
+            }
+        })
+        .await,
+        "a seat lingers after the guards were dropped"
+    );
+    let _ = &mut cb;
 }
