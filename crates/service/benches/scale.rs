@@ -255,7 +255,9 @@ async fn measure(size: usize) {
     );
 
     // Upgrade: a store written before the seat order sets existed builds them
-    // once (the first write that needs them: a release with a capacity).
+    // once, in the background (here started by the first write that needs
+    // them, a release with a capacity, which waits for it at most 10 s and
+    // then answers STORE_BUSY).
     let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
     let _: () = redis::cmd("DEL")
         .arg(format!("lic:{{{serial}}}:order_at"))

@@ -142,6 +142,36 @@ pub enum StoreError {
     /// Stored data that does not parse.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The write needs something the store is still preparing in the
+    /// background (the Redis store's seat order sets, built once from the
+    /// pools): nothing was written; retry after about `retry_after`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
+}
+
+tokio::task_local! {
+    /// The instant by which the call being served must have answered (its
+    /// RPC deadline), where one is set.
+    static ANSWER_BY: tokio::time::Instant;
+}
+
+/// Runs `call` knowing that it must answer by `deadline`: a store call that
+/// would wait for the store (a write waiting for a one-time preparation,
+/// [`StoreError::Busy`]) waits no longer than that. Set by the server's
+/// deadline layer around every call it serves.
+pub async fn answering_by<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    call: F,
+) -> F::Output {
+    ANSWER_BY.scope(deadline, call).await
+}
+
+/// The deadline of the call being served, if [`answering_by`] set one.
+pub fn answer_by() -> Option<tokio::time::Instant> {
+    ANSWER_BY.try_with(|d| *d).ok()
 }
 
 /// The seat store shared by all replicas.

@@ -31,7 +31,7 @@
 //! replicas; every call is bounded by the configured timeout.
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -207,10 +207,11 @@ pub struct RedisStore {
     // A separate connection for the blocking feed read, so XREAD BLOCK never
     // delays request-path calls. Dropped after an error and made anew.
     feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
-    // A separate connection for the pages of a snapshot, with a longer bound of
-    // its own: a slow page never queues request-path calls behind it. Dropped
-    // after an error or timeout (so Redis drops the reply nobody reads).
-    bulk_conn: AsyncMutex<Option<MultiplexedConnection>>,
+    // A separate connection for the pages of a snapshot (see `snapshot::Bulk`).
+    bulk: snapshot::Bulk,
+    // Builds the seat order sets in the background when the store lacks them
+    // (one task at a time here, one builder across replicas).
+    order: Arc<order::Builder>,
     keys: Keys,
     timeout: Duration,
     // The bound of a write: the timeout, plus the `WAIT` time.
@@ -218,6 +219,14 @@ pub struct RedisStore {
     url_for_display: String,
     // The compare-and-set records as last read (see `Self::expected_text`).
     seen: parking_lot::Mutex<SeenTexts>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // The build task holds its own handles: it ends with the store (a
+        // build cut off is taken over by the next replica after its mark).
+        self.order.stop();
+    }
 }
 
 /// A compare-and-set value as this replica last read it: what this code makes
@@ -282,13 +291,21 @@ impl RedisStore {
         let conn = RedisConn::new(&target, config.timeout, None).map_err(unavailable)?;
         let write_conn =
             Writers::new(&target, &conn, config.timeout, config.wait).map_err(unavailable)?;
+        let keys = Keys::new(serial);
+        let order = Arc::new(order::Builder::new(
+            conn.clone(),
+            snapshot::Bulk::new(target.clone(), config.timeout),
+            keys.clone(),
+            config.timeout,
+        ));
         Ok(Self {
+            bulk: snapshot::Bulk::new(target.clone(), config.timeout),
+            order,
             target,
             conn,
             write_conn,
             feed_conn: AsyncMutex::new(None),
-            bulk_conn: AsyncMutex::new(None),
-            keys: Keys::new(serial),
+            keys,
             timeout: config.timeout,
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
             url_for_display: redact_url(&config.url),
@@ -313,13 +330,7 @@ impl RedisStore {
         operation: &'static str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(limit, fut).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => classify(e),
-            Err(_) => StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis())),
-        };
-        crate::metrics::metrics().redis_error(operation);
-        Err(result)
+        bounded(limit, operation, fut).await
     }
 
     /// Warns when Redis may evict keys (seat keys would vanish under memory
@@ -360,7 +371,10 @@ impl RedisStore {
     /// epoch answers `NotInitialized`, one below the floor `Moved`. A script that
     /// needs the seat order sets and finds them not true (`noindex`: a store
     /// written before they existed, or by a replica that does not keep them)
-    /// wrote nothing: the sets are built (once, O(pool)) and the script runs again.
+    /// wrote nothing: the background build runs (started here if it does not
+    /// yet), the write waits for it at most until shortly before its call's
+    /// deadline ([`order::Builder::wait`]) and runs again; past that it answers
+    /// `Busy`, having written nothing, and the build goes on.
     async fn write(
         &self,
         operation: &'static str,
@@ -399,7 +413,10 @@ impl RedisStore {
                 // sets (an older replica): build again, a few times at most.
                 Some("noindex") if built < MAX_ORDER_BUILDS => {
                     built += 1;
-                    self.build_order().await?;
+                    // 'broken': the sets looked true but disagree with a record
+                    // (edited by hand): rebuilt even though they look true.
+                    let force = reply.get(1).map(String::as_str) == Some("broken");
+                    self.order.wait(force).await?;
                     continue;
                 }
                 Some("noindex") => Err(StoreError::Unavailable(
@@ -486,6 +503,22 @@ fn skip_corrupt(operation: &str, mut reply: Vec<String>) -> Result<Vec<String>, 
         crate::metrics::metrics().corrupt_record();
     }
     Ok(reply)
+}
+
+/// Runs one Redis call bounded by `limit`; failures are counted per
+/// `operation` (metric `licensing_redis_errors_total`).
+async fn bounded<T>(
+    limit: Duration,
+    operation: &'static str,
+    fut: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    let result = match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => classify(e),
+        Err(_) => StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis())),
+    };
+    crate::metrics::metrics().redis_error(operation);
+    Err(result)
 }
 
 fn classify(e: RedisError) -> StoreError {

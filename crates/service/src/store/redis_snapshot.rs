@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
     CasRecord, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
-    RedisStore, SNAPSHOT, TryoutRecordV1, feed_change, record, stored_seat, text, texts,
+    RedisStore, SNAPSHOT, Target, TryoutRecordV1, feed_change, record, stored_seat, text, texts,
     version_of,
 };
 use crate::domain::initcode::PendingInitialization;
@@ -170,11 +171,6 @@ fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
 struct Restart(String);
 
 impl RedisStore {
-    /// The bound of one bulk page: longer than a request's, never shorter.
-    fn bulk_timeout(&self) -> Duration {
-        (self.timeout * 4).max(Duration::from_millis(500))
-    }
-
     /// Reads a consistent snapshot in bounded steps (see the module).
     pub(super) async fn read_snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut why = String::new();
@@ -204,12 +200,13 @@ impl RedisStore {
             .key(self.keys.init())
             .key(self.keys.retired_license())
             .key(self.keys.clock())
-            .key(self.keys.incident());
+            .key(self.keys.incident())
+            .key(self.keys.order_at());
         let mut conn = self.conn.clone();
         let head: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if head.len() != 10 {
+        if head.len() != 11 {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -257,6 +254,12 @@ impl RedisStore {
         );
         let epoch = text(&head[0])?;
         let head_version = version_of(&text(&head[1])?)?;
+        // A store without true order sets (written before they existed, or by
+        // a replica that does not keep them): built now, in the background, so
+        // the first write that needs them finds them ready.
+        if !epoch.is_empty() && text(&head[10])? != head_version.to_string() {
+            self.order.start();
+        }
         let high_water_ms = text(&head[7])?.parse::<i64>().unwrap_or_else(|_| {
             let what = "high-water clock is not a number".to_owned();
             records.corrupt.push(("clock", what));
@@ -321,7 +324,8 @@ impl RedisStore {
                     return Ok(None);
                 };
                 let ((next, flat),): ((String, Value),) = self
-                    .bulk(&mut count, |n| {
+                    .bulk
+                    .read(&mut count, |n| {
                         let mut pipe = redis::pipe();
                         pipe.cmd("HSCAN").arg(key).arg(at).arg("COUNT").arg(n);
                         pipe
@@ -366,7 +370,8 @@ impl RedisStore {
                 Option<String>,
                 Option<String>,
             ) = self
-                .bulk(&mut page_len, |n| {
+                .bulk
+                .read(&mut page_len, |n| {
                     let mut pipe = redis::pipe();
                     pipe.atomic()
                         .cmd("XRANGE")
@@ -417,12 +422,37 @@ impl RedisStore {
             }
         }
     }
+}
 
-    /// Runs one bulk read (`make(count)`) on the bulk connection, bounded by
-    /// [`Self::bulk_timeout`]. After a timeout the connection is dropped (Redis
-    /// discards the reply nobody reads) and the read is tried again after a
-    /// jittered pause, asking for half as much (`count`, kept for later pages).
-    pub(super) async fn bulk<T: redis::FromRedisValue>(
+/// A connection of its own for bulk reads (the pages of a snapshot, of a
+/// build of the seat order sets), with a longer bound than a request's: a slow
+/// page never queues request-path calls behind it. Dropped after an error or
+/// timeout (so Redis drops the reply nobody reads) and made anew.
+pub(super) struct Bulk {
+    target: Target,
+    timeout: Duration,
+    conn: AsyncMutex<Option<MultiplexedConnection>>,
+}
+
+impl Bulk {
+    pub(super) fn new(target: Target, timeout: Duration) -> Self {
+        Self {
+            target,
+            timeout,
+            conn: AsyncMutex::new(None),
+        }
+    }
+
+    /// The bound of one bulk page: longer than a request's, never shorter.
+    fn page_timeout(&self) -> Duration {
+        (self.timeout * 4).max(Duration::from_millis(500))
+    }
+
+    /// Runs one bulk read (`make(count)`), bounded by the page timeout. After a
+    /// timeout the connection is dropped (Redis discards the reply nobody
+    /// reads) and the read is tried again after a jittered pause, asking for
+    /// half as much (`count`, kept for later pages).
+    pub(super) async fn read<T: redis::FromRedisValue>(
         &self,
         count: &mut usize,
         make: impl Fn(usize) -> redis::Pipeline,
@@ -430,25 +460,25 @@ impl RedisStore {
         let mut pause = Duration::from_millis(20);
         let mut tries = 0;
         loop {
-            let mut guard = self.bulk_conn.lock().await;
+            let mut guard = self.conn.lock().await;
             if guard.is_none() {
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.bulk_timeout()));
-                let conn = self
-                    .bounded("bulk_connect", self.target.connect(&config))
-                    .await?;
+                    .set_response_timeout(Some(self.page_timeout()));
+                let conn =
+                    super::bounded(self.timeout, "bulk_connect", self.target.connect(&config))
+                        .await?;
                 *guard = Some(conn);
             }
             let conn: &mut MultiplexedConnection = guard.as_mut().expect("connection was just set");
             let pipe = make(*count);
             let error =
-                match tokio::time::timeout(self.bulk_timeout(), pipe.query_async(conn)).await {
+                match tokio::time::timeout(self.page_timeout(), pipe.query_async(conn)).await {
                     Ok(Ok(reply)) => return Ok(reply),
                     Ok(Err(e)) => super::classify(e),
                     Err(_) => StoreError::Unavailable(format!(
-                        "no answer to a snapshot page within {} ms",
-                        self.bulk_timeout().as_millis()
+                        "no answer to a bulk page within {} ms",
+                        self.page_timeout().as_millis()
                     )),
                 };
             *guard = None;

@@ -3,9 +3,11 @@
 -- version replayed over them (store/redis_snapshot.rs).
 -- KEYS[1] epoch, KEYS[2] version, KEYS[3] license, KEYS[4] tryout, KEYS[5] reconcile,
 -- KEYS[6] pending initialization, KEYS[7] retired license, KEYS[8] high-water
--- clock, KEYS[9] last incident.
+-- clock, KEYS[9] last incident, KEYS[10] the version the seat order sets are
+-- true at (see prelude.lua).
 -- The reply ends with the license's id, kept apart from its record (readable
--- also when the record is not).
+-- also when the record is not), and the order sets' version (behind the
+-- version: the replica builds them, in the background).
 return {
   redis.call('GET', KEYS[1]) or '',
   redis.call('GET', KEYS[2]) or '0',
@@ -17,4 +19,5 @@ return {
   redis.call('GET', KEYS[8]) or '0',
   redis.call('GET', KEYS[9]) or '',
   redis.call('HGET', KEYS[3], 'id') or '',
+  redis.call('GET', KEYS[10]) or '',
 }
