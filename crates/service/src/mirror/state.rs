@@ -17,7 +17,7 @@ use crate::domain::{
     AppliedLicense, Edition, Feature, LicenseState, ReconcileStatus, Seat, SeatSource,
     SerialNumber, TryoutRecord, UserId,
 };
-use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoredLicense};
+use crate::store::{Change, ChangeKind, Incident, Position, SeatValue, Snapshot, StoredLicense};
 
 /// How many applied changes a replica remembers, to know what a store that went
 /// back lost (about 100 bytes each).
@@ -51,16 +51,27 @@ impl Verifier {
 }
 
 /// A seat as the mirror keeps it: 16 bytes, because a replica holds every
-/// seat. The source is the lowest bit of the assignment time (shifted left by
-/// one), a missing over-capacity flag is `i64::MIN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// seat. The assignment time is shifted left by two: the lowest bit is the
+/// source, the next a mark a full resync sets on the seats it found unchanged
+/// (`mirror::stream`; not part of the seat: equality ignores it). A missing
+/// over-capacity flag is `i64::MIN`.
+#[derive(Debug, Clone, Copy)]
 pub struct MirrorSeat {
     at: i64,
     over: i64,
 }
 
+impl PartialEq for MirrorSeat {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at & !Self::MARK) == (other.at & !Self::MARK) && self.over == other.over
+    }
+}
+
+impl Eq for MirrorSeat {}
+
 impl MirrorSeat {
     const NO_FLAG: i64 = i64::MIN;
+    const MARK: i64 = 0b10;
 
     pub fn new(
         source: SeatSource,
@@ -73,8 +84,28 @@ impl MirrorSeat {
         };
         Self {
             // Stored times are within chrono's range (|ms| < 2^53): no overflow.
-            at: (assigned_at_ms << 1) | bit,
+            at: (assigned_at_ms << 2) | bit,
             over: over_capacity_since_ms.unwrap_or(Self::NO_FLAG),
+        }
+    }
+
+    pub(super) fn from_value(seat: SeatValue) -> Self {
+        Self::new(
+            seat.source,
+            seat.assigned_at_ms,
+            seat.over_capacity_since_ms,
+        )
+    }
+
+    /// The resync mark (see the type).
+    pub(super) fn mark(self) -> bool {
+        self.at & Self::MARK != 0
+    }
+
+    pub(super) fn with_mark(self, mark: bool) -> Self {
+        Self {
+            at: (self.at & !Self::MARK) | if mark { Self::MARK } else { 0 },
+            over: self.over,
         }
     }
 
@@ -95,7 +126,7 @@ impl MirrorSeat {
     }
 
     pub fn assigned_at_ms(self) -> i64 {
-        self.at >> 1
+        self.at >> 2
     }
 
     pub fn over_capacity_since_ms(self) -> Option<i64> {
@@ -149,6 +180,9 @@ pub struct MirrorState {
     /// Loaded from the state file, not (yet) from the store: it serves reads
     /// only, is never written back to the store and never plans a repair.
     pub from_disk: bool,
+    /// The resync mark every seat put into this copy carries: a full resync
+    /// marks the seats it finds unchanged with the other value (`mirror::stream`).
+    pub(super) parity: bool,
 }
 
 impl MirrorState {
@@ -239,22 +273,48 @@ impl MirrorState {
     }
 
     pub(super) fn put_seat(&mut self, seat: &Seat) {
-        let new = MirrorSeat::from_seat(seat);
+        let new = MirrorSeat::from_seat(seat).with_mark(self.parity);
+        self.put(seat.feature, seat.user_id.as_str(), new);
+    }
+
+    /// Puts a seat as kept (its mark as given); the seat it replaced, if any.
+    pub(super) fn put(
+        &mut self,
+        feature: Feature,
+        user: &str,
+        new: MirrorSeat,
+    ) -> Option<MirrorSeat> {
         let old = self
             .seats
-            .entry(seat.feature)
+            .entry(feature)
             .or_default()
-            .insert(seat.user_id.as_str().into(), new);
+            .insert(user.into(), new);
         if let Some(old) = old {
-            self.decrement(seat.feature, old.source());
+            self.decrement(feature, old.source());
         }
-        *self.counts.entry((seat.feature, new.source())).or_default() += 1;
+        *self.counts.entry((feature, new.source())).or_default() += 1;
+        old
+    }
+
+    /// Removes a seat; the seat removed, if any.
+    pub(super) fn take(&mut self, feature: Feature, user: &str) -> Option<MirrorSeat> {
+        let old = self.seats.get_mut(&feature).and_then(|m| m.remove(user))?;
+        self.decrement(feature, old.source());
+        Some(old)
+    }
+
+    /// Counts the seats per (feature, source) again.
+    pub(super) fn recount(&mut self) {
+        self.counts.clear();
+        for (feature, users) in &self.seats {
+            for seat in users.values() {
+                *self.counts.entry((*feature, seat.source())).or_default() += 1;
+            }
+        }
     }
 
     pub(super) fn remove_seat(&mut self, feature: Feature, user_id: &str) {
-        if let Some(old) = self.seats.get_mut(&feature).and_then(|m| m.remove(user_id)) {
-            self.decrement(feature, old.source());
-        }
+        self.take(feature, user_id);
     }
 
     pub(super) fn decrement(&mut self, feature: Feature, source: SeatSource) {
@@ -317,6 +377,41 @@ impl MirrorState {
         Utc.timestamp_millis_opt(self.high_water_ms)
             .single()
             .unwrap_or(node_now)
+    }
+
+    /// A copy of a streamed snapshot (`snapshot`'s seats are in `seats`).
+    pub(super) fn load_with(
+        mut snapshot: Snapshot,
+        seats: HashMap<Feature, HashMap<CompactString, MirrorSeat>>,
+        verifier: &Verifier,
+    ) -> Self {
+        snapshot.seats = Vec::new();
+        let mut state = Self::load(snapshot, verifier);
+        state.seats = seats;
+        state.recount();
+        state
+    }
+
+    /// Takes everything but the seats from `snapshot` (a full resync that
+    /// changed the seats in place), as [`Self::load`] does.
+    pub(super) fn take_records(&mut self, snapshot: Snapshot, verifier: &Verifier) {
+        let mut snapshot = snapshot;
+        snapshot.seats = Vec::new();
+        let loaded = Self::load(snapshot, verifier);
+        self.position = loaded.position;
+        self.stored_license = loaded.stored_license;
+        self.license = loaded.license;
+        self.license_problem = loaded.license_problem;
+        self.tryout = loaded.tryout;
+        self.reconcile = loaded.reconcile;
+        self.initialization = loaded.initialization;
+        self.retired_license = loaded.retired_license;
+        self.retired_issued_at = loaded.retired_issued_at;
+        self.incident = loaded.incident;
+        self.corrupt_records = loaded.corrupt_records;
+        self.corrupt_seats = loaded.corrupt_seats;
+        self.high_water_ms = self.high_water_ms.max(loaded.high_water_ms);
+        self.from_disk = false;
     }
 
     pub(super) fn load(snapshot: Snapshot, verifier: &Verifier) -> Self {

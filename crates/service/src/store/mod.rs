@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention};
 use crate::domain::initcode::PendingInitialization;
-use crate::domain::{AssignPlan, Feature, ReconcileStatus, Seat, TryoutRecord, UserId};
+use crate::domain::{AssignPlan, Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId};
 
 pub use crate::domain::history::{
     Change, ChangeKind, Incident, Position, RepairWrite, Snapshot, StoredLicense,
@@ -174,11 +174,79 @@ pub fn answer_by() -> Option<tokio::time::Instant> {
     ANSWER_BY.try_with(|d| *d).ok()
 }
 
+/// A seat as a streamed snapshot hands it over: plain values, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeatValue {
+    pub source: SeatSource,
+    pub assigned_at_ms: i64,
+    pub over_capacity_since_ms: Option<i64>,
+}
+
+impl SeatValue {
+    pub fn of(seat: &Seat) -> Self {
+        Self {
+            source: seat.source,
+            assigned_at_ms: seat.assigned_at.timestamp_millis(),
+            over_capacity_since_ms: seat.over_capacity_since.map(|t| t.timestamp_millis()),
+        }
+    }
+
+    /// The seat of `user_id`; the times were checked when it was read.
+    pub fn to_seat(self, user_id: UserId, feature: Feature) -> Seat {
+        use chrono::TimeZone as _;
+        let at = |ms: i64| {
+            chrono::Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .unwrap_or_default()
+        };
+        Seat {
+            user_id,
+            feature,
+            source: self.source,
+            assigned_at: at(self.assigned_at_ms),
+            over_capacity_since: self.over_capacity_since_ms.map(at),
+        }
+    }
+}
+
+/// Where a streamed snapshot ([`Store::snapshot_into`]) puts its seats as they
+/// are read: the pages first (a seat may come twice; the later one counts),
+/// then the feed replayed after them, which has the last word.
+pub trait SeatSink: Send {
+    /// How many seat records `feature`'s pools hold, before their pages come.
+    fn expect(&mut self, _feature: Feature, _records: usize) {}
+    /// A seat of a page.
+    fn page_seat(&mut self, feature: Feature, user: &str, seat: SeatValue);
+    /// The end of a page.
+    fn page_done(&mut self) {}
+    /// A seat as the replayed feed leaves it (`None`: released).
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>);
+    /// A re-setup in the replayed feed: no seat read before it is left.
+    fn cleared(&mut self);
+    /// The snapshot starts again (its feed could not be continued): forget
+    /// everything put so far.
+    fn restart(&mut self);
+}
+
 /// The seat store shared by all replicas.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// A consistent copy of everything.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// [`Store::snapshot`] with its seats handed to `sink` as they are read
+    /// (the snapshot returned holds none, only its position and records): a
+    /// replica that keeps its copy in a compact form of its own never holds
+    /// the store's seats twice.
+    async fn snapshot_into(&self, sink: &mut dyn SeatSink) -> Result<Snapshot, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        for seat in std::mem::take(&mut snapshot.seats) {
+            sink.page_seat(seat.feature, seat.user_id.as_str(), SeatValue::of(&seat));
+        }
+        sink.page_done();
+        Ok(snapshot)
+    }
 
     /// The changes after `since`, waiting up to `wait` for at least one.
     async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError>;

@@ -53,7 +53,8 @@ use super::redis_conn::{RedisConfig, RedisTarget};
 use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LicenseWrite, Position,
-    ReleaseOutcome, RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    ReleaseOutcome, RepairWrite, SeatKey, SeatSink, Snapshot, Store, StoreError, StoredLicense,
+    Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -668,6 +669,10 @@ fn feed_change(
 impl Store for RedisStore {
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.read_snapshot().await
+    }
+
+    async fn snapshot_into(&self, sink: &mut dyn SeatSink) -> Result<Snapshot, StoreError> {
+        self.read_snapshot_into(sink).await
     }
 
     async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError> {

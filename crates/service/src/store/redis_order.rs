@@ -39,7 +39,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// (`Busy`, saying why) goes out before the deadline cuts the call.
 const ANSWER_MARGIN: Duration = Duration::from_millis(250);
 /// Users one page script puts into the sets.
-const PAGE: usize = 1000;
+const PAGE: usize = 500;
 /// How many times one run builds again when writes that do not keep the sets
 /// came during it (an older replica), before it gives up until asked again.
 const AGAIN: u32 = 3;

@@ -21,14 +21,19 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
+use chrono::TimeZone as _;
+
 use super::{
     CasRecord, IncidentRecordV1, InitializationRecordV1, LicenseRecordV1, ReconcileRecordV1,
-    RedisStore, SNAPSHOT, Target, TryoutRecordV1, feed_change, record, stored_seat, text, texts,
+    RedisStore, SNAPSHOT, SeatRecordV1, Target, TryoutRecordV1, feed_change, record, text,
     version_of,
 };
 use crate::domain::initcode::PendingInitialization;
-use crate::domain::{Feature, ReconcileStatus, Seat, TryoutRecord};
-use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoreError, StoredLicense};
+use crate::domain::{Feature, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId};
+use crate::store::{
+    Change, ChangeKind, Incident, Position, SeatSink, SeatValue, Snapshot, StoreError,
+    StoredLicense,
+};
 
 /// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
 /// about 400 kB and takes Redis about a millisecond).
@@ -42,43 +47,90 @@ const ATTEMPTS: usize = 4;
 /// How often one page is read again after a timeout (each time smaller).
 const PAGE_RETRIES: usize = 4;
 
-/// The seats read so far: the pages' seats in one vector (compact: no map per
-/// seat), then what the replayed feed changed, by key (few).
-#[derive(Default)]
-struct Seats {
-    /// Every readable seat the pages returned (a seat may come twice).
-    paged: Vec<Seat>,
+/// The seats read so far: handed to a [`SeatSink`] as they come, and the
+/// records that do not parse, by key, until the replay replaces them.
+struct Seats<'a> {
+    sink: &'a mut dyn SeatSink,
     /// Records of the pages that do not parse, by (feature, user as stored).
     corrupt: HashMap<(Feature, String), String>,
+}
+
+impl Seats<'_> {
+    fn put(&mut self, seat: &Seat) {
+        self.replayed(
+            seat.feature,
+            seat.user_id.as_str(),
+            Some(SeatValue::of(seat)),
+        );
+    }
+
+    fn remove(&mut self, feature: Feature, user: &str) {
+        self.replayed(feature, user, None);
+    }
+
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>) {
+        if !self.corrupt.is_empty() {
+            self.corrupt.remove(&(feature, user.to_owned()));
+        }
+        self.sink.replayed(feature, user, seat);
+    }
+
+    fn clear(&mut self) {
+        self.corrupt.clear();
+        self.sink.cleared();
+    }
+
+    fn restart(&mut self) {
+        self.corrupt.clear();
+        self.sink.restart();
+    }
+
+    /// The corrupt records' names.
+    fn corrupt_names(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.corrupt)
+            .into_iter()
+            .map(|((feature, user), e)| format!("seat {feature}/{user:?}: {e}"))
+            .collect()
+    }
+}
+
+/// Collects a snapshot's seats into one vector ([`RedisStore::read_snapshot`]):
+/// the pages' seats, then what the replayed feed changed, by key (few).
+#[derive(Default)]
+pub(super) struct Collect {
+    /// Every readable seat the pages returned (a seat may come twice).
+    paged: Vec<Seat>,
     /// The replay's last word per (feature, user): a seat, or none (released).
     replayed: BTreeMap<(Feature, String), Option<Seat>>,
 }
 
-impl Seats {
-    fn put(&mut self, seat: &Seat) {
-        let key = (seat.feature, seat.user_id.as_str().to_owned());
-        self.corrupt.remove(&key);
-        self.replayed.insert(key, Some(seat.clone()));
+impl SeatSink for Collect {
+    fn page_seat(&mut self, feature: Feature, user: &str, seat: SeatValue) {
+        if let Ok(user_id) = UserId::parse(user) {
+            self.paged.push(seat.to_seat(user_id, feature));
+        }
     }
 
-    fn remove(&mut self, feature: Feature, user: &str) {
-        let key = (feature, user.to_owned());
-        self.corrupt.remove(&key);
-        self.replayed.insert(key, None);
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>) {
+        let seat = seat.and_then(|s| Some(s.to_seat(UserId::parse(user).ok()?, feature)));
+        self.replayed.insert((feature, user.to_owned()), seat);
     }
 
-    fn clear(&mut self) {
+    fn cleared(&mut self) {
         self.paged = Vec::new();
-        self.corrupt.clear();
         self.replayed.clear();
     }
 
-    /// The seats, ordered by (feature, user), each once; and the corrupt
-    /// records' names.
-    fn finish(self) -> (Vec<Seat>, Vec<String>) {
-        let Seats {
+    fn restart(&mut self) {
+        self.cleared();
+    }
+}
+
+impl Collect {
+    /// The seats, ordered by (feature, user), each once.
+    pub(super) fn finish(self) -> Vec<Seat> {
+        let Collect {
             mut paged,
-            corrupt,
             replayed,
         } = self;
         // A later page's copy of a seat wins (the tryout pool is read after
@@ -97,11 +149,7 @@ impl Seats {
             paged.extend(replayed.into_values().flatten());
             paged.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
         }
-        let names = corrupt
-            .into_iter()
-            .map(|((feature, user), e)| format!("seat {feature}/{user:?}: {e}"))
-            .collect();
-        (paged, names)
+        paged
     }
 }
 
@@ -126,7 +174,7 @@ impl Records {
 }
 
 /// Applies one feed change to what was read: the same effect as the write had.
-fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
+fn replay(change: &Change, seats: &mut Seats<'_>, records: &mut Records) {
     match &change.kind {
         ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => seats.put(seat),
         ChangeKind::SeatReleased { feature, user_id } => seats.remove(*feature, user_id.as_str()),
@@ -173,9 +221,27 @@ struct Restart(String);
 impl RedisStore {
     /// Reads a consistent snapshot in bounded steps (see the module).
     pub(super) async fn read_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut collect = Collect::default();
+        let mut snapshot = self.read_snapshot_into(&mut collect).await?;
+        snapshot.seats = collect.finish();
+        Ok(snapshot)
+    }
+
+    /// [`Self::read_snapshot`], the seats handed to `sink` as they are read.
+    pub(super) async fn read_snapshot_into(
+        &self,
+        sink: &mut dyn SeatSink,
+    ) -> Result<Snapshot, StoreError> {
         let mut why = String::new();
-        for _ in 0..ATTEMPTS {
-            match self.snapshot_attempt().await? {
+        let mut seats = Seats {
+            sink,
+            corrupt: HashMap::new(),
+        };
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                seats.restart();
+            }
+            match self.snapshot_attempt(&mut seats).await? {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(Restart(reason)) => {
                     tracing::debug!(%reason, "snapshot could not continue from its head; reading again");
@@ -189,7 +255,10 @@ impl RedisStore {
         )))
     }
 
-    async fn snapshot_attempt(&self) -> Result<Result<Snapshot, Restart>, StoreError> {
+    async fn snapshot_attempt(
+        &self,
+        seats: &mut Seats<'_>,
+    ) -> Result<Result<Snapshot, Restart>, StoreError> {
         // 1. The head: one small script.
         let mut inv = SNAPSHOT.prepare_invoke();
         inv.key(self.keys.epoch())
@@ -202,11 +271,15 @@ impl RedisStore {
             .key(self.keys.clock())
             .key(self.keys.incident())
             .key(self.keys.order_at());
+        let pools = self.keys.pools();
+        for (_, _, key) in &pools {
+            inv.key(key);
+        }
         let mut conn = self.conn.clone();
         let head: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if head.len() != 11 {
+        if head.len() != 11 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -266,17 +339,24 @@ impl RedisStore {
             0
         });
 
-        // 2. The pools, page by page.
-        let mut seats = Seats::default();
-        for (feature, _, key) in self.keys.pools() {
-            self.scan_pool(feature, &key, &mut seats).await?;
+        // 2. The pools, page by page (the sink makes room for them once).
+        let mut records_of: HashMap<Feature, usize> = HashMap::new();
+        for ((feature, _, _), n) in pools.iter().zip(&head[11..]) {
+            let n: usize = redis::from_redis_value_ref(n).unwrap_or(0);
+            *records_of.entry(*feature).or_default() += n;
+        }
+        for (feature, n) in records_of {
+            seats.sink.expect(feature, n);
+        }
+        for (feature, _, key) in &pools {
+            self.scan_pool(*feature, key, seats).await?;
         }
 
         // 3. The feed since the head, replayed over the pages.
         let mut version = head_version;
         if !epoch.is_empty() {
             match self
-                .replay_feed(&epoch, head_version, &mut seats, &mut records)
+                .replay_feed(&epoch, head_version, seats, &mut records)
                 .await?
             {
                 Ok(last) => version = last,
@@ -285,15 +365,14 @@ impl RedisStore {
         }
 
         let mut all_corrupt: Vec<String> = records.corrupt.into_iter().map(|(_, e)| e).collect();
-        let (list, corrupt_seats) = seats.finish();
-        all_corrupt.extend(corrupt_seats);
+        all_corrupt.extend(seats.corrupt_names());
         for what in &all_corrupt {
             tracing::error!(record = %what, "corrupt record in the seat store skipped");
             crate::metrics::metrics().corrupt_record();
         }
         Ok(Ok(Snapshot {
             position: (!epoch.is_empty()).then_some(Position { epoch, version }),
-            seats: list,
+            seats: Vec::new(),
             license: records.license,
             tryout: records.tryout,
             reconcile: records.reconcile,
@@ -311,7 +390,7 @@ impl RedisStore {
         &self,
         feature: Feature,
         key: &str,
-        seats: &mut Seats,
+        seats: &mut Seats<'_>,
     ) -> Result<(), StoreError> {
         let mut cursor = Some(String::from("0"));
         let mut count = SCAN_COUNT;
@@ -359,7 +438,7 @@ impl RedisStore {
         &self,
         epoch: &str,
         from: u64,
-        seats: &mut Seats,
+        seats: &mut Seats<'_>,
         records: &mut Records,
     ) -> Result<Result<u64, Restart>, StoreError> {
         let mut last = from;
@@ -495,18 +574,94 @@ impl Bulk {
     }
 }
 
-/// One `HSCAN` page's (user, record) pairs into `seats`.
-fn parse_page(feature: Feature, flat: Value, seats: &mut Seats) -> Result<(), StoreError> {
-    for pair in texts(flat)?.chunks_exact(2) {
-        match stored_seat(feature, &pair[0], &pair[1]) {
-            Ok(seat) => seats.paged.push(seat),
+/// One `HSCAN` page's (user, record) pairs into `seats`, read in place (no
+/// copy of an id or a record is made).
+fn parse_page(feature: Feature, flat: Value, seats: &mut Seats<'_>) -> Result<(), StoreError> {
+    let Value::Array(items) = flat else {
+        return Err(StoreError::Corrupt(format!(
+            "a page of seat pool {feature} is not an array"
+        )));
+    };
+    fn bytes(v: &Value) -> Result<&[u8], StoreError> {
+        match v {
+            Value::BulkString(b) => Ok(b.as_slice()),
+            Value::SimpleString(s) => Ok(s.as_bytes()),
+            other => Err(StoreError::Corrupt(format!("page entry {other:?}"))),
+        }
+    }
+    for pair in items.chunks_exact(2) {
+        let (user, record) = (bytes(&pair[0])?, bytes(&pair[1])?);
+        match page_seat(user, record) {
+            Ok((user, seat)) => seats.sink.page_seat(feature, user, seat),
             Err(e) => {
-                let user = pair[0].clone().unwrap_or_else(|lossy| lossy);
+                let user = String::from_utf8_lossy(user).into_owned();
                 seats.corrupt.insert((feature, user), e.to_string());
             }
         }
     }
+    seats.sink.page_done();
     Ok(())
+}
+
+/// A stored (user, record) pair, checked as `stored_seat` checks it: the
+/// canonical record text read directly, anything else by the record's parser.
+fn page_seat<'a>(user: &'a [u8], record: &[u8]) -> Result<(&'a str, SeatValue), StoreError> {
+    let (Ok(user), Ok(record)) = (std::str::from_utf8(user), std::str::from_utf8(record)) else {
+        return Err(StoreError::Corrupt("not UTF-8".into()));
+    };
+    let seat = match canonical_seat(record) {
+        Some(seat) => seat,
+        None => SeatRecordV1::parse(record)?.into_value()?,
+    };
+    UserId::check(user).map_err(|e| StoreError::Corrupt(format!("stored user id: {e}")))?;
+    Ok((user, seat))
+}
+
+/// A seat record exactly as this code and the scripts write it
+/// (`{"v":1,"source":"purchased","assigned_at_ms":N}`, optionally with
+/// `,"over_capacity_since_ms":N`), with times a replica can read; `None` for
+/// any other text (then the full parser decides).
+fn canonical_seat(record: &str) -> Option<SeatValue> {
+    let (source, rest) = if let Some(rest) =
+        record.strip_prefix(r#"{"v":1,"source":"purchased","assigned_at_ms":"#)
+    {
+        (SeatSource::Purchased, rest)
+    } else {
+        (
+            SeatSource::Tryout,
+            record.strip_prefix(r#"{"v":1,"source":"tryout","assigned_at_ms":"#)?,
+        )
+    };
+    let (assigned_at_ms, rest) = leading_int(rest)?;
+    let over_capacity_since_ms = match rest {
+        "}" => None,
+        _ => {
+            let rest = rest.strip_prefix(r#","over_capacity_since_ms":"#)?;
+            let (since, rest) = leading_int(rest)?;
+            (rest == "}").then_some(())?;
+            Some(since)
+        }
+    };
+    let readable = |ms: i64| chrono::Utc.timestamp_millis_opt(ms).single().is_some();
+    (readable(assigned_at_ms) && over_capacity_since_ms.is_none_or(readable)).then_some(SeatValue {
+        source,
+        assigned_at_ms,
+        over_capacity_since_ms,
+    })
+}
+
+/// A JSON integer at the start of `text` (no leading zeros, no overflow) and
+/// the text after it.
+fn leading_int(text: &str) -> Option<(i64, &str)> {
+    let digits_from = usize::from(text.starts_with('-'));
+    let end = text[digits_from..]
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or(text.len(), |n| n + digits_from);
+    let digits = &text[digits_from..end];
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    Some((text[..end].parse().ok()?, &text[end..]))
 }
 
 /// A single record of the head: `None` when absent, or when corrupt (then named

@@ -4,11 +4,12 @@
 -- KEYS[1] epoch, KEYS[2] version, KEYS[3] license, KEYS[4] tryout, KEYS[5] reconcile,
 -- KEYS[6] pending initialization, KEYS[7] retired license, KEYS[8] high-water
 -- clock, KEYS[9] last incident, KEYS[10] the version the seat order sets are
--- true at (see prelude.lua).
+-- true at (see prelude.lua), KEYS[11..] the seat pools.
 -- The reply ends with the license's id, kept apart from its record (readable
 -- also when the record is not), and the order sets' version (behind the
--- version: the replica builds them, in the background).
-return {
+-- version: the replica builds them, in the background), then the number of
+-- records in each pool (the replica makes room for them once).
+local out = {
   redis.call('GET', KEYS[1]) or '',
   redis.call('GET', KEYS[2]) or '0',
   redis.call('HGET', KEYS[3], 'record') or '',
@@ -21,3 +22,5 @@ return {
   redis.call('HGET', KEYS[3], 'id') or '',
   redis.call('GET', KEYS[10]) or '',
 }
+for i = 11, #KEYS do table.insert(out, redis.call('HLEN', KEYS[i])) end
+return out
