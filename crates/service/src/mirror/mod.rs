@@ -111,6 +111,9 @@ pub struct Mirror {
     // generation and result of the last one that finished, which callers that
     // asked before it started share (single flight).
     resync_flight: tokio::sync::Mutex<(u64, Result<(), StoreError>)>,
+    // Full resyncs run one at a time (`sync::resync`): the sync task's and an
+    // on-demand one after the same gap read the pool once, not twice.
+    resyncing: tokio::sync::Mutex<()>,
     // A full resync compares the store with the copy one at a time (it marks
     // the copy's seats: `stream`).
     comparing: tokio::sync::Mutex<()>,
@@ -148,6 +151,7 @@ impl Mirror {
             feed: broadcast::channel(SEAT_FEED_BUFFER).0,
             clock,
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
+            resyncing: tokio::sync::Mutex::new(()),
             comparing: tokio::sync::Mutex::new(()),
             resyncs_started: AtomicU64::new(0),
             nudge_queued: AtomicBool::new(false),

@@ -19,6 +19,11 @@ use crate::domain::{
 };
 use crate::store::{Change, ChangeKind, Incident, Position, SeatValue, Snapshot, StoredLicense};
 
+/// The seats of one feature, by user id. Hashed with foldhash (seeded per
+/// process): a replica hashes every id of the pool at start and on a full
+/// resync, and on every `CheckSeat`.
+pub type Users = HashMap<CompactString, MirrorSeat, foldhash::fast::RandomState>;
+
 /// How many applied changes a replica remembers, to know what a store that went
 /// back lost (about 100 bytes each).
 const JOURNAL_LEN: usize = 10_000;
@@ -151,7 +156,7 @@ pub struct MirrorState {
     /// Where in the store's history this copy is; `None` before the first sync.
     pub position: Option<Position>,
     /// Seats by feature, then user id (O(1) lookups on the hot path).
-    pub(super) seats: HashMap<Feature, HashMap<CompactString, MirrorSeat>>,
+    pub(super) seats: HashMap<Feature, Users>,
     /// Seats held per (feature, source).
     pub(super) counts: HashMap<(Feature, SeatSource), u32>,
     /// The stored document, trusted or not (kept for repair).
@@ -269,7 +274,7 @@ impl MirrorState {
     }
 
     pub fn seat_total(&self) -> usize {
-        self.seats.values().map(HashMap::len).sum()
+        self.seats.values().map(Users::len).sum()
     }
 
     pub(super) fn put_seat(&mut self, seat: &Seat) {
@@ -382,7 +387,7 @@ impl MirrorState {
     /// A copy of a streamed snapshot (`snapshot`'s seats are in `seats`).
     pub(super) fn load_with(
         mut snapshot: Snapshot,
-        seats: HashMap<Feature, HashMap<CompactString, MirrorSeat>>,
+        seats: HashMap<Feature, Users>,
         verifier: &Verifier,
     ) -> Self {
         snapshot.seats = Vec::new();
@@ -444,7 +449,10 @@ impl MirrorState {
             *per_feature.entry(seat.feature).or_default() += 1;
         }
         for (feature, n) in per_feature {
-            state.seats.insert(feature, HashMap::with_capacity(n));
+            state.seats.insert(
+                feature,
+                Users::with_capacity_and_hasher(n, Default::default()),
+            );
         }
         for seat in snapshot.seats {
             state.put_seat(&seat);

@@ -14,15 +14,18 @@
 //!   and takes the snapshot's records and position. The copy answers from its
 //!   old state until then: `CheckSeat` waits at most for one batch's compare.
 //!
-//! The marks are only true while the copy does not move: when it applied a
-//! change meanwhile (a local write), the compared copy is not the one the
-//! differences apply to, and the replica reads the snapshot whole instead.
+//! The marks are only true while the copy does not move. When it applied
+//! changes meanwhile (local writes), the comparison still holds if the
+//! replayed feed has the last word on each seat they changed (a pass over the
+//! copy then settles the marks they overwrote); otherwise nothing is installed
+//! and the replica reads the snapshot whole instead.
 
 use std::collections::HashMap;
 
 use compact_str::CompactString;
 use parking_lot::RwLock;
 
+use super::state::Users;
 use super::{Mirror, MirrorSeat, MirrorState, SeatFeed};
 use crate::domain::Feature;
 use crate::store::{SeatSink, SeatValue, Snapshot};
@@ -30,7 +33,7 @@ use crate::store::{SeatSink, SeatValue, Snapshot};
 /// Seats compared per write lock.
 const BATCH: usize = 1024;
 
-type Seats = HashMap<Feature, HashMap<CompactString, MirrorSeat>>;
+type Seats = HashMap<Feature, Users>;
 
 /// The seats of a new copy, as read.
 #[derive(Default)]
@@ -63,7 +66,7 @@ impl SeatSink for Fresh {
     }
 
     fn cleared(&mut self) {
-        self.seats.values_mut().for_each(HashMap::clear);
+        self.seats.values_mut().for_each(Users::clear);
     }
 
     fn restart(&mut self) {
@@ -169,18 +172,38 @@ impl<'a> Compare<'a> {
     fn install(mut self, snapshot: Snapshot, mirror: &Mirror) -> bool {
         self.flush();
         let mut state = self.state.write();
-        let at = (
-            state.position.as_ref().map(|p| p.epoch.clone()),
-            state.version(),
-        );
-        if at != self.at || state.parity == self.target || state.from_disk {
+        let epoch = state.position.as_ref().map(|p| p.epoch.clone());
+        if epoch != self.at.0 || state.parity == self.target || state.from_disk {
             drop(state);
             self.unmark();
             return false;
         }
+        // Changes the copy applied meanwhile (local writes): fine when each
+        // one's seat has its last word in the replayed feed (then the marks
+        // they overwrote do not count: a pass settles them); else the
+        // comparison is off.
+        let mut settle = false;
+        if state.version() != self.at.1 {
+            let newer = match &snapshot.position {
+                Some(p) => Some(&p.epoch) == epoch.as_ref() && p.version < state.version(),
+                None => false,
+            };
+            if newer {
+                // The copy is further along than the snapshot: it stays.
+                drop(state);
+                self.unmark();
+                return true;
+            }
+            if !self.explains(&state) {
+                drop(state);
+                self.unmark();
+                return false;
+            }
+            settle = true;
+        }
         let target = self.target;
         if self.cleared {
-            state.seats.values_mut().for_each(HashMap::clear);
+            state.seats.values_mut().for_each(Users::clear);
             state.counts.clear();
             self.marked = 0;
         }
@@ -205,7 +228,7 @@ impl<'a> Compare<'a> {
         }
         // Seats the store no longer holds: left unmarked (a pass only when
         // there are any).
-        if state.seat_total() != marked {
+        if settle || state.seat_total() != marked {
             for users in state.seats.values_mut() {
                 users.retain(|_, seat| seat.mark() == target);
             }
@@ -218,6 +241,33 @@ impl<'a> Compare<'a> {
         state.take_records(snapshot, &mirror.verifier);
         mirror.installed(&mut state, changed);
         true
+    }
+}
+
+impl Compare<'_> {
+    /// Whether the replayed feed has the last word on every seat the copy
+    /// changed since the comparison started (and no re-setup came).
+    fn explains(&self, state: &MirrorState) -> bool {
+        use crate::store::ChangeKind;
+        let since = self.at.1;
+        if state.journal.front().is_none_or(|c| c.version > since + 1) {
+            return false;
+        }
+        state
+            .journal
+            .iter()
+            .filter(|c| c.version > since)
+            .all(|c| match &c.kind {
+                ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => self
+                    .replayed
+                    .contains_key(&(seat.feature, seat.user_id.as_str().into())),
+                ChangeKind::SeatReleased { feature, user_id } => self
+                    .replayed
+                    .contains_key(&(*feature, user_id.as_str().into())),
+                ChangeKind::Reset => false,
+                // The snapshot's records are at least as new.
+                _ => true,
+            })
     }
 }
 
@@ -419,10 +469,11 @@ mod tests {
         assert_eq!(users(&mirror), after);
     }
 
-    /// A comparison whose copy moved meanwhile (a change applied) installs
-    /// nothing and takes its marks back.
+    /// A comparison whose copy moved meanwhile (a change applied that the
+    /// replayed feed does not have the last word on) installs nothing and
+    /// takes its marks back; one whose replayed feed has it installs.
     #[tokio::test]
-    async fn a_comparison_whose_copy_moved_installs_nothing() {
+    async fn a_comparison_whose_copy_moved_installs_only_what_the_feed_explains() {
         let store = Arc::new(MemoryStore::new(Arc::new(SystemClock)));
         let snapshot = Snapshot {
             position: None,
@@ -460,9 +511,37 @@ mod tests {
             kind: crate::store::ChangeKind::SeatAssigned(seat("erin")),
         };
         mirror.apply_local(&change).await;
+        // The store moved on as well (its own write at that version).
+        let plan = AssignPlan::Tryout { capacity: 10 };
+        let frank = UserId::parse("frank").unwrap();
+        store
+            .assign_seat(None, &frank, Feature::User, &plan)
+            .await
+            .unwrap();
         let meta = store.snapshot().await.unwrap();
         assert!(!compare.install(meta, &mirror));
         assert!(mirror.read(|s| s.seats_of(&[]).iter().all(|(_, _, x)| x.mark() == parity)));
         assert_eq!(users(&mirror).len(), 3);
+
+        // The same, with the replayed feed saying where erin is: installed.
+        let one = mirror.comparing.lock().await;
+        let mut compare = Compare::new(&mirror.state, one);
+        let before = mirror.read(|s| s.version());
+        let mut meta = store.snapshot().await.unwrap();
+        for seat in std::mem::take(&mut meta.seats) {
+            compare.page_seat(seat.feature, seat.user_id.as_str(), SeatValue::of(&seat));
+        }
+        compare.page_done();
+        mirror
+            .apply_local(&crate::store::Change {
+                version: before + 1,
+                kind: crate::store::ChangeKind::SeatAssigned(seat("gina")),
+            })
+            .await;
+        compare.replayed(Feature::User, "gina", None);
+        meta.position.as_mut().unwrap().version = before + 1;
+        assert!(compare.install(meta, &mirror));
+        let names: Vec<String> = users(&mirror).into_iter().map(|(u, _)| u).collect();
+        assert_eq!(names, ["alice", "bob", "frank"]);
     }
 }

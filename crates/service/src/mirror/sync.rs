@@ -87,6 +87,21 @@ impl Mirror {
 
     /// Reads the store, repairs what it lost of this copy's history, and installs it.
     pub(super) async fn resync(&self, store: &dyn Store) -> Result<(), StoreError> {
+        // One at a time. One that waited for another (the sync task's and an
+        // on-demand one, both after the same gap) first checks, in one small
+        // read, whether the other left the copy current: then it is done.
+        let _one = match self.resyncing.try_lock() {
+            Ok(one) => one,
+            Err(_) => {
+                let one = self.resyncing.lock().await;
+                if let Verdict::Same { version } = self.verify(store).await?
+                    && self.read(|s| s.version()) >= version
+                {
+                    return Ok(());
+                }
+                one
+            }
+        };
         for _ in 0..REPAIR_ATTEMPTS {
             // Where this copy is, before the snapshot: later local writes are newer.
             let before = self.state.read().position.clone();

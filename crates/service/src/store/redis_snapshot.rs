@@ -414,7 +414,7 @@ impl RedisStore {
             });
             let parse = async {
                 match page.take() {
-                    Some(flat) => parse_page(feature, flat, seats),
+                    Some(flat) => parse_page(feature, flat, seats).await,
                     None => Ok(()),
                 }
             };
@@ -575,8 +575,13 @@ impl Bulk {
 }
 
 /// One `HSCAN` page's (user, record) pairs into `seats`, read in place (no
-/// copy of an id or a record is made).
-fn parse_page(feature: Feature, flat: Value, seats: &mut Seats<'_>) -> Result<(), StoreError> {
+/// copy of an id or a record is made). Yields now and then: the connection's
+/// driver, which reads the next page meanwhile, may run on this thread.
+async fn parse_page(
+    feature: Feature,
+    flat: Value,
+    seats: &mut Seats<'_>,
+) -> Result<(), StoreError> {
     let Value::Array(items) = flat else {
         return Err(StoreError::Corrupt(format!(
             "a page of seat pool {feature} is not an array"
@@ -589,7 +594,10 @@ fn parse_page(feature: Feature, flat: Value, seats: &mut Seats<'_>) -> Result<()
             other => Err(StoreError::Corrupt(format!("page entry {other:?}"))),
         }
     }
-    for pair in items.chunks_exact(2) {
+    for (i, pair) in items.chunks_exact(2).enumerate() {
+        if i > 0 && i % 512 == 0 {
+            tokio::task::yield_now().await;
+        }
         let (user, record) = (bytes(&pair[0])?, bytes(&pair[1])?);
         match page_seat(user, record) {
             Ok((user, seat)) => seats.sink.page_seat(feature, user, seat),
