@@ -223,7 +223,7 @@ impl<'a> Compare<'a> {
                 None => state.take(feature, &user),
             };
             if old.is_some_and(|old| old.mark() == target) {
-                marked -= 1;
+                marked = marked.saturating_sub(1);
             }
         }
         // Seats the store no longer holds: left unmarked (a pass only when

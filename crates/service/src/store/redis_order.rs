@@ -38,8 +38,11 @@ const WAIT: Duration = Duration::from_secs(10);
 /// How long before its deadline a waiting write gives up, so that its answer
 /// (`Busy`, saying why) goes out before the deadline cuts the call.
 const ANSWER_MARGIN: Duration = Duration::from_millis(250);
-/// Users one page script puts into the sets.
-const PAGE: usize = 500;
+/// Users one page script puts into the sets, and fields one `HSCAN` of the
+/// build asks for: small, so no call of the build keeps Redis busy for long
+/// (the build is in the background: its speed matters less than a snapshot's).
+const PAGE: usize = 250;
+const SCAN: usize = 1000;
 /// How many times one run builds again when writes that do not keep the sets
 /// came during it (an older replica), before it gives up until asked again.
 const AGAIN: u32 = 3;
@@ -255,7 +258,7 @@ impl Builder {
             'pools: for feature in Feature::SEATS {
                 let key = self.keys.pool(feature, SeatSource::Purchased);
                 let mut cursor = String::from("0");
-                let mut count = super::snapshot::SCAN_COUNT;
+                let mut count = SCAN;
                 loop {
                     let ((next, flat),): ((String, Value),) = self
                         .bulk

@@ -37,7 +37,7 @@ use crate::store::{
 
 /// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
 /// about 400 kB and takes Redis about a millisecond).
-pub(super) const SCAN_COUNT: usize = 4000;
+const SCAN_COUNT: usize = 4000;
 /// The smallest page a timed-out page shrinks to.
 const SCAN_COUNT_MIN: usize = 50;
 /// Feed entries one page of the replay reads.
