@@ -36,6 +36,15 @@ pub enum LicensingError {
     #[error("{0}")]
     Aborted(String),
 
+    /// The seat store is still preparing something this write needs, once (the
+    /// order of a large pool, built in the background after an upgrade): nothing
+    /// was written; retry after about `retry_after`.
+    #[error("seat store busy: {message}")]
+    StoreBusy {
+        message: String,
+        retry_after: std::time::Duration,
+    },
+
     /// The vendor's licensing server could not be reached or did not answer in
     /// time; nothing changed here.
     #[error("licensing server unavailable: {0}")]

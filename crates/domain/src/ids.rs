@@ -41,6 +41,13 @@ pub struct UserId(String);
 
 impl UserId {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        Self::check(raw)?;
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Whether `raw` is a valid user id, without making one (a replica
+    /// reading a million stored ids keeps them in its own compact form).
+    pub fn check(raw: &str) -> Result<(), InvalidInput> {
         if raw.is_empty() {
             return Err(InvalidInput::new("user_id", "must not be empty"));
         }
@@ -59,7 +66,7 @@ impl UserId {
                 "must not contain control characters",
             ));
         }
-        Ok(Self(raw.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {

@@ -60,17 +60,27 @@ impl From<&Seat> for SeatFacts {
 
 /// A seat as a copy of the whole pool keeps it (a replica's mirror, a
 /// client's copy): 16 bytes, the user id and feature being the keys it is
-/// found by. The source is the lowest bit of the assignment time in
-/// milliseconds (shifted left by one); a missing over-capacity flag is
-/// `i64::MIN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// found by. The assignment time in milliseconds is shifted left by two: the
+/// lowest bit is the source, the next a mark the copy's owner may use (a
+/// replica's full resync marks the seats it found unchanged; not part of the
+/// seat: equality ignores it). A missing over-capacity flag is `i64::MIN`.
+#[derive(Debug, Clone, Copy)]
 pub struct CompactSeat {
     at: i64,
     over: i64,
 }
 
+impl PartialEq for CompactSeat {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at & !Self::MARK) == (other.at & !Self::MARK) && self.over == other.over
+    }
+}
+
+impl Eq for CompactSeat {}
+
 impl CompactSeat {
     const NO_FLAG: i64 = i64::MIN;
+    const MARK: i64 = 0b10;
 
     /// Times in milliseconds since 1970; stored times are within chrono's
     /// range (|ms| < 2^53), so the shift cannot overflow.
@@ -84,8 +94,21 @@ impl CompactSeat {
             SeatSource::Tryout => 1,
         };
         Self {
-            at: (assigned_at_ms << 1) | bit,
+            at: (assigned_at_ms << 2) | bit,
             over: over_capacity_since_ms.unwrap_or(Self::NO_FLAG),
+        }
+    }
+
+    /// The owner's mark (see the type).
+    pub fn mark(self) -> bool {
+        self.at & Self::MARK != 0
+    }
+
+    /// The same seat with the mark set or cleared.
+    pub fn with_mark(self, mark: bool) -> Self {
+        Self {
+            at: (self.at & !Self::MARK) | if mark { Self::MARK } else { 0 },
+            over: self.over,
         }
     }
 
@@ -106,7 +129,7 @@ impl CompactSeat {
     }
 
     pub fn assigned_at_ms(self) -> i64 {
-        self.at >> 1
+        self.at >> 2
     }
 
     pub fn over_capacity_since_ms(self) -> Option<i64> {
@@ -588,6 +611,9 @@ mod tests {
             ] {
                 for over in [None, Some(0), Some(-5), Some(at), Some(i64::MAX)] {
                     let seat = CompactSeat::new(source, at, over);
+                    let marked = seat.with_mark(true);
+                    assert!(marked.mark() && !seat.mark() && marked == seat);
+                    assert_eq!(marked.with_mark(false).assigned_at_ms(), at);
                     assert_eq!(
                         (
                             seat.source(),

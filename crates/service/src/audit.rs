@@ -326,6 +326,13 @@ fn store_error(e: StoreError) -> LicensingError {
             LicensingError::Unavailable("store not initialized or being repaired".into())
         }
         StoreError::Corrupt(m) => LicensingError::Internal(m),
+        StoreError::Busy {
+            message,
+            retry_after,
+        } => LicensingError::StoreBusy {
+            message,
+            retry_after,
+        },
     }
 }
 

@@ -614,7 +614,11 @@ impl Policy for Deadline {
         let audit = self.audit.clone();
         let call = inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout(deadline, call).await {
+            // The store knows the deadline too: a write waiting for it answers
+            // in time, saying why, rather than being cut off here.
+            let by = tokio::time::Instant::now() + deadline;
+            let call = crate::store::answering_by(by, call);
+            match tokio::time::timeout_at(by, call).await {
                 Ok(response) => response,
                 Err(_) => {
                     let refusal = Refusal::DeadlineExceeded { deadline };

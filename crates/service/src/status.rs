@@ -141,6 +141,15 @@ pub fn to_status(error: LicensingError) -> Status {
             (Code::FailedPrecondition, *reason, HashMap::new())
         }
         LicensingError::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE", HashMap::new()),
+        // Nothing was written; `RetryInfo` says when to try again (below).
+        LicensingError::StoreBusy { retry_after, .. } => (
+            Code::Unavailable,
+            "STORE_BUSY",
+            HashMap::from([(
+                "retry_after_ms".to_owned(),
+                retry_after.as_millis().to_string(),
+            )]),
+        ),
         // Nothing was written: the state moved on meanwhile; retry.
         LicensingError::Aborted(_) => (Code::Aborted, "CONCURRENT_CHANGE", HashMap::new()),
         LicensingError::LicensingServerUnavailable(_) => (
@@ -169,7 +178,10 @@ pub fn to_status(error: LicensingError) -> Status {
     if code == Code::Internal {
         tracing::error!(%message, "internal error");
     }
-    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    if let LicensingError::StoreBusy { retry_after, .. } = &error {
+        details.set_retry_info(Some(*retry_after));
+    }
     Status::with_error_details(code, message, details)
 }
 

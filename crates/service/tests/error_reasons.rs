@@ -187,6 +187,10 @@ fn sent() -> BTreeMap<String, String> {
             in_use: 1,
         },
         LicensingError::Unavailable("x".into()),
+        LicensingError::StoreBusy {
+            message: "x".into(),
+            retry_after: d,
+        },
         LicensingError::Aborted("x".into()),
         LicensingError::LicensingServerUnavailable("x".into()),
         LicensingError::NoStateYet("x".into()),

@@ -212,11 +212,13 @@ async fn a_snapshot_slower_than_the_redis_timeout_degrades_nothing() {
 /// An idle replica checks its copy every `resync_interval` by a summary (one
 /// small read), not by reading the pool again: over a few intervals Redis
 /// sends it about as much as it would for an empty pool. Before, every
-/// interval read the whole pool (megabytes per replica per interval).
+/// interval read the whole pool (megabytes per replica per interval). Also
+/// after a full resync that compared the store with the copy in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_replica_costs_the_same_for_any_pool_size() {
     let (redis, _vendor, mut raw) = seeded("idle-cost").await;
     raw.mirror.resync_interval_ms = 1000;
+    let raw_serial = raw.serial_number.clone();
     let server = TestServer::start(raw).await;
     let mirror = server.app_parts.as_ref().unwrap().mirror.clone();
     let copied = eventually(Duration::from_secs(30), || {
@@ -225,6 +227,20 @@ async fn an_idle_replica_costs_the_same_for_any_pool_size() {
     })
     .await;
     assert!(copied, "the replica read the pool");
+    // A gap in the feed: a full resync, compared with the copy in place; the
+    // checks after it find the copy equal to the store (no further read).
+    make_gap(&mut redis.connection(), &raw_serial);
+    let want: u64 = redis::cmd("GET")
+        .arg(format!("lic:{{{raw_serial}}}:version"))
+        .query(&mut redis.connection())
+        .unwrap();
+    let caught_up = eventually(Duration::from_secs(30), || {
+        let v = mirror.read(|s| s.version());
+        async move { v >= want }
+    })
+    .await;
+    assert!(caught_up, "the replica read the store again after the gap");
+    assert_eq!(mirror.read(|s| s.seat_total()), SEATS);
     // The seats alone are about 3 MB on the wire.
     let sent_before = info_field(&redis, "stats", "total_net_output_bytes");
     let scans_before = command_calls(&redis, &["hscan"]);

@@ -20,10 +20,11 @@
 //! store again. Until then the store refuses this replica's writes (its floor).
 
 mod state;
+mod stream;
 mod sync;
 
 use state::Applied;
-pub use state::{MirrorState, StateSource, Verifier};
+pub use state::{MirrorSeat, MirrorState, StateSource, Verifier};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -110,6 +111,12 @@ pub struct Mirror {
     // generation and result of the last one that finished, which callers that
     // asked before it started share (single flight).
     resync_flight: tokio::sync::Mutex<(u64, Result<(), StoreError>)>,
+    // Full resyncs run one at a time (`sync::resync`): the sync task's and an
+    // on-demand one after the same gap read the pool once, not twice.
+    resyncing: tokio::sync::Mutex<()>,
+    // A full resync compares the store with the copy one at a time (it marks
+    // the copy's seats: `stream`).
+    comparing: tokio::sync::Mutex<()>,
     // On-demand resyncs started; the generation of the newest one.
     resyncs_started: AtomicU64,
     // A nudge (a resync for readers waiting for a version) is queued and has not
@@ -144,6 +151,8 @@ impl Mirror {
             feed: broadcast::channel(SEAT_FEED_BUFFER).0,
             clock,
             resync_flight: tokio::sync::Mutex::new((0, Ok(()))),
+            resyncing: tokio::sync::Mutex::new(()),
+            comparing: tokio::sync::Mutex::new(()),
             resyncs_started: AtomicU64::new(0),
             nudge_queued: AtomicBool::new(false),
             store,
@@ -400,7 +409,11 @@ impl Mirror {
     /// Replaces the copy with a snapshot, unless the copy is already further along
     /// in the same epoch (local writes applied after the snapshot was read).
     fn install(&self, snapshot: Snapshot) {
-        let loaded = MirrorState::load(snapshot, &self.verifier);
+        self.install_state(MirrorState::load(snapshot, &self.verifier));
+    }
+
+    /// [`Self::install`] of a copy already made.
+    fn install_state(&self, loaded: MirrorState) {
         let mut state = self.state.write();
         let older = match (&state.position, &loaded.position) {
             (Some(have), Some(got)) => have.epoch == got.epoch && got.version < have.version,
@@ -421,21 +434,16 @@ impl Mirror {
             };
             *state = loaded;
             state.high_water_ms = state.high_water_ms.max(high_water);
-            if !skipped {
-                // Nothing happened in between: the history stays known.
-                state.journal = journal;
-            } else {
-                // Changes were not seen one by one: subscribers should re-read.
-                self.events
-                    .publish(crate::events::LicenseEvent::new("resync", self.clock.now()));
-            }
+            // Nothing happened in between: the history stays known.
+            state.journal = journal;
             // A full read may differ from the copy even at the same position
             // (what the periodic check found): `WatchSeats` streams read it
             // whole again. Full reads are rare (start, gaps, differences).
-            self.publish_feed(SeatFeed::Resync);
+            self.installed(&mut state, skipped);
+        } else {
+            self.publish_version(&state);
+            self.publish_source(&state);
         }
-        self.publish_version(&state);
-        self.publish_source(&state);
     }
 }
 

@@ -17,7 +17,12 @@ use crate::domain::{
     AppliedLicense, CompactSeat, Edition, Feature, Lease, LeaseBook, LicenseState, ReconcileStatus,
     Seat, SeatSource, SerialNumber, TryoutRecord, UserId,
 };
-use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoredLicense};
+use crate::store::{Change, ChangeKind, Incident, Position, SeatValue, Snapshot, StoredLicense};
+
+/// The seats of one feature, by user id. Hashed with foldhash (seeded per
+/// process): a replica hashes every id of the pool at start and on a full
+/// resync, and on every `CheckSeat`.
+pub type Users = HashMap<CompactString, MirrorSeat, foldhash::fast::RandomState>;
 
 /// How many applied changes a replica remembers, to know what a store that went
 /// back lost (about 100 bytes each).
@@ -50,13 +55,26 @@ impl Verifier {
     }
 }
 
+/// A seat as the mirror keeps it: the domain's 16-byte [`CompactSeat`],
+/// whose mark bit a full resync uses (`mirror::stream`).
+pub type MirrorSeat = CompactSeat;
+
+/// A seat as a snapshot page hands it over.
+pub(super) fn from_value(seat: SeatValue) -> MirrorSeat {
+    CompactSeat::new(
+        seat.source,
+        seat.assigned_at_ms,
+        seat.over_capacity_since_ms,
+    )
+}
+
 /// The mirrored state.
 #[derive(Debug, Default)]
 pub struct MirrorState {
     /// Where in the store's history this copy is; `None` before the first sync.
     pub position: Option<Position>,
     /// Seats by feature, then user id (O(1) lookups on the hot path).
-    pub(super) seats: HashMap<Feature, HashMap<CompactString, CompactSeat>>,
+    pub(super) seats: HashMap<Feature, Users>,
     /// Seats held per (feature, source).
     pub(super) counts: HashMap<(Feature, SeatSource), u32>,
     /// The stored document, trusted or not (kept for repair).
@@ -88,6 +106,9 @@ pub struct MirrorState {
     /// The leases of concurrent features (live, or expired and not yet
     /// reclaimed by an acquisition: a decision reads their expiry).
     pub(super) leases: LeaseBook,
+    /// The resync mark every seat put into this copy carries: a full resync
+    /// marks the seats it finds unchanged with the other value (`mirror::stream`).
+    pub(super) parity: bool,
 }
 
 impl MirrorState {
@@ -190,26 +211,52 @@ impl MirrorState {
     }
 
     pub fn seat_total(&self) -> usize {
-        self.seats.values().map(HashMap::len).sum()
+        self.seats.values().map(Users::len).sum()
     }
 
     pub(super) fn put_seat(&mut self, seat: &Seat) {
-        let new = CompactSeat::from_seat(seat);
+        let new = CompactSeat::from_seat(seat).with_mark(self.parity);
+        self.put(seat.feature, seat.user_id.as_str(), new);
+    }
+
+    /// Puts a seat as kept (its mark as given); the seat it replaced, if any.
+    pub(super) fn put(
+        &mut self,
+        feature: Feature,
+        user: &str,
+        new: MirrorSeat,
+    ) -> Option<MirrorSeat> {
         let old = self
             .seats
-            .entry(seat.feature)
+            .entry(feature)
             .or_default()
-            .insert(seat.user_id.as_str().into(), new);
+            .insert(user.into(), new);
         if let Some(old) = old {
-            self.decrement(seat.feature, old.source());
+            self.decrement(feature, old.source());
         }
-        *self.counts.entry((seat.feature, new.source())).or_default() += 1;
+        *self.counts.entry((feature, new.source())).or_default() += 1;
+        old
+    }
+
+    /// Removes a seat; the seat removed, if any.
+    pub(super) fn take(&mut self, feature: Feature, user: &str) -> Option<MirrorSeat> {
+        let old = self.seats.get_mut(&feature).and_then(|m| m.remove(user))?;
+        self.decrement(feature, old.source());
+        Some(old)
+    }
+
+    /// Counts the seats per (feature, source) again.
+    pub(super) fn recount(&mut self) {
+        self.counts.clear();
+        for (feature, users) in &self.seats {
+            for seat in users.values() {
+                *self.counts.entry((*feature, seat.source())).or_default() += 1;
+            }
+        }
     }
 
     pub(super) fn remove_seat(&mut self, feature: Feature, user_id: &str) {
-        if let Some(old) = self.seats.get_mut(&feature).and_then(|m| m.remove(user_id)) {
-            self.decrement(feature, old.source());
-        }
+        self.take(feature, user_id);
     }
 
     pub(super) fn decrement(&mut self, feature: Feature, source: SeatSource) {
@@ -275,6 +322,42 @@ impl MirrorState {
             .unwrap_or(node_now)
     }
 
+    /// A copy of a streamed snapshot (`snapshot`'s seats are in `seats`).
+    pub(super) fn load_with(
+        mut snapshot: Snapshot,
+        seats: HashMap<Feature, Users>,
+        verifier: &Verifier,
+    ) -> Self {
+        snapshot.seats = Vec::new();
+        let mut state = Self::load(snapshot, verifier);
+        state.seats = seats;
+        state.recount();
+        state
+    }
+
+    /// Takes everything but the seats from `snapshot` (a full resync that
+    /// changed the seats in place), as [`Self::load`] does.
+    pub(super) fn take_records(&mut self, snapshot: Snapshot, verifier: &Verifier) {
+        let mut snapshot = snapshot;
+        snapshot.seats = Vec::new();
+        let loaded = Self::load(snapshot, verifier);
+        self.position = loaded.position;
+        self.stored_license = loaded.stored_license;
+        self.license = loaded.license;
+        self.license_problem = loaded.license_problem;
+        self.tryout = loaded.tryout;
+        self.reconcile = loaded.reconcile;
+        self.initialization = loaded.initialization;
+        self.retired_license = loaded.retired_license;
+        self.retired_issued_at = loaded.retired_issued_at;
+        self.incident = loaded.incident;
+        self.leases = loaded.leases;
+        self.corrupt_records = loaded.corrupt_records;
+        self.corrupt_seats = loaded.corrupt_seats;
+        self.high_water_ms = self.high_water_ms.max(loaded.high_water_ms);
+        self.from_disk = false;
+    }
+
     pub(super) fn load(snapshot: Snapshot, verifier: &Verifier) -> Self {
         let retired_issued_at = snapshot
             .retired_license
@@ -305,7 +388,10 @@ impl MirrorState {
             *per_feature.entry(seat.feature).or_default() += 1;
         }
         for (feature, n) in per_feature {
-            state.seats.insert(feature, HashMap::with_capacity(n));
+            state.seats.insert(
+                feature,
+                Users::with_capacity_and_hasher(n, Default::default()),
+            );
         }
         for seat in snapshot.seats {
             state.put_seat(&seat);

@@ -86,12 +86,31 @@ impl Mirror {
     }
 
     /// Reads the store, repairs what it lost of this copy's history, and installs it.
-    async fn resync(&self, store: &dyn Store) -> Result<(), StoreError> {
+    pub(super) async fn resync(&self, store: &dyn Store) -> Result<(), StoreError> {
+        // One at a time. One that waited for another (the sync task's and an
+        // on-demand one, both after the same gap) first checks, in one small
+        // read, whether the other left the copy current: then it is done.
+        let _one = match self.resyncing.try_lock() {
+            Ok(one) => one,
+            Err(_) => {
+                let one = self.resyncing.lock().await;
+                if let Verdict::Same { version } = self.verify(store).await?
+                    && self.read(|s| s.version()) >= version
+                {
+                    return Ok(());
+                }
+                one
+            }
+        };
         for _ in 0..REPAIR_ATTEMPTS {
             // Where this copy is, before the snapshot: later local writes are newer.
             let before = self.state.read().position.clone();
-            let mut snapshot = store.snapshot().await?;
+            // Streamed into the copy (`stream`): its seats are never held
+            // twice. `None` once a full snapshot replaced it.
+            let (mut snapshot, streamed) = self.read_streamed(store).await?;
+            let mut streamed = Some(streamed);
             if snapshot.position.is_none() {
+                streamed = None;
                 // The store lost its data (or is new): write back what this replica
                 // knows, then read again. Another replica may win the race; its
                 // copy is then merged with this one below.
@@ -125,10 +144,23 @@ impl Mirror {
             }
             match self.lineage(store, before.as_ref(), &snapshot).await? {
                 Lineage::Extends => {
-                    self.install(snapshot);
+                    match streamed {
+                        Some(streamed) => {
+                            if !self.install_streamed(snapshot, streamed) {
+                                // The copy moved under the comparison: read it whole.
+                                self.install(store.snapshot().await?);
+                            }
+                        }
+                        None => self.install(snapshot),
+                    }
                     return Ok(());
                 }
                 Lineage::Lost { common, from } => {
+                    if streamed.take().is_some() {
+                        // The repair plans with the store's seats: read whole.
+                        drop(streamed);
+                        snapshot = store.snapshot().await?;
+                    }
                     if self.repair(store, &snapshot, common, from).await? {
                         self.install(store.snapshot().await?);
                         return Ok(());

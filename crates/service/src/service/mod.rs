@@ -219,6 +219,13 @@ fn store_error(e: StoreError) -> LicensingError {
             "seat store is empty or being repaired; retry shortly".into(),
         ),
         StoreError::Corrupt(m) => LicensingError::Internal(m),
+        StoreError::Busy {
+            message,
+            retry_after,
+        } => LicensingError::StoreBusy {
+            message: format!("{message}; nothing was written"),
+            retry_after,
+        },
     }
 }
 

@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditRetention};
 use crate::domain::initcode::PendingInitialization;
 use crate::domain::{
-    AssignPlan, Feature, Holder, Lease, LeasePlan, ReconcileStatus, Seat, TryoutRecord, UserId,
+    AssignPlan, Feature, Holder, Lease, LeasePlan, ReconcileStatus, Seat, SeatSource, TryoutRecord,
+    UserId,
 };
 
 pub use crate::domain::history::{
@@ -214,6 +215,91 @@ pub enum StoreError {
     /// Stored data that does not parse.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The write needs something the store is still preparing in the
+    /// background (the Redis store's seat order sets, built once from the
+    /// pools): nothing was written; retry after about `retry_after`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
+}
+
+tokio::task_local! {
+    /// The instant by which the call being served must have answered (its
+    /// RPC deadline), where one is set.
+    static ANSWER_BY: tokio::time::Instant;
+}
+
+/// Runs `call` knowing that it must answer by `deadline`: a store call that
+/// would wait for the store (a write waiting for a one-time preparation,
+/// [`StoreError::Busy`]) waits no longer than that. Set by the server's
+/// deadline layer around every call it serves.
+pub async fn answering_by<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    call: F,
+) -> F::Output {
+    ANSWER_BY.scope(deadline, call).await
+}
+
+/// The deadline of the call being served, if [`answering_by`] set one.
+pub fn answer_by() -> Option<tokio::time::Instant> {
+    ANSWER_BY.try_with(|d| *d).ok()
+}
+
+/// A seat as a streamed snapshot hands it over: plain values, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeatValue {
+    pub source: SeatSource,
+    pub assigned_at_ms: i64,
+    pub over_capacity_since_ms: Option<i64>,
+}
+
+impl SeatValue {
+    pub fn of(seat: &Seat) -> Self {
+        Self {
+            source: seat.source,
+            assigned_at_ms: seat.assigned_at.timestamp_millis(),
+            over_capacity_since_ms: seat.over_capacity_since.map(|t| t.timestamp_millis()),
+        }
+    }
+
+    /// The seat of `user_id`; the times were checked when it was read.
+    pub fn to_seat(self, user_id: UserId, feature: Feature) -> Seat {
+        use chrono::TimeZone as _;
+        let at = |ms: i64| {
+            chrono::Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .unwrap_or_default()
+        };
+        Seat {
+            user_id,
+            feature,
+            source: self.source,
+            assigned_at: at(self.assigned_at_ms),
+            over_capacity_since: self.over_capacity_since_ms.map(at),
+        }
+    }
+}
+
+/// Where a streamed snapshot ([`Store::snapshot_into`]) puts its seats as they
+/// are read: the pages first (a seat may come twice; the later one counts),
+/// then the feed replayed after them, which has the last word.
+pub trait SeatSink: Send {
+    /// How many seat records `feature`'s pools hold, before their pages come.
+    fn expect(&mut self, _feature: Feature, _records: usize) {}
+    /// A seat of a page.
+    fn page_seat(&mut self, feature: Feature, user: &str, seat: SeatValue);
+    /// The end of a page.
+    fn page_done(&mut self) {}
+    /// A seat as the replayed feed leaves it (`None`: released).
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>);
+    /// A re-setup in the replayed feed: no seat read before it is left.
+    fn cleared(&mut self);
+    /// The snapshot starts again (its feed could not be continued): forget
+    /// everything put so far.
+    fn restart(&mut self);
 }
 
 /// The seat store shared by all replicas.
@@ -221,6 +307,19 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// A consistent copy of everything.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// [`Store::snapshot`] with its seats handed to `sink` as they are read
+    /// (the snapshot returned holds none, only its position and records): a
+    /// replica that keeps its copy in a compact form of its own never holds
+    /// the store's seats twice.
+    async fn snapshot_into(&self, sink: &mut dyn SeatSink) -> Result<Snapshot, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        for seat in std::mem::take(&mut snapshot.seats) {
+            sink.page_seat(seat.feature, seat.user_id.as_str(), SeatValue::of(&seat));
+        }
+        sink.page_done();
+        Ok(snapshot)
+    }
 
     /// The changes after `since`, waiting up to `wait` for at least one.
     async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError>;

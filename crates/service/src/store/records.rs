@@ -59,6 +59,23 @@ impl SeatRecordV1 {
     pub fn parse(json: &str) -> Result<Self, StoreError> {
         serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("seat record: {e}")))
     }
+
+    /// The seat's values, checked as [`Self::into_seat`] checks them.
+    pub fn into_value(self) -> Result<super::SeatValue, StoreError> {
+        if self.v != SEAT_V1 {
+            return Err(StoreError::Corrupt(format!(
+                "seat format v{} unknown",
+                self.v
+            )));
+        }
+        millis(self.assigned_at_ms)?;
+        self.over_capacity_since_ms.map(millis).transpose()?;
+        Ok(super::SeatValue {
+            source: self.source,
+            assigned_at_ms: self.assigned_at_ms,
+            over_capacity_since_ms: self.over_capacity_since_ms,
+        })
+    }
 }
 
 /// The applied license document.

@@ -35,7 +35,7 @@
 //! replicas; every call is bounded by the configured timeout.
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -58,7 +58,7 @@ use super::redis_conn::{RedisConn, Target, Writers};
 use super::{
     AcquireOutcome, AssignOutcome, Change, ChangeKind, Changes, ClockReading, Floor, LeaseAcquire,
     LeaseReleaseOutcome, LeaseUsage, LicenseWrite, Position, ReleaseOutcome, RenewOutcome,
-    RepairWrite, SeatKey, Snapshot, Store, StoreError, StoredLicense, Summary,
+    RepairWrite, SeatKey, SeatSink, Snapshot, Store, StoreError, StoredLicense, Summary,
 };
 use crate::domain::audit::{
     AuditEntry, AuditEvent, AuditRetention, merge_newest_first, parse_entry_id,
@@ -234,10 +234,11 @@ pub struct RedisStore {
     // A separate connection for the blocking feed read, so XREAD BLOCK never
     // delays request-path calls. Dropped after an error and made anew.
     feed_conn: AsyncMutex<Option<MultiplexedConnection>>,
-    // A separate connection for the pages of a snapshot, with a longer bound of
-    // its own: a slow page never queues request-path calls behind it. Dropped
-    // after an error or timeout (so Redis drops the reply nobody reads).
-    bulk_conn: AsyncMutex<Option<MultiplexedConnection>>,
+    // A separate connection for the pages of a snapshot (see `snapshot::Bulk`).
+    bulk: snapshot::Bulk,
+    // Builds the seat order sets in the background when the store lacks them
+    // (one task at a time here, one builder across replicas).
+    order: Arc<order::Builder>,
     keys: Keys,
     timeout: Duration,
     // The bound of a write: the timeout, plus the `WAIT` time.
@@ -245,6 +246,14 @@ pub struct RedisStore {
     url_for_display: String,
     // The compare-and-set records as last read (see `Self::expected_text`).
     seen: parking_lot::Mutex<SeenTexts>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // The build task holds its own handles: it ends with the store (a
+        // build cut off is taken over by the next replica after its mark).
+        self.order.stop();
+    }
 }
 
 /// A compare-and-set value as this replica last read it: what this code makes
@@ -309,13 +318,21 @@ impl RedisStore {
         let conn = RedisConn::new(&target, config.timeout, None).map_err(unavailable)?;
         let write_conn =
             Writers::new(&target, &conn, config.timeout, config.wait).map_err(unavailable)?;
+        let keys = Keys::new(serial);
+        let order = Arc::new(order::Builder::new(
+            conn.clone(),
+            snapshot::Bulk::new(target.clone(), config.timeout),
+            keys.clone(),
+            config.timeout,
+        ));
         Ok(Self {
+            bulk: snapshot::Bulk::new(target.clone(), config.timeout),
+            order,
             target,
             conn,
             write_conn,
             feed_conn: AsyncMutex::new(None),
-            bulk_conn: AsyncMutex::new(None),
-            keys: Keys::new(serial),
+            keys,
             timeout: config.timeout,
             write_timeout: config.timeout + config.wait.map_or(Duration::ZERO, |w| w.timeout),
             url_for_display: redact_url(&config.url),
@@ -340,13 +357,7 @@ impl RedisStore {
         operation: &'static str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(limit, fut).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => classify(e),
-            Err(_) => StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis())),
-        };
-        crate::metrics::metrics().redis_error(operation);
-        Err(result)
+        bounded(limit, operation, fut).await
     }
 
     /// Warns when Redis may evict keys (seat keys would vanish under memory
@@ -387,7 +398,10 @@ impl RedisStore {
     /// epoch answers `NotInitialized`, one below the floor `Moved`. A script that
     /// needs the seat order sets and finds them not true (`noindex`: a store
     /// written before they existed, or by a replica that does not keep them)
-    /// wrote nothing: the sets are built (once, O(pool)) and the script runs again.
+    /// wrote nothing: the background build runs (started here if it does not
+    /// yet), the write waits for it at most until shortly before its call's
+    /// deadline ([`order::Builder::wait`]) and runs again; past that it answers
+    /// `Busy`, having written nothing, and the build goes on.
     async fn write(
         &self,
         operation: &'static str,
@@ -426,7 +440,10 @@ impl RedisStore {
                 // sets (an older replica): build again, a few times at most.
                 Some("noindex") if built < MAX_ORDER_BUILDS => {
                     built += 1;
-                    self.build_order().await?;
+                    // 'broken': the sets looked true but disagree with a record
+                    // (edited by hand): rebuilt even though they look true.
+                    let force = reply.get(1).map(String::as_str) == Some("broken");
+                    self.order.wait(force).await?;
                     continue;
                 }
                 Some("noindex") => Err(StoreError::Unavailable(
@@ -518,6 +535,22 @@ fn skip_corrupt(operation: &str, mut reply: Vec<String>) -> Result<Vec<String>, 
 /// A lease length in ms for a script (at least 1).
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Runs one Redis call bounded by `limit`; failures are counted per
+/// `operation` (metric `licensing_redis_errors_total`).
+async fn bounded<T>(
+    limit: Duration,
+    operation: &'static str,
+    fut: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    let result = match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => classify(e),
+        Err(_) => StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis())),
+    };
+    crate::metrics::metrics().redis_error(operation);
+    Err(result)
 }
 
 fn classify(e: RedisError) -> StoreError {
@@ -711,6 +744,10 @@ fn feed_change(
 impl Store for RedisStore {
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.read_snapshot().await
+    }
+
+    async fn snapshot_into(&self, sink: &mut dyn SeatSink) -> Result<Snapshot, StoreError> {
+        self.read_snapshot_into(sink).await
     }
 
     async fn changes(&self, since: &Position, wait: Duration) -> Result<Changes, StoreError> {

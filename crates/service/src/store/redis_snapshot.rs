@@ -19,19 +19,25 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::Mutex as AsyncMutex;
+
+use chrono::TimeZone as _;
 
 use super::{
     CasRecord, IncidentRecordV1, InitializationRecordV1, LeaseRecordV1, LicenseRecordV1,
-    ReconcileRecordV1, RedisStore, SNAPSHOT, TryoutRecordV1, feed_change, record, stored_seat,
-    text, texts, version_of,
+    ReconcileRecordV1, RedisStore, SNAPSHOT, SeatRecordV1, Target, TryoutRecordV1, feed_change,
+    record, text, texts, version_of,
 };
 use crate::domain::initcode::PendingInitialization;
-use crate::domain::{Feature, Lease, ReconcileStatus, Seat, TryoutRecord};
-use crate::store::{Change, ChangeKind, Incident, Position, Snapshot, StoreError, StoredLicense};
+use crate::domain::{Feature, Lease, ReconcileStatus, Seat, SeatSource, TryoutRecord, UserId};
+use crate::store::{
+    Change, ChangeKind, Incident, Position, SeatSink, SeatValue, Snapshot, StoreError,
+    StoredLicense,
+};
 
 /// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
 /// about 400 kB and takes Redis about a millisecond).
-pub(super) const SCAN_COUNT: usize = 4000;
+const SCAN_COUNT: usize = 4000;
 /// The smallest page a timed-out page shrinks to.
 const SCAN_COUNT_MIN: usize = 50;
 /// Feed entries one page of the replay reads.
@@ -41,43 +47,90 @@ const ATTEMPTS: usize = 4;
 /// How often one page is read again after a timeout (each time smaller).
 const PAGE_RETRIES: usize = 4;
 
-/// The seats read so far: the pages' seats in one vector (compact: no map per
-/// seat), then what the replayed feed changed, by key (few).
-#[derive(Default)]
-struct Seats {
-    /// Every readable seat the pages returned (a seat may come twice).
-    paged: Vec<Seat>,
+/// The seats read so far: handed to a [`SeatSink`] as they come, and the
+/// records that do not parse, by key, until the replay replaces them.
+struct Seats<'a> {
+    sink: &'a mut dyn SeatSink,
     /// Records of the pages that do not parse, by (feature, user as stored).
     corrupt: HashMap<(Feature, String), String>,
+}
+
+impl Seats<'_> {
+    fn put(&mut self, seat: &Seat) {
+        self.replayed(
+            seat.feature,
+            seat.user_id.as_str(),
+            Some(SeatValue::of(seat)),
+        );
+    }
+
+    fn remove(&mut self, feature: Feature, user: &str) {
+        self.replayed(feature, user, None);
+    }
+
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>) {
+        if !self.corrupt.is_empty() {
+            self.corrupt.remove(&(feature, user.to_owned()));
+        }
+        self.sink.replayed(feature, user, seat);
+    }
+
+    fn clear(&mut self) {
+        self.corrupt.clear();
+        self.sink.cleared();
+    }
+
+    fn restart(&mut self) {
+        self.corrupt.clear();
+        self.sink.restart();
+    }
+
+    /// The corrupt records' names.
+    fn corrupt_names(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.corrupt)
+            .into_iter()
+            .map(|((feature, user), e)| format!("seat {feature}/{user:?}: {e}"))
+            .collect()
+    }
+}
+
+/// Collects a snapshot's seats into one vector ([`RedisStore::read_snapshot`]):
+/// the pages' seats, then what the replayed feed changed, by key (few).
+#[derive(Default)]
+pub(super) struct Collect {
+    /// Every readable seat the pages returned (a seat may come twice).
+    paged: Vec<Seat>,
     /// The replay's last word per (feature, user): a seat, or none (released).
     replayed: BTreeMap<(Feature, String), Option<Seat>>,
 }
 
-impl Seats {
-    fn put(&mut self, seat: &Seat) {
-        let key = (seat.feature, seat.user_id.as_str().to_owned());
-        self.corrupt.remove(&key);
-        self.replayed.insert(key, Some(seat.clone()));
+impl SeatSink for Collect {
+    fn page_seat(&mut self, feature: Feature, user: &str, seat: SeatValue) {
+        if let Ok(user_id) = UserId::parse(user) {
+            self.paged.push(seat.to_seat(user_id, feature));
+        }
     }
 
-    fn remove(&mut self, feature: Feature, user: &str) {
-        let key = (feature, user.to_owned());
-        self.corrupt.remove(&key);
-        self.replayed.insert(key, None);
+    fn replayed(&mut self, feature: Feature, user: &str, seat: Option<SeatValue>) {
+        let seat = seat.and_then(|s| Some(s.to_seat(UserId::parse(user).ok()?, feature)));
+        self.replayed.insert((feature, user.to_owned()), seat);
     }
 
-    fn clear(&mut self) {
+    fn cleared(&mut self) {
         self.paged = Vec::new();
-        self.corrupt.clear();
         self.replayed.clear();
     }
 
-    /// The seats, ordered by (feature, user), each once; and the corrupt
-    /// records' names.
-    fn finish(self) -> (Vec<Seat>, Vec<String>) {
-        let Seats {
+    fn restart(&mut self) {
+        self.cleared();
+    }
+}
+
+impl Collect {
+    /// The seats, ordered by (feature, user), each once.
+    pub(super) fn finish(self) -> Vec<Seat> {
+        let Collect {
             mut paged,
-            corrupt,
             replayed,
         } = self;
         // A later page's copy of a seat wins (the tryout pool is read after
@@ -96,11 +149,7 @@ impl Seats {
             paged.extend(replayed.into_values().flatten());
             paged.sort_by(|a, b| (a.feature, &a.user_id).cmp(&(b.feature, &b.user_id)));
         }
-        let names = corrupt
-            .into_iter()
-            .map(|((feature, user), e)| format!("seat {feature}/{user:?}: {e}"))
-            .collect();
-        (paged, names)
+        paged
     }
 }
 
@@ -127,7 +176,7 @@ impl Records {
 }
 
 /// Applies one feed change to what was read: the same effect as the write had.
-fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
+fn replay(change: &Change, seats: &mut Seats<'_>, records: &mut Records) {
     match &change.kind {
         ChangeKind::SeatAssigned(seat) | ChangeKind::SeatFlagged(seat) => seats.put(seat),
         ChangeKind::SeatReleased { feature, user_id } => seats.remove(*feature, user_id.as_str()),
@@ -196,16 +245,29 @@ fn replay(change: &Change, seats: &mut Seats, records: &mut Records) {
 struct Restart(String);
 
 impl RedisStore {
-    /// The bound of one bulk page: longer than a request's, never shorter.
-    fn bulk_timeout(&self) -> Duration {
-        (self.timeout * 4).max(Duration::from_millis(500))
-    }
-
     /// Reads a consistent snapshot in bounded steps (see the module).
     pub(super) async fn read_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut collect = Collect::default();
+        let mut snapshot = self.read_snapshot_into(&mut collect).await?;
+        snapshot.seats = collect.finish();
+        Ok(snapshot)
+    }
+
+    /// [`Self::read_snapshot`], the seats handed to `sink` as they are read.
+    pub(super) async fn read_snapshot_into(
+        &self,
+        sink: &mut dyn SeatSink,
+    ) -> Result<Snapshot, StoreError> {
         let mut why = String::new();
-        for _ in 0..ATTEMPTS {
-            match self.snapshot_attempt().await? {
+        let mut seats = Seats {
+            sink,
+            corrupt: HashMap::new(),
+        };
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                seats.restart();
+            }
+            match self.snapshot_attempt(&mut seats).await? {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(Restart(reason)) => {
                     tracing::debug!(%reason, "snapshot could not continue from its head; reading again");
@@ -219,7 +281,10 @@ impl RedisStore {
         )))
     }
 
-    async fn snapshot_attempt(&self) -> Result<Result<Snapshot, Restart>, StoreError> {
+    async fn snapshot_attempt(
+        &self,
+        seats: &mut Seats<'_>,
+    ) -> Result<Result<Snapshot, Restart>, StoreError> {
         // 1. The head: one small script.
         let mut inv = SNAPSHOT.prepare_invoke();
         inv.key(self.keys.epoch())
@@ -231,12 +296,17 @@ impl RedisStore {
             .key(self.keys.retired_license())
             .key(self.keys.clock())
             .key(self.keys.incident())
+            .key(self.keys.order_at())
             .key(self.keys.lease_records());
+        let pools = self.keys.pools();
+        for (_, _, key) in &pools {
+            inv.key(key);
+        }
         let mut conn = self.conn.clone();
         let head: Vec<Value> = self
             .bounded("snapshot", inv.invoke_async(&mut conn))
             .await?;
-        if head.len() != 11 {
+        if head.len() != 12 + pools.len() {
             return Err(StoreError::Corrupt(
                 "snapshot reply has the wrong shape".into(),
             ));
@@ -262,7 +332,7 @@ impl RedisStore {
         records.initialization = initialization;
         records.retired = retired;
         records.incident = incident;
-        let lease_fields = texts(head[10].clone())?;
+        let lease_fields = texts(head[11].clone())?;
         for pair in lease_fields.chunks_exact(2) {
             let lease = match (&pair[0], &pair[1]) {
                 (Ok(id), Ok(raw)) => LeaseRecordV1::parse(raw).and_then(|r| r.into_lease(id)),
@@ -302,23 +372,36 @@ impl RedisStore {
         );
         let epoch = text(&head[0])?;
         let head_version = version_of(&text(&head[1])?)?;
+        // A store without true order sets (written before they existed, or by
+        // a replica that does not keep them): built now, in the background, so
+        // the first write that needs them finds them ready.
+        if !epoch.is_empty() && text(&head[10])? != head_version.to_string() {
+            self.order.start();
+        }
         let high_water_ms = text(&head[7])?.parse::<i64>().unwrap_or_else(|_| {
             let what = "high-water clock is not a number".to_owned();
             records.corrupt.push(("clock", what));
             0
         });
 
-        // 2. The pools, page by page.
-        let mut seats = Seats::default();
-        for (feature, _, key) in self.keys.pools() {
-            self.scan_pool(feature, &key, &mut seats).await?;
+        // 2. The pools, page by page (the sink makes room for them once).
+        let mut records_of: HashMap<Feature, usize> = HashMap::new();
+        for ((feature, _, _), n) in pools.iter().zip(&head[12..]) {
+            let n: usize = redis::from_redis_value_ref(n).unwrap_or(0);
+            *records_of.entry(*feature).or_default() += n;
+        }
+        for (feature, n) in records_of {
+            seats.sink.expect(feature, n);
+        }
+        for (feature, _, key) in &pools {
+            self.scan_pool(*feature, key, seats).await?;
         }
 
         // 3. The feed since the head, replayed over the pages.
         let mut version = head_version;
         if !epoch.is_empty() {
             match self
-                .replay_feed(&epoch, head_version, &mut seats, &mut records)
+                .replay_feed(&epoch, head_version, seats, &mut records)
                 .await?
             {
                 Ok(last) => version = last,
@@ -327,15 +410,14 @@ impl RedisStore {
         }
 
         let mut all_corrupt: Vec<String> = records.corrupt.into_iter().map(|(_, e)| e).collect();
-        let (list, corrupt_seats) = seats.finish();
-        all_corrupt.extend(corrupt_seats);
+        all_corrupt.extend(seats.corrupt_names());
         for what in &all_corrupt {
             tracing::error!(record = %what, "corrupt record in the seat store skipped");
             crate::metrics::metrics().corrupt_record();
         }
         Ok(Ok(Snapshot {
             position: (!epoch.is_empty()).then_some(Position { epoch, version }),
-            seats: list,
+            seats: Vec::new(),
             license: records.license,
             tryout: records.tryout,
             reconcile: records.reconcile,
@@ -358,7 +440,7 @@ impl RedisStore {
         &self,
         feature: Feature,
         key: &str,
-        seats: &mut Seats,
+        seats: &mut Seats<'_>,
     ) -> Result<(), StoreError> {
         let mut cursor = Some(String::from("0"));
         let mut count = SCAN_COUNT;
@@ -371,7 +453,8 @@ impl RedisStore {
                     return Ok(None);
                 };
                 let ((next, flat),): ((String, Value),) = self
-                    .bulk(&mut count, |n| {
+                    .bulk
+                    .read(&mut count, |n| {
                         let mut pipe = redis::pipe();
                         pipe.cmd("HSCAN").arg(key).arg(at).arg("COUNT").arg(n);
                         pipe
@@ -381,7 +464,7 @@ impl RedisStore {
             });
             let parse = async {
                 match page.take() {
-                    Some(flat) => parse_page(feature, flat, seats),
+                    Some(flat) => parse_page(feature, flat, seats).await,
                     None => Ok(()),
                 }
             };
@@ -405,7 +488,7 @@ impl RedisStore {
         &self,
         epoch: &str,
         from: u64,
-        seats: &mut Seats,
+        seats: &mut Seats<'_>,
         records: &mut Records,
     ) -> Result<Result<u64, Restart>, StoreError> {
         let mut last = from;
@@ -416,7 +499,8 @@ impl RedisStore {
                 Option<String>,
                 Option<String>,
             ) = self
-                .bulk(&mut page_len, |n| {
+                .bulk
+                .read(&mut page_len, |n| {
                     let mut pipe = redis::pipe();
                     pipe.atomic()
                         .cmd("XRANGE")
@@ -467,12 +551,37 @@ impl RedisStore {
             }
         }
     }
+}
 
-    /// Runs one bulk read (`make(count)`) on the bulk connection, bounded by
-    /// [`Self::bulk_timeout`]. After a timeout the connection is dropped (Redis
-    /// discards the reply nobody reads) and the read is tried again after a
-    /// jittered pause, asking for half as much (`count`, kept for later pages).
-    pub(super) async fn bulk<T: redis::FromRedisValue>(
+/// A connection of its own for bulk reads (the pages of a snapshot, of a
+/// build of the seat order sets), with a longer bound than a request's: a slow
+/// page never queues request-path calls behind it. Dropped after an error or
+/// timeout (so Redis drops the reply nobody reads) and made anew.
+pub(super) struct Bulk {
+    target: Target,
+    timeout: Duration,
+    conn: AsyncMutex<Option<MultiplexedConnection>>,
+}
+
+impl Bulk {
+    pub(super) fn new(target: Target, timeout: Duration) -> Self {
+        Self {
+            target,
+            timeout,
+            conn: AsyncMutex::new(None),
+        }
+    }
+
+    /// The bound of one bulk page: longer than a request's, never shorter.
+    fn page_timeout(&self) -> Duration {
+        (self.timeout * 4).max(Duration::from_millis(500))
+    }
+
+    /// Runs one bulk read (`make(count)`), bounded by the page timeout. After a
+    /// timeout the connection is dropped (Redis discards the reply nobody
+    /// reads) and the read is tried again after a jittered pause, asking for
+    /// half as much (`count`, kept for later pages).
+    pub(super) async fn read<T: redis::FromRedisValue>(
         &self,
         count: &mut usize,
         make: impl Fn(usize) -> redis::Pipeline,
@@ -480,25 +589,25 @@ impl RedisStore {
         let mut pause = Duration::from_millis(20);
         let mut tries = 0;
         loop {
-            let mut guard = self.bulk_conn.lock().await;
+            let mut guard = self.conn.lock().await;
             if guard.is_none() {
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.bulk_timeout()));
-                let conn = self
-                    .bounded("bulk_connect", self.target.connect(&config))
-                    .await?;
+                    .set_response_timeout(Some(self.page_timeout()));
+                let conn =
+                    super::bounded(self.timeout, "bulk_connect", self.target.connect(&config))
+                        .await?;
                 *guard = Some(conn);
             }
             let conn: &mut MultiplexedConnection = guard.as_mut().expect("connection was just set");
             let pipe = make(*count);
             let error =
-                match tokio::time::timeout(self.bulk_timeout(), pipe.query_async(conn)).await {
+                match tokio::time::timeout(self.page_timeout(), pipe.query_async(conn)).await {
                     Ok(Ok(reply)) => return Ok(reply),
                     Ok(Err(e)) => super::classify(e),
                     Err(_) => StoreError::Unavailable(format!(
-                        "no answer to a snapshot page within {} ms",
-                        self.bulk_timeout().as_millis()
+                        "no answer to a bulk page within {} ms",
+                        self.page_timeout().as_millis()
                     )),
                 };
             *guard = None;
@@ -515,18 +624,102 @@ impl RedisStore {
     }
 }
 
-/// One `HSCAN` page's (user, record) pairs into `seats`.
-fn parse_page(feature: Feature, flat: Value, seats: &mut Seats) -> Result<(), StoreError> {
-    for pair in texts(flat)?.chunks_exact(2) {
-        match stored_seat(feature, &pair[0], &pair[1]) {
-            Ok(seat) => seats.paged.push(seat),
+/// One `HSCAN` page's (user, record) pairs into `seats`, read in place (no
+/// copy of an id or a record is made). Yields now and then: the connection's
+/// driver, which reads the next page meanwhile, may run on this thread.
+async fn parse_page(
+    feature: Feature,
+    flat: Value,
+    seats: &mut Seats<'_>,
+) -> Result<(), StoreError> {
+    let Value::Array(items) = flat else {
+        return Err(StoreError::Corrupt(format!(
+            "a page of seat pool {feature} is not an array"
+        )));
+    };
+    fn bytes(v: &Value) -> Result<&[u8], StoreError> {
+        match v {
+            Value::BulkString(b) => Ok(b.as_slice()),
+            Value::SimpleString(s) => Ok(s.as_bytes()),
+            other => Err(StoreError::Corrupt(format!("page entry {other:?}"))),
+        }
+    }
+    for (i, pair) in items.chunks_exact(2).enumerate() {
+        if i > 0 && i % 512 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let (user, record) = (bytes(&pair[0])?, bytes(&pair[1])?);
+        match page_seat(user, record) {
+            Ok((user, seat)) => seats.sink.page_seat(feature, user, seat),
             Err(e) => {
-                let user = pair[0].clone().unwrap_or_else(|lossy| lossy);
+                let user = String::from_utf8_lossy(user).into_owned();
                 seats.corrupt.insert((feature, user), e.to_string());
             }
         }
     }
+    seats.sink.page_done();
     Ok(())
+}
+
+/// A stored (user, record) pair, checked as `stored_seat` checks it: the
+/// canonical record text read directly, anything else by the record's parser.
+fn page_seat<'a>(user: &'a [u8], record: &[u8]) -> Result<(&'a str, SeatValue), StoreError> {
+    let (Ok(user), Ok(record)) = (std::str::from_utf8(user), std::str::from_utf8(record)) else {
+        return Err(StoreError::Corrupt("not UTF-8".into()));
+    };
+    let seat = match canonical_seat(record) {
+        Some(seat) => seat,
+        None => SeatRecordV1::parse(record)?.into_value()?,
+    };
+    UserId::check(user).map_err(|e| StoreError::Corrupt(format!("stored user id: {e}")))?;
+    Ok((user, seat))
+}
+
+/// A seat record exactly as this code and the scripts write it
+/// (`{"v":1,"source":"purchased","assigned_at_ms":N}`, optionally with
+/// `,"over_capacity_since_ms":N`), with times a replica can read; `None` for
+/// any other text (then the full parser decides).
+fn canonical_seat(record: &str) -> Option<SeatValue> {
+    let (source, rest) = if let Some(rest) =
+        record.strip_prefix(r#"{"v":1,"source":"purchased","assigned_at_ms":"#)
+    {
+        (SeatSource::Purchased, rest)
+    } else {
+        (
+            SeatSource::Tryout,
+            record.strip_prefix(r#"{"v":1,"source":"tryout","assigned_at_ms":"#)?,
+        )
+    };
+    let (assigned_at_ms, rest) = leading_int(rest)?;
+    let over_capacity_since_ms = match rest {
+        "}" => None,
+        _ => {
+            let rest = rest.strip_prefix(r#","over_capacity_since_ms":"#)?;
+            let (since, rest) = leading_int(rest)?;
+            (rest == "}").then_some(())?;
+            Some(since)
+        }
+    };
+    let readable = |ms: i64| chrono::Utc.timestamp_millis_opt(ms).single().is_some();
+    (readable(assigned_at_ms) && over_capacity_since_ms.is_none_or(readable)).then_some(SeatValue {
+        source,
+        assigned_at_ms,
+        over_capacity_since_ms,
+    })
+}
+
+/// A JSON integer at the start of `text` (no leading zeros, no overflow) and
+/// the text after it.
+fn leading_int(text: &str) -> Option<(i64, &str)> {
+    let digits_from = usize::from(text.starts_with('-'));
+    let end = text[digits_from..]
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or(text.len(), |n| n + digits_from);
+    let digits = &text[digits_from..end];
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    Some((text[..end].parse().ok()?, &text[end..]))
 }
 
 /// A single record of the head: `None` when absent, or when corrupt (then named

@@ -28,7 +28,7 @@ local plans = {}
 local k = 9
 for i = 9, #ARGV, 2 do
   local plan = plan_flags(pool_keys(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[i]), tonumber(ARGV[i + 1]), nil)
-  if not plan then return reply({'noindex'}) end
+  if not plan then return reply({'noindex', INDEXED and 'broken' or 'missing'}) end
   table.insert(plans, plan)
   k = k + 3
 end

@@ -16,9 +16,10 @@ local FEED_LEN, FLOOR_EPOCH, FLOOR_VERSION = string.match(ARGV[1], '^(%d+)|([^|]
 -- sets; the order-at key holds the version up to which every write did so. A
 -- script that finds it behind the version (the sets were never built, or a
 -- write by a replica that does not keep them came between) trusts no set:
--- where it needs them it answers 'noindex', and the replica builds them anew
--- in pages (order_begin.lua, order_page.lua, order_finish.lua: once, each page
--- small) and tries again.
+-- where it needs them it answers 'noindex' ('missing'; 'broken' when they
+-- looked true but disagree with a record), having written nothing, and the
+-- replica builds them anew in the background, in pages (order_begin.lua,
+-- order_page.lua, order_finish.lua: once, each page small), then tries again.
 local INDEXED = redis.call('GET', KEYS[4]) == (redis.call('GET', KEYS[2]) or '0')
 
 -- Redis's own clock, so replicas with skewed clocks agree.

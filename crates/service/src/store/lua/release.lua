@@ -22,7 +22,7 @@ end
 local plan = nil
 if ARGV[4] ~= '' then
   plan = plan_flags(purchased_pool, tonumber(ARGV[4]), user)
-  if not plan then return reply({'noindex'}) end
+  if not plan then return reply({'noindex', INDEXED and 'broken' or 'missing'}) end
 end
 
 redis.call('HDEL', KEYS[5], user)
