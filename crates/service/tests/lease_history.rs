@@ -1,8 +1,10 @@
 //! A history checker for leases: 8 concurrent clients over two replicas record
 //! every `AcquireLease`, `RenewLeases`, `ReleaseLease` and `CheckSeat` with the
-//! instants of invocation and response, while Redis is paused now and then
-//! (calls then time out with an unknown outcome). Afterwards the history is
-//! checked against a sequential model of the lease pool.
+//! instants of invocation and response, under faults: Redis paused twice, the
+//! network to replica A cut (every connection reset) and restored, and replica
+//! B (a process) killed with SIGKILL halfway (calls then fail or time out with
+//! an unknown outcome). Afterwards the history is checked against a
+//! sequential model of the lease pool.
 //!
 //! The store's change feed is the order: every lease write is one feed entry
 //! at its version, so the feed (read after the run) is the sequence of writes
@@ -38,12 +40,15 @@ use comtrexx_licensing::domain::{Edition, Feature, SeatModel, SerialNumber};
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing::store::redis::RedisStore;
 use comtrexx_licensing::store::{ChangeKind, Store};
+use comtrexx_licensing_test_support::proxy::{Fault, FaultProxy};
 use rand::{Rng as _, SeedableRng as _};
 use tonic::Code;
 
 const CAPACITY: usize = 3;
 const CLIENTS: usize = 8;
-const OPS_PER_CLIENT: usize = 40;
+const OPS_PER_CLIENT: usize = 120;
+/// The pause between a client's calls: the run outlasts the faults.
+const THINK: Duration = Duration::from_millis(20);
 const USERS: [&str; 6] = ["u0", "u1", "u2", "u3", "u4", "u5"];
 const HOLDERS: [&str; 4] = ["h0", "h1", "h2", "h3"];
 
@@ -148,6 +153,7 @@ async fn client(
     let holder = HOLDERS[n % HOLDERS.len()].to_owned();
     let mut mine: Vec<String> = Vec::new();
     for _ in 0..OPS_PER_CLIENT {
+        tokio::time::sleep(THINK).await;
         // The instant of invocation comes before the call reads what was
         // acknowledged (its min_version), so that every answer before it is seen.
         let invoked = Instant::now();
@@ -275,7 +281,7 @@ async fn perform(c: &mut Client, call: &Call) -> Outcome {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lease_histories_over_two_replicas_with_redis_paused_are_linearizable() {
+async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
     let redis = RedisServer::start();
     let vendor = Vendor::new();
     let serial = serial("lease-history");
@@ -291,15 +297,30 @@ async fn lease_histories_over_two_replicas_with_redis_paused_are_linearizable() 
     });
     // Long enough that nothing expires during the run: the model has no time.
     config.leases.duration_seconds = 3600;
-    let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
-    for server in [&a, &b] {
-        let c = server.client().await;
+    let a = TestServer::start(config.clone()).await;
+    // B is a process, to be killed; each replica is reached through a proxy
+    // whose connections can be cut.
+    let mut b = service_process(&config);
+    let b_addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", b.endpoint().rsplit(':').next().unwrap())
+            .parse()
+            .unwrap();
+    let to_a = FaultProxy::start(a.addr).await;
+    let to_b = FaultProxy::start(b_addr).await;
+    let via = |proxy: &FaultProxy| format!("http://{}", proxy.addr);
+    for endpoint in [via(&to_a), via(&to_b)] {
+        let c = eventually_some(Duration::from_secs(15), || {
+            let endpoint = endpoint.clone();
+            async move { Client::connect(endpoint).await.ok() }
+        })
+        .await
+        .expect("the replica listens");
         let active = eventually(Duration::from_secs(10), || {
             let mut c = c.clone();
             async move { overview(&mut c).await.activation_state() == pb::ActivationState::Active }
         })
         .await;
-        assert!(active, "replica {} never applied the license", server.addr);
+        assert!(active, "replica {endpoint} never applied the license");
     }
     let start_version = {
         let mut c = a.client().await;
@@ -311,8 +332,8 @@ async fn lease_histories_over_two_replicas_with_redis_paused_are_linearizable() 
     let history = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for n in 0..CLIENTS {
-        let server = if n % 2 == 0 { &a } else { &b };
-        let c = server.client().await;
+        let proxy = if n % 2 == 0 { &to_a } else { &to_b };
+        let c = Client::connect(via(proxy)).await.unwrap();
         tasks.push(tokio::spawn(client(
             n,
             c,
@@ -333,6 +354,12 @@ async fn lease_histories_over_two_replicas_with_redis_paused_are_linearizable() 
             .unwrap();
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
+    // The network to A cut for a moment, then B killed.
+    to_a.set(Fault::Reset);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    to_a.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.kill();
     for t in tasks {
         t.await.unwrap();
     }
@@ -359,12 +386,29 @@ async fn lease_histories_over_two_replicas_with_redis_paused_are_linearizable() 
         report.busy,
         report.writes
     );
-    for e in &history {
-        if let Outcome::Unknown(why) = &e.outcome {
-            println!("  unknown outcome of {:?}: {why}", e.call);
-        }
-    }
+    let unknown_of = |client_parity: usize, store: bool| {
+        history
+            .iter()
+            .filter(|e| e.client % 2 == client_parity)
+            .filter(|e| {
+                matches!(&e.outcome, Outcome::Unknown(why) if why.contains("seat store") == store)
+            })
+            .count()
+    };
+    println!(
+        "unknown outcomes: Redis paused {}, connections to A cut {}, B killed {}",
+        unknown_of(0, true) + unknown_of(1, true),
+        unknown_of(0, false),
+        unknown_of(1, false)
+    );
     assert!(report.writes > 10, "the run wrote something: {report:?}");
+    // Every fault reached the clients (else the run checked less than it says).
+    assert!(
+        unknown_of(0, true) + unknown_of(1, true) > 0,
+        "Redis paused: no call affected"
+    );
+    assert!(unknown_of(0, false) > 0, "A cut off: no call affected");
+    assert!(unknown_of(1, false) > 0, "B killed: no call affected");
 }
 
 #[derive(Debug, Default)]

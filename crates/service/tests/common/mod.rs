@@ -269,3 +269,105 @@ pub fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("INFO {section} has {field}"))
 }
+
+// ---------------------------------------------------------------------------
+// The service as a process
+// ---------------------------------------------------------------------------
+
+/// A process on a loopback port of its own, started by `command(port)`;
+/// SIGKILLed on `kill` and on drop; restartable on the same port.
+pub struct Process {
+    child: Option<std::process::Child>,
+    port: u16,
+    command: Box<dyn Fn(u16) -> std::process::Command>,
+}
+
+impl Process {
+    pub fn start(command: impl Fn(u16) -> std::process::Command + 'static) -> Self {
+        let mut p = Self {
+            child: None,
+            port: unused_port(),
+            command: Box::new(command),
+        };
+        p.restart();
+        p
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A gRPC client, once the process listens.
+    pub async fn client(&self) -> Client {
+        eventually_some(Duration::from_secs(15), || {
+            let endpoint = self.endpoint();
+            async move { Client::connect(endpoint).await.ok() }
+        })
+        .await
+        .expect("the process listens")
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut cmd = (self.command)(self.port);
+        cmd.env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.child = Some(cmd.spawn().expect("start the process"));
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The service binary, configured by environment as `config` says (the
+/// settings the tests vary).
+pub fn service_process(config: &RawConfig) -> Process {
+    let mut env = vec![
+        (
+            "LICENSING_SERIAL_NUMBER".to_owned(),
+            config.serial_number.clone(),
+        ),
+        (
+            "LICENSING_WATCH__HEARTBEAT_MS".into(),
+            config.watch.heartbeat_ms.to_string(),
+        ),
+        (
+            "LICENSING_TRYOUT__SEATS".into(),
+            config.tryout.seats.to_string(),
+        ),
+        (
+            "LICENSING_LIMITS__CONCURRENT_WRITES".into(),
+            "100000".into(),
+        ),
+    ];
+    if let Some(url) = &config.redis_url {
+        env.push(("LICENSING_REDIS_URL".into(), url.clone()));
+    }
+    if let Some(path) = &config.license_file {
+        env.push(("LICENSING_LICENSE_FILE".into(), path.display().to_string()));
+    }
+    if let Some(key) = &config.vendor_public_key {
+        env.push(("LICENSING_VENDOR_PUBLIC_KEY".into(), key.clone()));
+    }
+    Process::start(move |port| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comtrexx-licensing"));
+        cmd.arg("serve")
+            .env("LICENSING_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("LICENSING_METRICS_ADDR", "")
+            .env("LICENSING_DRAIN_TIMEOUT_MS", "0")
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd
+    })
+}
