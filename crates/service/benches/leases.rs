@@ -6,7 +6,11 @@
 //! - the same `AcquireLease` under 16 concurrent callers (throughput);
 //! - one `RenewLeases` call renewing RENEWED (default 10 000) leases of one
 //!   holder: its latency, the longest single Redis call it made (`SLOWLOG`)
-//!   and the other replica's delay until it has applied the renewal.
+//!   and the other replica's delay until it has applied the renewal;
+//! - a holder's death: a client library holder (lease length 5 s, the
+//!   shortest) stops right after a renewal, without a word; the time until
+//!   another holder's acquisition of the only seat succeeds (polled every
+//!   10 ms), five times.
 //!
 //! Results in BENCHMARKS.md ("Leases"). Needs `redis-server` on PATH.
 
@@ -57,6 +61,81 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(run(renewed));
+    runtime.block_on(death_to_free());
+}
+
+/// The seat of a holder that died: free within one lease length.
+async fn death_to_free() {
+    let redis = RedisServer::start();
+    let vendor = Vendor::new();
+    let serial = serial("bench-lease-death");
+    vendor.write_license_with_models(
+        &serial,
+        Edition::Vm,
+        Utc::now() - chrono::Duration::hours(1),
+        &[(Feature::User, 1, SeatModel::Concurrent)],
+    );
+    let mut config = without_load_limits(licensed_config(Some(&redis), &serial, &vendor));
+    config.leases.duration_seconds = 5;
+    let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
+    for c in [a.client().await, b.client().await] {
+        wait_active(&c).await;
+    }
+    let holder = |endpoint: String, name: &str| {
+        comtrexx_licensing_client::Client::start(comtrexx_licensing_client::Config {
+            endpoints: vec![endpoint],
+            holder: Some(name.into()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let mut took = Vec::new();
+    for round in 0..5 {
+        // The doomed holder runs on a runtime of its own: shutting that runtime
+        // down stops its renewals at once, without a release (as a process dies).
+        let endpoint = a.endpoint();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Instant>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let doomed =
+                    comtrexx_licensing_client::Client::start(comtrexx_licensing_client::Config {
+                        endpoints: vec![endpoint],
+                        holder: Some(format!("doomed-{round}")),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                let guard = doomed
+                    .acquire("dies", Feature::User)
+                    .await
+                    .expect("the seat");
+                // Dies right after a renewal: the longest wait there can be.
+                let renewed_at = guard.lease().and_then(|l| l.expires_at);
+                while guard.lease().and_then(|l| l.expires_at) == renewed_at {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                std::mem::forget(guard);
+                std::mem::forget(doomed);
+            });
+            rt.shutdown_background();
+            let _ = tx.send(Instant::now());
+        });
+        let died = rx.await.expect("the doomed holder ran");
+        let next = holder(b.endpoint(), &format!("next-{round}"));
+        let got = loop {
+            if let Ok(g) = next.acquire("next", Feature::User).await {
+                break g;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        took.push(died.elapsed());
+        drop(got);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!(
+        "a holder's death until its seat is free again (lease 5 s, died right after a renewal): {}",
+        summary(took)
+    );
 }
 
 async fn run(renewed: usize) {
