@@ -214,6 +214,28 @@ impl SeatCopy {
 
     /// `CheckSeat` at `now`, as the service decides it. No allocation.
     pub fn check(&self, user_id: &str, feature: Feature, now: DateTime<Utc>) -> SeatCheck {
+        self.decide(user_id, feature, None, now)
+    }
+
+    /// [`SeatCopy::check`] of a concurrent feature as if the user also held a
+    /// lease until `until` (one of this client's own, not yet in the copy).
+    pub fn check_with_lease(
+        &self,
+        user_id: &str,
+        feature: Feature,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
+        self.decide(user_id, feature, Some(until), now)
+    }
+
+    fn decide(
+        &self,
+        user_id: &str,
+        feature: Feature,
+        own_lease: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> SeatCheck {
         let seat = self
             .seats
             .get(&feature)
@@ -230,41 +252,14 @@ impl SeatCopy {
             .as_ref()
             .is_some_and(|l| l.payload.seat_model(feature) == SeatModel::Concurrent)
         {
-            let until = self
+            let copied = self
                 .leases
                 .until_ms(feature, user_id)
                 .and_then(DateTime::from_timestamp_millis);
+            let until = copied.max(own_lease);
             return self.rules.check_leased(&state, feature, seat, until, now);
         }
         self.rules.check(&state, feature, seat, now)
-    }
-
-    /// [`SeatCopy::check`] of a concurrent feature as if the user held a
-    /// lease until `until` (one of this client's own, not yet in the copy).
-    pub fn check_with_lease(
-        &self,
-        user_id: &str,
-        feature: Feature,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> SeatCheck {
-        let seat = self
-            .seats
-            .get(&feature)
-            .and_then(|m| m.get(user_id))
-            .map(|s| s.facts());
-        let state = LicenseState {
-            license: self.license.as_ref(),
-            tryout: self.tryout.as_ref(),
-            reconcile: &self.reconcile,
-        };
-        let copy_until = self
-            .leases
-            .until_ms(feature, user_id)
-            .and_then(DateTime::from_timestamp_millis);
-        let until = copy_until.map_or(until, |c| c.max(until));
-        self.rules
-            .check_leased(&state, feature, seat, Some(until), now)
     }
 
     /// How many seats the copy holds.

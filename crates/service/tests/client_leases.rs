@@ -11,10 +11,8 @@ use std::io::BufRead as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use common::*;
-use comtrexx_licensing::config::RawConfig;
-use comtrexx_licensing::domain::{Edition, Feature, SeatModel};
+use comtrexx_licensing::domain::Feature;
 use comtrexx_licensing::grpc::pb;
 use comtrexx_licensing_client::{AcquireError, Client as Local, Config, Decision, Lost};
 use comtrexx_licensing_test_support::proxy::{Fault, FaultProxy};
@@ -23,30 +21,11 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The shortest lease the service allows: expiry is seen within the test.
 const LEASE: Duration = Duration::from_secs(5);
 
-/// Two replicas on one Redis; `user` sold for concurrent use (`users` at a time).
+/// Two replicas on one Redis; `user` sold for concurrent use (`users` at a
+/// time), with the shortest lease length.
 async fn pair(tag: &str, users: u32) -> (TestServer, TestServer, Vendor, RedisServer) {
-    let redis = RedisServer::start();
-    let vendor = Vendor::new();
-    let serial = serial(tag);
-    vendor.write_license_with_models(
-        &serial,
-        Edition::Vm,
-        Utc::now() - chrono::Duration::hours(1),
-        &[
-            (Feature::User, users, SeatModel::Concurrent),
-            (Feature::CallAssist, 5, SeatModel::Assigned),
-        ],
-    );
-    let mut config = without_load_limits(RawConfig {
-        redis_timeout_ms: 5_000,
-        ..licensed_config(Some(&redis), &serial, &vendor)
-    });
-    config.leases.duration_seconds = LEASE.as_secs();
-    config.watch.heartbeat_ms = 200;
-    let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
-    for server in [&a, &b] {
-        wait_active(&server.client().await).await;
-    }
+    let (a, b, vendor, _, redis) =
+        concurrent_replicas(tag, users, LEASE.as_secs(), |c| c.watch.heartbeat_ms = 200).await;
     (a, b, vendor, redis)
 }
 

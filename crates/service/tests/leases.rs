@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::*;
-use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature, SeatModel};
 use comtrexx_licensing::grpc::pb;
 use tonic::{Code, Status};
@@ -31,36 +30,8 @@ struct Pair {
 
 impl Pair {
     async fn start(tag: &str, users: u32, lease_seconds: u64) -> Self {
-        let redis = RedisServer::start();
-        let vendor = Vendor::new();
-        let serial = serial(tag);
-        vendor.write_license_with_models(
-            &serial,
-            Edition::Vm,
-            Utc::now() - chrono::Duration::hours(1),
-            &[
-                (Feature::User, users, SeatModel::Concurrent),
-                (Feature::CallAssist, 5, SeatModel::Assigned),
-            ],
-        );
-        let mut config = without_load_limits(RawConfig {
-            redis_timeout_ms: 5_000,
-            ..licensed_config(Some(&redis), &serial, &vendor)
-        });
-        config.leases.duration_seconds = lease_seconds;
-        let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
-        for server in [&a, &b] {
-            let c = server.client().await;
-            let active =
-                eventually(WAIT, || {
-                    let mut c = c.clone();
-                    async move {
-                        overview(&mut c).await.activation_state() == pb::ActivationState::Active
-                    }
-                })
-                .await;
-            assert!(active, "replica {} never applied the license", server.addr);
-        }
+        let (a, b, vendor, serial, redis) =
+            concurrent_replicas(tag, users, lease_seconds, |_| {}).await;
         Self {
             a,
             b,

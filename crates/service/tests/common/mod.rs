@@ -371,3 +371,51 @@ pub fn service_process(config: &RawConfig) -> Process {
         cmd
     })
 }
+
+// ---------------------------------------------------------------------------
+// Concurrent-use seats
+// ---------------------------------------------------------------------------
+
+/// Two replicas of one PBX on a private Redis: `user` sold for concurrent use
+/// (`users` at a time), `call_assist` as 5 assigned seats, leases of
+/// `lease_seconds`; `adjust` changes the configuration further. Returns once
+/// both replicas have applied the license: the replicas, the vendor, the
+/// serial number and the Redis.
+pub async fn concurrent_replicas(
+    tag: &str,
+    users: u32,
+    lease_seconds: u64,
+    adjust: impl Fn(&mut RawConfig),
+) -> (TestServer, TestServer, Vendor, String, RedisServer) {
+    let redis = RedisServer::start();
+    let vendor = Vendor::new();
+    let serial = serial(tag);
+    vendor.write_license_with_models(
+        &serial,
+        comtrexx_licensing::domain::Edition::Vm,
+        Utc::now() - chrono::Duration::hours(1),
+        &[
+            (
+                Feature::User,
+                users,
+                comtrexx_licensing::domain::SeatModel::Concurrent,
+            ),
+            (
+                Feature::CallAssist,
+                5,
+                comtrexx_licensing::domain::SeatModel::Assigned,
+            ),
+        ],
+    );
+    let mut config = without_load_limits(RawConfig {
+        redis_timeout_ms: 5_000,
+        ..licensed_config(Some(&redis), &serial, &vendor)
+    });
+    config.leases.duration_seconds = lease_seconds;
+    adjust(&mut config);
+    let (a, b) = tokio::join!(TestServer::start(config.clone()), TestServer::start(config));
+    for server in [&a, &b] {
+        wait_active(&server.client().await).await;
+    }
+    (a, b, vendor, serial, redis)
+}
