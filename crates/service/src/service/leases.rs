@@ -232,22 +232,9 @@ impl Licensing {
         page_token: &str,
         min_version: u64,
     ) -> Result<LeasePage, LicensingError> {
-        let filter = if feature.is_empty() {
-            None
-        } else {
-            Some(Feature::parse_seat(feature)?)
-        };
-        let size = crate::domain::page_size(page_size)?;
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            Some(decode_lease_token(page_token, filter)?)
-        };
-        let version = if min_version == 0 {
-            self.mirror.read(MirrorState::version)
-        } else {
-            self.at_version(min_version, |_, _| ()).await?.1
-        };
+        let (filter, size, after) =
+            super::page_request(feature, page_size, page_token, decode_lease_token)?;
+        let version = self.read_version(min_version).await?;
         // Few (the concurrent quantities): read whole, paged here.
         let leases = self
             .store

@@ -614,6 +614,16 @@ impl Licensing {
         .await
     }
 
+    /// The copy's version a listing answers at: now, or once the copy has
+    /// reached `min_version` (0: no wait), as every read waits.
+    async fn read_version(&self, min_version: u64) -> Result<u64, LicensingError> {
+        if min_version == 0 {
+            Ok(self.mirror.read(MirrorState::version))
+        } else {
+            Ok(self.at_version(min_version, |_, _| ()).await?.1)
+        }
+    }
+
     /// One page of seats, ordered by feature then user id. `feature` empty lists all.
     pub async fn list_seats(
         &self,
@@ -622,24 +632,10 @@ impl Licensing {
         page_token: &str,
         min_version: u64,
     ) -> Result<SeatPage, LicensingError> {
-        let filter = if feature.is_empty() {
-            None
-        } else {
-            Some(Feature::parse_seat(feature)?)
-        };
-        let size = crate::domain::page_size(page_size)?;
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            Some(decode_token(page_token, filter)?)
-        };
+        let (filter, size, after) = page_request(feature, page_size, page_token, decode_token)?;
         // The seats come from the store; a version asked for is waited for on
         // this copy, like every read (the store holds at least what it holds).
-        let version = if min_version == 0 {
-            self.mirror.read(MirrorState::version)
-        } else {
-            self.at_version(min_version, |_, _| ()).await?.1
-        };
+        let version = self.read_version(min_version).await?;
         let mut seats = self
             .store
             .list_seats(filter, after.as_ref(), size + 1)
@@ -971,6 +967,29 @@ fn encode_token(filter: Option<Feature>, last: &Seat) -> String {
         user: last.user_id.as_str().to_owned(),
     };
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("a page token always serializes"))
+}
+
+/// A page request of a listing: the feature filter (empty: all), the page
+/// size, and the position after which the page starts, as `decode` reads the
+/// page token.
+fn page_request<K>(
+    feature: &str,
+    page_size: i32,
+    page_token: &str,
+    decode: impl Fn(&str, Option<Feature>) -> Result<K, InvalidInput>,
+) -> Result<(Option<Feature>, usize, Option<K>), LicensingError> {
+    let filter = if feature.is_empty() {
+        None
+    } else {
+        Some(Feature::parse_seat(feature)?)
+    };
+    let size = crate::domain::page_size(page_size)?;
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        Some(decode(page_token, filter)?)
+    };
+    Ok((filter, size, after))
 }
 
 /// Reads a `ListSeats` page token made for the `filter`: where the next page starts.
