@@ -80,19 +80,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "${WORK}/license"
-"${BIN}" dev keygen --out "${WORK}/vendor.key" >"${WORK}/vendor.pub" 2>>"${WORK}/dev.log" \
-  || die "dev keygen failed: $(cat "${WORK}/dev.log")"
-"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
-  --entitlement user=3 --entitlement call_assist=1 \
-  --out "${WORK}/license.staged.json" 2>>"${WORK}/dev.log" \
-  || die "dev sign-license failed: $(cat "${WORK}/dev.log")"
-# The next document sells call_assist for concurrent use (leases); signed a second
-# later, so that it is newer.
-sleep 1
-"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
-  --entitlement user=3 --entitlement call_assist=2 --concurrent call_assist \
-  --out "${WORK}/license.concurrent.json" 2>>"${WORK}/dev.log" \
-  || die "dev sign-license (concurrent) failed: $(cat "${WORK}/dev.log")"
+# shellcheck source=scripts/dev-licenses.sh
+source "${ROOT}/scripts/dev-licenses.sh"
+# A vendor key and two documents: 3 users and one call_assist seat, then the
+# same with call_assist sold for concurrent use (two at a time), applied later.
+dev_licenses "${BIN}" "${WORK}" "${SERIAL}" 3
 LICENSE_FILE="${WORK}/license/license.json"
 
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -136,20 +136,11 @@ fail() {
 }
 
 # --- development key and license -----------------------------------------------------
-"${BIN}" dev keygen --out "${WORK}/vendor.key" >"${WORK}/vendor.pub" 2>>"${WORK}/dev.log" \
-  || die "dev keygen failed: $(cat "${WORK}/dev.log")"
-"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
-  --entitlement user=5 --entitlement call_assist=1 \
-  --out "${WORK}/license.staged.json" 2>>"${WORK}/dev.log" \
-  || die "dev sign-license failed: $(cat "${WORK}/dev.log")"
-# The vendor's next document: call_assist sold for concurrent use (two at a time),
-# put in place just before the Reconcile-concurrent recipe. Signed a second later,
-# so that it is newer than the first.
-sleep 1
-"${BIN}" dev sign-license --key "${WORK}/vendor.key" --serial "${SERIAL}" --edition vm \
-  --entitlement user=5 --entitlement call_assist=2 --concurrent call_assist \
-  --out "${WORK}/license.concurrent.json" 2>>"${WORK}/dev.log" \
-  || die "dev sign-license (concurrent) failed: $(cat "${WORK}/dev.log")"
+# shellcheck source=scripts/dev-licenses.sh
+source "${ROOT}/scripts/dev-licenses.sh"
+# A vendor key and two documents: 5 users and one call_assist seat, then the
+# same with call_assist sold for concurrent use (two at a time), applied later.
+dev_licenses "${BIN}" "${WORK}" "${SERIAL}" 5
 # Where the server looks for the license; filled just before the Reconcile recipe.
 LICENSE_FILE="${WORK}/license/license.json"
 
