@@ -52,7 +52,7 @@ pub(crate) fn load_cache(shared: &Shared) {
                     );
                     let version = copy.version;
                     *shared.copy.write() = Some(copy);
-                    shared.info.lock().from_cache_file = true;
+                    shared.from_cache_file.store(true, Ordering::Relaxed);
                     shared.version.send_replace(Some(version));
                 }
                 Err(e) => tracing::warn!(path = %path.display(), "cache file not used: {e}"),
@@ -253,7 +253,7 @@ fn apply(shared: &Shared, m: &pb::WatchSeatsResponse) -> Result<(), String> {
         }
     };
     // The stream answered in order: whatever the copy came from, it is live.
-    shared.info.lock().from_cache_file = false;
+    shared.from_cache_file.store(false, Ordering::Relaxed);
     shared
         .last_message
         .store(shared.stamp(at), Ordering::Relaxed);
@@ -280,7 +280,7 @@ pub(crate) async fn keep_cache(shared: Arc<Shared>) {
         tokio::time::sleep(shared.config.cache_interval).await;
         let message = {
             let copy = shared.copy.read();
-            let from_file = shared.info.lock().from_cache_file;
+            let from_file = shared.from_cache_file.load(Ordering::Relaxed);
             match copy.as_ref() {
                 Some(c) if !from_file => pb::WatchSeatsResponse {
                     version: c.version,

@@ -64,7 +64,7 @@ mod leases;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -264,6 +264,9 @@ struct Shared {
     /// The copy's version, for waiters (`None`: no copy).
     version: watch::Sender<Option<u64>>,
     info: Mutex<Info>,
+    /// The copy came from the cache file and no replica answered since (read
+    /// by every `check_seat`: no lock).
+    from_cache_file: AtomicBool,
     /// Signalled when the copy changed (the cache writer waits on it).
     changed: tokio::sync::Notify,
     /// The name leases are held under.
@@ -278,7 +281,6 @@ struct Shared {
 struct Info {
     connected: bool,
     endpoint: Option<String>,
-    from_cache_file: bool,
     connects: u64,
     last_error: Option<String>,
 }
@@ -301,7 +303,7 @@ impl Shared {
         let silent = self
             .since(self.last_message.load(Ordering::Relaxed))
             .is_none_or(|d| d > self.config.stale_limit());
-        silent || self.info.lock().from_cache_file
+        silent || self.from_cache_file.load(Ordering::Relaxed)
     }
 }
 
@@ -370,6 +372,7 @@ impl Client {
             base: Instant::now(),
             version: watch::Sender::new(None),
             info: Mutex::new(Info::default()),
+            from_cache_file: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             holder,
             leases: leases::Leases::default(),
@@ -474,12 +477,7 @@ impl Client {
         let info = s.info.lock();
         Status {
             has_copy,
-            stale: has_copy && {
-                let silent = s
-                    .since(s.last_message.load(Ordering::Relaxed))
-                    .is_none_or(|d| d > s.config.stale_limit());
-                silent || info.from_cache_file
-            },
+            stale: has_copy && s.is_stale(),
             connected: info.connected,
             endpoint: info.endpoint.clone(),
             version,
@@ -487,7 +485,7 @@ impl Client {
             reference_time,
             since_last_message: s.since(s.last_message.load(Ordering::Relaxed)),
             since_last_change: s.since(s.last_change.load(Ordering::Relaxed)),
-            from_cache_file: info.from_cache_file,
+            from_cache_file: s.from_cache_file.load(Ordering::Relaxed),
             seats,
             connects: info.connects,
             last_error: info.last_error.clone(),
