@@ -136,9 +136,16 @@ impl RedisServer {
         loop {
             // The server answering must be ours: another test's redis-server may
             // have taken the port first (ours then exits), and must not be used.
+            // Bounded: a listener that accepts and never answers (a port taken
+            // by something else) must not hang the test.
+            let bound = Duration::from_millis(500);
             let info = redis::Client::open(self.url())
-                .and_then(|c| c.get_connection())
-                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+                .and_then(|c| c.get_connection_with_timeout(bound))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(bound))?;
+                    c.set_write_timeout(Some(bound))?;
+                    redis::cmd("INFO").arg("server").query::<String>(&mut c)
+                });
             if let Ok(info) = info {
                 let theirs = info
                     .lines()
