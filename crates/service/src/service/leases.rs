@@ -145,7 +145,7 @@ impl Licensing {
             Ok(a) => {
                 self.note_usage(feature, a.in_use, 0);
                 if a.created && a.in_use >= a.capacity {
-                    self.publish_at_capacity(feature, a.capacity, a.in_use);
+                    self.log_at_capacity(feature, a.capacity, a.in_use);
                 }
             }
             Err(LicensingError::NoFreeSeat { .. }) => {
@@ -189,7 +189,7 @@ impl Licensing {
                     .await
             })
             .await?;
-        if let Some(change) = &outcome.change {
+        for change in &outcome.changes {
             self.mirror.apply_local(change).await;
         }
         Ok(Renewed {
@@ -358,19 +358,14 @@ impl Licensing {
         }
     }
 
-    fn publish_at_capacity(&self, feature: Feature, capacity: u32, in_use: u32) {
+    fn log_at_capacity(&self, feature: Feature, capacity: u32, in_use: u32) {
+        // The event comes from the copy (`mirror::at_capacity`), on every
+        // replica; the log line only from the replica that filled it.
         tracing::warn!(
             %feature,
             capacity,
             in_use,
             "concurrent feature at capacity: further acquisitions are refused until a lease ends"
-        );
-        self.mirror.events().publish(
-            crate::events::LicenseEvent {
-                feature: Some(feature),
-                ..crate::events::LicenseEvent::new("lease_at_capacity", self.now())
-            }
-            .detail(format!("capacity {capacity}, in use {in_use}")),
         );
     }
 }

@@ -715,7 +715,7 @@ impl Store for MemoryStore {
             return Ok(RenewOutcome {
                 leases,
                 lost,
-                change: None,
+                changes: Vec::new(),
                 version: inner.version,
             });
         }
@@ -729,7 +729,7 @@ impl Store for MemoryStore {
             leases,
             lost,
             version: change.version,
-            change: Some(change),
+            changes: vec![change],
         })
     }
 

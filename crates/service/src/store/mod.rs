@@ -160,14 +160,15 @@ pub enum AcquireOutcome {
 }
 
 /// What a renewal did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RenewOutcome {
     /// The renewed leases, with their new expiry.
     pub leases: Vec<Lease>,
     /// The ids not renewed: expired, released, unknown or another holder's.
     pub lost: Vec<String>,
-    /// The feed entry of the renewal (`None` when nothing was renewed).
-    pub change: Option<Change>,
+    /// The feed entries of the renewal, in version order (none when nothing
+    /// was renewed; a store may renew a large set in several steps).
+    pub changes: Vec<Change>,
     /// The version the outcome is visible at.
     pub version: u64,
 }
@@ -372,8 +373,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<AcquireOutcome, StoreError>;
 
     /// Renews `holder`'s leases among `lease_ids` to expire `duration` after
-    /// the store's time now, in one step; the others are `lost`. One feed
-    /// entry for all (none when nothing was renewed).
+    /// the store's time now, in one round trip; the others are `lost`. A feed
+    /// entry per step (none when nothing was renewed): the Redis store renews
+    /// at most 500 ids per script, so no script holds Redis for long.
     async fn renew_seat_leases(
         &self,
         floor: Floor<'_>,

@@ -34,6 +34,7 @@
 //! Every write is one Lua script (`lua/`), so checks and writes are atomic across
 //! replicas; every call is bounded by the configured timeout.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -77,6 +78,10 @@ const SOURCES: [SeatSource; 2] = [SeatSource::Purchased, SeatSource::Tryout];
 
 /// How many times one write builds the seat order sets before it gives up.
 const MAX_ORDER_BUILDS: u32 = 3;
+/// At most this many ids in one lease renewal script: about 15 µs of Redis
+/// per lease, so a script stays under about 8 ms (see BENCHMARKS.md); a larger
+/// renewal is several scripts in one pipeline.
+const RENEW_CHUNK: usize = 500;
 
 macro_rules! script {
     ($file:literal) => {
@@ -409,17 +414,7 @@ impl RedisStore {
         script: &Script,
         configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) -> Result<Vec<String>, StoreError> {
-        let floor = match floor {
-            Some(p) => format!("{FEED_LEN}|{}|{}", p.epoch, p.version),
-            None => format!("{FEED_LEN}||"),
-        };
-        let mut inv = script.prepare_invoke();
-        inv.key(self.keys.epoch())
-            .key(self.keys.version())
-            .key(self.keys.feed())
-            .key(self.keys.order_at())
-            .arg(floor);
-        configure(&mut inv);
+        let inv = self.write_invocation(script, floor, configure);
         let mut built = 0;
         loop {
             let mut conn = self.write_conn.pick();
@@ -430,12 +425,10 @@ impl RedisStore {
                         .await?,
                 )?,
             )?;
+            if let Some(refusal) = refusal(&reply) {
+                return Err(refusal);
+            }
             return match reply.first().map(String::as_str) {
-                Some("noepoch") => Err(StoreError::NotInitialized),
-                Some("moved") => Err(StoreError::Moved),
-                Some("badversion") => Err(StoreError::Corrupt(
-                    "the version counter is not a number or behind the change feed".into(),
-                )),
                 // Built, then another write came between that did not keep the
                 // sets (an older replica): build again, a few times at most.
                 Some("noindex") if built < MAX_ORDER_BUILDS => {
@@ -454,6 +447,28 @@ impl RedisStore {
                 _ => Ok(reply),
             };
         }
+    }
+
+    /// A write script's invocation: the keys and arguments every write script
+    /// starts with (see [`Self::write`]), then `configure`'s.
+    fn write_invocation<'s>(
+        &self,
+        script: &'s Script,
+        floor: Floor<'_>,
+        configure: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> redis::ScriptInvocation<'s> {
+        let floor = match floor {
+            Some(p) => format!("{FEED_LEN}|{}|{}", p.epoch, p.version),
+            None => format!("{FEED_LEN}||"),
+        };
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .key(self.keys.version())
+            .key(self.keys.feed())
+            .key(self.keys.order_at())
+            .arg(floor);
+        configure(&mut inv);
+        inv
     }
 
     /// Notes how a compare-and-set record was read: `stored` is the text in the
@@ -530,6 +545,19 @@ fn skip_corrupt(operation: &str, mut reply: Vec<String>) -> Result<Vec<String>, 
         crate::metrics::metrics().corrupt_record();
     }
     Ok(reply)
+}
+
+/// The refusal a write script answered instead of writing (see `refused()`
+/// in `lua/prelude.lua`), if it did.
+fn refusal(reply: &[String]) -> Option<StoreError> {
+    match reply.first().map(String::as_str) {
+        Some("noepoch") => Some(StoreError::NotInitialized),
+        Some("moved") => Some(StoreError::Moved),
+        Some("badversion") => Some(StoreError::Corrupt(
+            "the version counter is not a number or behind the change feed".into(),
+        )),
+        _ => None,
+    }
 }
 
 /// A lease length in ms for a script (at least 1).
@@ -1035,52 +1063,85 @@ impl Store for RedisStore {
         lease_ids: &[String],
         duration: Duration,
     ) -> Result<RenewOutcome, StoreError> {
-        let reply = self
-            .write("lease_renew", floor, &LEASE_RENEW, |inv| {
-                inv.key(self.keys.lease_records());
-                for feature in Feature::SEATS {
-                    inv.key(self.keys.lease_pool(feature));
-                }
-                inv.arg(holder.as_str())
-                    .arg(duration_ms(duration))
-                    .arg(Feature::SEATS.len());
-                for feature in Feature::SEATS {
-                    inv.arg(feature.as_str());
-                }
-                for id in lease_ids {
-                    inv.arg(id);
-                }
+        // Each id once, in the order asked (a chunk dedupes only its own).
+        let mut seen = HashSet::with_capacity(lease_ids.len());
+        let ids: Vec<&String> = lease_ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .collect();
+        // One script per chunk, all of them in one pipeline: one round trip,
+        // and Redis serves other callers between the scripts.
+        let invocations: Vec<_> = ids
+            .chunks(RENEW_CHUNK)
+            .map(|chunk| {
+                self.write_invocation(&LEASE_RENEW, floor, |inv| {
+                    inv.key(self.keys.lease_records());
+                    for feature in Feature::SEATS {
+                        inv.key(self.keys.lease_pool(feature));
+                    }
+                    inv.arg(holder.as_str())
+                        .arg(duration_ms(duration))
+                        .arg(Feature::SEATS.len());
+                    for feature in Feature::SEATS {
+                        inv.arg(feature.as_str());
+                    }
+                    for id in chunk {
+                        inv.arg(id.as_str());
+                    }
+                })
             })
-            .await?;
-        let corrupt = || StoreError::Corrupt(format!("lease renew replied {reply:?}"));
-        let [v, expires, n, rest @ ..] = reply.as_slice() else {
-            return Err(corrupt());
-        };
-        let version = version_of(v)?;
-        let expires_at = ms_time(expires)?;
-        let n: usize = n.parse().map_err(|_| corrupt())?;
-        if rest.len() < 2 * n {
-            return Err(corrupt());
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.load_script(&LEASE_RENEW).ignore();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
         }
-        let (renewed, lost) = rest.split_at(2 * n);
-        let leases = renewed
-            .chunks_exact(2)
-            .map(|p| LeaseRecordV1::parse(&p[1])?.into_lease(&p[0]))
-            .collect::<Result<Vec<_>, _>>()?;
-        let change = (n > 0).then(|| Change {
-            version,
-            kind: ChangeKind::LeasesRenewed {
-                holder: holder.clone(),
-                lease_ids: leases.iter().map(|l| l.lease_id.clone()).collect(),
-                expires_at,
-            },
-        });
-        Ok(RenewOutcome {
-            leases,
-            lost: lost.to_vec(),
-            change,
-            version,
-        })
+        let mut conn = self.write_conn.pick();
+        let replies: Vec<Value> = self
+            .bounded_by(
+                self.write_timeout,
+                "lease_renew",
+                pipe.query_async(&mut conn),
+            )
+            .await?;
+        let mut outcome = RenewOutcome::default();
+        for reply in replies {
+            let reply = skip_corrupt("lease_renew", strings(reply)?)?;
+            // A later chunk refused (the store moved between them): the
+            // renewal is retried whole; what was renewed stays renewed.
+            if let Some(refusal) = refusal(&reply) {
+                return Err(refusal);
+            }
+            let corrupt = || StoreError::Corrupt(format!("lease renew replied {reply:?}"));
+            let [v, expires, n, rest @ ..] = reply.as_slice() else {
+                return Err(corrupt());
+            };
+            let version = version_of(v)?;
+            let expires_at = ms_time(expires)?;
+            let n: usize = n.parse().map_err(|_| corrupt())?;
+            if rest.len() < 2 * n {
+                return Err(corrupt());
+            }
+            let (renewed, lost) = rest.split_at(2 * n);
+            let leases = renewed
+                .chunks_exact(2)
+                .map(|p| LeaseRecordV1::parse(&p[1])?.into_lease(&p[0]))
+                .collect::<Result<Vec<_>, _>>()?;
+            if n > 0 {
+                outcome.changes.push(Change {
+                    version,
+                    kind: ChangeKind::LeasesRenewed {
+                        holder: holder.clone(),
+                        lease_ids: leases.iter().map(|l| l.lease_id.clone()).collect(),
+                        expires_at,
+                    },
+                });
+            }
+            outcome.leases.extend(leases);
+            outcome.lost.extend_from_slice(lost);
+            outcome.version = outcome.version.max(version);
+        }
+        Ok(outcome)
     }
 
     async fn release_seat_lease(

@@ -14,6 +14,7 @@ conformance! {
     store: acquire_against_another_license_is_refused;
     store: expired_leases_are_reclaimed_by_the_next_acquisition;
     store: renew_renews_a_holders_set_and_loses_the_rest;
+    store: a_large_renewal_renews_every_lease_in_versioned_steps;
     store: release_frees_a_lease_once;
     store: lease_writes_are_versioned_changes_in_the_feed;
     store: a_reset_ends_every_lease;
@@ -249,12 +250,12 @@ async fn renew_renews_a_holders_set_and_loses_the_rest(store: &dyn Store) {
     assert!(outcome.leases.iter().all(|l| l.expires_at == expires_at));
     assert_eq!(outcome.leases[0].acquired_at, x.acquired_at);
     assert_eq!(
-        outcome.change.as_ref().map(|c| &c.kind),
-        Some(&ChangeKind::LeasesRenewed {
+        outcome.changes.iter().map(|c| &c.kind).collect::<Vec<_>>(),
+        [&ChangeKind::LeasesRenewed {
             holder: holder("pod-1"),
             lease_ids: vec![x.lease_id.clone(), y.lease_id.clone()],
             expires_at,
-        })
+        }]
     );
     // Nothing to renew: nothing written, the store's version answered.
     let none = store
@@ -266,12 +267,68 @@ async fn renew_renews_a_holders_set_and_loses_the_rest(store: &dyn Store) {
         )
         .await
         .unwrap();
-    assert_eq!((none.change, none.version), (None, before + 1));
+    assert_eq!((none.changes.is_empty(), none.version), (true, before + 1));
     assert_eq!(none.lost, vec![x.lease_id.clone()]);
     let snap = snapshot(store).await;
     let by_id = |id: &str| snap.leases.iter().find(|l| l.lease_id == id).unwrap();
     assert_eq!(by_id(&x.lease_id).expires_at, expires_at);
     assert_eq!(by_id(&z.lease_id).expires_at, z.expires_at);
+}
+
+/// A holder of more leases than one step of the store renews: every one is
+/// renewed in one call, the steps are consecutive versions in the feed, and
+/// together they name every lease once, in the order asked.
+async fn a_large_renewal_renews_every_lease_in_versioned_steps(store: &dyn Store) {
+    const HELD: usize = 1_234;
+    let lic = with_license(store, "lease-large").await;
+    let p = plan(&lic, HELD as u32);
+    let mut ids = Vec::new();
+    for n in 0..HELD {
+        let (lease, _, _) = acquired(acquire_for(store, &format!("u{n}"), "pod-1", &p, LONG).await);
+        ids.push(lease.lease_id);
+    }
+    let since = position(store).await;
+    let mut asked = ids.clone();
+    asked.push(ids[7].clone());
+    asked.push("0123456789abcdef0123456789abcdef".to_owned());
+    let outcome = store
+        .renew_seat_leases(None, &holder("pod-1"), &asked, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let renewed: Vec<&String> = outcome.leases.iter().map(|l| &l.lease_id).collect();
+    assert_eq!(
+        renewed,
+        ids.iter().collect::<Vec<_>>(),
+        "every lease once, in order"
+    );
+    assert_eq!(outcome.lost, ["0123456789abcdef0123456789abcdef"]);
+    assert!(!outcome.changes.is_empty());
+    let named: Vec<&String> = outcome
+        .changes
+        .iter()
+        .flat_map(|c| match &c.kind {
+            ChangeKind::LeasesRenewed {
+                holder: h,
+                lease_ids,
+                ..
+            } if *h == holder("pod-1") => lease_ids.iter(),
+            other => panic!("a renewal reports LeasesRenewed, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(named, renewed, "the steps name every renewed lease once");
+    let versions: Vec<u64> = outcome.changes.iter().map(|c| c.version).collect();
+    let expected: Vec<u64> = (since.version + 1..=since.version + versions.len() as u64).collect();
+    assert_eq!(versions, expected, "consecutive versions");
+    assert_eq!(outcome.version, *versions.last().unwrap());
+    assert_eq!(drain(store, &since).await, outcome.changes);
+    let snap = snapshot(store).await;
+    assert!(
+        snap.leases.iter().all(|l| outcome
+            .leases
+            .iter()
+            .any(|r| r.lease_id == l.lease_id && r.expires_at == l.expires_at)),
+        "the store holds every renewed expiry"
+    );
 }
 
 async fn release_frees_a_lease_once(store: &dyn Store) {
@@ -330,7 +387,9 @@ async fn lease_writes_are_versioned_changes_in_the_feed(store: &dyn Store) {
         .renew_seat_leases(None, &holder("h"), &[lease_id_of(&acquire)], LONG)
         .await
         .unwrap()
-        .change
+        .changes
+        .into_iter()
+        .next()
         .expect("renewed");
     let release = match store
         .release_seat_lease(None, &lease_id_of(&acquire))
