@@ -262,6 +262,13 @@ impl SeatCopy {
         self.rules.check(&state, feature, seat, now)
     }
 
+    /// How the copy's license sells `feature` (no license: assigned).
+    pub fn seat_model(&self, feature: Feature) -> SeatModel {
+        self.license
+            .as_ref()
+            .map_or(SeatModel::Assigned, |l| l.payload.seat_model(feature))
+    }
+
     /// How many seats the copy holds.
     pub fn seat_count(&self) -> usize {
         self.seats.values().map(HashMap::len).sum()

@@ -72,7 +72,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 pub use cache::CacheError;
-pub use comtrexx_licensing_domain::{Feature, SeatReason, SeatSource};
+pub use comtrexx_licensing_domain::{Feature, SeatModel, SeatReason, SeatSource};
 pub use leases::{AcquireError, LeaseGuard, Lost};
 
 use copy::SeatCopy;
@@ -423,6 +423,20 @@ impl Client {
             version,
             stale: self.shared.is_stale(),
         })
+    }
+
+    /// How the license the copy holds sells `feature`: `Concurrent` (a call
+    /// takes a lease with [`Client::acquire`]) or `Assigned` (a seat from
+    /// assignment to release: [`Client::check_seat`] alone); `None` before a
+    /// copy. Call handling that asks this per call keeps working through the
+    /// vendor's switch of a feature from one model to the other (see
+    /// docs/operations.md, "Switching a feature to concurrent use").
+    pub fn seat_model(&self, feature: Feature) -> Option<SeatModel> {
+        self.shared
+            .copy
+            .read()
+            .as_ref()
+            .map(|c| c.seat_model(feature))
     }
 
     /// Whether the client follows `feature` (`Config::features` empty: all).

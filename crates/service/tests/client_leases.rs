@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use comtrexx_licensing::domain::Feature;
 use comtrexx_licensing::grpc::pb;
-use comtrexx_licensing_client::{AcquireError, Client as Local, Config, Decision, Lost};
+use comtrexx_licensing_client::{AcquireError, Client as Local, Config, Decision, Lost, SeatModel};
 use comtrexx_licensing_test_support::proxy::{Fault, FaultProxy};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -50,6 +50,15 @@ async fn a_guard_holds_renews_and_releases_and_the_quantity_holds() {
     tokio::time::timeout(WAIT, pod_b.ready())
         .await
         .expect("a copy");
+    // How the license sells each feature, for call handling that follows a
+    // switch of the seat model.
+    assert_eq!(
+        (
+            pod_b.seat_model(Feature::User),
+            pod_b.seat_model(Feature::CallAssist)
+        ),
+        (Some(SeatModel::Concurrent), Some(SeatModel::Assigned))
+    );
 
     let alice = pod_a.acquire("alice", Feature::User).await.expect("alice");
     let bob = pod_a.acquire("bob", Feature::User).await.expect("bob");

@@ -594,3 +594,137 @@ async fn leases_a_redis_rolled_back_lost_are_written_back_within_the_quantity() 
     assert!(o.writes_restored >= 2, "{o:?}");
     assert_eq!(o.writes_lost, 0, "{o:?}");
 }
+
+/// The vendor switches `user` from assigned seats to concurrent use and back
+/// (docs/operations.md, "Switching a feature to concurrent use"): after the
+/// switch assigned seats license nobody and count nothing, leases do; the
+/// seats stay listed (and releasable) so that switching back brings them
+/// into force again, while the leases then license nobody (their holders may
+/// still renew them until they release them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_switched_to_concurrent_use_and_back() {
+    let pair = Pair::start("lease-switch", 3, 90).await;
+    let mut a = pair.a.client().await;
+    let mut b = pair.b.client().await;
+    let sell = |model: SeatModel| {
+        pair.vendor.write_license_with_models(
+            &pair.serial,
+            Edition::Vm,
+            Utc::now(),
+            &[
+                (Feature::User, 3, model),
+                (Feature::CallAssist, 5, SeatModel::Assigned),
+            ],
+        );
+    };
+    let operator = b.clone();
+    let switch = |model: SeatModel| {
+        sell(model);
+        let mut b = operator.clone();
+        async move {
+            let r = reconcile(&mut b).await;
+            assert_eq!(r.outcome(), pb::ReconcileOutcome::Updated, "{r:?}");
+            overview(&mut b).await.version
+        }
+    };
+    // Before: assigned seats.
+    let v = switch(SeatModel::Assigned).await;
+    for user in ["alice", "bob"] {
+        assert!(assign(&mut a, user, "user").await.unwrap().created);
+    }
+    assert!(check_at(&mut b, "alice", v).await.licensed);
+
+    // Concurrent use: the seats license nobody and count nothing.
+    let v = switch(SeatModel::Concurrent).await;
+    let c = check_at(&mut a, "alice", v).await;
+    assert_eq!((c.licensed, c.reason()), (false, pb::SeatReason::NoLease));
+    assert_eq!(
+        seat_holder_set(&mut a).await,
+        BTreeSet::from(["alice".to_owned(), "bob".to_owned()]),
+        "the assigned seats stay listed"
+    );
+    let err = assign(&mut a, "carol", "user").await.unwrap_err();
+    assert_eq!(reason(&err), "WRONG_SEAT_MODEL");
+    let mut ids = Vec::new();
+    for user in ["alice", "carol", "dave"] {
+        let taken = acquire(&mut a, user, "pod-1").await.unwrap();
+        ids.push(taken.lease.unwrap().lease_id);
+    }
+    assert!(check_at(&mut b, "alice", v).await.licensed);
+    assert_eq!(
+        acquire(&mut b, "erin", "pod-2").await.unwrap_err().code(),
+        Code::ResourceExhausted,
+        "three leases fill the quantity; the two seats do not count"
+    );
+    // A seat left from before can be released (clean-up).
+    assert!(released(&mut a, "bob", "user").await);
+
+    // Back to assigned seats: the remaining seat licenses again, the leases
+    // license nobody and none can be taken; the holder's renewals still
+    // succeed (no call in progress is disturbed) until it releases them.
+    let v = switch(SeatModel::Assigned).await;
+    assert!(check_at(&mut b, "alice", v).await.licensed);
+    let c = check_at(&mut b, "carol", v).await;
+    assert_eq!(
+        (c.licensed, c.reason()),
+        (false, pb::SeatReason::NotAssigned)
+    );
+    let err = acquire(&mut a, "carol", "pod-1").await.unwrap_err();
+    assert_eq!(reason(&err), "WRONG_SEAT_MODEL");
+    let r = renew(&mut a, "pod-1", &ids).await;
+    assert_eq!((r.leases.len(), r.lost.len()), (3, 0), "{r:?}");
+    let c = check_at(&mut b, "carol", r.version).await;
+    assert!(
+        !c.licensed,
+        "a renewed lease licenses nobody on an assigned feature"
+    );
+    for id in &ids {
+        assert!(release(&mut a, id).await.released);
+    }
+    assert!(all_leases(&mut b).await.is_empty());
+}
+
+/// The lease that fills a concurrent feature is announced by every replica
+/// (`lease_at_capacity`), not only by the one that took it; a lease below the
+/// quantity is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_announces_a_feature_at_capacity() {
+    let pair = Pair::start("lease-full-event", 2, 90).await;
+    let mut a = pair.a.client().await;
+    let mut streams = Vec::new();
+    for server in [&pair.a, &pair.b] {
+        let mut c = server.client().await;
+        streams.push(
+            c.watch_license_events(pb::WatchLicenseEventsRequest {})
+                .await
+                .expect("WatchLicenseEvents")
+                .into_inner(),
+        );
+    }
+    acquire(&mut a, "u1", "pod-1").await.unwrap();
+    acquire(&mut a, "u2", "pod-1").await.unwrap();
+    for (stream, replica) in streams.iter_mut().zip(["A (took them)", "B"]) {
+        let mut kinds = Vec::new();
+        let full = tokio::time::timeout(WAIT, async {
+            loop {
+                let e = stream.message().await.expect("events").expect("open");
+                kinds.push(e.kind.clone());
+                if e.kind == "lease_at_capacity" {
+                    return e;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("replica {replica}: no lease_at_capacity"));
+        assert_eq!(
+            (full.feature.as_str(), full.detail.as_str()),
+            ("user", "capacity 2, in use 2"),
+            "replica {replica}"
+        );
+        assert_eq!(
+            kinds,
+            ["lease_acquired", "lease_acquired", "lease_at_capacity"],
+            "replica {replica}: announced once, after the second lease"
+        );
+    }
+}

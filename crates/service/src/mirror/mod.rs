@@ -373,9 +373,20 @@ impl Mirror {
 
     /// Applies a change and announces it when it is new here.
     fn apply(&self, state: &mut MirrorState, change: &Change) -> Applied {
+        // A lease new to this copy may fill its feature (checked once applied).
+        let new_lease = match &change.kind {
+            crate::store::ChangeKind::LeaseAcquired { lease, .. } => {
+                state.leases.get(&lease.lease_id).is_none().then_some(lease)
+            }
+            _ => None,
+        };
         let applied = state.apply(change, &self.verifier);
         if applied == Applied::Now {
-            if let Some(event) = crate::events::from_change(&change.kind, self.clock.now()) {
+            let now = self.clock.now();
+            if let Some(event) = crate::events::from_change(&change.kind, now) {
+                self.events.publish(event);
+            }
+            if let Some(event) = new_lease.and_then(|lease| at_capacity(state, lease, now)) {
                 self.events.publish(event);
             }
             if self.feed.receiver_count() > 0 {
@@ -445,6 +456,31 @@ impl Mirror {
             self.publish_source(&state);
         }
     }
+}
+
+/// The `lease_at_capacity` event when `lease`, just taken, filled its feature:
+/// every replica announces it as it learns the lease, whichever took it.
+/// Leases are judged live at the lease's own acquisition (the store's time).
+fn at_capacity(
+    state: &MirrorState,
+    lease: &crate::domain::Lease,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Option<crate::events::LicenseEvent> {
+    let capacity = state
+        .license
+        .as_ref()?
+        .payload
+        .entitlement(lease.feature)
+        .filter(|e| e.seat_model == crate::domain::SeatModel::Concurrent)?
+        .quantity;
+    let in_use = state.live_leases(lease.feature, lease.acquired_at.timestamp_millis());
+    (in_use >= capacity).then(|| {
+        crate::events::LicenseEvent {
+            feature: Some(lease.feature),
+            ..crate::events::LicenseEvent::new("lease_at_capacity", at)
+        }
+        .detail(format!("capacity {capacity}, in use {in_use}"))
+    })
 }
 
 #[cfg(test)]
