@@ -41,8 +41,8 @@ const ANSWER_MARGIN: Duration = Duration::from_millis(250);
 /// Users one page script puts into the sets, and fields one `HSCAN` of the
 /// build asks for: small, so no call of the build keeps Redis busy for long
 /// (the build is in the background: its speed matters less than a snapshot's).
-const PAGE: usize = 250;
-const SCAN: usize = 1000;
+const PAGE: usize = 100;
+const SCAN: usize = 500;
 /// How many times one run builds again when writes that do not keep the sets
 /// came during it (an older replica), before it gives up until asked again.
 const AGAIN: u32 = 3;

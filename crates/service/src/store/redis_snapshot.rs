@@ -35,9 +35,11 @@ use crate::store::{
     StoredLicense,
 };
 
-/// Fields one `HSCAN` page asks for (a hint to Redis; a page of 24-byte ids is
-/// about 400 kB and takes Redis about a millisecond).
-const SCAN_COUNT: usize = 4000;
+/// Fields one `HSCAN` page asks for (a hint to Redis). A page of 24-byte ids
+/// is about 150 kB; at 1 000 000 seats a page of 4 000 took Redis about 6 ms
+/// (up to 12 ms), one of 1 500 about 2–3 ms: far below the 10 ms that any
+/// single call may hold Redis (BENCHMARKS.md, "Scale").
+const SCAN_COUNT: usize = 1500;
 /// The smallest page a timed-out page shrinks to.
 const SCAN_COUNT_MIN: usize = 50;
 /// Feed entries one page of the replay reads.
