@@ -18,7 +18,8 @@
 //! - the later reconcile status wins;
 //! - a lease the replica holds live and the store lost comes back, unless the
 //!   store took a newer write of it (the same id) or a re-setup since, and only
-//!   while its feature has room under the quantity (I1); otherwise it is
+//!   while its feature has room under the quantity (I1) and the store holds no
+//!   other lease of its (user, holder) (one each, I1b); otherwise it is
 //!   reported lost (its holder's next renewal answers it `lost`).
 
 use std::collections::{HashMap, HashSet};
@@ -253,8 +254,10 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
     // has room under the quantity of the license the store will hold.
     let mut live_in_store: HashMap<Feature, u32> = HashMap::new();
     let mut stored_keys: HashSet<(Feature, &str, &str)> = HashSet::new();
+    let mut stored_ids: HashSet<&str> = HashSet::new();
     for l in &input.store.leases {
         stored_keys.insert((l.feature, l.user_id.as_str(), l.holder.as_str()));
+        stored_ids.insert(l.lease_id.as_str());
         if l.is_live(input.now) {
             *live_in_store.entry(l.feature).or_default() += 1;
         }
@@ -267,7 +270,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
             l.is_live(input.now)
                 && !newer_reset
                 && !touched_leases.contains(l.lease_id.as_str())
-                && !stored_keys.contains(&(l.feature, l.user_id.as_str(), l.holder.as_str()))
+                && !stored_ids.contains(l.lease_id.as_str())
         })
         .collect();
     lease_candidates.sort_by(|a, b| (a.acquired_at, a.key()).cmp(&(b.acquired_at, b.key())));
@@ -287,7 +290,12 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
             lease.user_id.as_str(),
             lease.holder
         );
-        if *in_use < capacity {
+        if stored_keys.contains(&(lease.feature, lease.user_id.as_str(), lease.holder.as_str())) {
+            // One lease per (user, holder): the store's stays. This one is
+            // lost all the same (its holder's renewal answers it `lost`).
+            w.incident
+                .lost(format!("{name} (the store holds another lease of it)"));
+        } else if *in_use < capacity {
             *in_use += 1;
             w.incident.restored(name);
             w.add_leases.push(lease.clone());
@@ -445,6 +453,36 @@ mod tests {
         }];
         assert_eq!(plan(&input(&mine, &store, &released)), None);
         assert_eq!(plan(&input(&mine, &mine, &[])), None);
+    }
+
+    /// A lease the store lost whose (user, holder) the store holds under
+    /// another id (one the store went back to) is not written back, and is
+    /// reported lost; the store's own copy of a lease is not a loss.
+    #[test]
+    fn a_lost_lease_whose_holder_holds_another_is_reported_lost() {
+        let lease = |id: &str, user: &str| crate::leases::Lease {
+            lease_id: id.into(),
+            user_id: UserId::parse(user).unwrap(),
+            feature: Feature::User,
+            holder: crate::leases::Holder::parse("pod-1").unwrap(),
+            acquired_at: t(10),
+            expires_at: t(1000),
+        };
+        let mine = Snapshot {
+            leases: vec![lease("new", "u1"), lease("kept", "u2")],
+            ..Snapshot::default()
+        };
+        let store = Snapshot {
+            leases: vec![lease("old", "u1"), lease("kept", "u2")],
+            ..Snapshot::default()
+        };
+        let plan = plan(&input(&mine, &store, &[])).expect("a plan");
+        assert!(plan.add_leases.is_empty());
+        assert_eq!(plan.incident.lost_total, 1);
+        assert_eq!(
+            plan.incident.lost,
+            ["lease user/u1 held by pod-1 (the store holds another lease of it)"]
+        );
     }
 
     #[test]

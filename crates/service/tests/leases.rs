@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use common::proxy::{Fault, FaultProxy};
 use common::*;
+use comtrexx_licensing::config::RawConfig;
 use comtrexx_licensing::domain::{Edition, Feature, SeatModel};
 use comtrexx_licensing::grpc::pb;
 use tonic::{Code, Status};
@@ -727,4 +729,121 @@ async fn every_replica_announces_a_feature_at_capacity() {
             "replica {replica}: announced once, after the second lease"
         );
     }
+}
+
+/// A failover to a standby that missed the last writes; replica A repairs the
+/// new master first (its versions go on right after the one both replicas had
+/// reached), and B reaches it only after that: B finds the feed going on from
+/// its version out of another history, and reads the store again instead of
+/// following it on its own copy. Both then answer as the store holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_version_a_repair_jumped_over_reads_the_store_again() {
+    let addr = |r: &RedisServer| -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", r.port).parse().unwrap()
+    };
+    let mut master = RedisServer::start();
+    let standby = RedisServer::start();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut standby.connection())
+        .unwrap();
+    let (to_a, to_b) = (
+        FaultProxy::start(addr(&master)).await,
+        FaultProxy::start(addr(&master)).await,
+    );
+    let vendor = Vendor::new();
+    let serial = serial("lease-jumped");
+    vendor.write_license_with_models(
+        &serial,
+        Edition::Vm,
+        Utc::now() - chrono::Duration::hours(1),
+        &[(Feature::User, 1, SeatModel::Concurrent)],
+    );
+    let replica = |proxy: &FaultProxy| {
+        let mut config = without_load_limits(RawConfig {
+            redis_url: Some(proxy.url()),
+            ..licensed_config(None, &serial, &vendor)
+        });
+        config.leases.duration_seconds = 600;
+        TestServer::start(config)
+    };
+    let (a, b) = (replica(&to_a).await, replica(&to_b).await);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    wait_active(&ca).await;
+    wait_active(&cb).await;
+
+    // u0's lease reaches the standby; then the standby stops following.
+    let first = acquire(&mut ca, "u0", "pod-1").await.unwrap();
+    let standby_store = comtrexx_licensing::store::redis::RedisStore::new(
+        &standby.url(),
+        &comtrexx_licensing::domain::SerialNumber::parse(&serial).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let replicated = eventually(WAIT, || async {
+        use comtrexx_licensing::store::Store as _;
+        standby_store
+            .history(0)
+            .await
+            .is_ok_and(|h| h.last().is_some_and(|c| c.version >= first.version))
+    })
+    .await;
+    assert!(replicated, "the standby never had u0's lease");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut standby.connection())
+        .unwrap();
+    // On the master only: u0's lease given back, u1's taken (a pool of one).
+    let first_id = first.lease.unwrap().lease_id;
+    assert!(release(&mut ca, &first_id).await.released);
+    let second = acquire(&mut ca, "u1", "pod-1").await.unwrap();
+    assert!(check_at(&mut cb, "u1", second.version).await.licensed);
+
+    // The failover, B cut off; a write through A finds the store went back
+    // and repairs it.
+    to_b.set(Fault::Reset);
+    master.kill();
+    to_a.retarget(addr(&standby)).await;
+    // (The first command on a connection the failover reset may fail.)
+    let second_id = second.lease.unwrap().lease_id;
+    let repaired = eventually(WAIT, || {
+        let (mut ca, id) = (ca.clone(), second_id.clone());
+        async move {
+            ca.renew_leases(pb::RenewLeasesRequest {
+                holder: "pod-1".into(),
+                lease_ids: vec![id],
+            })
+            .await
+            .is_ok()
+                && overview(&mut ca).await.last_store_repair_at.is_some()
+        }
+    })
+    .await;
+    assert!(repaired, "A never repaired the new master");
+    to_b.retarget(addr(&standby)).await;
+
+    // B answers as the store holds, as A does.
+    let held = |leases: &[pb::Lease], user: &str| leases.iter().any(|l| l.user_id == user);
+    let agree = eventually(WAIT, || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let leases = all_leases(&mut ca).await;
+            let mut agree = true;
+            for user in ["u0", "u1"] {
+                let (on_a, on_b) = (
+                    check_at(&mut ca, user, 0).await.licensed,
+                    check_at(&mut cb, user, 0).await.licensed,
+                );
+                agree &= on_a == held(&leases, user) && on_b == on_a;
+            }
+            agree
+        }
+    })
+    .await;
+    assert!(
+        agree,
+        "B kept answering from a history the store no longer has"
+    );
 }

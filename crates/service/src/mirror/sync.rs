@@ -397,11 +397,18 @@ impl Mirror {
                 (s.seat_total() + s.corrupt_seats) as u64,
             )
         });
-        if let (Some(stored), Some(local)) = (&summary.change_at, &at_mine)
+        // Another write at this copy's version, or none: after a failover
+        // another replica's repair may have jumped over it (the feed then
+        // continues right after this copy's version, from another history).
+        // A feed trimmed that far back also holds none: the full comparison
+        // (`lineage`) tells the two apart.
+        if let Some(local) = &at_mine
             && local.version == mine.version
-            && stored != local
+            && summary.change_at.as_ref() != Some(local)
         {
-            return Ok(Verdict::Differs("another write at this copy's version"));
+            return Ok(Verdict::Differs(
+                "another write at this copy's version, or none",
+            ));
         }
         // Counts compare only at the same version (the feed brings the rest).
         if theirs.version == mine.version && summary.seats != seats {
