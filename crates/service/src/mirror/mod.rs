@@ -288,14 +288,24 @@ impl Mirror {
     /// Applies the change a local write made, so this replica reads its own writes
     /// at once. When the copy is behind (earlier writes of other replicas not yet
     /// applied), waits up to `feed_wait` for the feed to bring it up to that write.
-    pub async fn apply_local(&self, change: &Change) {
+    ///
+    /// `Err(Moved)` when the copy holds another write at this write's version:
+    /// the store acknowledged it and then lost it in a failover before this
+    /// copy held it (so no repair could write it back), and the new store's
+    /// history passed its version. The write is not in force: the caller
+    /// resyncs and writes again (every write is idempotent or
+    /// compare-and-set), rather than answer a success nobody keeps.
+    pub async fn apply_local(&self, change: &Change) -> Result<(), StoreError> {
         let applied = {
             let mut state = self.state.write();
             let applied = self.apply(&mut state, change);
             self.publish_version(&state);
             applied
         };
-        if !applied.in_order() {
+        if applied == Applied::Now {
+            return Ok(());
+        }
+        if applied == Applied::Gap {
             let mut rx = self.version_tx.subscribe();
             let reached =
                 tokio::time::timeout(self.config.feed_wait, rx.wait_for(|v| *v >= change.version))
@@ -305,8 +315,25 @@ impl Mirror {
                     version = change.version,
                     "mirror did not reach a local write in time"
                 );
+                return Ok(());
             }
         }
+        // At or past the write's version: the copy's own entry there (none
+        // when a full resync cleared the journal since: nothing to tell).
+        let other = self.read(|s| {
+            s.journal
+                .iter()
+                .rfind(|c| c.version == change.version)
+                .is_some_and(|c| c != change)
+        });
+        if other {
+            tracing::warn!(
+                version = change.version,
+                "a write the store acknowledged was lost in a failover before this replica's copy held it; writing it again"
+            );
+            return Err(StoreError::Moved);
+        }
+        Ok(())
     }
 
     /// Read your writes: waits until the copy has reached `min` (a version a
@@ -496,6 +523,37 @@ mod tests {
             edition: Edition::Vm,
         };
         Mirror::new(store, verifier, MirrorConfig::default(), clock)
+    }
+
+    /// A local write whose version the copy holds with another write (the
+    /// store acknowledged it, then a failover lost it and the new history
+    /// passed its version) is not taken as done: `Moved`, so the caller
+    /// writes it again. The same write again, or one in order, is done.
+    #[tokio::test]
+    async fn a_local_write_another_history_passed_is_not_done() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store = Arc::new(MemoryStore::new(clock.clone()));
+        let mirror = mirror(store.clone(), clock.clone());
+        mirror.resync_now().await.unwrap();
+        let at = mirror.read(|s| s.version()) + 1;
+        let assigned = |user: &str| Change {
+            version: at,
+            kind: crate::store::ChangeKind::SeatAssigned(Seat {
+                user_id: UserId::parse(user).unwrap(),
+                feature: Feature::User,
+                source: SeatSource::Tryout,
+                assigned_at: clock.now(),
+                over_capacity_since: None,
+            }),
+        };
+        let alice = assigned("alice");
+        mirror.apply_local(&alice).await.unwrap();
+        mirror.apply_local(&alice).await.unwrap();
+        assert!(matches!(
+            mirror.apply_local(&assigned("bob")).await,
+            Err(StoreError::Moved)
+        ));
+        assert!(mirror.read(|s| s.seat(Feature::User, "bob").is_none()));
     }
 
     /// The state file answers reads until the first snapshot, and never reaches

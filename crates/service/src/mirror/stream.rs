@@ -510,7 +510,7 @@ mod tests {
             version: mirror.read(|s| s.version()) + 1,
             kind: crate::store::ChangeKind::SeatAssigned(seat("erin")),
         };
-        mirror.apply_local(&change).await;
+        mirror.apply_local(&change).await.unwrap();
         // The store moved on as well (its own write at that version).
         let plan = AssignPlan::Tryout { capacity: 10 };
         let frank = UserId::parse("frank").unwrap();
@@ -537,7 +537,8 @@ mod tests {
                 version: before + 1,
                 kind: crate::store::ChangeKind::SeatAssigned(seat("gina")),
             })
-            .await;
+            .await
+            .unwrap();
         compare.replayed(Feature::User, "gina", None);
         meta.position.as_mut().unwrap().version = before + 1;
         assert!(compare.install(meta, &mirror));

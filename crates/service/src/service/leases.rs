@@ -115,7 +115,9 @@ impl Licensing {
                         created,
                         in_use,
                     } => {
-                        self.mirror.apply_local(&change).await;
+                        if let Err(e) = self.mirror.apply_local(&change).await {
+                            return Ok(Attempt::Refused(e));
+                        }
                         let version = change.version;
                         let ChangeKind::LeaseAcquired { lease, .. } = change.kind else {
                             return Err(LicensingError::Internal(
@@ -184,14 +186,16 @@ impl Licensing {
         let outcome = self
             .write(|| async {
                 let floor = self.mirror.floor();
-                self.store
+                let outcome = self
+                    .store
                     .renew_seat_leases(floor.as_ref(), holder, lease_ids, duration)
-                    .await
+                    .await?;
+                for change in &outcome.changes {
+                    self.mirror.apply_local(change).await?;
+                }
+                Ok(outcome)
             })
             .await?;
-        for change in &outcome.changes {
-            self.mirror.apply_local(change).await;
-        }
         Ok(Renewed {
             leases: outcome.leases,
             lost: outcome.lost,
@@ -204,19 +208,21 @@ impl Licensing {
         let outcome = self
             .write(|| async {
                 let floor = self.mirror.floor();
-                self.store
+                let outcome = self
+                    .store
                     .release_seat_lease(floor.as_ref(), lease_id)
-                    .await
+                    .await?;
+                if let LeaseReleaseOutcome::Released(change) = &outcome {
+                    self.mirror.apply_local(change).await?;
+                }
+                Ok(outcome)
             })
             .await?;
         Ok(match outcome {
-            LeaseReleaseOutcome::Released(change) => {
-                self.mirror.apply_local(&change).await;
-                Versioned {
-                    value: true,
-                    version: change.version,
-                }
-            }
+            LeaseReleaseOutcome::Released(change) => Versioned {
+                value: true,
+                version: change.version,
+            },
             LeaseReleaseOutcome::NotHeld { version } => Versioned {
                 value: false,
                 version,

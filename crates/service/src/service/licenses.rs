@@ -69,12 +69,14 @@ impl Licensing {
         };
         let change = self
             .write(|| async {
-                self.store
+                let change = self
+                    .store
                     .set_initialization(self.mirror.floor().as_ref(), &pending)
-                    .await
+                    .await?;
+                self.mirror.apply_local(&change).await?;
+                Ok(change)
             })
             .await?;
-        self.mirror.apply_local(&change).await;
         Ok(Versioned {
             value: code.encode(),
             version: change.version,
@@ -197,9 +199,12 @@ impl Licensing {
     /// the reconcile history go; the record that the serial used its tryout stays.
     pub async fn reset_activation(&self) -> Result<Versioned<Overview>, LicensingError> {
         let change = self
-            .write(|| async { self.store.reset(self.mirror.floor().as_ref()).await })
+            .write(|| async {
+                let change = self.store.reset(self.mirror.floor().as_ref()).await?;
+                self.mirror.apply_local(&change).await?;
+                Ok(change)
+            })
             .await?;
-        self.mirror.apply_local(&change).await;
         tracing::warn!("activation reset: seats and license removed (tryout record kept)");
         self.overview_after(change.version).await
     }
@@ -303,12 +308,14 @@ impl Licensing {
         };
         let change = self
             .write(|| async {
-                self.store
+                let change = self
+                    .store
                     .record_reconcile(self.mirror.floor().as_ref(), &status)
-                    .await
+                    .await?;
+                self.mirror.apply_local(&change).await?;
+                Ok(change)
             })
             .await?;
-        self.mirror.apply_local(&change).await;
         Ok((Some(next), change.version))
     }
 
@@ -490,7 +497,9 @@ impl Licensing {
             Err(e) => return Attempt::Refused(e),
         };
         for change in &changes {
-            self.mirror.apply_local(change).await;
+            if let Err(e) = self.mirror.apply_local(change).await {
+                return Attempt::Refused(e);
+            }
         }
         Attempt::Done(())
     }

@@ -544,7 +544,9 @@ impl Licensing {
             };
             match outcome {
                 AssignOutcome::Created(change) => {
-                    self.mirror.apply_local(&change).await;
+                    if let Err(e) = self.mirror.apply_local(&change).await {
+                        return Ok(Attempt::Refused(e));
+                    }
                     let version = change.version;
                     let crate::store::ChangeKind::SeatAssigned(seat) = change.kind else {
                         return Err(LicensingError::Internal(
@@ -596,7 +598,9 @@ impl Licensing {
             {
                 Ok(ReleaseOutcome::Released(changes)) => {
                     for change in &changes {
-                        self.mirror.apply_local(change).await;
+                        if let Err(e) = self.mirror.apply_local(change).await {
+                            return Ok(Attempt::Refused(e));
+                        }
                     }
                     let version = changes.iter().map(|c| c.version).max().unwrap_or(0);
                     Ok(Attempt::Done(Versioned {
@@ -813,7 +817,9 @@ impl Licensing {
                 .await
             {
                 Ok(Some(change)) => {
-                    self.mirror.apply_local(&change).await;
+                    if let Err(e) = self.mirror.apply_local(&change).await {
+                        return Ok(Attempt::Refused(e));
+                    }
                     Ok(Attempt::Done(Versioned {
                         value: self.tryout_status(),
                         version: change.version,
