@@ -112,6 +112,8 @@ pub struct RepairWrite {
     pub remove_seats: Vec<(Feature, UserId)>,
     /// Live leases the store lost, written back with their ids and times.
     pub add_leases: Vec<Lease>,
+    /// Leases whose release the store lost: removed again (the store's own).
+    pub remove_leases: Vec<Lease>,
     pub license: Option<StoredLicense>,
     pub tryout: Option<TryoutRecord>,
     pub reconcile: Option<ReconcileStatus>,

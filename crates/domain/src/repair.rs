@@ -20,7 +20,10 @@
 //!   store took a newer write of it (the same id) or a re-setup since, and only
 //!   while its feature has room under the quantity (I1) and the store holds no
 //!   other lease of its (user, holder) (one each, I1b); otherwise it is
-//!   reported lost (its holder's next renewal answers it `lost`).
+//!   reported lost (its holder's next renewal answers it `lost`);
+//! - a lease release the store lost is done again, unless the store took a
+//!   newer write of that lease or a re-setup since (a released use never
+//!   comes back to fill its feature).
 
 use std::collections::{HashMap, HashSet};
 
@@ -250,12 +253,40 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
         w.incident.restored("reconcile status".into());
     }
 
+    // Lease releases the store lost: the leases it still holds that this
+    // replica released, unless the store wrote them since.
+    let mut unleased: HashSet<&str> = HashSet::new();
+    if let Lost::Changes(changes) = input.lost {
+        for change in changes {
+            if let ChangeKind::LeaseReleased { lease_id } = &change.kind
+                && !newer_reset
+                && !touched_leases.contains(lease_id.as_str())
+                && !input.mine.leases.iter().any(|l| &l.lease_id == lease_id)
+                && let Some(stored) = input.store.leases.iter().find(|l| &l.lease_id == lease_id)
+                && unleased.insert(stored.lease_id.as_str())
+            {
+                w.incident.restored(format!(
+                    "release of lease {}/{} held by {}",
+                    stored.feature,
+                    stored.user_id.as_str(),
+                    stored.holder
+                ));
+                w.remove_leases.push(stored.clone());
+            }
+        }
+    }
+
     // Leases: the replica's live ones the store lacks, while their feature
     // has room under the quantity of the license the store will hold.
     let mut live_in_store: HashMap<Feature, u32> = HashMap::new();
     let mut stored_keys: HashSet<(Feature, &str, &str)> = HashSet::new();
     let mut stored_ids: HashSet<&str> = HashSet::new();
-    for l in &input.store.leases {
+    for l in input
+        .store
+        .leases
+        .iter()
+        .filter(|l| !unleased.contains(l.lease_id.as_str()))
+    {
         stored_keys.insert((l.feature, l.user_id.as_str(), l.holder.as_str()));
         stored_ids.insert(l.lease_id.as_str());
         if l.is_live(input.now) {
@@ -307,6 +338,7 @@ pub fn plan(input: &Input<'_>) -> Option<RepairWrite> {
 
     let empty = w.add_seats.is_empty()
         && w.add_leases.is_empty()
+        && w.remove_leases.is_empty()
         && w.remove_seats.is_empty()
         && w.license.is_none()
         && w.tryout.is_none()
@@ -455,19 +487,23 @@ mod tests {
         assert_eq!(plan(&input(&mine, &mine, &[])), None);
     }
 
-    /// A lease the store lost whose (user, holder) the store holds under
-    /// another id (one the store went back to) is not written back, and is
-    /// reported lost; the store's own copy of a lease is not a loss.
-    #[test]
-    fn a_lost_lease_whose_holder_holds_another_is_reported_lost() {
-        let lease = |id: &str, user: &str| crate::leases::Lease {
+    /// A live lease of `user` held by pod-1.
+    fn lease(id: &str, user: &str) -> crate::leases::Lease {
+        crate::leases::Lease {
             lease_id: id.into(),
             user_id: UserId::parse(user).unwrap(),
             feature: Feature::User,
             holder: crate::leases::Holder::parse("pod-1").unwrap(),
             acquired_at: t(10),
             expires_at: t(1000),
-        };
+        }
+    }
+
+    /// A lease the store lost whose (user, holder) the store holds under
+    /// another id (one the store went back to) is not written back, and is
+    /// reported lost; the store's own copy of a lease is not a loss.
+    #[test]
+    fn a_lost_lease_whose_holder_holds_another_is_reported_lost() {
         let mine = Snapshot {
             leases: vec![lease("new", "u1"), lease("kept", "u2")],
             ..Snapshot::default()
@@ -482,6 +518,55 @@ mod tests {
         assert_eq!(
             plan.incident.lost,
             ["lease user/u1 held by pod-1 (the store holds another lease of it)"]
+        );
+    }
+
+    /// A lease release the store lost is done again (the store still holds
+    /// the lease, this replica released it); not when the store wrote that
+    /// lease since, nor for a lease this replica still holds.
+    #[test]
+    fn a_lost_lease_release_is_done_again() {
+        let released = |id: &str| Change {
+            version: 7,
+            kind: ChangeKind::LeaseReleased {
+                lease_id: id.into(),
+            },
+        };
+        let mine = Snapshot {
+            leases: vec![lease("held", "u3")],
+            ..Snapshot::default()
+        };
+        let store = Snapshot {
+            leases: vec![
+                lease("gone", "u1"),
+                lease("renewed", "u2"),
+                lease("held", "u3"),
+            ],
+            ..Snapshot::default()
+        };
+        let lost = [released("gone"), released("renewed"), released("held")];
+        let newer = [Change {
+            version: 8,
+            kind: ChangeKind::LeasesRenewed {
+                holder: crate::leases::Holder::parse("pod-1").unwrap(),
+                lease_ids: vec!["renewed".into()],
+                expires_at: t(2000),
+            },
+        }];
+        let plan = plan(&Input {
+            lost: Lost::Changes(&lost),
+            ..input(&mine, &store, &newer)
+        })
+        .expect("a plan");
+        let removed: Vec<&str> = plan
+            .remove_leases
+            .iter()
+            .map(|l| l.lease_id.as_str())
+            .collect();
+        assert_eq!(removed, ["gone"]);
+        assert_eq!(
+            plan.incident.restored,
+            ["release of lease user/u1 held by pod-1"]
         );
     }
 

@@ -53,8 +53,11 @@
 //!   incident.
 //!
 //! Releases acknowledged in segment 1 after `common` of a lease the standby
-//! held are undone by the failover (the lease is back until it expires): the
-//! model follows the store there, and the run counts them.
+//! held are undone by the failover: a repair does them again (an entry the
+//! incident names, checked to come from a release that was called) unless the
+//! store wrote that lease since (here: its holder renewed it, as these
+//! clients keep renewing ids they released); the model follows the store, and
+//! the run counts both.
 
 mod common;
 
@@ -546,13 +549,14 @@ async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
     println!(
         "acknowledged grants lost in the failover: {} written back, {} lost, {} released before \
          ({} of them written back anyway); {} renewals answered a lost one `lost`; \
-         {} acknowledged releases undone",
+         {} acknowledged releases undone by the failover, {} of them done again by a repair",
         f.grants.written_back,
         f.grants.lost,
         f.grants.released_before,
         f.grants.revived,
         f.lost_renewals,
         f.undone_releases,
+        f.releases_done_again,
     );
     // What the failover and the faults did to the calls.
     let during_failover = |e: &Event| e.invoked < failed_over && e.answered > cut;
@@ -659,6 +663,8 @@ struct FailoverReport {
     lost_renewals: usize,
     /// Releases acknowledged in segment 1 of a lease the standby still held.
     undone_releases: usize,
+    /// Of those, the ones a repair did again.
+    releases_done_again: usize,
 }
 
 /// The acknowledged grants the standby never had, by what became of them.
@@ -694,6 +700,11 @@ enum Write {
         holder: String,
         id: String,
     },
+    /// A release a repair did again (the store had lost it): the call was
+    /// made in segment 1.
+    ReleasedAgain {
+        id: String,
+    },
     /// Anything else (a repair's incident record).
     Other,
 }
@@ -718,12 +729,14 @@ impl Replay {
         // before its incident record, one for each thing it restored.
         let by_version: BTreeMap<u64, &Change> = feed.iter().map(|c| (c.version, c)).collect();
         let mut written_back: HashSet<u64> = HashSet::new();
+        let mut released_again: HashSet<u64> = HashSet::new();
         for change in feed {
             let ChangeKind::Repaired(incident) = &change.kind else {
                 continue;
             };
             let k = u64::from(incident.restored_total);
             let mut leases = 0;
+            let mut releases = 0;
             for v in change.version.saturating_sub(k)..change.version {
                 let entry = by_version.get(&v).unwrap_or_else(|| {
                     panic!(
@@ -735,6 +748,10 @@ impl Replay {
                     written_back.insert(v);
                     leases += 1;
                 }
+                if matches!(entry.kind, ChangeKind::LeaseReleased { .. }) {
+                    released_again.insert(v);
+                    releases += 1;
+                }
             }
             if incident.restored.len() as u64 == k {
                 let named = incident
@@ -745,6 +762,16 @@ impl Replay {
                 assert_eq!(
                     leases, named,
                     "{name} v{}: the leases written back are not those the incident names: {incident:?}",
+                    change.version
+                );
+                let named_releases = incident
+                    .restored
+                    .iter()
+                    .filter(|w| w.starts_with("release of lease "))
+                    .count();
+                assert_eq!(
+                    releases, named_releases,
+                    "{name} v{}: the lease releases done again are not those the incident names: {incident:?}",
                     change.version
                 );
             }
@@ -811,8 +838,14 @@ impl Replay {
                         pool.leases.remove(lease_id).is_some(),
                         "{name} v{v}: release of {lease_id}, not held"
                     );
-                    Write::Release {
-                        id: lease_id.clone(),
+                    if released_again.contains(&v) {
+                        Write::ReleasedAgain {
+                            id: lease_id.clone(),
+                        }
+                    } else {
+                        Write::Release {
+                            id: lease_id.clone(),
+                        }
                     }
                 }
                 ChangeKind::Repaired(incident) => {
@@ -1140,6 +1173,21 @@ fn check(history: &[Event], before: &[Change], start: u64, failover: Option<&Fai
                     );
                     true
                 }
+                Write::ReleasedAgain { id } => {
+                    // A release of it was called (acknowledged or not).
+                    assert!(
+                        history.iter().any(
+                            |e| matches!(&e.call, Call::Release { id: i } if i == id)
+                                && matches!(
+                                    e.outcome,
+                                    Outcome::Released { released: true, .. } | Outcome::Unknown(_)
+                                )
+                        ),
+                        "{} v{version}: a release done again that no call made: {write:?}",
+                        h.name
+                    );
+                    true
+                }
                 Write::Other => true,
                 _ => history.iter().any(|e| {
                     matches!(e.outcome, Outcome::Unknown(_))
@@ -1191,6 +1239,13 @@ fn check(history: &[Event], before: &[Change], start: u64, failover: Option<&Fai
                     },
                 ) if *version > *common && at_common.leases.contains_key(id) => {
                     failover_report.undone_releases += 1;
+                    let again = two
+                        .writes
+                        .values()
+                        .any(|w| matches!(w, Write::ReleasedAgain { id: i } if i == id));
+                    if again {
+                        failover_report.releases_done_again += 1;
+                    }
                 }
                 _ => {}
             }

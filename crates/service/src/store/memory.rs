@@ -1000,6 +1000,13 @@ impl Store for MemoryStore {
             };
             changes.push(self.record(&mut inner, kind));
         }
+        for lease in &w.remove_leases {
+            inner.leases.remove(&lease.lease_id);
+            let kind = ChangeKind::LeaseReleased {
+                lease_id: lease.lease_id.clone(),
+            };
+            changes.push(self.record(&mut inner, kind));
+        }
         for lease in &w.add_leases {
             inner.leases.put(lease.clone());
             let kind = ChangeKind::LeaseAcquired {

@@ -1702,6 +1702,22 @@ impl Store for RedisStore {
                 user_id: user.clone(),
             });
         }
+        for lease in &w.remove_leases {
+            let Some(i) = Feature::SEATS.iter().position(|f| *f == lease.feature) else {
+                continue;
+            };
+            inv.arg("unlease")
+                .arg(lease_base)
+                .arg(lease_base + 1)
+                .arg(lease_base + 2 + i)
+                .arg(&lease.lease_id)
+                .arg(lease_key(lease))
+                .arg("")
+                .arg("");
+            kinds.push(ChangeKind::LeaseReleased {
+                lease_id: lease.lease_id.clone(),
+            });
+        }
         for lease in &w.add_leases {
             let Some(i) = Feature::SEATS.iter().position(|f| *f == lease.feature) else {
                 continue;

@@ -247,6 +247,7 @@ async fn restored_and_repaired_flags_anywhere_are_set_right(
             (Feature::User, uid(&user_name(100))),
         ],
         add_leases: Vec::new(),
+        remove_leases: Vec::new(),
         license: None,
         tryout: None,
         reconcile: None,

@@ -19,6 +19,7 @@ conformance! {
     store: lease_writes_are_versioned_changes_in_the_feed;
     store: a_reset_ends_every_lease;
     store: a_repair_writes_leases_back;
+    store: a_repair_releases_a_lease_again;
     wipe: a_restore_brings_the_leases_back;
     shared: concurrent_acquisitions_never_exceed_the_quantity;
 }
@@ -459,6 +460,37 @@ async fn a_repair_writes_leases_back(store: &dyn Store) {
         acquired(acquire_for(store, "restored", "pod-9", &plan(&lic, 1), LONG).await);
     assert!(!created);
     assert_eq!(again.lease_id, lease.lease_id);
+}
+
+/// A lease release the store lost (a failover) is done again by a repair: the
+/// lease is gone, its key free, its seat counts no more, and the feed says so.
+async fn a_repair_releases_a_lease_again(store: &dyn Store) {
+    let lic = with_license(store, "lease-unrepair").await;
+    let p = plan(&lic, 1);
+    let (lease, _, _) = acquired(acquire_for(store, "back", "pod-1", &p, LONG).await);
+    let at = position(store).await;
+    let write = RepairWrite {
+        expected: Some(at.clone()),
+        version_floor: at.version,
+        remove_leases: vec![lease.clone()],
+        ..RepairWrite::default()
+    };
+    let changes = store.repair(&write).await.unwrap().expect("repaired");
+    assert_eq!(
+        changes[0],
+        Change {
+            version: at.version + 1,
+            kind: ChangeKind::LeaseReleased {
+                lease_id: lease.lease_id.clone()
+            }
+        }
+    );
+    assert!(snapshot(store).await.leases.is_empty());
+    assert_eq!(drain(store, &at).await, changes);
+    // The seat is free: another user takes it; the old key gets a new lease.
+    let (other, created, _) = acquired(acquire_for(store, "next", "pod-2", &p, LONG).await);
+    assert!(created);
+    assert_ne!(other.lease_id, lease.lease_id);
 }
 
 async fn a_restore_brings_the_leases_back(store: &dyn Store, wipe: &(dyn Fn() + Send + Sync)) {

@@ -13,7 +13,9 @@
 -- none): 'add' writes the record to the pool, 'del' removes the user from both
 -- pools; a purchased seat's order sets are kept (see prelude.lua). A lease is
 -- written back by the operation ('lease', lease records key, lease keys key,
--- lease pool key, id, lease key entry, expires_at_ms, record).
+-- lease pool key, id, lease key entry, expires_at_ms, record), and removed
+-- again (a release the store lost) by ('unlease', the same three keys, id,
+-- lease key entry, '', '').
 -- Reply: 'ok', then the version of each part in that order.
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[2]
   or (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then
@@ -23,7 +25,10 @@ end
 -- encoded is always readable; one that is not stays out of the order sets).
 local ops = {}
 for i = 12, #ARGV, 8 do
-  if ARGV[i] == 'lease' then
+  if ARGV[i] == 'unlease' then
+    table.insert(ops, {unlease = true, records = tonumber(ARGV[i + 1]), keys = tonumber(ARGV[i + 2]),
+      pool = tonumber(ARGV[i + 3]), id = ARGV[i + 4], key = ARGV[i + 5]})
+  elseif ARGV[i] == 'lease' then
     table.insert(ops, {lease = true, records = tonumber(ARGV[i + 1]), keys = tonumber(ARGV[i + 2]),
       pool = tonumber(ARGV[i + 3]), id = ARGV[i + 4], key = ARGV[i + 5], expires = ARGV[i + 6],
       record = ARGV[i + 7]})
@@ -45,7 +50,12 @@ if tonumber(ARGV[4]) > tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[4]
 local out = {'ok'}
 for _, op in ipairs(ops) do
   local member = (op.feature or '') .. '\0' .. (op.user or '')
-  if op.lease then
+  if op.unlease then
+    redis.call('HDEL', KEYS[op.records], op.id)
+    if redis.call('HGET', KEYS[op.keys], op.key) == op.id then redis.call('HDEL', KEYS[op.keys], op.key) end
+    redis.call('ZREM', KEYS[op.pool], op.id)
+    table.insert(out, tostring(bump({'k', 'unlease', 'i', op.id})))
+  elseif op.lease then
     redis.call('HSET', KEYS[op.records], op.id, op.record)
     redis.call('HSET', KEYS[op.keys], op.key, op.id)
     redis.call('ZADD', KEYS[op.pool], op.expires, op.id)
