@@ -500,6 +500,11 @@ fn at_capacity(
         .entitlement(lease.feature)
         .filter(|e| e.seat_model == crate::domain::SeatModel::Concurrent)?
         .quantity;
+    // Counting the live ones walks the feature's leases under the copy's
+    // write lock: not while fewer leases than the quantity exist at all.
+    if state.leases.len() < capacity as usize {
+        return None;
+    }
     let in_use = state.live_leases(lease.feature, lease.acquired_at.timestamp_millis());
     (in_use >= capacity).then(|| {
         crate::events::LicenseEvent {
