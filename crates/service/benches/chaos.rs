@@ -55,7 +55,7 @@ fn main() {
 
 async fn run(duration: Duration) -> usize {
     let mut redis = RedisServer::start();
-    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let proxy = FaultProxy::start(redis.addr()).await;
     let serial = serial("chaos");
     let mut replicas = Vec::new();
     for url in [proxy.url(), redis.url(), redis.url()] {

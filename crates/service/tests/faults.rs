@@ -283,7 +283,7 @@ async fn restart_from_older_snapshot_keeps_old_and_new_seats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_lost_to_a_full_pool_are_reported() {
     let mut redis = RedisServer::start();
-    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let proxy = FaultProxy::start(redis.addr()).await;
     let mut c = Cluster::tryout(&[proxy.url()], "lost", 3).await;
     let mut events = c.clients[0]
         .watch_license_events(pb::WatchLicenseEventsRequest {})
@@ -327,17 +327,13 @@ async fn writes_lost_to_a_full_pool_are_reported() {
     );
 }
 
-fn addr(redis: &RedisServer) -> std::net::SocketAddr {
-    format!("127.0.0.1:{}", redis.port).parse().unwrap()
-}
-
 /// One fault of the connection between a replica and Redis (the other replica
 /// talks to Redis directly): CheckSeat keeps answering, a write through the
 /// faulty path answers UNAVAILABLE (outcome unknown) or OK, and its retry after
 /// the fault is OK exactly once; everything converges.
 async fn connection_fault(tag: &str, fault: Fault) {
     let redis = RedisServer::start();
-    let proxy = FaultProxy::start(addr(&redis)).await;
+    let proxy = FaultProxy::start(redis.addr()).await;
     let mut c = Cluster::tryout(&[proxy.url(), redis.url()], tag, 5).await;
     assert_eq!(c.assign(0, "u1").await, Code::Ok);
     assert_eq!(c.assign(1, "u2").await, Code::Ok);
@@ -452,44 +448,24 @@ async fn redis_frozen_with_sigstop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_to_a_lagging_replica() {
     let mut master = RedisServer::start();
-    let standby = RedisServer::start();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(master.port)
-        .query(&mut standby.connection())
-        .unwrap();
-    let proxy = FaultProxy::start(addr(&master)).await;
+    let standby = RedisServer::replica_of(&master);
+    let proxy = FaultProxy::start(master.addr()).await;
     let mut c = Cluster::tryout(&[proxy.url(), proxy.url()], "failover", 5).await;
     assert_eq!(c.assign(0, "i1").await, Code::Ok);
     // The standby has everything up to i1, then lags for good.
-    let key_count = |r: &RedisServer| -> usize {
-        redis::cmd("DBSIZE")
-            .query::<usize>(&mut r.connection())
-            .unwrap_or(0)
-    };
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            let (m, s) = (key_count(&master), key_count(&standby));
-            let synced: String = redis::cmd("INFO")
-                .arg("replication")
-                .query(&mut standby.connection())
-                .unwrap_or_default();
-            m > 0 && m == s && synced.contains("master_link_status:up")
-        })
-        .await,
+        standby
+            .caught_up_with(&master, Duration::from_secs(10))
+            .await,
         "the standby never caught up"
     );
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut standby.connection())
-        .unwrap();
+    standby.detach();
     assert_eq!(c.assign(0, "i2").await, Code::Ok);
     assert_eq!(c.assign(1, "i3").await, Code::Ok);
     c.converged(CONVERGE).await;
 
     master.kill();
-    proxy.retarget(addr(&standby)).await;
+    proxy.retarget(standby.addr()).await;
     c.assert_check_fast("i3").await;
     assert_eq!(c.assign(1, "i4").await, Code::Ok);
     let (licensed, lost) = c.assert_invariants(5).await;

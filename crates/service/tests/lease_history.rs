@@ -354,22 +354,13 @@ async fn perform(c: &mut Client, call: &Call) -> Outcome {
     }
 }
 
-fn addr(redis: &RedisServer) -> std::net::SocketAddr {
-    format!("127.0.0.1:{}", redis.port).parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
     // The master, and a standby replicating it; the replicas reach whichever
     // is the master through a proxy (a failover moves it).
     let mut redis = RedisServer::start();
-    let standby = RedisServer::start();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(redis.port)
-        .query(&mut standby.connection())
-        .unwrap();
-    let redis_proxy = FaultProxy::start(addr(&redis)).await;
+    let standby = RedisServer::replica_of(&redis);
+    let redis_proxy = FaultProxy::start(redis.addr()).await;
     let vendor = Vendor::new();
     let serial = serial("lease-history");
     vendor.write_license_with_models(
@@ -409,21 +400,12 @@ async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
         let mut c = a.client().await;
         overview(&mut c).await.version
     };
-    let key_count = |r: &RedisServer| -> usize {
-        redis::cmd("DBSIZE")
-            .query::<usize>(&mut r.connection())
-            .unwrap_or(0)
-    };
-    let synced = eventually(Duration::from_secs(10), || async {
-        let (m, s) = (key_count(&redis), key_count(&standby));
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut standby.connection())
-            .unwrap_or_default();
-        m > 0 && m == s && info.contains("master_link_status:up")
-    })
-    .await;
-    assert!(synced, "the standby never caught up");
+    assert!(
+        standby
+            .caught_up_with(&redis, Duration::from_secs(10))
+            .await,
+        "the standby never caught up"
+    );
     let serial_number = SerialNumber::parse(&serial).unwrap();
     let store_at =
         |url: &str| RedisStore::new(url, &serial_number, Duration::from_secs(5)).unwrap();
@@ -467,11 +449,7 @@ async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
     // The failover: the standby stops following the master and misses what
     // the clients write next; then nothing reaches the master any more, its
     // feed is read (segment 1), it is killed and the standby takes its place.
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut standby.connection())
-        .unwrap();
+    standby.detach();
     tokio::time::sleep(DETACHED).await;
     redis_proxy.set(Fault::Blackhole);
     let cut = Instant::now();
@@ -491,7 +469,7 @@ async fn lease_histories_over_two_replicas_under_faults_are_linearizable() {
         .last()
         .map_or(start_version, |c| c.version);
     redis.kill();
-    redis_proxy.retarget(addr(&standby)).await;
+    redis_proxy.retarget(standby.addr()).await;
     let failed_over = Instant::now();
     // The replicas notice the store went back and repair it; the clients
     // write on. Then B is killed.

@@ -738,19 +738,11 @@ async fn every_replica_announces_a_feature_at_capacity() {
 /// following it on its own copy. Both then answer as the store holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_whose_version_a_repair_jumped_over_reads_the_store_again() {
-    let addr = |r: &RedisServer| -> std::net::SocketAddr {
-        format!("127.0.0.1:{}", r.port).parse().unwrap()
-    };
     let mut master = RedisServer::start();
-    let standby = RedisServer::start();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(master.port)
-        .query(&mut standby.connection())
-        .unwrap();
+    let standby = RedisServer::replica_of(&master);
     let (to_a, to_b) = (
-        FaultProxy::start(addr(&master)).await,
-        FaultProxy::start(addr(&master)).await,
+        FaultProxy::start(master.addr()).await,
+        FaultProxy::start(master.addr()).await,
     );
     let vendor = Vendor::new();
     let serial = serial("lease-jumped");
@@ -790,11 +782,7 @@ async fn a_replica_whose_version_a_repair_jumped_over_reads_the_store_again() {
     })
     .await;
     assert!(replicated, "the standby never had u0's lease");
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut standby.connection())
-        .unwrap();
+    standby.detach();
     // On the master only: u0's lease given back, u1's taken (a pool of one).
     let first_id = first.lease.unwrap().lease_id;
     assert!(release(&mut ca, &first_id).await.released);
@@ -805,7 +793,7 @@ async fn a_replica_whose_version_a_repair_jumped_over_reads_the_store_again() {
     // and repairs it.
     to_b.set(Fault::Reset);
     master.kill();
-    to_a.retarget(addr(&standby)).await;
+    to_a.retarget(standby.addr()).await;
     // (The first command on a connection the failover reset may fail.)
     let second_id = second.lease.unwrap().lease_id;
     let repaired = eventually(WAIT, || {
@@ -822,7 +810,7 @@ async fn a_replica_whose_version_a_repair_jumped_over_reads_the_store_again() {
     })
     .await;
     assert!(repaired, "A never repaired the new master");
-    to_b.retarget(addr(&standby)).await;
+    to_b.retarget(standby.addr()).await;
 
     // B answers as the store holds, as A does.
     let held = |leases: &[pb::Lease], user: &str| leases.iter().any(|l| l.user_id == user);

@@ -180,6 +180,40 @@ impl RedisServer {
         }
     }
 
+    /// Its loopback address (for a fault proxy in front of it).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A replica (see [`RedisServer::replica_of`]) has every key of its
+    /// master and an open link to it.
+    pub async fn caught_up_with(&self, master: &RedisServer, within: Duration) -> bool {
+        let key_count = |r: &RedisServer| -> usize {
+            redis::cmd("DBSIZE")
+                .query::<usize>(&mut r.connection())
+                .unwrap_or(0)
+        };
+        crate::eventually(within, || async {
+            let (m, s) = (key_count(master), key_count(self));
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut self.connection())
+                .unwrap_or_default();
+            m > 0 && m == s && info.contains("master_link_status:up")
+        })
+        .await
+    }
+
+    /// A replica stops following its master (`REPLICAOF NO ONE`): it keeps
+    /// what it has and takes writes of its own (a failover's new master).
+    pub fn detach(&self) {
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query(&mut self.connection())
+            .expect("REPLICAOF NO ONE");
+    }
+
     pub fn connection(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .unwrap()
